@@ -1,0 +1,280 @@
+"""Typed run configuration: YAML files plus dotted ``key=value`` overrides.
+
+Every field is declared on a dataclass, so a typo in a YAML file or on the command line is an
+error that names the key (and suggests the nearest real one) instead of a silently ignored
+setting on a pod slice. Model shapes live in ``configs/models/*.yaml`` and are referenced by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from medjax.models.config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and/or key at fault."""
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh shape. ``-1`` on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Call jax.distributed.initialize() before building the mesh (multi-host pod slices).
+    distributed: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    # jsonl: text documents tokenized on the fly; arrayrecord: int32 token-id records.
+    format: Literal["jsonl", "arrayrecord"] = "jsonl"
+    text_key: str = "text"
+    tokenizer: str = ""
+    seq_len: int = 512
+    shuffle: bool = True
+    seed: int = 0
+    # None repeats forever (the step budget bounds the run).
+    num_epochs: Optional[int] = None
+    add_eos: bool = True
+    # Grain worker processes; 0 reads in the training process (deterministic, easy to debug).
+    worker_count: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    # Cosine decay ends at learning_rate * min_lr_ratio at train.max_steps.
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 8
+    # The global batch is split into this many micro-batches whose gradients are summed.
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    # 0 disables periodic evaluation.
+    eval_every: int = 0
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    seed: int = 0
+    # Non-finite loss/gradients: the update is skipped and counted; this many in a row stops the run.
+    max_consecutive_nonfinite: int = 10
+    progress_bar: bool = True
+    # Peak FLOP/s of one device for MFU; 0 looks the device kind up in a built-in table.
+    peak_flops_per_device: float = 0.0
+
+
+@dataclass
+class Config:
+    stage: Literal["pretrain"] = "pretrain"
+    workdir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Reads ``path`` (YAML), applies ``key=value`` overrides and returns a checked Config."""
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    raw = _expand_model_preset(raw, where)
+    cfg = from_dict(Config, raw, where=where)
+    if not cfg.workdir:
+        raise ConfigError(f"{where}: key 'workdir' is required (where checkpoints and metrics go)")
+    _substitute_workdir(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {text!r}: {e}") from e
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part == "model":  # model: <preset name> then model.x=...
+            child = {"preset": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def model_preset_path(name: str) -> Path:
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    preset = MODEL_PRESET_DIR / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    known = sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml"))
+    hint = difflib.get_close_matches(name, known, n=3)
+    raise ConfigError(
+        f"unknown model preset {name!r}"
+        + (f"; did you mean {', '.join(hint)}?" if hint else "")
+        + f" (known: {', '.join(known)})"
+    )
+
+
+def load_model_preset(name: str) -> ModelConfig:
+    path = model_preset_path(name)
+    return from_dict(ModelConfig, _read_yaml(path), where=str(path), prefix="model")
+
+
+def _expand_model_preset(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    model = raw.get("model")
+    if isinstance(model, str):
+        model = {"preset": model}
+    if isinstance(model, dict) and "preset" in model:
+        model = dict(model)
+        preset = _read_yaml(model_preset_path(str(model.pop("preset"))))
+        raw = {**raw, "model": {**preset, **model}}
+    return raw
+
+
+def _substitute_workdir(cfg: Config) -> None:
+    """Replaces ``${workdir}`` in data paths so a config can keep its data beside its run."""
+    sub = lambda s: s.replace("${workdir}", cfg.workdir)  # noqa: E731
+    d = cfg.data
+    d.train_files = [sub(f) for f in d.train_files]
+    d.eval_files = [sub(f) for f in d.eval_files]
+    d.tokenizer = sub(d.tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Typed conversion
+
+
+def from_dict(cls: type, raw: Any, *, where: str = "<config>", prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from a mapping, checking every key and value type."""
+    return _coerce(raw, cls, where, prefix)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
+    name = key or "<root>"
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{name}' must be a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name for f in dataclasses.fields(tp)}
+        kwargs = {}
+        for k, v in value.items():
+            full = f"{key}.{k}" if key else str(k)
+            if k not in fields:
+                close = difflib.get_close_matches(str(k), sorted(fields), n=3)
+                hint = f"; did you mean {', '.join(repr(f'{key}.{c}' if key else c) for c in close)}?" if close else ""
+                raise ConfigError(f"{where}: unknown key '{full}'{hint}")
+            kwargs[k] = _coerce(v, hints[k], where, full)
+        return tp(**kwargs)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{where}: key '{name}' has invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: key '{name}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key '{name}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, where, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: key '{name}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: key '{name}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: key '{name}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: key '{name}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config field '{name}' has unsupported type {tp!r}")

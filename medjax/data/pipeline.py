@@ -1,0 +1,120 @@
+"""Grain pipeline for (continued) pretraining: documents -> token ids -> packed fixed-length rows.
+
+Rows carry ``segment_ids`` (0 = padding) and per-document ``positions`` so packed documents never
+attend to each other and RoPE restarts at every document. Each JAX process reads its own slice
+of the records; the iterator's state checkpoints and restores exactly (see train/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+
+from medjax.config import DataConfig
+from medjax.data import DataError
+from medjax.data.sources import JsonlSource, TokenRecordSource, expand_paths
+from medjax.data.tokenizer import eos_id, load_tokenizer
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+@dataclasses.dataclass
+class TokenizeDocument(grain.transforms.Map):
+    """Text record -> next-token pair {inputs, targets}; the tokenizer loads lazily per worker."""
+
+    tokenizer_path: str
+    text_key: str
+    add_eos: bool
+
+    def __post_init__(self):
+        self._tok = None
+
+    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        if self._tok is None:
+            self._tok = load_tokenizer(self.tokenizer_path)
+            self._eos = eos_id(self._tok)
+        text = record[self.text_key]
+        if not isinstance(text, str):
+            raise DataError(f"record {record.get('id', '?')!r}: {self.text_key!r} must be a string")
+        ids = self._tok.encode(text).ids
+        if self.add_eos:
+            ids.append(self._eos)
+        return shift_pair(np.asarray(ids, dtype=np.int32))
+
+
+@dataclasses.dataclass
+class ShiftTokens(grain.transforms.Map):
+    """Pre-tokenized record {ids} -> {inputs, targets}."""
+
+    def map(self, record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return shift_pair(record["ids"])
+
+
+def shift_pair(ids: np.ndarray) -> dict[str, np.ndarray]:
+    return {"inputs": ids[:-1], "targets": ids[1:]}
+
+
+class ToModelRow(grain.transforms.Map):
+    """Names the packer's outputs the way the trainer and objectives read them."""
+
+    def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seg = row["inputs_segment_ids"].astype(np.int32)
+        return {
+            "tokens": row["inputs"].astype(np.int32),
+            "targets": row["targets"].astype(np.int32),
+            "positions": row["inputs_positions"].astype(np.int32),
+            "segment_ids": seg,
+            "loss_mask": (seg != 0).astype(np.float32),
+        }
+
+
+def make_source(data: DataConfig, files: list[str]):
+    paths = expand_paths(files, "data")
+    if data.format == "jsonl":
+        return JsonlSource(paths, required_keys=[data.text_key])
+    return TokenRecordSource(paths)
+
+
+def pretrain_dataset(
+    data: DataConfig,
+    *,
+    files: list[str],
+    seq_len: int,
+    batch_size: int,
+    train: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Packed, batched rows for one process. ``batch_size`` is this process's share."""
+    source = make_source(data, files)
+    if len(source) < process_count:
+        raise DataError(f"{len(source)} records cannot be shared by {process_count} processes")
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if train:
+        if data.shuffle:
+            ds = ds.shuffle(seed=data.seed)
+        ds = ds.repeat(data.num_epochs)
+    if data.format == "jsonl":
+        if not data.tokenizer:
+            raise DataError("data.tokenizer is not set (path to tokenizer.json or its folder)")
+        ds = ds.map(TokenizeDocument(data.tokenizer, data.text_key, data.add_eos))
+    else:
+        ds = ds.map(ShiftTokens())
+    ds = ds.filter(lambda ex: len(ex["inputs"]) > 0)
+    it = ds.to_iter_dataset()
+    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"inputs": seq_len, "targets": seq_len})
+    it = it.map(ToModelRow()).batch(batch_size, drop_remainder=train)
+    if data.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+    return it
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Pads a short final eval batch with empty rows (segment 0, no loss) to a static shape."""
+    n = batch["tokens"].shape[0]
+    if n == batch_size:
+        return batch
+    return {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}

@@ -1,0 +1,125 @@
+"""Random-access record sources for Grain: JSONL text files and ArrayRecord shards of token ids.
+
+Random access (rather than a stream) is what lets Grain shuffle globally, shard by process and
+checkpoint its position exactly.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from medjax.data import DataError
+
+
+def expand_paths(patterns: Sequence[str], what: str) -> list[Path]:
+    """Glob patterns to existing files; a pattern matching nothing is an error naming it."""
+    if not patterns:
+        raise DataError(f"no {what} files configured")
+    out: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        for m in matches:
+            if not Path(m).is_file():
+                raise DataError(f"{what} file not found: {m}")
+            out.append(Path(m))
+        if not matches:
+            raise DataError(f"{what} pattern matched no files: {pattern}")
+    return out
+
+
+class JsonlSource:
+    """One record per non-blank line across several JSONL files.
+
+    The line index is built once (byte offsets, no parsing); a record is parsed when read and a
+    malformed one raises DataError naming its file and 1-based line number.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], required_keys: Iterable[str] = ()):
+        self._paths = [Path(p) for p in paths]
+        self._required = tuple(required_keys)
+        file_ids, offsets, lines = [], [], []
+        for fid, path in enumerate(self._paths):
+            if not path.is_file():
+                raise DataError(f"JSONL file not found: {path}")
+            offset = 0
+            with open(path, "rb") as f:
+                for lineno, line in enumerate(f, start=1):
+                    if line.strip():
+                        file_ids.append(fid)
+                        offsets.append(offset)
+                        lines.append(lineno)
+                    offset += len(line)
+        self._file_ids = np.asarray(file_ids, dtype=np.int32)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._lines = np.asarray(lines, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def location(self, index: int) -> str:
+        return f"{self._paths[self._file_ids[index]]}:{self._lines[index]}"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self._paths[self._file_ids[index]]
+        with open(path, "rb") as f:
+            f.seek(int(self._offsets[index]))
+            raw = f.readline()
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.location(index)}: malformed JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{self.location(index)}: expected a JSON object, got {type(record).__name__}")
+        for key in self._required:
+            if key not in record:
+                raise DataError(f"{self.location(index)}: missing key {key!r}")
+        return record
+
+    def __repr__(self) -> str:
+        return f"JsonlSource({len(self._paths)} files, {len(self)} records)"
+
+
+def write_token_records(path: str | os.PathLike, documents: Iterable[Sequence[int]]) -> int:
+    """Writes token-id documents as int32 little-endian ArrayRecord records, atomically."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    count = 0
+    try:
+        for doc in documents:
+            writer.write(np.asarray(doc, dtype="<i4").tobytes())
+            count += 1
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    return count
+
+
+class TokenRecordSource:
+    """ArrayRecord shards whose records are int32 token ids (see write_token_records)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        import grain
+
+        for p in paths:
+            if not Path(p).is_file():
+                raise DataError(f"ArrayRecord file not found: {p}")
+        self._source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        raw = self._source[index]
+        if len(raw) % 4:
+            raise DataError(f"ArrayRecord record {index}: {len(raw)} bytes is not a whole number of int32 ids")
+        return {"ids": np.frombuffer(raw, dtype="<i4").astype(np.int32)}

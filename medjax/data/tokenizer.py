@@ -1,0 +1,84 @@
+"""Byte-level BPE tokenizer trained inside the project (nothing can be downloaded), saved in
+Hugging Face form (tokenizer.json + tokenizer_config.json) so transformers and vLLM read it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from medjax.data import DataError
+from medjax.utils import atomic_write_text
+
+EOS_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END]
+
+# ChatML, the template Qwen models use; the SFT stage renders conversations with it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4096) -> Path:
+    """Trains byte-level BPE on ``texts`` and writes the HF tokenizer files into ``out_dir``."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=False))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 32768,
+        "eos_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+        "bos_token": None,
+        "unk_token": None,
+        "additional_special_tokens": [IM_START, IM_END],
+        "chat_template": CHATML_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+    }
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    special = {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "additional_special_tokens": [IM_START, IM_END]}
+    atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    return out
+
+
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise DataError(f"tokenizer not found: {p} (expected a tokenizer.json or a folder holding one)")
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    p = tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise DataError(f"{p}: not a valid tokenizer.json: {e}") from e
+
+
+def eos_id(tok: Tokenizer) -> int:
+    tid = tok.token_to_id(EOS_TOKEN)
+    if tid is None:
+        raise DataError(f"tokenizer has no {EOS_TOKEN} token")
+    return tid

@@ -1,0 +1,61 @@
+"""`medjax demo`: the recipe end to end on the bundled synthetic medical world, on CPU.
+
+Stages so far: generate data -> train the tokenizer -> continued pretraining. Later stages
+(export, evaluation, SFT, reward model, RL) append themselves here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medjax.config import REPO_ROOT, load_config
+from medjax.data import medworld
+from medjax.data.tokenizer import train_tokenizer
+from medjax.train.loop import train
+from medjax.train.plots import plot_metrics
+
+DEMO_CONFIGS = REPO_ROOT / "configs" / "demo"
+
+
+def _texts(*paths: Path, key: str = "text"):
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)[key]
+
+
+def run_demo(workdir: str, max_steps: int | None = None) -> dict[str, Path]:
+    root = Path(workdir).absolute()
+    print(f"[1/3] generating the synthetic medical world in {root / 'data'}")
+    files = medworld.generate(root / "data", seed=0)
+    print(f"[2/3] training the BPE tokenizer in {root / 'tokenizer'}")
+    tokenizer_dir = train_tokenizer(_texts(files["pretrain"], files["pretrain_eval"]), root / "tokenizer", vocab_size=4096)
+    overrides = [f"workdir={root / 'pretrain'}"]
+    if max_steps is not None:
+        overrides.append(f"train.max_steps={max_steps}")
+    cfg = load_config(DEMO_CONFIGS / "pretrain.yaml", overrides)
+    print(f"[3/3] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
+          f"for {cfg.train.max_steps} steps in {cfg.workdir}")
+    result = train(cfg)
+    steps = sorted(result.losses)
+    if steps:
+        print(f"pretrain loss: {result.losses[steps[0]]:.4f} (step {steps[0]}) -> "
+              f"{result.losses[steps[-1]]:.4f} (step {steps[-1]})")
+    for step, ev in sorted(result.eval_losses.items()):
+        print(f"  eval loss at step {step}: {ev:.4f}")
+    artifacts = {
+        "data": root / "data",
+        "tokenizer": tokenizer_dir,
+        "pretrain checkpoints": Path(cfg.workdir) / "checkpoints",
+        "pretrain metrics": Path(cfg.workdir) / "metrics.jsonl",
+        "tensorboard": Path(cfg.workdir) / "tensorboard",
+    }
+    plot = plot_metrics(Path(cfg.workdir) / "metrics.jsonl", Path(cfg.workdir) / "loss.png")
+    if plot is not None:
+        artifacts["loss curve"] = plot
+    print("artifacts:")
+    for name, path in artifacts.items():
+        print(f"  {name:22s} {path}")
+    return artifacts

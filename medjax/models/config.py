@@ -1,0 +1,60 @@
+"""Model hyper-parameters for the Llama 3, Qwen2/2.5 and Qwen3 decoder families."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3.1 style frequency-dependent RoPE scaling (HF rope_type "llama3")."""
+
+    rope_type: Literal["llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["llama", "qwen2", "qwen3"] = "qwen2"
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    # None means hidden_size // num_heads (Qwen3 sets it explicitly).
+    head_dim: Optional[int] = None
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    # Qwen2/2.5 put biases on q/k/v; Qwen3 drops them and RMS-normalises q and k per head.
+    attention_bias: bool = False
+    qk_norm: bool = False
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Compute dtype of activations and matmuls; logits and softmax stay in float32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # none: keep all activations; full: recompute each block; dots: save matmul outputs only.
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Token ids the exported HF config and the generators use.
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def validate(self) -> "ModelConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}"
+            )
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"model.head_dim={self.resolved_head_dim} must be even for RoPE")
+        return self

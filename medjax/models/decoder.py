@@ -1,0 +1,69 @@
+"""The decoder-only transformer shared by every stage (pretrain, SFT, reward model, RL)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medjax.models.config import ModelConfig
+from medjax.models.layers import DTYPES, DecoderBlock, RMSNorm, attention_mask, param
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nnx.Module):
+    """Llama 3 / Qwen2 / Qwen3 decoder. Inputs may be packed: ``segment_ids`` keep documents
+    apart in attention and ``positions`` restart RoPE at each document."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        pdt = DTYPES[cfg.param_dtype]
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range, pdt, ("vocab", "embed"))
+        self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), cfg.initializer_range, pdt, ("embed", "vocab"))
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-norm hidden states [batch, seq, hidden] (the reward model's head reads these)."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        mask = attention_mask(segment_ids)
+        x = self.embed[...].astype(DTYPES[self.cfg.dtype])[tokens]
+        for layer in self.layers:
+            if self.cfg.remat == "none":
+                x = layer(x, positions, mask)
+            else:
+                block = nnx.remat(lambda blk, h, p, m: blk(h, p, m), policy=REMAT_POLICIES[self.cfg.remat])
+                x = block(layer, x, positions, mask)
+        return self.final_norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits; the matmul accumulates in float32 even with bf16 activations."""
+        if self.cfg.tie_word_embeddings:
+            w = self.embed[...].astype(hidden.dtype)
+            return jnp.einsum("bse,ve->bsv", hidden, w, preferred_element_type=jnp.float32)
+        w = self.lm_head[...].astype(hidden.dtype)
+        return jnp.einsum("bse,ev->bsv", hidden, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        return self.logits(self.hidden_states(tokens, positions, segment_ids))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count from shapes alone (no memory is allocated)."""
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

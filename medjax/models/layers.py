@@ -1,0 +1,140 @@
+"""Decoder building blocks. Parameters carry logical axis names (``logical_axes`` metadata);
+they know nothing of meshes: medjax.parallel maps the names to mesh axes with one rule table.
+
+Weight layouts are einsum-friendly: q/k/v kernels are [embed, heads, head_dim], the output
+kernel is [heads, head_dim, embed], MLP kernels are [embed, mlp] and [mlp, embed].
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medjax.models.config import ModelConfig, RopeScaling
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def param(rngs: nnx.Rngs, shape, std: float, dtype, axes: tuple[str | None, ...]) -> nnx.Param:
+    value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+def zeros_param(shape, dtype, axes) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """Normalises in float32 and multiplies in the input dtype, as the HF reference does."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, axis: str = "norm"):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling is not None:
+        # Llama 3.1: low frequencies are divided by `factor`, high ones kept, a smooth ramp between.
+        low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates halves (the HF "rotate_half" layout), x: [batch, seq, heads, head_dim]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """Causal mask that also blocks attention across packed documents: [batch, 1, q, k]."""
+    seq = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same_segment)[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = DTYPES[cfg.param_dtype]
+        e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        std = cfg.initializer_range
+        self.cfg = cfg
+        self.wq = param(rngs, (e, h, d), std, pdt, ("embed", "q_heads", "head_dim"))
+        self.wk = param(rngs, (e, kv, d), std, pdt, ("embed", "kv_heads", "head_dim"))
+        self.wv = param(rngs, (e, kv, d), std, pdt, ("embed", "kv_heads", "head_dim"))
+        self.wo = param(rngs, (h, d, e), std, pdt, ("q_heads", "head_dim", "embed"))
+        if cfg.attention_bias:
+            self.bq = zeros_param((h, d), pdt, ("q_heads", "head_dim"))
+            self.bk = zeros_param((kv, d), pdt, ("kv_heads", "head_dim"))
+            self.bv = zeros_param((kv, d), pdt, ("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, pdt, axis="head_dim")
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pdt, axis="head_dim")
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        dt = x.dtype
+        q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))
+        k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))
+        v = jnp.einsum("bse,ehd->bshd", x, self.wv[...].astype(dt))
+        if self.cfg.attention_bias:
+            q = q + self.bq[...].astype(dt)
+            k = k + self.bk[...].astype(dt)
+            v = v + self.bv[...].astype(dt)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(q.shape[-1], self.cfg.rope_theta, self.cfg.rope_scaling)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+        return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = DTYPES[cfg.param_dtype]
+        e, m, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+        self.w_gate = param(rngs, (e, m), std, pdt, ("embed", "mlp"))
+        self.w_up = param(rngs, (e, m), std, pdt, ("embed", "mlp"))
+        self.w_down = param(rngs, (m, e), std, pdt, ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
+        return (gate * (x @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+
+
+class DecoderBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = DTYPES[cfg.param_dtype]
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, mask)
+        return x + self.mlp(self.mlp_norm(x))

@@ -1,0 +1,1 @@
+"""Meshes, the logical-axis rule table and sharding of params, optimizer state and batches."""

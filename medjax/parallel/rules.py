@@ -1,0 +1,86 @@
+"""The one table that maps logical axis names (carried by parameters) to mesh axes.
+
+The model names every parameter dimension (vocab, embed, mlp, q_heads, ...); this table decides
+how those dimensions are laid over the mesh. FSDP shards the embed dimension of every weight,
+tensor parallelism the heads, MLP and vocab dimensions, and batches are split over data x fsdp.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MeshAxes = str | tuple[str, ...] | None
+
+LOGICAL_AXIS_RULES: Mapping[str, MeshAxes] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "norm": None,
+}
+
+
+def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else axes
+    size = 1
+    for name in names:
+        size *= mesh.shape[name]
+    return size
+
+
+def logical_to_spec(
+    logical: tuple[str | None, ...],
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES,
+) -> P:
+    """PartitionSpec for one array. A dimension the mesh axes do not divide stays replicated
+    (e.g. 2 KV heads on a tensor axis of 4), and each mesh axis is used at most once."""
+    used: set[str] = set()
+    spec: list[MeshAxes] = []
+    for name, dim in zip(logical, shape):
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+        axes = rules.get(name) if name is not None else None
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        names = tuple(a for a in names if a not in used and mesh.shape[a] > 1)
+        if names and dim % _axis_size(mesh, names) != 0:
+            log.warning("dimension %s=%d not divisible by mesh axes %s; replicated", name, dim, names)
+            names = ()
+        used.update(names)
+        spec.append(None if not names else names[0] if len(names) == 1 else names)
+    return P(*spec)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> dict[str, Any]:
+    """NamedShardings (as a pure dict shaped like the params) from each Variable's logical_axes."""
+
+    def one(var: nnx.Variable) -> NamedSharding:
+        axes = var.get_metadata().get("logical_axes")
+        if axes is None:
+            raise ValueError(f"parameter of shape {var.shape} has no logical_axes metadata")
+        return NamedSharding(mesh, logical_to_spec(tuple(axes), tuple(var.shape), mesh, rules))
+
+    shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings)
+
+
+def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
+    """Sharding of a [*leading, batch, seq] array: batch over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, P(*([None] * leading_dims), LOGICAL_AXIS_RULES["batch"]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,256 @@
+"""The one training loop. Every stage (pretrain now; SFT, reward model and RL later) runs here
+with its objective plugged in: the loop owns the mesh, sharded state, data iterator,
+checkpoints (exact resume), evaluation, the non-finite guard, metrics and preemption."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from medjax.config import Config
+from medjax.data.pipeline import BATCH_KEYS, pad_batch, pretrain_dataset
+from medjax.parallel.mesh import initialize_distributed, make_mesh
+from medjax.parallel.rules import batch_sharding
+from medjax.train.checkpoint import Checkpoints
+from medjax.train.metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
+from medjax.train.objectives import Objective, objective_for_stage
+from medjax.train.optimizer import make_optimizer
+from medjax.train.step import ModelDef, init_train_state, make_eval_step, make_train_step, state_shardings
+from medjax.utils import atomic_write_text
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    losses: dict[int, float]
+    eval_losses: dict[int, float]
+    preempted: bool = False
+    resumed_from: int | None = None
+
+
+class _StopSignal:
+    """SIGTERM (preemption, scancel, kill) asks the loop to checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class BatchGeometry:
+    global_batch: int
+    accum: int
+    seq_len: int
+
+    @property
+    def micro(self) -> int:
+        return self.global_batch // self.accum
+
+    def check(self, mesh) -> None:
+        t = self.global_batch
+        if t % self.accum:
+            raise ValueError(f"train.global_batch_size={t} is not divisible by train.grad_accum_steps={self.accum}")
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if self.micro % shards:
+            raise ValueError(f"micro-batch {self.micro} rows cannot be split over data*fsdp={shards} devices")
+        if t % jax.process_count():
+            raise ValueError(f"train.global_batch_size={t} is not divisible by {jax.process_count()} processes")
+
+
+def _global_batch(local: dict[str, np.ndarray], shape: tuple[int, ...], sharding) -> dict[str, jax.Array]:
+    """Assembles each process's rows into one global array laid out as ``shape``."""
+    local_shape = (*shape[:-2], shape[-2] // jax.process_count(), shape[-1])
+    return {
+        k: jax.make_array_from_process_local_data(sharding, local[k].reshape(local_shape), shape) for k in BATCH_KEYS
+    }
+
+
+def _write_run_config(cfg: Config) -> None:
+    path = Path(cfg.workdir) / "config.yaml"
+    atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def train(
+    cfg: Config,
+    objective: Objective | None = None,
+    *,
+    should_stop: Callable[[int], bool] | None = None,
+) -> TrainResult:
+    """Trains (or resumes) the run in ``cfg.workdir``. ``should_stop(step)`` lets a supervisor
+    end the run early the way a preemption does: checkpoint, then return."""
+    initialize_distributed(cfg.mesh)
+    mesh = make_mesh(cfg.mesh)
+    objective = objective or objective_for_stage(cfg.stage)
+    tc = cfg.train
+    geo = BatchGeometry(tc.global_batch_size, tc.grad_accum_steps, cfg.data.seq_len)
+    geo.check(mesh)
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        _write_run_config(cfg)
+
+    model = ModelDef(cfg.model)
+    tx, schedule = make_optimizer(cfg.optimizer, tc.max_steps)
+    shardings = state_shardings(model, tx, mesh)
+    per_process = tc.global_batch_size // jax.process_count()
+    data_iter: Iterator = iter(
+        pretrain_dataset(
+            cfg.data, files=cfg.data.train_files, seq_len=geo.seq_len, batch_size=per_process,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+    )
+    ckpts = Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
+    start = ckpts.latest_step() or 0
+    state = init_train_state(model, tx, mesh, tc.seed)
+    if start:
+        state, _ = ckpts.restore(start, state, data_iter)
+    train_step = make_train_step(model, objective, tx, schedule, mesh, shardings)
+    eval_step = make_eval_step(model, objective, mesh, shardings) if cfg.data.eval_files else None
+    step_sharding = batch_sharding(mesh, leading_dims=1)
+    batch_shape = (geo.accum, geo.micro, geo.seq_len)
+
+    writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
+    peak = peak_flops_per_device(tc.peak_flops_per_device)
+    flops_per_token = train_flops_per_token(cfg.model, geo.seq_len)
+    tokens_per_step = geo.global_batch * geo.seq_len
+    meta = {"stage": cfg.stage, "model": dataclasses.asdict(cfg.model)}
+    result = TrainResult(step=start, losses={}, eval_losses={}, resumed_from=start or None)
+    bar = tqdm(total=tc.max_steps, initial=start, desc=cfg.stage, disable=not (tc.progress_bar and is_main) or None,
+               dynamic_ncols=True)
+    if start:
+        tqdm.write(f"resumed from step {start} ({ckpts.directory})")
+
+    pending: list[tuple[int, dict]] = []
+    consecutive_nonfinite = 0
+    skipped_total = 0
+    window_start = None
+    window_steps = 0
+    step = start
+    try:
+        with _StopSignal() as stop:
+            while step < tc.max_steps:
+                try:
+                    local = next(data_iter)
+                except StopIteration:
+                    tqdm.write(f"training data exhausted after step {step}")
+                    break
+                state, metrics = train_step(state, _global_batch(local, batch_shape, step_sharding))
+                step += 1
+                window_steps += 1
+                pending.append((step, metrics))
+                bar.update(1)
+                if window_start is None:  # the first step compiles; time from its end
+                    jax.block_until_ready(metrics["loss"])
+                    window_start, window_steps = time.perf_counter(), 0
+                log_now = step % tc.log_every == 0 or step == tc.max_steps
+                if log_now:
+                    fetched = jax.device_get(pending)
+                    pending = []
+                    for _, m in fetched:
+                        if bool(m["finite"]):
+                            consecutive_nonfinite = 0
+                        else:
+                            consecutive_nonfinite += 1
+                            skipped_total += 1
+                    m = fetched[-1][1]
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "loss": float(m["loss"]),
+                        "learning_rate": float(m["learning_rate"]),
+                        "grad_norm": float(m["grad_norm"]),
+                        "skipped_steps": skipped_total,
+                        **{k: float(v) for k, v in m.items() if k not in ("loss", "learning_rate", "grad_norm", "finite", "loss_tokens")},
+                    }
+                    if window_steps and elapsed > 0:
+                        tps = tokens_per_step * window_steps / elapsed
+                        record["tokens_per_sec"] = tps
+                        record["step_time_s"] = elapsed / window_steps
+                        if peak:
+                            record["mfu"] = tps * flops_per_token / (peak * jax.device_count())
+                    window_start, window_steps = time.perf_counter(), 0
+                    result.losses[step] = record["loss"]
+                    writer.write(step, record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
+                    if bar.disable:  # no live bar (not a terminal): a log line instead
+                        tqdm.write(
+                            f"step {step}/{tc.max_steps} loss {record['loss']:.4f} lr {record['learning_rate']:.3e} "
+                            f"grad_norm {record['grad_norm']:.3f} tokens/s {record.get('tokens_per_sec', 0):.0f}",
+                            file=sys.stderr,
+                        )
+                    if consecutive_nonfinite >= tc.max_consecutive_nonfinite:
+                        raise TrainingError(
+                            f"{consecutive_nonfinite} consecutive steps with non-finite loss or gradients "
+                            f"(last at step {step}); the latest good checkpoint is step {ckpts.latest_step()}"
+                        )
+                if eval_step is not None and tc.eval_every and step % tc.eval_every == 0:
+                    ev = evaluate(eval_step, state["params"], cfg, mesh)
+                    result.eval_losses[step] = ev
+                    writer.write(step, {"eval_loss": ev})
+                    tqdm.write(f"step {step}: eval_loss {ev:.4f}")
+                preempt = stop.requested or ckpts.reached_preemption(step) or bool(should_stop and should_stop(step))
+                if step % tc.checkpoint_every == 0 or step == tc.max_steps or preempt:
+                    ckpts.save(step, state, data_iter, meta={**meta, "step": step}, force=True)
+                if preempt:
+                    tqdm.write(f"stop requested: checkpoint saved at step {step}; re-run the same command to resume")
+                    result.preempted = True
+                    break
+        if eval_step is not None and step not in result.eval_losses and not result.preempted and step > start:
+            ev = evaluate(eval_step, state["params"], cfg, mesh)
+            result.eval_losses[step] = ev
+            writer.write(step, {"eval_loss": ev})
+    finally:
+        bar.close()
+        ckpts.wait()
+        ckpts.close()
+        writer.close()
+    result.step = step
+    return result
+
+
+def evaluate(eval_step, params, cfg: Config, mesh) -> float:
+    """Mean token loss over the first ``train.eval_batches`` batches of the eval files."""
+    per_process = cfg.train.global_batch_size // jax.process_count()
+    ds = pretrain_dataset(
+        cfg.data, files=cfg.data.eval_files, seq_len=cfg.data.seq_len, batch_size=per_process, train=False,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    sharding = batch_sharding(mesh)
+    shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+    total = count = 0.0
+    for i, local in enumerate(ds):
+        if i >= cfg.train.eval_batches:
+            break
+        batch = {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in pad_batch(local, per_process).items()}
+        t, c = eval_step(params, batch)
+        total += float(t)
+        count += float(c)
+    return total / count if count else math.nan

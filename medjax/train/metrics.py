@@ -1,0 +1,102 @@
+"""Run metrics: metrics.jsonl (one object per logged step), TensorBoard, throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from medjax.models.config import ModelConfig
+from medjax.utils import atomic_write_text
+
+# Dense bf16 peak FLOP/s per device, by jax's device_kind.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def peak_flops_per_device(override: float = 0.0) -> float | None:
+    if override > 0:
+        return override
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops
+    return None
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6 x matmul params (forward + backward) plus causal attention scores and values."""
+    e, m, d = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
+    h, kv = cfg.num_heads, cfg.num_kv_heads
+    per_layer = e * h * d * 2 + e * kv * d * 2 + 3 * e * m
+    matmul_params = cfg.num_layers * per_layer + e * cfg.vocab_size
+    # QK^T and AV are 4*seq*h*d FLOPs per token forward; causality halves them.
+    attention = cfg.num_layers * h * d * seq_len
+    return 6.0 * matmul_params + 6.0 * attention
+
+
+class MetricsWriter:
+    """Appends to metrics.jsonl (dropping lines past ``resume_step``, left by a run that died
+    after logging but before its next checkpoint) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str | os.PathLike, resume_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [
+                line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        except ImportError:  # TensorBoard is optional; metrics.jsonl is the contract
+            self._tb = None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 7)
+    return v

@@ -1,0 +1,154 @@
+"""Sharded train state and the jitted train/eval steps.
+
+The train state is a plain dict {params, opt_state, step, rng} of arrays, so Orbax saves and
+restores it (with its shardings) and any stage's objective can read the params through
+``bind``. Params are a pure nested dict; the NNX module is rebuilt inside jit from the graphdef.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from medjax.models.config import ModelConfig
+from medjax.models.decoder import Decoder
+from medjax.parallel.rules import batch_sharding, param_shardings, replicated
+from medjax.train.objectives import Objective
+
+TrainState = dict[str, Any]
+
+
+class ModelDef:
+    """The model's structure without its weights: rebuilds a Decoder around any params."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.graphdef, self.abstract_state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+
+    def bind(self, params: dict) -> Decoder:
+        state = jax.tree.map(lambda v: v, self.abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def init_params(self, rng: jax.Array) -> dict:
+        return nnx.to_pure_dict(nnx.state(Decoder(self.cfg, rngs=nnx.Rngs(params=rng)), nnx.Param))
+
+    def shardings(self, mesh: Mesh) -> dict:
+        return param_shardings(self.abstract_state, mesh)
+
+
+def state_shardings(model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Optimizer moments are sharded like the params they track; counters are replicated."""
+    p_shard = model.shardings(mesh)
+    abstract_params = jax.eval_shape(model.init_params, jax.random.key(0))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shard = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, p_shard, transform_non_params=lambda _: replicated(mesh)
+    )
+    return {"params": p_shard, "opt_state": opt_shard, "step": replicated(mesh), "rng": replicated(mesh)}
+
+
+def init_train_state(model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> TrainState:
+    shardings = state_shardings(model, tx, mesh)
+
+    def init() -> TrainState:
+        init_rng, train_rng = jax.random.split(jax.random.key(seed))
+        params = model.init_params(init_rng)
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(train_rng),
+        }
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def update_count(opt_state) -> jax.Array:
+    """How many updates the optimizer has applied (skipped non-finite steps do not count)."""
+    return optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
+
+
+def make_train_step(
+    model: ModelDef,
+    objective: Objective,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    shardings: TrainState,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Batch arrays are [accum, micro_batch, seq]; gradients of the micro-batches are summed and
+    divided by the total token count, so accumulation equals one big batch exactly. A step whose
+    loss or gradient is not finite leaves params and optimizer state untouched."""
+
+    def loss_sums(params, micro, rng):
+        total, count, extra = objective.loss(model.bind(params), micro, rng)
+        return total, (count, extra)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        params = state["params"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+        def accumulate(carry, xs):
+            micro, i = xs
+            (total, (count, extra)), grads = grad_fn(params, micro, jax.random.fold_in(rng, i))
+            g_acc, t_acc, c_acc, e_acc = carry
+            return (jax.tree.map(jnp.add, g_acc, grads), t_acc + total, c_acc + count,
+                    jax.tree.map(jnp.add, e_acc, extra)), None
+
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        first = jax.tree.map(lambda x: x[0], batch)
+        _, (_, extra_shape) = jax.eval_shape(loss_sums, params, first, rng)
+        zeros = (
+            jax.tree.map(jnp.zeros_like, params),
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), extra_shape),
+        )
+        (grads, total, count, extra), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(accum)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = total / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = {
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+        }
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "loss_tokens": count,
+            "finite": finite,
+            "learning_rate": schedule(update_count(state["opt_state"])),
+            **{k: v / denom for k, v in extra.items()},
+        }
+        return new_state, metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(shardings, batch_sharding(mesh, leading_dims=1)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(model: ModelDef, objective: Objective, mesh: Mesh, shardings: TrainState):
+    """Summed loss and token count of one [batch, seq] eval batch."""
+
+    def eval_step(params, batch):
+        total, count, _ = objective.loss(model.bind(params), batch, jax.random.key(0))
+        return total, count
+
+    return jax.jit(eval_step, in_shardings=(shardings["params"], batch_sharding(mesh)), out_shardings=replicated(mesh))

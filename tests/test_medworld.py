@@ -1,0 +1,197 @@
+"""Tests for the synthetic medical world generator (medjax.data.medworld).
+
+Everything downstream trains and evaluates on this data, so these tests pin down determinism, exam
+validity and the promise that every examined fact is stated in the pretraining (train) passages.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from medjax.data import medworld
+
+EXPECTED_FILES = {"world.json", "pretrain.jsonl", "pretrain_eval.jsonl", "sft.jsonl",
+                  "sft_eval.jsonl", "exam.jsonl", "preferences.jsonl"}
+SMALL = {"num_conditions": 12, "passages_per_condition": 4}
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture(scope="module")
+def default_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("medworld_default")
+    paths = medworld.generate(out)
+    return out, paths
+
+
+@pytest.fixture(scope="module")
+def data(default_out):
+    _, paths = default_out
+    world = medworld.World.from_json(_read(paths["world"])[0])
+    return {"world": world, **{k: _read(p) for k, p in paths.items() if k != "world"}}
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    a = medworld.generate(tmp_path / "a", seed=7, **SMALL)
+    b = medworld.generate(tmp_path / "b", seed=7, **SMALL)
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].read_bytes() == b[name].read_bytes(), name
+
+
+def test_different_seed_gives_different_exam_and_world(tmp_path):
+    a = medworld.generate(tmp_path / "a", seed=1, **SMALL)
+    b = medworld.generate(tmp_path / "b", seed=2, **SMALL)
+    assert a["exam"].read_bytes() != b["exam"].read_bytes()
+    names_a = {c.name for c in medworld.build_world(1, 12).conditions}
+    names_b = {c.name for c in medworld.build_world(2, 12).conditions}
+    assert names_a != names_b
+
+
+def test_global_random_state_untouched(tmp_path):
+    random.seed(123)
+    state = random.getstate()
+    medworld.generate(tmp_path, **SMALL)
+    assert random.getstate() == state
+
+
+def test_output_files_and_no_temp_files(default_out, tmp_path):
+    out, paths = default_out
+    assert {p.name for p in paths.values()} == EXPECTED_FILES
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+    # Regenerating into an existing folder overwrites in place and still leaves no debris.
+    medworld.generate(tmp_path, **SMALL)
+    medworld.generate(tmp_path, **SMALL)
+    assert {p.name for p in tmp_path.iterdir()} == EXPECTED_FILES
+
+
+def test_world_structure(data):
+    world = data["world"]
+    conds = world.conditions
+    assert len(conds) == 40
+    assert len({c.name for c in conds}) == 40
+    assert len({tuple(sorted(c.symptoms)) for c in conds}) == 40  # unique symptom triples
+    assert len({c.test for c in conds}) == 40 < len(world.tests)
+    assert len(world.drugs) > 40 and len(set(world.drugs)) == len(world.drugs)
+    assert set(Counter(c.subject for c in conds)) == set(world.subjects)
+    for c in conds:
+        assert len(set(c.symptoms)) == 3
+        assert c.first_line_drug != c.contraindicated_drug
+        assert {c.first_line_drug, c.contraindicated_drug} <= set(world.drugs)
+        assert (c.pathogen is not None) == (c.subject == "infectious disease")
+    assert medworld.World.from_json(world.to_json()) == world
+    assert medworld.build_world(0, 40) == world
+
+
+def test_exam_items_are_valid_and_balanced(data):
+    exam = data["exam"]
+    assert len(exam) == 4 * 40
+    for item in exam:
+        assert list(item) == ["id", "question", "options", "answer", "answer_idx", "meta_info",
+                              "subject"]
+        assert list(item["options"]) == ["A", "B", "C", "D"]
+        assert len(set(item["options"].values())) == 4
+        assert item["answer_idx"] in "ABCD"
+        assert item["options"][item["answer_idx"]] == item["answer"]
+        assert item["meta_info"] == "step1"
+    assert len({item["id"] for item in exam}) == len(exam)
+    counts = Counter(item["answer_idx"] for item in exam)
+    assert all(counts[letter] >= 0.15 * len(exam) for letter in "ABCD"), counts
+
+
+def _exam_fact(item, world):
+    """(condition, strings that must co-occur in one train passage) for one exam item."""
+    by_name = {c.name: c for c in world.conditions}
+    if item["answer"] in by_name:  # diagnosis: answer is the condition, key entity the symptoms
+        c = by_name[item["answer"]]
+        assert all(s in item["question"] for s in c.symptoms)
+        return c, [c.name, *c.symptoms]
+    named = [c for c in world.conditions if re.search(rf"\b{re.escape(c.name)}\b", item["question"])]
+    assert len(named) == 1, item
+    c = named[0]
+    assert item["answer"] in (c.first_line_drug, c.contraindicated_drug, c.test), item
+    if item["answer"] == c.contraindicated_drug:
+        assert "contraindicated" in item["question"] or "avoided" in item["question"]
+    return c, [c.name, item["answer"]]
+
+
+def test_every_exam_fact_is_in_a_train_passage(data):
+    texts = [p["text"].lower() for p in data["pretrain"]]
+    for item in data["exam"]:
+        c, needles = _exam_fact(item, data["world"])
+        assert item["subject"] == c.subject
+        assert any(all(n.lower() in t for n in needles) for t in texts), (item["id"], needles)
+
+
+def test_pretrain_split_and_size(data, default_out):
+    train, held = data["pretrain"], data["pretrain_eval"]
+    assert len(train) + len(held) == 40 * 24
+    assert 0.05 <= len(held) / (len(train) + len(held)) <= 0.15
+    assert all(list(p) == ["id", "text"] for p in train + held)
+    assert len({p["id"] for p in train + held}) == len(train) + len(held)
+    _, paths = default_out
+    size = paths["pretrain"].stat().st_size + paths["pretrain_eval"].stat().st_size
+    assert 0.4e6 < size < 1.6e6, size
+    # Many phrasings: the first-line-drug fact of one condition appears in several distinct sentences.
+    c = data["world"].conditions[0]
+    sentences = {s for p in train for s in re.split(r"(?<=\.) ", p["text"])
+                 if c.name in s and c.first_line_drug in s}
+    assert len(sentences) >= 5
+
+
+def test_sft_records(data):
+    sft, sft_eval = data["sft"], data["sft_eval"]
+    assert sft and sft_eval
+    two_turn = with_system = answer_lines = 0
+    for rec in sft + sft_eval:
+        assert list(rec) == ["id", "messages"]
+        msgs = rec["messages"]
+        roles = [m["role"] for m in msgs]
+        assert set(roles) <= {"system", "user", "assistant"}
+        assert "assistant" in roles and roles[-1] == "assistant"
+        if roles[0] == "system":
+            with_system += 1
+            roles = roles[1:]
+        assert "system" not in roles
+        assert roles == ["user", "assistant"] * (len(roles) // 2)
+        assert all(isinstance(m["content"], str) and m["content"] for m in msgs)
+        two_turn += len(roles) == 4
+        answer_lines += any(re.search(r"\nThe answer is [^\n]+\.$", m["content"])
+                            for m in msgs if m["role"] == "assistant")
+    assert two_turn > 0 and with_system > 0 and answer_lines > 0
+
+
+def test_preferences(data):
+    prefs = data["preferences"]
+    assert len(prefs) >= 300
+    dims = Counter(p["dimension"] for p in prefs)
+    assert set(dims) == {"honesty", "helpfulness", "compliance"}
+    assert min(dims.values()) >= 0.25 * len(prefs)
+    world = data["world"]
+    for p in prefs:
+        assert list(p) == ["id", "prompt", "chosen", "rejected", "dimension"]
+        assert p["chosen"] != p["rejected"] and p["prompt"]
+    for p in (p for p in prefs if p["dimension"] == "compliance"):
+        c = next(c for c in world.conditions if c.name in p["prompt"])
+        assert "contraindicated" in p["chosen"] and c.contraindicated_drug in p["rejected"]
+
+
+@pytest.mark.parametrize("n", [2, 7, medworld.MAX_CONDITIONS + 1])
+def test_bad_num_conditions(tmp_path, n):
+    with pytest.raises(ValueError, match="num_conditions"):
+        medworld.build_world(0, n)
+    with pytest.raises(ValueError, match="num_conditions"):
+        medworld.generate(tmp_path / "x", num_conditions=n)
+
+
+def test_min_and_max_sizes_work(tmp_path):
+    medworld.generate(tmp_path / "min", num_conditions=medworld.MIN_CONDITIONS, passages_per_condition=1)
+    world = medworld.build_world(3, medworld.MAX_CONDITIONS)
+    assert len({c.name for c in world.conditions}) == medworld.MAX_CONDITIONS
