@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import numpy as np
@@ -18,6 +18,7 @@ import yaml
 from tqdm import tqdm
 
 from medjax.config import Config
+from medjax.data.iterator_state import CheckpointableIterator
 from medjax.data.pipeline import BATCH_KEYS, pad_batch, pretrain_dataset
 from medjax.parallel.mesh import initialize_distributed, make_mesh
 from medjax.parallel.rules import batch_sharding
@@ -122,12 +123,12 @@ def train(
     tx, schedule = make_optimizer(cfg.optimizer, tc.max_steps)
     shardings = state_shardings(model, tx, mesh)
     per_process = tc.global_batch_size // jax.process_count()
-    data_iter: Iterator = iter(
+    data_iter = CheckpointableIterator(iter(
         pretrain_dataset(
             cfg.data, files=cfg.data.train_files, seq_len=geo.seq_len, batch_size=per_process,
             process_index=jax.process_index(), process_count=jax.process_count(),
         )
-    )
+    ))
     ckpts = Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     start = ckpts.latest_step() or 0
     state = init_train_state(model, tx, mesh, tc.seed)

@@ -1,0 +1,137 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medjax.train.checkpoint import Checkpoints
+from medjax.train.loop import TrainingError, train
+from medjax.train.objectives import NextTokenObjective
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(workdir):
+    return {m["step"]: m["loss"] for m in metrics(workdir) if "loss" in m}
+
+
+def test_resume_gives_identical_losses(make_config, tmp_path):
+    straight = train(make_config(tmp_path / "straight"))
+    assert sorted(straight.losses) == [1, 2, 3, 4, 5, 6]
+    first = train(make_config(tmp_path / "split"), should_stop=lambda step: step == 3)
+    assert first.preempted and first.step == 3
+    second = train(make_config(tmp_path / "split"))
+    assert second.resumed_from == 3 and second.step == 6
+    for step in (4, 5, 6):
+        assert second.losses[step] == straight.losses[step], step  # bit-identical
+    # metrics.jsonl of the resumed run holds each step once, in order.
+    assert [m["step"] for m in metrics(tmp_path / "split") if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+
+
+def test_metrics_jsonl_and_tensorboard(make_config, tmp_path):
+    result = train(make_config(tmp_path, "train.eval_every=3"))
+    rows = metrics(tmp_path)
+    logged = [r for r in rows if "loss" in r]
+    for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_sec"):
+        assert all(key in r for r in logged[1:]), key
+    assert logged[0]["learning_rate"] == 0.0 and logged[2]["learning_rate"] == pytest.approx(0.003)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
+    assert result.losses[6] < result.losses[1]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "config.yaml").is_file()
+    assert Checkpoints(tmp_path / "checkpoints").all_steps() == [3, 6]
+
+
+def test_gradient_accumulation_equals_full_batch(make_config, tmp_path):
+    full = train(make_config(tmp_path / "full", "train.max_steps=3"))
+    accum = train(make_config(tmp_path / "accum", "train.max_steps=3", "train.grad_accum_steps=4"))
+    for step in (1, 2, 3):
+        assert accum.losses[step] == pytest.approx(full.losses[step], rel=1e-5)
+
+
+class NaNAfter(NextTokenObjective):
+    """Loss becomes NaN once the first update has been applied (a diverging run)."""
+
+    def loss(self, model, batch, rng):
+        total, count, extra = super().loss(model, batch, rng)
+        return total * jnp.where(jnp.abs(model.final_norm.scale[...] - 1).max() > 0, jnp.nan, 1.0), count, extra
+
+
+def test_nonfinite_steps_are_skipped_then_stop(make_config, tmp_path):
+    cfg = make_config(tmp_path, "train.max_steps=20", "train.max_consecutive_nonfinite=3", "train.checkpoint_every=1")
+    with pytest.raises(TrainingError, match="3 consecutive steps with non-finite loss.*latest good checkpoint is step"):
+        train(cfg, objective=NaNAfter())
+    rows = metrics(tmp_path)
+    assert rows[0]["skipped_steps"] == 0 and rows[-1]["skipped_steps"] == 3
+    # The skipped updates left the params exactly as after step 1.
+    ckpt = Checkpoints(tmp_path / "checkpoints")
+    steps = ckpt.all_steps()
+    a, _ = ckpt.restore(steps[0], _abstract(ckpt, steps[0]))
+    b, _ = ckpt.restore(steps[-1], _abstract(ckpt, steps[-1]))
+    ckpt.close()
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+        np.testing.assert_array_equal(x, y)
+
+
+def _abstract(ckpt, step):
+    meta = ckpt.manager.item_metadata(step)["state"]
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
+
+
+def test_interrupted_save_never_hides_the_last_good_checkpoint(make_config, tmp_path):
+    train(make_config(tmp_path))
+    ckpt_dir = tmp_path / "checkpoints"
+    # What a crash in the middle of writing step 9 leaves behind: an uncommitted temporary folder.
+    partial = ckpt_dir / "9.orbax-checkpoint-tmp-1234567"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\0" * 10)
+    ckpt = Checkpoints(ckpt_dir)
+    assert ckpt.latest_step() == 6
+    ckpt.close()
+    resumed = train(make_config(tmp_path, "train.max_steps=7"))
+    assert resumed.resumed_from == 6 and resumed.step == 7
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(make_config, tmp_path):
+    """`medjax train` killed with SIGTERM saves and exits 0; the same command then resumes and
+    the whole loss curve equals an uninterrupted run's."""
+    import dataclasses
+
+    import yaml
+
+    reference = make_config(tmp_path / "ref", "train.max_steps=40", "train.checkpoint_every=100")
+    train(reference)
+    config_file = tmp_path / "run.yaml"
+    run_cfg = dataclasses.replace(reference, workdir=str(tmp_path / "run"))
+    config_file.write_text(yaml.safe_dump(dataclasses.asdict(run_cfg)))
+    cmd = [sys.executable, "-m", "medjax.cli", "train", str(config_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mfile = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if mfile.exists() and mfile.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stop requested: checkpoint saved at step" in out
+    stopped = Checkpoints(tmp_path / "run" / "checkpoints")
+    stop_step = stopped.latest_step()
+    stopped.close()
+    assert stop_step is not None and stop_step < 40, out
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step {stop_step}" in resumed.stderr + resumed.stdout
+    got = losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, 41))
+    assert got == losses(tmp_path / "ref")
