@@ -111,7 +111,9 @@ def test_sigterm_checkpoints_and_resumes_exactly(make_config, tmp_path):
     reference = make_config(tmp_path / "ref", "train.max_steps=40", "train.checkpoint_every=100")
     train(reference)
     config_file = tmp_path / "run.yaml"
-    run_cfg = dataclasses.replace(reference, workdir=str(tmp_path / "run"))
+    # The interrupted run saves asynchronously, as users' runs do by default.
+    run_cfg = dataclasses.replace(reference, workdir=str(tmp_path / "run"),
+                                  train=dataclasses.replace(reference.train, async_checkpointing=True))
     config_file.write_text(yaml.safe_dump(dataclasses.asdict(run_cfg)))
     cmd = [sys.executable, "-m", "medjax.cli", "train", str(config_file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -9,14 +9,14 @@ time or ``hash()``), so the same seed always gives byte-identical files.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import pathlib
 import random
-import tempfile
 from dataclasses import dataclass
+
+from medjax.utils import atomic_open
 
 # Name pools: names are onset + middle + suffix, sampled without replacement so they are unique.
 _ONSETS = ("Vel", "Kar", "Tor", "Mir", "Zan", "Pel", "Dro", "Quen", "Sab", "Lun",
@@ -428,21 +428,9 @@ def _preferences(rng: random.Random, world: World) -> list[dict]:
 
 
 def _write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
-    """Write atomically (temp file in the same folder, then os.replace) so readers never see a
-    partial file and an interrupted run leaves no debris."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for r in records:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def generate(out_dir: str | os.PathLike, seed: int = 0, num_conditions: int = 40,
