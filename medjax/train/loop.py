@@ -8,7 +8,6 @@ import dataclasses
 import math
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,7 @@ from medjax.data.pipeline import BATCH_KEYS, pad_batch, pretrain_dataset
 from medjax.parallel.mesh import initialize_distributed, make_mesh
 from medjax.parallel.rules import batch_sharding
 from medjax.train.checkpoint import Checkpoints
-from medjax.train.metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
+from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train.objectives import Objective, objective_for_stage
 from medjax.train.optimizer import make_optimizer
 from medjax.train.step import ModelDef, init_train_state, make_eval_step, make_train_step, state_shardings
@@ -141,8 +140,11 @@ def train(
 
     writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
     peak = peak_flops_per_device(tc.peak_flops_per_device)
-    flops_per_token = train_flops_per_token(cfg.model, geo.seq_len)
-    tokens_per_step = geo.global_batch * geo.seq_len
+    step_log = StepLog(
+        tokens_per_step=geo.global_batch * geo.seq_len,
+        flops_per_token=train_flops_per_token(cfg.model, geo.seq_len),
+        peak_flops=peak * jax.device_count() if peak else None,
+    )
     meta = {"stage": cfg.stage, "model": dataclasses.asdict(cfg.model)}
     result = TrainResult(step=start, losses={}, eval_losses={}, resumed_from=start or None)
     bar = tqdm(total=tc.max_steps, initial=start, desc=cfg.stage, disable=not (tc.progress_bar and is_main) or None,
@@ -150,11 +152,12 @@ def train(
     if start:
         tqdm.write(f"resumed from step {start} ({ckpts.directory})")
 
-    pending: list[tuple[int, dict]] = []
-    consecutive_nonfinite = 0
-    skipped_total = 0
-    window_start = None
-    window_steps = 0
+    def run_eval(step: int) -> None:
+        loss = evaluate(eval_step, state["params"], cfg, mesh)
+        result.eval_losses[step] = loss
+        writer.write(step, {"eval_loss": loss})
+        tqdm.write(f"step {step}: eval_loss {loss:.4f}")
+
     step = start
     try:
         with _StopSignal() as stop:
@@ -166,57 +169,20 @@ def train(
                     break
                 state, metrics = train_step(state, _global_batch(local, batch_shape, step_sharding))
                 step += 1
-                window_steps += 1
-                pending.append((step, metrics))
                 bar.update(1)
-                if window_start is None:  # the first step compiles; time from its end
-                    jax.block_until_ready(metrics["loss"])
-                    window_start, window_steps = time.perf_counter(), 0
-                log_now = step % tc.log_every == 0 or step == tc.max_steps
-                if log_now:
-                    fetched = jax.device_get(pending)
-                    pending = []
-                    for _, m in fetched:
-                        if bool(m["finite"]):
-                            consecutive_nonfinite = 0
-                        else:
-                            consecutive_nonfinite += 1
-                            skipped_total += 1
-                    m = fetched[-1][1]
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "loss": float(m["loss"]),
-                        "learning_rate": float(m["learning_rate"]),
-                        "grad_norm": float(m["grad_norm"]),
-                        "skipped_steps": skipped_total,
-                        **{k: float(v) for k, v in m.items() if k not in ("loss", "learning_rate", "grad_norm", "finite", "loss_tokens")},
-                    }
-                    if window_steps and elapsed > 0:
-                        tps = tokens_per_step * window_steps / elapsed
-                        record["tokens_per_sec"] = tps
-                        record["step_time_s"] = elapsed / window_steps
-                        if peak:
-                            record["mfu"] = tps * flops_per_token / (peak * jax.device_count())
-                    window_start, window_steps = time.perf_counter(), 0
+                step_log.add(metrics)
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    record = step_log.record()
                     result.losses[step] = record["loss"]
                     writer.write(step, record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
-                    if bar.disable:  # no live bar (not a terminal): a log line instead
-                        tqdm.write(
-                            f"step {step}/{tc.max_steps} loss {record['loss']:.4f} lr {record['learning_rate']:.3e} "
-                            f"grad_norm {record['grad_norm']:.3f} tokens/s {record.get('tokens_per_sec', 0):.0f}",
-                            file=sys.stderr,
-                        )
-                    if consecutive_nonfinite >= tc.max_consecutive_nonfinite:
+                    _report(bar, step, tc.max_steps, record)
+                    if step_log.consecutive_nonfinite >= tc.max_consecutive_nonfinite:
                         raise TrainingError(
-                            f"{consecutive_nonfinite} consecutive steps with non-finite loss or gradients "
+                            f"{step_log.consecutive_nonfinite} consecutive steps with non-finite loss or gradients "
                             f"(last at step {step}); the latest good checkpoint is step {ckpts.latest_step()}"
                         )
                 if eval_step is not None and tc.eval_every and step % tc.eval_every == 0:
-                    ev = evaluate(eval_step, state["params"], cfg, mesh)
-                    result.eval_losses[step] = ev
-                    writer.write(step, {"eval_loss": ev})
-                    tqdm.write(f"step {step}: eval_loss {ev:.4f}")
+                    run_eval(step)
                 preempt = stop.requested or ckpts.reached_preemption(step) or bool(should_stop and should_stop(step))
                 if step % tc.checkpoint_every == 0 or step == tc.max_steps or preempt:
                     ckpts.save(step, state, data_iter, meta={**meta, "step": step}, force=True)
@@ -225,9 +191,7 @@ def train(
                     result.preempted = True
                     break
         if eval_step is not None and step not in result.eval_losses and not result.preempted and step > start:
-            ev = evaluate(eval_step, state["params"], cfg, mesh)
-            result.eval_losses[step] = ev
-            writer.write(step, {"eval_loss": ev})
+            run_eval(step)
     finally:
         bar.close()
         ckpts.wait()
@@ -235,6 +199,16 @@ def train(
         writer.close()
     result.step = step
     return result
+
+
+def _report(bar: tqdm, step: int, max_steps: int, record: dict) -> None:
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
+    if bar.disable:  # no live bar (not a terminal): a log line instead
+        tqdm.write(
+            f"step {step}/{max_steps} loss {record['loss']:.4f} lr {record['learning_rate']:.3e} "
+            f"grad_norm {record['grad_norm']:.3f} tokens/s {record.get('tokens_per_sec', 0):.0f}",
+            file=sys.stderr,
+        )
 
 
 def evaluate(eval_step, params, cfg: Config, mesh) -> float:

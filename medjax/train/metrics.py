@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,51 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float):
         return round(v, 7)
     return v
+
+
+class StepLog:
+    """Collects each step's device metrics without a host sync and turns a window of them into
+    one record at log time: last loss, learning rate and grad norm, throughput and MFU over the
+    window, and the count of skipped (non-finite) steps. The first step compiles, so throughput
+    is timed from its end."""
+
+    HIDDEN = ("finite", "loss_tokens")
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.consecutive_nonfinite = 0
+        self.skipped_steps = 0
+        self._pending: list[dict] = []
+        self._t0: float | None = None
+        self._timed_steps = 0
+
+    def add(self, metrics: dict) -> None:
+        self._pending.append(metrics)
+        if self._t0 is None:
+            jax.block_until_ready(metrics)
+            self._t0 = time.perf_counter()
+        else:
+            self._timed_steps += 1
+
+    def record(self) -> dict[str, float]:
+        fetched = jax.device_get(self._pending)
+        self._pending = []
+        for m in fetched:
+            if bool(m["finite"]):
+                self.consecutive_nonfinite = 0
+            else:
+                self.consecutive_nonfinite += 1
+                self.skipped_steps += 1
+        out = {k: float(v) for k, v in fetched[-1].items() if k not in self.HIDDEN}
+        out["skipped_steps"] = self.skipped_steps
+        now = time.perf_counter()
+        if self._timed_steps and self._t0 is not None and now > self._t0:
+            tokens_per_sec = self.tokens_per_step * self._timed_steps / (now - self._t0)
+            out["tokens_per_sec"] = tokens_per_sec
+            out["step_time_s"] = (now - self._t0) / self._timed_steps
+            if self.peak_flops:
+                out["mfu"] = tokens_per_sec * self.flops_per_token / self.peak_flops
+        self._t0, self._timed_steps = now, 0
+        return out
