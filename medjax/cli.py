@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from medjax.config import ConfigError
+from medjax.convert import ConversionError
 from medjax.data import DataError
 
 
@@ -27,6 +28,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from medjax.convert.hf_import import import_hf
+
+    out = import_hf(args.hf_dir, args.ckpt_dir, allow_pickle=args.allow_pickle)
+    print(f"imported {args.hf_dir} -> {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medjax.convert.hf_export import export_hf
+
+    out = export_hf(args.ckpt_dir, args.hf_dir, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"exported {args.ckpt_dir} -> {out}")
+    print(f"serve it with: medjax serve {out}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from medjax.serve.generate import generate_text
+
+    for text in generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                              chat=args.chat):
+        print(text)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from medjax.serve.vllm_server import serve
+
+    return serve(args.hf_dir, host=args.host, port=args.port, extra=args.vllm_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +74,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo", help="where every artifact goes (default runs/demo)")
     p.add_argument("--max-steps", type=int, default=None, help="pretraining steps (default: the demo config's)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("import", help="Hugging Face directory -> medjax model directory")
+    p.add_argument("hf_dir")
+    p.add_argument("ckpt_dir")
+    p.add_argument("--allow-pickle", action="store_true", help="also read pickle-based pytorch_model*.bin files")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("export", help="medjax checkpoint -> Hugging Face safetensors directory")
+    p.add_argument("ckpt_dir", help="model directory, training workdir, or one checkpoint step folder")
+    p.add_argument("hf_dir")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GiB)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("generate", help="generate text with the in-JAX KV-cache sampler")
+    p.add_argument("--model", required=True, help="medjax checkpoint or Hugging Face directory")
+    p.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, deterministic")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a Hugging Face directory with vLLM's OpenAI-compatible server")
+    p.add_argument("hf_dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="passed to `vllm serve` after --")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -47,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ConversionError, FileNotFoundError) as e:
         print(f"medjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -27,7 +27,8 @@ def test_same_losses_on_every_mesh(make_config, tmp_path):
 
 def test_params_and_optimizer_state_are_sharded(make_config, tmp_path):
     from medjax.train.optimizer import make_optimizer
-    from medjax.train.step import ModelDef, init_train_state
+    from medjax.models.decoder import ModelDef
+    from medjax.train.step import init_train_state
 
     cfg = make_config(tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     mesh = make_mesh(cfg.mesh)

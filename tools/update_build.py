@@ -32,7 +32,9 @@ def libraries() -> list[tuple[str, list[str], list[str]]]:
         ("parallel", _package("medjax/parallel"), ["core"]),
         ("data", _package("medjax/data"), ["core"]),
         ("train", _package("medjax/train"), ["core", "models", "parallel", "data"]),
-        ("medjax", list(ENTRY_POINTS), ["core", "models", "parallel", "data", "train"]),
+        ("convert", _package("medjax/convert"), ["core", "models"]),
+        ("serve", _package("medjax/serve"), ["core", "models", "data", "convert"]),
+        ("medjax", list(ENTRY_POINTS), ["core", "models", "parallel", "data", "train", "convert", "serve"]),
     ]
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medjax.models.config import ModelConfig
-from medjax.models.layers import DTYPES, DecoderBlock, RMSNorm, attention_mask, param
+from medjax.models.layers import DTYPES, DecoderBlock, LayerCache, RMSNorm, attention_mask, param
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -45,11 +45,33 @@ class Decoder(nnx.Module):
         x = self.embed[...].astype(DTYPES[self.cfg.dtype])[tokens]
         for layer in self.layers:
             if self.cfg.remat == "none":
-                x = layer(x, positions, mask)
+                x, _ = layer(x, positions, mask)
             else:
-                block = nnx.remat(lambda blk, h, p, m: blk(h, p, m), policy=REMAT_POLICIES[self.cfg.remat])
+                block = nnx.remat(lambda blk, h, p, m: blk(h, p, m)[0], policy=REMAT_POLICIES[self.cfg.remat])
                 x = block(layer, x, positions, mask)
         return self.final_norm(x)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> list[LayerCache]:
+        cfg = self.cfg
+        shape = (batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+        dtype = dtype or DTYPES[cfg.dtype]
+        return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+    def decode(
+        self, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: list[LayerCache], index
+    ) -> tuple[jax.Array, list[LayerCache]]:
+        """Generation step: ``tokens`` [batch, new] go to cache slots index..index+new; each
+        attends to earlier slots that ``kv_mask`` [batch, cache_len] marks as real tokens."""
+        new, length = tokens.shape[1], kv_mask.shape[1]
+        q_slots = index + jnp.arange(new)
+        causal = jnp.arange(length)[None, :] <= q_slots[:, None]
+        mask = (causal[None] & kv_mask[:, None, :])[:, None]
+        x = self.embed[...].astype(DTYPES[self.cfg.dtype])[tokens]
+        out_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer(x, positions, mask, layer_cache, index)
+            out_cache.append(layer_cache)
+        return self.logits(self.final_norm(x)), out_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits; the matmul accumulates in float32 even with bf16 activations."""
@@ -67,3 +89,24 @@ def count_params(cfg: ModelConfig) -> int:
     """Parameter count from shapes alone (no memory is allocated)."""
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+class ModelDef:
+    """The model's structure without its weights: rebuilds a Decoder around any params (a pure
+    nested dict of arrays), which is what jitted code, checkpoints and converters pass around."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.graphdef, self.abstract_state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+
+    def bind(self, params: dict) -> Decoder:
+        state = jax.tree.map(lambda v: v, self.abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def init_params(self, rng: jax.Array) -> dict:
+        return nnx.to_pure_dict(nnx.state(Decoder(self.cfg, rngs=nnx.Rngs(params=rng)), nnx.Param))
+
+    def abstract_params(self) -> dict:
+        """ShapeDtypeStructs shaped like the params (no memory)."""
+        return nnx.to_pure_dict(self.abstract_state)

@@ -8,6 +8,7 @@ kernel is [heads, head_dim, embed], MLP kernels are [embed, mlp] and [mlp, embed
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,13 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same_segment)[:, None]
 
 
+class LayerCache(NamedTuple):
+    """One layer's keys and values for generation: [batch, cache_len, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pdt = DTYPES[cfg.param_dtype]
@@ -95,7 +103,11 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, pdt, axis="head_dim")
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pdt, axis="head_dim")
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache | None = None, index=None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """With ``cache``, the new keys/values are written at slots index.. and the queries attend
+        over the whole cache (``mask`` is then [batch, 1, new, cache_len])."""
         dt = x.dtype
         q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))
         k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))
@@ -109,8 +121,13 @@ class Attention(nnx.Module):
         inv_freq = rope_inv_freq(q.shape[-1], self.cfg.rope_theta, self.cfg.rope_scaling)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, index, 0, 0))
+            cache = LayerCache(k, v)
+            k, v = k.astype(dt), v.astype(dt)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
-        return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt))
+        return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt)), cache
 
 
 class MLP(nnx.Module):
@@ -135,6 +152,7 @@ class DecoderBlock(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, positions, mask, cache: LayerCache | None = None, index=None):
+        h, cache = self.attn(self.attn_norm(x), positions, mask, cache, index)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache

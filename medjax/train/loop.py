@@ -25,7 +25,8 @@ from medjax.train.checkpoint import Checkpoints
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train.objectives import Objective, objective_for_stage
 from medjax.train.optimizer import make_optimizer
-from medjax.train.step import ModelDef, init_train_state, make_eval_step, make_train_step, state_shardings
+from medjax.models.decoder import ModelDef
+from medjax.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
 from medjax.utils import atomic_write_text
 
 

@@ -12,39 +12,18 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import Mesh
 
-from medjax.models.config import ModelConfig
-from medjax.models.decoder import Decoder
+from medjax.models.decoder import ModelDef
 from medjax.parallel.rules import batch_sharding, param_shardings, replicated
 from medjax.train.objectives import Objective
 
 TrainState = dict[str, Any]
 
 
-class ModelDef:
-    """The model's structure without its weights: rebuilds a Decoder around any params."""
-
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
-        self.graphdef, self.abstract_state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-
-    def bind(self, params: dict) -> Decoder:
-        state = jax.tree.map(lambda v: v, self.abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
-
-    def init_params(self, rng: jax.Array) -> dict:
-        return nnx.to_pure_dict(nnx.state(Decoder(self.cfg, rngs=nnx.Rngs(params=rng)), nnx.Param))
-
-    def shardings(self, mesh: Mesh) -> dict:
-        return param_shardings(self.abstract_state, mesh)
-
-
 def state_shardings(model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """Optimizer moments are sharded like the params they track; counters are replicated."""
-    p_shard = model.shardings(mesh)
+    p_shard = param_shardings(model.abstract_state, mesh)
     abstract_params = jax.eval_shape(model.init_params, jax.random.key(0))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_shard = optax.tree_map_params(

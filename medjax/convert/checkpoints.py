@@ -1,0 +1,174 @@
+"""Where a model's weights live and how to read them one tensor at a time.
+
+Two layouts hold medjax weights:
+- a model directory (written by `medjax import`): model.json, params/ (Orbax), tokenizer/;
+- a training run: workdir/checkpoints/<step>/{state,meta}, params under state["params"], the
+  model config in meta, the tokenizer named by workdir/config.yaml.
+Either can be exported; a training checkpoint saved on a sharded mesh is gathered per tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+
+from medjax.config import from_dict
+from medjax.convert import ConversionError
+from medjax.models.config import ModelConfig
+
+MODEL_JSON = "model.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+@dataclasses.dataclass
+class CheckpointRef:
+    params_dir: Path  # the Orbax item directory holding the params tree
+    prefix: tuple[str, ...]  # where params sit inside that tree
+    model: ModelConfig
+    tokenizer_dir: Path | None
+    step: int | None = None
+
+
+def _model_from_json(data: dict, where: str) -> ModelConfig:
+    return from_dict(ModelConfig, data, where=where, prefix="model").validate()
+
+
+def _latest_step_dir(checkpoints: Path) -> Path:
+    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    if not steps:
+        raise ConversionError(f"{checkpoints}: no finished checkpoint (no <step>/state folder)")
+    return checkpoints / str(steps[-1])
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
+    """Accepts a model directory, a training workdir, its checkpoints/ folder or one step folder."""
+    p = Path(path)
+    if not p.exists():
+        raise ConversionError(f"checkpoint not found: {p}")
+    if (p / MODEL_JSON).is_file():
+        model = _model_from_json(json.loads((p / MODEL_JSON).read_text()), str(p / MODEL_JSON))
+        tok = p / "tokenizer"
+        return CheckpointRef(p / "params", (), model, tok if tok.is_dir() else None)
+    if (p / "checkpoints").is_dir():
+        p = _latest_step_dir(p / "checkpoints")
+    elif not (p / "state").is_dir() and any(c.name.isdigit() for c in p.iterdir()):
+        p = _latest_step_dir(p)
+    meta_file = p / "meta" / "metadata"
+    if not (p / "state").is_dir() or not meta_file.is_file():
+        raise ConversionError(f"{path}: not a medjax model directory or training checkpoint")
+    meta = json.loads(meta_file.read_text())
+    if "model" not in meta:
+        raise ConversionError(f"{meta_file}: no model config recorded")
+    model = _model_from_json(meta["model"], str(meta_file))
+    tokenizer = None
+    run_config = p.parent.parent / "config.yaml"
+    if run_config.is_file():
+        tok = (yaml.safe_load(run_config.read_text()).get("data") or {}).get("tokenizer")
+        if tok and Path(tok).exists():
+            tokenizer = Path(tok) if Path(tok).is_dir() else Path(tok).parent
+    return CheckpointRef(p / "state", ("params",), model, tokenizer, step=int(p.name) if p.name.isdigit() else None)
+
+
+class ParamReader:
+    """Reads single parameters (gathered to host numpy) from an Orbax params tree."""
+
+    def __init__(self, ref: CheckpointRef):
+        self.ref = ref
+        self._ckpt = ocp.PyTreeCheckpointer()
+        tree = self._ckpt.metadata(ref.params_dir).item_metadata
+        for key in ref.prefix:
+            tree = tree[key]
+        self._meta = tree
+
+    def metadata(self, path: tuple) -> tuple[tuple[int, ...], np.dtype]:
+        node = self._meta
+        for key in path:
+            node = node[str(key)] if isinstance(node, dict) and str(key) in node else node[key]
+        return tuple(node.shape), np.dtype(node.dtype)
+
+    def read(self, path: tuple) -> np.ndarray:
+        shape, dtype = self.metadata(path)
+        full = (*self.ref.prefix, *path)
+        item = jax.ShapeDtypeStruct(shape, dtype)
+        for key in reversed(full):
+            item = {key: item}
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
+        out = self._ckpt.restore(self.ref.params_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+        for key in full:
+            out = out[key]
+        return np.asarray(out)
+
+
+def load_params(ref: CheckpointRef) -> dict:
+    """The whole params tree as host numpy arrays (for generation and evaluation)."""
+    reader = ParamReader(ref)
+    tree = reader._meta
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+    for key in reversed(ref.prefix):
+        item = {key: item}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
+    out = reader._ckpt.restore(ref.params_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    for key in ref.prefix:
+        out = out[key]
+    return _int_keys(out)
+
+
+def _int_keys(tree):
+    """Orbax hands list-like levels back with string keys ('0', '1'); the model uses ints."""
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def save_model_dir(out_dir: str | os.PathLike, model: ModelConfig, params: dict, tokenizer_dir: Path | None) -> Path:
+    """Writes a model directory beside ``out_dir`` and renames it into place when complete."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"output {out} exists and is not empty")
+    with staging_dir(out) as tmp:
+        writer = ocp.StandardCheckpointer()
+        writer.save(tmp / "params", params)
+        writer.wait_until_finished()
+        (tmp / MODEL_JSON).write_text(json.dumps(dataclasses.asdict(model), indent=2) + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
+    return out
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out``; renamed to ``out`` on success, removed on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # only an empty folder reaches here
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,72 @@
+"""`medjax export CKPT_DIR HF_DIR`: a medjax model directory or training checkpoint -> a Hugging
+Face directory that transformers and vLLM load unchanged. Tensors are read (gathered from any
+sharding), transposed and written one at a time; the directory appears only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from medjax.convert import ConversionError
+from medjax.convert.checkpoints import ParamReader, copy_tokenizer, resolve_checkpoint, staging_dir
+from medjax.convert.hf_config import generation_config, to_hf_config
+from medjax.convert.safetensors_io import StreamingShardWriter
+from medjax.convert.weights import tensor_maps
+from medjax.models.config import ModelConfig
+
+EXPORT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+
+
+def _special_ids_from_tokenizer(model: ModelConfig, tokenizer_dir: Path | None) -> ModelConfig:
+    """Fills eos/bos ids the model config lacks from the tokenizer (the bundled one has only eos)."""
+    import dataclasses
+
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer_config.json").is_file():
+        return model
+    tcfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text()) if (tokenizer_dir / "tokenizer.json").is_file() else {}
+    ids = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
+    eos = model.eos_token_id if model.eos_token_id is not None else ids.get(tcfg.get("eos_token"))
+    bos = model.bos_token_id if model.bos_token_id is not None else ids.get(tcfg.get("bos_token"))
+    return dataclasses.replace(model, eos_token_id=eos, bos_token_id=bos)
+
+
+def export_hf(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    if dtype not in EXPORT_DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"output {out} exists and is not empty")
+    ref = resolve_checkpoint(checkpoint)
+    reader = ParamReader(ref)
+    maps = tensor_maps(ref.model)
+    for m in maps:
+        try:
+            shape, _ = reader.metadata(m.path)
+        except KeyError:
+            raise ConversionError(f"{checkpoint}: tensor {'.'.join(map(str, m.path))} is missing") from None
+        if shape != m.shape:
+            raise ConversionError(
+                f"{checkpoint}: tensor {'.'.join(map(str, m.path))} has shape {shape}, the model config needs {m.shape}"
+            )
+    np_dtype = EXPORT_DTYPES[dtype]
+    model = _special_ids_from_tokenizer(ref.model, ref.tokenizer_dir)
+    with staging_dir(out) as tmp:
+        writer = StreamingShardWriter(tmp, [(m.hf_name, m.hf_shape, np_dtype) for m in maps], max_shard_bytes)
+        for m in maps:
+            writer.write(m.hf_name, m.to_hf(reader.read(m.path)).astype(np_dtype))
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(model, dtype), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model), indent=2) + "\n")
+        if ref.tokenizer_dir is not None:
+            copy_tokenizer(ref.tokenizer_dir, tmp)
+    return out

@@ -1,0 +1,90 @@
+"""`medjax import HF_DIR CKPT_DIR`: a Hugging Face llama/qwen2/qwen3 directory -> a medjax model
+directory (Orbax params + model.json + tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medjax.convert import ConversionError
+from medjax.convert.checkpoints import save_model_dir
+from medjax.convert.hf_config import from_hf_config
+from medjax.convert.safetensors_io import HFWeights
+from medjax.convert.weights import set_path, tensor_maps
+from medjax.models.config import ModelConfig
+from medjax.models.layers import DTYPES
+
+# Buffers some exporters include that carry no learned weights.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class PickleWeights:
+    """pytorch_model*.bin, read only when the user explicitly allows pickle (weights_only load)."""
+
+    def __init__(self, directory: Path):
+        import torch
+
+        self._tensors = {}
+        for path in sorted(directory.glob("pytorch_model*.bin")):
+            for name, t in torch.load(path, map_location="cpu", weights_only=True).items():
+                self._tensors[name] = t.float().numpy() if t.dtype.is_floating_point else t.numpy()
+        if not self._tensors:
+            raise ConversionError(f"{directory}: no pytorch_model*.bin files")
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._tensors[name]
+
+
+def open_weights(hf_dir: Path, allow_pickle: bool):
+    has_safetensors = (hf_dir / "model.safetensors").is_file() or (hf_dir / "model.safetensors.index.json").is_file()
+    if has_safetensors or not list(hf_dir.glob("pytorch_model*.bin")):
+        return HFWeights(hf_dir)
+    if not allow_pickle:
+        raise ConversionError(
+            f"{hf_dir}: only pickle-based pytorch_model*.bin weights found; pickle can run code, so it is "
+            "read only with --allow-pickle (better: convert them to safetensors)"
+        )
+    return PickleWeights(hf_dir)
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, allow_pickle: bool = False) -> Path:
+    model, params = read_hf(hf_dir, allow_pickle)
+    return save_model_dir(out_dir, model, params, tokenizer_dir=Path(hf_dir))
+
+
+def read_hf(hf_dir: str | os.PathLike, allow_pickle: bool = False) -> tuple[ModelConfig, dict]:
+    """The model config and medjax params (host numpy, param dtype) of a Hugging Face directory."""
+    hf_dir = Path(hf_dir)
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{config_file}: not found (is {hf_dir} a Hugging Face model directory?)")
+    model = from_hf_config(json.loads(config_file.read_text()), str(config_file))
+    weights = open_weights(hf_dir, allow_pickle)
+    maps = tensor_maps(model)
+    expected = {m.hf_name for m in maps}
+    present = set(weights.names())
+    ignorable = {n for n in present if n.endswith(IGNORED_SUFFIXES)}
+    if model.tie_word_embeddings:
+        ignorable.add("lm_head.weight")  # some exporters write the tied matrix twice
+    missing = sorted(expected - present)
+    extra = sorted(present - expected - ignorable)
+    if missing:
+        raise ConversionError(f"{hf_dir}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        raise ConversionError(f"{hf_dir}: unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    dtype = np.dtype(DTYPES[model.param_dtype])
+    params: dict = {}
+    for m in maps:
+        x = weights.get(m.hf_name)
+        if tuple(x.shape) != m.hf_shape:
+            raise ConversionError(f"{hf_dir}: tensor {m.hf_name} has shape {tuple(x.shape)}, expected {m.hf_shape}")
+        if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
+            raise ConversionError(f"{hf_dir}: tensor {m.hf_name} has dtype {x.dtype}, expected a float type")
+        set_path(params, m.path, m.from_hf(x).astype(dtype))
+    return model, params

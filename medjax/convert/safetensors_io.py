@@ -1,0 +1,134 @@
+"""Safetensors in and out, one tensor at a time.
+
+Reading uses the safetensors library (memory-mapped, one tensor per call). Writing streams: the
+shard plan and headers come from shapes alone, then each tensor's bytes are appended as it
+arrives, so an export never holds more than one tensor (the safetensors library's writers need
+every tensor of a file in memory at once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from medjax.convert import ConversionError
+
+DTYPE_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class HFWeights:
+    """The tensors of a Hugging Face model directory (single file or sharded with an index)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_NAME
+        single = self.directory / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: self.directory / f for name, f in weight_map.items()}
+        elif single.is_file():
+            with safe_open(str(single), "numpy") as f:
+                self._file_of = {name: single for name in f.keys()}
+        else:
+            raise ConversionError(f"{self.directory}: no model.safetensors or {INDEX_NAME}")
+        for path in set(self._file_of.values()):
+            if not path.is_file():
+                raise ConversionError(f"{path}: listed in {INDEX_NAME} but missing")
+
+    def names(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._file_of:
+            raise ConversionError(f"{self.directory}: tensor {name!r} is missing")
+        with safe_open(str(self._file_of[name]), "numpy") as f:
+            return f.get_tensor(name)
+
+
+def plan_shards(tensors: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int) -> list[list[int]]:
+    """Groups tensors, in order, into shards of at most max_shard_bytes (a larger tensor alone)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dtype) in enumerate(tensors):
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+class StreamingShardWriter:
+    """Writes model-0000k-of-0000n.safetensors + index into ``directory``, tensor by tensor, in
+    the planned order. ``write`` checks each tensor against the plan."""
+
+    def __init__(self, directory: Path, tensors: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int):
+        self.directory = directory
+        self.tensors = tensors
+        self.shards = plan_shards(tensors, max_shard_bytes)
+        self._next = 0
+        self._shard = -1
+        self._file = None
+        self._weight_map: dict[str, str] = {}
+        self._total = 0
+
+    def _shard_name(self, k: int) -> str:
+        return f"model-{k + 1:05d}-of-{len(self.shards):05d}.safetensors"
+
+    def _open_shard(self, k: int) -> None:
+        header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for i in self.shards[k]:
+            name, shape, dtype = self.tensors[i]
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            header[name] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            self._weight_map[name] = self._shard_name(k)
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+        self._file = open(self.directory / self._shard_name(k), "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        i = self._next
+        want_name, shape, dtype = self.tensors[i]
+        if name != want_name or tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+            raise ConversionError(
+                f"tensor {name} {array.shape} {array.dtype} does not match the plan: {want_name} {shape} {dtype}"
+            )
+        shard = next(k for k, members in enumerate(self.shards) if i in members)
+        if shard != self._shard:
+            self._close_shard()
+            self._open_shard(shard)
+            self._shard = shard
+        data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+        self._file.write(data.tobytes())
+        self._total += data.nbytes
+        self._next += 1
+
+    def _close_shard(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        self._close_shard()
+        if self._next != len(self.tensors):
+            raise ConversionError(f"only {self._next} of {len(self.tensors)} planned tensors were written")
+        index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(self._weight_map.items()))}
+        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def iter_shard_files(directory: Path) -> Iterator[Path]:
+    yield from sorted(directory.glob("model-*-of-*.safetensors"))

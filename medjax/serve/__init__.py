@@ -1,0 +1,1 @@
+"""Generation from checkpoints and vLLM serving of exported models."""

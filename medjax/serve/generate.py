@@ -1,0 +1,52 @@
+"""`medjax generate`: text in, text out, from a medjax checkpoint or a Hugging Face directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+from medjax.convert import ConversionError
+from medjax.convert.checkpoints import load_params, resolve_checkpoint
+from medjax.convert.hf_import import read_hf
+from medjax.data.tokenizer import EOS_TOKEN, IM_END, load_tokenizer
+from medjax.models.config import ModelConfig
+from medjax.models.decoder import ModelDef
+from medjax.models.sampler import Generation, Sampler, SamplingConfig
+
+
+def load_model(path: str | os.PathLike) -> tuple[ModelConfig, dict, Path | None]:
+    """(model config, params, tokenizer folder) from a medjax checkpoint or an HF directory."""
+    p = Path(path)
+    if (p / "config.json").is_file() and not (p / "model.json").is_file():
+        model, params = read_hf(p)
+        return model, params, p if (p / "tokenizer.json").is_file() else None
+    ref = resolve_checkpoint(p)
+    return ref.model, load_params(ref), ref.tokenizer_dir
+
+
+def generate_text(
+    model_path: str | os.PathLike,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    chat: bool = False,
+) -> list[str]:
+    model_cfg, params, tokenizer_dir = load_model(model_path)
+    if tokenizer_dir is None:
+        raise ConversionError(f"{model_path}: no tokenizer found beside the weights")
+    tok = load_tokenizer(tokenizer_dir)
+    stop = tuple(t for t in (tok.token_to_id(EOS_TOKEN), tok.token_to_id(IM_END), model_cfg.eos_token_id)
+                 if t is not None)
+    if chat:
+        prompts = [f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
+    ids = [tok.encode(p).ids for p in prompts]
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                         stop_token_ids=tuple(sorted(set(stop))))
+    out: Generation = Sampler(ModelDef(model_cfg)).generate(params, ids, cfg, jax.random.key(seed))
+    return [tok.decode(seq, skip_special_tokens=True) for seq in out.sequences()]

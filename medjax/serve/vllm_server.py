@@ -1,0 +1,56 @@
+"""`medjax serve HF_DIR`: vLLM's OpenAI-compatible server on an exported directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def vllm_command(hf_dir: str | os.PathLike, host: str, port: int, extra: list[str] | None = None) -> list[str]:
+    exe = shutil.which("vllm") or str(Path(sys.executable).with_name("vllm"))
+    args = [a for a in (extra or []) if a != "--"]
+    cmd = [exe, "serve", str(hf_dir), "--host", host, "--port", str(port)]
+    if "--dtype" not in args:
+        cmd += ["--dtype", "float32"]
+    if "--max-model-len" not in args:
+        cmd += ["--max-model-len", "512"]
+    return cmd + args
+
+
+def vllm_env() -> dict[str, str]:
+    """Small-machine defaults: a 1 GiB KV cache on CPU and the compile cache kept out of $HOME."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / "medjax-vllm-cache"))
+    return env
+
+
+def serve(hf_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, extra: list[str] | None = None) -> int:
+    if not (Path(hf_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir}: no config.json (export a checkpoint with `medjax export` first)")
+    cmd = vllm_command(hf_dir, host, port, extra)
+    print("running:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=vllm_env())
+
+
+def wait_until_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600.0) -> None:
+    """Polls GET {url}/health until it answers 200 (the server compiles first); raises if the
+    process dies or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"vLLM at {url} not ready after {timeout_s:.0f} s")
