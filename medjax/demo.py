@@ -1,17 +1,21 @@
 """`medjax demo`: the recipe end to end on the bundled synthetic medical world, on CPU.
 
-Stages so far: generate data -> train the tokenizer -> continued pretraining. Later stages
-(export, evaluation, SFT, reward model, RL) append themselves here.
+Stages so far: generate data -> train the tokenizer -> continued pretraining -> export to Hugging
+Face safetensors (served by vLLM). Later stages (evaluation, SFT, reward model, RL) append
+themselves here.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from medjax.config import REPO_ROOT, load_config
+from medjax.convert.hf_export import export_hf
 from medjax.data import medworld
 from medjax.data.tokenizer import train_tokenizer
+from medjax.serve.generate import generate_text
 from medjax.train.loop import train
 from medjax.train.plots import plot_metrics
 
@@ -28,15 +32,15 @@ def _texts(*paths: Path, key: str = "text"):
 
 def run_demo(workdir: str, max_steps: int | None = None) -> dict[str, Path]:
     root = Path(workdir).absolute()
-    print(f"[1/3] generating the synthetic medical world in {root / 'data'}")
+    print(f"[1/4] generating the synthetic medical world in {root / 'data'}")
     files = medworld.generate(root / "data", seed=0)
-    print(f"[2/3] training the BPE tokenizer in {root / 'tokenizer'}")
+    print(f"[2/4] training the BPE tokenizer in {root / 'tokenizer'}")
     tokenizer_dir = train_tokenizer(_texts(files["pretrain"], files["pretrain_eval"]), root / "tokenizer", vocab_size=4096)
     overrides = [f"workdir={root / 'pretrain'}"]
     if max_steps is not None:
         overrides.append(f"train.max_steps={max_steps}")
     cfg = load_config(DEMO_CONFIGS / "pretrain.yaml", overrides)
-    print(f"[3/3] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
+    print(f"[3/4] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
           f"for {cfg.train.max_steps} steps in {cfg.workdir}")
     result = train(cfg)
     steps = sorted(result.losses)
@@ -45,12 +49,21 @@ def run_demo(workdir: str, max_steps: int | None = None) -> dict[str, Path]:
               f"{result.losses[steps[-1]]:.4f} (step {steps[-1]})")
     for step, ev in sorted(result.eval_losses.items()):
         print(f"  eval loss at step {step}: {ev:.4f}")
+    hf_dir = root / "hf"
+    if hf_dir.exists():
+        shutil.rmtree(hf_dir)  # a re-run replaces the export of the previous run
+    print(f"[4/4] exporting to Hugging Face safetensors in {hf_dir}")
+    export_hf(cfg.workdir, hf_dir, dtype="float32")
+    prompt = "The first-line drug for"
+    sample = generate_text(hf_dir, [prompt], max_new_tokens=24)[0]
+    print(f"  greedy sample: {prompt!r} -> {sample!r}")
     artifacts = {
         "data": root / "data",
         "tokenizer": tokenizer_dir,
         "pretrain checkpoints": Path(cfg.workdir) / "checkpoints",
         "pretrain metrics": Path(cfg.workdir) / "metrics.jsonl",
         "tensorboard": Path(cfg.workdir) / "tensorboard",
+        "hugging face export": hf_dir,
     }
     plot = plot_metrics(Path(cfg.workdir) / "metrics.jsonl", Path(cfg.workdir) / "loss.png")
     if plot is not None:
@@ -58,4 +71,5 @@ def run_demo(workdir: str, max_steps: int | None = None) -> dict[str, Path]:
     print("artifacts:")
     for name, path in artifacts.items():
         print(f"  {name:22s} {path}")
+    print(f"serve the exported model with vLLM:\n  medjax serve {hf_dir} --port 8000")
     return artifacts

@@ -38,3 +38,6 @@ def test_demo_runs_end_to_end(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 60
     assert str(tmp_path / "pretrain" / "checkpoints") in out.stdout
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert f"medjax serve {tmp_path / 'hf'}" in out.stdout
+    assert "greedy sample:" in out.stdout
