@@ -103,13 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="passed to `vllm serve` after --")
-    p.set_defaults(func=_cmd_serve)
+    p.set_defaults(func=_cmd_serve, vllm_args=[])
+    p.epilog = "arguments after -- go to vLLM unchanged, e.g. medjax serve DIR -- --enforce-eager"
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:  # everything after -- belongs to the wrapped tool (vLLM)
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if passthrough:
+        if args.command != "serve":
+            build_parser().error("arguments after -- are only for `medjax serve`")
+        args.vllm_args = passthrough
     try:
         return args.func(args)
     except (ConfigError, DataError, ConversionError, FileNotFoundError) as e:

@@ -26,32 +26,73 @@ VLLM_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_vllm_greedy_equals_medjax_greedy(make_config, world, tmp_path):
+@pytest.fixture(scope="module")
+def exported(world, tmp_path_factory):
+    """The demo shape (head_dim 64 suits vLLM's CPU attention kernels), trained briefly, exported,
+    with medjax's own greedy continuations of a few prompts."""
+    from conftest import tiny_config
+
     from medjax.convert.hf_export import export_hf
     from medjax.data.tokenizer import load_tokenizer
     from medjax.serve.generate import load_model
-    from medjax.serve.vllm_server import vllm_env
     from medjax.train.loop import train
 
-    # The demo shape (head_dim 64 suits vLLM's CPU attention kernels), trained briefly.
-    cfg = make_config(tmp_path / "run", "model.preset=tiny-qwen2", "model.vocab_size=512", "model.hidden_size=256",
+    root = tmp_path_factory.mktemp("vllm")
+    cfg = tiny_config(world, root / "run", "model.preset=tiny-qwen2", "model.vocab_size=512", "model.hidden_size=256",
                       "model.intermediate_size=768", "model.num_heads=4", "model.num_kv_heads=2",
                       "model.head_dim=64", "train.max_steps=30", "train.checkpoint_every=30", "train.log_every=10")
     train(cfg)
-    export_hf(tmp_path / "run", tmp_path / "hf", dtype="float32")
+    export_hf(root / "run", root / "hf", dtype="float32")
     tok = load_tokenizer(world.tokenizer)
     prompts = [tok.encode(t).ids for t in ("The first-line drug for", "Patients with fever and", "A")]
-    steps = 24
-    model_cfg, params, _ = load_model(tmp_path / "run")
-    ours = Sampler(ModelDef(model_cfg)).generate(params, prompts, SamplingConfig(max_new_tokens=steps)).sequences()
+    model_cfg, params, _ = load_model(root / "run")
+    ours = Sampler(ModelDef(model_cfg)).generate(params, prompts, SamplingConfig(max_new_tokens=24)).sequences()
+    return root, prompts, ours
 
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    (tmp_path / "run_vllm.py").write_text(VLLM_SCRIPT)
+
+def test_vllm_greedy_equals_medjax_greedy(exported):
+    from medjax.serve.vllm_server import vllm_env
+
+    root, prompts, ours = exported
+    (root / "prompts.json").write_text(json.dumps(prompts))
+    (root / "run_vllm.py").write_text(VLLM_SCRIPT)
     out = subprocess.run(
-        [sys.executable, str(tmp_path / "run_vllm.py"), str(tmp_path / "hf"), str(tmp_path / "prompts.json"), str(steps)],
-        capture_output=True, text=True, timeout=900, env=vllm_env(), cwd=tmp_path,
+        [sys.executable, str(root / "run_vllm.py"), str(root / "hf"), str(root / "prompts.json"), "24"],
+        capture_output=True, text=True, timeout=900, env=vllm_env(), cwd=root,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     line = next(line for line in out.stdout.splitlines() if line.startswith("TOKENS "))
-    theirs = json.loads(line[len("TOKENS "):])
-    assert theirs == ours
+    assert json.loads(line[len("TOKENS "):]) == ours
+
+
+def test_medjax_serve_answers_openai_completions(exported):
+    """`medjax serve` starts vLLM's OpenAI server on loopback; its greedy completion of token
+    ids equals medjax's, and SIGTERM stops it."""
+    import socket
+    import urllib.request
+
+    from medjax.serve.vllm_server import vllm_env, wait_until_ready
+
+    root, prompts, ours = exported
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medjax.cli", "serve", str(root / "hf"), "--port", str(port), "--", "--enforce-eager"],
+        env=vllm_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, proc, timeout_s=600)
+        body = json.dumps({"model": str(root / "hf"), "prompt": prompts[0], "max_tokens": 24, "temperature": 0,
+                           "ignore_eos": True, "return_token_ids": True}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            choice = json.loads(r.read())["choices"][0]
+        assert choice["token_ids"] == ours[0]
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

