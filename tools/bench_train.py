@@ -42,7 +42,8 @@ from medjax.models.config import ModelConfig  # noqa: E402
 from medjax.parallel.mesh import make_mesh  # noqa: E402
 from medjax.train.objectives import NextTokenObjective  # noqa: E402
 from medjax.train.optimizer import make_optimizer  # noqa: E402
-from medjax.train.step import ModelDef, init_train_state, make_train_step, state_shardings  # noqa: E402
+from medjax.models.decoder import ModelDef  # noqa: E402
+from medjax.train.step import init_train_state, make_train_step, state_shardings  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

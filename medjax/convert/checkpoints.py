@@ -111,20 +111,21 @@ class ParamReader:
             out = out[key]
         return np.asarray(out)
 
+    def read_all(self) -> dict:
+        item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), self._meta)
+        for key in reversed(self.ref.prefix):
+            item = {key: item}
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
+        out = self._ckpt.restore(self.ref.params_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+        for key in self.ref.prefix:
+            out = out[key]
+        return _int_keys(out)
+
 
 def load_params(ref: CheckpointRef) -> dict:
     """The whole params tree as host numpy arrays (for generation and evaluation)."""
-    reader = ParamReader(ref)
-    tree = reader._meta
-    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
-    for key in reversed(ref.prefix):
-        item = {key: item}
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
-    out = reader._ckpt.restore(ref.params_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-    for key in ref.prefix:
-        out = out[key]
-    return _int_keys(out)
+    return ParamReader(ref).read_all()
 
 
 def _int_keys(tree):

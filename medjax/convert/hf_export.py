@@ -4,6 +4,7 @@ sharding), transposed and written one at a time; the directory appears only when
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -23,8 +24,6 @@ EXPORT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(n
 
 def _special_ids_from_tokenizer(model: ModelConfig, tokenizer_dir: Path | None) -> ModelConfig:
     """Fills eos/bos ids the model config lacks from the tokenizer (the bundled one has only eos)."""
-    import dataclasses
-
     if tokenizer_dir is None or not (tokenizer_dir / "tokenizer_config.json").is_file():
         return model
     tcfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
