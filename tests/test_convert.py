@@ -168,3 +168,21 @@ def test_greedy_generation_matches_transformers(hf_model):
             theirs = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                                     eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert ours == theirs
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-0.5b", "qwen3-8b", "llama-3.1-8b"])
+def test_table_shapes_agree_with_the_transforms(preset):
+    """hf_shape (computed without allocating) matches what each transform really produces, and
+    from_hf inverts to_hf exactly."""
+    import dataclasses
+
+    from medjax.config import load_model_preset
+    from medjax.convert.weights import tensor_maps
+
+    cfg = dataclasses.replace(load_model_preset(preset), num_layers=1, vocab_size=64)
+    rng = np.random.default_rng(0)
+    for m in tensor_maps(cfg):
+        x = rng.standard_normal(m.shape).astype(np.float32)
+        hf = m.to_hf(x)
+        assert hf.shape == m.hf_shape, m.hf_name
+        assert np.array_equal(m.from_hf(hf), x), m.hf_name

@@ -11,7 +11,6 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -128,7 +127,3 @@ class StreamingShardWriter:
             raise ConversionError(f"only {self._next} of {len(self.tensors)} planned tensors were written")
         index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(self._weight_map.items()))}
         (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def iter_shard_files(directory: Path) -> Iterator[Path]:
-    yield from sorted(directory.glob("model-*-of-*.safetensors"))

@@ -25,7 +25,17 @@ class TensorMap:
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
-        return tuple(self.to_hf(np.empty(self.shape, np.uint8)).shape)
+        """HF keeps [out, in] matrices and flattens heads: the shape follows from ours alone."""
+        name, shape = self.hf_name, self.shape
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            return (shape[1] * shape[2], shape[0])
+        if name.endswith("o_proj.weight"):
+            return (shape[2], shape[0] * shape[1])
+        if name.endswith("_proj.bias"):
+            return (shape[0] * shape[1],)
+        if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight")):
+            return (shape[1], shape[0])
+        return shape
 
 
 def _same(x):
