@@ -153,6 +153,11 @@ def test_failed_export_leaves_no_output(tmp_path):
         export_hf(tmp_path / "mj", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("earlier output")
+    with pytest.raises(ConversionError, match="taken exists and is not empty"):
+        import_hf(directory, tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "earlier output"
 
 
 def test_greedy_generation_matches_transformers(hf_model):

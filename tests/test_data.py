@@ -110,3 +110,15 @@ def test_arrayrecord_token_shards(world, tmp_path):
     targets = np.concatenate([b["targets"][0][b["segment_ids"][0] != 0] for b in batches])
     np.testing.assert_array_equal(inputs, [5, 6, 7, 9, 10, 12, 13, 14, 15])
     np.testing.assert_array_equal(targets, [6, 7, 8, 10, 11, 13, 14, 15, 16])
+
+
+def test_chatml_formatter_equals_the_shipped_template(world):
+    jinja2 = pytest.importorskip("jinja2")
+    from medjax.data.tokenizer import format_chatml
+
+    template = json.loads((world.tokenizer / "tokenizer_config.json").read_text())["chat_template"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Dose?"},
+                {"role": "assistant", "content": "See a clinician."}, {"role": "user", "content": "Why?"}]
+    for prompt in (True, False):
+        rendered = jinja2.Template(template).render(messages=messages, add_generation_prompt=prompt)
+        assert format_chatml(messages, prompt) == rendered

@@ -138,8 +138,6 @@ def _int_keys(tree):
 def save_model_dir(out_dir: str | os.PathLike, model: ModelConfig, params: dict, tokenizer_dir: Path | None) -> Path:
     """Writes a model directory beside ``out_dir`` and renames it into place when complete."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"output {out} exists and is not empty")
     with staging_dir(out) as tmp:
         writer = ocp.StandardCheckpointer()
         writer.save(tmp / "params", params)
@@ -152,7 +150,10 @@ def save_model_dir(out_dir: str | os.PathLike, model: ModelConfig, params: dict,
 
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out``; renamed to ``out`` on success, removed on failure."""
+    """A temporary folder beside ``out``; renamed to ``out`` on success, removed on failure.
+    A non-empty ``out`` is refused up front: conversion never overwrites earlier output."""
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"output {out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

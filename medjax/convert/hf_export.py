@@ -43,8 +43,6 @@ def export_hf(
     if dtype not in EXPORT_DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"output {out} exists and is not empty")
     ref = resolve_checkpoint(checkpoint)
     reader = ParamReader(ref)
     maps = tensor_maps(ref.model)

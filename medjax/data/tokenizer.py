@@ -27,6 +27,12 @@ CHATML_TEMPLATE = (
 )
 
 
+def format_chatml(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The text CHATML_TEMPLATE renders for ``messages`` (same output, no Jinja at run time)."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4096) -> Path:
     """Trains byte-level BPE on ``texts`` and writes the HF tokenizer files into ``out_dir``."""
     tok = Tokenizer(models.BPE())

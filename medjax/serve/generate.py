@@ -10,7 +10,7 @@ import jax
 from medjax.convert import ConversionError
 from medjax.convert.checkpoints import load_params, resolve_checkpoint
 from medjax.convert.hf_import import read_hf
-from medjax.data.tokenizer import EOS_TOKEN, IM_END, load_tokenizer
+from medjax.data.tokenizer import EOS_TOKEN, IM_END, format_chatml, load_tokenizer
 from medjax.models.config import ModelConfig
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import Generation, Sampler, SamplingConfig
@@ -44,7 +44,7 @@ def generate_text(
     stop = tuple(t for t in (tok.token_to_id(EOS_TOKEN), tok.token_to_id(IM_END), model_cfg.eos_token_id)
                  if t is not None)
     if chat:
-        prompts = [f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
+        prompts = [format_chatml([{"role": "user", "content": p}]) for p in prompts]
     ids = [tok.encode(p).ids for p in prompts]
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                          stop_token_ids=tuple(sorted(set(stop))))
