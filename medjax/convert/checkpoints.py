@@ -1,7 +1,8 @@
 """Where a model's weights live and how to read them one tensor at a time.
 
 Two layouts hold medjax weights:
-- a model directory (written by `medjax import`): model.json, params/ (Orbax), tokenizer/;
+- a model directory (written by `medjax import`): model.json, params/ (an Orbax checkpoint written
+  by partial saves, the tree in params/state), tokenizer/;
 - a training run: workdir/checkpoints/<step>/{state,meta}, params under state["params"], the
   model config in meta, the tokenizer named by workdir/config.yaml.
 Either can be exported; a training checkpoint saved on a sharded mesh is gathered per tensor.
@@ -16,18 +17,26 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 import yaml
 
 from medjax.config import from_dict
 from medjax.convert import ConversionError
+from medjax.convert.weights import set_path
 from medjax.models.config import ModelConfig
 
 MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+# Orbax's partial-save layout puts the tree under this sub-folder of params/.
+PARAMS_TREE = "state"
+# Tensors are flushed to disk in groups this large: small tensors (norms, biases) share one write,
+# a large one goes alone.
+GROUP_BYTES = 64 * 1024**2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
@@ -60,7 +69,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
     if (p / MODEL_JSON).is_file():
         model = _model_from_json(json.loads((p / MODEL_JSON).read_text()), str(p / MODEL_JSON))
         tok = p / "tokenizer"
-        return CheckpointRef(p / "params", (), model, tok if tok.is_dir() else None)
+        return CheckpointRef(p / PARAMS_DIR / PARAMS_TREE, (), model, tok if tok.is_dir() else None)
     if (p / "checkpoints").is_dir():
         p = _latest_step_dir(p / "checkpoints")
     elif not (p / "state").is_dir() and any(c.name.isdigit() for c in p.iterdir()):
@@ -135,17 +144,38 @@ def _int_keys(tree):
     return tree
 
 
-def save_model_dir(out_dir: str | os.PathLike, model: ModelConfig, params: dict, tokenizer_dir: Path | None) -> Path:
-    """Writes a model directory beside ``out_dir`` and renames it into place when complete."""
+def save_model_dir(out_dir: str | os.PathLike, model: ModelConfig,
+                   params: dict | Iterable[tuple[tuple, np.ndarray]], tokenizer_dir: Path | None) -> Path:
+    """Writes a model directory beside ``out_dir`` and renames it into place when complete.
+
+    ``params`` is a whole tree or a stream of (path, array). A stream goes to disk through Orbax
+    partial saves in groups of about GROUP_BYTES, so an import never holds the model in memory."""
     out = Path(out_dir)
     with staging_dir(out) as tmp:
-        writer = ocp.StandardCheckpointer()
-        writer.save(tmp / "params", params)
-        writer.wait_until_finished()
+        items = _leaves(params) if isinstance(params, dict) else params
+        group: dict = {}
+        group_bytes = 0
+        for path, leaf in items:
+            set_path(group, tuple(str(k) for k in path), leaf)
+            group_bytes += leaf.nbytes
+            if group_bytes >= GROUP_BYTES:
+                ocp_partial.save(tmp / PARAMS_DIR, group)
+                group, group_bytes = {}, 0
+        if group:
+            ocp_partial.save(tmp / PARAMS_DIR, group)
+        ocp_partial.finalize(tmp / PARAMS_DIR)
         (tmp / MODEL_JSON).write_text(json.dumps(dataclasses.asdict(model), indent=2) + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
     return out
+
+
+def _leaves(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, np.ndarray]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key), np.asarray(value)
 
 
 @contextlib.contextmanager

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from medjax.convert import ConversionError
 from medjax.convert.checkpoints import save_model_dir
 from medjax.convert.hf_config import from_hf_config
-from medjax.convert.safetensors_io import HFWeights
+from medjax.convert.safetensors_io import FLOAT_CODES, HFWeights
 from medjax.convert.weights import set_path, tensor_maps
 from medjax.models.config import ModelConfig
 from medjax.models.layers import DTYPES
@@ -37,6 +38,10 @@ class PickleWeights:
     def names(self) -> list[str]:
         return sorted(self._tensors)
 
+    def header(self, name: str) -> tuple[tuple[int, ...], str]:
+        x = self._tensors[name]
+        return tuple(x.shape), "F32" if x.dtype.kind == "f" else x.dtype.name
+
     def get(self, name: str) -> np.ndarray:
         return self._tensors[name]
 
@@ -54,12 +59,26 @@ def open_weights(hf_dir: Path, allow_pickle: bool):
 
 
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, allow_pickle: bool = False) -> Path:
-    model, params = read_hf(hf_dir, allow_pickle)
-    return save_model_dir(out_dir, model, params, tokenizer_dir=Path(hf_dir))
+    """Streams tensor by tensor: every name, shape and dtype is checked from the headers first, then
+    each tensor is read, re-laid out and appended to the Orbax params, so memory stays near the
+    largest tensor."""
+    model, tensors = open_hf(hf_dir, allow_pickle)
+    return save_model_dir(out_dir, model, tensors, tokenizer_dir=Path(hf_dir))
 
 
 def read_hf(hf_dir: str | os.PathLike, allow_pickle: bool = False) -> tuple[ModelConfig, dict]:
-    """The model config and medjax params (host numpy, param dtype) of a Hugging Face directory."""
+    """The model config and the whole medjax params tree (host numpy, param dtype) in memory."""
+    model, tensors = open_hf(hf_dir, allow_pickle)
+    params: dict = {}
+    for path, x in tensors:
+        set_path(params, path, x)
+    return model, params
+
+
+def open_hf(hf_dir: str | os.PathLike, allow_pickle: bool = False
+            ) -> tuple[ModelConfig, Iterator[tuple[tuple, np.ndarray]]]:
+    """The model config and a lazy stream of (medjax param path, array), after checking the whole
+    directory (names, shapes, dtypes) so a bad file fails before anything is written."""
     hf_dir = Path(hf_dir)
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
@@ -78,13 +97,16 @@ def read_hf(hf_dir: str | os.PathLike, allow_pickle: bool = False) -> tuple[Mode
         raise ConversionError(f"{hf_dir}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if extra:
         raise ConversionError(f"{hf_dir}: unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}")
-    dtype = np.dtype(DTYPES[model.param_dtype])
-    params: dict = {}
     for m in maps:
-        x = weights.get(m.hf_name)
-        if tuple(x.shape) != m.hf_shape:
-            raise ConversionError(f"{hf_dir}: tensor {m.hf_name} has shape {tuple(x.shape)}, expected {m.hf_shape}")
-        if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
-            raise ConversionError(f"{hf_dir}: tensor {m.hf_name} has dtype {x.dtype}, expected a float type")
-        set_path(params, m.path, m.from_hf(x).astype(dtype))
-    return model, params
+        shape, code = weights.header(m.hf_name)
+        if shape != m.hf_shape:
+            raise ConversionError(f"{hf_dir}: tensor {m.hf_name} has shape {shape}, expected {m.hf_shape}")
+        if code not in FLOAT_CODES:
+            raise ConversionError(f"{hf_dir}: tensor {m.hf_name} has dtype {code}, expected a float type")
+    dtype = np.dtype(DTYPES[model.param_dtype])
+
+    def tensors():
+        for m in maps:
+            yield m.path, m.from_hf(weights.get(m.hf_name)).astype(dtype, copy=False)
+
+    return model, tensors()

@@ -20,6 +20,8 @@ from medjax.convert import ConversionError
 
 DTYPE_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
 INDEX_NAME = "model.safetensors.index.json"
+# Safetensors dtype codes that hold weights medjax can import.
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 class HFWeights:
@@ -43,6 +45,12 @@ class HFWeights:
 
     def names(self) -> list[str]:
         return sorted(self._file_of)
+
+    def header(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype code) from the file header, without reading the tensor."""
+        with safe_open(str(self._file_of[name]), "numpy") as f:
+            sl = f.get_slice(name)
+            return tuple(sl.get_shape()), sl.get_dtype()
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._file_of:
