@@ -8,6 +8,7 @@ import sys
 from medjax.config import ConfigError
 from medjax.convert import ConversionError
 from medjax.data import DataError
+from medjax.tasks import ItemError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -55,6 +56,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from medjax.eval.runner import EvalConfig, evaluate
+
+    cfg = EvalConfig(mode=args.mode, choices=args.choices, format=args.format, shots=args.shots,
+                     fewshot_file=args.fewshot_file, limit=args.limit, chat=args.chat, batch_size=args.batch_size,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                     skip_bad=args.skip_bad)
+    evaluate(args.model, args.benchmark, args.out, cfg)
+    return 0
+
+
+def _cmd_eval_ngrams(args: argparse.Namespace) -> int:
+    from medjax.tasks.ngrams import benchmark_ngrams
+    from medjax.tasks.readers import read_benchmark
+    from medjax.utils import atomic_open
+
+    grams: set[str] = set()
+    for path in args.benchmark:
+        bench = read_benchmark(path, args.format, skip_bad=args.skip_bad)
+        found = benchmark_ngrams(bench.items, args.n)
+        print(f"{path}: {len(bench.items)} items ({bench.format}), {len(found)} {args.n}-grams")
+        grams |= found
+    with atomic_open(args.out) as f:
+        f.writelines(g + "\n" for g in sorted(grams))
+    print(f"wrote {len(grams)} distinct {args.n}-grams to {args.out}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from medjax.serve.vllm_server import serve
 
@@ -99,6 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=_cmd_generate)
 
+    from medjax.eval.runner import CHOICES, MODES
+    from medjax.tasks.readers import FORMATS
+
+    p = sub.add_parser("eval", help="score a benchmark file (`medjax eval ngrams ...` exports its n-grams)")
+    p.add_argument("--model", required=True, help="medjax checkpoint, Hugging Face directory, or openai:URL")
+    p.add_argument("--benchmark", required=True, help="benchmark file (JSONL, JSON or CSV) in its published format")
+    p.add_argument("--out", required=True, help="per-item JSON lines; the summary goes beside it")
+    p.add_argument("--mode", choices=MODES, default="loglikelihood")
+    p.add_argument("--choices", choices=CHOICES, default="letters",
+                   help="log-likelihood of option letters, or of option texts (length-normalised)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: detected from the fields")
+    p.add_argument("--shots", type=int, default=0, help="few-shot exemplars per prompt")
+    p.add_argument("--fewshot-file", default=None, help="exemplar pool (default: the benchmark, never the item itself)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generative mode")
+    p.add_argument("--temperature", type=float, default=0.0, help="generative mode; 0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-bad", action="store_true", help="leave malformed items out (listed in the summary)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("eval-ngrams", help="(also `medjax eval ngrams`) write benchmark n-grams for decontamination")
+    p.add_argument("--benchmark", required=True, nargs="+", help="benchmark files")
+    p.add_argument("--n", type=int, default=13)
+    p.add_argument("--out", required=True, help="text file, one n-gram per line")
+    p.add_argument("--format", choices=FORMATS, default=None)
+    p.add_argument("--skip-bad", action="store_true")
+    p.set_defaults(func=_cmd_eval_ngrams)
+
     p = sub.add_parser("serve", help="serve a Hugging Face directory with vLLM's OpenAI-compatible server")
     p.add_argument("hf_dir")
     p.add_argument("--host", default="127.0.0.1")
@@ -114,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:  # everything after -- belongs to the wrapped tool (vLLM)
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1:]
+    if argv[:2] == ["eval", "ngrams"]:
+        argv = ["eval-ngrams", *argv[2:]]
     args = build_parser().parse_args(argv)
     if passthrough:
         if args.command != "serve":
@@ -121,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         args.vllm_args = passthrough
     try:
         return args.func(args)
-    except (ConfigError, DataError, ConversionError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ConversionError, ItemError, FileNotFoundError) as e:
         print(f"medjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,162 @@
+"""`medjax eval`: score one benchmark file with one model, write per-item JSON lines, a summary JSON
+and a per-subject chart beside them, and print accuracy with bootstrap intervals.
+
+Modes:
+- ``loglikelihood``: the option with the highest log p(continuation | prompt) wins. ``choices=letters``
+  scores the option letter after the answer cue; ``choices=texts`` scores each option's text,
+  normalised by its UTF-8 length (lm-evaluation-harness's acc_norm). One letter is chosen, so a
+  multi-answer item can only be right in generative mode.
+- ``generate``: the model writes freely and the shared extractor (medjax.tasks.answers) reads the
+  letters it commits to; exact set match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from medjax.eval.backends import GenerationSettings, LoglikelihoodRequest, open_model
+from medjax.eval.prompts import ChatFormatter, PromptConfig, Retriever, answer_continuation, build_prompt, pick_shots
+from medjax.eval.report import format_table, plot_groups, summarise
+from medjax.tasks.answers import extract_for_item, score
+from medjax.tasks.items import ExamItem
+from medjax.tasks.readers import read_benchmark
+from medjax.utils import atomic_open, atomic_write_text
+
+MODES = ("loglikelihood", "generate")
+CHOICES = ("letters", "texts")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    mode: str = "loglikelihood"
+    choices: str = "letters"
+    format: str | None = None
+    shots: int = 0
+    fewshot_file: str | None = None
+    limit: int | None = None
+    chat: bool = False
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    skip_bad: bool = False
+    passages_k: int = 3
+
+    def validate(self) -> "EvalConfig":
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if self.choices not in CHOICES:
+            raise ValueError(f"--choices must be one of {CHOICES}, got {self.choices!r}")
+        if self.shots < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("--shots must be >= 0, --batch-size and --max-new-tokens >= 1")
+        return self
+
+
+def summary_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
+
+
+def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLike, cfg: EvalConfig = EvalConfig(),
+             retriever: Retriever | None = None, model=None, quiet: bool = False) -> dict:
+    """Scores every item, writes ``out`` (JSONL) and its summary atomically, returns the summary.
+    ``model`` may be passed in (an already-open backend) to score several files without reloading."""
+    cfg = cfg.validate()
+    out = Path(out)
+    bench = read_benchmark(benchmark, cfg.format, cfg.limit, skip_bad=cfg.skip_bad)
+    shots_pool = bench.items
+    if cfg.fewshot_file:
+        shots_pool = read_benchmark(cfg.fewshot_file, None, skip_bad=cfg.skip_bad).items
+    model = model or open_model(model_path, batch_size=cfg.batch_size)
+    chat = ChatFormatter(getattr(model, "tokenizer_dir", None)) if cfg.chat else None
+    pcfg = PromptConfig(generative=cfg.mode == "generate", chat=cfg.chat, passages_k=cfg.passages_k)
+
+    def prompt_for(item: ExamItem) -> str:
+        passages = retriever.retrieve(item.question, cfg.passages_k) if retriever else ()
+        text = build_prompt(item, pick_shots(shots_pool, item, cfg.shots, cfg.seed), passages, pcfg)
+        return chat(text) if chat else text
+
+    t0 = time.perf_counter()
+    rows = []
+    progress = tqdm(total=len(bench.items), desc=f"eval {bench.name}", unit="item", disable=quiet)
+    chunk = max(cfg.batch_size * 4, 32)
+    for start in range(0, len(bench.items), chunk):
+        items = bench.items[start:start + chunk]
+        prompts = [prompt_for(item) for item in items]
+        if cfg.mode == "loglikelihood":
+            rows.extend(_score_loglikelihood(model, items, prompts, cfg))
+        else:
+            rows.extend(_score_generate(model, items, prompts, cfg))
+        progress.update(len(items))
+    progress.close()
+    seconds = time.perf_counter() - t0
+
+    summary = {
+        "benchmark": str(bench.path), "format": bench.format, "model": str(model_path), "mode": cfg.mode,
+        **({"choices": cfg.choices} if cfg.mode == "loglikelihood" else {}), "shots": cfg.shots, "chat": cfg.chat,
+        **summarise(rows, extra_groups=_extra_groups(bench.items)),
+        "skipped": bench.skipped, "seconds": seconds, "items_per_sec": len(rows) / seconds if seconds else None,
+        "output": str(out),
+    }
+    with atomic_open(out) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_text(summary_path(out), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    title = f"{bench.name} ({bench.format}, {cfg.mode}) - {model_path}"
+    chart = plot_groups(summary, out.with_name(out.name.removesuffix(".jsonl") + ".png"), title)
+    if chart is not None:
+        summary["chart"] = str(chart)
+    if not quiet:
+        print(format_table(summary, title))
+        if bench.skipped:
+            print(f"  skipped {len(bench.skipped)} malformed items, first: {bench.skipped[0]}")
+        print(f"  {len(rows)} items in {seconds:.1f}s ({summary['items_per_sec']:.2f} items/s); wrote {out}")
+    return summary
+
+
+def _extra_groups(items: list[ExamItem]) -> list[str]:
+    keys = {k for item in items for k, v in item.meta.items() if isinstance(v, str) and v}
+    return sorted(k for k in keys if 1 < len({item.meta.get(k) for item in items}) <= 50)
+
+
+def _row(item: ExamItem, prediction: str, correct: bool, **extra) -> dict:
+    row = {"id": item.id, "prediction": prediction, "gold": item.gold, "correct": correct}
+    if item.subject:
+        row["subject"] = item.subject
+    row.update({k: v for k, v in item.meta.items() if isinstance(v, str) and v})
+    row.update(extra)
+    return row
+
+
+def _score_loglikelihood(model, items, prompts, cfg: EvalConfig) -> list[dict]:
+    requests = []
+    for item, prompt in zip(items, prompts):
+        if cfg.choices == "letters":
+            conts = [answer_continuation(item, k) if not cfg.chat else k for k in item.letters]
+        else:
+            conts = [answer_continuation(item, text=v) if not cfg.chat else v for v in item.options.values()]
+        requests.append(LoglikelihoodRequest(prompt, conts))
+    scores = model.loglikelihood(requests)
+    rows = []
+    for item, req, lps in zip(items, requests, scores):
+        if cfg.choices == "texts":
+            ranked = [lp / max(len(c.encode("utf-8")), 1) for lp, c in zip(lps, req.continuations)]
+        else:
+            ranked = lps
+        best = item.letters[max(range(len(ranked)), key=ranked.__getitem__)]
+        rows.append(_row(item, best, best == item.gold, logprobs=dict(zip(item.letters, lps))))
+    return rows
+
+
+def _score_generate(model, items, prompts, cfg: EvalConfig) -> list[dict]:
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    rows = []
+    for item, text in zip(items, model.generate(prompts, settings)):
+        found = extract_for_item(text, item)
+        rows.append(_row(item, found.prediction, score(found, item) == 1.0, refused=found.refused, completion=text))
+    return rows
