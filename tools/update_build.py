@@ -34,7 +34,10 @@ def libraries() -> list[tuple[str, list[str], list[str]]]:
         ("train", _package("medjax/train"), ["core", "models", "parallel", "data"]),
         ("convert", _package("medjax/convert"), ["core", "models"]),
         ("serve", _package("medjax/serve"), ["core", "models", "data", "convert"]),
-        ("medjax", list(ENTRY_POINTS), ["core", "models", "parallel", "data", "train", "convert", "serve"]),
+        ("tasks", _package("medjax/tasks"), []),
+        ("eval", _package("medjax/eval"), ["core", "models", "data", "convert", "serve", "tasks"]),
+        ("medjax", list(ENTRY_POINTS), ["core", "models", "parallel", "data", "train", "convert", "serve", "tasks",
+                                        "eval"]),
     ]
 
 
@@ -56,7 +59,7 @@ def render() -> str:
         out.append(
             f'\npy_test(\n    name = "{test.stem}",\n    size = "large",\n'
             f'    srcs = [\n{_list([rel, "tests/conftest.py"])}    ],\n'
-            f'    main = "{rel}",\n    data = glob(["configs/**/*.yaml"]) + ["tools/update_build.py", "BUILD"],\n'
+            f'    main = "{rel}",\n    data = glob(["configs/**/*.yaml", "tests/data/**"]) + ["tools/update_build.py", "BUILD"],\n'
             f"    deps = [\n{_list([':' + name for name, _, _ in libs])}    ],\n)\n"
         )
     return "".join(out)
