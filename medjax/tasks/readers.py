@@ -111,7 +111,7 @@ def _medqa(rec: Record, where: str) -> ExamItem:
             raise ItemError(f"{where}: answer {text!r} matches {len(hits)} options (no answer_idx)")
         answer = frozenset(hits)
     return _item(rec.get("id", where), _get(rec, "question", where), options, answer, where,
-                 subject=rec.get("meta_info") or rec.get("subject"))
+                 subject=rec.get("subject") or rec.get("meta_info"))
 
 
 def _medmcqa(rec: Record, where: str, base: int) -> ExamItem:
