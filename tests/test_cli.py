@@ -41,3 +41,30 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     assert f"medjax serve {tmp_path / 'hf'}" in out.stdout
     assert "greedy sample:" in out.stdout
+    accuracies = re.findall(r"exam accuracy (before|after) pretraining: ([\d.]+)% \[95% CI", out.stdout)
+    assert [name for name, _ in accuracies] == ["before", "after"], out.stdout
+    summary = json.loads((tmp_path / "eval" / "exam_after.summary.json").read_text())
+    exam_items = len((tmp_path / "data" / "exam.jsonl").read_text().splitlines())
+    assert summary["n"] == exam_items
+    assert abs(summary["accuracy"] * 100 - float(accuracies[1][1])) < 0.051
+
+
+def test_demo_before_weights_are_the_runs_step_zero(tmp_path, make_config):
+    """The demo's "before training" model is exactly what the train loop starts from."""
+    import jax
+    import numpy as np
+    import optax
+
+    from medjax.convert.checkpoints import load_params, resolve_checkpoint
+    from medjax.demo import _save_initial_weights
+    from medjax.models.decoder import ModelDef
+    from medjax.parallel.mesh import make_mesh
+    from medjax.train.step import init_train_state
+
+    cfg = make_config(tmp_path / "run", "train.seed=3", "mesh.data=-1")
+    saved = load_params(resolve_checkpoint(_save_initial_weights(cfg, tmp_path / "init", None)))
+    state = init_train_state(ModelDef(cfg.model), optax.sgd(0.1), make_mesh(cfg.mesh), cfg.train.seed)
+    ours = jax.tree.leaves(jax.device_get(state["params"]))
+    assert len(ours) == len(jax.tree.leaves(saved))
+    for a, b in zip(ours, jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(a, b)

@@ -195,6 +195,8 @@ def test_prompts_by_language_shots_and_chat(world):
     prompt = build_prompt(en, passages=["Hip fracture surgery guidance."], cfg=PromptConfig(generative=True))
     assert "Reference passages:\n[1] Hip fracture surgery guidance." in prompt
     assert "Context:\nObservational cohort" in prompt and "The answer is X" in prompt
+    cloze = build_prompt(en, cfg=PromptConfig(list_options=False))  # option texts are the continuations
+    assert "A. yes" in build_prompt(en) and "A. yes" not in cloze and cloze.endswith("Answer:")
     transformers = pytest.importorskip("transformers")
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(world.tokenizer))
     messages = [{"role": "user", "content": prompt}]

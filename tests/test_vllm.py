@@ -65,15 +65,16 @@ def test_vllm_greedy_equals_medjax_greedy(exported):
     assert json.loads(line[len("TOKENS "):]) == ours
 
 
-def test_medjax_serve_answers_openai_completions(exported):
-    """`medjax serve` starts vLLM's OpenAI server on loopback; its greedy completion of token
-    ids equals medjax's, and SIGTERM stops it."""
+@pytest.fixture(scope="module")
+def server(exported):
+    """`medjax serve` on the export: vLLM's OpenAI server on loopback, stopped with SIGTERM."""
+    import os
+    import signal
     import socket
-    import urllib.request
 
     from medjax.serve.vllm_server import vllm_env, wait_until_ready
 
-    root, prompts, ours = exported
+    root = exported[0]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -84,15 +85,41 @@ def test_medjax_serve_answers_openai_completions(exported):
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, proc, timeout_s=600)
-        body = json.dumps({"model": str(root / "hf"), "prompt": prompts[0], "max_tokens": 24, "temperature": 0,
-                           "ignore_eos": True, "return_token_ids": True}).encode()
-        request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as r:
-            choice = json.loads(r.read())["choices"][0]
-        assert choice["token_ids"] == ours[0]
+        yield url
     finally:
-        import os
-        import signal
-
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_medjax_serve_answers_openai_completions(exported, server):
+    """The served model's greedy completion of token ids equals medjax's."""
+    import urllib.request
+
+    root, prompts, ours = exported
+    body = json.dumps({"model": str(root / "hf"), "prompt": prompts[0], "max_tokens": 24, "temperature": 0,
+                       "ignore_eos": True, "return_token_ids": True}).encode()
+    request = urllib.request.Request(f"{server}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        choice = json.loads(r.read())["choices"][0]
+    assert choice["token_ids"] == ours[0]
+
+
+@pytest.mark.parametrize("mode", ["generate", "loglikelihood"])
+def test_eval_against_the_server_matches_local_eval(world, exported, server, tmp_path, mode):
+    """`medjax eval --model openai:URL` scores the served export as medjax scores the weights:
+    greedy completions (hence predictions) equal, option log-probabilities within 1e-3."""
+    from medjax.eval.runner import EvalConfig, evaluate
+
+    root = exported[0]
+    cfg = EvalConfig(mode=mode, limit=6, max_new_tokens=16, batch_size=4)
+    evaluate(str(root / "hf"), world.files["exam"], tmp_path / "local.jsonl", cfg, quiet=True)
+    evaluate(f"openai:{server}", world.files["exam"], tmp_path / "served.jsonl", cfg, quiet=True)
+    local = [json.loads(x) for x in (tmp_path / "local.jsonl").read_text().splitlines()]
+    served = [json.loads(x) for x in (tmp_path / "served.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in served] == [r["prediction"] for r in local]
+    for a, b in zip(local, served):
+        if mode == "generate":
+            assert a["completion"] == b["completion"]
+        else:
+            for letter, lp in a["logprobs"].items():
+                assert b["logprobs"][letter] == pytest.approx(lp, abs=1e-3)

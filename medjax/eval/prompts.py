@@ -52,9 +52,12 @@ class PromptConfig:
     generative: bool = False
     chat: bool = False
     passages_k: int = 3
+    # False: cloze style (the options are the scored continuations, not listed), the usual way to
+    # score option texts with a base model, which has never seen lettered lists answered.
+    list_options: bool = True
 
 
-def item_block(item: ExamItem, passages: Sequence[str] = ()) -> str:
+def item_block(item: ExamItem, passages: Sequence[str] = (), list_options: bool = True) -> str:
     """The item without instruction or answer cue: passages, context, question, options."""
     t = TEMPLATES[item.language]
     parts = []
@@ -63,7 +66,8 @@ def item_block(item: ExamItem, passages: Sequence[str] = ()) -> str:
     if item.context:
         parts.append(f"{t.context}\n{item.context}")
     parts.append(f"{t.question} {item.question}" if item.language == "en" else f"{t.question}{item.question}")
-    parts.append("\n".join(f"{k}. {v}" for k, v in item.options.items()))
+    if list_options:
+        parts.append("\n".join(f"{k}. {v}" for k, v in item.options.items()))
     return "\n".join(parts)
 
 
@@ -82,8 +86,10 @@ def build_prompt(item: ExamItem, shots: Sequence[ExamItem] = (), passages: Seque
         lines.append(t.think)
     blocks = ["\n".join(lines)]
     for shot in shots:
-        blocks.append(f"{item_block(shot)}\n{t.answer}{answer_continuation(shot, shot.gold)}")
-    blocks.append(f"{item_block(item, passages)}\n{t.answer}")
+        gold = answer_continuation(shot, shot.gold) if cfg.list_options else \
+            answer_continuation(shot, text="; ".join(shot.options[k] for k in sorted(shot.answer)))
+        blocks.append(f"{item_block(shot, list_options=cfg.list_options)}\n{t.answer}{gold}")
+    blocks.append(f"{item_block(item, passages, cfg.list_options)}\n{t.answer}")
     return "\n\n".join(blocks)
 
 

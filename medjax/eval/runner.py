@@ -4,7 +4,8 @@ and a per-subject chart beside them, and print accuracy with bootstrap intervals
 Modes:
 - ``loglikelihood``: the option with the highest log p(continuation | prompt) wins. ``choices=letters``
   scores the option letter after the answer cue; ``choices=texts`` scores each option's text,
-  normalised by its UTF-8 length (lm-evaluation-harness's acc_norm). One letter is chosen, so a
+  normalised by its UTF-8 length (lm-evaluation-harness's acc_norm), cloze style: the prompt does not
+  list the options, each is scored as the answer's text. One letter is chosen, so a
   multi-answer item can only be right in generative mode.
 - ``generate``: the model writes freely and the shared extractor (medjax.tasks.answers) reads the
   letters it commits to; exact set match.
@@ -74,7 +75,8 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         shots_pool = read_benchmark(cfg.fewshot_file, None, skip_bad=cfg.skip_bad).items
     model = model or open_model(model_path, batch_size=cfg.batch_size)
     chat = ChatFormatter(getattr(model, "tokenizer_dir", None)) if cfg.chat else None
-    pcfg = PromptConfig(generative=cfg.mode == "generate", chat=cfg.chat, passages_k=cfg.passages_k)
+    pcfg = PromptConfig(generative=cfg.mode == "generate", chat=cfg.chat, passages_k=cfg.passages_k,
+                        list_options=not (cfg.mode == "loglikelihood" and cfg.choices == "texts"))
 
     def prompt_for(item: ExamItem) -> str:
         passages = retriever.retrieve(item.question, cfg.passages_k) if retriever else ()
