@@ -69,7 +69,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
     if (p / MODEL_JSON).is_file():
         model = _model_from_json(json.loads((p / MODEL_JSON).read_text()), str(p / MODEL_JSON))
         tok = p / "tokenizer"
-        return CheckpointRef(p / PARAMS_DIR / PARAMS_TREE, (), model, tok if tok.is_dir() else None)
+        params = p / PARAMS_DIR / PARAMS_TREE
+        if not params.is_dir():  # model directories written before imports streamed: one Orbax save
+            params = p / PARAMS_DIR
+        return CheckpointRef(params, (), model, tok if tok.is_dir() else None)
     if (p / "checkpoints").is_dir():
         p = _latest_step_dir(p / "checkpoints")
     elif not (p / "state").is_dir() and any(c.name.isdigit() for c in p.iterdir()):
