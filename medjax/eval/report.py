@@ -3,6 +3,8 @@ printed table and a bar chart of per-subject accuracy."""
 
 from __future__ import annotations
 
+import unicodedata
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -51,9 +53,20 @@ def summarise(rows: Sequence[dict], extra_groups: Sequence[str] = ()) -> dict:
     return summary
 
 
+def _pad(text: str, width: int) -> str:
+    """Left-justify by display columns: a Chinese character takes two."""
+    out, used = "", 0
+    for ch in text:
+        w = 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        if used + w > width:
+            break
+        out, used = out + ch, used + w
+    return out + " " * (width - used)
+
+
 def format_table(summary: dict, title: str) -> str:
     def line(name, g):
-        return f"  {name[:40]:<40} {g['n']:>6}  {g['accuracy'] * 100:6.1f}%  [{g['ci95'][0] * 100:5.1f}, {g['ci95'][1] * 100:5.1f}]"
+        return f"  {_pad(name, 40)} {g['n']:>6}  {g['accuracy'] * 100:6.1f}%  [{g['ci95'][0] * 100:5.1f}, {g['ci95'][1] * 100:5.1f}]"
 
     out = [title, f"  {'':<40} {'items':>6}  {'acc':>7}  95% CI", line("overall", summary)]
     for key, groups in summary.items():
@@ -87,10 +100,13 @@ def plot_groups(summary: dict, path: Path, title: str) -> Path | None:
     ax.set_xlim(0, 100)
     ax.set_xlabel("accuracy % (95% bootstrap CI)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with warnings.catch_warnings():
+        # Without a CJK font installed, Chinese subject names draw as boxes; one note, not one per glyph.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
     return path
