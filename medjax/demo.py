@@ -96,13 +96,14 @@ def run_demo(workdir: str, max_steps: int | None = None) -> dict[str, Path]:
 
 
 def _save_initial_weights(cfg, out_dir: Path, tokenizer_dir: Path) -> Path:
-    """The exact step-0 weights of the run (same seed and split as the train loop's init), as a
-    model directory, so "before training" is measured on the model training started from."""
+    """The exact step-0 weights of the run (the train loop's own seed split), as a model directory,
+    so "before training" is measured on the model training started from."""
     import jax
 
     from medjax.convert.checkpoints import save_model_dir
     from medjax.models.decoder import ModelDef
+    from medjax.train.step import split_seed
 
-    init_rng, _ = jax.random.split(jax.random.key(cfg.train.seed))
+    init_rng, _ = split_seed(cfg.train.seed)
     params = jax.device_get(ModelDef(cfg.model).init_params(init_rng))
     return save_model_dir(out_dir, cfg.model, params, tokenizer_dir)

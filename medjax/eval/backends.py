@@ -42,12 +42,11 @@ class LocalModel:
     single token (option letters), one row scores them all from the context's last position."""
 
     def __init__(self, path: str | os.PathLike, batch_size: int = 8):
-        from medjax.data.tokenizer import EOS_TOKEN, IM_END, load_tokenizer
+        from medjax.data.tokenizer import load_tokenizer
         from medjax.models.decoder import ModelDef
         from medjax.models.sampler import Sampler
-        from medjax.serve.generate import load_model
+        from medjax.serve.generate import load_model, stop_token_ids
 
-        self.name = str(path)
         self.model_cfg, params, self.tokenizer_dir = load_model(path)
         if self.tokenizer_dir is None:
             raise FileNotFoundError(f"{path}: no tokenizer found beside the weights")
@@ -56,8 +55,7 @@ class LocalModel:
         self.params = jax.device_put(params)
         self.model_def = ModelDef(self.model_cfg)
         self.sampler = Sampler(self.model_def)
-        stops = (self.tok.token_to_id(EOS_TOKEN), self.tok.token_to_id(IM_END), self.model_cfg.eos_token_id)
-        self.stop_ids = tuple(sorted({t for t in stops if t is not None}))
+        self.stop_ids = stop_token_ids(self.tok, self.model_cfg)
         model_def = self.model_def
 
         @jax.jit
@@ -143,7 +141,6 @@ class ServerModel:
         base = url.rstrip("/")
         if not base.endswith("/v1"):
             base += "/v1"
-        self.name = f"openai:{url}"
         self.client = openai.OpenAI(base_url=base, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
                                     timeout=timeout_s, max_retries=3)
         self.model = model or self.client.models.list().data[0].id

@@ -50,8 +50,6 @@ TEMPLATES = {
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
     generative: bool = False
-    chat: bool = False
-    passages_k: int = 3
     # False: cloze style (the options are the scored continuations, not listed), the usual way to
     # score option texts with a base model, which has never seen lettered lists answered.
     list_options: bool = True
@@ -71,10 +69,12 @@ def item_block(item: ExamItem, passages: Sequence[str] = (), list_options: bool 
     return "\n".join(parts)
 
 
-def answer_continuation(item: ExamItem, letter: str | None = None, text: str | None = None) -> str:
-    """What follows the answer cue when scoring a letter (or an option's text)."""
-    t = TEMPLATES[item.language]
-    return t.letter_sep + (letter if text is None else text)
+def answer_continuation(item: ExamItem, letter: str | None = None, text: str | None = None,
+                        chat: bool = False) -> str:
+    """What follows the answer cue when scoring a letter (or an option's text); in a chat prompt the
+    assistant turn starts fresh, so no separator."""
+    sep = "" if chat else TEMPLATES[item.language].letter_sep
+    return sep + (letter if text is None else text)
 
 
 def build_prompt(item: ExamItem, shots: Sequence[ExamItem] = (), passages: Sequence[str] = (),

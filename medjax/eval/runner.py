@@ -75,7 +75,7 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         shots_pool = read_benchmark(cfg.fewshot_file, None, skip_bad=cfg.skip_bad).items
     model = model or open_model(model_path, batch_size=cfg.batch_size)
     chat = ChatFormatter(getattr(model, "tokenizer_dir", None)) if cfg.chat else None
-    pcfg = PromptConfig(generative=cfg.mode == "generate", chat=cfg.chat, passages_k=cfg.passages_k,
+    pcfg = PromptConfig(generative=cfg.mode == "generate",
                         list_options=not (cfg.mode == "loglikelihood" and cfg.choices == "texts"))
 
     def prompt_for(item: ExamItem) -> str:
@@ -105,14 +105,14 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         "skipped": bench.skipped, "seconds": seconds, "items_per_sec": len(rows) / seconds if seconds else None,
         "output": str(out),
     }
-    with atomic_open(out) as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    atomic_write_text(summary_path(out), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     title = f"{bench.name} ({bench.format}, {cfg.mode}) - {model_path}"
     chart = plot_groups(summary, out.with_name(out.name.removesuffix(".jsonl") + ".png"), title)
     if chart is not None:
         summary["chart"] = str(chart)
+    with atomic_open(out) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_text(summary_path(out), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if not quiet:
         print(format_table(summary, title))
         if bench.skipped:
@@ -139,9 +139,9 @@ def _score_loglikelihood(model, items, prompts, cfg: EvalConfig) -> list[dict]:
     requests = []
     for item, prompt in zip(items, prompts):
         if cfg.choices == "letters":
-            conts = [answer_continuation(item, k) if not cfg.chat else k for k in item.letters]
+            conts = [answer_continuation(item, k, chat=cfg.chat) for k in item.letters]
         else:
-            conts = [answer_continuation(item, text=v) if not cfg.chat else v for v in item.options.values()]
+            conts = [answer_continuation(item, text=v, chat=cfg.chat) for v in item.options.values()]
         requests.append(LoglikelihoodRequest(prompt, conts))
     scores = model.loglikelihood(requests)
     rows = []

@@ -26,6 +26,12 @@ def load_model(path: str | os.PathLike) -> tuple[ModelConfig, dict, Path | None]
     return ref.model, load_params(ref), ref.tokenizer_dir
 
 
+def stop_token_ids(tok, model_cfg: ModelConfig) -> tuple[int, ...]:
+    """Where generation ends: the tokenizer's end-of-text and end-of-turn tokens and the model's eos."""
+    stops = (tok.token_to_id(EOS_TOKEN), tok.token_to_id(IM_END), model_cfg.eos_token_id)
+    return tuple(sorted({t for t in stops if t is not None}))
+
+
 def generate_text(
     model_path: str | os.PathLike,
     prompts: list[str],
@@ -41,12 +47,10 @@ def generate_text(
     if tokenizer_dir is None:
         raise ConversionError(f"{model_path}: no tokenizer found beside the weights")
     tok = load_tokenizer(tokenizer_dir)
-    stop = tuple(t for t in (tok.token_to_id(EOS_TOKEN), tok.token_to_id(IM_END), model_cfg.eos_token_id)
-                 if t is not None)
     if chat:
         prompts = [format_chatml([{"role": "user", "content": p}]) for p in prompts]
     ids = [tok.encode(p).ids for p in prompts]
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                         stop_token_ids=tuple(sorted(set(stop))))
+                         stop_token_ids=stop_token_ids(tok, model_cfg))
     out: Generation = Sampler(ModelDef(model_cfg)).generate(params, ids, cfg, jax.random.key(seed))
     return [tok.decode(seq, skip_special_tokens=True) for seq in out.sequences()]

@@ -250,7 +250,7 @@ def _records(path: Path) -> Iterator[tuple[Record, str]]:
                     yield dict(zip(header, row)), where
         return
     with open(path, encoding="utf-8") as f:
-        head = f.read(1).lstrip() or f.read(64).lstrip()[:1]
+        head = f.read(4096).lstrip()[:1]
     if suffix == ".json" or head == "[":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

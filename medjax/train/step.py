@@ -32,11 +32,18 @@ def state_shardings(model: ModelDef, tx: optax.GradientTransformation, mesh: Mes
     return {"params": p_shard, "opt_state": opt_shard, "step": replicated(mesh), "rng": replicated(mesh)}
 
 
+def split_seed(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init rng, training rng) from the run's seed: the params a run starts from are a function of
+    this alone, which is how the demo rebuilds a run's step-0 weights."""
+    init_rng, train_rng = jax.random.split(jax.random.key(seed))
+    return init_rng, train_rng
+
+
 def init_train_state(model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> TrainState:
     shardings = state_shardings(model, tx, mesh)
 
     def init() -> TrainState:
-        init_rng, train_rng = jax.random.split(jax.random.key(seed))
+        init_rng, train_rng = split_seed(seed)
         params = model.init_params(init_rng)
         return {
             "params": params,
