@@ -43,7 +43,8 @@ class MeshConfig:
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
-    # jsonl: text documents tokenized on the fly; arrayrecord: int32 token-id records.
+    # pretrain: jsonl text documents tokenized on the fly, or arrayrecord int32 token-id records.
+    # sft reads JSONL {"messages": [...]}; reward_model reads JSONL {prompt, chosen, rejected, dimension}.
     format: Literal["jsonl", "arrayrecord"] = "jsonl"
     text_key: str = "text"
     tokenizer: str = ""
@@ -55,6 +56,13 @@ class DataConfig:
     add_eos: bool = True
     # Grain worker processes; 0 reads in the training process (deterministic, easy to debug).
     worker_count: int = 0
+    # sft / reward_model: an example longer than seq_len is truncated (SFT keeps its start; a
+    # preference pair keeps the end of each side, where the score is read) or dropped. Counted.
+    overlong: Literal["truncate", "drop"] = "truncate"
+    # A malformed record stops the run naming file:line; true skips it instead (named and counted).
+    skip_bad: bool = False
+    # sft / reward_model: examples are first-fit packed into this many rows at a time.
+    packing_bins: int = 16
 
 
 @dataclass
@@ -80,6 +88,8 @@ class TrainConfig:
     # 0 disables periodic evaluation.
     eval_every: int = 0
     eval_batches: int = 8
+    # Evaluate the starting weights too (step 0), so a fine-tuning run shows its before and after.
+    eval_at_start: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
@@ -93,8 +103,13 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    stage: Literal["pretrain"] = "pretrain"
+    stage: Literal["pretrain", "sft", "reward_model"] = "pretrain"
     workdir: str = ""
+    # Weights a fresh run starts from: a training run (workdir or checkpoint step), a model
+    # directory from `medjax import`, or a Hugging Face directory. The model architecture comes
+    # from there; only run-time model fields (dtype, remat, score_labels) are read from `model`.
+    # Ignored once the run has its own checkpoint (resume wins).
+    init_from: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -197,6 +212,7 @@ def _substitute_workdir(cfg: Config) -> None:
     d.train_files = [sub(f) for f in d.train_files]
     d.eval_files = [sub(f) for f in d.eval_files]
     d.tokenizer = sub(d.tokenizer)
+    cfg.init_from = sub(cfg.init_from)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from medjax.data import medworld
 
 EXPECTED_FILES = {"world.json", "pretrain.jsonl", "pretrain_eval.jsonl", "sft.jsonl",
-                  "sft_eval.jsonl", "exam.jsonl", "preferences.jsonl"}
+                  "sft_eval.jsonl", "exam.jsonl", "preferences.jsonl", "preferences_eval.jsonl"}
 SMALL = {"num_conditions": 12, "passages_per_condition": 4}
 
 
@@ -169,8 +169,14 @@ def test_sft_records(data):
 
 
 def test_preferences(data):
-    prefs = data["preferences"]
-    assert len(prefs) >= 300
+    prefs = data["preferences"] + data["preferences_eval"]
+    assert len(prefs) >= 300 and len(data["preferences_eval"]) >= 0.15 * len(prefs)
+    names = [c.name for c in data["world"].conditions]
+
+    def conditions(records):  # longest name first: no condition name is inside another's prompt by accident
+        return {max((n for n in names if n in r["prompt"] + r["chosen"]), key=len) for r in records}
+
+    assert not conditions(data["preferences"]) & conditions(data["preferences_eval"])
     dims = Counter(p["dimension"] for p in prefs)
     assert set(dims) == {"honesty", "helpfulness", "compliance"}
     assert min(dims.values()) >= 0.25 * len(prefs)

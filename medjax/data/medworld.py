@@ -398,9 +398,11 @@ def _prefix(prefix: str, sentence: str) -> str:
     return _cap(prefix + sentence)
 
 
-def _preferences(rng: random.Random, world: World) -> list[dict]:
-    """3 honesty, 3 helpfulness and 3 compliance pairs per condition."""
+def _preferences(rng: random.Random, world: World) -> tuple[list[dict], list[dict]]:
+    """3 honesty, 3 helpfulness and 3 compliance pairs per condition, as (train, held out): the
+    held-out pairs are about conditions (a fifth of them) that no training pair mentions."""
     conds, pairs = world.conditions, []
+    held_out = {c.name for c in rng.sample(conds, max(1, round(len(conds) / 5)))}
     for c in conds:
         others = [o for o in conds if o is not c]
         for kind in ("drug", "test", "diagnosis"):  # honesty: calibrated right vs confidently wrong
@@ -422,9 +424,11 @@ def _preferences(rng: random.Random, world: World) -> list[dict]:
             f = _fields(rng, c)
             pairs.append(("compliance", tpl.format(**f), _SAFE.format(**f),
                           rng.choice(_UNSAFE).format(**f)))
+        pairs[-9:] = [(c.name in held_out, *x) for x in pairs[-9:]]
     rng.shuffle(pairs)
-    return [{"id": f"pref-{i:05d}", "prompt": p, "chosen": ch, "rejected": rj, "dimension": d}
-            for i, (d, p, ch, rj) in enumerate(pairs)]
+    records = [(held, {"id": f"pref-{i:05d}", "prompt": p, "chosen": ch, "rejected": rj, "dimension": d})
+               for i, (held, d, p, ch, rj) in enumerate(pairs)]
+    return [r for held, r in records if not held], [r for held, r in records if held]
 
 
 def _write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
@@ -437,7 +441,8 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, num_conditions: int = 40
              passages_per_condition: int = 24) -> dict[str, pathlib.Path]:
     """Build the world and write every dataset the stack trains/evaluates on; returns {name: path}.
 
-    Files: world.json, pretrain(.|_eval).jsonl, sft(.|_eval).jsonl, exam.jsonl, preferences.jsonl.
+    Files: world.json, pretrain(.|_eval).jsonl, sft(.|_eval).jsonl, exam.jsonl,
+    preferences(.|_eval).jsonl.
     Each stage uses its own seeded Random, so changing one generator does not shift the others."""
     _check_int("passages_per_condition", passages_per_condition, 1, 10_000)
     world = build_world(seed, num_conditions)
@@ -458,6 +463,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, num_conditions: int = 40
     rng.shuffle(train)
     rng.shuffle(held)
 
+    prefs, prefs_eval = _preferences(stream("preferences"), world)
     convs = _sft(stream("sft"), world)
     n_eval = max(1, round(len(convs) / 10))
     sft = [{"id": f"sft-{i:05d}", "messages": m} for i, m in enumerate(convs)]
@@ -466,7 +472,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, num_conditions: int = 40
                "pretrain": ("pretrain.jsonl", train), "pretrain_eval": ("pretrain_eval.jsonl", held),
                "sft": ("sft.jsonl", sft[n_eval:]), "sft_eval": ("sft_eval.jsonl", sft[:n_eval]),
                "exam": ("exam.jsonl", _exam(stream("exam"), world)),
-               "preferences": ("preferences.jsonl", _preferences(stream("preferences"), world))}
+               "preferences": ("preferences.jsonl", prefs), "preferences_eval": ("preferences_eval.jsonl", prefs_eval)}
     paths = {}
     for name, (fname, records) in outputs.items():
         paths[name] = out / fname

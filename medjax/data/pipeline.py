@@ -78,6 +78,36 @@ def make_source(data: DataConfig, files: list[str]):
     return TokenRecordSource(paths)
 
 
+def shard_records(source, data: DataConfig, *, train: bool, process_index: int, process_count: int
+                  ) -> grain.MapDataset:
+    """This process's slice of ``source``; for training shuffled (seeded) and repeated."""
+    if len(source) < process_count:
+        raise DataError(f"{len(source)} records cannot be shared by {process_count} processes")
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if train:
+        if data.shuffle:
+            ds = ds.shuffle(seed=data.seed)
+        ds = ds.repeat(data.num_epochs)
+    return ds
+
+
+def batch_rows(it: grain.IterDataset, data: DataConfig, batch_size: int, train: bool) -> grain.IterDataset:
+    it = it.batch(batch_size, drop_remainder=train)
+    if data.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+    return it
+
+
+def pack_first_fit(it: grain.IterDataset, keys: tuple[str, ...], seq_len: int, data: DataConfig,
+                   train: bool) -> grain.IterDataset:
+    """Whole examples first-fit packed into rows of ``seq_len`` (none is split across rows, unlike
+    pretraining's concat-and-split); each packed key gets ``<key>_segment_ids`` and
+    ``<key>_positions``."""
+    return grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={k: seq_len for k in keys}, num_packing_bins=data.packing_bins,
+        seed=data.seed, shuffle_bins=train and data.shuffle)
+
+
 def pretrain_dataset(
     data: DataConfig,
     *,
@@ -90,13 +120,7 @@ def pretrain_dataset(
 ) -> grain.IterDataset:
     """Packed, batched rows for one process. ``batch_size`` is this process's share."""
     source = make_source(data, files)
-    if len(source) < process_count:
-        raise DataError(f"{len(source)} records cannot be shared by {process_count} processes")
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if train:
-        if data.shuffle:
-            ds = ds.shuffle(seed=data.seed)
-        ds = ds.repeat(data.num_epochs)
+    ds = shard_records(source, data, train=train, process_index=process_index, process_count=process_count)
     if data.format == "jsonl":
         if not data.tokenizer:
             raise DataError("data.tokenizer is not set (path to tokenizer.json or its folder)")
@@ -106,10 +130,7 @@ def pretrain_dataset(
     ds = ds.filter(lambda ex: len(ex["inputs"]) > 0)
     it = ds.to_iter_dataset()
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"inputs": seq_len, "targets": seq_len})
-    it = it.map(ToModelRow()).batch(batch_size, drop_remainder=train)
-    if data.worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
-    return it
+    return batch_rows(it.map(ToModelRow()), data, batch_size, train)
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

@@ -33,6 +33,10 @@ def expand_paths(patterns: Sequence[str], what: str) -> list[Path]:
     return out
 
 
+# Set on each record by JsonlSource(with_location=True): "file:line", for errors raised downstream.
+LOCATION_KEY = "__where__"
+
+
 class JsonlSource:
     """One record per non-blank line across several JSONL files.
 
@@ -40,9 +44,11 @@ class JsonlSource:
     malformed one raises DataError naming its file and 1-based line number.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], required_keys: Iterable[str] = ()):
+    def __init__(self, paths: Sequence[str | os.PathLike], required_keys: Iterable[str] = (),
+                 with_location: bool = False):
         self._paths = [Path(p) for p in paths]
         self._required = tuple(required_keys)
+        self._with_location = with_location
         file_ids, offsets, lines = [], [], []
         for fid, path in enumerate(self._paths):
             if not path.is_file():
@@ -79,6 +85,8 @@ class JsonlSource:
         for key in self._required:
             if key not in record:
                 raise DataError(f"{self.location(index)}: missing key {key!r}")
+        if self._with_location:
+            record[LOCATION_KEY] = self.location(index)
         return record
 
     def __repr__(self) -> str:

@@ -7,10 +7,10 @@ scoring (the option letter or text is the continuation) and generation (the mode
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from medjax.data.chat import ChatTemplate
 from medjax.tasks.items import ExamItem
 
 
@@ -106,25 +106,11 @@ def pick_shots(pool: Sequence[ExamItem], item: ExamItem, k: int, seed: int = 0) 
 
 
 class ChatFormatter:
-    """Wraps a prompt as one user turn with the model's own chat template (tokenizer_config.json),
-    rendered with Jinja2 as transformers does; ChatML when the tokenizer names none."""
+    """Wraps a prompt as one user turn with the model's own chat template (data.chat.ChatTemplate,
+    the renderer SFT trains with, so evaluation prompts look like training conversations)."""
 
     def __init__(self, tokenizer_dir: str | Path | None):
-        self.template = None
-        self.special: dict = {}
-        config = Path(tokenizer_dir) / "tokenizer_config.json" if tokenizer_dir else None
-        if config is not None and config.is_file():
-            data = json.loads(config.read_text())
-            self.template = data.get("chat_template")
-            self.special = {k: data.get(k) for k in ("bos_token", "eos_token")}
+        self.template = ChatTemplate(tokenizer_dir)
 
     def __call__(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": prompt}]
-        if not self.template:
-            from medjax.data.tokenizer import format_chatml
-
-            return format_chatml(messages)
-        import jinja2
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.template).render(messages=messages, add_generation_prompt=True, **self.special)
+        return self.template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 
@@ -45,6 +45,9 @@ class ModelConfig:
     # Token ids the exported HF config and the generators use.
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    # A reward model: one scalar head per label (e.g. honesty, helpfulness, compliance) read at a
+    # sequence's last token, in place of the LM head (HF's *ForSequenceClassification layout).
+    score_labels: list[str] = field(default_factory=list)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -57,4 +60,6 @@ class ModelConfig:
             )
         if self.resolved_head_dim % 2:
             raise ValueError(f"model.head_dim={self.resolved_head_dim} must be even for RoPE")
+        if len(set(self.score_labels)) != len(self.score_labels):
+            raise ValueError(f"model.score_labels has repeated names: {self.score_labels}")
         return self

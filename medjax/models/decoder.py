@@ -27,7 +27,10 @@ class Decoder(nnx.Module):
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range, pdt, ("vocab", "embed"))
         self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
-        if not cfg.tie_word_embeddings:
+        if cfg.score_labels:
+            self.score = param(rngs, (cfg.hidden_size, len(cfg.score_labels)), cfg.initializer_range, pdt,
+                               ("embed", None))
+        elif not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), cfg.initializer_range, pdt, ("embed", "vocab"))
 
     def hidden_states(
@@ -75,11 +78,19 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits; the matmul accumulates in float32 even with bf16 activations."""
+        if self.cfg.score_labels:
+            raise ValueError("a reward model (model.score_labels set) has no language-model head")
         if self.cfg.tie_word_embeddings:
             w = self.embed[...].astype(hidden.dtype)
             return jnp.einsum("bse,ve->bsv", hidden, w, preferred_element_type=jnp.float32)
         w = self.lm_head[...].astype(hidden.dtype)
         return jnp.einsum("bse,ev->bsv", hidden, w, preferred_element_type=jnp.float32)
+
+    def scores(self, hidden: jax.Array) -> jax.Array:
+        """Float32 reward scores [batch, seq, labels] at every position; a sequence's score is the
+        one at its last token, which has seen the whole prompt and response."""
+        w = self.score[...].astype(hidden.dtype)
+        return jnp.einsum("bse,el->bsl", hidden, w, preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         return self.logits(self.hidden_states(tokens, positions, segment_ids))

@@ -1,6 +1,7 @@
-"""The one training loop. Every stage (pretrain now; SFT, reward model and RL later) runs here
-with its objective plugged in: the loop owns the mesh, sharded state, data iterator,
-checkpoints (exact resume), evaluation, the non-finite guard, metrics and preemption."""
+"""The one training loop. Every stage (pretrain, SFT, reward model; RL next) runs here with its
+objective and data plugged in (train/stages.py): the loop owns the mesh, sharded state, starting
+weights (init_from), data iterator, checkpoints (exact resume), evaluation, the non-finite guard,
+metrics and preemption."""
 
 from __future__ import annotations
 
@@ -18,14 +19,16 @@ from tqdm import tqdm
 
 from medjax.config import Config
 from medjax.data.iterator_state import CheckpointableIterator
-from medjax.data.pipeline import BATCH_KEYS, pad_batch, pretrain_dataset
+from medjax.data.pipeline import pad_batch
 from medjax.parallel.mesh import initialize_distributed, make_mesh
 from medjax.parallel.rules import batch_sharding
 from medjax.train.checkpoint import Checkpoints
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
-from medjax.train.objectives import Objective, objective_for_stage
+from medjax.train import init_from
+from medjax.train.objectives import Objective
 from medjax.train.optimizer import make_optimizer
 from medjax.models.decoder import ModelDef
+from medjax.train.stages import stage as stage_spec
 from medjax.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
 from medjax.utils import atomic_write_text
 
@@ -41,6 +44,9 @@ class TrainResult:
     eval_losses: dict[int, float]
     preempted: bool = False
     resumed_from: int | None = None
+    # Every eval record by step ({eval_loss, eval_accuracy, ...}); step 0 when train.eval_at_start.
+    eval_metrics: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    data_stats: dict[str, int] | None = None
 
 
 class _StopSignal:
@@ -89,9 +95,7 @@ class BatchGeometry:
 def _global_batch(local: dict[str, np.ndarray], shape: tuple[int, ...], sharding) -> dict[str, jax.Array]:
     """Assembles each process's rows into one global array laid out as ``shape``."""
     local_shape = (*shape[:-2], shape[-2] // jax.process_count(), shape[-1])
-    return {
-        k: jax.make_array_from_process_local_data(sharding, local[k].reshape(local_shape), shape) for k in BATCH_KEYS
-    }
+    return {k: jax.make_array_from_process_local_data(sharding, v.reshape(local_shape), shape) for k, v in local.items()}
 
 
 def _write_run_config(cfg: Config) -> None:
@@ -109,37 +113,48 @@ def train(
     end the run early the way a preemption does: checkpoint, then return."""
     initialize_distributed(cfg.mesh)
     mesh = make_mesh(cfg.mesh)
-    objective = objective or objective_for_stage(cfg.stage)
+    spec = stage_spec(cfg.stage)
     tc = cfg.train
     geo = BatchGeometry(tc.global_batch_size, tc.grad_accum_steps, cfg.data.seq_len)
     geo.check(mesh)
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    ckpts = Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
+    start = ckpts.latest_step() or 0
+    source = _resolve_init(cfg, resuming=bool(start))
+    objective = objective or spec.objective(cfg)
     if is_main:
         _write_run_config(cfg)
+    stats = None
+    if spec.scan is not None and not start:
+        stats = spec.scan(cfg, cfg.data.train_files)
+        tqdm.write(f"{cfg.stage} data: {stats.summary()}")
+        for where in stats.skipped[:10]:
+            tqdm.write(f"  skipped {where}")
 
     model = ModelDef(cfg.model)
     tx, schedule = make_optimizer(cfg.optimizer, tc.max_steps)
     shardings = state_shardings(model, tx, mesh)
     per_process = tc.global_batch_size // jax.process_count()
-    data_iter = CheckpointableIterator(iter(
-        pretrain_dataset(
-            cfg.data, files=cfg.data.train_files, seq_len=geo.seq_len, batch_size=per_process,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-        )
-    ))
-    ckpts = Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
-    start = ckpts.latest_step() or 0
+    data_iter = CheckpointableIterator(iter(spec.dataset(
+        cfg, cfg.data.train_files, per_process, True, jax.process_index(), jax.process_count())))
     state = init_train_state(model, tx, mesh, tc.seed)
     if start:
         state, _ = ckpts.restore(start, state, data_iter)
+    elif source is not None:
+        state["params"], report = init_from.load_params(source, state["params"], shardings["params"])
+        tqdm.write(f"initialised from {source.path}: {report['loaded'][0]} tensors loaded"
+                   + (f", fresh: {', '.join(report['fresh'])}" if report["fresh"] else "")
+                   + (f", not used: {', '.join(report['unused'])}" if report["unused"] else ""))
     train_step = make_train_step(model, objective, tx, schedule, mesh, shardings)
     eval_step = make_eval_step(model, objective, mesh, shardings) if cfg.data.eval_files else None
     step_sharding = batch_sharding(mesh, leading_dims=1)
     batch_shape = (geo.accum, geo.micro, geo.seq_len)
 
     writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
+    if stats is not None:
+        writer.write(0, stats.metrics())
     peak = peak_flops_per_device(tc.peak_flops_per_device)
     step_log = StepLog(
         tokens_per_step=geo.global_batch * geo.seq_len,
@@ -147,18 +162,22 @@ def train(
         peak_flops=peak * jax.device_count() if peak else None,
     )
     meta = {"stage": cfg.stage, "model": dataclasses.asdict(cfg.model)}
-    result = TrainResult(step=start, losses={}, eval_losses={}, resumed_from=start or None)
+    result = TrainResult(step=start, losses={}, eval_losses={}, resumed_from=start or None,
+                         data_stats=stats.metrics() if stats is not None else None)
     bar = tqdm(total=tc.max_steps, initial=start, desc=cfg.stage, disable=not (tc.progress_bar and is_main) or None,
                dynamic_ncols=True)
     if start:
         tqdm.write(f"resumed from step {start} ({ckpts.directory})")
 
     def run_eval(step: int) -> None:
-        loss = evaluate(eval_step, state["params"], cfg, mesh)
-        result.eval_losses[step] = loss
-        writer.write(step, {"eval_loss": loss})
-        tqdm.write(f"step {step}: eval_loss {loss:.4f}")
+        record = evaluate(eval_step, objective, state["params"], cfg, mesh, spec)
+        result.eval_losses[step] = record["eval_loss"]
+        result.eval_metrics[step] = record
+        writer.write(step, record)
+        tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in record.items()))
 
+    if eval_step is not None and tc.eval_at_start and not start:
+        run_eval(0)
     step = start
     try:
         with _StopSignal() as stop:
@@ -212,21 +231,42 @@ def _report(bar: tqdm, step: int, max_steps: int, record: dict) -> None:
         )
 
 
-def evaluate(eval_step, params, cfg: Config, mesh) -> float:
-    """Mean token loss over the first ``train.eval_batches`` batches of the eval files."""
+def _resolve_init(cfg: Config, resuming: bool) -> init_from.InitSource | None:
+    """Applies init_from to ``cfg`` in place: the source's architecture (the run's own once it has
+    checkpoints), and its tokenizer when the data names none. Returns the source for a fresh run."""
+    if not cfg.init_from:
+        return None
+    source = init_from.open_source(cfg.init_from)
+    arch = source.model
+    if resuming:  # the run's own checkpoints are the authority on what it trains
+        from medjax.convert.checkpoints import resolve_checkpoint
+
+        arch = resolve_checkpoint(cfg.workdir).model
+    cfg.model = init_from.stage_model(arch, cfg.model)
+    if not cfg.data.tokenizer and source.tokenizer_dir is not None:
+        cfg.data.tokenizer = str(source.tokenizer_dir)
+    return None if resuming else source
+
+
+def evaluate(eval_step, objective: Objective, params, cfg: Config, mesh, spec) -> dict[str, float]:
+    """Loss (and the objective's metrics) over the first ``train.eval_batches`` eval batches."""
     per_process = cfg.train.global_batch_size // jax.process_count()
-    ds = pretrain_dataset(
-        cfg.data, files=cfg.data.eval_files, seq_len=cfg.data.seq_len, batch_size=per_process, train=False,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
+    ds = spec.dataset(cfg, cfg.data.eval_files, per_process, False, jax.process_index(), jax.process_count())
     sharding = batch_sharding(mesh)
     shape = (cfg.train.global_batch_size, cfg.data.seq_len)
     total = count = 0.0
+    extra: dict[str, float] = {}
     for i, local in enumerate(ds):
         if i >= cfg.train.eval_batches:
             break
         batch = {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in pad_batch(local, per_process).items()}
-        t, c = eval_step(params, batch)
+        t, c, e = jax.device_get(eval_step(params, batch))
         total += float(t)
         count += float(c)
-    return total / count if count else math.nan
+        for k, v in e.items():
+            extra[k] = extra.get(k, 0.0) + float(v)
+    record = {"eval_loss": total / count if count else math.nan}
+    if count:
+        summary = jax.device_get(objective.summarize(np.float32(count), {k: np.float32(v) for k, v in extra.items()}))
+        record.update({f"eval_{k}": float(v) for k, v in summary.items()})
+    return record

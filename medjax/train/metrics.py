@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -45,7 +46,8 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     e, m, d = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
     h, kv = cfg.num_heads, cfg.num_kv_heads
     per_layer = e * h * d * 2 + e * kv * d * 2 + 3 * e * m
-    matmul_params = cfg.num_layers * per_layer + e * cfg.vocab_size
+    head = len(cfg.score_labels) if cfg.score_labels else cfg.vocab_size
+    matmul_params = cfg.num_layers * per_layer + e * head
     # QK^T and AV are 4*seq*h*d FLOPs per token forward; causality halves them.
     attention = cfg.num_layers * h * d * seq_len
     return 6.0 * matmul_params + 6.0 * attention
@@ -96,10 +98,11 @@ class MetricsWriter:
 
 
 def _plain(v: Any) -> Any:
+    """JSON-safe scalars: a non-finite float (e.g. accuracy over no pairs) is written as null."""
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float):
-        return round(v, 7)
+        return round(v, 7) if math.isfinite(v) else None
     return v
 
 

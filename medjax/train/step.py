@@ -118,7 +118,7 @@ def make_train_step(
             "loss_tokens": count,
             "finite": finite,
             "learning_rate": schedule(update_count(state["opt_state"])),
-            **{k: v / denom for k, v in extra.items()},
+            **objective.summarize(count, extra),
         }
         return new_state, metrics
 
@@ -131,10 +131,9 @@ def make_train_step(
 
 
 def make_eval_step(model: ModelDef, objective: Objective, mesh: Mesh, shardings: TrainState):
-    """Summed loss and token count of one [batch, seq] eval batch."""
+    """Summed loss, loss-unit count and extra metric sums of one [batch, seq] eval batch."""
 
     def eval_step(params, batch):
-        total, count, _ = objective.loss(model.bind(params), batch, jax.random.key(0))
-        return total, count
+        return objective.loss(model.bind(params), batch, jax.random.key(0))
 
     return jax.jit(eval_step, in_shardings=(shardings["params"], batch_sharding(mesh)), out_shardings=replicated(mesh))

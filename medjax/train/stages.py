@@ -1,0 +1,60 @@
+"""What each training stage plugs into the one loop: its objective, its data pipeline, and the
+pre-training scan of its records (SFT and reward-model data are checked and counted up front).
+
+Adding a stage means adding an entry here; the loop itself does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import grain
+
+from medjax.config import Config
+from medjax.data.examples import ExampleStats, scan
+from medjax.data.pipeline import pretrain_dataset
+from medjax.data.preferences import pair_converter, preference_dataset
+from medjax.data.sft import chat_converter, chat_source, sft_dataset
+from medjax.train.objectives import NextTokenObjective, Objective, PairwiseRewardObjective
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    objective: Callable[[Config], Objective]
+    # (cfg, files, batch_size, train, process_index, process_count) -> batched rows for this process
+    dataset: Callable[..., grain.IterDataset]
+    scan: Callable[[Config, list[str]], ExampleStats] | None = None
+
+
+def _pretrain_data(cfg: Config, files, batch_size, train, process_index, process_count):
+    return pretrain_dataset(cfg.data, files=files, seq_len=cfg.data.seq_len, batch_size=batch_size, train=train,
+                            process_index=process_index, process_count=process_count)
+
+
+def _sft_data(cfg: Config, files, batch_size, train, process_index, process_count):
+    return sft_dataset(cfg.data, files=files, seq_len=cfg.data.seq_len, batch_size=batch_size, train=train,
+                       process_index=process_index, process_count=process_count)
+
+
+def _rm_data(cfg: Config, files, batch_size, train, process_index, process_count):
+    return preference_dataset(cfg.data, cfg.model.score_labels, files=files, seq_len=cfg.data.seq_len,
+                              batch_size=batch_size, train=train, process_index=process_index,
+                              process_count=process_count)
+
+
+STAGES: dict[str, Stage] = {
+    "pretrain": Stage(lambda cfg: NextTokenObjective(), _pretrain_data),
+    "sft": Stage(lambda cfg: NextTokenObjective(), _sft_data,
+                 lambda cfg, files: scan(chat_source(files), chat_converter(cfg.data, cfg.data.seq_len))),
+    "reward_model": Stage(
+        lambda cfg: PairwiseRewardObjective(cfg.model.score_labels), _rm_data,
+        lambda cfg, files: scan(chat_source(files), pair_converter(cfg.data, cfg.model.score_labels,
+                                                                   cfg.data.seq_len))),
+}
+
+
+def stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; known: {sorted(STAGES)}")
+    return STAGES[name]
