@@ -84,6 +84,19 @@ def _cmd_eval_ngrams(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score_rm(args: argparse.Namespace) -> int:
+    from medjax.serve.reward_model import score_file
+
+    summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size)
+    print(f"scored {summary['records']} records with labels {', '.join(summary['labels'])}"
+          + (f"; wrote {args.out}" if args.out else ""))
+    for dim, acc in summary.get("accuracy", {}).items():
+        print(f"  pairwise accuracy {dim}: {acc * 100:.1f}%")
+    if "accuracy_overall" in summary:
+        print(f"  pairwise accuracy overall: {summary['accuracy_overall'] * 100:.1f}%")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from medjax.serve.vllm_server import serve
 
@@ -157,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default=None)
     p.add_argument("--skip-bad", action="store_true")
     p.set_defaults(func=_cmd_eval_ngrams)
+
+    p = sub.add_parser("score-rm", help="score (prompt, response) records or preference pairs with a reward model")
+    p.add_argument("--model", required=True, help="reward-model run, model directory or Hugging Face directory")
+    p.add_argument("--input", required=True, help="JSONL: {prompt, response} or {prompt, chosen, rejected, dimension}")
+    p.add_argument("--out", default=None, help="JSON lines with the scores per label (written atomically)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_score_rm)
 
     p = sub.add_parser("serve", help="serve a Hugging Face directory with vLLM's OpenAI-compatible server")
     p.add_argument("hf_dir")

@@ -1,8 +1,8 @@
 """`medjax demo`: the recipe end to end on the bundled synthetic medical world, on CPU.
 
-Stages so far: generate data -> train the tokenizer -> continued pretraining -> export to Hugging
-Face safetensors (served by vLLM) -> evaluate on the bundled exam before and after pretraining.
-Later stages (SFT, reward model, RL) append themselves here.
+Stages so far: generate data -> train the tokenizer -> continued pretraining -> SFT -> reward model
+-> export the SFT model to Hugging Face safetensors (served by vLLM) -> evaluate on the bundled exam
+before pretraining, after it and after SFT. RL appends itself here.
 """
 
 from __future__ import annotations
@@ -31,17 +31,22 @@ def _texts(*paths: Path, key: str = "text"):
                     yield json.loads(line)[key]
 
 
-def run_demo(workdir: str, max_steps: int | None = None) -> dict[str, Path]:
-    root = Path(workdir).absolute()
-    print(f"[1/5] generating the synthetic medical world in {root / 'data'}")
-    files = medworld.generate(root / "data", seed=0)
-    print(f"[2/5] training the BPE tokenizer in {root / 'tokenizer'}")
-    tokenizer_dir = train_tokenizer(_texts(files["pretrain"], files["pretrain_eval"]), root / "tokenizer", vocab_size=4096)
-    overrides = [f"workdir={root / 'pretrain'}"]
+def _stage_config(name: str, root: Path, max_steps: int | None):
+    overrides = [f"workdir={root / name}"]
     if max_steps is not None:
         overrides.append(f"train.max_steps={max_steps}")
-    cfg = load_config(DEMO_CONFIGS / "pretrain.yaml", overrides)
-    print(f"[3/5] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
+    return load_config(DEMO_CONFIGS / f"{name}.yaml", overrides)
+
+
+def run_demo(workdir: str, max_steps: int | None = None) -> dict[str, Path]:
+    """``max_steps`` caps every training stage (default: each demo config's own)."""
+    root = Path(workdir).absolute()
+    print(f"[1/7] generating the synthetic medical world in {root / 'data'}")
+    files = medworld.generate(root / "data", seed=0)
+    print(f"[2/7] training the BPE tokenizer in {root / 'tokenizer'}")
+    tokenizer_dir = train_tokenizer(_texts(files["pretrain"], files["pretrain_eval"]), root / "tokenizer", vocab_size=4096)
+    cfg = _stage_config("pretrain", root, max_steps)
+    print(f"[3/7] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
           f"for {cfg.train.max_steps} steps in {cfg.workdir}")
     result = train(cfg)
     steps = sorted(result.losses)
@@ -50,48 +55,75 @@ def run_demo(workdir: str, max_steps: int | None = None) -> dict[str, Path]:
               f"{result.losses[steps[-1]]:.4f} (step {steps[-1]})")
     for step, ev in sorted(result.eval_losses.items()):
         print(f"  eval loss at step {step}: {ev:.4f}")
+
+    sft_cfg = _stage_config("sft", root, max_steps)
+    print(f"[4/7] SFT on {files['sft'].name} (loss on assistant turns only) for {sft_cfg.train.max_steps} steps "
+          f"in {sft_cfg.workdir}")
+    sft = train(sft_cfg)
+    sft_evals = sorted(sft.eval_losses.items())
+    print(f"  SFT eval loss: {sft_evals[0][1]:.4f} (step {sft_evals[0][0]}, the pretrained model) -> "
+          f"{sft_evals[-1][1]:.4f} (step {sft_evals[-1][0]})")
+
+    rm_cfg = _stage_config("reward_model", root, max_steps)
+    print(f"[5/7] reward model ({', '.join(rm_cfg.model.score_labels)}) on {files['preferences'].name} "
+          f"for {rm_cfg.train.max_steps} steps in {rm_cfg.workdir}")
+    rm = train(rm_cfg)
+    for label, (step, record) in (("before", min(rm.eval_metrics.items())), ("after", max(rm.eval_metrics.items()))):
+        dims = ", ".join(f"{d} {record[f'eval_accuracy_{d}'] * 100:.1f}%" for d in rm_cfg.model.score_labels)
+        print(f"  RM held-out pairwise accuracy {label} training (step {step}): "
+              f"{record['eval_accuracy'] * 100:.1f}% ({dims})")
+
     hf_dir = root / "hf"
     if hf_dir.exists():
         shutil.rmtree(hf_dir)  # a re-run replaces the export of the previous run
-    print(f"[4/5] exporting to Hugging Face safetensors in {hf_dir}")
-    export_hf(cfg.workdir, hf_dir, dtype="float32")
-    prompt = "The first-line drug for"
-    sample = generate_text(hf_dir, [prompt], max_new_tokens=24)[0]
-    print(f"  greedy sample: {prompt!r} -> {sample!r}")
-    print(f"[5/5] evaluating on the bundled exam ({files['exam']}) before and after pretraining")
+    print(f"[6/7] exporting the SFT model to Hugging Face safetensors in {hf_dir}")
+    export_hf(sft_cfg.workdir, hf_dir, dtype="float32")
+    prompt = "What is the first-line drug for " + json.loads(files["world"].read_text())["conditions"][0]["name"] + "?"
+    sample = generate_text(hf_dir, [prompt], max_new_tokens=32, chat=True)[0]
+    print(f"  greedy chat sample: {prompt!r} -> {sample!r}")
+
+    print(f"[7/7] evaluating on the bundled exam ({files['exam']}): before pretraining, after pretraining, after SFT")
     init_dir = root / "init"
     if init_dir.exists():
         shutil.rmtree(init_dir)
     _save_initial_weights(cfg, init_dir, tokenizer_dir)
     eval_dir = root / "eval"
     # Option texts, length-normalised: a pretrained (not yet instruction-tuned) model knows the
-    # facts as prose, not as "Answer: B".
+    # facts as prose, not as "Answer: B"; the same scoring for every model keeps them comparable.
     eval_cfg = EvalConfig(choices="texts", batch_size=16)
-    before = evaluate(str(init_dir), files["exam"], eval_dir / "exam_before.jsonl", eval_cfg, quiet=True)
-    after = evaluate(str(hf_dir), files["exam"], eval_dir / "exam_after.jsonl", eval_cfg, quiet=True)
-    for name, s in (("before pretraining", before), ("after pretraining", after)):
+    summaries = {}
+    for name, model in (("before pretraining", init_dir), ("after pretraining", Path(cfg.workdir)),
+                        ("after SFT", hf_dir)):
+        out = eval_dir / f"exam_{name.replace(' ', '_')}.jsonl"
+        s = summaries[name] = evaluate(str(model), files["exam"], out, eval_cfg, quiet=True)
         print(f"  exam accuracy {name}: {s['accuracy'] * 100:.1f}% "
               f"[95% CI {s['ci95'][0] * 100:.1f}-{s['ci95'][1] * 100:.1f}] over {s['n']} items "
               f"({s['items_per_sec']:.1f} items/s)")
+    final = summaries["after SFT"]
     artifacts = {
         "data": root / "data",
         "tokenizer": tokenizer_dir,
         "pretrain checkpoints": Path(cfg.workdir) / "checkpoints",
         "pretrain metrics": Path(cfg.workdir) / "metrics.jsonl",
-        "tensorboard": Path(cfg.workdir) / "tensorboard",
+        "sft checkpoints": Path(sft_cfg.workdir) / "checkpoints",
+        "reward model": Path(rm_cfg.workdir) / "checkpoints",
+        "tensorboard": root / "*" / "tensorboard",
         "hugging face export": hf_dir,
-        "exam results": eval_dir / "exam_after.jsonl",
-        "exam summary": eval_dir / "exam_after.summary.json",
+        "exam results": eval_dir / "exam_after_SFT.jsonl",
+        "exam summary": eval_dir / "exam_after_SFT.summary.json",
     }
-    if after.get("chart"):
-        artifacts["exam chart"] = Path(after["chart"])
-    plot = plot_metrics(Path(cfg.workdir) / "metrics.jsonl", Path(cfg.workdir) / "loss.png")
-    if plot is not None:
-        artifacts["loss curve"] = plot
+    if final.get("chart"):
+        artifacts["exam chart"] = Path(final["chart"])
+    for stage_cfg in (cfg, sft_cfg, rm_cfg):
+        plot = plot_metrics(Path(stage_cfg.workdir) / "metrics.jsonl", Path(stage_cfg.workdir) / "loss.png")
+        if plot is not None:
+            artifacts[f"{stage_cfg.stage} curves"] = plot
     print("artifacts:")
     for name, path in artifacts.items():
         print(f"  {name:22s} {path}")
-    print(f"serve the exported model with vLLM:\n  medjax serve {hf_dir} --port 8000")
+    print(f"serve the SFT model with vLLM:\n  medjax serve {hf_dir} --port 8000")
+    print(f"score responses with the reward model:\n  medjax score-rm --model {rm_cfg.workdir} "
+          f"--input {files['preferences_eval']}")
     return artifacts
 
 

@@ -64,3 +64,21 @@ def tiny_config(world, workdir, *overrides):
 @pytest.fixture
 def make_config(world):
     return lambda workdir, *overrides: tiny_config(world, workdir, *overrides)
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(world, tmp_path_factory):
+    """A short pretraining run over the world: the starting point of the SFT and RM tests."""
+    from medjax.train.loop import train
+
+    workdir = tmp_path_factory.mktemp("pretrained")
+    train(tiny_config(world, workdir, "train.max_steps=20", "train.checkpoint_every=20", "data.seq_len=64"))
+    return workdir
+
+
+def stage_config(world, workdir, stage, *overrides):
+    """An SFT or reward-model config over the world's chat / preference files (no init_from)."""
+    files = {"sft": ("sft", "sft_eval"), "reward_model": ("preferences", "preferences_eval")}[stage]
+    extra = ["model.score_labels=[honesty, helpfulness, compliance]"] if stage == "reward_model" else []
+    return tiny_config(world, workdir, f"stage={stage}", f"data.train_files=[{world.files[files[0]]}]",
+                       f"data.eval_files=[{world.files[files[1]]}]", "data.seq_len=128", *extra, *overrides)

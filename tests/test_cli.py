@@ -21,7 +21,8 @@ def test_missing_data_is_named(tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """The Quick start's first command on a short budget: data, tokenizer, pretraining, artifacts."""
+    """The Quick start's first command on a short budget: data, tokenizer, pretraining, SFT, reward
+    model, export, exam evaluation, artifacts."""
     out = subprocess.run(
         [sys.executable, "-m", "medjax.cli", "demo", "--workdir", str(tmp_path), "--max-steps", "60"],
         capture_output=True, text=True, timeout=600,
@@ -40,13 +41,23 @@ def test_demo_runs_end_to_end(tmp_path):
     assert str(tmp_path / "pretrain" / "checkpoints") in out.stdout
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     assert f"medjax serve {tmp_path / 'hf'}" in out.stdout
-    assert "greedy sample:" in out.stdout
-    accuracies = re.findall(r"exam accuracy (before|after) pretraining: ([\d.]+)% \[95% CI", out.stdout)
-    assert [name for name, _ in accuracies] == ["before", "after"], out.stdout
-    summary = json.loads((tmp_path / "eval" / "exam_after.summary.json").read_text())
+    assert "greedy chat sample:" in out.stdout
+    sft = re.search(r"SFT eval loss: ([\d.]+) \(step 0, the pretrained model\) -> ([\d.]+) \(step 60\)", out.stdout)
+    assert sft and float(sft.group(2)) < float(sft.group(1)), out.stdout
+    rm = re.findall(r"RM held-out pairwise accuracy (before|after) training \(step \d+\): ([\d.]+)% "
+                    r"\(honesty [\d.]+%, helpfulness [\d.]+%, compliance [\d.]+%\)", out.stdout)
+    assert [name for name, _ in rm] == ["before", "after"], out.stdout
+    assert float(rm[1][1]) > float(rm[0][1])
+    assert "medjax score-rm --model" in out.stdout
+    accuracies = re.findall(r"exam accuracy (before pretraining|after pretraining|after SFT): ([\d.]+)% \[95% CI",
+                            out.stdout)
+    assert [name for name, _ in accuracies] == ["before pretraining", "after pretraining", "after SFT"], out.stdout
+    summary = json.loads((tmp_path / "eval" / "exam_after_SFT.summary.json").read_text())
     exam_items = len((tmp_path / "data" / "exam.jsonl").read_text().splitlines())
     assert summary["n"] == exam_items
-    assert abs(summary["accuracy"] * 100 - float(accuracies[1][1])) < 0.051
+    assert abs(summary["accuracy"] * 100 - float(accuracies[2][1])) < 0.051
+    for stage in ("sft", "reward_model"):
+        assert (tmp_path / stage / "loss.png").stat().st_size > 1000
 
 
 def test_demo_before_weights_are_the_runs_step_zero(tmp_path, make_config):

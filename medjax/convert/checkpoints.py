@@ -104,6 +104,15 @@ class ParamReader:
             tree = tree[key]
         self._meta = tree
 
+    def paths(self) -> list[tuple]:
+        """Every tensor's key path (keys as Orbax stores them: strings)."""
+        def walk(node, prefix):
+            if hasattr(node, "shape"):
+                return [prefix]
+            return [p for k, v in node.items() for p in walk(v, (*prefix, k))]
+
+        return walk(self._meta, ())
+
     def metadata(self, path: tuple) -> tuple[tuple[int, ...], np.dtype]:
         node = self._meta
         for key in path:

@@ -8,8 +8,11 @@ from medjax.convert import ConversionError
 from medjax.models.config import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Reward models (ModelConfig.score_labels set) use HF's sequence-classification head instead.
+REWARD_ARCHITECTURES = {family: arch.replace("ForCausalLM", "ForSequenceClassification")
+                        for family, arch in ARCHITECTURES.items()}
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-FAMILY_OF_ARCH = {arch: family for family, arch in ARCHITECTURES.items()}
+FAMILY_OF_ARCH = {arch: family for table in (ARCHITECTURES, REWARD_ARCHITECTURES) for family, arch in table.items()}
 
 
 def family_of(hf: dict[str, Any], where: str) -> str:
@@ -63,12 +66,30 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
             bos_token_id=_first(hf.get("bos_token_id")),
             eos_token_id=_first(hf.get("eos_token_id")),
+            score_labels=_score_labels(hf, where),
         )
     except KeyError as e:
         raise ConversionError(f"{where}: missing key {e.args[0]!r}") from None
     if family == "llama" and hf.get("mlp_bias"):
         raise ConversionError(f"{where}: mlp_bias=true is not supported")
     return cfg.validate()
+
+
+def _score_labels(hf: dict[str, Any], where: str) -> list[str]:
+    """A *ForSequenceClassification config is a reward model: its labels are id2label in index
+    order (HF writes the keys as strings), else HF's default names for num_labels."""
+    if not any(arch in REWARD_ARCHITECTURES.values() for arch in hf.get("architectures") or []):
+        return []
+    id2label = hf.get("id2label")
+    if not id2label:
+        return [f"LABEL_{i}" for i in range(int(hf.get("num_labels", 2)))]
+    try:
+        by_index = {int(i): str(label) for i, label in id2label.items()}
+    except (TypeError, ValueError):
+        raise ConversionError(f"{where}: id2label keys must be integers, got {sorted(id2label)}") from None
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ConversionError(f"{where}: id2label keys must be 0..{len(by_index) - 1}, got {sorted(by_index)}")
+    return [by_index[i] for i in range(len(by_index))]
 
 
 def _first(value):
@@ -113,6 +134,17 @@ def to_hf_config(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, A
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
     }
+    if cfg.score_labels:
+        # HF reads a sequence's score at its rightmost token that is not pad_token_id and refuses
+        # batches when none is set. The eos id stands in, as the bundled tokenizer pads with eos;
+        # scored sequences (ChatML) end with the template's newline, never with the pad id.
+        out.update(
+            architectures=[REWARD_ARCHITECTURES[cfg.family]],
+            num_labels=len(cfg.score_labels),
+            id2label={str(i): label for i, label in enumerate(cfg.score_labels)},
+            label2id={label: i for i, label in enumerate(cfg.score_labels)},
+            pad_token_id=cfg.eos_token_id,
+        )
     if cfg.family == "llama":
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     else:

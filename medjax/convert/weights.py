@@ -33,7 +33,8 @@ class TensorMap:
             return (shape[2], shape[0] * shape[1])
         if name.endswith("_proj.bias"):
             return (shape[0] * shape[1],)
-        if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight")):
+        if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight",
+                          "score.weight")):
             return (shape[1], shape[0])
         return shape
 
@@ -89,7 +90,11 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             TensorMap((*me, "mlp", "w_down"), f"{hf}.mlp.down_proj.weight", (m, e), _t, _t),
         ]
     maps.append(TensorMap(("final_norm", "scale"), "model.norm.weight", (e,), _same, _same))
-    if not cfg.tie_word_embeddings:
+    if cfg.score_labels:
+        # A reward model has no LM head (tied or not): HF *ForSequenceClassification keeps its
+        # bias-free head as `score.weight` [labels, hidden], ours is [hidden, labels].
+        maps.append(TensorMap(("score",), "score.weight", (e, len(cfg.score_labels)), _t, _t))
+    elif not cfg.tie_word_embeddings:
         maps.append(TensorMap(("lm_head",), "lm_head.weight", (e, v), _t, _t))
     return maps
 

@@ -92,6 +92,14 @@ class Decoder(nnx.Module):
         w = self.score[...].astype(hidden.dtype)
         return jnp.einsum("bse,el->bsl", hidden, w, preferred_element_type=jnp.float32)
 
+    def sequence_scores(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+        """Reward scores [batch, labels] of right-padded sequences, read at each one's last real
+        token (the reward model's verdict on the whole prompt and response)."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+        scores = self.scores(self.hidden_states(tokens, positions, segment_ids))
+        return jnp.take_along_axis(scores, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
     def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         return self.logits(self.hidden_states(tokens, positions, segment_ids))
 

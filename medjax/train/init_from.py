@@ -47,8 +47,7 @@ class InitSource:
             return
         ref = resolve_checkpoint(self.path)
         reader = ParamReader(ref)
-        abstract = _paths(reader._meta)
-        for path in abstract:
+        for path in reader.paths():
             yield tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path), reader.read(path)
 
 
