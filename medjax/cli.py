@@ -15,10 +15,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from medjax.config import load_config
     from medjax.train.loop import train
 
+    from pathlib import Path
+
+    from medjax.train.plots import plot_metrics
+
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     last = result.losses[max(result.losses)] if result.losses else float("nan")
     print(f"{cfg.stage}: stopped at step {result.step}, last loss {last:.4f}; workdir {cfg.workdir}")
+    metrics = Path(cfg.workdir) / "metrics.jsonl"
+    if metrics.is_file() and (plot := plot_metrics(metrics, Path(cfg.workdir) / "loss.png")) is not None:
+        print(f"curves: {plot}")
     return 0
 
 

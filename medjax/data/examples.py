@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import grain
 import numpy as np
@@ -121,11 +121,14 @@ def nonempty(example: dict[str, np.ndarray]) -> bool:
     return next(iter(example.values())).size > 0
 
 
-def scan(source, converter: Converter, progress: Callable[[int], None] | None = None) -> ExampleStats:
+def scan(source, converter: Converter, progress_from: int = 20_000) -> ExampleStats:
     """Runs the converter over every record once: bad records stop here, before any compile,
-    unless skipped; the counts go to the run's metrics."""
+    unless skipped; the counts go to the run's metrics. A bar shows progress on large files."""
+    from tqdm import tqdm
+
     stats = ExampleStats()
-    for i in range(len(source)):
+    for i in tqdm(range(len(source)), desc="checking records", disable=len(source) < progress_from,
+                  mininterval=5, leave=False):
         _, status = converter.convert(source[i])
         stats.records += 1
         if status == TRUNCATED:
@@ -134,8 +137,6 @@ def scan(source, converter: Converter, progress: Callable[[int], None] | None = 
             stats.dropped += 1
         elif status.startswith(SKIPPED):
             stats.skipped.append(status[len(SKIPPED) + 2:])
-        if progress is not None:
-            progress(i)
     if stats.records and not stats.used:
         raise DataError(f"no usable examples: {stats.summary()}")
     return stats
