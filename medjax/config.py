@@ -102,8 +102,60 @@ class TrainConfig:
 
 
 @dataclass
+class RewardSpec:
+    """One reward component: a built-in name (exam, format, length, reward_model) or an import path
+    "package.module:function" to a user function (see medjax/rl/rewards.py for the signature)."""
+
+    name: str = "exam"
+    weight: float = 1.0
+    # Component options, e.g. {partial_credit: true} for exam, {target_tokens: 48} for length,
+    # {model: PATH, dimension: honesty} for reward_model.
+    options: Any = field(default_factory=dict)
+
+
+@dataclass
+class RLConfig:
+    """Policy-gradient RL (stage: rl). A loop step is one optimizer update on train.global_batch_size
+    sequences; each rollout batch (prompts_per_rollout x group_size completions) feeds
+    epochs x rollout/global_batch_size steps."""
+
+    prompts_per_rollout: int = 8
+    group_size: int = 4
+    epochs: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # grpo: (r - mean) / (std + eps) per group; drgrpo: r - mean (no std scaling).
+    advantage: Literal["grpo", "drgrpo"] = "grpo"
+    # token: mean over every completion token of the batch (DAPO); sequence: mean over sequences of
+    # each one's token mean (GRPO); constant: token sum / (sequences x max_new_tokens) (Dr.GRPO).
+    aggregation: Literal["token", "sequence", "constant"] = "token"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    # KL to the frozen starting policy, added to the loss (0 disables it and the reference model;
+    # the logged kl is then measured against the behaviour policy that sampled the batch).
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    # Drop groups whose rewards are all equal (no signal) and sample more prompts to refill.
+    dynamic_sampling: bool = True
+    max_refills: int = 4
+    # Completions that hit max_new_tokens: none; penalty (DAPO soft penalty over the last
+    # overlong_buffer tokens, up to -overlong_penalty); filter (excluded from the loss).
+    overlong: Literal["none", "penalty", "filter"] = "none"
+    overlong_buffer: int = 16
+    overlong_penalty: float = 1.0
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    # Wrap prompts in the tokenizer's chat template (a model after SFT expects it).
+    chat: bool = True
+    # "package.module:factory"; the factory gets the Config and returns a Retriever. Empty: none.
+    retriever: str = ""
+    passages_k: int = 3
+
+
+@dataclass
 class Config:
-    stage: Literal["pretrain", "sft", "reward_model"] = "pretrain"
+    stage: Literal["pretrain", "sft", "reward_model", "rl"] = "pretrain"
     workdir: str = ""
     # Weights a fresh run starts from: a training run (workdir or checkpoint step), a model
     # directory from `medjax import`, or a Hugging Face directory. The model architecture comes
@@ -115,6 +167,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_checkpoint_export_and_transformers_agree(world, trained, tmp_path, choi
         np.testing.assert_allclose(list(a["logprobs"].values()), list(b["logprobs"].values()), atol=1e-3)
     assert ours["accuracy"] == hf["accuracy"] == np.mean([r["correct"] for r in rows_a])
     # Against transformers on the exported weights, for the first item's options.
-    from medjax.eval.prompts import answer_continuation, build_prompt
+    from medjax.tasks.prompts import answer_continuation, build_prompt
 
     item = read_benchmark(bench, limit=1).items[0]
     prompt = build_prompt(item)

@@ -15,7 +15,8 @@ import pytest
 from medjax.data import medworld
 
 EXPECTED_FILES = {"world.json", "pretrain.jsonl", "pretrain_eval.jsonl", "sft.jsonl",
-                  "sft_eval.jsonl", "exam.jsonl", "preferences.jsonl", "preferences_eval.jsonl"}
+                  "sft_eval.jsonl", "exam.jsonl", "preferences.jsonl", "preferences_eval.jsonl",
+                  "rl_prompts.jsonl"}
 SMALL = {"num_conditions": 12, "passages_per_condition": 4}
 
 

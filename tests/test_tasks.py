@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medjax.eval.prompts import ChatFormatter, build_prompt, pick_shots, PromptConfig
+from medjax.eval.prompts import ChatFormatter
+from medjax.tasks.prompts import PromptConfig, build_prompt, pick_shots
 from medjax.eval.report import bootstrap_ci
 from medjax.tasks import ItemError
 from medjax.tasks.answers import extract_answer, score

@@ -297,7 +297,7 @@ def _mcq(rng: random.Random, answer: str, preferred: list[str], pool: list[str],
     return {"options": dict(zip("ABCD", distractors)), "answer": answer, "answer_idx": letter}
 
 
-def _exam(rng: random.Random, world: World) -> list[dict]:
+def _exam(rng: random.Random, world: World, prefix: str = "exam") -> list[dict]:
     """MedQA-US style items, 4 per condition, answer letters exactly balanced then shuffled."""
     conds = world.conditions
     jobs = [(c, k) for c in conds for k in ("diagnosis", "drug", "contra", "test")]
@@ -323,7 +323,7 @@ def _exam(rng: random.Random, world: World) -> list[dict]:
                         [c.first_line_drug] + [o.first_line_drug for o in same], used_drugs, letter)
         else:
             opts = _mcq(rng, c.test, [o.test for o in same], [o.test for o in conds], letter)
-        items.append({"id": f"exam-{i:05d}", "question": q, "options": opts["options"],
+        items.append({"id": f"{prefix}-{i:05d}", "question": q, "options": opts["options"],
                       "answer": opts["answer"], "answer_idx": letter, "meta_info": "step1",
                       "subject": c.subject})
     return items
@@ -441,7 +441,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, num_conditions: int = 40
              passages_per_condition: int = 24) -> dict[str, pathlib.Path]:
     """Build the world and write every dataset the stack trains/evaluates on; returns {name: path}.
 
-    Files: world.json, pretrain(.|_eval).jsonl, sft(.|_eval).jsonl, exam.jsonl,
+    Files: world.json, pretrain(.|_eval).jsonl, sft(.|_eval).jsonl, exam.jsonl, rl_prompts.jsonl,
     preferences(.|_eval).jsonl.
     Each stage uses its own seeded Random, so changing one generator does not shift the others."""
     _check_int("passages_per_condition", passages_per_condition, 1, 10_000)
@@ -472,6 +472,9 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, num_conditions: int = 40
                "pretrain": ("pretrain.jsonl", train), "pretrain_eval": ("pretrain_eval.jsonl", held),
                "sft": ("sft.jsonl", sft[n_eval:]), "sft_eval": ("sft_eval.jsonl", sft[:n_eval]),
                "exam": ("exam.jsonl", _exam(stream("exam"), world)),
+               # RL prompts: the same facts asked as freshly drawn items (own stems, distractors and
+               # letters), so RL never trains on the exam it is evaluated on.
+               "rl_prompts": ("rl_prompts.jsonl", _exam(stream("rl"), world, prefix="rl")),
                "preferences": ("preferences.jsonl", prefs), "preferences_eval": ("preferences_eval.jsonl", prefs_eval)}
     paths = {}
     for name, (fname, records) in outputs.items():

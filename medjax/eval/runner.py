@@ -22,7 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medjax.eval.backends import GenerationSettings, LoglikelihoodRequest, open_model
-from medjax.eval.prompts import ChatFormatter, PromptConfig, Retriever, answer_continuation, build_prompt, pick_shots
+from medjax.eval.prompts import ChatFormatter
+from medjax.tasks.prompts import PromptConfig, Retriever, answer_continuation, build_prompt, pick_shots
 from medjax.eval.report import format_table, plot_groups, summarise
 from medjax.tasks.answers import extract_for_item, score
 from medjax.tasks.items import ExamItem

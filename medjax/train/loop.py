@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 from tqdm import tqdm
@@ -137,18 +138,26 @@ def train(
     tx, schedule = make_optimizer(cfg.optimizer, tc.max_steps)
     shardings = state_shardings(model, tx, mesh)
     per_process = tc.global_batch_size // jax.process_count()
-    data_iter = CheckpointableIterator(iter(spec.dataset(
-        cfg, cfg.data.train_files, per_process, True, jax.process_index(), jax.process_count())))
     state = init_train_state(model, tx, mesh, tc.seed)
-    if start:
-        state, _ = ckpts.restore(start, state, data_iter)
-    elif source is not None:
+    # RL's KL term compares with the weights the run started from: rebuilt on resume as well.
+    needs_reference = cfg.stage == "rl" and cfg.rl.kl_coef > 0
+    if source is not None and (not start or needs_reference):
         state["params"], report = init_from.load_params(source, state["params"], shardings["params"])
         tqdm.write(f"initialised from {source.path}: {report['loaded'][0]} tensors loaded"
                    + (f", fresh: {', '.join(report['fresh'])}" if report["fresh"] else "")
                    + (f", not used: {', '.join(report['unused'])}" if report["unused"] else ""))
+    reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
+    if spec.rollout is not None:
+        data_iter = spec.rollout(cfg, model, lambda: state["params"], (lambda: reference) if reference else None,
+                                 per_process)
+    else:
+        data_iter = CheckpointableIterator(iter(spec.dataset(
+            cfg, cfg.data.train_files, per_process, True, jax.process_index(), jax.process_count())))
+    if start:
+        state, _ = ckpts.restore(start, state, data_iter)
     train_step = make_train_step(model, objective, tx, schedule, mesh, shardings)
-    eval_step = make_eval_step(model, objective, mesh, shardings) if cfg.data.eval_files else None
+    evaluates = cfg.data.eval_files and spec.dataset is not None
+    eval_step = make_eval_step(model, objective, mesh, shardings) if evaluates else None
     step_sharding = batch_sharding(mesh, leading_dims=1)
     batch_shape = (geo.accum, geo.micro, geo.seq_len)
 
@@ -193,6 +202,8 @@ def train(
                 step_log.add(metrics)
                 if step % tc.log_every == 0 or step == tc.max_steps:
                     record = step_log.record()
+                    if hasattr(data_iter, "pop_metrics"):
+                        record.update(data_iter.pop_metrics())
                     result.losses[step] = record["loss"]
                     writer.write(step, record)
                     _report(bar, step, tc.max_steps, record)
@@ -222,18 +233,22 @@ def train(
 
 
 def _report(bar: tqdm, step: int, max_steps: int, record: dict) -> None:
-    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
+    extra = {k: record[k] for k in ("reward_mean", "accuracy", "eval_accuracy") if record.get(k) is not None}
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
+                    **{k: f"{v:.3f}" for k, v in extra.items()})
     if bar.disable:  # no live bar (not a terminal): a log line instead
         tqdm.write(
             f"step {step}/{max_steps} loss {record['loss']:.4f} lr {record['learning_rate']:.3e} "
-            f"grad_norm {record['grad_norm']:.3f} tokens/s {record.get('tokens_per_sec', 0):.0f}",
+            f"grad_norm {record['grad_norm']:.3f} tokens/s {record.get('tokens_per_sec', 0):.0f}"
+            + "".join(f" {k} {v:.3f}" for k, v in extra.items()),
             file=sys.stderr,
         )
 
 
 def _resolve_init(cfg: Config, resuming: bool) -> init_from.InitSource | None:
     """Applies init_from to ``cfg`` in place: the source's architecture (the run's own once it has
-    checkpoints), and its tokenizer when the data names none. Returns the source for a fresh run."""
+    checkpoints), and its tokenizer when the data names none. Returns the source (a resumed run
+    reads it again only when it needs its starting weights, as RL's KL reference does)."""
     if not cfg.init_from:
         return None
     source = init_from.open_source(cfg.init_from)
@@ -245,7 +260,7 @@ def _resolve_init(cfg: Config, resuming: bool) -> init_from.InitSource | None:
     cfg.model = init_from.stage_model(arch, cfg.model)
     if not cfg.data.tokenizer and source.tokenizer_dir is not None:
         cfg.data.tokenizer = str(source.tokenizer_dir)
-    return None if resuming else source
+    return source
 
 
 def evaluate(eval_step, objective: Objective, params, cfg: Config, mesh, spec) -> dict[str, float]:

@@ -22,9 +22,12 @@ from medjax.train.objectives import NextTokenObjective, Objective, PairwiseRewar
 @dataclasses.dataclass(frozen=True)
 class Stage:
     objective: Callable[[Config], Objective]
-    # (cfg, files, batch_size, train, process_index, process_count) -> batched rows for this process
-    dataset: Callable[..., grain.IterDataset]
+    # (cfg, files, batch_size, train, process_index, process_count) -> batched rows for this process;
+    # None for a stage that makes its own data (RL samples it).
+    dataset: Callable[..., grain.IterDataset] | None
     scan: Callable[[Config, list[str]], ExampleStats] | None = None
+    # (cfg, model, current_params(), reference_params() or None, batch_size) -> checkpointable iterator
+    rollout: Callable | None = None
 
 
 def _pretrain_data(cfg: Config, files, batch_size, train, process_index, process_count):
@@ -43,6 +46,18 @@ def _rm_data(cfg: Config, files, batch_size, train, process_index, process_count
                               process_count=process_count)
 
 
+def _rl_rollout(cfg: Config, model, current_params, reference_params, batch_size):
+    from medjax.rl.rollout import RolloutIterator
+
+    return RolloutIterator(cfg, model, current_params, reference_params, batch_size)
+
+
+def _rl_objective(cfg: Config):
+    from medjax.rl.objective import PolicyGradientObjective
+
+    return PolicyGradientObjective(cfg.rl)
+
+
 STAGES: dict[str, Stage] = {
     "pretrain": Stage(lambda cfg: NextTokenObjective(), _pretrain_data),
     "sft": Stage(lambda cfg: NextTokenObjective(), _sft_data,
@@ -51,6 +66,7 @@ STAGES: dict[str, Stage] = {
         lambda cfg: PairwiseRewardObjective(cfg.model.score_labels), _rm_data,
         lambda cfg, files: scan(chat_source(files), pair_converter(cfg.data, cfg.model.score_labels,
                                                                    cfg.data.seq_len))),
+    "rl": Stage(_rl_objective, None, rollout=_rl_rollout),
 }
 
 

@@ -1,0 +1,1 @@
+"""Verifiable reinforcement learning: rollouts, rewards, group advantages, the policy-gradient loss."""

@@ -1,0 +1,78 @@
+"""The clipped policy-gradient objective (PPO-style ratio, GRPO-family advantages), plugged into
+the one training loop like every other stage's objective.
+
+Rows hold one prompt + completion each. Per completion token t:
+  ratio_t = exp(logp_t - old_logp_t)                      (old: the behaviour policy at sampling)
+  pg_t    = -min(ratio_t A, clip(ratio_t, 1 - eps_low, 1 + eps_high) A)
+  kl_t    = logp_t - ref_t (k1)  or  exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (k3)
+  loss_t  = pg_t + beta kl_t
+Aggregation decides the normaliser; the objective returns sums and a count so that gradient
+accumulation over micro-batches equals the whole batch, as for every stage:
+  token:    sum_t loss_t / #tokens                        (DAPO)
+  sequence: sum_s (sum_t loss_t / |s|) / #sequences       (GRPO)
+  constant: sum_t loss_t / (#sequences x max_new_tokens)  (Dr.GRPO)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from medjax.config import RLConfig
+from medjax.models.decoder import Decoder
+
+ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "old_logprobs", "ref_logprobs",
+            "advantages")
+
+
+def token_logprobs(model: Decoder, batch) -> tuple[jax.Array, jax.Array]:
+    """(log p(target) [b, s], entropy of the next-token distribution [b, s]) under ``model``."""
+    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
+    entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
+    return logp, entropy
+
+
+def per_token_loss(logp, old_logp, ref_logp, advantages, cfg: RLConfig):
+    """(loss_t, clipped_t, kl_t): the formulas in the module docstring, elementwise."""
+    ratio = jnp.exp(logp - old_logp)
+    clipped_ratio = jnp.clip(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    pg = -jnp.minimum(ratio * advantages, clipped_ratio * advantages)
+    clipped = (ratio * advantages > clipped_ratio * advantages).astype(jnp.float32)
+    log_r = ref_logp - logp
+    kl = -log_r if cfg.kl_estimator == "k1" else jnp.exp(log_r) - log_r - 1.0
+    return pg + cfg.kl_coef * kl, clipped, kl
+
+
+def aggregate(loss_t, mask, cfg: RLConfig):
+    """(summed loss, count) under cfg.aggregation; the loop divides the batch's sums once."""
+    lengths = mask.sum(-1)
+    sequences = (lengths > 0).astype(jnp.float32).sum()
+    if cfg.aggregation == "token":
+        return (loss_t * mask).sum(), mask.sum()
+    if cfg.aggregation == "sequence":
+        return ((loss_t * mask).sum(-1) / jnp.maximum(lengths, 1.0)).sum(), sequences
+    return (loss_t * mask).sum() / cfg.max_new_tokens, sequences
+
+
+class PolicyGradientObjective:
+    name = "policy_gradient"
+
+    def __init__(self, cfg: RLConfig):
+        self.cfg = cfg
+
+    def loss(self, model: Decoder, batch, rng):
+        logp, entropy = token_logprobs(model, batch)
+        mask = batch["loss_mask"]
+        loss_t, clipped, kl = per_token_loss(logp, batch["old_logprobs"], batch["ref_logprobs"],
+                                             batch["advantages"], self.cfg)
+        total, count = aggregate(loss_t, mask, self.cfg)
+        extra = {"tokens": mask.sum(), "clipped": (clipped * mask).sum(), "kl": (kl * mask).sum(),
+                 "entropy": (entropy * mask).sum(), "ratio": (jnp.exp(logp - batch["old_logprobs"]) * mask).sum()}
+        return total, count, extra
+
+    def summarize(self, count, extra: dict) -> dict:
+        tokens = jnp.maximum(extra["tokens"], 1.0)
+        return {"clip_fraction": extra["clipped"] / tokens, "kl": extra["kl"] / tokens,
+                "entropy": extra["entropy"] / tokens, "ratio_mean": extra["ratio"] / tokens}

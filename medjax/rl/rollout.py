@@ -1,0 +1,255 @@
+"""Rollouts as the RL stage's data iterator: the one training loop asks for a batch, and this
+samples G completions per prompt with the current policy, scores them, forms group advantages and
+serves the rollout batch as minibatches for ``rl.epochs`` passes before sampling again.
+
+Everything a resumed run needs is in ``get_state``: how many prompts were consumed (the prompt
+order is a seeded Grain shuffle, so a count fixes the position), how many rollouts were sampled
+(the sampling RNG folds that in), and the current rollout buffer with the position in it, so a run
+stopped between two updates of one rollout continues on the same samples.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import time
+from typing import Callable
+
+import grain
+import jax
+import numpy as np
+
+from medjax.config import Config, ConfigError
+from medjax.data.chat import ChatTemplate
+from medjax.data.tokenizer import load_tokenizer, tokenizer_file
+from medjax.models.decoder import ModelDef
+from medjax.models.sampler import Sampler, SamplingConfig
+from medjax.rl.advantages import group_advantages, informative_groups, overlong_penalty
+from medjax.rl.objective import ROW_KEYS, token_logprobs
+from medjax.rl.retrieval import load_retriever
+from medjax.rl.rewards import RewardComposer, Sample
+from medjax.tasks.prompts import PromptConfig, build_prompt
+from medjax.tasks.readers import read_benchmark
+
+log = logging.getLogger(__name__)
+
+
+class PromptSet:
+    """Exam items from the configured files, rendered once into prompt token ids; the order is a
+    seeded Grain shuffle repeated forever, read by position."""
+
+    def __init__(self, cfg: Config, tokenizer, template: ChatTemplate):
+        rl, data = cfg.rl, cfg.data
+        items = [it for path in data.train_files for it in read_benchmark(path, skip_bad=data.skip_bad).items]
+        retriever = load_retriever(rl.retriever, cfg)
+        self.items, self.texts, self.ids = [], [], []
+        too_long = 0
+        for item in items:
+            question = build_prompt(item, cfg=PromptConfig(generative=True))
+            passages = retriever.retrieve(item.question, rl.passages_k) if retriever is not None else ()
+            text = build_prompt(item, passages=passages, cfg=PromptConfig(generative=True)) if passages else question
+            if rl.chat:
+                text = template.render([{"role": "user", "content": text}], add_generation_prompt=True)
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+            if len(ids) + rl.max_new_tokens > data.seq_len + 1:
+                too_long += 1
+                continue
+            self.items.append(item)
+            self.texts.append(question)
+            self.ids.append(ids)
+        if too_long:
+            log.warning("%d prompts left out: prompt + rl.max_new_tokens exceeds data.seq_len=%d", too_long, data.seq_len)
+        if not self.items:
+            raise ConfigError(f"no usable RL prompts in {data.train_files} (data.seq_len={data.seq_len}, "
+                              f"rl.max_new_tokens={rl.max_new_tokens})")
+        self.left_out = too_long
+        order = grain.MapDataset.range(len(self.items))
+        if data.shuffle:
+            order = order.shuffle(seed=data.seed)
+        self.order = order.repeat(None)
+
+    def take(self, start: int, n: int) -> list[int]:
+        return [int(self.order[start + i]) for i in range(n)]
+
+
+class RolloutIterator:
+    def __init__(self, cfg: Config, model: ModelDef, current_params: Callable[[], dict],
+                 reference_params: Callable[[], dict] | None, per_process_batch: int):
+        if jax.process_count() > 1:
+            raise NotImplementedError("RL rollouts run on one process for now (multi-host sampling is future work)")
+        self.cfg, self.rl = cfg, cfg.rl
+        self.current_params, self.reference_params = current_params, reference_params
+        rollout_size = self.rl.prompts_per_rollout * self.rl.group_size
+        if rollout_size % per_process_batch:
+            raise ConfigError(f"rl.prompts_per_rollout x rl.group_size = {rollout_size} is not a multiple of "
+                              f"train.global_batch_size = {per_process_batch}")
+        self.batch = per_process_batch
+        tok_dir = tokenizer_file(cfg.data.tokenizer).parent
+        self.tokenizer = load_tokenizer(tok_dir)
+        self.prompts = PromptSet(cfg, self.tokenizer, ChatTemplate(tok_dir))
+        from medjax.serve.generate import stop_token_ids
+
+        self.sampling = SamplingConfig(max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature,
+                                       top_p=self.rl.top_p, top_k=self.rl.top_k,
+                                       stop_token_ids=stop_token_ids(self.tokenizer, cfg.model))
+        self.sampler = Sampler(model)
+        self.rewards = RewardComposer(self.rl.rewards)
+        self._ref_logprobs = jax.jit(lambda p, b: token_logprobs(model.bind(p), b)[0])
+        self.prompts_used = 0
+        self.rollouts = 0
+        self.buffer: dict[str, np.ndarray] | None = None
+        self.schedule: list[np.ndarray] = []
+        self.position = 0
+        self._metrics: dict[str, float] = {}
+        self._rollout_time = 0.0
+        self._last_pop = time.perf_counter()
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.buffer is None or self.position >= len(self.schedule):
+            self._rollout()
+        rows = self.schedule[self.position]
+        self.position += 1
+        return {k: v[rows] for k, v in self.buffer.items()}
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The latest rollout's metrics plus the time split since the last call."""
+        now = time.perf_counter()
+        out = dict(self._metrics)
+        wall = now - self._last_pop
+        out["rollout_time_s"] = self._rollout_time
+        out["update_time_s"] = max(wall - self._rollout_time, 0.0)
+        self._rollout_time, self._last_pop = 0.0, now
+        return out
+
+    # -- one rollout batch -----------------------------------------------------------------------
+
+    def _sample_groups(self, attempt: int):
+        rl = self.rl
+        idx = self.prompts.take(self.prompts_used, rl.prompts_per_rollout)
+        self.prompts_used += rl.prompts_per_rollout
+        prompt_ids = [self.prompts.ids[i] for i in idx for _ in range(rl.group_size)]
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.train.seed), self.rollouts), attempt)
+        t0 = time.perf_counter()
+        gen = self.sampler.generate(self.current_params(), prompt_ids, self.sampling, rng)
+        gen_time = time.perf_counter() - t0
+        stops = set(self.sampling.stop_token_ids)
+        samples = []
+        for row, i in enumerate(np.repeat(idx, rl.group_size)):
+            n = int(gen.lengths[row])
+            ids = gen.tokens[row, :n].tolist()
+            truncated = n == rl.max_new_tokens and (not ids or ids[-1] not in stops)
+            samples.append(Sample(prompt=self.prompts.texts[i], item=self.prompts.items[i], num_tokens=n,
+                                  truncated=truncated, completion_ids=tuple(ids),
+                                  completion=self.tokenizer.decode(ids, skip_special_tokens=True)))
+        total, parts = self.rewards(samples)
+        if rl.overlong == "penalty":
+            parts["overlong"] = overlong_penalty(gen.lengths, rl.max_new_tokens, rl.overlong_buffer,
+                                                 rl.overlong_penalty)
+            total = total + parts["overlong"]
+        shape = (rl.prompts_per_rollout, rl.group_size)
+        return dict(prompt_ids=prompt_ids, gen=gen, samples=samples, rewards=total.reshape(shape),
+                    parts={k: v.reshape(shape) for k, v in parts.items()}, gen_time=gen_time)
+
+    def _rollout(self) -> None:
+        rl = self.rl
+        t0 = time.perf_counter()
+        kept, spare, sampled = [], [], []
+        attempts = 0
+        while len(kept) < rl.prompts_per_rollout and attempts <= (rl.max_refills if rl.dynamic_sampling else 0):
+            batch = self._sample_groups(attempts)
+            sampled.append(batch)
+            useful = informative_groups(batch["rewards"]) if rl.dynamic_sampling else np.ones(len(batch["rewards"]), bool)
+            for g in range(rl.prompts_per_rollout):
+                (kept if useful[g] else spare).append((batch, g))
+            attempts += 1
+        topped_up = max(0, rl.prompts_per_rollout - len(kept))
+        groups = (kept + spare[:topped_up])[:rl.prompts_per_rollout]  # all-equal groups add zero advantage
+        self.buffer = self._rows(groups)
+        order_rng = np.random.default_rng([self.cfg.train.seed, self.rollouts])
+        size = rl.prompts_per_rollout * rl.group_size
+        self.schedule = [perm[i:i + self.batch] for _ in range(rl.epochs)
+                         for perm in [order_rng.permutation(size)] for i in range(0, size, self.batch)]
+        self.position = 0
+        self.rollouts += 1
+        self._metrics = self._rollout_metrics(sampled, attempts, len(kept), topped_up)
+        self._rollout_time += time.perf_counter() - t0
+
+    def _rows(self, groups) -> dict[str, np.ndarray]:
+        rl, seq = self.rl, self.cfg.data.seq_len
+        n = len(groups) * rl.group_size
+        rows = {k: np.zeros((n, seq), np.float32 if k in ("loss_mask", "old_logprobs", "ref_logprobs", "advantages")
+                            else np.int32) for k in ROW_KEYS}
+        r = 0
+        for batch, g in groups:
+            adv = group_advantages(batch["rewards"][g:g + 1], rl.advantage)[0]
+            for j in range(rl.group_size):
+                row = g * rl.group_size + j
+                prompt = batch["prompt_ids"][row]
+                n_gen = int(batch["gen"].lengths[row])
+                full = np.asarray(list(prompt) + batch["gen"].tokens[row, :n_gen].tolist(), np.int32)
+                length = len(full) - 1
+                rows["tokens"][r, :length] = full[:-1]
+                rows["targets"][r, :length] = full[1:]
+                rows["positions"][r, :length] = np.arange(length)
+                rows["segment_ids"][r, :length] = 1
+                start = len(prompt) - 1  # the position whose target is the first completion token
+                if not (rl.overlong == "filter" and batch["samples"][row].truncated):
+                    rows["loss_mask"][r, start:length] = 1.0
+                rows["old_logprobs"][r, start:length] = batch["gen"].logprobs[row, :n_gen]
+                rows["advantages"][r, start:length] = adv[j]
+                r += 1
+        if rl.kl_coef > 0 and self.reference_params is not None:
+            ref = self._ref_logprobs(self.reference_params(), {k: rows[k] for k in ("tokens", "targets", "positions",
+                                                                                     "segment_ids")})
+            rows["ref_logprobs"] = np.asarray(ref, np.float32) * rows["loss_mask"]
+        else:
+            rows["ref_logprobs"] = rows["old_logprobs"].copy()  # unused (kl_coef 0) but finite
+        return rows
+
+    def _rollout_metrics(self, sampled, attempts, kept, topped_up) -> dict[str, float]:
+        rewards = np.concatenate([b["rewards"].ravel() for b in sampled])
+        lengths = np.concatenate([b["gen"].lengths for b in sampled])
+        total_groups = sum(len(b["rewards"]) for b in sampled)
+        out = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "response_length_mean": float(lengths.mean()),
+               "truncated_frac": float(np.mean([s.truncated for b in sampled for s in b["samples"]])),
+               "groups_dropped_frac": float(1 - kept / total_groups) if self.rl.dynamic_sampling else 0.0,
+               "groups_topped_up": float(topped_up), "rollout_attempts": float(attempts),
+               "rollout_tokens_per_sec": float(lengths.sum() / max(sum(b["gen_time"] for b in sampled), 1e-9))}
+        for name in sampled[0]["parts"]:
+            values = np.concatenate([b["parts"][name].ravel() for b in sampled])
+            out[f"reward_{name}_mean"] = float(values.mean())
+            out[f"reward_{name}_std"] = float(values.std())
+        if "exam" in sampled[0]["parts"]:
+            out["accuracy"] = float(np.mean(np.concatenate([b["parts"]["exam"].ravel() for b in sampled]) == 1.0))
+        return out
+
+    # -- checkpointing (grain's handler stores these bytes beside the train state) ---------------
+
+    def get_state(self) -> bytes:
+        buffer = None
+        if self.buffer is not None:
+            blob = io.BytesIO()
+            np.savez(blob, **self.buffer, **{f"schedule_{i}": s for i, s in enumerate(self.schedule)})
+            buffer = base64.b64encode(blob.getvalue()).decode()
+        return json.dumps({"prompts_used": self.prompts_used, "rollouts": self.rollouts, "position": self.position,
+                           "schedule_len": len(self.schedule), "buffer": buffer}).encode()
+
+    def start_prefetch(self) -> None:  # grain's restore calls this; rollouts are made on demand
+        pass
+
+    def set_state(self, state: bytes) -> None:
+        s = json.loads(state)
+        self.prompts_used, self.rollouts, self.position = s["prompts_used"], s["rollouts"], s["position"]
+        self.buffer, self.schedule = None, []
+        if s["buffer"] is not None:
+            arrays = np.load(io.BytesIO(base64.b64decode(s["buffer"])))
+            self.buffer = {k: arrays[k] for k in ROW_KEYS}
+            self.schedule = [arrays[f"schedule_{i}"] for i in range(s["schedule_len"])]

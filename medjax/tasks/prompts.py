@@ -1,0 +1,103 @@
+"""Prompt templates for exam items: zero- or few-shot, English or Chinese,
+with a slot for retrieved passages (filled by a retriever such as the RAG index).
+
+A prompt ends where the answer begins ("Answer:" / "答案："), so the same text serves log-likelihood
+scoring (the option letter or text is the continuation) and generation (the model writes on)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Sequence
+
+from medjax.tasks.items import ExamItem
+
+
+class Retriever(Protocol):
+    """Anything that returns passages for a query; the RAG index implements it."""
+
+    def retrieve(self, query: str, k: int) -> list[str]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    single: str  # instruction for single-answer items
+    multi: str  # instruction when several options may be correct
+    think: str  # generative mode: how to conclude, so the shared extractor finds the answer
+    context: str
+    passages: str
+    question: str
+    answer: str  # the answer cue the prompt ends with
+    letter_sep: str  # between the cue and a letter continuation
+
+
+TEMPLATES = {
+    "en": Template(
+        single="The following is a multiple-choice question about medicine. Choose the single best answer.",
+        multi="The following is a multiple-choice question about medicine. One or more options may be correct; "
+              "choose every correct option.",
+        think="Think step by step, then finish with a line of the form \"The answer is X\".",
+        context="Context:", passages="Reference passages:", question="Question:", answer="Answer:", letter_sep=" "),
+    "zh": Template(
+        single="以下是医学考试的单项选择题，请选出唯一正确的答案。",
+        multi="以下是医学考试的多项选择题，可能有一个或多个正确答案，请选出全部正确答案。",
+        think="请先逐步分析，最后一行写“答案：X”。",
+        context="病例：", passages="参考资料：", question="问题：", answer="答案：", letter_sep=""),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    generative: bool = False
+    # False: cloze style (the options are the scored continuations, not listed), the usual way to
+    # score option texts with a base model, which has never seen lettered lists answered.
+    list_options: bool = True
+
+
+def item_block(item: ExamItem, passages: Sequence[str] = (), list_options: bool = True) -> str:
+    """The item without instruction or answer cue: passages, context, question, options."""
+    t = TEMPLATES[item.language]
+    parts = []
+    if passages:
+        parts.append(t.passages + "\n" + "\n".join(f"[{i}] {p.strip()}" for i, p in enumerate(passages, 1)))
+    if item.context:
+        parts.append(f"{t.context}\n{item.context}")
+    parts.append(f"{t.question} {item.question}" if item.language == "en" else f"{t.question}{item.question}")
+    if list_options:
+        parts.append("\n".join(f"{k}. {v}" for k, v in item.options.items()))
+    return "\n".join(parts)
+
+
+def answer_continuation(item: ExamItem, letter: str | None = None, text: str | None = None,
+                        chat: bool = False) -> str:
+    """What follows the answer cue when scoring a letter (or an option's text); in a chat prompt the
+    assistant turn starts fresh, so no separator."""
+    sep = "" if chat else TEMPLATES[item.language].letter_sep
+    return sep + (letter if text is None else text)
+
+
+def build_prompt(item: ExamItem, shots: Sequence[ExamItem] = (), passages: Sequence[str] = (),
+                 cfg: PromptConfig = PromptConfig()) -> str:
+    """The prompt text for one item (before any chat template)."""
+    t = TEMPLATES[item.language]
+    lines = [t.multi if item.multi else t.single]
+    if cfg.generative:
+        lines.append(t.think)
+    blocks = ["\n".join(lines)]
+    for shot in shots:
+        gold = answer_continuation(shot, shot.gold) if cfg.list_options else \
+            answer_continuation(shot, text="; ".join(shot.options[k] for k in sorted(shot.answer)))
+        blocks.append(f"{item_block(shot, list_options=cfg.list_options)}\n{t.answer}{gold}")
+    blocks.append(f"{item_block(item, passages, cfg.list_options)}\n{t.answer}")
+    return "\n\n".join(blocks)
+
+
+def pick_shots(pool: Sequence[ExamItem], item: ExamItem, k: int, seed: int = 0) -> list[ExamItem]:
+    """k exemplars from ``pool`` in the item's language, never the item itself; the choice depends
+    only on (seed, item id), so a run is reproducible and independent of --limit or order."""
+    if k <= 0:
+        return []
+    import random
+
+    rng = random.Random(f"{seed}:{item.id}")
+    same = [x for x in pool if x.language == item.language and x.id != item.id]
+    return rng.sample(same, min(k, len(same)))

@@ -1,0 +1,202 @@
+"""RL stage: advantage, loss and aggregation math against hand computation; rewards and the
+plugin path; the retrieval hook; a synthetic verifiable task learned from chance; exact resume."""
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from medjax.config import ConfigError, RLConfig, RewardSpec
+from medjax.rl.advantages import group_advantages, informative_groups, overlong_penalty
+from medjax.rl.objective import aggregate, per_token_loss
+from medjax.rl.retrieval import InMemoryRetriever
+from medjax.rl.rewards import RewardComposer, Sample, exam_reward, format_reward, length_reward
+from medjax.tasks.items import ExamItem
+from medjax.train.loop import train
+
+# -- advantages -----------------------------------------------------------------------------------
+
+
+def test_group_advantages_by_hand():
+    rewards = np.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    # Group 0: mean 0.5, population std 0.5; group 1: mean 0.25, std sqrt(3)/4; group 2: all equal.
+    np.testing.assert_allclose(group_advantages(rewards, "grpo")[0], [1, -1, -1, 1], atol=1e-5)
+    s = math.sqrt(3) / 4
+    np.testing.assert_allclose(group_advantages(rewards, "grpo")[1], [-0.25 / s, -0.25 / s, -0.25 / s, 0.75 / s],
+                               rtol=1e-5)
+    np.testing.assert_allclose(group_advantages(rewards, "grpo")[2], 0, atol=1e-6)
+    np.testing.assert_allclose(group_advantages(rewards, "drgrpo")[1], [-0.25, -0.25, -0.25, 0.75])
+    np.testing.assert_array_equal(informative_groups(rewards), [True, True, False])
+    with pytest.raises(ValueError, match="unknown advantage"):
+        group_advantages(rewards, "ppo")
+
+
+def test_overlong_penalty_by_hand():
+    # max 32 tokens, buffer 8: no penalty up to 24, then -1/8 per token down to -1 at 32.
+    np.testing.assert_allclose(overlong_penalty(np.array([10, 24, 26, 32]), 32, 8, 1.0), [0, 0, -0.25, -1.0])
+
+
+# -- loss -----------------------------------------------------------------------------------------
+
+
+def test_clipped_loss_and_kl_by_hand():
+    cfg = RLConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_estimator="k3")
+    logp = jnp.log(jnp.array([0.5, 0.5, 0.5, 0.5]))
+    old = jnp.log(jnp.array([0.25, 0.25, 0.5, 0.8]))  # ratios 2, 2, 1, 0.625
+    ref = jnp.log(jnp.array([0.5, 0.25, 0.5, 0.5]))
+    adv = jnp.array([1.0, -1.0, 2.0, -1.0])
+    loss, clipped, kl = per_token_loss(logp, old, ref, adv, cfg)
+    # pg = -min(r A, clip(r) A): A>0 clips at 1.28; A<0 keeps r=2 (the pessimistic side); clip 0.8 for r=0.625.
+    pg = np.array([-1.28, 2.0, -2.0, 0.8])
+    k3 = np.array([0.0, 0.5 - math.log(0.5) - 1, 0.0, 0.0])  # exp(ref-logp) - (ref-logp) - 1
+    np.testing.assert_allclose(np.asarray(kl), k3, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(loss), pg + 0.1 * k3, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(clipped), [1, 0, 0, 1])
+    _, _, k1 = per_token_loss(logp, old, ref, adv, RLConfig(kl_estimator="k1"))
+    np.testing.assert_allclose(np.asarray(k1), [0.0, math.log(2), 0.0, 0.0], atol=1e-6)
+
+
+def test_aggregation_by_hand():
+    loss = jnp.array([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    total, count = aggregate(loss, mask, RLConfig(aggregation="token"))
+    assert (float(total), float(count)) == (10.0, 4.0)  # DAPO: 10 / 4 tokens
+    total, count = aggregate(loss, mask, RLConfig(aggregation="sequence"))
+    assert (float(total), float(count)) == (6.0, 2.0)  # GRPO: (6/3 + 4/1) / 2 sequences
+    total, count = aggregate(loss, mask, RLConfig(aggregation="constant", max_new_tokens=8))
+    assert float(total) == pytest.approx(10 / 8) and float(count) == 2.0  # Dr.GRPO: 10 / (2 x 8)
+
+
+# -- rewards --------------------------------------------------------------------------------------
+
+ITEM = ExamItem(id="q1", question="Which drug?", options={"A": "x", "B": "y", "C": "z", "D": "w"},
+                answer=frozenset("B"), source="t:1")
+MULTI = ExamItem(id="q2", question="Which?", options={"A": "x", "B": "y", "C": "z", "D": "w"},
+                 answer=frozenset("AC"), source="t:2", multi=True)
+
+
+def _sample(text, item=ITEM, n=10, truncated=False):
+    return Sample(prompt="p", completion=text, num_tokens=n, truncated=truncated, item=item)
+
+
+def test_builtin_rewards():
+    samples = [_sample("Because y.\nThe answer is B."), _sample("The answer is C."), _sample("I cannot answer that."),
+               _sample("A is partly right.\nThe answer is A", item=MULTI)]
+    assert exam_reward(samples, {}) == [1.0, 0.0, 0.0, 0.0]
+    assert exam_reward(samples, {"partial_credit": True})[3] == 0.5
+    assert format_reward(samples, {}) == [1.0, 0.0, 0.0, 1.0]  # reasoning first, then the answer line
+    assert format_reward([_sample("Because y.\nThe answer is B.", truncated=True)], {}) == [0.0]
+    assert length_reward([_sample("", n=10), _sample("", n=150)], {"target_tokens": 100, "per_token": 0.01}) == \
+        pytest.approx([0.0, -0.5])
+
+
+def half_reward(samples, options):
+    """The synthetic task: every completion token should come from the half of the vocabulary the
+    prompt names (question ends in 0: ids below half, 1: ids at or above half)."""
+    half = int(options.get("vocab", 512)) // 2
+    out = []
+    for s in samples:
+        want_low = s.item.question.endswith("0")
+        ids = s.completion_ids or (0,)
+        out.append(float(np.mean([(t < half) == want_low for t in ids])))
+    return out
+
+
+def test_composer_weights_plugins_and_errors():
+    composer = RewardComposer([RewardSpec("exam", 1.0), RewardSpec("format", 0.5),
+                               RewardSpec("test_rl:half_reward", 2.0, {"vocab": 4})])
+    s = Sample(prompt="p", completion="Because y.\nThe answer is B.", num_tokens=2, truncated=False,
+               item=ExamItem(id="q", question="pick 0", options={"A": "x", "B": "y"}, answer=frozenset("B"),
+                             source="t"), completion_ids=(1, 3))
+    total, parts = composer([s])
+    assert sorted(parts) == ["exam", "format", "half_reward"]
+    assert float(total[0]) == pytest.approx(1.0 + 0.5 * 1.0 + 2.0 * 0.5)
+    with pytest.raises(ConfigError, match="unknown reward 'exma'"):
+        RewardComposer([RewardSpec("exma")])
+    with pytest.raises(ConfigError, match="cannot import"):
+        RewardComposer([RewardSpec("no_such_module:fn")])
+
+
+# -- retrieval hook -------------------------------------------------------------------------------
+
+PASSAGES = ["Velvaxia is treated first with Osmkexin.", "Weather today is mild.", "Osmkexin dosing is weekly."]
+
+
+def make_retriever(cfg):
+    return InMemoryRetriever(PASSAGES)
+
+
+def test_in_memory_retriever_ranks_by_shared_words():
+    r = InMemoryRetriever(PASSAGES)
+    assert r.retrieve("How is Velvaxia treated?", 2) == [PASSAGES[0]]
+    assert r.retrieve("Osmkexin for Velvaxia", 3) == [PASSAGES[0], PASSAGES[2]]
+
+
+def test_retrieved_passages_reach_the_prompt(world, tmp_path):
+    from medjax.data.chat import ChatTemplate
+    from medjax.data.tokenizer import load_tokenizer
+    from medjax.rl.rollout import PromptSet
+
+    items = _task_file(tmp_path, n=2, question="How is Velvaxia treated? 0")
+    cfg = _rl_config(world, tmp_path / "run", items, "rl.retriever=test_rl:make_retriever", "rl.passages_k=2",
+                     "data.seq_len=256")
+    prompts = PromptSet(cfg, load_tokenizer(world.tokenizer), ChatTemplate(world.tokenizer))
+    text = load_tokenizer(world.tokenizer).decode(prompts.ids[0])
+    assert "Reference passages:" in text and PASSAGES[0] in text and PASSAGES[1] not in text
+    assert "Reference passages" not in prompts.texts[0]  # rewards see the question as asked
+    with pytest.raises(ConfigError, match="rl.retriever"):
+        PromptSet(_rl_config(world, tmp_path / "run2", items, "rl.retriever=test_rl:PASSAGES"),
+                  load_tokenizer(world.tokenizer), ChatTemplate(world.tokenizer))
+
+
+# -- learning and resume --------------------------------------------------------------------------
+
+
+def _task_file(tmp_path, n=16, question=None):
+    path = tmp_path / "task.jsonl"
+    with open(path, "w") as f:
+        for i in range(n):
+            q = question or f"Synthetic task {i}: answer from half 0"
+            f.write(json.dumps({"id": f"t{i}", "question": q, "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
+                                "answer_idx": "A"}) + "\n")
+    return path
+
+
+def _rl_config(world, workdir, items, *overrides):
+    return tiny_config(
+        world, workdir, "stage=rl", f"data.train_files=[{items}]", "data.seq_len=256", "train.global_batch_size=16",
+        "optimizer.learning_rate=0.02", "optimizer.warmup_steps=0", "optimizer.weight_decay=0",
+        "rl.prompts_per_rollout=8", "rl.group_size=4", "rl.max_new_tokens=4", "rl.chat=false",
+        "rl.dynamic_sampling=false", "rl.rewards=[{name: 'test_rl:half_reward', weight: 1.0}]", *overrides)
+
+
+def test_rl_learns_a_verifiable_task_from_chance(world, tmp_path):
+    result = train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), "train.max_steps=40",
+                              "train.checkpoint_every=40", "rl.epochs=2"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
+    assert 0.3 < rewards[0] < 0.7, rewards  # chance: half of the vocabulary
+    assert max(rewards[-3:]) > 0.8, rewards
+    first = rows[0]
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # behaviour log-probs match the trainer's
+    for key in ("reward_std", "kl", "clip_fraction", "entropy", "response_length_mean", "groups_dropped_frac",
+                "rollout_tokens_per_sec", "rollout_time_s", "update_time_s", "reward_half_reward_mean"):
+        assert key in first, key
+    assert result.step == 40
+
+
+def test_rl_resumes_exactly(world, tmp_path):
+    def cfg(workdir):  # 2 epochs of 2 minibatches per rollout: a stop at step 3 falls inside a rollout
+        return _rl_config(world, workdir, _task_file(tmp_path), "train.max_steps=6", "rl.epochs=2",
+                          "rl.kl_coef=0.05", "rl.dynamic_sampling=true", "rl.max_refills=1")
+
+    straight = train(cfg(tmp_path / "straight"))
+    first = train(cfg(tmp_path / "split"), should_stop=lambda step: step == 3)
+    assert first.preempted
+    second = train(cfg(tmp_path / "split"))
+    assert second.resumed_from == 3
+    for step in (4, 5, 6):
+        assert second.losses[step] == straight.losses[step], step
