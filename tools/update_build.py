@@ -31,13 +31,14 @@ def libraries() -> list[tuple[str, list[str], list[str]]]:
         ("core", top, ["models"]),
         ("parallel", _package("medjax/parallel"), ["core"]),
         ("data", _package("medjax/data"), ["core"]),
-        ("train", _package("medjax/train"), ["core", "models", "parallel", "data"]),
         ("convert", _package("medjax/convert"), ["core", "models"]),
         ("serve", _package("medjax/serve"), ["core", "models", "data", "convert"]),
         ("tasks", _package("medjax/tasks"), []),
+        ("rl", _package("medjax/rl"), ["core", "models", "data", "serve", "tasks"]),
+        ("train", _package("medjax/train"), ["core", "models", "parallel", "data", "convert", "rl"]),
         ("eval", _package("medjax/eval"), ["core", "models", "data", "convert", "serve", "tasks"]),
         ("medjax", list(ENTRY_POINTS), ["core", "models", "parallel", "data", "train", "convert", "serve", "tasks",
-                                        "eval"]),
+                                        "rl", "eval"]),
     ]
 
 
