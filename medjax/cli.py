@@ -32,7 +32,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from medjax.demo import run_demo
 
-    run_demo(args.workdir, max_steps=args.max_steps)
+    run_demo(args.workdir, max_steps=args.max_steps, rl_steps=args.rl_steps)
     return 0
 
 
@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole recipe on bundled data, on one CPU machine")
     p.add_argument("--workdir", default="runs/demo", help="where every artifact goes (default runs/demo)")
-    p.add_argument("--max-steps", type=int, default=None, help="pretraining steps (default: the demo config's)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="steps of pretraining, SFT and the reward model (default: each demo config's)")
+    p.add_argument("--rl-steps", type=int, default=None, help="RL steps (default: the demo config's)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("import", help="Hugging Face directory -> medjax model directory")

@@ -266,6 +266,9 @@ def _substitute_workdir(cfg: Config) -> None:
     d.eval_files = [sub(f) for f in d.eval_files]
     d.tokenizer = sub(d.tokenizer)
     cfg.init_from = sub(cfg.init_from)
+    for reward in cfg.rl.rewards:
+        if isinstance(reward.options, dict) and isinstance(reward.options.get("model"), str):
+            reward.options["model"] = sub(reward.options["model"])
 
 
 # ----------------------------------------------------------------------------------------------

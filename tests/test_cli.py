@@ -24,7 +24,8 @@ def test_demo_runs_end_to_end(tmp_path):
     """The Quick start's first command on a short budget: data, tokenizer, pretraining, SFT, reward
     model, export, exam evaluation, artifacts."""
     out = subprocess.run(
-        [sys.executable, "-m", "medjax.cli", "demo", "--workdir", str(tmp_path), "--max-steps", "60"],
+        [sys.executable, "-m", "medjax.cli", "demo", "--workdir", str(tmp_path), "--max-steps", "60",
+         "--rl-steps", "6"],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -49,14 +50,17 @@ def test_demo_runs_end_to_end(tmp_path):
     assert [name for name, _ in rm] == ["before", "after"], out.stdout
     assert float(rm[1][1]) > float(rm[0][1])
     assert "medjax score-rm --model" in out.stdout
-    accuracies = re.findall(r"exam accuracy (before pretraining|after pretraining|after SFT): ([\d.]+)% \[95% CI",
-                            out.stdout)
-    assert [name for name, _ in accuracies] == ["before pretraining", "after pretraining", "after SFT"], out.stdout
-    summary = json.loads((tmp_path / "eval" / "exam_after_SFT.summary.json").read_text())
+    assert re.search(r"RL reward: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step 6\)", out.stdout), out.stdout
+    rl_rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert "reward_rm_honesty_mean" in rl_rows[-1] and "reward_exam_mean" in rl_rows[-1]
+    accuracies = re.findall(r"exam accuracy (before pretraining|after pretraining|after SFT|after RL): "
+                            r"([\d.]+)% \[95% CI", out.stdout)
+    assert [name for name, _ in accuracies] == ["before pretraining", "after pretraining", "after SFT", "after RL"]
+    summary = json.loads((tmp_path / "eval" / "exam_after_RL.summary.json").read_text())
     exam_items = len((tmp_path / "data" / "exam.jsonl").read_text().splitlines())
     assert summary["n"] == exam_items
-    assert abs(summary["accuracy"] * 100 - float(accuracies[2][1])) < 0.051
-    for stage in ("sft", "reward_model"):
+    assert abs(summary["accuracy"] * 100 - float(accuracies[3][1])) < 0.051
+    for stage in ("sft", "reward_model", "rl"):
         assert (tmp_path / stage / "loss.png").stat().st_size > 1000
 
 

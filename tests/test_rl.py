@@ -200,3 +200,15 @@ def test_rl_resumes_exactly(world, tmp_path):
     assert second.resumed_from == 3
     for step in (4, 5, 6):
         assert second.losses[step] == straight.losses[step], step
+
+
+def test_rl_on_a_sharded_mesh(world, tmp_path):
+    """Rollouts sample from the params as training lays them out (data x fsdp x tensor)."""
+    result = train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), "train.max_steps=2",
+                              "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+    assert result.step == 2 and all(math.isfinite(v) for v in result.losses.values())
+
+
+def test_rollout_batch_must_split_into_minibatches(world, tmp_path):
+    with pytest.raises(ConfigError, match="not a multiple of train.global_batch_size"):
+        train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), "rl.group_size=3"))
