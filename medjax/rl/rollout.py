@@ -30,6 +30,7 @@ from medjax.rl.advantages import group_advantages, informative_groups, overlong_
 from medjax.rl.objective import ROW_KEYS, token_logprobs
 from medjax.rl.retrieval import load_retriever
 from medjax.rl.rewards import RewardComposer, Sample
+from medjax.serve.generate import stop_token_ids
 from medjax.tasks.prompts import PromptConfig, build_prompt
 from medjax.tasks.readers import read_benchmark
 
@@ -89,8 +90,6 @@ class RolloutIterator:
         tok_dir = tokenizer_file(cfg.data.tokenizer).parent
         self.tokenizer = load_tokenizer(tok_dir)
         self.prompts = PromptSet(cfg, self.tokenizer, ChatTemplate(tok_dir))
-        from medjax.serve.generate import stop_token_ids
-
         self.sampling = SamplingConfig(max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature,
                                        top_p=self.rl.top_p, top_k=self.rl.top_k,
                                        stop_token_ids=stop_token_ids(self.tokenizer, cfg.model))
@@ -136,8 +135,9 @@ class RolloutIterator:
         self.prompts_used += rl.prompts_per_rollout
         prompt_ids = [self.prompts.ids[i] for i in idx for _ in range(rl.group_size)]
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.train.seed), self.rollouts), attempt)
+        params = self.current_params()
         t0 = time.perf_counter()
-        gen = self.sampler.generate(self.current_params(), prompt_ids, self.sampling, rng)
+        gen = self.sampler.generate(params, prompt_ids, self.sampling, rng)
         gen_time = time.perf_counter() - t0
         stops = set(self.sampling.stop_token_ids)
         samples = []
@@ -159,6 +159,9 @@ class RolloutIterator:
 
     def _rollout(self) -> None:
         rl = self.rl
+        # The loop dispatches updates asynchronously: wait for the last one here, so its time is
+        # counted as update time, not rollout time.
+        jax.block_until_ready(self.current_params())
         t0 = time.perf_counter()
         kept, spare, sampled = [], [], []
         attempts = 0

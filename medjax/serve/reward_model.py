@@ -9,6 +9,7 @@ only a few shapes.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -17,12 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.convert import ConversionError
+from medjax.data import DataError
 from medjax.data.chat import ChatTemplate
 from medjax.data.preferences import prompt_messages, response_ids
+from medjax.data.sources import LOCATION_KEY, JsonlSource
 from medjax.data.tokenizer import load_tokenizer
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import bucket
 from medjax.serve.generate import load_model
+from medjax.utils import atomic_open
 
 
 class RewardScorer:
@@ -73,12 +77,6 @@ def score_file(model_path: str | os.PathLike, input_path: str | os.PathLike, out
     """Scores a JSONL file of {prompt, response} records, or of preference pairs {prompt, chosen,
     rejected, dimension} (then also pairwise accuracy per dimension). Writes one JSON line per
     record (id, scores per label) atomically; returns the summary."""
-    import json
-
-    from medjax.data import DataError
-    from medjax.data.sources import LOCATION_KEY, JsonlSource
-    from medjax.utils import atomic_open
-
     scorer = RewardScorer(model_path, batch_size=batch_size)
     source = JsonlSource([input_path], with_location=True)
     records = [source[i] for i in range(len(source))]

@@ -31,6 +31,17 @@ DROPPABLE = {("lm_head",)}
 
 
 @dataclasses.dataclass
+class InitReport:
+    loaded: int  # tensors taken from the source
+    fresh: list[str]  # the stage's own new heads, left at their initialisation
+    unused: list[str]  # source tensors the stage has no place for (an LM head under a reward model)
+
+    def summary(self) -> str:
+        return (f"{self.loaded} tensors loaded" + (f", fresh: {', '.join(self.fresh)}" if self.fresh else "")
+                + (f", not used: {', '.join(self.unused)}" if self.unused else ""))
+
+
+@dataclasses.dataclass
 class InitSource:
     path: Path
     model: ModelConfig
@@ -75,7 +86,7 @@ def stage_model(source_model: ModelConfig, run_model: ModelConfig) -> ModelConfi
     return dataclasses.replace(source_model, **{f: getattr(run_model, f) for f in RUNTIME_FIELDS}).validate()
 
 
-def load_params(source: InitSource, fresh: dict, shardings: dict) -> tuple[dict, dict[str, list[str]]]:
+def load_params(source: InitSource, fresh: dict, shardings: dict) -> tuple[dict, InitReport]:
     """``fresh`` (the stage's initialised params) with every tensor the source has put in place,
     each cast to the run's dtype and laid out in its sharding. Returns (params, report)."""
     wanted = {tuple(p) for p in _paths(fresh)}
@@ -101,8 +112,7 @@ def load_params(source: InitSource, fresh: dict, shardings: dict) -> tuple[dict,
     if missing:
         names = ["/".join(map(str, p)) for p in missing]
         raise ConversionError(f"init_from {source.path}: no tensor for {names[:8]}{' ...' if len(names) > 8 else ''}")
-    return params, {"loaded": [str(len(loaded))], "fresh": ["/".join(map(str, p)) for p in fresh_left],
-                    "unused": unused}
+    return params, InitReport(len(loaded), ["/".join(map(str, p)) for p in fresh_left], unused)
 
 
 def _set(tree: dict, path: tuple, value) -> None:

@@ -143,9 +143,7 @@ def train(
     needs_reference = cfg.stage == "rl" and cfg.rl.kl_coef > 0
     if source is not None and (not start or needs_reference):
         state["params"], report = init_from.load_params(source, state["params"], shardings["params"])
-        tqdm.write(f"initialised from {source.path}: {report['loaded'][0]} tensors loaded"
-                   + (f", fresh: {', '.join(report['fresh'])}" if report["fresh"] else "")
-                   + (f", not used: {', '.join(report['unused'])}" if report["unused"] else ""))
+        tqdm.write(f"initialised from {source.path}: {report.summary()}")
     reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
     if spec.rollout is not None:
         data_iter = spec.rollout(cfg, model, lambda: state["params"], (lambda: reference) if reference else None,
