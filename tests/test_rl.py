@@ -202,11 +202,17 @@ def test_rl_resumes_exactly(world, tmp_path):
         assert second.losses[step] == straight.losses[step], step
 
 
-def test_rl_on_a_sharded_mesh(world, tmp_path):
-    """Rollouts sample from the params as training lays them out (data x fsdp x tensor)."""
-    result = train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), "train.max_steps=2",
-                              "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
-    assert result.step == 2 and all(math.isfinite(v) for v in result.losses.values())
+def test_rl_on_a_sharded_mesh_matches_one_device(world, tmp_path):
+    """Rollouts sample from the params as training lays them out (data x fsdp x tensor), with the
+    rollout rows split over data x fsdp; the samples and the update match one device."""
+    items = _task_file(tmp_path)
+    runs = {}
+    for name, mesh in (("one", ["mesh.data=1"]), ("mesh", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])):
+        train(_rl_config(world, tmp_path / name, items, "train.max_steps=2", *mesh))
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs["one"], runs["mesh"]):
+        assert a["reward_mean"] == b["reward_mean"] and a["response_length_mean"] == b["response_length_mean"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
 def test_rollout_batch_must_split_into_minibatches(world, tmp_path):

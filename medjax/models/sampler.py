@@ -82,8 +82,11 @@ class Sampler:
         self._compiled: dict = {}
 
     def generate(
-        self, params: dict, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, rng: jax.Array | None = None
+        self, params: dict, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, rng: jax.Array | None = None,
+        batch_sharding=None,
     ) -> Generation:
+        """``batch_sharding`` (e.g. the trainer's batch sharding) lays the prompt rows over devices, so
+        generation is data-parallel like training; without it the batch sits whole on each device."""
         cfg = cfg.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -102,6 +105,8 @@ class Sampler:
         if key not in self._compiled:
             self._compiled[key] = jax.jit(self._build(width, cfg))
         rng = jax.random.key(0) if rng is None else rng
+        if batch_sharding is not None:
+            tokens, valid = jax.device_put(tokens, batch_sharding), jax.device_put(valid, batch_sharding)
         out_tokens, lengths, logprobs = jax.device_get(self._compiled[key](params, tokens, valid, rng))
         return Generation(np.asarray(out_tokens), np.asarray(lengths), np.asarray(logprobs))
 

@@ -77,7 +77,7 @@ class PromptSet:
 
 class RolloutIterator:
     def __init__(self, cfg: Config, model: ModelDef, current_params: Callable[[], dict],
-                 reference_params: Callable[[], dict] | None, per_process_batch: int):
+                 reference_params: Callable[[], dict] | None, per_process_batch: int, batch_sharding=None):
         if jax.process_count() > 1:
             raise NotImplementedError("RL rollouts run on one process for now (multi-host sampling is future work)")
         self.cfg, self.rl = cfg, cfg.rl
@@ -87,6 +87,7 @@ class RolloutIterator:
             raise ConfigError(f"rl.prompts_per_rollout x rl.group_size = {rollout_size} is not a multiple of "
                               f"train.global_batch_size = {per_process_batch}")
         self.batch = per_process_batch
+        self.batch_sharding = batch_sharding  # rollout rows over (data, fsdp), as training splits batches
         tok_dir = tokenizer_file(cfg.data.tokenizer).parent
         self.tokenizer = load_tokenizer(tok_dir)
         self.prompts = PromptSet(cfg, self.tokenizer, ChatTemplate(tok_dir))
@@ -137,7 +138,7 @@ class RolloutIterator:
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.train.seed), self.rollouts), attempt)
         params = self.current_params()
         t0 = time.perf_counter()
-        gen = self.sampler.generate(params, prompt_ids, self.sampling, rng)
+        gen = self.sampler.generate(params, prompt_ids, self.sampling, rng, batch_sharding=self.batch_sharding)
         gen_time = time.perf_counter() - t0
         stops = set(self.sampling.stop_token_ids)
         samples = []

@@ -147,7 +147,7 @@ def train(
     reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
     if spec.rollout is not None:
         data_iter = spec.rollout(cfg, model, lambda: state["params"], (lambda: reference) if reference else None,
-                                 per_process)
+                                 per_process, batch_sharding(mesh))
     else:
         data_iter = CheckpointableIterator(iter(spec.dataset(
             cfg, cfg.data.train_files, per_process, True, jax.process_index(), jax.process_count())))

@@ -1,5 +1,6 @@
-"""Pictures of a run (loss curves, and accuracy curves where the stage has them, e.g. the reward
-model's pairwise accuracy per dimension) for people who would rather look than read metrics.jsonl."""
+"""Pictures of a run (loss curves, and accuracy or reward curves where the stage has them: the
+reward model's pairwise accuracy per dimension, RL's reward and rollout accuracy) for people who
+would rather look than read metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ LOSS_KEYS = ("loss", "eval_loss")
 
 
 def _is_accuracy(key: str) -> bool:
-    return key == "accuracy" or key.startswith("eval_accuracy")
+    """Keys of the second panel: accuracies (reward model, RL rollouts) and RL's mean reward."""
+    return key in ("accuracy", "reward_mean") or key.startswith("eval_accuracy")
 
 
 def plot_metrics(metrics_path: Path, out_path: Path) -> Path | None:
@@ -32,7 +34,7 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> Path | None:
     panels = [("loss", [k for k in LOSS_KEYS if k in series])]
     accuracy = sorted(k for k in series if _is_accuracy(k))
     if accuracy:
-        panels.append(("accuracy", accuracy))
+        panels.append(("accuracy / reward", accuracy))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (label, keys) in zip(axes[0], panels):
         for k in keys:

@@ -26,7 +26,8 @@ class Stage:
     # None for a stage that makes its own data (RL samples it).
     dataset: Callable[..., grain.IterDataset] | None
     scan: Callable[[Config, list[str]], ExampleStats] | None = None
-    # (cfg, model, current_params(), reference_params() or None, batch_size) -> checkpointable iterator
+    # (cfg, model, current_params(), reference_params() or None, batch_size, batch_sharding)
+    #   -> checkpointable iterator
     rollout: Callable | None = None
 
 
@@ -46,10 +47,10 @@ def _rm_data(cfg: Config, files, batch_size, train, process_index, process_count
                               process_count=process_count)
 
 
-def _rl_rollout(cfg: Config, model, current_params, reference_params, batch_size):
+def _rl_rollout(cfg: Config, model, current_params, reference_params, batch_size, batch_sharding):
     from medjax.rl.rollout import RolloutIterator
 
-    return RolloutIterator(cfg, model, current_params, reference_params, batch_size)
+    return RolloutIterator(cfg, model, current_params, reference_params, batch_size, batch_sharding)
 
 
 def _rl_objective(cfg: Config):
