@@ -215,6 +215,11 @@ def test_rl_on_a_sharded_mesh_matches_one_device(world, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
-def test_rollout_batch_must_split_into_minibatches(world, tmp_path):
-    with pytest.raises(ConfigError, match="not a multiple of train.global_batch_size"):
-        train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), "rl.group_size=3"))
+@pytest.mark.parametrize("override,message", [
+    ("rl.group_size=3", "not a multiple of train.global_batch_size"),
+    ("rl.group_size=1", "rl.group_size must be at least 2"),
+    ("rl.temperature=0", "rl.temperature must be positive"),
+])
+def test_bad_rl_settings_are_named(world, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), override))

@@ -75,12 +75,32 @@ class PromptSet:
         return [int(self.order[start + i]) for i in range(n)]
 
 
+def check_rl_config(cfg: Config) -> None:
+    """Settings that would train on nothing, or on noise, are errors naming the key."""
+    rl = cfg.rl
+    rules = [(rl.group_size >= 2, "rl.group_size must be at least 2 (advantages compare samples within a group)"),
+             (rl.prompts_per_rollout >= 1, "rl.prompts_per_rollout must be at least 1"),
+             (rl.epochs >= 1, "rl.epochs must be at least 1"),
+             (rl.max_new_tokens >= 1, "rl.max_new_tokens must be at least 1"),
+             (rl.clip_low >= 0 and rl.clip_high >= 0, "rl.clip_low and rl.clip_high must be non-negative"),
+             (rl.kl_coef >= 0, "rl.kl_coef must be non-negative"),
+             (rl.temperature > 0, "rl.temperature must be positive (RL samples; greedy rollouts give no signal)"),
+             (rl.overlong != "penalty" or 0 < rl.overlong_buffer <= rl.max_new_tokens,
+              "rl.overlong_buffer must be in 1..rl.max_new_tokens")]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+    if cfg.data.eval_files:
+        log.warning("stage rl ignores data.eval_files: evaluate the policy with `medjax eval --mode generate`")
+
+
 class RolloutIterator:
     def __init__(self, cfg: Config, model: ModelDef, current_params: Callable[[], dict],
                  reference_params: Callable[[], dict] | None, per_process_batch: int, batch_sharding=None):
         if jax.process_count() > 1:
             raise NotImplementedError("RL rollouts run on one process for now (multi-host sampling is future work)")
         self.cfg, self.rl = cfg, cfg.rl
+        check_rl_config(cfg)
         self.current_params, self.reference_params = current_params, reference_params
         rollout_size = self.rl.prompts_per_rollout * self.rl.group_size
         if rollout_size % per_process_batch:
