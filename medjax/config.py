@@ -170,6 +170,23 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
 
 
+def import_object(spec: str, key: str) -> Any:
+    """The callable a config names as "package.module:attribute" (a user reward, a retriever
+    factory); any failure is a ConfigError naming ``key``."""
+    import importlib
+
+    if ":" not in spec:
+        raise ConfigError(f"{key}: {spec!r} is not an import path package.module:attribute")
+    module, attr = spec.split(":", 1)
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key}: cannot import {spec!r}: {e}") from None
+    if not callable(obj):
+        raise ConfigError(f"{key}: {spec!r} is not callable")
+    return obj
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 

@@ -82,3 +82,20 @@ def stage_config(world, workdir, stage, *overrides):
     extra = ["model.score_labels=[honesty, helpfulness, compliance]"] if stage == "reward_model" else []
     return tiny_config(world, workdir, f"stage={stage}", f"data.train_files=[{world.files[files[0]]}]",
                        f"data.eval_files=[{world.files[files[1]]}]", "data.seq_len=128", *extra, *overrides)
+
+
+def straight_and_resumed(make_cfg, tmp_path, stop_at=3):
+    """Trains ``make_cfg(workdir)`` straight through, and again stopped after ``stop_at`` (as a
+    preemption does) then re-run; asserts every later step's loss is bit-identical. Returns both."""
+    from medjax.train.loop import train
+
+    straight = train(make_cfg(tmp_path / "straight"))
+    first = train(make_cfg(tmp_path / "split"), should_stop=lambda step: step == stop_at)
+    assert first.preempted and first.step == stop_at
+    second = train(make_cfg(tmp_path / "split"))
+    assert second.resumed_from == stop_at
+    later = [step for step in sorted(straight.losses) if step > stop_at]
+    assert later and sorted(second.losses) == later
+    for step in later:
+        assert second.losses[step] == straight.losses[step], step
+    return straight, second

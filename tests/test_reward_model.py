@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import stage_config
+from conftest import straight_and_resumed, stage_config
 from medjax.cli import main
 from medjax.data import DataError
 from medjax.data.preferences import fit_pair, preference_dataset
@@ -98,12 +98,7 @@ def test_reward_model_resumes_exactly(world, pretrained_run, tmp_path):
     def cfg(workdir):
         return stage_config(world, workdir, "reward_model", f"init_from={pretrained_run}")
 
-    straight = train(cfg(tmp_path / "straight"))
-    train(cfg(tmp_path / "split"), should_stop=lambda step: step == 3)
-    second = train(cfg(tmp_path / "split"))
-    assert second.resumed_from == 3
-    for step in (4, 5, 6):
-        assert second.losses[step] == straight.losses[step], step
+    straight_and_resumed(cfg, tmp_path)
 
 
 def test_scorer_and_cli_agree_with_training_eval(prefs, trained_rm, tmp_path, capsys):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import straight_and_resumed, tiny_config
 from medjax.config import ConfigError, RLConfig, RewardSpec
 from medjax.rl.advantages import group_advantages, informative_groups, overlong_penalty
 from medjax.rl.objective import aggregate, per_token_loss
@@ -193,13 +193,7 @@ def test_rl_resumes_exactly(world, tmp_path):
         return _rl_config(world, workdir, _task_file(tmp_path), "train.max_steps=6", "rl.epochs=2",
                           "rl.kl_coef=0.05", "rl.dynamic_sampling=true", "rl.max_refills=1")
 
-    straight = train(cfg(tmp_path / "straight"))
-    first = train(cfg(tmp_path / "split"), should_stop=lambda step: step == 3)
-    assert first.preempted
-    second = train(cfg(tmp_path / "split"))
-    assert second.resumed_from == 3
-    for step in (4, 5, 6):
-        assert second.losses[step] == straight.losses[step], step
+    straight_and_resumed(cfg, tmp_path)
 
 
 def test_rl_on_a_sharded_mesh_matches_one_device(world, tmp_path):

@@ -5,26 +5,17 @@ prompt's reference-passages slot; rewards still see the question as asked."""
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Sequence
 
-from medjax.config import Config, ConfigError
+from medjax.config import Config, ConfigError, import_object
 from medjax.tasks.prompts import Retriever
 
 
 def load_retriever(spec: str, cfg: Config) -> Retriever | None:
     if not spec:
         return None
-    if ":" not in spec:
-        raise ConfigError(f"rl.retriever {spec!r} must be an import path package.module:factory")
-    module, attr = spec.split(":", 1)
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"rl.retriever: cannot import {spec!r}: {e}") from None
-    if not callable(factory):
-        raise ConfigError(f"rl.retriever: {spec!r} is not a factory (callable taking the Config)")
+    factory = import_object(spec, "rl.retriever")
     retriever = factory(cfg)
     if not callable(getattr(retriever, "retrieve", None)):
         raise ConfigError(f"rl.retriever: {spec!r} returned {type(retriever).__name__}, which has no retrieve()")

@@ -14,12 +14,11 @@ import path "package.module:function" to a user function with the same signature
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from medjax.config import ConfigError, RewardSpec
+from medjax.config import ConfigError, RewardSpec, import_object
 from medjax.tasks.answers import extract_answer, extract_for_item, score
 from medjax.tasks.items import LETTERS, ExamItem
 
@@ -102,14 +101,7 @@ def resolve(name: str) -> RewardFn:
     if ":" not in name:
         raise ConfigError(f"rl.rewards: unknown reward {name!r}; built-ins are {sorted(BUILTIN)}, "
                           "or give an import path package.module:function")
-    module, attr = name.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"rl.rewards: cannot import {name!r}: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"rl.rewards: {name!r} is not callable")
-    return fn
+    return import_object(name, "rl.rewards")
 
 
 class RewardComposer:
