@@ -39,8 +39,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from medjax.convert.hf_import import import_hf
 
-    out = import_hf(args.hf_dir, args.ckpt_dir, allow_pickle=args.allow_pickle)
+    out = import_hf(args.hf_dir, args.ckpt_dir, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)
     print(f"imported {args.hf_dir} -> {out}")
+    if args.tokenizer == "file":
+        from medjax.data.tokenizer_agreement import warn_if_disagreeing
+
+        warn_if_disagreeing(args.hf_dir, hint=f"`medjax import {args.hf_dir} OUT --tokenizer transformers` imports "
+                            "the tokenizer transformers and vLLM use instead (do it before training on it)")
     return 0
 
 
@@ -49,6 +54,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     out = export_hf(args.ckpt_dir, args.hf_dir, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(f"exported {args.ckpt_dir} -> {out}")
+    from medjax.data.tokenizer_agreement import warn_if_disagreeing
+
+    warn_if_disagreeing(out, hint="transformers and vLLM will tokenize this export unlike the model was trained")
     print(f"serve it with: medjax serve {out}")
     return 0
 
@@ -130,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("ckpt_dir")
     p.add_argument("--allow-pickle", action="store_true", help="also read pickle-based pytorch_model*.bin files")
+    p.add_argument("--tokenizer", choices=("file", "transformers"), default="file",
+                   help="file: the directory's tokenizer.json as is (default; a mismatch with transformers is "
+                        "reported); transformers: the tokenizer transformers' AutoTokenizer (and vLLM) builds")
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("export", help="medjax checkpoint -> Hugging Face safetensors directory")

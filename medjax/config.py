@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -155,7 +156,12 @@ class RLConfig:
 
 @dataclass
 class Config:
+    # Named strings the rest of the config refers to as ${vars.NAME} (the demo configs keep the
+    # demo's root there, so `workdir=...` on the command line moves the run but not its data).
+    vars: dict[str, str] = field(default_factory=dict)
     stage: Literal["pretrain", "sft", "reward_model", "rl"] = "pretrain"
+    # Relative paths here and in data/init_from are taken against the current directory when the
+    # config is loaded, and stored absolute, so a run's config.yaml means the same from anywhere.
     workdir: str = ""
     # Weights a fresh run starts from: a training run (workdir or checkpoint step), a model
     # directory from `medjax import`, or a Hugging Face directory. The model architecture comes
@@ -204,7 +210,8 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
     cfg = from_dict(Config, raw, where=where)
     if not cfg.workdir:
         raise ConfigError(f"{where}: key 'workdir' is required (where checkpoints and metrics go)")
-    _substitute_workdir(cfg)
+    _substitute_variables(cfg, where)
+    _absolute_paths(cfg)
     return cfg
 
 
@@ -275,17 +282,65 @@ def _expand_model_preset(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return raw
 
 
-def _substitute_workdir(cfg: Config) -> None:
-    """Replaces ``${workdir}`` in data paths so a config can keep its data beside its run."""
-    sub = lambda s: s.replace("${workdir}", cfg.workdir)  # noqa: E731
+_VARIABLE = re.compile(r"\$\{([^}]*)\}")
+
+
+def _substitute_variables(cfg: Config, where: str) -> None:
+    """Replaces ``${vars.NAME}`` and ``${workdir}`` in every string of the config (``workdir``
+    itself may use ``${vars.NAME}``). An unknown name is an error naming the key that used it."""
+
+    def sub(text: str, key: str, allow_workdir: bool = True) -> str:
+        def one(m: re.Match) -> str:
+            name = m.group(1).strip()
+            if name == "workdir" and allow_workdir:
+                return cfg.workdir
+            if name.startswith("vars.") and name[5:] in cfg.vars:
+                return cfg.vars[name[5:]]
+            known = ["${vars.%s}" % k for k in sorted(cfg.vars)] + (["${workdir}"] if allow_workdir else [])
+            raise ConfigError(f"{where}: key '{key}' uses unknown variable ${{{name}}}"
+                              f" (known: {', '.join(known) or 'none'})")
+
+        return _VARIABLE.sub(one, text)
+
+    for name, value in cfg.vars.items():
+        if _VARIABLE.search(value):
+            raise ConfigError(f"{where}: key 'vars.{name}' may not refer to other variables ({value!r})")
+    cfg.workdir = sub(cfg.workdir, "workdir", allow_workdir=False)
+
+    def walk(node: Any, key: str) -> Any:
+        if isinstance(node, str):
+            return sub(node, key)
+        if isinstance(node, list):
+            return [walk(v, f"{key}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, dict):
+            return {k: walk(v, f"{key}.{k}") for k, v in node.items()}
+        if dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                if f.name not in ("vars", "workdir") or node is not cfg:
+                    setattr(node, f.name, walk(getattr(node, f.name), f"{key}.{f.name}" if key else f.name))
+        return node
+
+    walk(cfg, "")
+
+
+def absolute_path(path: str) -> str:
+    """``path`` made absolute against the current directory (URLs such as gs://... unchanged).
+    Orbax and the run's config.yaml need paths that do not depend on where a later command runs."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_paths(cfg: Config) -> None:
     d = cfg.data
-    d.train_files = [sub(f) for f in d.train_files]
-    d.eval_files = [sub(f) for f in d.eval_files]
-    d.tokenizer = sub(d.tokenizer)
-    cfg.init_from = sub(cfg.init_from)
+    cfg.workdir = absolute_path(cfg.workdir)
+    d.train_files = [absolute_path(f) for f in d.train_files]
+    d.eval_files = [absolute_path(f) for f in d.eval_files]
+    d.tokenizer = absolute_path(d.tokenizer)
+    cfg.init_from = absolute_path(cfg.init_from)
     for reward in cfg.rl.rewards:
         if isinstance(reward.options, dict) and isinstance(reward.options.get("model"), str):
-            reward.options["model"] = sub(reward.options["model"])
+            reward.options["model"] = absolute_path(reward.options["model"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +391,11 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{where}: key '{name}' must be one of {list(choices)}, got {value!r}")
         return value
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{name}' must be a mapping, got {value!r}")
+        return {_coerce(k, key_tp, where, name): _coerce(v, value_tp, where, f"{name}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp is str:

@@ -32,7 +32,7 @@ def _texts(*paths: Path, key: str = "text"):
 
 
 def _stage_config(name: str, root: Path, max_steps: int | None):
-    overrides = [f"workdir={root / name}"]
+    overrides = [f"vars.demo={root}"]  # the configs name their workdir and data under it
     if max_steps is not None:
         overrides.append(f"train.max_steps={max_steps}")
     return load_config(DEMO_CONFIGS / f"{name}.yaml", overrides)

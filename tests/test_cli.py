@@ -1,7 +1,11 @@
 import json
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from medjax.cli import main
 from medjax.config import REPO_ROOT
@@ -14,21 +18,51 @@ def test_bad_override_is_a_clear_error(capsys):
 
 
 def test_missing_data_is_named(tmp_path, capsys):
-    code = main(["train", str(REPO_ROOT / "configs/demo/pretrain.yaml"), f"workdir={tmp_path}",
+    code = main(["train", str(REPO_ROOT / "configs/demo/pretrain.yaml"), f"vars.demo={tmp_path}",
                  "train.max_steps=1", "mesh.data=1"])
     assert code == 2
     assert "data file not found" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_a_clear_error_is_all_a_failed_run_prints(tmp_path):
+    """A run that stops on a clear error prints that error, not Orbax's background-thread traceback
+    ("cannot schedule new futures after shutdown") behind it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "medjax.cli", "train", str(REPO_ROOT / "configs/demo/sft.yaml"), "train.max_steps=2",
+         f"init_from={tmp_path / 'no-run'}", f"workdir={tmp_path / 'sft-try'}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"medjax train: error: init_from: checkpoint not found: {tmp_path / 'no-run'}"], out.stderr
+
+
+DEMO_STEPS, DEMO_RL_STEPS = 60, 6
+
+
+def _medjax() -> list[str]:
+    """The `medjax` command of this interpreter's environment."""
+    script = Path(sys.executable).parent / "medjax"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "medjax.cli"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`medjax demo` as README's Quick start runs it (default workdir runs/demo, from the directory
+    holding configs/), on a short budget. Returns (that directory, the finished process)."""
+    cwd = tmp_path_factory.mktemp("readme")
+    (cwd / "configs").symlink_to(REPO_ROOT / "configs")
+    out = subprocess.run([*_medjax(), "demo", "--max-steps", str(DEMO_STEPS), "--rl-steps", str(DEMO_RL_STEPS)],
+                         cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return cwd, out
+
+
+def test_demo_runs_end_to_end(demo):
     """The Quick start's first command on a short budget: data, tokenizer, pretraining, SFT, reward
     model, export, exam evaluation, artifacts."""
-    out = subprocess.run(
-        [sys.executable, "-m", "medjax.cli", "demo", "--workdir", str(tmp_path), "--max-steps", "60",
-         "--rl-steps", "6"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    cwd, out = demo
+    tmp_path = cwd / "runs" / "demo"
     match = re.search(r"pretrain loss: ([\d.]+) \(step \d+\) -> ([\d.]+)", out.stdout)
     assert match, out.stdout
     first, last = map(float, match.groups())
@@ -62,6 +96,58 @@ def test_demo_runs_end_to_end(tmp_path):
     assert abs(summary["accuracy"] * 100 - float(accuracies[3][1])) < 0.051
     for stage in ("sft", "reward_model", "rl"):
         assert (tmp_path / stage / "loss.png").stat().st_size > 1000
+    # Quiet: no absl warnings (e.g. "Metadata file does not exist"), tracebacks or tokenizer mismatch.
+    assert not re.search(r"^(WARNING|ERROR):absl|Traceback|Metadata file does not exist|warning: tokenizer",
+                         out.stderr, re.M), out.stderr[-3000:]
+    from medjax.data.tokenizer_agreement import check_agreement
+
+    assert check_agreement(tmp_path / "hf").agrees  # vLLM serves the export with the ids it trained on
+
+
+# README's stand-in names, made real from the demo's outputs and the bundled benchmark samples.
+README_FILES = {"medqa_test.jsonl": REPO_ROOT / "tests/data/benchmarks/medqa_us.jsonl",
+                "cmexam_test.csv": REPO_ROOT / "tests/data/benchmarks/cmexam.csv"}
+README_NAMES = {"HF_DIR": "runs/demo/hf", "pairs.jsonl": "runs/demo/data/preferences_eval.jsonl"}
+# Commands that need a long-running server; tests/test_vllm.py starts vLLM and evaluates against it.
+README_NOT_RUN = {"medjax serve": "starts a vLLM server (tests/test_vllm.py)",
+                  "openai:http": "needs that server (tests/test_vllm.py evaluates through it)"}
+
+
+def readme_commands() -> list[str]:
+    """Every `medjax ...` line of README's bash blocks, comments removed."""
+    text = (REPO_ROOT / "README.md").read_text()
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    return [line.split("  #")[0].strip() for line in lines if line.startswith("medjax ")]
+
+
+def test_readme_commands_run_as_written_after_the_demo(demo):
+    """Each command README shows runs, as written, after `medjax demo` (train commands get a step
+    budget just past the demo's so they finish quickly; server commands are named above)."""
+    cwd, _ = demo
+    for name, src in README_FILES.items():
+        (cwd / name).write_bytes(src.read_bytes())
+    commands = readme_commands()
+    assert len(commands) >= 12, commands
+    ran = []
+    for command in commands:
+        if any(marker in command for marker in README_NOT_RUN):
+            continue
+        argv = shlex.split(command)
+        argv = [README_NAMES.get(a, a) for a in argv]
+        if argv[1] == "train" and not any(a.startswith("train.max_steps=") for a in argv):
+            steps = DEMO_RL_STEPS if "rl.yaml" in argv[2] else DEMO_STEPS
+            argv.append(f"train.max_steps={steps + 2}")
+        out = subprocess.run([*_medjax(), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{command}\n{out.stderr[-3000:]}"
+        assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, f"{command}\n{out.stderr[-3000:]}"
+        ran.append(argv[1])
+    assert {"train", "score-rm", "import", "export", "generate", "eval", "eval"} <= set(ran), ran
+    assert (cwd / "runs/try/checkpoints").is_dir() and (cwd / "runs/qwen-base/model.json").is_file()
+    assert (cwd / "runs/rm_scores.jsonl").is_file() and (cwd / "runs/decontam/13grams.txt").is_file()
+    for name in ("medqa", "cmexam"):
+        assert json.loads((cwd / f"runs/eval/{name}.summary.json").read_text())["n"] > 0
+
+
 
 
 def test_demo_before_weights_are_the_runs_step_zero(tmp_path, make_config):

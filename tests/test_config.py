@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from medjax.config import ConfigError, load_config, load_model_preset
@@ -16,7 +18,9 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     assert cfg.train.max_steps == 20
     assert cfg.optimizer.learning_rate == pytest.approx(1e-4)
     assert cfg.model.num_layers == 3 and cfg.model.hidden_size == 256  # preset + override
-    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
+    # Relative paths are taken against the current directory and stored absolute.
+    assert cfg.data.train_files == [str(Path("a.jsonl").absolute()), str(Path("b.jsonl").absolute())]
+    assert cfg.workdir == str(Path("w").absolute())
 
 
 def test_unknown_key_names_it_and_suggests(tmp_path):
@@ -51,6 +55,25 @@ def test_unknown_preset_suggests():
 def test_workdir_substitution():
     cfg = load_config(None, ["workdir=/runs/x", "data.tokenizer=${workdir}/tok", 'data.train_files=["${workdir}/a"]'])
     assert cfg.data.tokenizer == "/runs/x/tok" and cfg.data.train_files == ["/runs/x/a"]
+
+
+def test_variables_move_the_run_but_not_its_data(tmp_path):
+    """The demo configs name their data by ${vars.demo}: `workdir=...` moves only the run (it was
+    "${workdir}/../data", which README's `workdir=runs/try` example broke)."""
+    from medjax.config import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "configs/demo/sft.yaml", [f"workdir={tmp_path / 'try'}"])
+    demo = Path("runs/demo").absolute()
+    assert cfg.workdir == str(tmp_path / "try")
+    assert cfg.data.train_files == [str(demo / "data/sft.jsonl")] and cfg.init_from == str(demo / "pretrain")
+    cfg = load_config(REPO_ROOT / "configs/demo/rl.yaml", [f"vars.demo={tmp_path}"])
+    assert cfg.workdir == str(tmp_path / "rl") and cfg.init_from == str(tmp_path / "sft")
+    assert cfg.rl.rewards[-1].options["model"] == str(tmp_path / "reward_model")
+    with pytest.raises(ConfigError, match=r"key 'init_from' uses unknown variable \$\{vars.nope\} "
+                                          r"\(known: \$\{vars.demo\}, \$\{workdir\}\)"):
+        load_config(REPO_ROOT / "configs/demo/rl.yaml", ["init_from=${vars.nope}/x"])
+    with pytest.raises(ConfigError, match=r"key 'workdir' uses unknown variable \$\{workdir\}"):
+        load_config(None, ["workdir=${workdir}/x"])
 
 
 def test_demo_config_loads():

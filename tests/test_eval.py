@@ -62,14 +62,17 @@ def test_checkpoint_export_and_transformers_agree(world, trained, tmp_path, choi
         np.testing.assert_allclose(list(a["logprobs"].values()), list(b["logprobs"].values()), atol=1e-3)
     assert ours["accuracy"] == hf["accuracy"] == np.mean([r["correct"] for r in rows_a])
     # Against transformers on the exported weights, for the first item's options.
-    from medjax.tasks.prompts import answer_continuation, build_prompt
+    from medjax.tasks.prompts import PromptConfig, answer_continuation, build_prompt
 
     item = read_benchmark(bench, limit=1).items[0]
-    prompt = build_prompt(item)
+    # Option texts are scored after a prompt that does not list them (cloze), as the runner does;
+    # a model this briefly trained barely conditions on the prompt, so only a tight tolerance
+    # tells the two prompts apart.
+    prompt = build_prompt(item, cfg=PromptConfig(list_options=choices == "letters"))
     for letter, text in item.options.items():
         cont = answer_continuation(item, letter) if choices == "letters" else answer_continuation(item, text=text)
         ref = transformers_logprob(trained / "hf", prompt, cont)
-        assert rows_a[0]["logprobs"][letter] == pytest.approx(ref, abs=1e-3)
+        assert rows_a[0]["logprobs"][letter] == pytest.approx(ref, abs=1e-4)
 
 
 def test_single_token_and_per_continuation_paths_agree(trained):

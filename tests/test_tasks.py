@@ -25,8 +25,13 @@ EXPECTED = {
     "medqa_mcmle.jsonl": ("medqa", ["A", "C"], [5, 5], "zh", ["卫生法规", "内科学"]),
     "medmcqa.jsonl": ("medmcqa", ["B", "D", "A"], [4, 4, 4], "en", ["Pharmacology", "Surgery", "Medicine"]),
     "medmcqa_hf.jsonl": ("medmcqa_hf", ["B", "A"], [4, 4], "en", ["Physiology", "Pediatrics"]),
+    # MedMCQA's own release: JSON lines under a .json name (train.json, dev.json, test.json).
+    "medmcqa_dev.json": ("medmcqa", ["B", "A", "C", "D", "B"], [4] * 5, "en",
+                         ["Pharmacology", "Gynaecology & Obstetrics", "Social & Preventive Medicine", "Anatomy",
+                          "Physiology"]),
     "pubmedqa.jsonl": ("pubmedqa", ["C", "A"], [3, 3], "en", [None, None]),
     "pubmedqa_ori_pqal.json": ("pubmedqa", ["A", "B"], [3, 3], "en", [None, None]),
+    "pubmedqa_pqa_labeled.json": ("pubmedqa", ["A", "C"], [3, 3], "en", [None, None]),  # HF to_json: JSON lines
     "cmexam.csv": ("cmexam", ["ABD", "A", "B"], [5, 5, 5], "zh", ["临床医学", "临床医学", "药学"]),
     "cmb.json": ("cmb", ["A", "AC"], [4, 4], "zh", ["临床执业医师", "临床执业医师"]),
     "medxpertqa.jsonl": ("medxpertqa", ["C", "C"], [10, 10], "en", ["Diagnosis", "Basic Science"]),
@@ -94,6 +99,142 @@ def test_bad_items_name_file_and_line(tmp_path):
         read_benchmark(path, format="nope")
     with pytest.raises(ItemError, match="benchmark file not found"):
         read_benchmark(tmp_path / "missing.jsonl")
+
+
+def _sample_records(path):
+    """A sample's records read with plain json, independently of the reader under test."""
+    if path.suffix == ".jsonl" or path.name in ("medmcqa_dev.json", "medmcqa_test.json", "medmcqa_hf_test.json",
+                                                 "pubmedqa_pqa_labeled.json"):
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else [{"id": k, **v} for k, v in data.items()]
+
+
+def _content(item):
+    return (item.question, item.options, item.answer, item.subject, item.context, item.multi, item.language)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED if not n.endswith(".csv")))
+def test_json_file_holding_json_lines(tmp_path, name):
+    """A .json file with one record per line (MedMCQA's train/dev/test.json, Dataset.to_json output)
+    is JSON lines, in every format; each item names its line."""
+    original = read_benchmark(SAMPLES / name)
+    path = _write(tmp_path, Path(name).stem + ".json", _sample_records(SAMPLES / name))
+    bench = read_benchmark(path)
+    assert bench.format == original.format
+    assert [_content(i) for i in bench.items] == [_content(i) for i in original.items]
+    assert [i.source for i in bench.items] == [f"{path}:{n}" for n in range(1, len(bench.items) + 1)]
+    # Ids: the record's own, else its location.
+    assert [i.id.replace(str(path), "@") for i in bench.items] == \
+        [i.id if i.id != i.source else f"@:{n}" for n, i in enumerate(original.items, start=1)]
+
+
+def test_json_layouts_and_broken_lines(tmp_path):
+    ok = {"question": "Q?", "options": {"A": "x", "B": "y"}, "answer_idx": "A"}
+    # A broken line in JSON lines under .json is named (the whole-file parse would say line 2, "Extra data").
+    path = _write(tmp_path, "broken.json", [ok, ok, "{not json", ok])
+    with pytest.raises(ItemError, match=r"broken\.json:3: not valid JSON"):
+        read_benchmark(path)
+    path = _write(tmp_path, "first.json", ['{"question": "Q?", "options": ', ok, ok])
+    with pytest.raises(ItemError, match=r"first\.json:1: not valid JSON"):
+        read_benchmark(path)
+    # A bad record on a later line of a .json file is named by line too.
+    path = _write(tmp_path, "item.json", [ok, {**ok, "answer_idx": "C"}])
+    with pytest.raises(ItemError, match=r"item\.json:2: answer letter\(s\) C not among the options AB"):
+        read_benchmark(path)
+    # A broken pretty-printed array names where it breaks.
+    path = tmp_path / "array.json"
+    path.write_text(json.dumps([ok, ok], indent=1).replace('"x"', '"x",,', 1))
+    with pytest.raises(ItemError, match=r"array\.json:5: not valid JSON"):
+        read_benchmark(path)
+    # PubMedQA's id-keyed object still works written on one line, and with a byte-order mark.
+    pqal = json.loads((SAMPLES / "pubmedqa_ori_pqal.json").read_text())
+    path = tmp_path / "ori_pqal.json"
+    path.write_text(json.dumps(pqal), encoding="utf-8-sig")
+    assert [(i.id, i.gold) for i in read_benchmark(path).items] == [("21645374", "A"), ("16418930", "B")]
+    # One record on one line is a record, not an object of id -> record.
+    path = _write(tmp_path, "one.json", [{"text": "hello"}])
+    with pytest.raises(ItemError, match=r"one\.json:1: cannot tell the benchmark format"):
+        read_benchmark(path)
+    assert read_benchmark(_write(tmp_path, "single.json", [ok])).items[0].source.endswith("single.json:1")
+    # PubMedQA's test_ground_truth.json holds answers only.
+    with pytest.raises(ItemError, match=r"test_ground_truth\.json: holds only answers .*ori_pqal\.json"):
+        read_benchmark(SAMPLES / "pubmedqa_test_ground_truth.json")
+
+
+def test_limit_does_not_limit_format_detection(tmp_path):
+    """MedMCQA's 0- or 1-based cop is told from the whole file: dev.json's first three items show
+    neither a 0 nor a 4, which `medjax eval --limit 3` used to take as the whole evidence."""
+    as_jsonl = _write(tmp_path, "dev.jsonl", _sample_records(SAMPLES / "medmcqa_dev.json"))
+    for path in (as_jsonl, SAMPLES / "medmcqa_dev.json"):
+        bench = read_benchmark(path, limit=3)
+        assert bench.format == "medmcqa" and [i.gold for i in bench.items] == ["B", "A", "C"]
+    assert read_benchmark(SAMPLES / "medmcqa_dev.json", limit=1).items[0].id == "3f2b6c1e-8a4d-4e0b-9c7a-1d2e3f4a5b6c"
+
+
+@pytest.mark.parametrize("name,format", [("medmcqa_test.json", None), ("medmcqa_test.json", "medmcqa"),
+                                         ("medmcqa_hf_test.json", None), ("medmcqa_hf_test.json", "medmcqa_hf"),
+                                         ("cmb_test.json", None), ("cmb_test.json", "cmb")])
+def test_answerless_test_splits_are_errors_naming_the_file(name, format):
+    hint = "dev.json" if name.startswith("medmcqa") else "CMB-val"
+    for limit in (None, 1):
+        with pytest.raises(ItemError, match=rf"{name}: this split has no answers .*{hint}"):
+            read_benchmark(SAMPLES / name, format=format, limit=limit)
+
+
+def test_answerless_items_and_other_layouts(tmp_path, capsys):
+    from medjax.cli import main
+
+    # The test splits as .jsonl too (the Hugging Face -1 is not an answer, nor evidence of 0- or 1-based).
+    for name in ("medmcqa_test.json", "medmcqa_hf_test.json"):
+        path = _write(tmp_path, Path(name).stem + ".jsonl", _sample_records(SAMPLES / name))
+        with pytest.raises(ItemError, match=r"test\.jsonl: this split has no answers \(no record of 2 has 'cop'"):
+            read_benchmark(path)
+    rc = main(["eval", "--model", str(tmp_path / "no-model"), "--benchmark", str(SAMPLES / "medmcqa_test.json"),
+               "--out", str(tmp_path / "out.jsonl"), "--limit", "5"])
+    assert rc == 2 and "medmcqa_test.json: this split has no answers" in capsys.readouterr().err
+    # One unanswered item among answered ones is that item's error (or skipped with skip_bad).
+    recs = _sample_records(SAMPLES / "medmcqa_dev.json")
+    path = _write(tmp_path, "dev.json", [recs[0], {**recs[1], "cop": -1}, recs[3]])
+    with pytest.raises(ItemError, match=r"dev\.json:2: no answer \(cop is -1\)"):
+        read_benchmark(path)
+    bench = read_benchmark(path, skip_bad=True)
+    assert bench.format == "medmcqa" and [i.gold for i in bench.items] == ["B", "D"] and len(bench.skipped) == 1
+    # CMB test records with an empty answer; PubMedQA's unlabeled sets (original and Hugging Face).
+    cmb = json.loads((SAMPLES / "cmb_test.json").read_text())
+    path = tmp_path / "cmb_empty.json"
+    path.write_text(json.dumps([{**r, "answer": ""} for r in cmb], ensure_ascii=False))
+    with pytest.raises(ItemError, match="this split has no answers"):
+        read_benchmark(path)
+    pqau = {k: {kk: vv for kk, vv in v.items() if kk not in ("final_decision", "reasoning_required_pred")}
+            for k, v in json.loads((SAMPLES / "pubmedqa_ori_pqal.json").read_text()).items()}
+    (tmp_path / "ori_pqau.json").write_text(json.dumps(pqau, indent=1))
+    unlabeled = [{k: v for k, v in r.items() if k != "final_decision"}
+                 for r in _sample_records(SAMPLES / "pubmedqa_pqa_labeled.json")]
+    for path in (tmp_path / "ori_pqau.json", _write(tmp_path, "pqa_unlabeled.json", unlabeled)):
+        with pytest.raises(ItemError, match=r"this split has no answers .*'final_decision'.*ori_pqal"):
+            read_benchmark(path)
+    # A wrong --format is a missing field, not "no answers".
+    with pytest.raises(ItemError, match=r"medqa_us\.jsonl:1: missing field 'label'"):
+        read_benchmark(SAMPLES / "medqa_us.jsonl", format="medxpertqa")
+    # MedXpertQA MM items need their images.
+    with pytest.raises(ItemError, match=r"medxpertqa_mm\.jsonl:1: the question refers to images"):
+        read_benchmark(SAMPLES / "medxpertqa_mm.jsonl")
+
+
+def test_cmexam_csv_bom_crlf_and_record_lines(tmp_path):
+    """CMExam's CSV: quoted multi-line option cells; a copy saved with a byte-order mark and CRLF
+    reads the same; a record is named by its first line."""
+    original = read_benchmark(SAMPLES / "cmexam.csv")
+    assert [i.source.rsplit(":", 1)[1] for i in original.items] == ["2", "7", "12"]
+    path = tmp_path / "cmexam_test.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (SAMPLES / "cmexam.csv").read_bytes().replace(b"\n", b"\r\n"))
+    bench = read_benchmark(path)
+    assert bench.format == "cmexam" and [_content(i) for i in bench.items] == [_content(i) for i in original.items]
+    bad = (SAMPLES / "cmexam.csv").read_text().replace("B 过敏性休克", "过敏性休克", 1).replace(",B,", ",F,", 1)
+    (tmp_path / "bad.csv").write_text(bad)
+    with pytest.raises(ItemError, match=r"bad\.csv:12: answer letter\(s\) F"):
+        read_benchmark(tmp_path / "bad.csv")
 
 
 @pytest.mark.skipif(not CPQEXAM.is_file(), reason="../shared/benchmarks/cpqexam is not beside the checkout")

@@ -62,8 +62,9 @@ def _latest_step_dir(checkpoints: Path) -> Path:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
-    """Accepts a model directory, a training workdir, its checkpoints/ folder or one step folder."""
-    p = Path(path)
+    """Accepts a model directory, a training workdir, its checkpoints/ folder or one step folder.
+    The paths returned are absolute: Orbax refuses (or silently misreads) relative ones."""
+    p = Path(path).absolute()
     if not p.exists():
         raise ConversionError(f"checkpoint not found: {p}")
     if (p / MODEL_JSON).is_file():
@@ -94,12 +95,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
 
 
 class ParamReader:
-    """Reads single parameters (gathered to host numpy) from an Orbax params tree."""
+    """Reads single parameters (gathered to host numpy) from an Orbax params tree.
+
+    It talks to the PyTree handler directly: ``params_dir`` is one item of a step (or a model
+    directory's params), and a Checkpointer would look for step metadata there and log
+    "Metadata file does not exist" on every read."""
 
     def __init__(self, ref: CheckpointRef):
         self.ref = ref
-        self._ckpt = ocp.PyTreeCheckpointer()
-        tree = self._ckpt.metadata(ref.params_dir).item_metadata
+        self._ckpt = ocp.PyTreeCheckpointHandler()
+        tree = self._ckpt.metadata(ref.params_dir)
         for key in ref.prefix:
             tree = tree[key]
         self._meta = tree
@@ -157,11 +162,13 @@ def _int_keys(tree):
 
 
 def save_model_dir(out_dir: str | os.PathLike, model: ModelConfig,
-                   params: dict | Iterable[tuple[tuple, np.ndarray]], tokenizer_dir: Path | None) -> Path:
+                   params: dict | Iterable[tuple[tuple, np.ndarray]], tokenizer_dir: Path | None,
+                   tokenizer_json: str | None = None) -> Path:
     """Writes a model directory beside ``out_dir`` and renames it into place when complete.
 
     ``params`` is a whole tree or a stream of (path, array). A stream goes to disk through Orbax
-    partial saves in groups of about GROUP_BYTES, so an import never holds the model in memory."""
+    partial saves in groups of about GROUP_BYTES, so an import never holds the model in memory.
+    ``tokenizer_json`` replaces the copied tokenizer.json (an adopted transformers tokenizer)."""
     out = Path(out_dir)
     with staging_dir(out) as tmp:
         items = _leaves(params) if isinstance(params, dict) else params
@@ -179,6 +186,9 @@ def save_model_dir(out_dir: str | os.PathLike, model: ModelConfig,
         (tmp / MODEL_JSON).write_text(json.dumps(dataclasses.asdict(model), indent=2) + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
+        if tokenizer_json is not None:
+            (tmp / "tokenizer").mkdir(exist_ok=True)
+            (tmp / "tokenizer" / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     return out
 
 
@@ -193,7 +203,9 @@ def _leaves(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, np.ndarray]
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
     """A temporary folder beside ``out``; renamed to ``out`` on success, removed on failure.
-    A non-empty ``out`` is refused up front: conversion never overwrites earlier output."""
+    A non-empty ``out`` is refused up front: conversion never overwrites earlier output. The
+    staging folder is absolute because Orbax writes only to absolute paths."""
+    out = Path(out).absolute()
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"output {out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)

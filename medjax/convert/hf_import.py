@@ -58,12 +58,27 @@ def open_weights(hf_dir: Path, allow_pickle: bool):
     return PickleWeights(hf_dir)
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, allow_pickle: bool = False) -> Path:
+TOKENIZER_CHOICES = ("file", "transformers")
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, allow_pickle: bool = False,
+              tokenizer: str = "file") -> Path:
     """Streams tensor by tensor: every name, shape and dtype is checked from the headers first, then
     each tensor is read, re-laid out and appended to the Orbax params, so memory stays near the
-    largest tensor."""
+    largest tensor.
+
+    ``tokenizer="file"`` keeps the directory's tokenizer.json as it is; ``"transformers"`` writes
+    instead the tokenizer transformers' AutoTokenizer builds for the directory (what vLLM serves
+    with), for directories where the two differ (medjax.data.tokenizer_agreement)."""
+    if tokenizer not in TOKENIZER_CHOICES:
+        raise ConversionError(f"tokenizer must be one of {', '.join(TOKENIZER_CHOICES)}, got {tokenizer!r}")
+    tokenizer_json = None
+    if tokenizer == "transformers":
+        from medjax.data.tokenizer_agreement import transformers_tokenizer_json
+
+        tokenizer_json = transformers_tokenizer_json(hf_dir)  # fails before anything is written
     model, tensors = open_hf(hf_dir, allow_pickle)
-    return save_model_dir(out_dir, model, tensors, tokenizer_dir=Path(hf_dir))
+    return save_model_dir(out_dir, model, tensors, tokenizer_dir=Path(hf_dir), tokenizer_json=tokenizer_json)
 
 
 def read_hf(hf_dir: str | os.PathLike, allow_pickle: bool = False) -> tuple[ModelConfig, dict]:

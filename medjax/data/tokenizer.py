@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from medjax.data import DataError
 from medjax.utils import atomic_write_text
@@ -33,10 +33,25 @@ def format_chatml(messages: list[dict[str, str]], add_generation_prompt: bool = 
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
+# Qwen2's pre-tokenizer split: contractions, letter runs, each digit alone, punctuation runs,
+# newlines, spaces. transformers 5 builds Qwen2Tokenizer for any model_type "qwen2" directory and
+# rebuilds its normalizer (NFC) and pre-tokenizer from its own code, ignoring tokenizer.json's; a
+# tokenizer trained with GPT-2's split would then be served with different ids than it trained on
+# ("a 54-year-old" is 9 ids one way, 11 the other). Training with Qwen2's rules makes every
+# reader (medjax, transformers' Qwen2Tokenizer or generic class, vLLM) tokenize alike.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4096) -> Path:
-    """Trains byte-level BPE on ``texts`` and writes the HF tokenizer files into ``out_dir``."""
+    """Trains byte-level BPE on ``texts`` (NFC, Qwen2's pre-tokenizer split) and writes the HF
+    tokenizer files into ``out_dir``."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

@@ -21,7 +21,13 @@ def load_model(path: str | os.PathLike) -> tuple[ModelConfig, dict, Path | None]
     p = Path(path)
     if (p / "config.json").is_file() and not (p / "model.json").is_file():
         model, params = read_hf(p)
-        return model, params, p if (p / "tokenizer.json").is_file() else None
+        if not (p / "tokenizer.json").is_file():
+            return model, params, None
+        from medjax.data.tokenizer_agreement import warn_if_disagreeing
+
+        warn_if_disagreeing(p, hint="medjax reads tokenizer.json; a vLLM server for this directory would "
+                            "tokenize with transformers")
+        return model, params, p
     ref = resolve_checkpoint(p)
     return ref.model, load_params(ref), ref.tokenizer_dir
 

@@ -5,6 +5,12 @@ Hugging Face 0-based one), PubMedQA (the original PMID-keyed JSON or one record 
 (CSV or JSONL, options in one string), CMB-Exam, MedXpertQA (options A-J), MMLU medical subsets
 (header-less CSV) and CPQExam (the QuarkMed release). The format is detected from the fields of the
 first record, or named. Every error names the file and line (or record index / key).
+
+A file is read by its content, not its suffix: one JSON record per line (MedMCQA's own train.json /
+dev.json / test.json are JSON lines, as is what ``datasets.Dataset.to_json`` writes), a JSON array
+(CMB), one JSON object of id -> record (PubMedQA's ori_pqal.json, pretty-printed or on one line), or
+CSV. A split published without answers (MedMCQA's and CMB's test sets, PubMedQA's unlabeled set) is an
+error naming the file rather than items that would be scored against nothing.
 """
 
 from __future__ import annotations
@@ -116,6 +122,8 @@ def _medqa(rec: Record, where: str) -> ExamItem:
 
 def _medmcqa(rec: Record, where: str, base: int) -> ExamItem:
     options = {L: str(_get(rec, f"op{L.lower()}", where, (str, int, float))).strip() for L in "ABCD"}
+    if rec.get("cop") is None or rec.get("cop") == -1:  # the test split: no cop (original) or -1 (HF)
+        raise ItemError(f"{where}: no answer (cop is {'-1' if rec.get('cop') == -1 else 'missing'})")
     cop = _get(rec, "cop", where, (int,))
     if not base <= cop < base + 4:
         raise ItemError(f"{where}: cop {cop} is outside {base}..{base + 3}")
@@ -164,6 +172,9 @@ _ANSWER_CHOICES = re.compile(r"\s*Answer Choices:.*$", re.S)
 
 
 def _medxpertqa(rec: Record, where: str) -> ExamItem:
+    if rec.get("images"):
+        raise ItemError(f"{where}: the question refers to images {rec['images']!r} (MedXpertQA MM), which a "
+                        "text-only evaluation cannot show; score the Text subset")
     options = _options_dict(_get(rec, "options", where, (dict,)), where, "options")
     # The published question repeats the options after "Answer Choices:"; the prompt lists them.
     question = _ANSWER_CHOICES.sub("", _get(rec, "question", where))
@@ -204,18 +215,51 @@ READERS: dict[str, Reader] = {
 FORMATS = tuple(READERS)
 
 
+# The field each format keeps its answer in, and what to do when a whole file has none.
+ANSWER_FIELDS = {"medqa": ("answer_idx", "answer"), "medmcqa": ("cop",), "medmcqa_hf": ("cop",),
+                 "pubmedqa": ("final_decision",), "cmexam": ("Answer",), "cmb": ("answer",),
+                 "medxpertqa": ("label",), "cpqexam": ("answer",), "mmlu": ("answer",)}
+_NO_ANSWERS_HINT = {
+    "medmcqa": "MedMCQA does not publish its test answers; score dev.json (the Hugging Face validation split)",
+    "pubmedqa": "PubMedQA's unlabeled set (ori_pqau.json, pqa_unlabeled) has none; score ori_pqal.json or pqa_labeled",
+    "cmb": "CMB-Exam does not publish its test answers; score CMB-val/CMB-val-merge.json",
+}
+_NO_ANSWERS_HINT["medmcqa_hf"] = _NO_ANSWERS_HINT["medmcqa"]
+
+
+def _has_answer(rec: Record, format: str) -> bool:
+    if format == "mmlu":
+        row = rec.get("_row", ())
+        values = [row[5]] if len(row) > 5 else []
+    else:
+        values = [rec.get(k) for k in ANSWER_FIELDS[format]]
+    return any(v is not None and v != -1 and str(v).strip() != "" for v in values)
+
+
+def _check_has_answers(path: Path, format: str, records: list[tuple[Record, str]]) -> None:
+    """A split published without answers is an error naming the file: scored, every item would be
+    wrong (or, worse, -1 would be read as an answer)."""
+    if any(_has_answer(rec, format) for rec, _ in records):
+        return
+    hint = _NO_ANSWERS_HINT.get(format)
+    raise ItemError(f"{path}: this split has no answers (no record of {len(records)} has "
+                    f"{' or '.join(repr(k) for k in ANSWER_FIELDS[format])}"
+                    f"{'' if format not in ('medmcqa', 'medmcqa_hf') else ' other than -1'})"
+                    + (f"; {hint}" if hint else ""))
+
+
 def detect_format(rec: Record, where: str) -> str:
     """The format a record's fields say it is in."""
     keys = set(rec)
     if "_row" in keys:
         return "mmlu"
-    if {"opa", "cop"} <= keys:
+    if {"opa", "opb", "opc", "opd"} <= keys:  # cop is absent from the original test split
         return "medmcqa"
-    if "final_decision" in keys or "QUESTION" in keys:
+    if "final_decision" in keys or "QUESTION" in keys or {"pubid", "question", "context"} <= keys:
         return "pubmedqa"
-    if {"uid", "option", "answer"} <= keys and isinstance(rec["option"], str):
+    if {"uid", "option"} <= keys and isinstance(rec["option"], str):
         return "cpqexam"
-    if {"question", "option", "answer"} <= keys and isinstance(rec["option"], dict):
+    if {"question", "option"} <= keys and isinstance(rec["option"], dict):  # CMB's test split has no answer
         return "cmb"
     if {"Question", "Options", "Answer"} <= keys:
         return "cmexam"
@@ -228,7 +272,9 @@ def detect_format(rec: Record, where: str) -> str:
 
 
 def _records(path: Path) -> Iterator[tuple[Record, str]]:
-    """(record, where) pairs from JSONL, JSON (array, or object keyed by id) or CSV."""
+    """(record, where) pairs from JSON lines, JSON (array, or object keyed by id) or CSV, told apart by
+    content (a .json file may hold JSON lines). ``where`` is file:line (a CSV record's first line),
+    file[index] in an array or file['key'] in an id-keyed object."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -238,8 +284,10 @@ def _records(path: Path) -> Iterator[tuple[Record, str]]:
             reader = csv.reader(f)
             header = next(reader) if has_header else None
             subject = re.sub(r"_(test|dev|val|validation|train)$", "", path.stem)
+            end = reader.line_num
             for row in reader:
-                where = f"{path}:{reader.line_num}"
+                where = f"{path}:{end + 1}"  # the record's first line (a quoted cell may span several)
+                end = reader.line_num
                 if not any(c.strip() for c in row):
                     continue
                 if header is None:
@@ -249,33 +297,76 @@ def _records(path: Path) -> Iterator[tuple[Record, str]]:
                 else:
                     yield dict(zip(header, row)), where
         return
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()[:1]
-    if suffix == ".json" or head == "[":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ItemError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-        if isinstance(data, list):
-            for i, rec in enumerate(data):
-                yield rec, f"{path}[{i}]"
-        elif isinstance(data, dict):  # PubMedQA's original release: {pmid: record}
-            for key, rec in data.items():
-                if isinstance(rec, dict):
-                    rec = {"id": key, **rec}
-                yield rec, f"{path}[{key!r}]"
-        else:
-            raise ItemError(f"{path}: a JSON benchmark is a list of records or an object of id -> record")
+    text = path.read_text(encoding="utf-8-sig")
+    start = len(text) - len(text.lstrip())
+    if start == len(text):
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ItemError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            yield rec, f"{path}:{lineno}"
+    if text[start] == "[":
+        yield from _json_document(path, text)
+        return
+    # One JSON object (an id-keyed benchmark or a single record), or one record per line: whatever the
+    # suffix says (MedMCQA's original .json files, Dataset.to_json output are JSON lines).
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError:
+        # A broken file: JSON lines if another line holds a whole object (then the bad line is named),
+        # else one document (then the line where it breaks is).
+        lines = [ln for ln in text.split("\n") if ln.strip()]
+        if len(lines) > 1 and _is_object(lines[1]):
+            yield from _json_lines(path, text)
+        else:
+            yield from _json_document(path, text)
+        return
+    if text[end:].strip():
+        yield from _json_lines(path, text)
+    else:
+        yield from _json_document(path, text)
+
+
+_QUESTION_KEYS = {"question", "Question", "QUESTION"}  # every format's record has one, an id-keyed object not
+
+
+def _is_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _json_lines(path: Path, text: str) -> Iterator[tuple[Record, str]]:
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit in a string
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ItemError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        yield rec, f"{path}:{lineno}"
+
+
+def _json_document(path: Path, text: str) -> Iterator[tuple[Record, str]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ItemError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    if isinstance(data, list):
+        for i, rec in enumerate(data):
+            yield rec, f"{path}[{i}]"
+    elif data == {}:
+        return
+    elif isinstance(data, dict) and not _QUESTION_KEYS & set(data) and \
+            sum(isinstance(v, dict) for v in data.values()) * 2 > len(data):
+        for key, rec in data.items():  # PubMedQA's original release: {pmid: record}
+            if isinstance(rec, dict):
+                rec = {"id": key, **rec}
+            yield rec, f"{path}[{key!r}]"
+    elif isinstance(data, dict) and data and all(k.isdigit() and isinstance(v, str) for k, v in data.items()):
+        raise ItemError(f"{path}: holds only answers (id -> {next(iter(data.values()))!r}), no questions, like "
+                        "PubMedQA's test_ground_truth.json; score the file of records (ori_pqal.json, test_set.json)")
+    elif isinstance(data, dict):  # one record: a one-line JSON lines file
+        yield data, f"{path}:{text[:len(text) - len(text.lstrip())].count(chr(10)) + 1}"
+    else:
+        raise ItemError(f"{path}: a JSON benchmark is a list of records or an object of id -> record")
 
 
 def read_benchmark(path: str | os.PathLike, format: str | None = None, limit: int | None = None,
@@ -295,17 +386,25 @@ def read_benchmark(path: str | os.PathLike, format: str | None = None, limit: in
         if not isinstance(rec, dict):
             raise ItemError(f"{where}: a record should be a JSON object, got {type(rec).__name__}")
         records.append((rec, where))
-        if limit is not None and len(records) >= limit:
-            break
     if not records:
         raise ItemError(f"{path}: no records")
-    if format is None:
+    # Detection and the no-answers check look at the whole file; ``limit`` only bounds what is scored.
+    detected = format is None
+    if detected:
         format = detect_format(*records[0])
-        if format == "medmcqa":
-            format = _medmcqa_base(path, records)
+        _check_has_answers(path, format, records)
+    else:  # named: the check only where the fields agree (a wrong --format fails on a missing field instead)
+        try:
+            agrees = detect_format(*records[0]).removesuffix("_hf") == format.removesuffix("_hf")
+        except ItemError:
+            agrees = False
+        if agrees:
+            _check_has_answers(path, format, records)
+    if detected and format == "medmcqa":
+        format = _medmcqa_base(path, records)
     reader = READERS[format]
     items, seen, skipped = [], {}, []
-    for rec, where in records:
+    for rec, where in records[:limit]:
         try:
             item = reader(rec, where)
         except ItemError as e:
@@ -323,7 +422,7 @@ def read_benchmark(path: str | os.PathLike, format: str | None = None, limit: in
 def _medmcqa_base(path: Path, records: list[tuple[Record, str]]) -> str:
     """MedMCQA's own release numbers the correct option 1-4, the Hugging Face copy 0-3; a file that
     shows neither a 0 nor a 4 cannot be told apart, and guessing would silently shift every answer."""
-    cops = {rec.get("cop") for rec, _ in records}
+    cops = {rec.get("cop") for rec, _ in records} - {None, -1}  # -1, or no cop: an item without an answer
     if 0 in cops and 4 in cops:
         raise ItemError(f"{path}: cop holds both 0 and 4; name the format (--format medmcqa for 1-4, medmcqa_hf for 0-3)")
     if 0 in cops:

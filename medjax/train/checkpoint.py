@@ -59,4 +59,21 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        # Orbax (0.12.8) starts removing stale temporary folders in a background thread when the
+        # manager opens, and close() does not wait for it: a run that fails early then dies with
+        # "cannot schedule new futures after shutdown" from that thread. Wait for it first.
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self.manager.close()
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Waits for a pending async save (a checkpoint being written is never abandoned), then
+        stops Orbax's background threads."""
+        try:
+            self.wait()
+        finally:
+            self.close()

@@ -73,6 +73,11 @@ def open_source(path: str) -> InitSource:
     if (p / "config.json").is_file() and not (p / "model.json").is_file():
         model = from_hf_config(json.loads((p / "config.json").read_text()), str(p / "config.json"))
         tok = p if (p / "tokenizer.json").is_file() else None
+        if tok is not None:
+            from medjax.data.tokenizer_agreement import warn_if_disagreeing
+
+            warn_if_disagreeing(p, hint=f"training reads tokenizer.json as medjax does; `medjax import {p} DIR "
+                                "--tokenizer transformers` and init_from DIR trains on transformers' tokenization")
         return InitSource(p, model, tok, "hf")
     try:
         ref = resolve_checkpoint(p)

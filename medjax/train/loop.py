@@ -114,14 +114,23 @@ def train(
     end the run early the way a preemption does: checkpoint, then return."""
     initialize_distributed(cfg.mesh)
     mesh = make_mesh(cfg.mesh)
-    spec = stage_spec(cfg.stage)
     tc = cfg.train
     geo = BatchGeometry(tc.global_batch_size, tc.grad_accum_steps, cfg.data.seq_len)
     geo.check(mesh)
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    # Closed on every exit path, errors included: a manager left open has Orbax background
+    # threads that fail with a traceback at interpreter shutdown, burying the real error.
+    with Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing) as ckpts:
+        return _train(cfg, objective, should_stop, mesh, geo, ckpts)
+
+
+def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int], bool] | None, mesh,
+           geo: BatchGeometry, ckpts: Checkpoints) -> TrainResult:
+    spec = stage_spec(cfg.stage)
+    tc = cfg.train
+    workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
-    ckpts = Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     start = ckpts.latest_step() or 0
     source = _resolve_init(cfg, resuming=bool(start))
     objective = objective or spec.objective(cfg)
@@ -223,8 +232,6 @@ def train(
             run_eval(step)
     finally:
         bar.close()
-        ckpts.wait()
-        ckpts.close()
         writer.close()
     result.step = step
     return result
