@@ -112,6 +112,11 @@ class RewardSpec:
     # Component options, e.g. {partial_credit: true} for exam, {target_tokens: 48} for length,
     # {model: PATH, dimension: honesty} for reward_model.
     options: Any = field(default_factory=dict)
+    # How raw values are scaled before weighting, so no component wins by its units alone: none;
+    # sigmoid (value / temperature squashed into 0..1); zscore (standardised over the rollout
+    # batch). Empty: sigmoid for reward_model (raw scores are unbounded logits), none otherwise.
+    normalize: Literal["", "none", "sigmoid", "zscore"] = ""
+    temperature: float = 1.0
 
 
 @dataclass
@@ -141,6 +146,10 @@ class RLConfig:
     # Drop groups whose rewards are all equal (no signal) and sample more prompts to refill.
     dynamic_sampling: bool = True
     max_refills: int = 4
+    # QuarkMed's stage-1 pruning: a prompt whose whole group earned the maximum (1.0) of the
+    # mastered_reward component leaves the prompt pool for later passes over the prompt set.
+    drop_mastered: bool = False
+    mastered_reward: str = "exam"
     # Completions that hit max_new_tokens: none; penalty (DAPO soft penalty over the last
     # overlong_buffer tokens, up to -overlong_penalty); filter (excluded from the loss).
     overlong: Literal["none", "penalty", "filter"] = "none"

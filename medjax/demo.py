@@ -1,14 +1,17 @@
 """`medjax demo`: the recipe end to end on the bundled synthetic medical world, on CPU.
 
 Stages: generate data -> train the tokenizer -> continued pretraining -> SFT -> reward model -> RL
-(GRPO family, verifiable exam reward plus the reward model) -> export the policy to Hugging Face
-safetensors (served by vLLM) -> evaluate the bundled exam before pretraining and after each stage.
+stage 1 (GRPO, verifiable exam and format rewards, mastered prompts dropped) -> RL stage 2 (reward
+model plus exam reward, KL to stage 1) -> export the policy to Hugging Face safetensors (served by
+vLLM) -> evaluate the bundled exam before pretraining and after each stage, by log-likelihood and
+answering in writing; summary.json holds every figure.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from medjax.config import REPO_ROOT, load_config
@@ -19,6 +22,7 @@ from medjax.eval.runner import EvalConfig, evaluate
 from medjax.serve.generate import generate_text
 from medjax.train.loop import train
 from medjax.train.plots import plot_metrics
+from medjax.utils import atomic_write_text
 
 DEMO_CONFIGS = REPO_ROOT / "configs" / "demo"
 
@@ -31,6 +35,17 @@ def _texts(*paths: Path, key: str = "text"):
                     yield json.loads(line)[key]
 
 
+def tokenizer_texts(files: dict[str, Path]):
+    """What the tokenizer learns from: the pretraining passages and every SFT turn, so the words
+    of chat and exam answers ("The answer is B") get whole tokens, as a real tokenizer's broad
+    training mix gives them (on passages alone " answer" was split into pieces the small model
+    garbled)."""
+    yield from _texts(files["pretrain"], files["pretrain_eval"])
+    for path in (files["sft"], files["sft_eval"]):
+        for messages in _texts(path, key="messages"):
+            yield from (m["content"] for m in messages)
+
+
 def _stage_config(name: str, root: Path, max_steps: int | None):
     overrides = [f"vars.demo={root}"]  # the configs name their workdir and data under it
     if max_steps is not None:
@@ -38,22 +53,56 @@ def _stage_config(name: str, root: Path, max_steps: int | None):
     return load_config(DEMO_CONFIGS / f"{name}.yaml", overrides)
 
 
-def _first_last(workdir: str, key: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
+def _logged(workdir: str) -> list[dict]:
+    """The training rows (those with a loss) of a run's metrics.jsonl."""
     rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [r for r in rows if r.get("loss") is not None]
+
+
+def _first_last(workdir: str, key: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
+    points = [(r["step"], r[key]) for r in _logged(workdir) if r.get(key) is not None]
     return (points[0], points[-1]) if points else None
 
 
+def _print_rl(workdir: str) -> None:
+    """Each reward component and the rollout accuracy, first and last logged."""
+    keys = [k for k in _logged(workdir)[-1] if k.startswith("reward_") and k.endswith("_mean")]
+    for key in ["reward_mean", *sorted(k for k in keys if k != "reward_mean"), "accuracy", "prompt_pool_size"]:
+        points = _first_last(workdir, key)
+        if points:
+            (s0, v0), (s1, v1) = points
+            label = "rollout accuracy" if key == "accuracy" else key.removesuffix("_mean")
+            print(f"  {label}: {v0:.3f} (step {s0}) -> {v1:.3f} (step {s1})")
+
+
+def _evaluation_row(after: str, summary: dict) -> dict:
+    return {"after": after, "mode": summary["mode"], "accuracy": summary["accuracy"],
+            "ci_low": summary["ci95"][0], "ci_high": summary["ci95"][1], "no_answer": summary["no_answer"],
+            "n": summary["n"], "summary": summary.get("output", "").removesuffix(".jsonl") + ".summary.json"}
+
+
+def format_summary(summary: dict) -> str:
+    """The demo's exam table, rendered from summary.json."""
+    lines = [f"  {'after':<22} {'mode':<14} {'accuracy':>8}  {'95% CI':<13} {'no answer':>9} {'items':>6}"]
+    for e in summary["evaluations"]:
+        lines.append(f"  {e['after']:<22} {e['mode']:<14} {e['accuracy'] * 100:7.1f}%  "
+                     f"[{e['ci_low'] * 100:4.1f}, {e['ci_high'] * 100:4.1f}] {e['no_answer']:>9} {e['n']:>6}")
+    return "\n".join(lines)
+
+
 def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = None) -> dict[str, Path]:
-    """``max_steps`` caps the pretraining, SFT and reward-model stages, ``rl_steps`` the RL stage
-    (default: each demo config's own)."""
+    """``max_steps`` caps the pretraining, SFT and reward-model stages, ``rl_steps`` each RL stage
+    (default: each demo config's own). Writes ``summary.json`` under ``workdir``: every evaluation
+    (after which stage, mode, accuracy and interval, unreadable answers) and every training stage's
+    first and last logged metrics."""
+    started = time.perf_counter()
     root = Path(workdir).absolute()
-    print(f"[1/8] generating the synthetic medical world in {root / 'data'}")
+    print(f"[1/9] generating the synthetic medical world in {root / 'data'}")
     files = medworld.generate(root / "data", seed=0)
-    print(f"[2/8] training the BPE tokenizer in {root / 'tokenizer'}")
-    tokenizer_dir = train_tokenizer(_texts(files["pretrain"], files["pretrain_eval"]), root / "tokenizer", vocab_size=4096)
+    print(f"[2/9] training the BPE tokenizer in {root / 'tokenizer'}")
+    tokenizer_dir = train_tokenizer(tokenizer_texts(files), root / "tokenizer", vocab_size=4096)
     cfg = _stage_config("pretrain", root, max_steps)
-    print(f"[3/8] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
+    print(f"[3/9] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
           f"for {cfg.train.max_steps} steps in {cfg.workdir}")
     result = train(cfg)
     steps = sorted(result.losses)
@@ -64,7 +113,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
         print(f"  eval loss at step {step}: {ev:.4f}")
 
     sft_cfg = _stage_config("sft", root, max_steps)
-    print(f"[4/8] SFT on {files['sft'].name} (loss on assistant turns only) for {sft_cfg.train.max_steps} steps "
+    print(f"[4/9] SFT on {files['sft'].name} (loss on assistant turns only) for {sft_cfg.train.max_steps} steps "
           f"in {sft_cfg.workdir}")
     sft = train(sft_cfg)
     sft_evals = sorted(sft.eval_losses.items())
@@ -72,7 +121,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
           f"{sft_evals[-1][1]:.4f} (step {sft_evals[-1][0]})")
 
     rm_cfg = _stage_config("reward_model", root, max_steps)
-    print(f"[5/8] reward model ({', '.join(rm_cfg.model.score_labels)}) on {files['preferences'].name} "
+    print(f"[5/9] reward model ({', '.join(rm_cfg.model.score_labels)}) on {files['preferences'].name} "
           f"for {rm_cfg.train.max_steps} steps in {rm_cfg.workdir}")
     rm = train(rm_cfg)
     for label, (step, record) in (("before", min(rm.eval_metrics.items())), ("after", max(rm.eval_metrics.items()))):
@@ -80,28 +129,31 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
         print(f"  RM held-out pairwise accuracy {label} training (step {step}): "
               f"{record['eval_accuracy'] * 100:.1f}% ({dims})")
 
-    rl_cfg = _stage_config("rl", root, rl_steps)
-    rewards = " + ".join(f"{r.weight:g} x {r.name}" for r in rl_cfg.rl.rewards)
-    print(f"[6/8] RL ({rl_cfg.rl.advantage}, {rl_cfg.rl.prompts_per_rollout} prompts x {rl_cfg.rl.group_size} "
-          f"samples, reward {rewards}) on {files['rl_prompts'].name} for {rl_cfg.train.max_steps} steps "
-          f"in {rl_cfg.workdir}")
-    train(rl_cfg)
-    for key, label in (("reward_mean", "reward"), ("accuracy", "rollout accuracy")):
-        points = _first_last(rl_cfg.workdir, key)
-        if points:
-            (s0, v0), (s1, v1) = points
-            print(f"  RL {label}: {v0:.3f} (step {s0}) -> {v1:.3f} (step {s1})")
+    rl_cfgs = []
+    for number, (name, title) in enumerate((("rl_verifiable", "RL stage 1, verifiable rewards"),
+                                            ("rl_preference", "RL stage 2, reward model")), start=6):
+        rl_cfg = _stage_config(name, root, rl_steps)
+        rewards = " + ".join(f"{r.weight:g} x {r.name}" + (f" ({r.options['dimension']})" if isinstance(
+            r.options, dict) and r.options.get("dimension") else "") for r in rl_cfg.rl.rewards)
+        print(f"[{number}/9] {title} ({rl_cfg.rl.advantage}, {rl_cfg.rl.prompts_per_rollout} prompts x "
+              f"{rl_cfg.rl.group_size} samples, reward {rewards}"
+              + (f", KL {rl_cfg.rl.kl_coef:g} to its start" if rl_cfg.rl.kl_coef else "")
+              + (", mastered prompts dropped" if rl_cfg.rl.drop_mastered else "")
+              + f") for {rl_cfg.train.max_steps} steps in {rl_cfg.workdir}")
+        train(rl_cfg)
+        _print_rl(rl_cfg.workdir)
+        rl_cfgs.append(rl_cfg)
 
     hf_dir = root / "hf"
     if hf_dir.exists():
         shutil.rmtree(hf_dir)  # a re-run replaces the export of the previous run
-    print(f"[7/8] exporting the RL policy to Hugging Face safetensors in {hf_dir}")
-    export_hf(rl_cfg.workdir, hf_dir, dtype="float32")
+    print(f"[8/9] exporting the RL policy to Hugging Face safetensors in {hf_dir}")
+    export_hf(rl_cfgs[-1].workdir, hf_dir, dtype="float32")
     prompt = "What is the first-line drug for " + json.loads(files["world"].read_text())["conditions"][0]["name"] + "?"
     sample = generate_text(hf_dir, [prompt], max_new_tokens=32, chat=True)[0]
     print(f"  greedy chat sample: {prompt!r} -> {sample!r}")
 
-    print(f"[8/8] evaluating on the bundled exam ({files['exam']}): before and after each stage")
+    print(f"[9/9] evaluating on the bundled exam ({files['exam']}): before and after each stage")
     init_dir = root / "init"
     if init_dir.exists():
         shutil.rmtree(init_dir)
@@ -109,23 +161,27 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     eval_dir = root / "eval"
     # Option texts, length-normalised: a pretrained (not yet instruction-tuned) model knows the
     # facts as prose, not as "Answer: B"; the same scoring for every model keeps them comparable.
-    eval_cfg = EvalConfig(choices="texts", batch_size=16)
-    summaries = {}
-    for name, model in (("before pretraining", init_dir), ("after pretraining", Path(cfg.workdir)),
-                        ("after SFT", Path(sft_cfg.workdir)), ("after RL", hf_dir)):
-        out = eval_dir / f"exam_{name.replace(' ', '_')}.jsonl"
-        s = summaries[name] = evaluate(str(model), files["exam"], out, eval_cfg, quiet=True)
-        print(f"  exam accuracy {name}: {s['accuracy'] * 100:.1f}% "
-              f"[95% CI {s['ci95'][0] * 100:.1f}-{s['ci95'][1] * 100:.1f}] over {s['n']} items "
-              f"({s['items_per_sec']:.1f} items/s)")
-    # The task RL trained: answer in writing, read by the shared extractor (chat, greedy).
-    gen_cfg = EvalConfig(mode="generate", chat=True, max_new_tokens=rl_cfg.rl.max_new_tokens, batch_size=32)
-    for name, model in (("after SFT", Path(sft_cfg.workdir)), ("after RL", hf_dir)):
-        out = eval_dir / f"exam_generate_{name.replace(' ', '_')}.jsonl"
-        s = evaluate(str(model), files["exam"], out, gen_cfg, quiet=True)
-        print(f"  exam accuracy answering in writing (generative, chat) {name}: {s['accuracy'] * 100:.1f}% "
-              f"[95% CI {s['ci95'][0] * 100:.1f}-{s['ci95'][1] * 100:.1f}] ({s['items_per_sec']:.1f} items/s)")
-    final = summaries["after RL"]
+    loglik = EvalConfig(choices="texts", batch_size=16)
+    # The task RL trains: answer in writing, read by the shared extractor (chat, greedy).
+    written = EvalConfig(mode="generate", chat=True, max_new_tokens=rl_cfgs[0].rl.max_new_tokens, batch_size=32)
+    runs = [("before pretraining", init_dir, (loglik,)), ("pretraining", Path(cfg.workdir), (loglik,)),
+            ("SFT", Path(sft_cfg.workdir), (loglik, written)),
+            ("RL stage 1", Path(rl_cfgs[0].workdir), (loglik, written)), ("RL stage 2", hf_dir, (loglik, written))]
+    evaluations = []
+    for after, model, modes in runs:
+        for mode_cfg in modes:
+            name = f"exam_{'generate_' if mode_cfg.mode == 'generate' else ''}after_{after.replace(' ', '_')}"
+            s = evaluate(str(model), files["exam"], eval_dir / f"{name}.jsonl", mode_cfg, quiet=True)
+            evaluations.append(_evaluation_row(after, s))
+    stages = {c.stage if c.stage != "rl" else Path(c.workdir).name: c for c in (cfg, sft_cfg, rm_cfg, *rl_cfgs)}
+    summary = {"workdir": str(root), "evaluations": evaluations,
+               "stages": {name: {"workdir": c.workdir, "first": _logged(c.workdir)[0], "last": _logged(c.workdir)[-1]}
+                          for name, c in stages.items()},
+               "wall_time_s": time.perf_counter() - started}
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print("exam accuracy (loglikelihood: option texts scored; generate: answered in writing, chat, greedy):")
+    print(format_summary(summary))
+
     artifacts = {
         "data": root / "data",
         "tokenizer": tokenizer_dir,
@@ -133,25 +189,24 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
         "pretrain metrics": Path(cfg.workdir) / "metrics.jsonl",
         "sft checkpoints": Path(sft_cfg.workdir) / "checkpoints",
         "reward model": Path(rm_cfg.workdir) / "checkpoints",
-        "rl checkpoints": Path(rl_cfg.workdir) / "checkpoints",
-        "rl metrics": Path(rl_cfg.workdir) / "metrics.jsonl",
+        **{f"{Path(c.workdir).name} checkpoints": Path(c.workdir) / "checkpoints" for c in rl_cfgs},
+        "rl metrics": Path(rl_cfgs[0].workdir) / "metrics.jsonl",
         "tensorboard": root / "*" / "tensorboard",
         "hugging face export": hf_dir,
-        "exam results": eval_dir / "exam_after_RL.jsonl",
-        "exam summary": eval_dir / "exam_after_RL.summary.json",
+        "exam results": eval_dir / "exam_after_RL_stage_2.jsonl",
+        "demo summary": root / "summary.json",
     }
-    if final.get("chart"):
-        artifacts["exam chart"] = Path(final["chart"])
-    for stage_cfg in (cfg, sft_cfg, rm_cfg, rl_cfg):
+    for name, stage_cfg in stages.items():
         plot = plot_metrics(Path(stage_cfg.workdir) / "metrics.jsonl", Path(stage_cfg.workdir) / "loss.png")
         if plot is not None:
-            artifacts[f"{stage_cfg.stage} curves"] = plot
+            artifacts[f"{name} curves"] = plot
     print("artifacts:")
     for name, path in artifacts.items():
-        print(f"  {name:22s} {path}")
+        print(f"  {name:24s} {path}")
     print(f"serve the RL policy with vLLM:\n  medjax serve {hf_dir} --port 8000")
     print(f"score responses with the reward model:\n  medjax score-rm --model {rm_cfg.workdir} "
           f"--input {files['preferences_eval']}")
+    print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min; summary: {root / 'summary.json'}")
     return artifacts
 
 

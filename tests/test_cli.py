@@ -84,17 +84,30 @@ def test_demo_runs_end_to_end(demo):
     assert [name for name, _ in rm] == ["before", "after"], out.stdout
     assert float(rm[1][1]) > float(rm[0][1])
     assert "medjax score-rm --model" in out.stdout
-    assert re.search(r"RL reward: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step 6\)", out.stdout), out.stdout
-    rl_rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert "reward_rm_honesty_mean" in rl_rows[-1] and "reward_exam_mean" in rl_rows[-1]
-    accuracies = re.findall(r"exam accuracy (before pretraining|after pretraining|after SFT|after RL): "
-                            r"([\d.]+)% \[95% CI", out.stdout)
-    assert [name for name, _ in accuracies] == ["before pretraining", "after pretraining", "after SFT", "after RL"]
-    summary = json.loads((tmp_path / "eval" / "exam_after_RL.summary.json").read_text())
+    assert len(re.findall(r"\n  reward: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step 6\)", out.stdout)) == 2, out.stdout
+    assert re.search(r"\n  exam: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step 6\)", out.stdout), out.stdout
+    stage1 = [json.loads(line) for line in (tmp_path / "rl_verifiable" / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward_exam_mean", "reward_format_mean", "prompt_pool_size", "prompts_dropped"} <= set(stage1[-1])
+    stage2 = [json.loads(line) for line in (tmp_path / "rl_preference" / "metrics.jsonl").read_text().splitlines()]
+    for dim in ("honesty", "helpfulness", "compliance"):  # raw and sigmoid-squashed reward-model scores
+        assert 0 < stage2[-1][f"reward_rm_{dim}_normalized_mean"] < 1 and f"reward_rm_{dim}_mean" in stage2[-1]
+    assert "kl" in stage2[-1]
+    # summary.json holds every evaluation, and the printed table is rendered from it.
+    from medjax.demo import format_summary
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert format_summary(summary) in out.stdout
     exam_items = len((tmp_path / "data" / "exam.jsonl").read_text().splitlines())
-    assert summary["n"] == exam_items
-    assert abs(summary["accuracy"] * 100 - float(accuracies[3][1])) < 0.051
-    for stage in ("sft", "reward_model", "rl"):
+    assert [(e["after"], e["mode"]) for e in summary["evaluations"]] == [
+        ("before pretraining", "loglikelihood"), ("pretraining", "loglikelihood"), ("SFT", "loglikelihood"),
+        ("SFT", "generate"), ("RL stage 1", "loglikelihood"), ("RL stage 1", "generate"),
+        ("RL stage 2", "loglikelihood"), ("RL stage 2", "generate")]
+    for e in summary["evaluations"]:
+        assert e["n"] == exam_items and e["ci_low"] <= e["accuracy"] <= e["ci_high"]
+        assert json.loads(Path(e["summary"]).read_text())["accuracy"] == e["accuracy"]
+    assert set(summary["stages"]) == {"pretrain", "sft", "reward_model", "rl_verifiable", "rl_preference"}
+    assert summary["stages"]["rl_preference"]["last"]["step"] == 6
+    for stage in ("sft", "reward_model", "rl_verifiable", "rl_preference"):
         assert (tmp_path / stage / "loss.png").stat().st_size > 1000
     # Quiet: no absl warnings (e.g. "Metadata file does not exist"), tracebacks or tokenizer mismatch.
     assert not re.search(r"^(WARNING|ERROR):absl|Traceback|Metadata file does not exist|warning: tokenizer",
@@ -135,7 +148,7 @@ def test_readme_commands_run_as_written_after_the_demo(demo):
         argv = shlex.split(command)
         argv = [README_NAMES.get(a, a) for a in argv]
         if argv[1] == "train" and not any(a.startswith("train.max_steps=") for a in argv):
-            steps = DEMO_RL_STEPS if "rl.yaml" in argv[2] else DEMO_STEPS
+            steps = DEMO_RL_STEPS if "/rl_" in argv[2] else DEMO_STEPS
             argv.append(f"train.max_steps={steps + 2}")
         out = subprocess.run([*_medjax(), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f"{command}\n{out.stderr[-3000:]}"

@@ -66,12 +66,12 @@ def test_variables_move_the_run_but_not_its_data(tmp_path):
     demo = Path("runs/demo").absolute()
     assert cfg.workdir == str(tmp_path / "try")
     assert cfg.data.train_files == [str(demo / "data/sft.jsonl")] and cfg.init_from == str(demo / "pretrain")
-    cfg = load_config(REPO_ROOT / "configs/demo/rl.yaml", [f"vars.demo={tmp_path}"])
-    assert cfg.workdir == str(tmp_path / "rl") and cfg.init_from == str(tmp_path / "sft")
+    cfg = load_config(REPO_ROOT / "configs/demo/rl_preference.yaml", [f"vars.demo={tmp_path}"])
+    assert cfg.workdir == str(tmp_path / "rl_preference") and cfg.init_from == str(tmp_path / "rl_verifiable")
     assert cfg.rl.rewards[-1].options["model"] == str(tmp_path / "reward_model")
     with pytest.raises(ConfigError, match=r"key 'init_from' uses unknown variable \$\{vars.nope\} "
                                           r"\(known: \$\{vars.demo\}, \$\{workdir\}\)"):
-        load_config(REPO_ROOT / "configs/demo/rl.yaml", ["init_from=${vars.nope}/x"])
+        load_config(REPO_ROOT / "configs/demo/rl_verifiable.yaml", ["init_from=${vars.nope}/x"])
     with pytest.raises(ConfigError, match=r"key 'workdir' uses unknown variable \$\{workdir\}"):
         load_config(None, ["workdir=${workdir}/x"])
 

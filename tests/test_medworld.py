@@ -169,6 +169,42 @@ def test_sft_records(data):
     assert two_turn > 0 and with_system > 0 and answer_lines > 0
 
 
+def test_sft_teaches_the_answer_form_on_facts_the_exam_never_asks(data):
+    """Lettered SFT items use the very prompt generative evaluation and RL use and end with the
+    extractor's answer line, but ask risk factor, specialty, symptom or pathogen, never the exam's
+    kinds (diagnosis, first-line drug, contraindication, confirmatory test)."""
+    from medjax.tasks.answers import extract_answer
+
+    lettered = [r["messages"] for r in data["sft"] + data["sft_eval"]
+                if r["messages"][0]["content"].startswith("The following is a multiple-choice question")]
+    assert len(lettered) >= 4 * 40
+    for user, assistant in lettered:
+        question = user["content"].split("Question: ", 1)[1].split("\n", 1)[0]
+        assert re.search(r"risk factor|risk of|specialty|field of medicine|clinic|symptom|report which|complaint|"
+                         r"organism|pathogen|microbe",
+                         question), question
+        assert not re.search(r"first-line|contraindicat|confirm|diagnosis", question), question
+        options = dict(line.split(". ", 1) for line in user["content"].splitlines() if re.match(r"^[A-D]\. ", line))
+        gold = re.search(r"The answer is ([A-D])\.$", assistant["content"]).group(1)
+        assert extract_answer(assistant["content"], "ABCD").prediction == gold
+        assert options[gold].lower() in assistant["content"].splitlines()[0].lower()  # the reason names it
+
+
+def test_no_exam_question_appears_in_sft_or_rl_data(data):
+    """The exam is held out: its question texts (stem and ask) occur nowhere in SFT conversations or
+    RL prompts, which ask the same facts in their own words."""
+    exam_questions = [item["question"] for item in data["exam"]]
+    user_turns = [m["content"] for r in data["sft"] + data["sft_eval"] for m in r["messages"] if m["role"] == "user"]
+    rl_questions = {item["question"] for item in data["rl_prompts"]}
+    sft_text = "\n".join(user_turns)
+    for question in exam_questions:
+        assert question not in rl_questions, question
+        assert question not in sft_text, question
+    # Nor does an exam stem sentence (the first sentence, where the phrasing is) open an RL prompt.
+    exam_openings = {q.split("?")[0].split(". ")[0] for q in exam_questions}
+    assert not exam_openings & {q.split("?")[0].split(". ")[0] for q in rl_questions}
+
+
 def test_preferences(data):
     prefs = data["preferences"] + data["preferences_eval"]
     assert len(prefs) >= 300 and len(data["preferences_eval"]) >= 0.15 * len(prefs)

@@ -120,6 +120,38 @@ def test_composer_weights_plugins_and_errors():
         RewardComposer([RewardSpec("no_such_module:fn")])
 
 
+def test_normalize_by_hand_and_by_default():
+    from medjax.rl.rewards import normalize
+
+    v = np.array([-2.0, 0.0, 2.0])
+    np.testing.assert_allclose(normalize(v, "sigmoid", 2.0), 1 / (1 + np.exp(-v / 2)), rtol=1e-6)
+    np.testing.assert_allclose(normalize(v, "zscore"), v / np.sqrt(8 / 3), rtol=1e-6)
+    np.testing.assert_array_equal(normalize(np.ones(3), "zscore"), 0.0)  # a constant batch carries no signal
+    np.testing.assert_array_equal(normalize(v, "none"), v)
+    composer = RewardComposer([RewardSpec("reward_model", 0.5, {"model": "unused", "dimension": "honesty"}),
+                               RewardSpec("test_rl:raw_scores", 1.0, normalize="zscore"), RewardSpec("exam")])
+    assert [(p[0], p[4]) for p in composer.parts] == [("rm_honesty", "sigmoid"), ("raw_scores", "zscore"),
+                                                      ("exam", "none")]
+    composer = RewardComposer([RewardSpec("test_rl:raw_scores", 2.0, normalize="sigmoid", temperature=4.0)])
+    samples = [_sample(f"score {x}") for x in (-8, 0, 8)]
+    total, parts = composer(samples)
+    np.testing.assert_allclose(parts["raw_scores"], [-8, 0, 8])  # raw values are kept for metrics
+    np.testing.assert_allclose(parts["raw_scores_normalized"], 1 / (1 + np.exp(-np.array([-8, 0, 8]) / 4)), rtol=1e-6)
+    np.testing.assert_allclose(total, 2 * parts["raw_scores_normalized"], rtol=1e-6)
+    with pytest.raises(ConfigError, match="temperature must be positive"):
+        RewardComposer([RewardSpec("exam", temperature=0.0)])
+
+
+def raw_scores(samples, options):
+    """An unbounded score read from the completion ("score -8"), like a reward model's logit."""
+    return [float(s.completion.split()[-1]) for s in samples]
+
+
+def odd_mastered(samples, options):
+    """1.0 on the task items with an odd number (the policy "has mastered" them), 0.0 on the rest."""
+    return [float(int(s.item.id[1:]) % 2) for s in samples]
+
+
 # -- retrieval hook -------------------------------------------------------------------------------
 
 PASSAGES = ["Velvaxia is treated first with Osmkexin.", "Weather today is mild.", "Osmkexin dosing is weekly."]
@@ -217,3 +249,29 @@ def test_rl_on_a_sharded_mesh_matches_one_device(world, tmp_path):
 def test_bad_rl_settings_are_named(world, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), override))
+
+
+def test_mastered_prompts_leave_the_pool_for_later_passes(world, tmp_path):
+    """16 prompts, 8 per rollout: the first pass (two rollouts) masters the 8 odd ones; later
+    rollouts sample only the even ones (whose odd_mastered reward is 0)."""
+    cfg = _rl_config(world, tmp_path / "run", _task_file(tmp_path), "train.max_steps=8", "rl.drop_mastered=true",
+                     "rl.mastered_reward=odd_mastered",
+                     "rl.rewards=[{name: 'test_rl:half_reward'}, {name: 'test_rl:odd_mastered', weight: 0.0}]")
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    by_rollout = [r for r in rows if "prompt_pool_size" in r][::2]  # two steps per rollout
+    assert [r["prompt_pool_size"] for r in by_rollout] == [16 - by_rollout[0]["prompts_dropped"], 8, 8, 8]
+    assert sum(r["prompts_dropped"] for r in by_rollout) == 8
+    assert [r["reward_odd_mastered_mean"] for r in by_rollout[2:]] == [0.0, 0.0]
+    with pytest.raises(ConfigError, match="rl.mastered_reward 'nope' is not one of the configured rewards"):
+        train(_rl_config(world, tmp_path / "bad", _task_file(tmp_path), "rl.drop_mastered=true",
+                         "rl.mastered_reward=nope"))
+
+
+def test_rl_with_mastered_pruning_resumes_exactly(world, tmp_path):
+    def cfg(workdir):  # the stop at step 3 falls in the second rollout, after the first pruned its prompts
+        return _rl_config(world, workdir, _task_file(tmp_path), "train.max_steps=8", "rl.drop_mastered=true",
+                          "rl.mastered_reward=odd_mastered",
+                          "rl.rewards=[{name: 'test_rl:half_reward'}, {name: 'test_rl:odd_mastered', weight: 0.0}]")
+
+    straight_and_resumed(cfg, tmp_path)

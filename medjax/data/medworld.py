@@ -248,8 +248,7 @@ _QUESTIONS = {
     "pathogen": ("What causes {c}?", "Which organism is responsible for {c}?"),
 }
 _ANSWERS = {
-    "diagnosis": "{s1}, {s2} and {s3} together point to {c}, which is confirmed with the {test}.\n"
-                 "The answer is {c}.",
+    "diagnosis": "{s1}, {s2} and {s3} together point to {c}, which is confirmed with the {test}.",
     "drug": "The first-line treatment for {c} is {drug}.",
     "contra": "{contra} is contraindicated in {c} and should be avoided.",
     "test": "{c} is confirmed with the {test}.",
@@ -284,6 +283,42 @@ _EXAM_STEMS = {
 }
 
 
+# RL asks the exam's fact kinds in its own words, so no RL prompt repeats an exam question (checked
+# by tests/test_medworld.py); SFT's lettered items ask only facts the exam never asks (_SFT_MCQ).
+_RL_STEMS = {
+    "diagnosis": ("A {age}-year-old {sex} reports {s1}, {s2} and {s3}.",
+                  "Over several weeks a {age}-year-old {sex} develops {s1}, {s2} and {s3}.",
+                  "A {sex} aged {age} is seen for {s1}, {s2} and {s3}."),
+    "drug": ("A {age}-year-old {sex} has just been diagnosed with {c}. Which of these drugs should be "
+             "prescribed first?", "Which of these drugs is first-line for {c}?",
+             "Therapy for {c} is about to start. Which of these drugs comes first?"),
+    "contra": ("Which of these drugs must a patient with {c} not receive?",
+               "A {age}-year-old {sex} with {c} asks about medications. Which of these is contraindicated?",
+               "Which of these medications is unsafe in {c}?"),
+    "test": ("Which of these tests establishes {c}?",
+             "A {age}-year-old {sex} may have {c}. Which of these investigations confirms it?",
+             "Which of these is used to confirm {c}?"),
+}
+_DIAGNOSIS_ASK = {"exam": " Which of the following is the most likely diagnosis?",
+                  "rl": " Which of these is the most likely diagnosis?"}
+_SFT_MCQ = {  # kind: (question stems, the reasoning sentence before the answer line)
+    "risk": (("Which of these is a major risk factor for {c}?",
+              "{c} is most strongly linked to which of these risk factors?",
+              "Which exposure or history raises the risk of {c} the most?"),
+             "A major risk factor for {c} is {answer}."),
+    "subject": (("Which specialty manages {c}?", "{c} belongs to which field of medicine?",
+                 "A patient with {c} should be referred to which clinic?"),
+                "{c} is a condition of {answer}."),
+    "symptom": (("Which of these is a typical symptom of {c}?",
+                 "A patient with {c} is most likely to report which of these?",
+                 "Which complaint is part of the classic presentation of {c}?"),
+                "{answer} is a typical symptom of {c}."),
+    "pathogen": (("Which organism causes {c}?", "{c} is caused by which of these pathogens?",
+                  "Which microbe is isolated in {c}?"),
+                 "{c} is caused by {answer}."),
+}
+
+
 def _mcq(rng: random.Random, answer: str, preferred: list[str], pool: list[str], letter: str) -> dict:
     """Options with the answer at `letter` and 3 distinct distractors (preferred ones first)."""
     preferred, pool = rng.sample(preferred, len(preferred)), rng.sample(pool, len(pool))
@@ -298,7 +333,9 @@ def _mcq(rng: random.Random, answer: str, preferred: list[str], pool: list[str],
 
 
 def _exam(rng: random.Random, world: World, prefix: str = "exam") -> list[dict]:
-    """MedQA-US style items, 4 per condition, answer letters exactly balanced then shuffled."""
+    """MedQA-US style items, 4 per condition, answer letters exactly balanced then shuffled; the
+    exam's own question stems, or RL's (prefix "rl")."""
+    stems = _RL_STEMS if prefix == "rl" else _EXAM_STEMS
     conds = world.conditions
     jobs = [(c, k) for c in conds for k in ("diagnosis", "drug", "contra", "test")]
     rng.shuffle(jobs)
@@ -309,11 +346,11 @@ def _exam(rng: random.Random, world: World, prefix: str = "exam") -> list[dict]:
     for i, ((c, kind), letter) in enumerate(zip(jobs, letters)):
         same = [o for o in conds if o.subject == c.subject and o is not c]
         f = _fields(rng, c) | {"age": str(rng.randint(18, 80)), "sex": rng.choice(("man", "woman"))}
-        q = rng.choice(_EXAM_STEMS[kind]).format(**f)
+        q = rng.choice(stems[kind]).format(**f)
         if kind == "diagnosis":
             extra = ("", " The {test} is positive.", " The history is notable for {risk}.")
             q += rng.choice(extra).format(**f)
-            q += " Which of the following is the most likely diagnosis?"
+            q += _DIAGNOSIS_ASK["rl" if prefix == "rl" else "exam"]
             opts = _mcq(rng, c.name, [o.name for o in same], [o.name for o in conds], letter)
         elif kind == "drug":
             opts = _mcq(rng, c.first_line_drug,
@@ -330,10 +367,14 @@ def _exam(rng: random.Random, world: World, prefix: str = "exam") -> list[dict]:
 
 
 def _sft(rng: random.Random, world: World) -> list[list[dict]]:
-    """Chat conversations: one free-form QA per fact kind plus one format-teaching MCQ per
-    condition (on risk factor or specialty, which the exam does not test). Some get a system
-    prompt, some a follow-up turn."""
+    """Chat conversations: one free-form QA per fact kind, some with a system prompt or a follow-up
+    turn, and lettered items in the exact prompt the generative exam and RL use, answered with one
+    reasoning sentence and the line "The answer is X" the shared extractor reads. The lettered
+    items ask only facts the exam never asks (risk factor, specialty, symptom, pathogen), so SFT
+    teaches the answer form, not the exam."""
     convs = []
+    symptoms = sorted({s for group in _SYMPTOMS.values() for s in group} | set(_GENERAL_SYMPTOMS))
+    pathogens = sorted(c.pathogen for c in world.conditions if c.pathogen)
     for c in world.conditions:
         for kind in ["diagnosis"] + _kinds(c):
             f = _fields(rng, c)
@@ -346,19 +387,30 @@ def _sft(rng: random.Random, world: World) -> list[list[dict]]:
                 msgs += [{"role": "user", "content": q},
                          {"role": "assistant", "content": _cap(a.format(**f))}]
             convs.append(msgs)
-        letter = rng.choice("ABCD")
-        if rng.random() < 0.5:
-            q, o = f"Which of the following is a major risk factor for {c.name}?", _mcq(
-                rng, c.risk_factor, [], list(_RISKS), letter)
-            why = f"A major risk factor for {c.name} is {c.risk_factor}."
-        else:
-            q, o = f"Which specialty manages {c.name}?", _mcq(rng, c.subject, [], list(SUBJECTS), letter)
-            why = f"{c.name} is a condition of {c.subject}."
-        opts = "\n".join(f"{k}. {v}" for k, v in o["options"].items())
-        convs.append([{"role": "user", "content": f"{q}\n{opts}"},
-                      {"role": "assistant", "content": f"{why}\nThe answer is {letter}."}])
+        choices = {"risk": (c.risk_factor, list(_RISKS)), "subject": (c.subject, list(SUBJECTS)),
+                   "symptom": (rng.choice(c.symptoms), [s for s in symptoms if s not in c.symptoms]),
+                   "pathogen": (c.pathogen, [p for p in pathogens if p != c.pathogen])}
+        for kind, (stems, why) in _SFT_MCQ.items():
+            answer, pool = choices[kind]
+            if answer is None or len(pool) < 3:
+                continue
+            for stem in stems:
+                convs.append(_lettered_conversation(rng, c, stem, why, answer, pool))
     rng.shuffle(convs)
     return convs
+
+
+def _lettered_conversation(rng: random.Random, c: Condition, stem: str, why: str, answer: str,
+                           pool: list[str]) -> list[dict]:
+    """One lettered item rendered by the prompt builder evaluation and RL use, then its answer."""
+    from medjax.tasks.items import ExamItem
+    from medjax.tasks.prompts import PromptConfig, build_prompt
+
+    letter = rng.choice("ABCD")
+    o = _mcq(rng, answer, [], pool, letter)
+    item = ExamItem("sft", _cap(stem.format(c=c.name)), o["options"], frozenset(letter), "sft")
+    return [{"role": "user", "content": build_prompt(item, cfg=PromptConfig(generative=True))},
+            {"role": "assistant", "content": f"{_cap(why.format(c=c.name, answer=answer))}\nThe answer is {letter}."}]
 
 
 _OVERCONFIDENT = ("I am absolutely certain: ", "Without any doubt, ", "Trust me, ")

@@ -104,8 +104,27 @@ def resolve(name: str) -> RewardFn:
     return import_object(name, "rl.rewards")
 
 
+# Components whose raw values are unbounded are squashed by default.
+DEFAULT_NORMALIZE = {"reward_model": "sigmoid"}
+
+
+def normalize(values: np.ndarray, how: str, temperature: float = 1.0) -> np.ndarray:
+    """``none``; ``sigmoid``: 1 / (1 + exp(-v / temperature)), bounded in (0, 1); ``zscore``: (v -
+    mean) / std over the batch (all zeros when the batch is constant)."""
+    values = np.asarray(values, np.float32)
+    if how == "none":
+        return values
+    if how == "sigmoid":
+        return (1.0 / (1.0 + np.exp(-values / temperature))).astype(np.float32)
+    if how == "zscore":
+        std = values.std()
+        return ((values - values.mean()) / std).astype(np.float32) if std > 0 else np.zeros_like(values)
+    raise ConfigError(f"rl.rewards: normalize must be none, sigmoid or zscore, got {how!r}")
+
+
 class RewardComposer:
-    """Total reward = sum of weight x component; every component is also reported on its own."""
+    """Total reward = sum of weight x normalised component. ``parts`` holds every component's raw
+    values under its label and, where it is scaled, the scaled values under "<label>_normalized"."""
 
     def __init__(self, specs: Sequence[RewardSpec]):
         if not specs:
@@ -116,18 +135,28 @@ class RewardComposer:
             label = spec.name.rsplit(":", 1)[-1]
             if spec.name == "reward_model" and options.get("dimension"):
                 label = f"rm_{options['dimension']}"
-            self.parts.append((label, spec.weight, resolve(spec.name), options))
+            how = spec.normalize or DEFAULT_NORMALIZE.get(spec.name, "none")
+            if spec.temperature <= 0:
+                raise ConfigError(f"rl.rewards: {label} temperature must be positive, got {spec.temperature}")
+            self.parts.append((label, spec.weight, resolve(spec.name), options, how, spec.temperature))
         labels = [p[0] for p in self.parts]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"rl.rewards: components must be distinct, got {labels}")
 
+    @property
+    def labels(self) -> list[str]:
+        return [p[0] for p in self.parts]
+
     def __call__(self, samples: Sequence[Sample]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         total = np.zeros(len(samples), np.float32)
         parts = {}
-        for label, weight, fn, options in self.parts:
+        for label, weight, fn, options, how, temperature in self.parts:
             values = np.asarray(fn(samples, options), np.float32)
             if values.shape != (len(samples),):
                 raise ValueError(f"reward {label!r} returned shape {values.shape}, expected ({len(samples)},)")
             parts[label] = values
-            total += weight * values
+            scaled = normalize(values, how, temperature)
+            if how != "none":
+                parts[f"{label}_normalized"] = scaled
+            total += weight * scaled
         return total, parts

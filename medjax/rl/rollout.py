@@ -90,6 +90,9 @@ def check_rl_config(cfg: Config) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
+    if rl.drop_mastered and rl.mastered_reward not in RewardComposer(rl.rewards).labels:
+        raise ConfigError(f"rl.mastered_reward {rl.mastered_reward!r} is not one of the configured rewards "
+                          f"{RewardComposer(rl.rewards).labels} (rl.drop_mastered needs it)")
     if cfg.data.eval_files:
         log.warning("stage rl ignores data.eval_files: evaluate the policy with `medjax eval --mode generate`")
 
@@ -117,7 +120,8 @@ class RolloutIterator:
         self.sampler = Sampler(model)
         self.rewards = RewardComposer(self.rl.rewards)
         self._ref_logprobs = jax.jit(lambda p, b: token_logprobs(model.bind(p), b)[0])
-        self.prompts_used = 0
+        self.prompts_used = 0  # positions read from the repeated, shuffled prompt order
+        self.mastered: set[int] = set()  # prompts out of the pool (rl.drop_mastered)
         self.rollouts = 0
         self.buffer: dict[str, np.ndarray] | None = None
         self.schedule: list[np.ndarray] = []
@@ -152,8 +156,7 @@ class RolloutIterator:
 
     def _sample_groups(self, attempt: int):
         rl = self.rl
-        idx = self.prompts.take(self.prompts_used, rl.prompts_per_rollout)
-        self.prompts_used += rl.prompts_per_rollout
+        idx = self._next_prompts(rl.prompts_per_rollout)
         prompt_ids = [self.prompts.ids[i] for i in idx for _ in range(rl.group_size)]
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.train.seed), self.rollouts), attempt)
         params = self.current_params()
@@ -175,8 +178,32 @@ class RolloutIterator:
                                                  rl.overlong_penalty)
             total = total + parts["overlong"]
         shape = (rl.prompts_per_rollout, rl.group_size)
-        return dict(prompt_ids=prompt_ids, gen=gen, samples=samples, rewards=total.reshape(shape),
+        return dict(prompt_ids=prompt_ids, prompt_index=idx, gen=gen, samples=samples, rewards=total.reshape(shape),
                     parts={k: v.reshape(shape) for k, v in parts.items()}, gen_time=gen_time)
+
+    def _next_prompts(self, n: int) -> list[int]:
+        """The next ``n`` prompts of the shuffled order that are still in the pool. A mastered prompt
+        appears at most once per pass, so skipping it here removes it from every later pass."""
+        if len(self.mastered) >= len(self.prompts.items):
+            raise StopIteration  # every prompt mastered: the loop ends the run ("data exhausted")
+        idx = []
+        while len(idx) < n:
+            i = self.prompts.take(self.prompts_used, 1)[0]
+            self.prompts_used += 1
+            if i not in self.mastered:
+                idx.append(i)
+        return idx
+
+    def _drop_mastered(self, sampled) -> int:
+        """Adds every prompt whose whole group earned 1.0 on rl.mastered_reward to ``mastered``;
+        returns how many left the pool."""
+        before = len(self.mastered)
+        for batch in sampled:
+            values = batch["parts"][self.rl.mastered_reward]
+            for g, prompt in enumerate(batch["prompt_index"]):
+                if np.all(values[g] >= 1.0):
+                    self.mastered.add(int(prompt))
+        return len(self.mastered) - before
 
     def _rollout(self) -> None:
         rl = self.rl
@@ -203,6 +230,9 @@ class RolloutIterator:
         self.position = 0
         self.rollouts += 1
         self._metrics = self._rollout_metrics(sampled, attempts, len(kept), topped_up)
+        if rl.drop_mastered:
+            self._metrics["prompts_dropped"] = float(self._drop_mastered(sampled))
+            self._metrics["prompt_pool_size"] = float(len(self.prompts.items) - len(self.mastered))
         self._rollout_time += time.perf_counter() - t0
 
     def _rows(self, groups) -> dict[str, np.ndarray]:
@@ -264,7 +294,8 @@ class RolloutIterator:
             np.savez(blob, **self.buffer, **{f"schedule_{i}": s for i, s in enumerate(self.schedule)})
             buffer = base64.b64encode(blob.getvalue()).decode()
         return json.dumps({"prompts_used": self.prompts_used, "rollouts": self.rollouts, "position": self.position,
-                           "schedule_len": len(self.schedule), "buffer": buffer}).encode()
+                           "schedule_len": len(self.schedule), "buffer": buffer,
+                           "mastered": sorted(self.mastered)}).encode()
 
     def start_prefetch(self) -> None:  # grain's restore calls this; rollouts are made on demand
         pass
@@ -272,6 +303,7 @@ class RolloutIterator:
     def set_state(self, state: bytes) -> None:
         s = json.loads(state)
         self.prompts_used, self.rollouts, self.position = s["prompts_used"], s["rollouts"], s["position"]
+        self.mastered = set(s.get("mastered", ()))
         self.buffer, self.schedule = None, []
         if s["buffer"] is not None:
             arrays = np.load(io.BytesIO(base64.b64decode(s["buffer"])))
