@@ -85,7 +85,7 @@ def test_demo_runs_end_to_end(demo):
     assert float(rm[1][1]) > float(rm[0][1])
     assert "medjax score-rm --model" in out.stdout
     assert len(re.findall(r"\n  reward: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step 6\)", out.stdout)) == 2, out.stdout
-    assert re.search(r"\n  exam: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step 6\)", out.stdout), out.stdout
+    assert re.search(r"\n  reward_exam: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step 6\)", out.stdout), out.stdout
     stage1 = [json.loads(line) for line in (tmp_path / "rl_verifiable" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward_exam_mean", "reward_format_mean", "prompt_pool_size", "prompts_dropped"} <= set(stage1[-1])
     stage2 = [json.loads(line) for line in (tmp_path / "rl_preference" / "metrics.jsonl").read_text().splitlines()]

@@ -284,7 +284,8 @@ _EXAM_STEMS = {
 
 
 # RL asks the exam's fact kinds in its own words, so no RL prompt repeats an exam question (checked
-# by tests/test_medworld.py); SFT's lettered items ask only facts the exam never asks (_SFT_MCQ).
+# by tests/test_medworld.py); SFT's lettered items use a third wording for those kinds and also
+# ask facts the exam never asks (_SFT_MCQ).
 _RL_STEMS = {
     "diagnosis": ("A {age}-year-old {sex} reports {s1}, {s2} and {s3}.",
                   "Over several weeks a {age}-year-old {sex} develops {s1}, {s2} and {s3}.",
@@ -302,6 +303,15 @@ _RL_STEMS = {
 _DIAGNOSIS_ASK = {"exam": " Which of the following is the most likely diagnosis?",
                   "rl": " Which of these is the most likely diagnosis?"}
 _SFT_MCQ = {  # kind: (question stems, the reasoning sentence before the answer line)
+    "diagnosis": (("Symptoms: {s1}, {s2} and {s3}. Pick the condition they point to.",
+                   "Name the condition behind {s1}, {s2} and {s3}."),
+                  "{s1}, {s2} and {s3} point to {answer}."),
+    "drug": (("Name the medication used first for {c}.", "Pick the drug that starts therapy in {c}."),
+             "The first-line treatment for {c} is {answer}."),
+    "contra": (("Pick the drug that must never be given in {c}.", "Name the medication forbidden in {c}."),
+               "{answer} is contraindicated in {c}."),
+    "test": (("Pick the investigation that proves {c}.", "Name the test that settles a diagnosis of {c}."),
+             "{c} is confirmed with the {answer}."),
     "risk": (("Which of these is a major risk factor for {c}?",
               "{c} is most strongly linked to which of these risk factors?",
               "Which exposure or history raises the risk of {c} the most?"),
@@ -369,9 +379,9 @@ def _exam(rng: random.Random, world: World, prefix: str = "exam") -> list[dict]:
 def _sft(rng: random.Random, world: World) -> list[list[dict]]:
     """Chat conversations: one free-form QA per fact kind, some with a system prompt or a follow-up
     turn, and lettered items in the exact prompt the generative exam and RL use, answered with one
-    reasoning sentence and the line "The answer is X" the shared extractor reads. The lettered
-    items ask only facts the exam never asks (risk factor, specialty, symptom, pathogen), so SFT
-    teaches the answer form, not the exam."""
+    reasoning sentence that names the option and the line "The answer is X" the shared extractor
+    reads. Lettered items ask every fact kind, the exam's in SFT's own wording (never the exam's
+    or RL's), so SFT teaches the answer form for each kind of question, not the exam's items."""
     convs = []
     symptoms = sorted({s for group in _SYMPTOMS.values() for s in group} | set(_GENERAL_SYMPTOMS))
     pathogens = sorted(c.pathogen for c in world.conditions if c.pathogen)
@@ -387,30 +397,38 @@ def _sft(rng: random.Random, world: World) -> list[list[dict]]:
                 msgs += [{"role": "user", "content": q},
                          {"role": "assistant", "content": _cap(a.format(**f))}]
             convs.append(msgs)
-        choices = {"risk": (c.risk_factor, list(_RISKS)), "subject": (c.subject, list(SUBJECTS)),
+        same = [o for o in world.conditions if o.subject == c.subject and o is not c]
+        choices = {"diagnosis": (c.name, [o.name for o in same] + [o.name for o in world.conditions if o is not c]),
+                   "drug": (c.first_line_drug, [c.contraindicated_drug] + [o.first_line_drug for o in same]),
+                   "contra": (c.contraindicated_drug, [c.first_line_drug] + [o.first_line_drug for o in same]),
+                   "test": (c.test, [o.test for o in same] + [o.test for o in world.conditions if o is not c]),
+                   "risk": (c.risk_factor, list(_RISKS)), "subject": (c.subject, list(SUBJECTS)),
                    "symptom": (rng.choice(c.symptoms), [s for s in symptoms if s not in c.symptoms]),
                    "pathogen": (c.pathogen, [p for p in pathogens if p != c.pathogen])}
         for kind, (stems, why) in _SFT_MCQ.items():
             answer, pool = choices[kind]
             if answer is None or len(pool) < 3:
                 continue
+            pool = list(dict.fromkeys(x for x in pool if x != answer))
             for stem in stems:
-                convs.append(_lettered_conversation(rng, c, stem, why, answer, pool))
+                f = _fields(rng, c) | {"answer": answer}
+                convs.append(_lettered_conversation(rng, _cap(stem.format(**f)), _cap(why.format(**f)), answer, pool))
     rng.shuffle(convs)
     return convs
 
 
-def _lettered_conversation(rng: random.Random, c: Condition, stem: str, why: str, answer: str,
+def _lettered_conversation(rng: random.Random, question: str, why: str, answer: str,
                            pool: list[str]) -> list[dict]:
-    """One lettered item rendered by the prompt builder evaluation and RL use, then its answer."""
+    """One lettered item rendered by the prompt builder evaluation and RL use, then its answer:
+    the reasoning sentence names the option text, the last line its letter."""
     from medjax.tasks.items import ExamItem
     from medjax.tasks.prompts import PromptConfig, build_prompt
 
     letter = rng.choice("ABCD")
-    o = _mcq(rng, answer, [], pool, letter)
-    item = ExamItem("sft", _cap(stem.format(c=c.name)), o["options"], frozenset(letter), "sft")
+    o = _mcq(rng, answer, pool[:3], pool, letter)
+    item = ExamItem("sft", question, o["options"], frozenset(letter), "sft")
     return [{"role": "user", "content": build_prompt(item, cfg=PromptConfig(generative=True))},
-            {"role": "assistant", "content": f"{_cap(why.format(c=c.name, answer=answer))}\nThe answer is {letter}."}]
+            {"role": "assistant", "content": f"{why}\nThe answer is {letter}."}]
 
 
 _OVERCONFIDENT = ("I am absolutely certain: ", "Without any doubt, ", "Trust me, ")
