@@ -92,11 +92,28 @@ def test_sft_from_pretrained_resumes_exactly(world, pretrained_run, tmp_path):
     assert straight.eval_losses[6] < straight.eval_losses[0]
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     convs = [json.loads(line)["messages"] for line in world.files["sft"].read_text().splitlines()]
+    counts = _overlong_counts(world, convs, 128)
+    assert counts["truncated"] > 0
+    assert rows[0] == {"step": 0, "data_records": len(convs), "data_used": counts["used"],
+                       "data_truncated": counts["truncated"], "data_dropped": counts["dropped"], "data_skipped": 0}
+
+
+def _overlong_counts(world, convs, seq_len):
+    """Used / truncated / dropped under data.overlong=truncate, counted here from the token ids and
+    masks: a conversation longer than seq_len + 1 tokens is cut there, and dropped when no
+    assistant token is left to learn."""
     tok, template = load_tokenizer(world.tokenizer), ChatTemplate(world.tokenizer)
-    longer = sum(len(tokenize_chat(tok, template, c)[0]) - 1 > 128 for c in convs)
-    assert longer > 0
-    assert rows[0] == {"step": 0, "data_records": len(convs), "data_used": len(convs), "data_truncated": longer,
-                       "data_dropped": 0, "data_skipped": 0}
+    counts = {"used": 0, "truncated": 0, "dropped": 0}
+    for c in convs:
+        ids, mask = tokenize_chat(tok, template, c)
+        if len(ids) - 1 <= seq_len:
+            counts["used"] += 1
+        elif np.asarray(mask[1:seq_len + 1]).any():
+            counts["used"] += 1
+            counts["truncated"] += 1
+        else:
+            counts["dropped"] += 1
+    return counts
 
 
 def test_init_from_run_model_dir_and_hf_dir_agree(world, pretrained_run, tmp_path):
@@ -142,4 +159,5 @@ def test_bad_conversations_skipped_and_counted(world, tmp_path):
     result = train(stage_config(world, tmp_path / "run", "sft", f"data.train_files=[{path}]", "data.skip_bad=true",
                                 "train.max_steps=2"))
     assert result.step == 2
-    assert result.data_stats["data_skipped"] == len(BAD) and result.data_stats["data_used"] == 20
+    used = _overlong_counts(world, [g["messages"] for g in good], 128)["used"]
+    assert result.data_stats["data_skipped"] == len(BAD) and result.data_stats["data_used"] == used
