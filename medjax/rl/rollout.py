@@ -90,9 +90,11 @@ def check_rl_config(cfg: Config) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
-    if rl.drop_mastered and rl.mastered_reward not in RewardComposer(rl.rewards).labels:
-        raise ConfigError(f"rl.mastered_reward {rl.mastered_reward!r} is not one of the configured rewards "
-                          f"{RewardComposer(rl.rewards).labels} (rl.drop_mastered needs it)")
+    if rl.drop_mastered:
+        labels = RewardComposer(rl.rewards).labels
+        if rl.mastered_reward not in labels:
+            raise ConfigError(f"rl.mastered_reward {rl.mastered_reward!r} is not one of the configured rewards "
+                              f"{labels} (rl.drop_mastered needs it)")
     if cfg.data.eval_files:
         log.warning("stage rl ignores data.eval_files: evaluate the policy with `medjax eval --mode generate`")
 
