@@ -89,6 +89,10 @@ def test_builtin_rewards():
     assert exam_reward(samples, {"partial_credit": True})[3] == 0.5
     assert format_reward(samples, {}) == [1.0, 0.0, 0.0, 1.0]  # reasoning first, then the answer line
     assert format_reward([_sample("Because y.\nThe answer is B.", truncated=True)], {}) == [0.0]
+    # an answer line naming the option's text is explicit for format exactly as for the exam reward
+    by_text = [_sample("Because y fits.\nThe answer is y."), _sample("Because q fits.\nThe answer is q.")]
+    assert exam_reward(by_text, {}) == [1.0, 0.0]
+    assert format_reward(by_text, {}) == [1.0, 0.0]
     assert length_reward([_sample("", n=10), _sample("", n=150)], {"target_tokens": 100, "per_token": 0.01}) == \
         pytest.approx([0.0, -0.5])
 

@@ -51,14 +51,15 @@ def exam_reward(samples: Sequence[Sample], options: Mapping[str, Any]) -> list[f
 
 def format_reward(samples: Sequence[Sample], options: Mapping[str, Any]) -> list[float]:
     """1 when the completion reasons first and its last line states the answer explicitly (the line
-    the extractor reads), else 0. ``min_reasoning_chars`` (default 1) sets how much must come first."""
+    the extractor reads, by letter or by the option's text, as the exam reward reads it), else 0.
+    ``min_reasoning_chars`` (default 1) sets how much must come first."""
     min_chars = int(options.get("min_reasoning_chars", 1))
     out = []
     for s in samples:
         lines = [line.strip() for line in s.completion.strip().splitlines() if line.strip()]
-        letters = s.item.letters if s.item is not None else LETTERS[:10]
+        letters, texts = (s.item.letters, s.item.options) if s.item is not None else (LETTERS[:10], None)
         ok = (len(lines) >= 2 and len("\n".join(lines[:-1])) >= min_chars and not s.truncated
-              and bool(extract_answer(lines[-1], letters).letters))
+              and bool(extract_answer(lines[-1], letters, texts).letters))
         out.append(1.0 if ok else 0.0)
     return out
 
