@@ -118,6 +118,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.hf_dir, host=args.host, port=args.port, extra=args.vllm_args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from medjax.config import load_config
+    from medjax.train.plan import format_plans, plan, planned_model
+
+    cfg = load_config(args.config, args.overrides)
+    result = plan(cfg, args.topology, args.slices, planned_model(cfg))
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_plans([(Path(args.config).stem, result)]))
+    return 0 if result.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("plan", help="compile CONFIG's train step for a TPU slice here; print per-device memory "
+                       "and whether it fits (exit 1 if not)")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=256")
+    p.add_argument("--topology", required=True, help="Cloud TPU slice, e.g. v5p-128, v5e-256, v6e-64, v4-8")
+    p.add_argument("--slices", type=int, default=1, help="number of such slices (multi-slice over DCN)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("demo", help="the whole recipe on bundled data, on one CPU machine")
     p.add_argument("--workdir", default="runs/demo", help="where every artifact goes (default runs/demo)")
@@ -208,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medjax.parallel.topologies import keep_jax_off_absent_tpus
+
+    keep_jax_off_absent_tpus()  # before anything imports jax
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough: list[str] = []
     if "--" in argv:  # everything after -- belongs to the wrapped tool (vLLM)

@@ -123,7 +123,9 @@ README_FILES = {"medqa_test.jsonl": REPO_ROOT / "tests/data/benchmarks/medqa_us.
 README_NAMES = {"HF_DIR": "runs/demo/hf", "pairs.jsonl": "runs/demo/data/preferences_eval.jsonl"}
 # Commands that need a long-running server; tests/test_vllm.py starts vLLM and evaluates against it.
 README_NOT_RUN = {"medjax serve": "starts a vLLM server (tests/test_vllm.py)",
-                  "openai:http": "needs that server (tests/test_vllm.py evaluates through it)"}
+                  "openai:http": "needs that server (tests/test_vllm.py evaluates through it)",
+                  "medjax plan": "compiles for a TPU slice (a minute); tests/test_plan.py plans this config and "
+                                 "runs the command"}
 
 
 def readme_commands() -> list[str]:

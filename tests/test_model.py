@@ -14,6 +14,7 @@ from medjax.models.layers import rope_inv_freq
 PUBLISHED = {
     "qwen2.5-0.5b": 494_032_768,
     "qwen2.5-7b": 7_615_616_512,
+    "qwen2.5-32b": 32_763_876_352,
     "qwen3-8b": 8_190_735_360,
     "llama-3.1-8b": 8_030_261_248,
 }

@@ -16,7 +16,7 @@ from medjax.convert import ConversionError
 from medjax.convert.checkpoints import ParamReader, copy_tokenizer, resolve_checkpoint, staging_dir
 from medjax.convert.hf_config import generation_config, to_hf_config
 from medjax.convert.safetensors_io import StreamingShardWriter
-from medjax.convert.weights import tensor_maps
+from medjax.convert.weights import layout_order, stored_path, tensor_maps
 from medjax.models.config import ModelConfig
 
 EXPORT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
@@ -45,22 +45,32 @@ def export_hf(
     out = Path(out_dir)
     ref = resolve_checkpoint(checkpoint)
     reader = ParamReader(ref)
-    maps = tensor_maps(ref.model)
+    maps = layout_order(ref.model, tensor_maps(ref.model))
     for m in maps:
+        path, layer = stored_path(ref.model, m.path)
+        want = m.shape if layer is None else (ref.model.num_layers, *m.shape)
         try:
-            shape, _ = reader.metadata(m.path)
+            shape, _ = reader.metadata(path)
         except KeyError:
-            raise ConversionError(f"{checkpoint}: tensor {'.'.join(map(str, m.path))} is missing") from None
-        if shape != m.shape:
+            raise ConversionError(f"{checkpoint}: tensor {'.'.join(map(str, path))} is missing") from None
+        if shape != want:
             raise ConversionError(
-                f"{checkpoint}: tensor {'.'.join(map(str, m.path))} has shape {shape}, the model config needs {m.shape}"
+                f"{checkpoint}: tensor {'.'.join(map(str, path))} has shape {shape}, the model config needs {want}"
             )
     np_dtype = EXPORT_DTYPES[dtype]
     model = _special_ids_from_tokenizer(ref.model, ref.tokenizer_dir)
     with staging_dir(out) as tmp:
         writer = StreamingShardWriter(tmp, [(m.hf_name, m.hf_shape, np_dtype) for m in maps], max_shard_bytes)
+        held: tuple = (None, None)  # the stacked tensor being written out layer by layer
         for m in maps:
-            writer.write(m.hf_name, m.to_hf(reader.read(m.path)).astype(np_dtype))
+            path, layer = stored_path(ref.model, m.path)
+            if layer is None:
+                array = reader.read(path)
+            else:
+                if held[0] != path:
+                    held = (path, reader.read(path))
+                array = held[1][layer]
+            writer.write(m.hf_name, m.to_hf(array).astype(np_dtype))
         writer.close()
         (tmp / "config.json").write_text(json.dumps(to_hf_config(model, dtype), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(model), indent=2) + "\n")

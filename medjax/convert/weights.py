@@ -6,8 +6,10 @@ Every transform is a transpose/reshape, so values are copied bit for bit in both
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from medjax.models.config import ModelConfig
@@ -109,3 +111,72 @@ def set_path(tree: dict, path: Path, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+# -- layouts: the table above names tensors per layer ("layers", i, ...), the canonical layout; a
+# model with scan_layers keeps each per-layer tensor stacked at ("layers", ...) with layer i at [i].
+
+def stored_path(cfg: ModelConfig, path: Path) -> tuple[Path, int | None]:
+    """Where a canonical tensor lives in ``cfg``'s params: (path, layer index into a stacked
+    tensor, or None when it is stored whole)."""
+    if cfg.scan_layers and len(path) > 2 and path[0] == "layers" and isinstance(path[1], int):
+        return ("layers", *path[2:]), path[1]
+    return path, None
+
+
+def layout_order(cfg: ModelConfig, maps: list[TensorMap]) -> list[TensorMap]:
+    """The table in an order that reads each stored tensor once: per-layer entries of a scanned
+    model grouped by stacked tensor, layers in order within each group."""
+    if not cfg.scan_layers:
+        return maps
+    first = {stored_path(cfg, m.path)[0]: None for m in maps}  # stored paths in first-seen order
+    rank = {p: k for k, p in enumerate(first)}
+    return sorted(maps, key=lambda m: (rank[stored_path(cfg, m.path)[0]], stored_path(cfg, m.path)[1] or 0))
+
+
+def canonical_tensors(cfg: ModelConfig, tensors: Iterable[tuple[Path, np.ndarray]]
+                      ) -> Iterator[tuple[Path, np.ndarray]]:
+    """A stream of (stored path, array) in ``cfg``'s layout -> (canonical path, array)."""
+    for path, array in tensors:
+        if cfg.scan_layers and path[:1] == ("layers",):
+            for i in range(array.shape[0]):
+                yield ("layers", i, *path[1:]), array[i]
+        else:
+            yield path, array
+
+
+def stored_tensors(cfg: ModelConfig, tensors: Iterable[tuple[Path, np.ndarray]]
+                   ) -> Iterator[tuple[Path, np.ndarray]]:
+    """A canonical stream -> ``cfg``'s layout: a scanned model's per-layer tensors are gathered and
+    each stacked tensor is yielded once all its layers have arrived (host memory then holds the
+    layers read so far of the stacked tensors not yet complete)."""
+    pending: dict[Path, dict[int, np.ndarray]] = {}
+    for path, array in tensors:
+        where, layer = stored_path(cfg, path)
+        if layer is None:
+            yield path, array
+            continue
+        if layer >= cfg.num_layers:
+            raise ValueError(f"tensor {'/'.join(map(str, path))}: the model has {cfg.num_layers} layers")
+        parts = pending.setdefault(where, {})
+        parts[layer] = array
+        if len(parts) == cfg.num_layers:
+            yield where, np.stack([parts[i] for i in range(cfg.num_layers)])
+            del pending[where]
+    if pending:
+        where, parts = next(iter(pending.items()))
+        missing = sorted(set(range(cfg.num_layers)) - set(parts))
+        raise ValueError(f"tensor {'/'.join(map(str, where))}: no tensor for layers {missing[:8]}")
+
+
+def stack_params(params: dict) -> dict:
+    """Unrolled params (layers as {0: ..., 1: ...}) -> scanned params, stacked on axis 0."""
+    layers = params["layers"]
+    blocks = [layers[i] for i in sorted(layers)]
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_params(params: dict, num_layers: int) -> dict:
+    """Scanned params -> unrolled params (the inverse of stack_params)."""
+    stacked = params["layers"]
+    return {**params, "layers": {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}}

@@ -95,6 +95,9 @@ def pair_example(chosen: np.ndarray, rejected: np.ndarray, dimension: int) -> di
             "dimension": np.full(len(tokens), dimension, np.int32)}
 
 
+PAIR_BATCH_KEYS = ("tokens", "positions", "segment_ids", "pair_ids", "score_role", "dimension")
+
+
 class PackedPairRow(grain.transforms.Map):
     """Packer output -> model row: the packer's segment k (pair k) splits into segments 2k-1 and 2k."""
 

@@ -8,8 +8,6 @@ and ``positions`` restart at each, so a packed conversation trains exactly as it
 
 from __future__ import annotations
 
-import dataclasses
-
 import grain
 import numpy as np
 

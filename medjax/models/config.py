@@ -42,6 +42,13 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     # none: keep all activations; full: recompute each block; dots: save matmul outputs only.
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Stack the blocks' params on a leading "layers" axis and run them with lax.scan (remat inside
+    # the scanned body): compile time and program size independent of depth. Checkpoints keep the
+    # layout they were trained in; conversion to and from HF, init_from and export handle both.
+    scan_layers: bool = False
+    # Positions whose float32 logits the loss (and RL's log-probs) computes at once; 0: the whole
+    # sequence. Set it for large vocabularies: peak memory holds [batch, chunk, vocab] logits.
+    logits_chunk: int = 0
     # Token ids the exported HF config and the generators use.
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -60,6 +67,8 @@ class ModelConfig:
             )
         if self.resolved_head_dim % 2:
             raise ValueError(f"model.head_dim={self.resolved_head_dim} must be even for RoPE")
+        if self.logits_chunk < 0:
+            raise ValueError(f"model.logits_chunk must be >= 0 (0: no chunking), got {self.logits_chunk}")
         if len(set(self.score_labels)) != len(self.score_labels):
             raise ValueError(f"model.score_labels has repeated names: {self.score_labels}")
         return self

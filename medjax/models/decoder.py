@@ -8,6 +8,9 @@ from flax import nnx
 
 from medjax.models.config import ModelConfig
 from medjax.models.layers import DTYPES, DecoderBlock, LayerCache, RMSNorm, attention_mask, param
+from medjax.models.sharding import constrain
+
+ACTIVATION = ("batch", None, None)  # [batch, seq, hidden]: the batch stays split, like the data
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -25,7 +28,9 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         pdt = DTYPES[cfg.param_dtype]
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range, pdt, ("vocab", "embed"))
-        self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        blocks = [DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        # Scanned: one block whose params are all blocks' stacked on a leading "layers" axis.
+        self.layers = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         if cfg.score_labels:
             self.score = param(rngs, (cfg.hidden_size, len(cfg.score_labels)), cfg.initializer_range, pdt,
@@ -45,19 +50,33 @@ class Decoder(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         mask = attention_mask(segment_ids)
-        x = self.embed[...].astype(DTYPES[self.cfg.dtype])[tokens]
+        x = constrain(self.embed[...].astype(DTYPES[self.cfg.dtype])[tokens], ACTIVATION)
+        if self.cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(h, layer_params):
+                return constrain(nnx.merge(graphdef, layer_params)(h, positions, mask)[0], ACTIVATION), None
+
+            if self.cfg.remat != "none":
+                body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, stacked)
+            return self.final_norm(x)
         for layer in self.layers:
             if self.cfg.remat == "none":
                 x, _ = layer(x, positions, mask)
             else:
                 block = nnx.remat(lambda blk, h, p, m: blk(h, p, m)[0], policy=REMAT_POLICIES[self.cfg.remat])
                 x = block(layer, x, positions, mask)
+            x = constrain(x, ACTIVATION)
         return self.final_norm(x)
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> list[LayerCache]:
+    def init_cache(self, batch: int, length: int, dtype=None) -> list[LayerCache] | LayerCache:
+        """One LayerCache per layer, or (scanned) one whose arrays have a leading layers axis."""
         cfg = self.cfg
         shape = (batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
         dtype = dtype or DTYPES[cfg.dtype]
+        if cfg.scan_layers:
+            return LayerCache(jnp.zeros((cfg.num_layers, *shape), dtype), jnp.zeros((cfg.num_layers, *shape), dtype))
         return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
     def decode(
@@ -70,6 +89,15 @@ class Decoder(nnx.Module):
         causal = jnp.arange(length)[None, :] <= q_slots[:, None]
         mask = (causal[None] & kv_mask[:, None, :])[:, None]
         x = self.embed[...].astype(DTYPES[self.cfg.dtype])[tokens]
+        if self.cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(h, layer):
+                layer_params, layer_cache = layer
+                return nnx.merge(graphdef, layer_params)(h, positions, mask, layer_cache, index)
+
+            x, cache = jax.lax.scan(body, x, (stacked, cache))
+            return self.logits(self.final_norm(x)), cache
         out_cache = []
         for layer, layer_cache in zip(self.layers, cache):
             x, layer_cache = layer(x, positions, mask, layer_cache, index)
@@ -85,6 +113,36 @@ class Decoder(nnx.Module):
             return jnp.einsum("bse,ve->bsv", hidden, w, preferred_element_type=jnp.float32)
         w = self.lm_head[...].astype(hidden.dtype)
         return jnp.einsum("bse,ev->bsv", hidden, w, preferred_element_type=jnp.float32)
+
+    def token_logprobs(self, hidden: jax.Array, targets: jax.Array, entropy: bool = False
+                       ) -> tuple[jax.Array, jax.Array | None]:
+        """log p(target) [batch, seq] in float32, and with ``entropy`` the entropy of each next-token
+        distribution, computed ``cfg.logits_chunk`` positions at a time: float32 logits of the
+        whole [batch, seq, vocab] never exist at once (152k vocab x 8k tokens is 5 GB a sequence),
+        and the backward pass recomputes each chunk's logits instead of keeping them."""
+
+        def one(h, t):
+            logits = constrain(self.logits(constrain(h, ACTIVATION)), ("batch", None, "vocab"))
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            logp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
+            ent = lse - (jax.nn.softmax(logits, axis=-1) * logits).sum(-1) if entropy else jnp.zeros_like(lse)
+            return logp, ent
+
+        batch, seq, width = hidden.shape
+        chunk = self.cfg.logits_chunk
+        if not chunk or chunk >= seq:
+            logp, ent = one(hidden, targets)
+            return logp, ent if entropy else None
+        pad = -seq % chunk
+        n = (seq + pad) // chunk
+        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(batch, n, chunk, width).swapaxes(0, 1)
+        t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, n, chunk).swapaxes(0, 1)
+        logp, ent = jax.lax.map(jax.checkpoint(lambda xs: one(*xs)), (h, t))
+
+        def unchunk(x):
+            return x.swapaxes(0, 1).reshape(batch, n * chunk)[:, :seq]
+
+        return unchunk(logp), unchunk(ent) if entropy else None
 
     def scores(self, hidden: jax.Array) -> jax.Array:
         """Float32 reward scores [batch, seq, labels] at every position; a sequence's score is the
@@ -102,6 +160,17 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         return self.logits(self.hidden_states(tokens, positions, segment_ids))
+
+
+def stack_blocks(blocks: list[DecoderBlock]) -> DecoderBlock:
+    """The first block with each parameter replaced by all blocks' values stacked on a leading
+    "layers" axis, so the layers run as one scanned body: compile time and program size stop
+    growing with depth. The axis is named like any other, so the rule table decides its sharding."""
+    per_block = [{path: v for path, v in nnx.iter_graph(b) if isinstance(v, nnx.Param)} for b in blocks]
+    for path, var in per_block[0].items():
+        var.set_value(jnp.stack([params[path][...] for params in per_block]))
+        var.set_metadata(logical_axes=("layers", *var.get_metadata()["logical_axes"]))
+    return blocks[0]
 
 
 def count_params(cfg: ModelConfig) -> int:

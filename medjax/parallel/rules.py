@@ -20,6 +20,7 @@ MeshAxes = str | tuple[str, ...] | None
 
 LOGICAL_AXIS_RULES: Mapping[str, MeshAxes] = {
     "batch": ("data", "fsdp"),
+    "layers": None,  # the stacked axis of scanned layers: every device holds its share of each layer
     "vocab": "tensor",
     "embed": "fsdp",
     "mlp": "tensor",
@@ -84,3 +85,12 @@ def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def activation_constrainer(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """The mesh meaning of the model's activation hints (medjax.models.sharding.constrain)."""
+
+    def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+
+    return constrain

@@ -26,12 +26,10 @@ ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "old_l
 
 
 def token_logprobs(model: Decoder, batch) -> tuple[jax.Array, jax.Array]:
-    """(log p(target) [b, s], entropy of the next-token distribution [b, s]) under ``model``."""
-    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
-    entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
-    return logp, entropy
+    """(log p(target) [b, s], entropy of the next-token distribution [b, s]) under ``model``, in
+    chunks of model.logits_chunk positions."""
+    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return model.token_logprobs(hidden, batch["targets"], entropy=True)
 
 
 def per_token_loss(logp, old_logp, ref_logp, advantages, cfg: RLConfig):

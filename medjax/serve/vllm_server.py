@@ -29,6 +29,10 @@ def vllm_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / "medjax-vllm-cache"))
+    from medjax.parallel.topologies import cpu_only_host
+
+    if cpu_only_host():  # vLLM takes an installed libtpu (the planner's extra) for a TPU host
+        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
     return env
 
 

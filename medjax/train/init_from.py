@@ -20,11 +20,11 @@ import numpy as np
 from medjax.convert import ConversionError
 from medjax.convert.checkpoints import ParamReader, resolve_checkpoint
 from medjax.convert.hf_config import from_hf_config
-from medjax.convert.weights import get_path
+from medjax.convert.weights import canonical_tensors, get_path, stored_tensors
 from medjax.models.config import ModelConfig
 
 # Model fields a stage may set for itself; everything else is the source's architecture.
-RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "score_labels")
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "logits_chunk", "score_labels")
 # Heads a stage may start fresh (the reward model's) or leave behind (the LM head of its source).
 NEW_HEADS = {("score",)}
 DROPPABLE = {("lm_head",)}
@@ -49,7 +49,11 @@ class InitSource:
     kind: str  # "medjax" or "hf"
 
     def tensors(self) -> Iterator[tuple[tuple, np.ndarray]]:
-        """(medjax param path, host array) for every tensor the source holds."""
+        """(canonical medjax param path, host array) for every tensor the source holds: a
+        scanned source's stacked tensors come out layer by layer."""
+        return canonical_tensors(self.model, self._stored_tensors())
+
+    def _stored_tensors(self) -> Iterator[tuple[tuple, np.ndarray]]:
         if self.kind == "hf":
             from medjax.convert.hf_import import open_hf
 
@@ -91,13 +95,14 @@ def stage_model(source_model: ModelConfig, run_model: ModelConfig) -> ModelConfi
     return dataclasses.replace(source_model, **{f: getattr(run_model, f) for f in RUNTIME_FIELDS}).validate()
 
 
-def load_params(source: InitSource, fresh: dict, shardings: dict) -> tuple[dict, InitReport]:
-    """``fresh`` (the stage's initialised params) with every tensor the source has put in place,
-    each cast to the run's dtype and laid out in its sharding. Returns (params, report)."""
+def load_params(source: InitSource, fresh: dict, shardings: dict, model: ModelConfig) -> tuple[dict, InitReport]:
+    """``fresh`` (the stage's initialised params, of ``model``) with every tensor the source has
+    put in place, each cast to the run's dtype, in the run's layout (scanned or not, whatever the
+    source's) and laid out in its sharding. Returns (params, report)."""
     wanted = {tuple(p) for p in _paths(fresh)}
     loaded, unused = set(), []
     params = jax.tree.map(lambda x: x, fresh)
-    for path, array in source.tensors():
+    for path, array in _in_run_layout(source, model):
         if path not in wanted:
             if path in DROPPABLE:
                 unused.append("/".join(map(str, path)))
@@ -118,6 +123,14 @@ def load_params(source: InitSource, fresh: dict, shardings: dict) -> tuple[dict,
         names = ["/".join(map(str, p)) for p in missing]
         raise ConversionError(f"init_from {source.path}: no tensor for {names[:8]}{' ...' if len(names) > 8 else ''}")
     return params, InitReport(len(loaded), ["/".join(map(str, p)) for p in fresh_left], unused)
+
+
+def _in_run_layout(source: InitSource, model: ModelConfig) -> Iterator[tuple[tuple, np.ndarray]]:
+    """The source's tensors in the run's layout (stacked for a scanned run), whatever the source's."""
+    try:
+        yield from stored_tensors(model, source.tensors())
+    except ValueError as e:
+        raise ConversionError(f"init_from {source.path}: {e}") from None
 
 
 def _set(tree: dict, path: tuple, value) -> None:

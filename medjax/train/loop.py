@@ -151,7 +151,7 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
     # RL's KL term compares with the weights the run started from: rebuilt on resume as well.
     needs_reference = cfg.stage == "rl" and cfg.rl.kl_coef > 0
     if source is not None and (not start or needs_reference):
-        state["params"], report = init_from.load_params(source, state["params"], shardings["params"])
+        state["params"], report = init_from.load_params(source, state["params"], shardings["params"], cfg.model)
         tqdm.write(f"initialised from {source.path}: {report.summary()}")
     reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
     if spec.rollout is not None:

@@ -10,7 +10,6 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from medjax.models.decoder import Decoder
 
@@ -36,10 +35,10 @@ class NextTokenObjective:
     name = "next_token"
 
     def loss(self, model: Decoder, batch: Batch, rng: jax.Array):
-        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        logp, _ = model.token_logprobs(hidden, batch["targets"])  # in chunks (model.logits_chunk)
         mask = batch["loss_mask"]
-        return (ce * mask).sum(), mask.sum(), {}
+        return -(logp * mask).sum(), mask.sum(), {}
 
     def summarize(self, count, extra: dict) -> dict:
         return {}

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Callable
 
 import grain
+import numpy as np
 
 from medjax.config import Config
 from medjax.data.examples import ExampleStats, scan
@@ -69,6 +70,22 @@ STAGES: dict[str, Stage] = {
                                                                    cfg.data.seq_len))),
     "rl": Stage(_rl_objective, None, rollout=_rl_rollout),
 }
+
+
+_INT, _FLOAT = np.dtype(np.int32), np.dtype(np.float32)
+_FLOAT_KEYS = {"loss_mask", "old_logprobs", "ref_logprobs", "advantages"}
+
+
+def batch_dtypes(name: str) -> dict[str, np.dtype]:
+    """The arrays one training batch of the stage holds and their dtypes (all [accum, rows, seq]):
+    what the AOT planner lowers the step against without reading any data."""
+    from medjax.data.pipeline import BATCH_KEYS
+    from medjax.data.preferences import PAIR_BATCH_KEYS
+    from medjax.rl.objective import ROW_KEYS
+
+    stage(name)  # an unknown stage is an error naming the known ones
+    keys = {"pretrain": BATCH_KEYS, "sft": BATCH_KEYS, "reward_model": PAIR_BATCH_KEYS, "rl": ROW_KEYS}[name]
+    return {k: _FLOAT if k in _FLOAT_KEYS else _INT for k in keys}
 
 
 def stage(name: str) -> Stage:

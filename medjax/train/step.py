@@ -15,7 +15,8 @@ import optax
 from jax.sharding import Mesh
 
 from medjax.models.decoder import ModelDef
-from medjax.parallel.rules import batch_sharding, param_shardings, replicated
+from medjax.models.sharding import activation_constraints
+from medjax.parallel.rules import activation_constrainer, batch_sharding, param_shardings, replicated
 from medjax.train.objectives import Objective
 
 TrainState = dict[str, Any]
@@ -77,6 +78,10 @@ def make_train_step(
         return total, (count, extra)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with activation_constraints(activation_constrainer(mesh)):
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         params = state["params"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         grad_fn = jax.value_and_grad(loss_sums, has_aux=True)

@@ -1,0 +1,178 @@
+"""`medjax plan CONFIG --topology v5p-128`: will this stage's train step fit that TPU slice?
+
+Why: finding out on the slice costs a queue wait and a failed launch. XLA can compile for Cloud
+TPU devices that are not attached (libtpu's compile-only topology), so the stage's real train
+step, built by the same make_train_step the trainer runs, is lowered from abstract shapes (no
+weights are allocated) and compiled here; the compiled program reports its per-device memory, and
+a step that does not fit fails to compile with RESOURCE_EXHAUSTED naming the HBM it needs.
+FLOPs are computed analytically (XLA's cost analysis counts a scanned body once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medjax.config import Config
+from medjax.models.config import ModelConfig
+from medjax.models.decoder import ModelDef, count_params
+from medjax.parallel.mesh import make_mesh
+from medjax.parallel.rules import batch_sharding
+from medjax.parallel.topologies import GIB, get_slice, slice_devices
+from medjax.train.metrics import train_flops_per_token
+from medjax.train.optimizer import make_optimizer
+from medjax.train.stages import batch_dtypes, stage
+from medjax.train.step import make_train_step, state_shardings
+
+MFUS = (0.4, 0.6)
+
+
+@dataclasses.dataclass
+class Plan:
+    stage: str
+    topology: str  # v5p-128
+    slices: int
+    devices: int
+    mesh: dict[str, int]
+    params: int
+    global_batch: int
+    seq_len: int
+    hbm_bytes: int  # per device
+    params_bytes: int  # per device, as sharded
+    opt_state_bytes: int  # per device, as sharded
+    analytic_bytes: int  # params + optimizer state + gradients per device (no activations)
+    peak_bytes: int | None  # compiled peak per device; None when it did not fit
+    fits: bool
+    flops_per_step: float
+    step_seconds: dict[str, float]  # at 40% and 60% MFU
+    compile_seconds: float
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _per_device_bytes(abstract_tree, shardings) -> int:
+    """Bytes one device holds of a tree laid out by ``shardings`` (the largest shard per leaf)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+        total += int(np.prod(sharding.shard_shape(leaf.shape), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def abstract_train_state(model: ModelDef, tx, shardings) -> dict:
+    """The train state as ShapeDtypeStructs carrying their shardings: what a step lowers against."""
+    params = model.abstract_params()
+    state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+             "step": jax.ShapeDtypeStruct((), jnp.int32),
+             "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def abstract_batch(cfg: Config, mesh) -> dict:
+    accum = cfg.train.grad_accum_steps
+    shape = (accum, cfg.train.global_batch_size // accum, cfg.data.seq_len)
+    sharding = batch_sharding(mesh, leading_dims=1)
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for k, dt in batch_dtypes(cfg.stage).items()}
+
+
+def check_divisible(cfg: Config, model: ModelConfig, mesh) -> None:
+    """Settings the slice cannot honour, named before a long compile."""
+    tensor = mesh.shape["tensor"]
+    for name, value in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
+                        ("intermediate_size", model.intermediate_size)):
+        if value % tensor and not (name == "num_kv_heads" and tensor % value == 0):
+            raise ValueError(f"model.{name}={value} is not divisible by mesh.tensor={tensor}")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.global_batch_size // cfg.train.grad_accum_steps
+    if cfg.train.global_batch_size % cfg.train.grad_accum_steps or micro % shards:
+        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} (grad_accum_steps="
+                         f"{cfg.train.grad_accum_steps}) does not split over data x fsdp = {shards} devices")
+
+
+def planned_model(cfg: Config) -> ModelConfig:
+    """The architecture the stage will train: init_from's when that source exists (with the run's
+    own run-time fields, as training does), otherwise the config's model."""
+    if cfg.init_from:
+        from medjax.train.init_from import open_source, stage_model
+
+        try:
+            return stage_model(open_source(cfg.init_from).model, cfg.model)
+        except (OSError, ValueError):  # not there yet: plan the config's own model
+            pass
+    return cfg.model
+
+
+def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None) -> Plan:
+    """Compiles the stage's train step for ``num_slices`` x ``topology`` and reports its memory."""
+    slc = get_slice(topology)
+    if num_slices < 1:
+        raise ValueError(f"--slices must be >= 1, got {num_slices}")
+    devices = slice_devices(slc, num_slices)
+    n = len(devices)
+    try:
+        mesh = make_mesh(cfg.mesh, devices)
+    except ValueError as e:
+        raise ValueError(f"mesh {cfg.mesh} on {num_slices} x {topology} ({n} devices): {e}") from None
+    if mesh.devices.size != n:
+        raise ValueError(f"mesh data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} tensor={cfg.mesh.tensor} uses "
+                         f"{mesh.devices.size} of the slice's {n} devices; set mesh.data=-1 or sizes whose "
+                         f"product is {n}")
+    model_cfg = model or cfg.model
+    check_divisible(cfg, model_cfg, mesh)
+    model_def = ModelDef(model_cfg)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.max_steps)
+    shardings = state_shardings(model_def, tx, mesh)
+    objective = stage(cfg.stage).objective(cfg)
+    step = make_train_step(model_def, objective, tx, schedule, mesh, shardings)
+    state = abstract_train_state(model_def, tx, shardings)
+    params_bytes = _per_device_bytes(state["params"], shardings["params"])
+    opt_bytes = _per_device_bytes(state["opt_state"], shardings["opt_state"])
+    grad_bytes = sum(int(np.prod(s.shard_shape(x.shape))) * 4 for x, s in
+                     zip(jax.tree.leaves(state["params"]), jax.tree.leaves(shardings["params"])))
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
+    peak_chip = slc.generation.peak_bf16_flops
+    started = time.perf_counter()
+    peak, error = None, None
+    try:
+        compiled = step.lower(state, abstract_batch(cfg, mesh)).compile()
+        mem = compiled.memory_analysis()
+        peak = int(getattr(mem, "peak_memory_in_bytes", 0) or (
+            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            + mem.generated_code_size_in_bytes - mem.alias_size_in_bytes))
+    except Exception as e:  # XLA reports a step that does not fit as RESOURCE_EXHAUSTED
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        error = next((line.strip() for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e))
+    return Plan(
+        stage=cfg.stage, topology=topology, slices=num_slices, devices=n, mesh=dict(mesh.shape),
+        params=count_params(model_cfg), global_batch=cfg.train.global_batch_size, seq_len=cfg.data.seq_len,
+        hbm_bytes=slc.generation.hbm_bytes, params_bytes=params_bytes, opt_state_bytes=opt_bytes,
+        analytic_bytes=params_bytes + opt_bytes + grad_bytes, peak_bytes=peak,
+        fits=error is None and peak is not None and peak <= slc.generation.hbm_bytes,
+        flops_per_step=flops, step_seconds={f"{int(m * 100)}%": flops / (n * peak_chip * m) for m in MFUS},
+        compile_seconds=round(time.perf_counter() - started, 1), error=error)
+
+
+def format_plans(plans: list[tuple[str, Plan]]) -> str:
+    """One row per (config name, plan): per-device GiB against the chip's capacity."""
+    width = max([6] + [len(name) for name, _ in plans])
+    head = (f"{'config':<{width}} {'slice':<12} {'params':>7} {'mesh d/f/t':>11} {'state GiB':>9} {'peak GiB':>9} "
+            f"{'HBM GiB':>8} {'fits':>5} {'PFLOP/step':>10} {'s@40%':>7} {'s@60%':>7}")
+    lines = [head]
+    for name, p in plans:
+        mesh = f"{p.mesh['data']}/{p.mesh['fsdp']}/{p.mesh['tensor']}"
+        peak = f"{p.peak_bytes / GIB:9.2f}" if p.peak_bytes is not None else f"{'OOM':>9}"
+        slc = p.topology if p.slices == 1 else f"{p.slices}x{p.topology}"
+        size = f"{p.params / 1e9:6.2f}B" if p.params >= 1e8 else f"{p.params / 1e6:6.1f}M"
+        lines.append(f"{name:<{width}} {slc:<12} {size} {mesh:>11} {p.analytic_bytes / GIB:9.2f} {peak} "
+                     f"{p.hbm_bytes / GIB:8.2f} {'yes' if p.fits else 'NO':>5} {p.flops_per_step / 1e15:10.2f} "
+                     f"{p.step_seconds['40%']:7.2f} {p.step_seconds['60%']:7.2f}")
+        if p.error:
+            lines.append(f"  {p.error}")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""`medjax plan`: Cloud TPU slices by name, compile-only devices, and the real train step compiled
+for them on this CPU machine (libtpu from the tpu extra; nothing contacts a TPU)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medjax.config import REPO_ROOT, load_config
+from medjax.parallel.topologies import GENERATIONS, SLICES, get_slice
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install -e '.[tpu]')")
+
+# Slices as Cloud TPU documents them: name -> (topology, chips).
+REAL = {"v4-8": ("v4:2x2x1", 4), "v4-128": ("v4:4x4x4", 64), "v5p-8": ("v5:2x2x1", 4),
+        "v5p-128": ("v5:4x4x4", 64), "v5p-1024": ("v5:8x8x8", 512), "v5e-1": ("v5e:1x1", 1),
+        "v5e-8": ("v5e:2x4", 8), "v5e-64": ("v5e:8x8", 64), "v5e-256": ("v5e:16x16", 256),
+        "v6e-64": ("v6e:8x8", 64), "v6e-256": ("v6e:16x16", 256)}
+
+
+def test_slice_table_matches_real_slice_shapes():
+    for name, (topology, chips) in REAL.items():
+        s = get_slice(name)
+        assert (s.topology, s.chips) == (topology, chips), name
+    for name, s in SLICES.items():  # the name counts cores (v4, v5p: two per chip) or chips
+        assert int(name.split("-")[1]) == s.chips * s.generation.cores_per_chip, name
+    assert get_slice("v5p-128").wrap == (True, True, True) and get_slice("v5p-64").wrap == (False,) * 3
+    assert get_slice("v5e-256").wrap == (True, True, False)
+    assert {round(g.hbm_bytes / 2**30, 2) for g in GENERATIONS.values()} == {30.75, 95.74, 15.75, 31.25}
+
+
+@pytest.mark.parametrize("name,hint", [("v5p-100", "v5p slices: v5p-8, v5p-16"), ("v5e-512", "v5e slices"),
+                                       ("v5:4x4x4", "generations: v4, v5e, v5p, v6e"), ("tpu-9", "generations")])
+def test_unreal_slices_are_refused_with_the_real_ones(name, hint):
+    with pytest.raises(ValueError, match=f"'{name}' is not a Cloud TPU slice.*{hint}"):
+        get_slice(name)
+
+
+def _demo(*overrides):
+    return load_config(REPO_ROOT / "configs" / "demo" / "pretrain.yaml", ["vars.demo=/nonexistent", *overrides])
+
+
+@needs_libtpu
+def test_compile_only_devices_of_slices():
+    from medjax.parallel.topologies import slice_devices
+
+    assert len(slice_devices(get_slice("v5p-128"))) == 64
+    devices = slice_devices(get_slice("v5e-16"), num_slices=2)
+    assert len(devices) == 32 and {d.slice_index for d in devices} == {0, 1}
+    assert devices[0].platform == "tpu" and "v5 lite" in devices[0].device_kind.lower()
+
+
+@needs_libtpu
+def test_plan_compiles_the_real_step_and_reports_memory_and_flops():
+    from medjax.train.metrics import train_flops_per_token
+    from medjax.train.plan import plan
+
+    cfg = _demo()
+    p = plan(cfg, "v5e-4")
+    assert p.fits and p.error is None and p.devices == 4 and p.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert p.params_bytes > 0 and p.analytic_bytes >= p.params_bytes + p.opt_state_bytes
+    assert p.analytic_bytes <= p.peak_bytes <= p.hbm_bytes
+    assert p.flops_per_step == train_flops_per_token(cfg.model, 128) * 16 * 128
+    assert p.step_seconds["40%"] == pytest.approx(p.flops_per_step / (4 * 197e12 * 0.4))
+
+
+@needs_libtpu
+def test_a_step_that_does_not_fit_is_reported_with_the_hbm_it_needs():
+    """The Qwen2.5-7B config of a v5e-64 slice on one v5e chip: XLA refuses to compile it."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "medjax"), "plan",
+         str(REPO_ROOT / "configs" / "quarkmed" / "cpt_qwen2.5-7b_v5e-64.yaml"), "--topology", "v5e-1"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "NO" in result.stdout and "RESOURCE_EXHAUSTED" in result.stdout
+    assert "exceeds available HBM (15.75G)" in result.stdout
+    assert "libtpu" not in result.stderr.lower() and "E0000" not in result.stderr  # no start-up noise
+
+
+@needs_libtpu
+@pytest.mark.parametrize("overrides,message", [
+    (["mesh.data=3"], "uses 3 of the slice's 4 devices"),
+    (["mesh.data=1", "mesh.tensor=4", "model.num_heads=6"], "model.num_heads=6 is not divisible by mesh.tensor=4"),
+    (["mesh.data=4", "train.global_batch_size=6"], "does not split over data x fsdp = 4"),
+])
+def test_bad_settings_are_named_before_compiling(overrides, message):
+    from medjax.train.plan import plan
+
+    with pytest.raises(ValueError, match=message):
+        plan(_demo(*overrides), "v5e-4")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name,topology", [("cpt_qwen2.5-32b_v5p-128", "v5p-128"), ("sft_qwen2.5-32b_v5p-128", "v5p-128")])
+def test_quarkmed_configs_fit_their_slices(name, topology):
+    """The real shapes compiled for the real slices (a minute or two each); tools/plan_all.py does
+    every config in configs/quarkmed/."""
+    from medjax.train.plan import plan, planned_model
+
+    cfg = load_config(REPO_ROOT / "configs" / "quarkmed" / f"{name}.yaml")
+    p = plan(cfg, topology, model=planned_model(cfg))
+    assert p.fits, p.error
+    assert p.analytic_bytes < p.peak_bytes < p.hbm_bytes

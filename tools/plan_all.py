@@ -1,0 +1,56 @@
+"""Compiles every QuarkMed config for its TPU slice (medjax plan) and prints one table.
+
+Why: the configs in configs/quarkmed/ promise to fit their slices; this checks all of them in one
+run on a CPU-only machine (libtpu's compile-only devices; needs the tpu extra). A 32B config takes
+one to two minutes to compile on 2 cores; CI compiles two of them (tests/test_plan.py).
+
+Run (from the repository root):
+
+    .venv/bin/python tools/plan_all.py                   # every config, its slice from the table below
+    .venv/bin/python tools/plan_all.py --json /tmp/plans.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medjax.parallel.topologies import keep_jax_off_absent_tpus  # noqa: E402
+
+keep_jax_off_absent_tpus()
+
+from medjax.config import REPO_ROOT, load_config  # noqa: E402
+from medjax.train.plan import format_plans, plan, planned_model  # noqa: E402
+
+# config file -> the slice it is sized for (the name ends in it too)
+CONFIGS = {
+    "cpt_qwen2.5-32b_v5p-128.yaml": "v5p-128",
+    "sft_qwen2.5-32b_v5p-128.yaml": "v5p-128",
+    "rl_verifiable_qwen2.5-32b_v5p-128.yaml": "v5p-128",
+    "rl_preference_qwen2.5-32b_v5p-128.yaml": "v5p-128",
+    "cpt_qwen2.5-7b_v5e-64.yaml": "v5e-64",
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, help="also write every plan as JSON")
+    args = ap.parse_args(argv)
+    rows = []
+    for name, topology in CONFIGS.items():
+        cfg = load_config(REPO_ROOT / "configs" / "quarkmed" / name)
+        result = plan(cfg, topology, model=planned_model(cfg))
+        rows.append((name.removesuffix(".yaml"), result))
+        print(f"compiled {name} for {topology} in {result.compile_seconds:.0f} s", file=sys.stderr)
+    print(format_plans(rows))
+    if args.json:
+        args.json.write_text(json.dumps({n: p.to_json() for n, p in rows}, indent=2) + "\n")
+    return 0 if all(p.fits for _, p in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
