@@ -61,6 +61,7 @@ def test_plan_compiles_the_real_step_and_reports_memory_and_flops():
     cfg = _demo()
     p = plan(cfg, "v5e-4")
     assert p.fits and p.error is None and p.devices == 4 and p.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert p.attention == "splash"  # auto on TPU: the Pallas kernel compiled for the slice
     assert p.params_bytes > 0 and p.analytic_bytes >= p.params_bytes + p.opt_state_bytes
     assert p.analytic_bytes <= p.peak_bytes <= p.hbm_bytes
     assert p.flops_per_step == train_flops_per_token(cfg.model, 128) * 16 * 128

@@ -49,6 +49,9 @@ class ModelConfig:
     # Positions whose float32 logits the loss (and RL's log-probs) computes at once; 0: the whole
     # sequence. Set it for large vocabularies: peak memory holds [batch, chunk, vocab] logits.
     logits_chunk: int = 0
+    # Attention implementation (medjax.models.attention): auto picks splash on TPU, cuDNN on GPU
+    # in bfloat16, XLA otherwise; a runtime choice, so checkpoints and exports do not record it.
+    attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
     # Token ids the exported HF config and the generators use.
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -67,6 +70,8 @@ class ModelConfig:
             )
         if self.resolved_head_dim % 2:
             raise ValueError(f"model.head_dim={self.resolved_head_dim} must be even for RoPE")
+        if self.attention not in ("auto", "xla", "splash", "cudnn"):
+            raise ValueError(f"model.attention must be one of auto, xla, splash, cudnn; got {self.attention!r}")
         if self.logits_chunk < 0:
             raise ValueError(f"model.logits_chunk must be >= 0 (0: no chunking), got {self.logits_chunk}")
         if len(set(self.score_labels)) != len(self.score_labels):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medjax.models.config import ModelConfig
-from medjax.models.layers import DTYPES, DecoderBlock, LayerCache, RMSNorm, attention_mask, param
+from medjax.models.layers import DTYPES, DecoderBlock, LayerCache, RMSNorm, param
 from medjax.models.sharding import constrain
 
 ACTIVATION = ("batch", None, None)  # [batch, seq, hidden]: the batch stays split, like the data
@@ -49,13 +49,12 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        mask = attention_mask(segment_ids)
         x = constrain(self.embed[...].astype(DTYPES[self.cfg.dtype])[tokens], ACTIVATION)
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
             def body(h, layer_params):
-                return constrain(nnx.merge(graphdef, layer_params)(h, positions, mask)[0], ACTIVATION), None
+                return constrain(nnx.merge(graphdef, layer_params)(h, positions, segment_ids)[0], ACTIVATION), None
 
             if self.cfg.remat != "none":
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
@@ -63,10 +62,10 @@ class Decoder(nnx.Module):
             return self.final_norm(x)
         for layer in self.layers:
             if self.cfg.remat == "none":
-                x, _ = layer(x, positions, mask)
+                x, _ = layer(x, positions, segment_ids)
             else:
-                block = nnx.remat(lambda blk, h, p, m: blk(h, p, m)[0], policy=REMAT_POLICIES[self.cfg.remat])
-                x = block(layer, x, positions, mask)
+                block = nnx.remat(lambda blk, h, p, s: blk(h, p, s)[0], policy=REMAT_POLICIES[self.cfg.remat])
+                x = block(layer, x, positions, segment_ids)
             x = constrain(x, ACTIVATION)
         return self.final_norm(x)
 
@@ -94,13 +93,13 @@ class Decoder(nnx.Module):
 
             def body(h, layer):
                 layer_params, layer_cache = layer
-                return nnx.merge(graphdef, layer_params)(h, positions, mask, layer_cache, index)
+                return nnx.merge(graphdef, layer_params)(h, positions, mask=mask, cache=layer_cache, index=index)
 
             x, cache = jax.lax.scan(body, x, (stacked, cache))
             return self.logits(self.final_norm(x)), cache
         out_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer(x, positions, mask, layer_cache, index)
+            x, layer_cache = layer(x, positions, mask=mask, cache=layer_cache, index=index)
             out_cache.append(layer_cache)
         return self.logits(self.final_norm(x)), out_cache
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from medjax.models.attention import causal_attention
 from medjax.models.config import ModelConfig, RopeScaling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -70,14 +71,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """Causal mask that also blocks attention across packed documents: [batch, 1, q, k]."""
-    seq = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same_segment)[:, None]
-
-
 class LayerCache(NamedTuple):
     """One layer's keys and values for generation: [batch, cache_len, kv_heads, head_dim]."""
 
@@ -104,10 +97,12 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pdt, axis="head_dim")
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerCache | None = None, index=None
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
+        mask: jax.Array | None = None, cache: LayerCache | None = None, index=None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """With ``cache``, the new keys/values are written at slots index.. and the queries attend
-        over the whole cache (``mask`` is then [batch, 1, new, cache_len])."""
+        """Causal attention within the documents ``segment_ids`` marks, by ``model.attention``; or,
+        with ``cache``, the new keys/values are written at slots index.. and the queries attend
+        over the whole cache where ``mask`` [batch, 1, new, cache_len] allows."""
         dt = x.dtype
         q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))
         k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))
@@ -126,7 +121,10 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, index, 0, 0))
             cache = LayerCache(k, v)
             k, v = k.astype(dt), v.astype(dt)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+        if cache is None:
+            out = causal_attention(q, k, v, segment_ids, self.cfg.attention)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
         return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt)), cache
 
 
@@ -152,7 +150,7 @@ class DecoderBlock(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache: LayerCache | None = None, index=None):
-        h, cache = self.attn(self.attn_norm(x), positions, mask, cache, index)
+    def __call__(self, x, positions, segment_ids=None, *, mask=None, cache: LayerCache | None = None, index=None):
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, mask=mask, cache=cache, index=index)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache

@@ -87,10 +87,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def activation_constrainer(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-    """The mesh meaning of the model's activation hints (medjax.models.sharding.constrain)."""
+class MeshLayout:
+    """The mesh meaning of the model's activation names (medjax.models.sharding): constraints by
+    the rule table, and kernels run per shard with shard_map."""
 
-    def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+    def __init__(self, mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES):
+        self.mesh, self.rules = mesh, rules
+        self.platform = mesh.devices.flat[0].platform
 
-    return constrain
+    def spec(self, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> P:
+        return logical_to_spec(axes, shape, self.mesh, self.rules)
+
+    def constrain(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(axes, x.shape)))
+
+    def local_map(self, fn, in_axes, out_axes):
+        def run(*args):
+            in_specs = tuple(self.spec(a, x.shape) for a, x in zip(in_axes, args))
+            out_shape = jax.eval_shape(fn, *args)  # global shapes equal local ones on a 1-device mesh
+            out_specs = self.spec(out_axes, out_shape.shape)
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                                 check_vma=False)(*args)
+
+        return run

@@ -24,7 +24,7 @@ from medjax.convert.weights import canonical_tensors, get_path, stored_tensors
 from medjax.models.config import ModelConfig
 
 # Model fields a stage may set for itself; everything else is the source's architecture.
-RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "logits_chunk", "score_labels")
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "logits_chunk", "attention", "score_labels")
 # Heads a stage may start fresh (the reward model's) or leave behind (the LM head of its source).
 NEW_HEADS = {("score",)}
 DROPPABLE = {("lm_head",)}

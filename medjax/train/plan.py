@@ -18,10 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.config import Config
+from medjax.models.attention import resolve as resolve_attention
 from medjax.models.config import ModelConfig
 from medjax.models.decoder import ModelDef, count_params
+from medjax.models.layers import DTYPES
+from medjax.models.sharding import activation_layout
 from medjax.parallel.mesh import make_mesh
-from medjax.parallel.rules import batch_sharding
+from medjax.parallel.rules import MeshLayout, batch_sharding
 from medjax.parallel.topologies import GIB, get_slice, slice_devices
 from medjax.train.metrics import train_flops_per_token
 from medjax.train.optimizer import make_optimizer
@@ -50,6 +53,7 @@ class Plan:
     flops_per_step: float
     step_seconds: dict[str, float]  # at 40% and 60% MFU
     compile_seconds: float
+    attention: str = "xla"  # the implementation model.attention resolved to on this slice
     error: str | None = None
 
     def to_json(self) -> dict:
@@ -137,6 +141,8 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
     peak_chip = slc.generation.peak_bf16_flops
+    with activation_layout(MeshLayout(mesh)):  # as the step traces: auto resolves for the slice
+        attention = resolve_attention(model_cfg.attention, cfg.data.seq_len, DTYPES[model_cfg.dtype])
     started = time.perf_counter()
     peak, error = None, None
     try:
@@ -156,14 +162,14 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
         analytic_bytes=params_bytes + opt_bytes + grad_bytes, peak_bytes=peak,
         fits=error is None and peak is not None and peak <= slc.generation.hbm_bytes,
         flops_per_step=flops, step_seconds={f"{int(m * 100)}%": flops / (n * peak_chip * m) for m in MFUS},
-        compile_seconds=round(time.perf_counter() - started, 1), error=error)
+        compile_seconds=round(time.perf_counter() - started, 1), attention=attention, error=error)
 
 
 def format_plans(plans: list[tuple[str, Plan]]) -> str:
     """One row per (config name, plan): per-device GiB against the chip's capacity."""
     width = max([6] + [len(name) for name, _ in plans])
     head = (f"{'config':<{width}} {'slice':<12} {'params':>7} {'mesh d/f/t':>11} {'state GiB':>9} {'peak GiB':>9} "
-            f"{'HBM GiB':>8} {'fits':>5} {'PFLOP/step':>10} {'s@40%':>7} {'s@60%':>7}")
+            f"{'HBM GiB':>8} {'fits':>5} {'attention':>9} {'PFLOP/step':>10} {'s@40%':>7} {'s@60%':>7}")
     lines = [head]
     for name, p in plans:
         mesh = f"{p.mesh['data']}/{p.mesh['fsdp']}/{p.mesh['tensor']}"
@@ -171,7 +177,7 @@ def format_plans(plans: list[tuple[str, Plan]]) -> str:
         slc = p.topology if p.slices == 1 else f"{p.slices}x{p.topology}"
         size = f"{p.params / 1e9:6.2f}B" if p.params >= 1e8 else f"{p.params / 1e6:6.1f}M"
         lines.append(f"{name:<{width}} {slc:<12} {size} {mesh:>11} {p.analytic_bytes / GIB:9.2f} {peak} "
-                     f"{p.hbm_bytes / GIB:8.2f} {'yes' if p.fits else 'NO':>5} {p.flops_per_step / 1e15:10.2f} "
+                     f"{p.hbm_bytes / GIB:8.2f} {'yes' if p.fits else 'NO':>5} {p.attention:>9} {p.flops_per_step / 1e15:10.2f} "
                      f"{p.step_seconds['40%']:7.2f} {p.step_seconds['60%']:7.2f}")
         if p.error:
             lines.append(f"  {p.error}")

@@ -15,8 +15,8 @@ import optax
 from jax.sharding import Mesh
 
 from medjax.models.decoder import ModelDef
-from medjax.models.sharding import activation_constraints
-from medjax.parallel.rules import activation_constrainer, batch_sharding, param_shardings, replicated
+from medjax.models.sharding import activation_layout
+from medjax.parallel.rules import MeshLayout, batch_sharding, param_shardings, replicated
 from medjax.train.objectives import Objective
 
 TrainState = dict[str, Any]
@@ -78,7 +78,7 @@ def make_train_step(
         return total, (count, extra)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        with activation_constraints(activation_constrainer(mesh)):
+        with activation_layout(MeshLayout(mesh)):
             return _step(state, batch)
 
     def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:

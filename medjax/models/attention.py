@@ -1,0 +1,124 @@
+"""Causal self-attention over packed documents, by one of three implementations.
+
+Why several: XLA's attention materialises [batch, heads, seq, seq] scores and a [batch, 1, seq, seq]
+mask, which at 8k tokens is gigabytes per layer. On TPU, splash attention (a Pallas kernel) walks
+the scores in blocks, skips the blocks the causal mask zeroes and keeps documents apart by
+segment ids, never holding the square; on GPU, cuDNN's fused flash attention does the same for the
+causal part. CPUs keep XLA's path, which is also the reference the kernels are tested against.
+
+``model.attention`` picks one: ``auto`` (splash on TPU under the trainer's mesh when the sequence
+tiles into blocks of 128, cuDNN on a GPU in bfloat16/float16, XLA otherwise), or one by name.
+Kernels that are not partitioned by XLA run per shard under the trainer's ``local_map``
+(medjax.models.sharding), so model code still names no mesh axis. Generation with a KV cache
+always uses XLA's path (one new token a step leaves nothing for a flash kernel to save).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+
+from medjax.models.sharding import local_map, target_platform
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
+SPLASH_BLOCK = 512  # the largest block tried; it shrinks to divide the sequence (multiples of 128,
+# the TPU lane width, which the kernel requires even in interpret mode)
+_TPU_TILE = 128
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """Causal mask that also blocks attention across packed documents: [batch, 1, q, k]."""
+    seq = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same_segment)[:, None]
+
+
+def splash_block(seq_len: int) -> int | None:
+    """The largest multiple of 128 up to SPLASH_BLOCK dividing seq_len (None: none does)."""
+    for block in range(SPLASH_BLOCK, _TPU_TILE - 1, -_TPU_TILE):
+        if seq_len % block == 0:
+            return block
+    return None
+
+
+def resolve(impl: str, seq_len: int, dtype) -> str:
+    """The implementation ``impl`` means for this trace (platform, sequence length, dtype);
+    an explicit choice the target cannot run is an error naming model.attention."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    platform, sharded = target_platform()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "auto":
+        # Without the trainer's mesh (evaluation, scoring) a Pallas call cannot be partitioned by
+        # XLA, so auto stays on XLA there; an explicit "splash" runs the kernel unsharded.
+        if platform == "tpu" and sharded and splash_block(seq_len):
+            return "splash"
+        if platform == "gpu" and half:
+            return "cudnn"
+        return "xla"
+    if impl == "splash" and splash_block(seq_len) is None:
+        raise ValueError(f"model.attention=splash needs a sequence length divisible by {_TPU_TILE} (the "
+                         f"kernel's tile), got {seq_len}: set data.seq_len to one or use model.attention=xla")
+    if impl == "cudnn":
+        if platform != "gpu":
+            raise ValueError(f"model.attention=cudnn needs a CUDA GPU, and this trace targets {platform}; "
+                             "use model.attention=auto")
+        if not half:
+            raise ValueError(f"model.attention=cudnn needs model.dtype bfloat16 (cuDNN flash attention has "
+                             f"no {jnp.dtype(dtype).name} kernel); got {jnp.dtype(dtype).name}")
+    return impl
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, impl: str) -> jax.Array:
+    """Causal attention within documents. q [batch, seq, heads, head_dim], k and v [batch, seq,
+    kv_heads, head_dim] (grouped-query: head i reads kv head i // (heads // kv_heads)),
+    segment_ids [batch, seq] (equal ids: one document). Returns [batch, seq, heads, head_dim]."""
+    impl = resolve(impl, q.shape[1], q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), scale=scale)
+    if impl == "cudnn":
+        # cuDNN applies the causal part itself; packed documents come in as a boolean mask, which
+        # it reads as a bias of [batch, 1, seq, seq] (the memory XLA's mask also takes).
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=same, scale=scale, is_causal=True,
+                                            implementation="cudnn")
+    return splash_attention(q, k, v, segment_ids, interpret=target_platform()[0] != "tpu")
+
+
+def splash_attention(q, k, v, segment_ids, *, interpret: bool = False, block: int | None = None) -> jax.Array:
+    """Splash attention per shard of (batch, kv heads): the query heads of one kv head travel
+    with it, so grouped-query heads stay together whatever the mesh does with the heads."""
+    batch, seq, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q = (q * (1.0 / math.sqrt(dim))).astype(q.dtype).reshape(batch, seq, kv_heads, heads // kv_heads, dim)
+    run = functools.partial(_splash_local, interpret=interpret, block=block)
+    out = local_map(run, in_axes=(("batch", None, "kv_heads", None, None), ("batch", None, "kv_heads", None),
+                                  ("batch", None, "kv_heads", None), ("batch", None)),
+                    out_axes=("batch", None, "kv_heads", None, None))(q, k, v, segment_ids)
+    return out.reshape(batch, seq, heads, dim)
+
+
+def _splash_local(q, k, v, segment_ids, *, interpret: bool, block: int | None):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    batch, seq, kv_heads, group, dim = q.shape
+    heads = kv_heads * group
+    block = block or splash_block(seq)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                              block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((seq, seq))] * heads)
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    qh = q.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3)  # [b, heads, s, d], kv-head-major
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    ids = splash.SegmentIds(q=segment_ids, kv=segment_ids)
+    out = jax.vmap(kernel)(qh, kh, vh, segment_ids=ids)
+    return out.transpose(0, 2, 1, 3).reshape(batch, seq, kv_heads, group, dim)
