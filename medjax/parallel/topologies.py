@@ -13,6 +13,7 @@ is 64 chips, 4x4x4; v5e and v6e count chips (v5e-256 is 16x16). Hosts hold 2x2x1
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 GIB = 1024**3
@@ -26,13 +27,14 @@ class Generation:
     hbm_bytes: int  # per chip (one device), as XLA's allocator reports it
     peak_bf16_flops: float  # per chip
     chip_config: str  # libtpu chip_config_name
+    device_kinds: tuple[str, ...]  # jax's Device.device_kind prefixes for this generation
 
 
 GENERATIONS = {
-    "v4": Generation("v4", "v4", 2, int(30.75 * GIB), 275e12, "megacore"),
-    "v5p": Generation("v5p", "v5", 2, int(95.74 * GIB), 459e12, "megacore"),
-    "v5e": Generation("v5e", "v5e", 1, int(15.75 * GIB), 197e12, "default"),
-    "v6e": Generation("v6e", "v6e", 1, int(31.25 * GIB), 918e12, "default"),
+    "v4": Generation("v4", "v4", 2, int(30.75 * GIB), 275e12, "megacore", ("TPU v4",)),
+    "v5p": Generation("v5p", "v5", 2, int(95.74 * GIB), 459e12, "megacore", ("TPU v5p", "TPU v5")),
+    "v5e": Generation("v5e", "v5e", 1, int(15.75 * GIB), 197e12, "default", ("TPU v5 lite", "TPU v5e")),
+    "v6e": Generation("v6e", "v6e", 1, int(31.25 * GIB), 918e12, "default", ("TPU v6 lite", "TPU v6e")),
 }
 
 # The slice shapes Cloud TPU offers (chips per dimension). 3-D tori for v4/v5p, 2-D for v5e/v6e.
@@ -49,10 +51,7 @@ class Slice:
 
     @property
     def chips(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def topology(self) -> str:

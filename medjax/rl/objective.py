@@ -25,11 +25,11 @@ ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "old_l
             "advantages")
 
 
-def token_logprobs(model: Decoder, batch) -> tuple[jax.Array, jax.Array]:
-    """(log p(target) [b, s], entropy of the next-token distribution [b, s]) under ``model``, in
-    chunks of model.logits_chunk positions."""
+def token_logprobs(model: Decoder, batch, entropy: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """(log p(target) [b, s], entropy of the next-token distribution [b, s] or None) under
+    ``model``, in chunks of model.logits_chunk positions."""
     hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return model.token_logprobs(hidden, batch["targets"], entropy=True)
+    return model.token_logprobs(hidden, batch["targets"], entropy=entropy)
 
 
 def per_token_loss(logp, old_logp, ref_logp, advantages, cfg: RLConfig):

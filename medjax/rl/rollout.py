@@ -121,7 +121,7 @@ class RolloutIterator:
                                        stop_token_ids=stop_token_ids(self.tokenizer, cfg.model))
         self.sampler = Sampler(model)
         self.rewards = RewardComposer(self.rl.rewards)
-        self._ref_logprobs = jax.jit(lambda p, b: token_logprobs(model.bind(p), b)[0])
+        self._ref_logprobs = jax.jit(lambda p, b: token_logprobs(model.bind(p), b, entropy=False)[0])
         self.prompts_used = 0  # positions read from the repeated, shuffled prompt order
         self.mastered: set[int] = set()  # prompts out of the pool (rl.drop_mastered)
         self.rollouts = 0

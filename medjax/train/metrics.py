@@ -12,22 +12,15 @@ from typing import Any
 import jax
 
 from medjax.models.config import ModelConfig
+from medjax.parallel.topologies import GENERATIONS
 from medjax.utils import atomic_write_text
 
-# Dense bf16 peak FLOP/s per device, by jax's device_kind.
+# Dense bf16 peak FLOP/s per device, by jax's device_kind: TPUs from the slice table, GPUs here.
 PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
+    **{kind: gen.peak_bf16_flops for gen in GENERATIONS.values() for kind in gen.device_kinds},
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100": 312e12,
 }
 
 
@@ -35,9 +28,9 @@ def peak_flops_per_device(override: float = 0.0) -> float | None:
     if override > 0:
         return override
     kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
         if kind.startswith(name):
-            return flops
+            return PEAK_FLOPS[name]
     return None
 
 

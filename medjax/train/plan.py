@@ -26,6 +26,7 @@ from medjax.models.sharding import activation_layout
 from medjax.parallel.mesh import make_mesh
 from medjax.parallel.rules import MeshLayout, batch_sharding
 from medjax.parallel.topologies import GIB, get_slice, slice_devices
+from medjax.train.loop import BatchGeometry
 from medjax.train.metrics import train_flops_per_token
 from medjax.train.optimizer import make_optimizer
 from medjax.train.stages import batch_dtypes, stage
@@ -91,11 +92,7 @@ def check_divisible(cfg: Config, model: ModelConfig, mesh) -> None:
                         ("intermediate_size", model.intermediate_size)):
         if value % tensor and not (name == "num_kv_heads" and tensor % value == 0):
             raise ValueError(f"model.{name}={value} is not divisible by mesh.tensor={tensor}")
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.train.global_batch_size // cfg.train.grad_accum_steps
-    if cfg.train.global_batch_size % cfg.train.grad_accum_steps or micro % shards:
-        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} (grad_accum_steps="
-                         f"{cfg.train.grad_accum_steps}) does not split over data x fsdp = {shards} devices")
+    BatchGeometry(cfg.train.global_batch_size, cfg.train.grad_accum_steps, cfg.data.seq_len).check(mesh)
 
 
 def planned_model(cfg: Config) -> ModelConfig:
@@ -136,8 +133,9 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     state = abstract_train_state(model_def, tx, shardings)
     params_bytes = _per_device_bytes(state["params"], shardings["params"])
     opt_bytes = _per_device_bytes(state["opt_state"], shardings["opt_state"])
-    grad_bytes = sum(int(np.prod(s.shard_shape(x.shape))) * 4 for x, s in
-                     zip(jax.tree.leaves(state["params"]), jax.tree.leaves(shardings["params"])))
+    # Gradients are float32 whatever the params' dtype.
+    grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), state["params"])
+    grad_bytes = _per_device_bytes(grads, shardings["params"])
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
     peak_chip = slc.generation.peak_bf16_flops
