@@ -124,7 +124,7 @@ def _exam_fact(item, world):
 
 
 def test_every_exam_fact_is_in_a_train_passage(data):
-    texts = [p["text"].lower() for p in data["pretrain"]]
+    texts = [p["text"].lower() for p in data["pretrain"] if p["id"].startswith("pretrain-")]  # passages
     for item in data["exam"]:
         c, needles = _exam_fact(item, data["world"])
         assert item["subject"] == c.subject
@@ -132,14 +132,17 @@ def test_every_exam_fact_is_in_a_train_passage(data):
 
 
 def test_pretrain_split_and_size(data, default_out):
-    train, held = data["pretrain"], data["pretrain_eval"]
+    passages = [p for p in data["pretrain"] if p["id"].startswith("pretrain-")]
+    practice = [p for p in data["pretrain"] if p["id"].startswith("practice-")]
+    assert len(passages) + len(practice) == len(data["pretrain"]) and len(practice) >= 10 * 40
+    train, held = passages, data["pretrain_eval"]  # practice items train only; held-out text is passages
     assert len(train) + len(held) == 40 * 24
     assert 0.05 <= len(held) / (len(train) + len(held)) <= 0.15
     assert all(list(p) == ["id", "text"] for p in train + held)
     assert len({p["id"] for p in train + held}) == len(train) + len(held)
     _, paths = default_out
     size = paths["pretrain"].stat().st_size + paths["pretrain_eval"].stat().st_size
-    assert 0.4e6 < size < 1.6e6, size
+    assert 0.4e6 < size < 2.2e6, size
     # Many phrasings: the first-line-drug fact of one condition appears in several distinct sentences.
     c = data["world"].conditions[0]
     sentences = {s for p in train for s in re.split(r"(?<=\.) ", p["text"])
@@ -171,9 +174,9 @@ def test_sft_records(data):
 
 def test_sft_lettered_items_teach_the_answer_form(data):
     """Lettered SFT items use the very prompt generative evaluation and RL use, a reasoning sentence
-    naming the gold option and the extractor's answer line, for every fact kind: the exam's kinds in
-    SFT's own wording (no SFT question opens like an exam or RL question), and kinds the exam never
-    asks."""
+    naming the gold option and an answer line naming its text, which the shared extractor maps to
+    the gold letter, for every fact kind: the exam's kinds in SFT's own wording (no SFT question
+    opens like an exam or RL question), and kinds the exam never asks."""
     from medjax.tasks.answers import extract_answer
 
     lettered = [r["messages"] for r in data["sft"] + data["sft_eval"]
@@ -183,8 +186,10 @@ def test_sft_lettered_items_teach_the_answer_form(data):
     for user, assistant in lettered:
         question = user["content"].split("Question: ", 1)[1].split("\n", 1)[0]
         options = dict(line.split(". ", 1) for line in user["content"].splitlines() if re.match(r"^[A-D]\. ", line))
-        gold = re.search(r"The answer is ([A-D])\.$", assistant["content"]).group(1)
-        assert extract_answer(assistant["content"], "ABCD").prediction == gold
+        answer = re.search(r"\nThe answer is ([^\n]+)\.$", assistant["content"]).group(1)
+        gold = next(letter for letter, text in options.items() if text == answer)
+        assert extract_answer(assistant["content"], "ABCD", options).prediction == gold
+        assert extract_answer(assistant["content"], "ABCD").prediction == ""  # by its text, not a letter
         assert options[gold].lower() in assistant["content"].splitlines()[0].lower()  # the reason names it
         kinds.update(k for k, pattern in (("drug", "first-line"), ("contra", "contraindicated"),
                                           ("test", "confirmed"), ("diagnosis", "point to"),
@@ -201,16 +206,20 @@ def test_sft_lettered_items_teach_the_answer_form(data):
     assert not sft_openings & others
 
 
-def test_no_exam_question_appears_in_sft_or_rl_data(data):
-    """The exam is held out: its question texts (stem and ask) occur nowhere in SFT conversations or
-    RL prompts, which ask the same facts in their own words."""
+def test_no_exam_question_appears_in_sft_rl_or_pretraining_data(data):
+    """The exam is held out: its question texts (stem and ask) occur nowhere in SFT conversations,
+    RL prompts or the pretraining mix's practice items, which ask the same facts in their own words."""
     exam_questions = [item["question"] for item in data["exam"]]
     user_turns = [m["content"] for r in data["sft"] + data["sft_eval"] for m in r["messages"] if m["role"] == "user"]
     rl_questions = {item["question"] for item in data["rl_prompts"]}
     sft_text = "\n".join(user_turns)
+    practice = [r["text"] for r in data["pretrain"] if r["id"].startswith("practice-")]
+    assert len(practice) >= 10 * 40 and all("\nQuestion: " in t and "The answer is " in t for t in practice)
+    pretrain_text = "\n".join(r["text"] for r in data["pretrain"] + data["pretrain_eval"])
     for question in exam_questions:
         assert question not in rl_questions, question
         assert question not in sft_text, question
+        assert question not in pretrain_text, question
     # Nor does an exam stem sentence (the first sentence, where the phrasing is) open an RL prompt.
     exam_openings = {q.split("?")[0].split(". ")[0] for q in exam_questions}
     assert not exam_openings & {q.split("?")[0].split(". ")[0] for q in rl_questions}

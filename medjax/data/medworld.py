@@ -3,7 +3,8 @@
 Why: medjax cannot download data, yet tokenizer training, continued pretraining, SFT, reward
 modelling, RL and evaluation all need text about one consistent body of facts. This module invents
 that world from syllables (so no name or fact reads as real medical advice) and writes pretraining
-passages, chat SFT data, a MedQA-US style exam and reward-model preference pairs from one seed.
+passages (with exam-preparation practice items), chat SFT data, a MedQA-US style exam and
+reward-model preference pairs from one seed.
 Only ``random.Random`` instances seeded from the caller's seed are used (never global random,
 time or ``hash()``), so the same seed always gives byte-identical files.
 """
@@ -378,13 +379,8 @@ def _exam(rng: random.Random, world: World, prefix: str = "exam") -> list[dict]:
 
 def _sft(rng: random.Random, world: World) -> list[list[dict]]:
     """Chat conversations: one free-form QA per fact kind, some with a system prompt or a follow-up
-    turn, and lettered items in the exact prompt the generative exam and RL use, answered with one
-    reasoning sentence that names the option and the line "The answer is X" the shared extractor
-    reads. Lettered items ask every fact kind, the exam's in SFT's own wording (never the exam's
-    or RL's), so SFT teaches the answer form for each kind of question, not the exam's items."""
+    turn, and the lettered items (``_lettered_items``)."""
     convs = []
-    symptoms = sorted({s for group in _SYMPTOMS.values() for s in group} | set(_GENERAL_SYMPTOMS))
-    pathogens = sorted(c.pathogen for c in world.conditions if c.pathogen)
     for c in world.conditions:
         for kind in ["diagnosis"] + _kinds(c):
             f = _fields(rng, c)
@@ -397,6 +393,20 @@ def _sft(rng: random.Random, world: World) -> list[list[dict]]:
                 msgs += [{"role": "user", "content": q},
                          {"role": "assistant", "content": _cap(a.format(**f))}]
             convs.append(msgs)
+    convs += _lettered_items(rng, world)
+    rng.shuffle(convs)
+    return convs
+
+
+def _lettered_items(rng: random.Random, world: World) -> list[list[dict]]:
+    """Lettered items in the exact prompt the generative exam and RL use, answered with one
+    reasoning sentence that names the option and the answer line the shared extractor reads. They
+    ask every fact kind, the exam's in SFT's own wording (never the exam's or RL's), so they teach
+    the answer form for each kind of question, not the exam's items."""
+    items = []
+    symptoms = sorted({s for group in _SYMPTOMS.values() for s in group} | set(_GENERAL_SYMPTOMS))
+    pathogens = sorted(c.pathogen for c in world.conditions if c.pathogen)
+    for c in world.conditions:
         same = [o for o in world.conditions if o.subject == c.subject and o is not c]
         choices = {"diagnosis": (c.name, [o.name for o in same] + [o.name for o in world.conditions if o is not c]),
                    "drug": (c.first_line_drug, [c.contraindicated_drug] + [o.first_line_drug for o in same]),
@@ -412,15 +422,18 @@ def _sft(rng: random.Random, world: World) -> list[list[dict]]:
             pool = list(dict.fromkeys(x for x in pool if x != answer))
             for stem in stems:
                 f = _fields(rng, c) | {"answer": answer}
-                convs.append(_lettered_conversation(rng, _cap(stem.format(**f)), _cap(why.format(**f)), answer, pool))
-    rng.shuffle(convs)
-    return convs
+                items.append(_lettered_conversation(rng, _cap(stem.format(**f)), _cap(why.format(**f)), answer, pool))
+    return items
 
 
 def _lettered_conversation(rng: random.Random, question: str, why: str, answer: str,
                            pool: list[str]) -> list[dict]:
-    """One lettered item rendered by the prompt builder evaluation and RL use, then its answer:
-    the reasoning sentence names the option text, the last line its letter."""
+    """One lettered item rendered by the prompt builder evaluation and RL use, then its answer: a
+    reasoning sentence that names the option, and an answer line naming the option's text, which
+    the shared extractor maps to its letter. Text, not the letter: the demo's small model recalls
+    the right option's text but cannot learn, in the demo's budget, the in-context lookup from that
+    text to the letter printed before it (its letters matched the option it had named no more
+    often than chance, with 2 or 4 layers, with or without lookup drills; DESIGN.md)."""
     from medjax.tasks.items import ExamItem
     from medjax.tasks.prompts import PromptConfig, build_prompt
 
@@ -428,7 +441,16 @@ def _lettered_conversation(rng: random.Random, question: str, why: str, answer: 
     o = _mcq(rng, answer, pool[:3], pool, letter)
     item = ExamItem("sft", question, o["options"], frozenset(letter), "sft")
     return [{"role": "user", "content": build_prompt(item, cfg=PromptConfig(generative=True))},
-            {"role": "assistant", "content": f"{why}\nThe answer is {letter}."}]
+            {"role": "assistant", "content": f"{why}\nThe answer is {answer}."}]
+
+
+def _practice(rng: random.Random, world: World) -> list[dict]:
+    """Exam-preparation text for the pretraining mix, as real corpora hold question banks with
+    worked answers: lettered items in SFT's wording (never the exam's or RL's), drawn afresh, as
+    plain text. Pretraining on them is what lets the small model answer lettered prompts at all
+    (with them SFT named the gold option in 88 of 160 exam answers, without them 74)."""
+    return [{"id": f"practice-{i:05d}", "text": f"{user['content']} {assistant['content']}"}
+            for i, (user, assistant) in enumerate(_lettered_items(rng, world))]
 
 
 _OVERCONFIDENT = ("I am absolutely certain: ", "Without any doubt, ", "Trust me, ")
@@ -530,6 +552,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, num_conditions: int = 40
         for j in range(p):  # passage 0 states every fact and always goes to train
             rec = {"id": f"pretrain-{ci:04d}-{j:04d}", "text": _passage(rng, c, complete=j == 0)}
             (held if j in eval_idx else train).append(rec)
+    train += _practice(stream("practice"), world)
     rng.shuffle(train)
     rng.shuffle(held)
 
