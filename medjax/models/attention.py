@@ -16,28 +16,28 @@ always uses XLA's path (one new token a step leaves nothing for a flash kernel t
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import jax
 import jax.numpy as jnp
 
+from medjax.models.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from medjax.models.sharding import local_map, target_platform
 
-log = logging.getLogger(__name__)
-
-IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 SPLASH_BLOCK = 512  # the largest block tried; it shrinks to divide the sequence (multiples of 128,
 # the TPU lane width, which the kernel requires even in interpret mode)
 _TPU_TILE = 128
 
 
+def same_document(segment_ids: jax.Array) -> jax.Array:
+    """Which keys each query's document holds: [batch, 1, q, k] (no causal part)."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
     """Causal mask that also blocks attention across packed documents: [batch, 1, q, k]."""
     seq = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same_segment)[:, None]
+    return jnp.tril(jnp.ones((seq, seq), dtype=bool)) & same_document(segment_ids)
 
 
 def splash_block(seq_len: int) -> int | None:
@@ -87,9 +87,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     if impl == "cudnn":
         # cuDNN applies the causal part itself; packed documents come in as a boolean mask, which
         # it reads as a bias of [batch, 1, seq, seq] (the memory XLA's mask also takes).
-        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        return jax.nn.dot_product_attention(q, k, v, mask=same, scale=scale, is_causal=True,
-                                            implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, mask=same_document(segment_ids), scale=scale,
+                                            is_causal=True, implementation="cudnn")
     return splash_attention(q, k, v, segment_ids, interpret=target_platform()[0] != "tpu")
 
 

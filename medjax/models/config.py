@@ -17,6 +17,10 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+# model.attention's choices (medjax.models.attention says what each means).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
+
+
 @dataclass
 class ModelConfig:
     family: Literal["llama", "qwen2", "qwen3"] = "qwen2"
@@ -70,8 +74,9 @@ class ModelConfig:
             )
         if self.resolved_head_dim % 2:
             raise ValueError(f"model.head_dim={self.resolved_head_dim} must be even for RoPE")
-        if self.attention not in ("auto", "xla", "splash", "cudnn"):
-            raise ValueError(f"model.attention must be one of auto, xla, splash, cudnn; got {self.attention!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}; "
+                             f"got {self.attention!r}")
         if self.logits_chunk < 0:
             raise ValueError(f"model.logits_chunk must be >= 0 (0: no chunking), got {self.logits_chunk}")
         if len(set(self.score_labels)) != len(self.score_labels):
