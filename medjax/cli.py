@@ -152,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole recipe on bundled data, on one CPU machine")
     p.add_argument("--workdir", default="runs/demo", help="where every artifact goes (default runs/demo)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="steps of pretraining, SFT and the reward model (default: each demo config's)")
-    p.add_argument("--rl-steps", type=int, default=None, help="RL steps (default: the demo config's)")
+                   help="at most this many steps of pretraining, SFT and the reward model (default: each "
+                        "demo config's)")
+    p.add_argument("--rl-steps", type=int, default=None,
+                   help="at most this many steps of each RL stage (default: each demo config's)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("import", help="Hugging Face directory -> medjax model directory")
@@ -241,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["eval", "ngrams"]:
         argv = ["eval-ngrams", *argv[2:]]
     args = build_parser().parse_args(argv)
+    if args.command != "plan":  # plan compiles for absent TPUs: nothing this host could run again
+        from medjax.utils import use_compilation_cache
+
+        use_compilation_cache()
     if passthrough:
         if args.command != "serve":
             build_parser().error("arguments after -- are only for `medjax serve`")

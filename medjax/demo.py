@@ -47,10 +47,13 @@ def tokenizer_texts(files: dict[str, Path]):
 
 
 def _stage_config(name: str, root: Path, max_steps: int | None):
+    """The stage's demo config under ``root``, its steps capped at ``max_steps`` (a stage the config
+    already gives fewer steps keeps its own)."""
     overrides = [f"vars.demo={root}"]  # the configs name their workdir and data under it
-    if max_steps is not None:
-        overrides.append(f"train.max_steps={max_steps}")
-    return load_config(DEMO_CONFIGS / f"{name}.yaml", overrides)
+    cfg = load_config(DEMO_CONFIGS / f"{name}.yaml", overrides)
+    if max_steps is not None and max_steps < cfg.train.max_steps:
+        cfg = load_config(DEMO_CONFIGS / f"{name}.yaml", [*overrides, f"train.max_steps={max_steps}"])
+    return cfg
 
 
 def _logged(workdir: str) -> list[dict]:
@@ -78,21 +81,24 @@ def _print_rl(workdir: str) -> None:
 def _evaluation_row(after: str, summary: dict) -> dict:
     return {"after": after, "mode": summary["mode"], "accuracy": summary["accuracy"],
             "ci_low": summary["ci95"][0], "ci_high": summary["ci95"][1], "no_answer": summary["no_answer"],
-            "n": summary["n"], "summary": summary.get("output", "").removesuffix(".jsonl") + ".summary.json"}
+            "off_options": summary.get("off_options", 0), "n": summary["n"], "summary": summary.get("output", "").removesuffix(".jsonl") + ".summary.json"}
 
 
 def format_summary(summary: dict) -> str:
     """The demo's exam table, rendered from summary.json."""
-    lines = [f"  {'after':<22} {'mode':<14} {'accuracy':>8}  {'95% CI':<13} {'no answer':>9} {'items':>6}"]
+    lines = [f"  {'after':<22} {'mode':<14} {'accuracy':>8}  {'95% CI':<13} {'no answer':>9} {'not an option':>13} "
+             f"{'items':>6}"]
     for e in summary["evaluations"]:
         lines.append(f"  {e['after']:<22} {e['mode']:<14} {e['accuracy'] * 100:7.1f}%  "
-                     f"[{e['ci_low'] * 100:4.1f}, {e['ci_high'] * 100:4.1f}] {e['no_answer']:>9} {e['n']:>6}")
+                     f"[{e['ci_low'] * 100:4.1f}, {e['ci_high'] * 100:4.1f}] {e['no_answer']:>9} "
+                     f"{e.get('off_options', 0):>13} {e['n']:>6}")
+    lines.append("  no answer: no answer stated; not an option: an answer stated that is none of the item's options")
     return "\n".join(lines)
 
 
 def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = None) -> dict[str, Path]:
     """``max_steps`` caps the pretraining, SFT and reward-model stages, ``rl_steps`` each RL stage
-    (default: each demo config's own). Writes ``summary.json`` under ``workdir``: every evaluation
+    (default: each demo config's own; a cap above a config's steps changes nothing). Writes ``summary.json`` under ``workdir``: every evaluation
     (after which stage, mode, accuracy and interval, unreadable answers) and every training stage's
     first and last logged metrics."""
     started = time.perf_counter()

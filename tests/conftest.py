@@ -7,6 +7,22 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One compilation cache for the session, fresh each run (and shared with the subprocesses tests
+# start): many tests compile the same small programs, and a hit runs the executable a compile would
+# have built. Set before jax is imported, which reads it once.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "MEDJAX_COMPILATION_CACHE" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="medjax-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["MEDJAX_COMPILATION_CACHE"] = _cache_dir
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+from medjax.utils import use_compilation_cache  # noqa: E402
+
+use_compilation_cache()
+
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402

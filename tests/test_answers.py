@@ -110,3 +110,29 @@ def test_degenerate_completions_are_rejected_quickly():
 def test_blank_completion_gives_no_answer(text):
     found = extract_answer(text, "ABCD", {"A": "yes", "B": "no"})
     assert found.prediction == "" and not found.refused
+
+
+@pytest.mark.parametrize("text, off_options", [
+    ("A major risk factor for Orvkenitis is smoking.\nThe answer is smoking.", True),  # a wrong fact, in form
+    ('{"answer": "smoking"}', True),
+    ("The answer is Velvazine.", False),  # an option's text: read as its letter
+    ("Smoking raises the risk, but the question is about drugs.", False),  # no answer stated
+    ("The answer is: I cannot determine this without more information.", False),  # a refusal
+])
+def test_an_answer_that_is_none_of_the_options_is_told_from_no_answer(text, off_options):
+    """Evaluation counts "answered, but with none of the options" apart from "stated no answer":
+    the first is a knowledge error in the right form, the second a failure of the form. Both
+    score 0 and give no letters."""
+    options = {"A": "Fexdodane", "B": "Velvazine", "C": "Velmuvir", "D": "Fexlimab"}
+    found = extract_answer(text, "ABCD", options)
+    assert found.off_options is off_options
+    assert (found.prediction == "") is (text != "The answer is Velvazine.")
+
+
+def test_the_summary_counts_each_kind_of_unanswered_apart():
+    from medjax.eval.report import summarise
+
+    rows = [{"prediction": "B", "correct": True}, {"prediction": "", "correct": False, "off_options": True},
+            {"prediction": "", "correct": False, "refused": True}, {"prediction": "", "correct": False}]
+    summary = summarise(rows)
+    assert (summary["no_answer"], summary["off_options"], summary["refused"]) == (1, 1, 1)

@@ -30,18 +30,21 @@ class TokenizeDocument(grain.transforms.Map):
     add_eos: bool
 
     def __post_init__(self):
-        self._tok = None
+        self._loaded = None
 
     def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        if self._tok is None:
-            self._tok = load_tokenizer(self.tokenizer_path)
-            self._eos = eos_id(self._tok)
+        if self._loaded is None:
+            # One attribute, set once with both parts: Grain maps on several reader threads, and a
+            # second thread must never see the tokenizer without its EOS id.
+            tok = load_tokenizer(self.tokenizer_path)
+            self._loaded = (tok, eos_id(tok))
+        tok, eos = self._loaded
         text = record[self.text_key]
         if not isinstance(text, str):
             raise DataError(f"record {record.get('id', '?')!r}: {self.text_key!r} must be a string")
-        ids = self._tok.encode(text).ids
+        ids = tok.encode(text).ids
         if self.add_eos:
-            ids.append(self._eos)
+            ids.append(eos)
         return shift_pair(np.asarray(ids, dtype=np.int32))
 
 

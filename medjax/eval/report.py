@@ -44,7 +44,10 @@ def summarise(rows: Sequence[dict], extra_groups: Sequence[str] = ()) -> dict:
         "n": len(rows),
         "accuracy": acc,
         "ci95": [lo, hi],
-        "no_answer": sum(1 for r in rows if not r["prediction"] and not r.get("refused")),
+        # No answer stated at all, versus an answer stated that is none of the options (a wrong
+        # answer in the right form); refusals apart from both. See medjax.tasks.answers.
+        "no_answer": sum(1 for r in rows if not r["prediction"] and not r.get("refused") and not r.get("off_options")),
+        "off_options": sum(1 for r in rows if not r["prediction"] and r.get("off_options")),
         "refused": sum(1 for r in rows if r.get("refused")),
         "by_subject": group_accuracy(rows, "subject"),
     }
@@ -73,8 +76,9 @@ def format_table(summary: dict, title: str) -> str:
         if key.startswith("by_") and groups:
             out.append(f"  {key[3:]}:")
             out.extend(line(name, g) for name, g in groups.items())
-    if summary.get("refused") or summary.get("no_answer"):
-        out.append(f"  refused {summary['refused']}, no answer found {summary['no_answer']}")
+    if summary.get("refused") or summary.get("no_answer") or summary.get("off_options"):
+        out.append(f"  refused {summary['refused']}, no answer found {summary['no_answer']}, "
+                   f"answered with none of the options {summary.get('off_options', 0)}")
     return "\n".join(out)
 
 

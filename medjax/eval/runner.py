@@ -161,5 +161,6 @@ def _score_generate(model, items, prompts, cfg: EvalConfig) -> list[dict]:
     rows = []
     for item, text in zip(items, model.generate(prompts, settings)):
         found = extract_for_item(text, item)
-        rows.append(_row(item, found.prediction, score(found, item) == 1.0, refused=found.refused, completion=text))
+        rows.append(_row(item, found.prediction, score(found, item) == 1.0, refused=found.refused,
+                         off_options=found.off_options, completion=text))
     return rows

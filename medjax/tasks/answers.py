@@ -12,7 +12,11 @@ Extraction, in order:
    line is only letters (reasoning, then a bare "**B**");
 4. an option's text named as the answer ("The answer is yes" for PubMedQA, "答案是二甲双胍"), or
    standing alone as the completion or its last line;
-5. otherwise a refusal phrase makes it a refusal, which evaluation reports apart from a wrong answer.
+5. otherwise a refusal phrase makes it a refusal, which evaluation reports apart from a wrong answer;
+6. otherwise an answer statement whose words are none of the options ("The answer is smoking." on
+   an item about drugs) is marked ``off_options``: the model stated an answer, in the expected form,
+   that the item does not offer. Evaluation counts these apart from completions that state no
+   answer at all, since the two fail differently (knowledge versus answer form). Both score 0.
 
 The last statement wins because reasoning often rules options out, or corrects itself ("The answer
 is B. Wait, actually, the answer is C."), before concluding. Only the item's own letters count, so
@@ -45,6 +49,7 @@ class Extraction:
     letters: frozenset[str]  # empty when no answer was found
     refused: bool = False
     span: str | None = None  # the text that decided it, for debugging predictions
+    off_options: bool = False  # an answer was stated, but it names none of the item's options
 
     @property
     def prediction(self) -> str:
@@ -242,7 +247,27 @@ def extract_answer(text: str, letters: Iterable[str] = LETTERS[:10],
     refusal = _REFUSALS.search(text)
     if refusal:
         return Extraction(frozenset(), refused=True, span=refusal.group(0))
+    stated = _stated_answer(text, pats)
+    if stated:
+        return Extraction(frozenset(), span=stated, off_options=True)
     return NO_ANSWER
+
+
+def _stated_answer(text: str, pats: _Patterns) -> str | None:
+    """The words of the last answer statement ("The answer is smoking", {"answer": "smoking"}),
+    when the completion has one that named no option."""
+    objects = [m.group(0) for m in re.finditer(r"\{[^{}]*\}", text)]
+    for raw in reversed(objects):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and any(str(k).strip().lower() in _JSON_ANSWER_KEYS and v not in (None, "", [])
+                                         for k, v in obj.items()):
+            return raw
+    leads = [m.group("text").strip() for m in pats.text_lead.finditer(text)]
+    leads = [t for t in leads if t.strip("*:： ")]
+    return leads[-1] if leads else None
 
 
 def extract_for_item(text: str, item: ExamItem) -> Extraction:
