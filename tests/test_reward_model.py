@@ -42,6 +42,9 @@ def test_packed_pairs_score_as_alone_and_loss_matches_hand_computation(world, tm
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
     chosen, rejected, dim, valid = map(np.asarray, objective.pair_scores(model, batch))
     assert valid.sum() >= 4, "several pairs share each row"
+    # Each response scored alone, at the start of a row of its own; the padding after it is
+    # invisible to a causal model, and one padded width compiles once.
+    alone_scores = jax.jit(lambda tokens, length: model.sequence_scores(tokens, length))
     margins, dims = [], []
     for b in range(2):
         for pair in sorted(set(rows["pair_ids"][b].tolist()) - {0}):
@@ -49,7 +52,9 @@ def test_packed_pairs_score_as_alone_and_loss_matches_hand_computation(world, tm
             for side, got in ((1, chosen[b, pair]), (2, rejected[b, pair])):
                 tokens = rows["tokens"][b][(rows["pair_ids"][b] == pair) & (rows["segment_ids"][b] % 2 == side % 2)]
                 d = int(rows["dimension"][b][rows["pair_ids"][b] == pair][0])
-                alone = model.sequence_scores(jnp.asarray(tokens)[None], jnp.asarray([len(tokens)]))[0, d]
+                padded = np.zeros((1, rows["tokens"].shape[1]), np.int32)
+                padded[0, :len(tokens)] = tokens
+                alone = alone_scores(jnp.asarray(padded), jnp.asarray([len(tokens)]))[0, d]
                 assert got == pytest.approx(float(alone), abs=2e-5)
             margins.append(chosen[b, pair] - rejected[b, pair])
             dims.append(d)
