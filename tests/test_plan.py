@@ -95,7 +95,7 @@ def test_bad_settings_are_named_before_compiling(overrides, message):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("name,topology", [("cpt_qwen2.5-32b_v5p-128", "v5p-128"), ("sft_qwen2.5-32b_v5p-128", "v5p-128")])
+@pytest.mark.parametrize("name,topology", [("cpt_qwen2.5-32b_v5p-128", "v5p-128"), ("cpt_qwen2.5-7b_v5e-64", "v5e-64")])
 def test_quarkmed_configs_fit_their_slices(name, topology):
     """The real shapes compiled for the real slices (a minute or two each); tools/plan_all.py does
     every config in configs/quarkmed/."""
