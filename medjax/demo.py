@@ -81,7 +81,8 @@ def _print_rl(workdir: str) -> None:
 def _evaluation_row(after: str, summary: dict) -> dict:
     return {"after": after, "mode": summary["mode"], "accuracy": summary["accuracy"],
             "ci_low": summary["ci95"][0], "ci_high": summary["ci95"][1], "no_answer": summary["no_answer"],
-            "off_options": summary.get("off_options", 0), "n": summary["n"], "summary": summary.get("output", "").removesuffix(".jsonl") + ".summary.json"}
+            "off_options": summary.get("off_options", 0), "n": summary["n"],
+            "summary": summary.get("output", "").removesuffix(".jsonl") + ".summary.json"}
 
 
 def format_summary(summary: dict) -> str:
@@ -98,9 +99,10 @@ def format_summary(summary: dict) -> str:
 
 def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = None) -> dict[str, Path]:
     """``max_steps`` caps the pretraining, SFT and reward-model stages, ``rl_steps`` each RL stage
-    (default: each demo config's own; a cap above a config's steps changes nothing). Writes ``summary.json`` under ``workdir``: every evaluation
-    (after which stage, mode, accuracy and interval, unreadable answers) and every training stage's
-    first and last logged metrics."""
+    (default: each demo config's own; a cap above a config's steps changes nothing). Writes
+    ``summary.json`` under ``workdir``: every evaluation (after which stage, mode, accuracy and
+    interval, answers not stated and answers naming no option) and every training stage's first
+    and last logged metrics."""
     started = time.perf_counter()
     root = Path(workdir).absolute()
     print(f"[1/9] generating the synthetic medical world in {root / 'data'}")

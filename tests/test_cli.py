@@ -107,9 +107,11 @@ def test_demo_runs_end_to_end(demo):
     assert [name for name, _ in rm] == ["before", "after"], out.stdout
     assert float(rm[1][1]) > float(rm[0][1])
     assert "medjax score-rm --model" in out.stdout
-    last_reward = [int(n) for n in re.findall(r"\n  reward: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step (\d+)\)", out.stdout)]
+    last_reward = [int(n) for n in
+                   re.findall(r"\n  reward: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step (\d+)\)", out.stdout)]
     assert last_reward == [steps["rl_verifiable"], steps["rl_preference"]], out.stdout
-    assert len(re.findall(r"\n  reward_exam: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step \d+\)", out.stdout)) == 2, out.stdout
+    exam_lines = re.findall(r"\n  reward_exam: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step \d+\)", out.stdout)
+    assert len(exam_lines) == 2, out.stdout
     stage1 = [json.loads(line) for line in (tmp_path / "rl_verifiable" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward_exam_mean", "reward_format_mean", "prompt_pool_size", "prompts_dropped"} <= set(stage1[-1])
     stage2 = [json.loads(line) for line in (tmp_path / "rl_preference" / "metrics.jsonl").read_text().splitlines()]

@@ -66,6 +66,7 @@ def rm_score_of_answers(reward_model: Path, exam: Path, written: Path) -> float:
     batch means, whose prompts change from step to step."""
     import numpy as np
 
+    from medjax.rl.rewards import normalize
     from medjax.serve.reward_model import RewardScorer
     from medjax.tasks.prompts import PromptConfig, build_prompt
     from medjax.tasks.readers import read_benchmark
@@ -74,7 +75,7 @@ def rm_score_of_answers(reward_model: Path, exam: Path, written: Path) -> float:
     rows = [json.loads(line) for line in written.read_text().splitlines() if line.strip()]
     prompts = [build_prompt(items[r["id"]], cfg=PromptConfig(generative=True)) for r in rows]
     scores = RewardScorer(reward_model).score(prompts, [r["completion"] for r in rows])
-    return float(np.mean(1 / (1 + np.exp(-scores))))
+    return float(np.mean(normalize(scores, "sigmoid")))
 
 
 def exam_scores(model: Path, exam: Path, out_dir: Path, max_new_tokens: int) -> dict:

@@ -174,16 +174,21 @@ def _letters_in(span: str, letters: str) -> frozenset[str]:
 _JSON_ANSWER_KEYS = ("answer", "final_answer", "final answer", "答案")
 
 
-def _from_json(text: str, letters: str, pats: _Patterns) -> Extraction | None:
-    """The last JSON object holding an answer key whose value is letters ("BD", "A, C", ["A", "C"],
-    "b") or an option label with its text ("B. Metformin")."""
+def _json_objects(text: str):
+    """(raw text, object) of each flat JSON object in ``text``, last first."""
     for m in reversed(list(re.finditer(r"\{[^{}]*\}", text))):
         try:
             obj = json.loads(m.group(0))
         except ValueError:
             continue
-        if not isinstance(obj, dict):
-            continue
+        if isinstance(obj, dict):
+            yield m.group(0), obj
+
+
+def _from_json(text: str, letters: str, pats: _Patterns) -> Extraction | None:
+    """The last JSON object holding an answer key whose value is letters ("BD", "A, C", ["A", "C"],
+    "b") or an option label with its text ("B. Metformin")."""
+    for raw, obj in _json_objects(text):
         value = next((v for k, v in obj.items() if str(k).strip().lower() in _JSON_ANSWER_KEYS), None)
         if isinstance(value, list):
             value = ", ".join(str(v) for v in value)
@@ -191,7 +196,7 @@ def _from_json(text: str, letters: str, pats: _Patterns) -> Extraction | None:
             continue
         found = pats.whole.match(value.strip()) or pats.leading.match(value.strip())
         if found:
-            return Extraction(_letters_in(found.group("set"), letters), span=m.group(0))
+            return Extraction(_letters_in(found.group("set"), letters), span=raw)
     return None
 
 
@@ -256,14 +261,8 @@ def extract_answer(text: str, letters: Iterable[str] = LETTERS[:10],
 def _stated_answer(text: str, pats: _Patterns) -> str | None:
     """The words of the last answer statement ("The answer is smoking", {"answer": "smoking"}),
     when the completion has one that named no option."""
-    objects = [m.group(0) for m in re.finditer(r"\{[^{}]*\}", text)]
-    for raw in reversed(objects):
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and any(str(k).strip().lower() in _JSON_ANSWER_KEYS and v not in (None, "", [])
-                                         for k, v in obj.items()):
+    for raw, obj in _json_objects(text):
+        if any(str(k).strip().lower() in _JSON_ANSWER_KEYS and v not in (None, "", []) for k, v in obj.items()):
             return raw
     leads = [m.group("text").strip() for m in pats.text_lead.finditer(text)]
     leads = [t for t in leads if t.strip("*:： ")]
