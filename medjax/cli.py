@@ -19,8 +19,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from medjax.train.plots import plot_metrics
 
-    cfg = load_config(args.config, args.overrides)
+    joins = [f"mesh.{key}={value}" for key, value in
+             (("coordinator", args.coordinator), ("num_processes", args.num_processes),
+              ("process_id", args.process_id)) if value is not None]
+    cfg = load_config(args.config, [*args.overrides, *joins])
     result = train(cfg)
+    import jax
+
+    if jax.process_index() != 0:  # process 0 reports for the whole job
+        return 0
     last = result.losses[max(result.losses)] if result.losses else float("nan")
     print(f"{cfg.stage}: stopped at step {result.step}, last loss {last:.4f}; workdir {cfg.workdir}")
     metrics = Path(cfg.workdir) / "metrics.jsonl"
@@ -138,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the stage named in CONFIG; re-running resumes")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="join a multi-process job: process 0's address (mesh.coordinator)")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in the job (mesh.num_processes)")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index (mesh.process_id)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("plan", help="compile CONFIG's train step for a TPU slice here; print per-device memory "

@@ -36,8 +36,16 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    # Call jax.distributed.initialize() before building the mesh (multi-host pod slices).
+    # Call jax.distributed.initialize() before building the mesh: JAX finds the job's processes
+    # itself on TPU VMs and under SLURM or Open MPI (multi-host pod slices, GPU clusters).
     distributed: bool = False
+    # Or join a job explicitly (all three; `medjax train --coordinator --num-processes --process-id`):
+    # HOST:PORT of process 0's coordinator, the job's process count, and this process's index.
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    # Seconds to wait for every process to join before failing (never hang on a missing host).
+    join_timeout_s: int = 300
 
 
 @dataclass
@@ -55,6 +63,9 @@ class DataConfig:
     # None repeats forever (the step budget bounds the run).
     num_epochs: Optional[int] = None
     add_eos: bool = True
+    # Readers the records are split over (data/streams.py); 0 = one per process at the run's start.
+    # The rows of every step depend on this alone, not on the process count.
+    streams: int = 0
     # Grain worker processes; 0 reads in the training process (deterministic, easy to debug).
     worker_count: int = 0
     # sft / reward_model: an example longer than seq_len is truncated (SFT keeps its start; a

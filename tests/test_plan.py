@@ -95,10 +95,11 @@ def test_bad_settings_are_named_before_compiling(overrides, message):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("name,topology", [("cpt_qwen2.5-32b_v5p-128", "v5p-128"), ("cpt_qwen2.5-7b_v5e-64", "v5e-64")])
+@pytest.mark.parametrize("name,topology", [("cpt_qwen2.5-32b_v5p-128", "v5p-128")])
 def test_quarkmed_configs_fit_their_slices(name, topology):
-    """The real shapes compiled for the real slices (a minute or two each); tools/plan_all.py does
-    every config in configs/quarkmed/."""
+    """QuarkMed's 32B base at its real shape compiled for its slice (two minutes here; the 7B one is
+    compiled above, on a chip it does not fit); tools/plan_all.py plans every config in
+    configs/quarkmed/ on its own slice."""
     from medjax.train.plan import plan, planned_model
 
     cfg = load_config(REPO_ROOT / "configs" / "quarkmed" / f"{name}.yaml")

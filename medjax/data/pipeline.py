@@ -83,9 +83,11 @@ def make_source(data: DataConfig, files: list[str]):
 
 def shard_records(source, data: DataConfig, *, train: bool, process_index: int, process_count: int
                   ) -> grain.MapDataset:
-    """This process's slice of ``source``; for training shuffled (seeded) and repeated."""
+    """One reader's slice of ``source`` (records ``process_index::process_count``; the indices are
+    those of the run's data streams, data/streams.py); for training shuffled (seeded) and repeated."""
     if len(source) < process_count:
-        raise DataError(f"{len(source)} records cannot be shared by {process_count} processes")
+        raise DataError(f"{len(source)} records cannot be shared by {process_count} data streams (data.streams, "
+                        f"one per process unless set)")
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if train:
         if data.shuffle:
@@ -135,10 +137,3 @@ def pretrain_dataset(
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"inputs": seq_len, "targets": seq_len})
     return batch_rows(it.map(ToModelRow()), data, batch_size, train)
 
-
-def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """Pads a short final eval batch with empty rows (segment 0, no loss) to a static shape."""
-    n = batch["tokens"].shape[0]
-    if n == batch_size:
-        return batch
-    return {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}

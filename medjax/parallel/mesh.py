@@ -16,10 +16,29 @@ log = logging.getLogger(__name__)
 
 
 def initialize_distributed(cfg: MeshConfig) -> None:
-    """Joins the multi-host job (TPU pod slice, SLURM, ...) before any device is touched."""
-    if cfg.distributed and jax.process_count() == 1:
-        jax.distributed.initialize()
-        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    """Joins the multi-process job before any device is touched: explicitly (mesh.coordinator,
+    mesh.num_processes, mesh.process_id) or, with mesh.distributed, as JAX detects it (TPU VMs,
+    SLURM, Open MPI). A process that cannot join within mesh.join_timeout_s fails naming the
+    coordinator rather than waiting forever."""
+    explicit = bool(cfg.coordinator) or cfg.num_processes > 0 or cfg.process_id >= 0
+    if jax.distributed.is_initialized() or not (explicit or cfg.distributed):
+        return
+    kwargs: dict = {"initialization_timeout": cfg.join_timeout_s}
+    if explicit:
+        if not (cfg.coordinator and cfg.num_processes > 0 and cfg.process_id >= 0):
+            raise ValueError("mesh.coordinator, mesh.num_processes and mesh.process_id are set together "
+                             f"(got {cfg.coordinator!r}, {cfg.num_processes}, {cfg.process_id})")
+        if not cfg.process_id < cfg.num_processes:
+            raise ValueError(f"mesh.process_id={cfg.process_id} is not below mesh.num_processes={cfg.num_processes}")
+        kwargs.update(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
+                      process_id=cfg.process_id)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # JAX raises bare RuntimeErrors (XlaRuntimeError) with a gRPC status
+        where = cfg.coordinator or "the coordinator JAX detected"
+        raise RuntimeError(f"could not join the job through {where} within mesh.join_timeout_s="
+                           f"{cfg.join_timeout_s} s: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:

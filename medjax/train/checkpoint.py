@@ -47,9 +47,12 @@ class Checkpoints:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target_state
         )
         items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
-        if data_iterator is not None:
+        reads_files = hasattr(data_iterator, "restore_from")
+        if data_iterator is not None and not reads_files:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if reads_files:  # every process's file, whatever process count wrote them (data/streams.py)
+            data_iterator.restore_from(self.directory / str(step) / "data")
         return restored["state"], restored["meta"]
 
     def reached_preemption(self, step: int) -> bool:

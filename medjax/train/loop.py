@@ -19,8 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from medjax.config import Config
-from medjax.data.iterator_state import CheckpointableIterator
-from medjax.data.pipeline import pad_batch
+from medjax.data.streams import StreamBatches, saved_stream_count
 from medjax.parallel.mesh import initialize_distributed, make_mesh
 from medjax.parallel.rules import batch_sharding
 from medjax.train.checkpoint import Checkpoints
@@ -51,13 +50,18 @@ class TrainResult:
 
 
 class _StopSignal:
-    """SIGTERM (preemption, scancel, kill) asks the loop to checkpoint and exit cleanly."""
+    """SIGTERM (preemption, scancel, kill) asks the loop to checkpoint and exit cleanly. In a
+    multi-process job JAX's own SIGTERM notifier is left in place: it tells the coordination
+    service, and every process's ``reached_preemption(step)`` then turns true at the same step,
+    however many of them got the signal."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: leave signals alone
@@ -90,12 +94,11 @@ class BatchGeometry:
         if self.micro % shards:
             raise ValueError(f"train.global_batch_size={t} (grad_accum_steps={self.accum}: micro-batches of "
                              f"{self.micro} rows) does not split over data x fsdp = {shards} devices")
-        if t % jax.process_count():
-            raise ValueError(f"train.global_batch_size={t} is not divisible by {jax.process_count()} processes")
 
 
 def _global_batch(local: dict[str, np.ndarray], shape: tuple[int, ...], sharding) -> dict[str, jax.Array]:
-    """Assembles each process's rows into one global array laid out as ``shape``."""
+    """Assembles each process's rows (its block of every micro-batch) into one global array laid out
+    as ``shape``."""
     local_shape = (*shape[:-2], shape[-2] // jax.process_count(), shape[-1])
     return {k: jax.make_array_from_process_local_data(sharding, v.reshape(local_shape), shape) for k, v in local.items()}
 
@@ -132,6 +135,7 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
     tc = cfg.train
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
+    say = tqdm.write if is_main else (lambda *args, **kwargs: None)  # one voice for the whole job
     start = ckpts.latest_step() or 0
     source = _resolve_init(cfg, resuming=bool(start))
     objective = objective or spec.objective(cfg)
@@ -140,9 +144,9 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
     stats = None
     if spec.scan is not None and not start:
         stats = spec.scan(cfg, cfg.data.train_files)
-        tqdm.write(f"{cfg.stage} data: {stats.summary()}")
+        say(f"{cfg.stage} data: {stats.summary()}")
         for where in stats.skipped[:10]:
-            tqdm.write(f"  skipped {where}")
+            say(f"  skipped {where}")
 
     model = ModelDef(cfg.model)
     tx, schedule = make_optimizer(cfg.optimizer, tc.max_steps)
@@ -153,14 +157,17 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
     needs_reference = cfg.stage == "rl" and cfg.rl.kl_coef > 0
     if source is not None and (not start or needs_reference):
         state["params"], report = init_from.load_params(source, state["params"], shardings["params"], cfg.model)
-        tqdm.write(f"initialised from {source.path}: {report.summary()}")
+        say(f"initialised from {source.path}: {report.summary()}")
     reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
     if spec.rollout is not None:
         data_iter = spec.rollout(cfg, model, lambda: state["params"], (lambda: reference) if reference else None,
                                  per_process, batch_sharding(mesh))
     else:
-        data_iter = CheckpointableIterator(iter(spec.dataset(
-            cfg, cfg.data.train_files, per_process, True, jax.process_index(), jax.process_count())))
+        streams = _stream_count(cfg, ckpts, start)
+        data_iter = StreamBatches(
+            lambda r, n, rows: spec.dataset(cfg, cfg.data.train_files, rows, True, r, n), streams=streams,
+            global_rows=tc.global_batch_size, accum=geo.accum, process_index=jax.process_index(),
+            process_count=jax.process_count())
     if start:
         state, _ = ckpts.restore(start, state, data_iter)
     train_step = make_train_step(model, objective, tx, schedule, mesh, shardings)
@@ -184,14 +191,14 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
     bar = tqdm(total=tc.max_steps, initial=start, desc=cfg.stage, disable=not (tc.progress_bar and is_main) or None,
                dynamic_ncols=True)
     if start:
-        tqdm.write(f"resumed from step {start} ({ckpts.directory})")
+        say(f"resumed from step {start} ({ckpts.directory})")
 
     def run_eval(step: int) -> None:
         record = evaluate(eval_step, objective, state["params"], cfg, mesh, spec)
         result.eval_losses[step] = record["eval_loss"]
         result.eval_metrics[step] = record
         writer.write(step, record)
-        tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in record.items()))
+        say(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in record.items()))
 
     if eval_step is not None and tc.eval_at_start and not start:
         run_eval(0)
@@ -202,7 +209,7 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
                 try:
                     local = next(data_iter)
                 except StopIteration:
-                    tqdm.write(f"training data exhausted after step {step}")
+                    say(f"training data exhausted after step {step}")
                     break
                 state, metrics = train_step(state, _global_batch(local, batch_shape, step_sharding))
                 step += 1
@@ -214,7 +221,8 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
                         record.update(data_iter.pop_metrics())
                     result.losses[step] = record["loss"]
                     writer.write(step, record)
-                    _report(bar, step, tc.max_steps, record)
+                    if is_main:
+                        _report(bar, step, tc.max_steps, record)
                     if step_log.consecutive_nonfinite >= tc.max_consecutive_nonfinite:
                         raise TrainingError(
                             f"{step_log.consecutive_nonfinite} consecutive steps with non-finite loss or gradients "
@@ -226,7 +234,7 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
                 if step % tc.checkpoint_every == 0 or step == tc.max_steps or preempt:
                     ckpts.save(step, state, data_iter, meta={**meta, "step": step}, force=True)
                 if preempt:
-                    tqdm.write(f"stop requested: checkpoint saved at step {step}; re-run the same command to resume")
+                    say(f"stop requested: checkpoint saved at step {step}; re-run the same command to resume")
                     result.preempted = True
                     break
         if eval_step is not None and step not in result.eval_losses and not result.preempted and step > start:
@@ -269,18 +277,39 @@ def _resolve_init(cfg: Config, resuming: bool) -> init_from.InitSource | None:
     return source
 
 
+def _stream_count(cfg: Config, ckpts: Checkpoints, start: int) -> int:
+    """data.streams, or one per process; a resumed run keeps the count its checkpoint was written with."""
+    if not start:
+        return cfg.data.streams or jax.process_count()
+    saved = saved_stream_count(ckpts.directory / str(start) / "data")
+    if cfg.data.streams and cfg.data.streams != saved:
+        raise ValueError(f"data.streams={cfg.data.streams}, but the checkpoint at step {start} was written with "
+                         f"{saved} streams: leave data.streams unset to resume with those")
+    return saved
+
+
 def evaluate(eval_step, objective: Objective, params, cfg: Config, mesh, spec) -> dict[str, float]:
-    """Loss (and the objective's metrics) over the first ``train.eval_batches`` eval batches."""
-    per_process = cfg.train.global_batch_size // jax.process_count()
-    ds = spec.dataset(cfg, cfg.data.eval_files, per_process, False, jax.process_index(), jax.process_count())
+    """Loss (and the objective's metrics) over the first ``train.eval_batches`` eval batches. Every
+    process runs the same batches: a process whose streams have ended feeds empty rows while
+    another still has data."""
+    streams = cfg.data.streams or jax.process_count()
+    ds = StreamBatches(lambda r, n, rows: spec.dataset(cfg, cfg.data.eval_files, rows, False, r, n),
+                       streams=streams, global_rows=cfg.train.global_batch_size, accum=None,
+                       process_index=jax.process_index(), process_count=jax.process_count())
     sharding = batch_sharding(mesh)
     shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+    per_process = cfg.train.global_batch_size // jax.process_count()
     total = count = 0.0
     extra: dict[str, float] = {}
-    for i, local in enumerate(ds):
-        if i >= cfg.train.eval_batches:
+    empty = None
+    for _ in range(cfg.train.eval_batches):
+        local = next(ds, None)
+        if not _any_process(local is not None):
             break
-        batch = {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in pad_batch(local, per_process).items()}
+        if local is None:
+            local = empty
+        empty = {k: np.zeros((per_process, *v.shape[1:]), v.dtype) for k, v in local.items()}
+        batch = {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in local.items()}
         t, c, e = jax.device_get(eval_step(params, batch))
         total += float(t)
         count += float(c)
@@ -291,3 +320,12 @@ def evaluate(eval_step, objective: Objective, params, cfg: Config, mesh, spec) -
         summary = jax.device_get(objective.summarize(np.float32(count), {k: np.float32(v) for k, v in extra.items()}))
         record.update({f"eval_{k}": float(v) for k, v in summary.items()})
     return record
+
+
+def _any_process(flag: bool) -> bool:
+    """True where any process says so (every process must take the same branch around a collective)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())

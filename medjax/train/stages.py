@@ -23,7 +23,7 @@ from medjax.train.objectives import NextTokenObjective, Objective, PairwiseRewar
 @dataclasses.dataclass(frozen=True)
 class Stage:
     objective: Callable[[Config], Objective]
-    # (cfg, files, batch_size, train, process_index, process_count) -> batched rows for this process;
+    # (cfg, files, batch_size, train, stream_index, stream_count) -> one data stream's batched rows;
     # None for a stage that makes its own data (RL samples it).
     dataset: Callable[..., grain.IterDataset] | None
     scan: Callable[[Config, list[str]], ExampleStats] | None = None

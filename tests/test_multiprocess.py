@@ -1,0 +1,194 @@
+"""Real multi-process training: JAX processes on 127.0.0.1 joined through `medjax train
+--coordinator`, each with its own CPU devices, talking through JAX's CPU collectives.
+
+Two processes x 4 devices must train on exactly the rows one process x 8 devices does (the data
+streams, data/streams.py), so their losses agree to float rounding; and a checkpoint written by
+either resumes in the other with the same following losses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+
+STEPS, HALF = 6, 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _medjax() -> list[str]:
+    script = Path(sys.executable).parent / "medjax"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "medjax.cli"]
+
+
+def _start(config: Path, processes: int, *overrides: str) -> list[subprocess.Popen]:
+    """`medjax train config` as one job of ``processes`` processes sharing 8 CPU devices."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+    join = []
+    if processes > 1:
+        join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", str(processes)]
+    return [subprocess.Popen([*_medjax(), "train", str(config), *overrides,
+                              *(join + ["--process-id", str(i)] if join else [])],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(processes)]
+
+
+def _run(config: Path, processes: int, *overrides: str, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    return _finish(_start(config, processes, *overrides), timeout)
+
+
+def _finish(procs: list[subprocess.Popen], timeout: int) -> list[subprocess.CompletedProcess]:
+    processes = len(procs)
+    done = []
+    for i, p in enumerate(procs):
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"process {i} of {processes} did not finish in {timeout} s")
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    for i, d in enumerate(done):
+        assert d.returncode == 0, f"process {i} of {processes}:\n{d.stderr[-3000:]}"
+    return done
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _config(world, workdir: Path, stage: str = "pretrain") -> Path:
+    """A tiny run on the whole 8-device mesh (data 4 x fsdp 2), two data streams."""
+    from conftest import stage_config
+
+    common = [f"train.max_steps={STEPS}", f"train.checkpoint_every={HALF}", "train.eval_every=0",
+              "mesh.data=-1", "mesh.fsdp=2", "data.streams=2"]
+    cfg = (tiny_config(world, workdir, *common) if stage == "pretrain"
+           else stage_config(world, workdir, stage, *common))
+    path = workdir.parent / f"{workdir.name}.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    return path
+
+
+def _resume_copy(src: Path, dst: Path) -> None:
+    """``src``'s run as it stood at step HALF: its later checkpoint and metrics removed."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / str(STEPS))
+    rows = (dst / "metrics.jsonl").read_text().splitlines()
+    (dst / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r).get("step", 0) <= HALF))
+    shutil.rmtree(dst / "tensorboard", ignore_errors=True)
+
+
+def _assert_close(a: dict[int, float], b: dict[int, float], steps) -> None:
+    for step in steps:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
+
+
+def test_two_processes_train_like_one_and_resume_in_each_other(world, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(_config(world, one), 1)
+    out = _run(_config(world, two), 2)
+    ref = _losses(one)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    _assert_close(ref, _losses(two), range(1, STEPS + 1))
+    # Process 0 speaks for the job: process 1 prints nothing of its own (Gloo, JAX's CPU collectives
+    # library, announces each connection from C++ on every process).
+    assert "stopped at step 6" in out[0].stdout
+    assert [line for line in out[1].stdout.splitlines() if not line.startswith("[Gloo] ")] == []
+    assert not any(line.startswith("step ") for line in out[1].stderr.splitlines()), out[1].stderr[-2000:]
+
+    # Preempted on one topology at step 3, resumed on the other.
+    for src, dst, processes in ((two, tmp_path / "two_then_one", 1), (one, tmp_path / "one_then_two", 2)):
+        _resume_copy(src, dst)
+        _run(dst.parent / f"{src.name}.yaml", processes, f"workdir={dst}")
+        _assert_close(ref, _losses(dst), range(HALF + 1, STEPS + 1))
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step(world, tmp_path):
+    """A preemption notice reaching one host only: JAX's coordination service tells the others, all
+    checkpoint the same step and exit 0, and the relaunched job resumes from it."""
+    run = tmp_path / "run"
+    config = _config(world, run)
+    procs = _start(config, 2, "train.max_steps=1000", "train.checkpoint_every=1000")
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the job never trained"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    out = _finish(procs, timeout=120)
+    assert time.monotonic() - sent < 60
+    step = max(_losses(run))
+    assert step < 1000 and sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit()) == [step]
+    assert f"checkpoint saved at step {step}" in out[0].stdout
+    for p in out:
+        assert f"Reached preemption sync point, step={step}" in p.stderr
+    again = _run(config, 2, f"train.max_steps={step + 2}")
+    assert f"resumed from step {step}" in again[0].stdout
+    assert sorted(_losses(run))[-3:] == [step, step + 1, step + 2]
+
+
+def test_each_process_reads_its_block_of_every_micro_batch(world):
+    """In one process: what processes 0 and 1 of 2 read is, side by side, what one process reads
+    (every micro-batch), and stream states saved by either resume in the other."""
+    import numpy as np
+
+    from medjax.data.streams import StreamBatches
+    from medjax.train.stages import STAGES
+
+    cfg = tiny_config(world, world.root / "unused")
+
+    def batches(index, count, n=3, state=None):
+        it = StreamBatches(lambda r, k, rows: STAGES["pretrain"].dataset(cfg, cfg.data.train_files, rows, True, r, k),
+                           streams=4, global_rows=16, accum=2, process_index=index, process_count=count)
+        if state is not None:
+            it.restore_states(state)
+        out = [next(it) for _ in range(n)]
+        return out, it
+
+    whole, one = batches(0, 1)
+    halves = [batches(i, 2)[0] for i in range(2)]
+    for step in range(3):
+        for key, value in whole[step].items():
+            assert value.shape[:2] == (2, 8)
+            np.testing.assert_array_equal(value, np.concatenate([halves[0][step][key], halves[1][step][key]], axis=1))
+    # The one process's position after 3 batches, handed to processes of a two-process job.
+    from medjax.data.streams import _stream_states
+
+    saved = _stream_states([json.loads(one.get_state())])
+    more, _ = batches(0, 1, n=4)
+    for i in range(2):
+        after, _ = batches(i, 2, n=1, state=saved)
+        for key, value in after[0].items():
+            np.testing.assert_array_equal(value, more[3][key][:, 4 * i:4 * (i + 1)])
+
+
+@pytest.mark.parametrize("streams,processes,rows,message", [
+    (3, 2, 16, "data.streams=3 cannot be shared by 2 processes"),
+    (3, 1, 8, "train.global_batch_size=8 does not split into data.streams=3 blocks of"),
+])
+def test_stream_counts_that_do_not_divide_are_named(world, streams, processes, rows, message):
+    from medjax.data.streams import StreamBatches
+
+    with pytest.raises(Exception, match=message):
+        StreamBatches(lambda r, k, n: iter(()), streams=streams, global_rows=rows, accum=1, process_index=0,
+                      process_count=processes)
