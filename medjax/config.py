@@ -44,8 +44,10 @@ class MeshConfig:
     coordinator: str = ""
     num_processes: int = 0
     process_id: int = -1
-    # Seconds to wait for every process to join before failing (never hang on a missing host).
+    # Seconds to wait for every process to join before failing (never hang on a missing host), and
+    # without a heartbeat from a process before the others stop with an error naming it.
     join_timeout_s: int = 300
+    heartbeat_timeout_s: int = 100
 
 
 @dataclass

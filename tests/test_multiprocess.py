@@ -147,6 +147,53 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(world, tmp_path)
     assert sorted(_losses(run))[-3:] == [step, step + 1, step + 2]
 
 
+def test_a_process_that_dies_stops_the_others_naming_it(world, tmp_path):
+    """kill -9 on process 1: process 0 stops within a bounded time with an error (JAX's names task 1
+    after mesh.heartbeat_timeout_s), rather than waiting in a collective forever."""
+    run = tmp_path / "run"
+    procs = _start(_config(world, run), 2, "train.max_steps=1000", "mesh.heartbeat_timeout_s=5")
+    deadline = time.monotonic() + 240
+    while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the job never trained"
+        time.sleep(0.2)
+    procs[1].kill()
+    killed = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    assert time.monotonic() - killed < 60
+    assert procs[0].returncode != 0
+    # JAX names the dead task; where process 0 was inside a collective with it, Gloo (the CPU
+    # collectives) fails first, on the connection it lost.
+    assert ("tasks are unhealthy (stopped sending heartbeats):\n1\n" in err
+            or "gloo::EnforceNotMet" in err or "Connection closed by peer" in err), err[-3000:]
+
+
+def test_processes_with_different_configs_are_refused(world, tmp_path):
+    config = _config(world, tmp_path / "run")
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen([*_medjax(), "train", str(config), f"optimizer.learning_rate={lr}", "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, lr in enumerate((0.003, 0.001))]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err[-3000:]
+        assert "the job's processes run different configs: optimizer differ between processes" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_absent_coordinator_is_named(world, tmp_path):
+    port = _free_port()
+    out = subprocess.run([*_medjax(), "train", str(_config(world, tmp_path / "run")), "mesh.join_timeout_s=2",
+                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"medjax train: error: mesh.coordinator=127.0.0.1:{port}: nothing answered there within "
+        "mesh.join_timeout_s=2 s (Connection refused); process 0 runs the coordinator: is it started, with this "
+        "address?")
+
+
 def test_each_process_reads_its_block_of_every_micro_batch(world):
     """In one process: what processes 0 and 1 of 2 read is, side by side, what one process reads
     (every micro-batch), and stream states saved by either resume in the other."""

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import socket
+import sys
+import time
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-from medjax.config import MeshConfig
+from medjax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 log = logging.getLogger(__name__)
@@ -23,13 +28,18 @@ def initialize_distributed(cfg: MeshConfig) -> None:
     explicit = bool(cfg.coordinator) or cfg.num_processes > 0 or cfg.process_id >= 0
     if jax.distributed.is_initialized() or not (explicit or cfg.distributed):
         return
-    kwargs: dict = {"initialization_timeout": cfg.join_timeout_s}
+    kwargs: dict = {"initialization_timeout": cfg.join_timeout_s, "heartbeat_timeout_seconds": cfg.heartbeat_timeout_s}
     if explicit:
         if not (cfg.coordinator and cfg.num_processes > 0 and cfg.process_id >= 0):
-            raise ValueError("mesh.coordinator, mesh.num_processes and mesh.process_id are set together "
-                             f"(got {cfg.coordinator!r}, {cfg.num_processes}, {cfg.process_id})")
+            raise ConfigError("mesh.coordinator, mesh.num_processes and mesh.process_id are set together "
+                              f"(got {cfg.coordinator!r}, {cfg.num_processes}, {cfg.process_id})")
         if not cfg.process_id < cfg.num_processes:
-            raise ValueError(f"mesh.process_id={cfg.process_id} is not below mesh.num_processes={cfg.num_processes}")
+            raise ConfigError(f"mesh.process_id={cfg.process_id} is not below mesh.num_processes={cfg.num_processes}")
+        if cfg.process_id:  # process 0 runs the coordinator; JAX aborts with a stack trace if it is absent
+            _wait_for_coordinator(cfg.coordinator, cfg.join_timeout_s)
+        else:  # the context for JAX's own abort, should the others not come
+            print(f"coordinating {cfg.num_processes} processes at {cfg.coordinator}: waiting up to "
+                  f"mesh.join_timeout_s={cfg.join_timeout_s} s for them to join", file=sys.stderr, flush=True)
         kwargs.update(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
                       process_id=cfg.process_id)
     try:
@@ -39,6 +49,23 @@ def initialize_distributed(cfg: MeshConfig) -> None:
         raise RuntimeError(f"could not join the job through {where} within mesh.join_timeout_s="
                            f"{cfg.join_timeout_s} s: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"mesh.coordinator={address!r} is not HOST:PORT")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"mesh.coordinator={address}: nothing answered there within mesh.join_timeout_s="
+                                  f"{timeout_s:g} s ({e.strerror or e}); process 0 runs the coordinator: is it "
+                                  f"started, with this address?") from None
+            time.sleep(0.5)
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -74,3 +101,22 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def check_processes_agree(settings: dict) -> None:
+    """Every process of a job must run the same config (a process with another batch size or model
+    would hang the others in a collective or train something else): each top-level section's hash
+    is compared across processes, and a difference is named by its section."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    names = sorted(settings)
+    digests = np.array([int.from_bytes(hashlib.sha256(json.dumps(settings[k], sort_keys=True, default=str)
+                                                      .encode()).digest()[:4], "little") for k in names], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(digests))  # [processes, sections]
+    differ = [names[i] for i in range(len(names)) if len(set(every[:, i].tolist())) > 1]
+    if differ:
+        raise ConfigError(f"the job's processes run different configs: {', '.join(differ)} differ between processes "
+                          f"(this is process {jax.process_index()} of {jax.process_count()}); start every process "
+                          f"with the same config and overrides")

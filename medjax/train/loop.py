@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from medjax.config import Config
 from medjax.data.streams import StreamBatches, saved_stream_count
-from medjax.parallel.mesh import initialize_distributed, make_mesh
+from medjax.parallel.mesh import check_processes_agree, initialize_distributed, make_mesh
 from medjax.parallel.rules import batch_sharding
 from medjax.train.checkpoint import Checkpoints
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
@@ -117,6 +117,9 @@ def train(
     """Trains (or resumes) the run in ``cfg.workdir``. ``should_stop(step)`` lets a supervisor
     end the run early the way a preemption does: checkpoint, then return."""
     initialize_distributed(cfg.mesh)
+    settings = dataclasses.asdict(cfg)
+    settings["mesh"].pop("process_id")
+    check_processes_agree(settings)
     mesh = make_mesh(cfg.mesh)
     tc = cfg.train
     geo = BatchGeometry(tc.global_batch_size, tc.grad_accum_steps, cfg.data.seq_len)
