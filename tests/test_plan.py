@@ -2,6 +2,7 @@
 for them on this CPU machine (libtpu from the tpu extra; nothing contacts a TPU)."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,11 +96,13 @@ def test_bad_settings_are_named_before_compiling(overrides, message):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("name,topology", [("cpt_qwen2.5-32b_v5p-128", "v5p-128")])
+@pytest.mark.skipif(not os.environ.get("MEDJAX_PLAN_REAL_CONFIGS"),
+                    reason="compiles QuarkMed's 32B config for v5p-128 (2.5 minutes); CI compiles the 7B config "
+                           "above and tools/plan_all.py plans every QuarkMed config on its slice; set "
+                           "MEDJAX_PLAN_REAL_CONFIGS=1 to run it")
+@pytest.mark.parametrize("name,topology", [("cpt_qwen2.5-32b_v5p-128", "v5p-128"), ("cpt_qwen2.5-7b_v5e-64", "v5e-64")])
 def test_quarkmed_configs_fit_their_slices(name, topology):
-    """QuarkMed's 32B base at its real shape compiled for its slice (two minutes here; the 7B one is
-    compiled above, on a chip it does not fit); tools/plan_all.py plans every config in
-    configs/quarkmed/ on its own slice."""
+    """The real shapes compiled for the real slices (a minute or two each)."""
     from medjax.train.plan import plan, planned_model
 
     cfg = load_config(REPO_ROOT / "configs" / "quarkmed" / f"{name}.yaml")

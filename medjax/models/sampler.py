@@ -107,7 +107,7 @@ class Sampler:
         rng = jax.random.key(0) if rng is None else rng
         if batch_sharding is not None:
             tokens, valid = jax.device_put(tokens, batch_sharding), jax.device_put(valid, batch_sharding)
-        out_tokens, lengths, logprobs = jax.device_get(self._compiled[key](params, tokens, valid, rng))
+        out_tokens, lengths, logprobs = host_arrays(self._compiled[key](params, tokens, valid, rng))
         return Generation(np.asarray(out_tokens), np.asarray(lengths), np.asarray(logprobs))
 
     def _build(self, width: int, cfg: SamplingConfig):
@@ -157,3 +157,13 @@ class Sampler:
             return final["out"], final["lengths"], final["out_logprobs"]
 
         return run
+
+
+def host_arrays(tree):
+    """Global arrays as whole numpy arrays on every process (in a multi-process job their rows sit
+    on several hosts: gathered, so each process sees every sample)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, jax.device_get(tree))

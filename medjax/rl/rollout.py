@@ -25,7 +25,7 @@ from medjax.config import Config, ConfigError
 from medjax.data.chat import ChatTemplate
 from medjax.data.tokenizer import load_tokenizer, tokenizer_file
 from medjax.models.decoder import ModelDef
-from medjax.models.sampler import Sampler, SamplingConfig
+from medjax.models.sampler import Sampler, SamplingConfig, host_arrays
 from medjax.rl.advantages import group_advantages, informative_groups, overlong_penalty
 from medjax.rl.objective import ROW_KEYS, token_logprobs
 from medjax.rl.retrieval import load_retriever
@@ -101,17 +101,20 @@ def check_rl_config(cfg: Config) -> None:
 
 class RolloutIterator:
     def __init__(self, cfg: Config, model: ModelDef, current_params: Callable[[], dict],
-                 reference_params: Callable[[], dict] | None, per_process_batch: int, batch_sharding=None):
-        if jax.process_count() > 1:
-            raise NotImplementedError("RL rollouts run on one process for now (multi-host sampling is future work)")
+                 reference_params: Callable[[], dict] | None, global_batch: int, batch_sharding=None):
         self.cfg, self.rl = cfg, cfg.rl
         check_rl_config(cfg)
         self.current_params, self.reference_params = current_params, reference_params
         rollout_size = self.rl.prompts_per_rollout * self.rl.group_size
-        if rollout_size % per_process_batch:
+        if rollout_size % global_batch:
             raise ConfigError(f"rl.prompts_per_rollout x rl.group_size = {rollout_size} is not a multiple of "
-                              f"train.global_batch_size = {per_process_batch}")
-        self.batch = per_process_batch
+                              f"train.global_batch_size = {global_batch}")
+        self.batch = global_batch
+        # Every process samples the same rollout (the sampler's rows are split over all devices and
+        # gathered back), keeps the same prompt pool and statistics, and hands the loop its block of
+        # each micro-batch: the job trains on what one process would.
+        self.accum = cfg.train.grad_accum_steps
+        self.block = (global_batch // self.accum) // jax.process_count()
         self.batch_sharding = batch_sharding  # rollout rows over (data, fsdp), as training splits batches
         tok_dir = tokenizer_file(cfg.data.tokenizer).parent
         self.tokenizer = load_tokenizer(tok_dir)
@@ -142,6 +145,8 @@ class RolloutIterator:
             self._rollout()
         rows = self.schedule[self.position]
         self.position += 1
+        p = jax.process_index()
+        rows = rows.reshape(self.accum, -1)[:, p * self.block:(p + 1) * self.block].ravel()
         return {k: v[rows] for k, v in self.buffer.items()}
 
     def pop_metrics(self) -> dict[str, float]:
@@ -264,7 +269,7 @@ class RolloutIterator:
         if rl.kl_coef > 0 and self.reference_params is not None:
             ref = self._ref_logprobs(self.reference_params(), {k: rows[k] for k in ("tokens", "targets", "positions",
                                                                                      "segment_ids")})
-            rows["ref_logprobs"] = np.asarray(ref, np.float32) * rows["loss_mask"]
+            rows["ref_logprobs"] = host_arrays(ref).astype(np.float32) * rows["loss_mask"]
         else:
             rows["ref_logprobs"] = rows["old_logprobs"].copy()  # unused (kl_coef 0) but finite
         return rows
@@ -301,6 +306,16 @@ class RolloutIterator:
 
     def start_prefetch(self) -> None:  # grain's restore calls this; rollouts are made on demand
         pass
+
+    def restore_from(self, data_dir) -> None:
+        """Every process holds the same state, so any process's file restores it, whatever the
+        process count that wrote it."""
+        from pathlib import Path
+
+        files = sorted(Path(data_dir).glob("process_*-of-*.json"))
+        if not files:
+            raise ConfigError(f"{data_dir}: no rollout state (process_*-of-*.json) in this checkpoint")
+        self.set_state(files[0].read_bytes())
 
     def set_state(self, state: bytes) -> None:
         s = json.loads(state)

@@ -154,7 +154,6 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
     model = ModelDef(cfg.model)
     tx, schedule = make_optimizer(cfg.optimizer, tc.max_steps)
     shardings = state_shardings(model, tx, mesh)
-    per_process = tc.global_batch_size // jax.process_count()
     state = init_train_state(model, tx, mesh, tc.seed)
     # RL's KL term compares with the weights the run started from: rebuilt on resume as well.
     needs_reference = cfg.stage == "rl" and cfg.rl.kl_coef > 0
@@ -164,7 +163,7 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
     reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
     if spec.rollout is not None:
         data_iter = spec.rollout(cfg, model, lambda: state["params"], (lambda: reference) if reference else None,
-                                 per_process, batch_sharding(mesh))
+                                 tc.global_batch_size, batch_sharding(mesh))
     else:
         streams = _stream_count(cfg, ckpts, start)
         data_iter = StreamBatches(
