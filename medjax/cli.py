@@ -36,6 +36,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from medjax.launch import LaunchRequest, execute, plan_launch, render
+
+    req = LaunchRequest(config=args.config, overrides=args.overrides, name=args.name, tpu=args.tpu, zone=args.zone,
+                        project=args.project, slices=args.slices, queued=args.queued, workdir=args.workdir,
+                        xpk=args.xpk, cluster=args.cluster, docker_image=args.docker_image, slurm=args.slurm,
+                        nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition)
+    steps = plan_launch(req)
+    if args.execute:
+        execute(steps)
+    else:
+        print(render(steps) + "\n# nothing was run: add --execute to run these in order")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from medjax.demo import run_demo
 
@@ -150,6 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=None, help="processes in the job (mesh.num_processes)")
     p.add_argument("--process-id", type=int, default=None, help="this process's index (mesh.process_id)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("launch", help="print (or, with --execute, run) the commands that train CONFIG on a TPU pod "
+                       "slice or a SLURM GPU cluster")
+    p.add_argument("config", help="YAML config file (a path inside this checkout: the hosts run it from a copy)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    p.add_argument("--name", required=True, help="the slice / workload / job name")
+    p.add_argument("--tpu", help="slice type, e.g. v5p-128, v5e-256")
+    p.add_argument("--zone", help="Cloud TPU zone, e.g. us-east5-a")
+    p.add_argument("--project", help="Google Cloud project (default: gcloud's)")
+    p.add_argument("--slices", type=int, default=1, help="slices (one for now)")
+    p.add_argument("--queued", action="store_true", help="request the slice as a queued resource")
+    p.add_argument("--workdir", help="the run's workdir, on storage all hosts see (gs://bucket/run)")
+    p.add_argument("--xpk", action="store_true", help="an xpk workload on a GKE cluster instead of TPU VMs")
+    p.add_argument("--cluster", help="--xpk: the GKE cluster")
+    p.add_argument("--docker-image", help="--xpk: an image with medjax installed in /app")
+    p.add_argument("--slurm", action="store_true", help="an sbatch script for a SLURM GPU cluster")
+    p.add_argument("--nodes", type=int, default=1, help="--slurm: nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="--slurm: GPUs per node")
+    p.add_argument("--partition", help="--slurm: partition")
+    p.add_argument("--execute", action="store_true", help="run the commands (default: print them)")
+    p.set_defaults(func=_cmd_launch)
 
     p = sub.add_parser("plan", help="compile CONFIG's train step for a TPU slice here; print per-device memory "
                        "and whether it fits (exit 1 if not)")
