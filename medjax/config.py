@@ -36,6 +36,9 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # Slices the data axis spans over DCN (multi-slice: the other axes stay within a slice, on ICI).
+    # Devices without a slice index (CPU, GPU hosts) count each process as a slice.
+    dcn_data: int = 1
     # Call jax.distributed.initialize() before building the mesh: JAX finds the job's processes
     # itself on TPU VMs and under SLURM or Open MPI (multi-host pod slices, GPU clusters).
     distributed: bool = False

@@ -66,6 +66,8 @@ def hosts(tpu: str) -> int:
 
 def train_command(req: LaunchRequest, venv: str = ".venv/bin/") -> str:
     overrides = [*req.overrides, "mesh.distributed=true"]
+    if req.slices > 1:  # the data axis across the slices, over DCN
+        overrides.append(f"mesh.dcn_data={req.slices}")
     if req.workdir:
         overrides.append(f"workdir={req.workdir}")
     return shlex.join([f"{venv}medjax", "train", req.config, *overrides])
@@ -172,9 +174,11 @@ def plan_launch(req: LaunchRequest) -> list[Step]:
         get_slice(req.tpu)
     except ValueError as e:
         raise ConfigError(str(e).replace("--topology", "--tpu")) from None
-    if req.slices != 1:
-        raise ConfigError(f"--slices {req.slices}: jobs over several slices need a mesh across them (data "
-                          "parallel over DCN), which medjax does not build yet; launch one slice")
+    if req.slices < 1:
+        raise ConfigError(f"--slices must be at least 1, got {req.slices}")
+    if req.slices > 1 and not req.xpk:
+        raise ConfigError(f"--slices {req.slices}: launch several slices with --xpk (it sets up the slices' DCN "
+                          "environment); without it medjax launches one slice")
     if req.xpk:
         missing = [flag for flag, value in (("--cluster", req.cluster), ("--docker-image", req.docker_image))
                    if not value]

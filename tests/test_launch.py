@@ -70,6 +70,10 @@ def test_xpk_and_slurm(capsys):
     create = shlex.split(_commands(out)[0])
     assert create[:3] == ["xpk", "workload", "create"] and "--tpu-type=v5e-256" in create
     assert f"--command=cd /app && medjax train {CONFIG} mesh.distributed=true" in create
+    _, out, _ = _launch(capsys, "--name", "w", "--xpk", "--tpu", "v5p-128", "--slices", "4", "--cluster", "c1",
+                        "--docker-image", "img")
+    create = shlex.split(_commands(out)[0])
+    assert "--num-slices=4" in create and create[-1].endswith("mesh.distributed=true mesh.dcn_data=4")
     _, out, _ = _launch(capsys, "--name", "g", "--slurm", "--nodes", "4", "--gpus-per-node", "8")
     script = out.split("<<'EOF'\n", 1)[1].split("\nEOF", 1)[0]
     lines = script.splitlines()
@@ -82,7 +86,7 @@ def test_xpk_and_slurm(capsys):
     (["--tpu", "v5p-100", "--zone", "z"], "--tpu 'v5p-100' is not a Cloud TPU slice; v5p slices: v5p-8, v5p-16"),
     (["--tpu", "v5p-128"], "--zone is needed"),
     (["--xpk", "--tpu", "v5p-128"], "--xpk needs --cluster and --docker-image"),
-    (["--tpu", "v5p-128", "--zone", "z", "--slices", "2"], "--slices 2: jobs over several slices"),
+    (["--tpu", "v5p-128", "--zone", "z", "--slices", "2"], "--slices 2: launch several slices with --xpk"),
     (["--tpu", "v5p-128", "--zone", "z"], "train.max_stesp"),
 ])
 def test_bad_launches_are_refused_before_anything_runs(capsys, args, message):

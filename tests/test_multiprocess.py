@@ -134,16 +134,18 @@ def test_two_processes_train_like_one_and_resume_in_each_other(world, tmp_path):
         _assert_close(ref, _losses(dst), range(HALF + 1, STEPS + 1))
 
 
-@pytest.mark.parametrize("stage,overrides", [
-    ("sft", []), ("reward_model", []),
+@pytest.mark.parametrize("stage,overrides,two_only", [
+    # The two processes stand in for two slices: the data axis across them (mesh.dcn_data).
+    ("sft", [], ["mesh.dcn_data=2"]),
+    ("reward_model", [], []),
     # Rollouts: every process samples the same groups (rows split over all 8 devices and gathered),
     # with a KL reference and two micro-batches per step.
-    ("rl", ["rl.kl_coef=0.05", "train.grad_accum_steps=2"]),
+    ("rl", ["rl.kl_coef=0.05", "train.grad_accum_steps=2"], []),
 ])
-def test_every_stage_trains_on_two_processes_as_on_one(world, tmp_path, stage, overrides):
+def test_every_stage_trains_on_two_processes_as_on_one(world, tmp_path, stage, overrides, two_only):
     one, two = tmp_path / "one", tmp_path / "two"
     _run(_config(world, one, stage, "train.max_steps=3", *overrides), 1)
-    _run(_config(world, two, stage, "train.max_steps=3", *overrides), 2)
+    _run(_config(world, two, stage, "train.max_steps=3", *overrides), 2, *two_only)
     ref = _losses(one)
     assert sorted(ref) == [1, 2, 3]
     _assert_close(ref, _losses(two), ref)
@@ -268,3 +270,13 @@ def test_stream_counts_that_do_not_divide_are_named(world, streams, processes, r
     with pytest.raises(Exception, match=message):
         StreamBatches(lambda r, k, n: iter(()), streams=streams, global_rows=rows, accum=1, process_index=0,
                       process_count=processes)
+
+
+@pytest.mark.parametrize("dcn,message", [(2, "mesh.dcn_data=2 needs 2 processes (one per slice), but the job has 1"),
+                                         (3, "mesh.dcn_data=3 must divide the data axis (mesh.data = 4 here)")])
+def test_a_multislice_mesh_names_what_it_lacks(dcn, message):
+    from medjax.config import MeshConfig
+    from medjax.parallel.mesh import make_mesh
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_mesh(MeshConfig(data=-1, fsdp=2, dcn_data=dcn))

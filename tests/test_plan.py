@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from medjax.config import REPO_ROOT, load_config
-from medjax.parallel.topologies import GENERATIONS, SLICES, get_slice
+from medjax.parallel.topologies import GENERATIONS, SLICES, get_slice, slice_devices
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e '.[tpu]')")
@@ -67,6 +67,19 @@ def test_plan_compiles_the_real_step_and_reports_memory_and_flops():
     assert p.analytic_bytes <= p.peak_bytes <= p.hbm_bytes
     assert p.flops_per_step == train_flops_per_token(cfg.model, 128) * 16 * 128
     assert p.step_seconds["40%"] == pytest.approx(p.flops_per_step / (4 * 197e12 * 0.4))
+
+
+@needs_libtpu
+def test_plan_lays_the_data_axis_across_slices():
+    """mesh.dcn_data=2 on 2 x v5e-4: each slice holds a contiguous half of the data axis."""
+    from medjax.parallel.mesh import make_mesh
+    from medjax.train.plan import plan
+
+    cfg = _demo("mesh.dcn_data=2")
+    mesh = make_mesh(cfg.mesh, slice_devices(get_slice("v5e-4"), num_slices=2))
+    assert [{d.slice_index for d in row.ravel()} for row in mesh.devices] == [{0}] * 4 + [{1}] * 4
+    p = plan(cfg, "v5e-4", 2)
+    assert p.fits and p.devices == 8 and p.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
 @needs_libtpu

@@ -92,6 +92,8 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     (handy for debugging and CPU tests); a warning says so."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(cfg, len(devices))
+    if cfg.dcn_data != 1:
+        return Mesh(_multislice_grid(cfg, shape, devices), MESH_AXES)
     used = int(np.prod(shape))
     if used < len(devices):
         log.warning("mesh %s uses %d of %d devices", shape, used, len(devices))
@@ -101,6 +103,25 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def _multislice_grid(cfg: MeshConfig, shape: tuple[int, int, int], devices: list) -> np.ndarray:
+    """The data axis across ``mesh.dcn_data`` slices (DCN between them, ICI within): each slice
+    holds a contiguous block of the data axis and whole fsdp/tensor groups, so only the gradient
+    all-reduce crosses DCN. Devices other than TPUs (CPU, GPU hosts) group by process."""
+    dcn = cfg.dcn_data
+    if dcn < 1 or shape[0] % dcn:
+        raise ValueError(f"mesh.dcn_data={dcn} must divide the data axis (mesh.data = {shape[0]} here)")
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh.dcn_data={dcn}: the mesh must use every device (data*fsdp*tensor = "
+                         f"{int(np.prod(shape))}, devices {len(devices)}); set mesh.data=-1")
+    by_slice = devices[0].platform == "tpu"  # CPU devices report slice_index 0 whatever their process
+    granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    if granules != dcn:
+        raise ValueError(f"mesh.dcn_data={dcn} needs {dcn} {'slices' if by_slice else 'processes'} "
+                         f"(one per slice), but the job has {granules}")
+    return mesh_utils.create_hybrid_device_mesh((shape[0] // dcn, shape[1], shape[2]), (dcn, 1, 1), devices,
+                                                process_is_granule=not by_slice)
 
 
 def check_processes_agree(settings: dict) -> None:
