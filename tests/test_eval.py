@@ -88,6 +88,32 @@ def test_single_token_and_per_continuation_paths_agree(trained):
     np.testing.assert_allclose(fast, slow, atol=1e-4)
 
 
+def test_loglikelihood_in_logit_chunks_equals_whole_logits(trained, monkeypatch):
+    """Chunks of 24 positions over 64-token rows (the last one padded) give what whole float32
+    logits give."""
+    from medjax.eval.backends import LoglikelihoodRequest
+
+    monkeypatch.setattr(LocalModel, "LOGITS_CHUNK", 24)
+    model = LocalModel(trained / "run", batch_size=4)
+    req = [LoglikelihoodRequest("The first-line drug for the condition is", [" A", " B and more words " * 3]),
+           LoglikelihoodRequest("Velvaxia " * 20, [" presents with fever", " C"])]
+    import jax
+    import jax.numpy as jnp
+
+    whole = model.model_def
+
+    @jax.jit
+    def reference(params, tokens, targets, last):
+        logp = jax.nn.log_softmax(whole.bind(params)(tokens), axis=-1)
+        return (jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0],
+                jnp.take_along_axis(logp, last[:, None, None], axis=1)[:, 0])
+
+    ours = model.loglikelihood(req)
+    model._score = reference
+    np.testing.assert_allclose(ours, model.loglikelihood(req), atol=1e-4)
+    assert model.model_cfg.logits_chunk == 0  # the loaded model keeps its own setting
+
+
 def test_generative_mode_uses_the_shared_extractor(world, trained, tmp_path):
     cfg = EvalConfig(mode="generate", limit=6, max_new_tokens=12, batch_size=4)
     summary = evaluate(str(trained / "run"), world.files["exam"], tmp_path / "gen.jsonl", cfg, quiet=True)

@@ -39,7 +39,12 @@ class LocalModel:
 
     Log-likelihoods are computed in fixed-shape batches (rows right-padded to a 64-token bucket),
     so a benchmark compiles a handful of programs. When every continuation of a context is a
-    single token (option letters), one row scores them all from the context's last position."""
+    single token (option letters), one row scores them all from the context's last position.
+    Float32 logits never exist for a whole batch: target log-probs are taken ``logits_chunk``
+    positions at a time (the model's, else LOGITS_CHUNK) and the last position's distribution alone
+    is formed whole, so a 152k vocabulary scores long contexts in bounded memory."""
+
+    LOGITS_CHUNK = 512
 
     def __init__(self, path: str | os.PathLike, batch_size: int = 8):
         from medjax.data.tokenizer import load_tokenizer
@@ -56,14 +61,16 @@ class LocalModel:
         self.model_def = ModelDef(self.model_cfg)
         self.sampler = Sampler(self.model_def)
         self.stop_ids = stop_token_ids(self.tok, self.model_cfg)
-        model_def = self.model_def
+        scoring = ModelDef(dataclasses.replace(self.model_cfg,
+                                               logits_chunk=self.model_cfg.logits_chunk or self.LOGITS_CHUNK))
 
         @jax.jit
         def score(params, tokens, targets, last):
-            logp = jax.nn.log_softmax(model_def.bind(params)(tokens), axis=-1)
-            token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-            last_lp = jnp.take_along_axis(logp, last[:, None, None], axis=1)[:, 0]
-            return token_lp, last_lp
+            model = scoring.bind(params)
+            hidden = model.hidden_states(tokens)
+            token_lp, _ = model.token_logprobs(hidden, targets)
+            at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+            return token_lp, jax.nn.log_softmax(model.logits(at_last)[:, 0], axis=-1)
 
         self._score = score
 
