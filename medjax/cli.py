@@ -23,6 +23,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
              (("coordinator", args.coordinator), ("num_processes", args.num_processes),
               ("process_id", args.process_id)) if value is not None]
     cfg = load_config(args.config, [*args.overrides, *joins])
+    if cfg.mesh.num_processes > 1 or cfg.mesh.distributed:
+        from medjax.utils import DropStdoutLines
+
+        DropStdoutLines("[Gloo] ")  # CPU collectives' per-connection chatter, printed from C++
     result = train(cfg)
     import jax
 

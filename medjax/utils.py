@@ -69,3 +69,42 @@ def use_compilation_cache() -> str | None:
         for name, value in settings.items():
             jax.config.update(name, value)
     return path
+
+
+class DropStdoutLines:
+    """Removes lines that start with one of ``prefixes`` from file descriptor 1, where C++ libraries
+    write past Python: Gloo (JAX's CPU collectives) announces every connection of a multi-process
+    job there and has no setting to stop it. Everything else passes through unchanged, in order;
+    ``close`` (also at exit) restores the descriptor and waits for the last line."""
+
+    def __init__(self, *prefixes: str):
+        import atexit
+        import sys
+        import threading
+
+        self._prefixes = tuple(p.encode() for p in prefixes)
+        sys.stdout.flush()
+        self._original = os.dup(1)
+        read, write = os.pipe()
+        os.dup2(write, 1)
+        os.close(write)
+        self._pump = threading.Thread(target=self._forward, args=(read,), daemon=True, name="drop-stdout-lines")
+        self._pump.start()
+        self._closed = False
+        atexit.register(self.close)
+
+    def _forward(self, read: int) -> None:
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                if not line.startswith(self._prefixes):
+                    os.write(self._original, line)
+
+    def close(self) -> None:
+        import sys
+
+        if self._closed:
+            return
+        self._closed = True
+        sys.stdout.flush()
+        os.dup2(self._original, 1)  # the pipe's last writer closes: the pump reads to its end
+        self._pump.join(timeout=10)
