@@ -153,6 +153,19 @@ def test_every_stage_trains_on_two_processes_as_on_one(world, tmp_path, stage, o
         assert [r["reward_mean"] for r in rows[0]] == [r["reward_mean"] for r in rows[1]]
 
 
+def test_finite_data_ends_every_process_at_one_step(world, tmp_path):
+    """One pass over the data (data.num_epochs=1): the processes' streams run out at different
+    steps, and all of them stop at the step one process reading the same streams stops at."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    overrides = ("data.num_epochs=1", "data.seq_len=64", "train.global_batch_size=16", "train.max_steps=10000",
+                 "train.checkpoint_every=10000")
+    _run(_config(world, one), 1, *overrides)
+    out = _run(_config(world, two), 2, *overrides)
+    last = max(_losses(one))
+    assert 1 < last < 10000 and max(_losses(two)) == last
+    assert f"training data exhausted after step {last}" in out[0].stdout
+
+
 def test_sigterm_to_one_process_stops_every_process_at_one_step(world, tmp_path):
     """A preemption notice reaching one host only: JAX's coordination service tells the others, all
     checkpoint the same step and exit 0, and the relaunched job resumes from it."""

@@ -207,10 +207,17 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
     step = start
     try:
         with _StopSignal() as stop:
+            # Finite data (data.num_epochs) can end on one process a step before another, and a
+            # process that leaves would hang the rest in the next collective: they agree each step.
+            # (Repeated data never ends; RL's rollouts end on every process at once.)
+            agree_on_end = jax.process_count() > 1 and cfg.data.num_epochs is not None and spec.rollout is None
             while step < tc.max_steps:
                 try:
                     local = next(data_iter)
                 except StopIteration:
+                    local = None
+                ended = _any_process(local is None) if agree_on_end else local is None
+                if ended:
                     say(f"training data exhausted after step {step}")
                     break
                 state, metrics = train_step(state, _global_batch(local, batch_shape, step_sharding))
