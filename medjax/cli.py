@@ -26,7 +26,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if cfg.mesh.num_processes > 1 or cfg.mesh.distributed:
         from medjax.utils import DropStdoutLines
 
-        DropStdoutLines("[Gloo] ")  # CPU collectives' per-connection chatter, printed from C++
+        # CPU collectives' per-connection chatter, printed from C++
+        DropStdoutLines("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1")
     result = train(cfg)
     import jax
 
@@ -43,10 +44,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_launch(args: argparse.Namespace) -> int:
     from medjax.launch import LaunchRequest, execute, plan_launch, render
 
-    req = LaunchRequest(config=args.config, overrides=args.overrides, name=args.name, tpu=args.tpu, zone=args.zone,
-                        project=args.project, slices=args.slices, queued=args.queued, workdir=args.workdir,
-                        xpk=args.xpk, cluster=args.cluster, docker_image=args.docker_image, slurm=args.slurm,
-                        nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition)
+    import dataclasses
+
+    req = LaunchRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LaunchRequest)})
     steps = plan_launch(req)
     if args.execute:
         execute(steps)

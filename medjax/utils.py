@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -72,17 +73,20 @@ def use_compilation_cache() -> str | None:
 
 
 class DropStdoutLines:
-    """Removes lines that start with one of ``prefixes`` from file descriptor 1, where C++ libraries
-    write past Python: Gloo (JAX's CPU collectives) announces every connection of a multi-process
-    job there and has no setting to stop it. Everything else passes through unchanged, in order;
-    ``close`` (also at exit) restores the descriptor and waits for the last line."""
+    """Removes a library's message from file descriptor 1, where C++ libraries write past Python:
+    Gloo (JAX's CPU collectives) announces every connection of a multi-process job there and has
+    no setting to stop it. Its threads write at once, so one message can be cut into another's
+    line: a line is dropped when it holds the message's opening or is the tail of one (numbers
+    stand for any number). Everything else passes through unchanged, in order; ``close`` (also at
+    exit) restores the descriptor and waits for the last line."""
 
-    def __init__(self, *prefixes: str):
+    def __init__(self, message: str):
         import atexit
         import sys
         import threading
 
-        self._prefixes = tuple(p.encode() for p in prefixes)
+        self._opening = message.split()[0].encode()
+        self._template = re.sub(rb"\d+", b"0", message.encode())
         sys.stdout.flush()
         self._original = os.dup(1)
         read, write = os.pipe()
@@ -93,10 +97,14 @@ class DropStdoutLines:
         self._closed = False
         atexit.register(self.close)
 
+    def dropped(self, line: bytes) -> bool:
+        text = re.sub(rb"\d+", b"0", line.rstrip(b"\r\n"))
+        return self._opening in line or (bool(text.strip()) and self._template.endswith(text))
+
     def _forward(self, read: int) -> None:
         with os.fdopen(read, "rb") as lines:
             for line in lines:
-                if not line.startswith(self._prefixes):
+                if not self.dropped(line):
                     os.write(self._original, line)
 
     def close(self) -> None:
