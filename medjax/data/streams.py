@@ -104,7 +104,7 @@ class StreamBatches:
 
     def restore_from(self, data_dir: Path) -> None:
         """Positions every stream from the per-process files a run with any process count wrote."""
-        self.restore_states(_stream_states([json.loads(f.read_text()) for f in _state_files(data_dir)]))
+        self.restore_states(_stream_states([json.loads(f.read_text()) for f in saved_state_files(data_dir)]))
 
     def start_prefetch(self) -> None:
         for it in self._its.values():
@@ -115,14 +115,15 @@ class StreamBatches:
 def saved_stream_count(data_dir: Path) -> int:
     """How many streams the run that wrote this checkpoint read (1 for checkpoints from before
     streams, which hold one iterator state)."""
-    files = _state_files(data_dir)
+    files = saved_state_files(data_dir)
     counts = {json.loads(f.read_text()).get("streams", 1) for f in files}
     if len(counts) != 1:
         raise DataError(f"{data_dir}: its files disagree on the stream count: {sorted(counts)}")
     return counts.pop()
 
 
-def _state_files(data_dir: Path) -> list[Path]:
+def saved_state_files(data_dir: Path) -> list[Path]:
+    """The per-process iterator files Grain's checkpoint handler wrote, whatever the process count."""
     files = sorted(Path(data_dir).glob("process_*-of-*.json"))
     if not files:
         raise DataError(f"{data_dir}: no data iterator state (process_*-of-*.json) in this checkpoint")

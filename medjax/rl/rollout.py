@@ -310,12 +310,9 @@ class RolloutIterator:
     def restore_from(self, data_dir) -> None:
         """Every process holds the same state, so any process's file restores it, whatever the
         process count that wrote it."""
-        from pathlib import Path
+        from medjax.data.streams import saved_state_files
 
-        files = sorted(Path(data_dir).glob("process_*-of-*.json"))
-        if not files:
-            raise ConfigError(f"{data_dir}: no rollout state (process_*-of-*.json) in this checkpoint")
-        self.set_state(files[0].read_bytes())
+        self.set_state(saved_state_files(data_dir)[0].read_bytes())
 
     def set_state(self, state: bytes) -> None:
         s = json.loads(state)

@@ -196,7 +196,7 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
         say(f"resumed from step {start} ({ckpts.directory})")
 
     def run_eval(step: int) -> None:
-        record = evaluate(eval_step, objective, state["params"], cfg, mesh, spec)
+        record = evaluate(eval_step, objective, state["params"], cfg, mesh, spec, streams)
         result.eval_losses[step] = record["eval_loss"]
         result.eval_metrics[step] = record
         writer.write(step, record)
@@ -297,11 +297,10 @@ def _stream_count(cfg: Config, ckpts: Checkpoints, start: int) -> int:
     return saved
 
 
-def evaluate(eval_step, objective: Objective, params, cfg: Config, mesh, spec) -> dict[str, float]:
+def evaluate(eval_step, objective: Objective, params, cfg: Config, mesh, spec, streams: int) -> dict[str, float]:
     """Loss (and the objective's metrics) over the first ``train.eval_batches`` eval batches. Every
     process runs the same batches: a process whose streams have ended feeds empty rows while
     another still has data."""
-    streams = cfg.data.streams or jax.process_count()
     ds = StreamBatches(lambda r, n, rows: spec.dataset(cfg, cfg.data.eval_files, rows, False, r, n),
                        streams=streams, global_rows=cfg.train.global_batch_size, accum=None,
                        process_index=jax.process_index(), process_count=jax.process_count())
