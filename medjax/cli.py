@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from medjax.config import ConfigError
@@ -38,6 +39,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = Path(cfg.workdir) / "metrics.jsonl"
     if metrics.is_file() and (plot := plot_metrics(metrics, Path(cfg.workdir) / "loss.png")) is not None:
         print(f"curves: {plot}")
+    return 0
+
+
+def _cmd_curate(args: argparse.Namespace) -> int:
+    from medjax.config import ConfigError
+
+    try:
+        from data_pipelines.curate.config import load_curate_config
+        from data_pipelines.curate.pipeline import curate
+    except ImportError as e:
+        raise ConfigError(f"curation needs the data extra ({e.name} is missing): pip install 'medjax[data]'") from None
+
+    overrides = list(args.overrides)
+    config = args.config
+    if config is not None and "=" in config:  # `medjax curate key=value ...` on the defaults
+        overrides, config = [config, *overrides], None
+    if args.input:
+        overrides.append("input.paths=" + json.dumps(args.input))
+    if args.output:
+        overrides.append(f"output={args.output}")
+    curate(load_curate_config(config, overrides), args.beam_args)
     return 0
 
 
@@ -191,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--execute", action="store_true", help="run the commands (default: print them)")
     p.set_defaults(func=_cmd_launch)
 
+    p = sub.add_parser("curate", help="curate raw medical text on Apache Beam: clean, filter, redact PHI, dedup, "
+                       "decontaminate, grade authority, write clean JSONL and ArrayRecord token shards")
+    p.add_argument("config", nargs="?", default=None, help="curation YAML (default: configs/curate/default.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. quality.min_words=20")
+    p.add_argument("--input", nargs="+", default=None, help="input files or globs (JSONL, Parquet, text)")
+    p.add_argument("--output", default=None, help="output directory (clean/, shards/, rejected/, report.json)")
+    p.set_defaults(func=_cmd_curate, beam_args=[])
+    p.epilog = ("arguments after -- go to Beam unchanged, e.g. -- --runner=DataflowRunner --project=P "
+                "--region=R --temp_location=gs://B/tmp")
+
     p = sub.add_parser("plan", help="compile CONFIG's train step for a TPU slice here; print per-device memory "
                        "and whether it fits (exit 1 if not)")
     p.add_argument("config", help="YAML config file")
@@ -299,9 +331,12 @@ def main(argv: list[str] | None = None) -> int:
 
         use_compilation_cache()
     if passthrough:
-        if args.command != "serve":
-            build_parser().error("arguments after -- are only for `medjax serve`")
-        args.vllm_args = passthrough
+        if args.command == "serve":
+            args.vllm_args = passthrough
+        elif args.command == "curate":
+            args.beam_args = passthrough
+        else:
+            build_parser().error("arguments after -- are only for `medjax serve` (vLLM) and `medjax curate` (Beam)")
     try:
         return args.func(args)
     except (ConfigError, DataError, ConversionError, ItemError, FileNotFoundError) as e:

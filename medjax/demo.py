@@ -1,6 +1,7 @@
 """`medjax demo`: the recipe end to end on the bundled synthetic medical world, on CPU.
 
-Stages: generate data -> train the tokenizer -> continued pretraining -> SFT -> reward model -> RL
+Stages: generate data -> train the tokenizer -> curate the raw corpus on Beam (planted faults
+found and removed, PHI redacted, ArrayRecord shards) -> continued pretraining on the shards -> SFT -> reward model -> RL
 stage 1 (GRPO, verifiable exam and format rewards, mastered prompts dropped) -> RL stage 2 (reward
 model plus exam reward, KL to stage 1) -> export the policy to Hugging Face safetensors (served by
 vLLM) -> evaluate the bundled exam before pretraining and after each stage, by log-likelihood and
@@ -44,6 +45,24 @@ def tokenizer_texts(files: dict[str, Path]):
     for path in (files["sft"], files["sft_eval"]):
         for messages in _texts(path, key="messages"):
             yield from (m["content"] for m in messages)
+
+
+def curate_demo_corpus(root: Path, files: dict[str, Path]) -> dict:
+    """Plants duplicates, near-duplicates, PHI of every type, a leaked exam question, off-topic and
+    broken records among the world's passages (root/raw), then runs `medjax curate` with
+    configs/curate/demo.yaml: pretraining reads its shards. Returns the curation report."""
+    from data_pipelines.curate.config import load_curate_config
+    from data_pipelines.curate.pipeline import curate
+    from data_pipelines.curate.planted import plant_corpus, write_world_lexicon
+    from medjax.tasks.readers import read_benchmark
+
+    records = lambda path: [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]  # noqa: E731
+    question = read_benchmark(files["exam"]).items[0].question
+    plant_corpus(records(files["pretrain"]), root / "raw", leaked_question=question,
+                 heldout=records(files["pretrain_eval"]))
+    write_world_lexicon(files["world"], root / "raw" / "world_lexicon.txt")
+    cfg = load_curate_config(REPO_ROOT / "configs" / "curate" / "demo.yaml", [f"vars.demo={root}"])
+    return curate(cfg, echo=lambda text: print("\n".join("  " + line for line in text.splitlines())))
 
 
 def _stage_config(name: str, root: Path, max_steps: int | None):
@@ -105,12 +124,15 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     and last logged metrics."""
     started = time.perf_counter()
     root = Path(workdir).absolute()
-    print(f"[1/9] generating the synthetic medical world in {root / 'data'}")
+    print(f"[1/10] generating the synthetic medical world in {root / 'data'}")
     files = medworld.generate(root / "data", seed=0)
-    print(f"[2/9] training the BPE tokenizer in {root / 'tokenizer'}")
+    print(f"[2/10] training the BPE tokenizer in {root / 'tokenizer'}")
     tokenizer_dir = train_tokenizer(tokenizer_texts(files), root / "tokenizer", vocab_size=4096)
+    print(f"[3/10] curating the raw corpus (the world's passages with faults planted among them) into "
+          f"{root / 'curated'} on Apache Beam")
+    curation = curate_demo_corpus(root, files)
     cfg = _stage_config("pretrain", root, max_steps)
-    print(f"[3/9] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
+    print(f"[4/10] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
           f"for {cfg.train.max_steps} steps in {cfg.workdir}")
     result = train(cfg)
     steps = sorted(result.losses)
@@ -121,7 +143,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
         print(f"  eval loss at step {step}: {ev:.4f}")
 
     sft_cfg = _stage_config("sft", root, max_steps)
-    print(f"[4/9] SFT on {files['sft'].name} (loss on assistant turns only) for {sft_cfg.train.max_steps} steps "
+    print(f"[5/10] SFT on {files['sft'].name} (loss on assistant turns only) for {sft_cfg.train.max_steps} steps "
           f"in {sft_cfg.workdir}")
     sft = train(sft_cfg)
     sft_evals = sorted(sft.eval_losses.items())
@@ -129,7 +151,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
           f"{sft_evals[-1][1]:.4f} (step {sft_evals[-1][0]})")
 
     rm_cfg = _stage_config("reward_model", root, max_steps)
-    print(f"[5/9] reward model ({', '.join(rm_cfg.model.score_labels)}) on {files['preferences'].name} "
+    print(f"[6/10] reward model ({', '.join(rm_cfg.model.score_labels)}) on {files['preferences'].name} "
           f"for {rm_cfg.train.max_steps} steps in {rm_cfg.workdir}")
     rm = train(rm_cfg)
     for label, (step, record) in (("before", min(rm.eval_metrics.items())), ("after", max(rm.eval_metrics.items()))):
@@ -139,11 +161,11 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
 
     rl_cfgs = []
     for number, (name, title) in enumerate((("rl_verifiable", "RL stage 1, verifiable rewards"),
-                                            ("rl_preference", "RL stage 2, reward model")), start=6):
+                                            ("rl_preference", "RL stage 2, reward model")), start=7):
         rl_cfg = _stage_config(name, root, rl_steps)
         rewards = " + ".join(f"{r.weight:g} x {r.name}" + (f" ({r.options['dimension']})" if isinstance(
             r.options, dict) and r.options.get("dimension") else "") for r in rl_cfg.rl.rewards)
-        print(f"[{number}/9] {title} ({rl_cfg.rl.advantage}, {rl_cfg.rl.prompts_per_rollout} prompts x "
+        print(f"[{number}/10] {title} ({rl_cfg.rl.advantage}, {rl_cfg.rl.prompts_per_rollout} prompts x "
               f"{rl_cfg.rl.group_size} samples, reward {rewards}"
               + (f", KL {rl_cfg.rl.kl_coef:g} to its start" if rl_cfg.rl.kl_coef else "")
               + (", mastered prompts dropped" if rl_cfg.rl.drop_mastered else "")
@@ -155,13 +177,13 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     hf_dir = root / "hf"
     if hf_dir.exists():
         shutil.rmtree(hf_dir)  # a re-run replaces the export of the previous run
-    print(f"[8/9] exporting the RL policy to Hugging Face safetensors in {hf_dir}")
+    print(f"[9/10] exporting the RL policy to Hugging Face safetensors in {hf_dir}")
     export_hf(rl_cfgs[-1].workdir, hf_dir, dtype="float32")
     prompt = "What is the first-line drug for " + json.loads(files["world"].read_text())["conditions"][0]["name"] + "?"
     sample = generate_text(hf_dir, [prompt], max_new_tokens=32, chat=True)[0]
     print(f"  greedy chat sample: {prompt!r} -> {sample!r}")
 
-    print(f"[9/9] evaluating on the bundled exam ({files['exam']}): before and after each stage")
+    print(f"[10/10] evaluating on the bundled exam ({files['exam']}): before and after each stage")
     init_dir = root / "init"
     if init_dir.exists():
         shutil.rmtree(init_dir)
@@ -183,6 +205,8 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
             evaluations.append(_evaluation_row(after, s))
     stages = {c.stage if c.stage != "rl" else Path(c.workdir).name: c for c in (cfg, sft_cfg, rm_cfg, *rl_cfgs)}
     summary = {"workdir": str(root), "evaluations": evaluations,
+               "curation": {"stages": curation["stages"], "kept": curation["kept"], "phi": curation.get("phi", {}),
+                            "shards": curation.get("shards", {})},
                "stages": {name: {"workdir": c.workdir, "first": _logged(c.workdir)[0], "last": _logged(c.workdir)[-1]}
                           for name, c in stages.items()},
                "wall_time_s": time.perf_counter() - started}
@@ -193,6 +217,8 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     artifacts = {
         "data": root / "data",
         "tokenizer": tokenizer_dir,
+        "curated corpus": root / "curated",
+        "curation funnel": root / "curated" / "report.png",
         "pretrain checkpoints": Path(cfg.workdir) / "checkpoints",
         "pretrain metrics": Path(cfg.workdir) / "metrics.jsonl",
         "sft checkpoints": Path(sft_cfg.workdir) / "checkpoints",

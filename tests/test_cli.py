@@ -29,7 +29,7 @@ def test_missing_data_is_named(tmp_path, capsys):
     code = main(["train", str(REPO_ROOT / "configs/demo/pretrain.yaml"), f"vars.demo={tmp_path}",
                  "train.max_steps=1", "mesh.data=1"])
     assert code == 2
-    assert "data file not found" in capsys.readouterr().err
+    assert "data pattern matched no files: " + str(tmp_path / "curated/shards/train-*") in capsys.readouterr().err
 
 
 def test_a_clear_error_is_all_a_failed_run_prints(tmp_path):
@@ -89,6 +89,19 @@ def test_demo_runs_end_to_end(demo):
     for name in ("pretrain.jsonl", "exam.jsonl", "sft.jsonl", "preferences.jsonl"):
         assert (tmp_path / "data" / name).is_file()
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    # Curation first: each planted fault found at its stage, every PHI type redacted, and the
+    # pretraining read the curated shards (its config's data).
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    reasons = {row["stage"]: row["reasons"] for row in summary["curation"]["stages"]}
+    assert reasons["read"] == {"undecodable_bytes": 1, "malformed_json": 1, "missing_text_field": 1, "empty_file": 1}
+    assert reasons["langid"] == {"language_not_kept": 1} and reasons["quality"] == {"boilerplate": 1}
+    assert reasons["medical"] == {"not_medical": 1} and sum(reasons["decontam"].values()) == 1
+    assert reasons["exact_dedup"]["exact_duplicate"] >= 9 and reasons["near_dedup"]["near_duplicate"] >= 8
+    assert {"NAME", "PHONE", "EMAIL", "ID", "MRN", "DOB", "ADDRESS"} <= set(summary["curation"]["phi"])
+    assert (tmp_path / "curated" / "report.png").stat().st_size > 10_000
+    assert "[3/10] curating the raw corpus" in out.stdout and "benchmark_question 1" in out.stdout
+    assert summary["curation"]["shards"]["train_records"] == summary["curation"]["kept"]["docs"] - \
+        summary["curation"]["shards"]["eval_records"]
     assert (tmp_path / "pretrain" / "loss.png").stat().st_size > 1000
     rows = [json.loads(line) for line in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     steps = demo_stage_steps()

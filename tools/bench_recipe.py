@@ -30,12 +30,12 @@ use_compilation_cache()  # each seed compiles the same programs; this measures a
 from medjax.config import load_config  # noqa: E402
 from medjax.data import medworld  # noqa: E402
 from medjax.data.tokenizer import train_tokenizer  # noqa: E402
-from medjax.demo import DEMO_CONFIGS, _logged, tokenizer_texts  # noqa: E402
+from medjax.demo import DEMO_CONFIGS, _logged, curate_demo_corpus, tokenizer_texts  # noqa: E402
 from medjax.eval.runner import EvalConfig, evaluate  # noqa: E402
 from medjax.train.loop import train  # noqa: E402
 from medjax.utils import atomic_write_text  # noqa: E402
 
-SHARED = ("data", "tokenizer", "pretrain", "reward_model")
+SHARED = ("data", "tokenizer", "raw", "curated", "pretrain", "reward_model")
 STAGES = ("sft", "rl_verifiable", "rl_preference")
 
 
@@ -55,6 +55,8 @@ def shared_runs(root: Path, args, seed: int | None = None) -> Path:
     files = medworld.generate(shared / "data", seed=0)
     if not (shared / "tokenizer" / "tokenizer.json").is_file():
         train_tokenizer(tokenizer_texts(files), shared / "tokenizer", vocab_size=4096)
+    if not (shared / "curated" / "report.json").is_file():
+        curate_demo_corpus(shared, files)  # pretraining reads the curated shards, as in the demo
     train(stage_config("pretrain", shared, args.pretrain_steps, *seeded))
     train(stage_config("reward_model", shared, args.rm_steps, f"init_from={shared / 'pretrain'}", *seeded))
     return shared

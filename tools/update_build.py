@@ -37,9 +37,16 @@ def libraries() -> list[tuple[str, list[str], list[str]]]:
         ("rl", _package("medjax/rl"), ["core", "models", "data", "serve", "tasks"]),
         ("train", _package("medjax/train"), ["core", "models", "parallel", "data", "convert", "rl"]),
         ("eval", _package("medjax/eval"), ["core", "models", "data", "convert", "serve", "tasks"]),
+        # Curation sits above data/ and tasks/ (its tokenizer and n-gram rule) and below the entry points.
+        ("data_pipelines", _package("data_pipelines") + _package("data_pipelines/curate"), ["core", "data", "tasks"]),
         ("medjax", list(ENTRY_POINTS), ["core", "models", "parallel", "data", "train", "convert", "serve", "tasks",
-                                        "rl", "eval"]),
+                                        "rl", "eval", "data_pipelines"]),
     ]
+
+
+# Non-Python files a library reads at run time.
+DATA = {"data_pipelines": lambda: sorted(p.relative_to(ROOT).as_posix()
+                                         for p in (ROOT / "data_pipelines/curate/lexicons").glob("*.txt"))}
 
 
 def _list(items: list[str], indent: str = "        ") -> str:
@@ -52,6 +59,7 @@ def render() -> str:
     for name, srcs, deps in libs:
         out.append(
             f'\npy_library(\n    name = "{name}",\n    srcs = [\n{_list(srcs)}    ],\n'
+            + (f"    data = [\n{_list(DATA[name]())}    ],\n" if name in DATA else "")
             + (f"    deps = [\n{_list([':' + d for d in deps])}    ],\n" if deps else "")
             + ")\n"
         )
