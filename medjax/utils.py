@@ -72,12 +72,43 @@ def use_compilation_cache() -> str | None:
     return path
 
 
+class MessageFragments:
+    """Recognises the lines one library message leaves in a stream that several threads write at
+    once: the message whole, a line holding its opening, or a line made only of its pieces (numbers
+    standing for any number). Its threads cut one message into another, leaving lines such as
+    "<tail of one message>1 is connected to", which neither the opening nor a tail alone matches."""
+
+    def __init__(self, message: str, shortest_piece: int = 6):
+        self._opening = message.split()[0].encode()
+        self._template = re.sub(rb"\d+", b"0", message.encode())
+        self._shortest = shortest_piece
+
+    def matches(self, line: bytes) -> bool:
+        text = re.sub(rb"\d+", b"0", line.rstrip(b"\r\n"))
+        if self._opening in line:
+            return True
+        if not text.strip():
+            return False
+        return self._template.endswith(text) or self._pieces(text)
+
+    def _pieces(self, text: bytes) -> bool:
+        """Covered by pieces of the message, each at least ``shortest_piece`` bytes, longest first."""
+        if len(text) > 4 * len(self._template):
+            return False
+        i = 0
+        while i < len(text):
+            size = next((n for n in range(len(text) - i, 0, -1) if text[i:i + n] in self._template), 0)
+            if size < self._shortest and text[i:].strip():
+                return False
+            i += max(size, 1)
+        return True
+
+
 class DropStdoutLines:
     """Removes a library's message from file descriptor 1, where C++ libraries write past Python:
     Gloo (JAX's CPU collectives) announces every connection of a multi-process job there and has
-    no setting to stop it. Its threads write at once, so one message can be cut into another's
-    line: a line is dropped when it holds the message's opening or is the tail of one (numbers
-    stand for any number). Everything else passes through unchanged, in order; ``close`` (also at
+    no setting to stop it. A line is dropped when it is the message or what its threads left of it
+    (MessageFragments). Everything else passes through unchanged, in order; ``close`` (also at
     exit) restores the descriptor and waits for the last line."""
 
     def __init__(self, message: str):
@@ -85,8 +116,7 @@ class DropStdoutLines:
         import sys
         import threading
 
-        self._opening = message.split()[0].encode()
-        self._template = re.sub(rb"\d+", b"0", message.encode())
+        self._message = MessageFragments(message)
         sys.stdout.flush()
         self._original = os.dup(1)
         read, write = os.pipe()
@@ -98,8 +128,7 @@ class DropStdoutLines:
         atexit.register(self.close)
 
     def dropped(self, line: bytes) -> bool:
-        text = re.sub(rb"\d+", b"0", line.rstrip(b"\r\n"))
-        return self._opening in line or (bool(text.strip()) and self._template.endswith(text))
+        return self._message.matches(line)
 
     def _forward(self, read: int) -> None:
         with os.fdopen(read, "rb") as lines:

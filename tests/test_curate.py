@@ -334,3 +334,26 @@ def test_runner_options_reach_beam_unchanged():
                                                        "--spark_master_url=spark://h:7077]"]), [])
     assert spark.view_as(StandardOptions).runner == "SparkRunner"
     assert spark.view_as(SparkRunnerOptions).spark_master_url == "spark://h:7077"
+
+
+def test_reading_parquet_text_and_jsonl_names_every_bad_record(tmp_path):
+    """Each input format yields documents with provenance; rows are numbered from 1, as lines are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipelines.curate.config import InputConfig
+    from data_pipelines.curate.read import ReadFile
+
+    pq.write_table(pa.table({"body": [MEDICAL, None, "  "], "doc": ["p1", "p2", "p3"], "site": ["who.int", "x", "y"]}),
+                   tmp_path / "a.parquet")
+    (tmp_path / "b.md").write_text(MEDICAL, encoding="utf-8")
+    (tmp_path / "c.jsonl").write_text('{"body": "Insulin lowers glucose."}\n\n[1, 2]\n', encoding="utf-8")
+    reader = ReadFile(InputConfig(text_field="body", id_field="doc", source_field="site"))
+    out = {name: list(reader.process(str(tmp_path / name))) for name in ("a.parquet", "b.md", "c.jsonl")}
+    docs = {name: [o for o in outs if isinstance(o, dict)] for name, outs in out.items()}
+    bad = {name: [o.value for o in outs if getattr(o, "tag", None) == "rejected"] for name, outs in out.items()}
+    assert [(d["id"], d["source"], d["line"]) for d in docs["a.parquet"]] == [("p1", "who.int", 1)]
+    assert [(r["line"], r["reason"]) for r in bad["a.parquet"]] == [(2, "missing_text_field"), (3, "empty_text")]
+    assert docs["b.md"][0]["text"] == MEDICAL and docs["b.md"][0]["source"] == "b.md"
+    assert docs["c.jsonl"][0]["id"].endswith("c.jsonl:1")
+    assert [(r["line"], r["reason"]) for r in bad["c.jsonl"]] == [(3, "not_an_object")]

@@ -292,3 +292,22 @@ def test_a_multislice_mesh_names_what_it_lacks(dcn, message):
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make_mesh(MeshConfig(data=-1, fsdp=2, dcn_data=dcn))
+
+
+@pytest.mark.parametrize("line,dropped", [
+    (b"[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n", True),
+    (b"[Gloo] Rank 0 is connected\n", True),
+    (b" peer ranks is : 1\n", True),
+    # Two threads' writes cut into each other (seen in CI): a tail, then another message's middle.
+    (b" is connected to 1 peer ranks. Expected number of connected peer ranks is : 11 is connected to\n", True),
+    (b"step 6: eval_loss 5.9105\n", False),
+    (b"pretrain: stopped at step 6, last loss 5.9008; workdir /tmp/run\n", False),
+    (b"checkpoint saved at step 3\n", False),
+    (b"training data exhausted after step 12\n", False),
+    (b"\n", False),
+])
+def test_gloo_lines_and_their_fragments_are_recognised(line, dropped):
+    from medjax.utils import MessageFragments
+
+    gloo = MessageFragments("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1")
+    assert gloo.matches(line) == dropped

@@ -38,16 +38,22 @@ MEDICAL = ("patient diagnosis treatment symptoms chronic acute infection therapy
            "cardiac renal hepatic dose tumor disease syndrome fever pain imaging biopsy surgery recovery").split()
 
 
+FUNCTION = ("the of and to in a is was for with on as by at from that this which were be are an or not after "
+            "before during into than their its has had").split()
+
+
 def _vocab(rng: random.Random, size: int = 20000) -> list[str]:
     letters = "abcdefghijklmnopqrstuvwxyz"
     return ["".join(rng.choice(letters) for _ in range(rng.randint(3, 9))) for _ in range(size)]
 
 
 def _document(rng: random.Random, vocab: list[str], words: int) -> str:
-    """Sentences of Zipf-drawn words with medical terms mixed in, so the default filters keep them."""
+    """Sentences of Zipf-drawn invented words between English function words, with medical terms
+    mixed in, so language id reads English and the default filters keep them."""
     out, sentence = [], []
     for _ in range(words):
-        w = rng.choice(MEDICAL) if rng.random() < 0.08 else vocab[min(int(rng.paretovariate(1.1)) - 1, len(vocab) - 1)
+        r = rng.random()
+        w = rng.choice(FUNCTION) if r < 0.4 else rng.choice(MEDICAL) if r < 0.48 else vocab[min(int(rng.paretovariate(1.1)) - 1, len(vocab) - 1)
                                                                     if rng.random() < 0.3 else rng.randrange(len(vocab))]
         sentence.append(w)
         if len(sentence) >= rng.randint(8, 18):
@@ -99,7 +105,7 @@ def generate(out: Path, n: int, seed: int = 0, words: int = 300, dup_fraction: f
     vocab = _vocab(rng)
     out.mkdir(parents=True, exist_ok=True)
     clusters: dict[str, list[str]] = {}
-    planted_phi: list[str] = []
+    planted_phi: dict[str, list[str]] = {}  # document id -> identifiers planted in it
     count, jaccards = 0, []
     handles = [open(out / f"corpus-{k:02d}.jsonl", "w", encoding="utf-8") for k in range(files)]
 
@@ -115,7 +121,7 @@ def generate(out: Path, n: int, seed: int = 0, words: int = 300, dup_fraction: f
             if rng.random() < phi_fraction:
                 line, values = _phi_line(rng, count)
                 text = f"{line}\n{text}"
-                planted_phi.extend(values)
+                planted_phi[doc_id] = values
             f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
             count += 1
             if rng.random() < dup_fraction:
@@ -162,7 +168,7 @@ def run_medjax(corpus: Path, out: Path, workers: int, dedup_only: bool) -> dict:
     seconds = time.perf_counter() - start
     removed = {json.loads(line)["id"] for f in (out / "rejected").glob("*.jsonl") for line in open(f)
                if json.loads(line)["reason"] == "near_duplicate"}
-    clean = [json.loads(line)["text"] for f in (out / "clean").glob("*.jsonl") for line in open(f)]
+    clean = {r["id"]: r["text"] for f in (out / "clean").glob("*.jsonl") for r in map(json.loads, open(f))}
     return {"seconds": seconds, "removed": removed, "clean": clean}
 
 
@@ -204,13 +210,18 @@ def run_datatrove(python: str, corpus: Path, work: Path, workers: int) -> dict:
     return {"seconds": seconds, "removed": removed}
 
 
-CLEAN_SENTENCES = [
-    "Blood pressure was 142/88 mmHg and heart rate 96 beats per minute on admission.",
-    "Give amoxicillin 500 mg three times daily for 7 days.",
-    "The trial enrolled 1,204 patients between 2015-03-01 and 2018-12-31.",
-    "HbA1c fell from 8.2% to 6.9% after 12 weeks of metformin.",
-    "Creatinine rose to 2.1 mg/dL on day 3, consistent with acute kidney injury.",
-]
+def clean_sentences(root: Path) -> list[str]:
+    """Sentences with no identifiers in them: the synthetic world's passages, exam vignettes ("A
+    43-year-old woman ...") and chat answers, where ages, doses and test names sit beside each other."""
+    import re
+
+    from medjax.data import medworld
+
+    files = medworld.generate(root / "world", seed=0)
+    texts = [json.loads(line)["text"] for line in open(files["pretrain"])]
+    texts += [json.loads(line)["question"] for line in open(files["exam"])]
+    texts += [m["content"] for line in open(files["sft"]) for m in json.loads(line)["messages"]]
+    return sorted({s.strip() for t in texts for s in re.split(r"(?<=[.?!])\s+|\n", t) if len(s.split()) >= 4})
 
 
 def main() -> None:
@@ -226,33 +237,38 @@ def main() -> None:
         corpus = generate(root / "raw", args.docs)
         print(f"generated {corpus['docs']:,} documents ({corpus['bytes'] / 1e6:.0f} MB), {len(corpus['clusters']):,} "
               f"near-duplicate clusters ({corpus['duplicates']:,} copies, Jaccard {corpus['jaccard_min']:.2f}-"
-              f"{corpus['jaccard_max']:.2f}), {len(corpus['phi']):,} planted identifiers, in "
+              f"{corpus['jaccard_max']:.2f}), {sum(map(len, corpus['phi'].values())):,} planted identifiers, in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
         path = root / "raw" / "corpus-*.jsonl"
         rows = {}
         whole = run_medjax(path, root / "whole", args.workers, dedup_only=False)
-        text = "\n".join(whole["clean"])
-        found = sum(1 for value in corpus["phi"] if value in text)
+        # Identifiers still present in the planted documents that the pipeline kept.
+        kept_phi = {i: values for i, values in corpus["phi"].items() if i in whole["clean"]}
+        checked = sum(len(v) for v in kept_phi.values())
+        found = sum(1 for i, values in kept_phi.items() for value in values if value in whole["clean"][i])
         rows["medjax curate (whole pipeline)"] = {"seconds": whole["seconds"]}
         dedup = run_medjax(path, root / "dedup", args.workers, dedup_only=True)
         rows["medjax MinHash dedup"] = {"seconds": dedup["seconds"], **precision_recall(dedup["removed"], corpus["clusters"])}
         if args.datatrove_python:
             dt = run_datatrove(args.datatrove_python, path, root / "datatrove", args.workers)
             rows["datatrove MinHash dedup"] = {"seconds": dt["seconds"], **precision_recall(dt["removed"], corpus["clusters"])}
-    sentences = [s for _ in range(200) for s in CLEAN_SENTENCES]
+        sentences = clean_sentences(root)
     for row in rows.values():
         row["docs_per_s"] = corpus["docs"] / row["seconds"]
         row["mb_per_s"] = corpus["bytes"] / 1e6 / row["seconds"]
-    phi = {"planted": len(corpus["phi"]), "left_in_clean": found,
-           "recall": 1 - found / max(len(corpus["phi"]), 1),
+    phi = {"planted": sum(map(len, corpus["phi"].values())), "in_kept_documents": checked, "left_in_clean": found,
+           "recall": 1 - found / max(checked, 1),
+           "clean_sentences": len(sentences),
            "clean_sentences_altered": sum(redact(s)[0] != s for s in sentences) / len(sentences)}
     print(f"{'':34} {'seconds':>8} {'docs/s':>8} {'MB/s':>6} {'precision':>9} {'recall':>7} {'one survivor':>12}")
     for name, r in rows.items():
         pr = (f"{r['precision']:>9.3f} {r['recall']:>7.3f} {r['clusters_with_one_survivor']:>12.3f}"
               if "precision" in r else "")
         print(f"{name:34} {r['seconds']:>8.1f} {r['docs_per_s']:>8.0f} {r['mb_per_s']:>6.2f} {pr}")
-    print(f"PHI: {phi['planted']:,} planted identifiers, {phi['left_in_clean']} left in clean/ "
-          f"(recall {phi['recall']:.4f}); clean sentences altered: {phi['clean_sentences_altered']:.2%}")
+    print(f"PHI: {phi['planted']:,} planted identifiers, {phi['in_kept_documents']:,} in documents kept, "
+          f"{phi['left_in_clean']} of those left in clean/ "
+          f"(recall {phi['recall']:.4f}); {phi['clean_sentences']:,} clean sentences, altered: "
+          f"{phi['clean_sentences_altered']:.2%}")
     summary = {"docs": corpus["docs"], "bytes": corpus["bytes"], "workers": args.workers,
                "ngram": NGRAM, "bands": BANDS, "rows": ROWS, "runs": rows, "phi": phi}
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
