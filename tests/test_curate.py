@@ -291,8 +291,10 @@ def test_curated_shards_feed_the_training_loader(curated, world):
     assert all(tok.decode(ids[:-1].tolist()) in texts for ids in decoded)
     cfg = load_config(None, ["workdir=/tmp/unused", "data.format=arrayrecord",
                              f"data.train_files=[{out}/shards/train-*.array_record]"])
+    # The loader packs the shards' documents into full rows (which documents share a row depends on
+    # the order Beam wrote them in, so only the shape and the filling are asserted).
     batch = next(iter(pretrain_dataset(cfg.data, files=cfg.data.train_files, seq_len=64, batch_size=4)))
-    assert np.asarray(batch["tokens"]).shape == (4, 64) and np.asarray(batch["segment_ids"]).max() > 1
+    assert np.asarray(batch["tokens"]).shape == (4, 64) and (np.asarray(batch["segment_ids"]) > 0).all()
 
 
 def test_curate_names_a_missing_input_and_keeps_the_previous_output(curated, capsys):
