@@ -230,6 +230,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--datatrove-python", default=None, help="python of a venv with datatrove[processing]")
     ap.add_argument("--out", type=Path, default=Path("bench_curate.json"))
+    ap.add_argument("--dedup-only", action="store_true", help="skip the whole-pipeline run and the PHI figures")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -241,12 +242,14 @@ def main() -> None:
               f"{time.perf_counter() - t:.0f} s", flush=True)
         path = root / "raw" / "corpus-*.jsonl"
         rows = {}
-        whole = run_medjax(path, root / "whole", args.workers, dedup_only=False)
-        # Identifiers still present in the planted documents that the pipeline kept.
-        kept_phi = {i: values for i, values in corpus["phi"].items() if i in whole["clean"]}
-        checked = sum(len(v) for v in kept_phi.values())
-        found = sum(1 for i, values in kept_phi.items() for value in values if value in whole["clean"][i])
-        rows["medjax curate (whole pipeline)"] = {"seconds": whole["seconds"]}
+        checked = found = 0
+        if not args.dedup_only:
+            whole = run_medjax(path, root / "whole", args.workers, dedup_only=False)
+            # Identifiers still present in the planted documents that the pipeline kept.
+            kept_phi = {i: values for i, values in corpus["phi"].items() if i in whole["clean"]}
+            checked = sum(len(v) for v in kept_phi.values())
+            found = sum(1 for i, values in kept_phi.items() for value in values if value in whole["clean"][i])
+            rows["medjax curate (whole pipeline)"] = {"seconds": whole["seconds"]}
         dedup = run_medjax(path, root / "dedup", args.workers, dedup_only=True)
         rows["medjax MinHash dedup"] = {"seconds": dedup["seconds"], **precision_recall(dedup["removed"], corpus["clusters"])}
         if args.datatrove_python:
@@ -265,12 +268,13 @@ def main() -> None:
         pr = (f"{r['precision']:>9.3f} {r['recall']:>7.3f} {r['clusters_with_one_survivor']:>12.3f}"
               if "precision" in r else "")
         print(f"{name:34} {r['seconds']:>8.1f} {r['docs_per_s']:>8.0f} {r['mb_per_s']:>6.2f} {pr}")
-    print(f"PHI: {phi['planted']:,} planted identifiers, {phi['in_kept_documents']:,} in documents kept, "
-          f"{phi['left_in_clean']} of those left in clean/ "
-          f"(recall {phi['recall']:.4f}); {phi['clean_sentences']:,} clean sentences, altered: "
-          f"{phi['clean_sentences_altered']:.2%}")
+    if not args.dedup_only:
+        print(f"PHI: {phi['planted']:,} planted identifiers, {phi['in_kept_documents']:,} in documents kept, "
+              f"{phi['left_in_clean']} of those left in clean/ "
+              f"(recall {phi['recall']:.4f}); {phi['clean_sentences']:,} clean sentences, altered: "
+              f"{phi['clean_sentences_altered']:.2%}")
     summary = {"docs": corpus["docs"], "bytes": corpus["bytes"], "workers": args.workers,
-               "ngram": NGRAM, "bands": BANDS, "rows": ROWS, "runs": rows, "phi": phi}
+               "ngram": NGRAM, "bands": BANDS, "rows": ROWS, "runs": rows, "phi": None if args.dedup_only else phi}
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
 
 
