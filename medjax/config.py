@@ -310,27 +310,29 @@ def _expand_model_preset(raw: dict[str, Any], where: str) -> dict[str, Any]:
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
 
 
-def _substitute_variables(cfg: Config, where: str) -> None:
-    """Replaces ``${vars.NAME}`` and ``${workdir}`` in every string of the config (``workdir``
-    itself may use ``${vars.NAME}``). An unknown name is an error naming the key that used it."""
+def substitute_variables(root: Any, variables: dict[str, str], where: str,
+                         extra: dict[str, str] | None = None, skip: tuple[str, ...] = ("vars",)) -> None:
+    """Replaces ``${vars.NAME}`` (and ``${NAME}`` for each name in ``extra``) in every string of the
+    config dataclass ``root``, in place; ``root``'s fields named in ``skip`` are left alone. One rule
+    for every config medjax reads (training, curation): variables may not refer to other variables,
+    and an unknown name is an error naming the key that used it and the names that exist."""
+    extra = extra or {}
+    for name, value in variables.items():
+        if _VARIABLE.search(value):
+            raise ConfigError(f"{where}: key 'vars.{name}' may not refer to other variables ({value!r})")
 
-    def sub(text: str, key: str, allow_workdir: bool = True) -> str:
+    def sub(text: str, key: str) -> str:
         def one(m: re.Match) -> str:
             name = m.group(1).strip()
-            if name == "workdir" and allow_workdir:
-                return cfg.workdir
-            if name.startswith("vars.") and name[5:] in cfg.vars:
-                return cfg.vars[name[5:]]
-            known = ["${vars.%s}" % k for k in sorted(cfg.vars)] + (["${workdir}"] if allow_workdir else [])
+            if name in extra:
+                return extra[name]
+            if name.startswith("vars.") and name[5:] in variables:
+                return variables[name[5:]]
+            known = ["${vars.%s}" % k for k in sorted(variables)] + ["${%s}" % k for k in sorted(extra)]
             raise ConfigError(f"{where}: key '{key}' uses unknown variable ${{{name}}}"
                               f" (known: {', '.join(known) or 'none'})")
 
         return _VARIABLE.sub(one, text)
-
-    for name, value in cfg.vars.items():
-        if _VARIABLE.search(value):
-            raise ConfigError(f"{where}: key 'vars.{name}' may not refer to other variables ({value!r})")
-    cfg.workdir = sub(cfg.workdir, "workdir", allow_workdir=False)
 
     def walk(node: Any, key: str) -> Any:
         if isinstance(node, str):
@@ -341,11 +343,24 @@ def _substitute_variables(cfg: Config, where: str) -> None:
             return {k: walk(v, f"{key}.{k}") for k, v in node.items()}
         if dataclasses.is_dataclass(node):
             for f in dataclasses.fields(node):
-                if f.name not in ("vars", "workdir") or node is not cfg:
+                if node is not root or f.name not in skip:
                     setattr(node, f.name, walk(getattr(node, f.name), f"{key}.{f.name}" if key else f.name))
         return node
 
-    walk(cfg, "")
+    walk(root, "")
+
+
+@dataclass
+class _Workdir:
+    workdir: str
+
+
+def _substitute_variables(cfg: Config, where: str) -> None:
+    """``workdir`` may use ``${vars.NAME}``; every other string may use those and ``${workdir}``."""
+    holder = _Workdir(cfg.workdir)
+    substitute_variables(holder, cfg.vars, where)
+    cfg.workdir = holder.workdir
+    substitute_variables(cfg, cfg.vars, where, extra={"workdir": cfg.workdir}, skip=("vars", "workdir"))
 
 
 def absolute_path(path: str) -> str:

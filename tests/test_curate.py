@@ -46,6 +46,7 @@ def test_normalize_folds_width_and_whitespace():
 
 def test_language_id_keeps_chinese_and_english_and_names_others():
     stage = LanguageId(LangIdConfig(keep=["zh", "en"], min_probability=0.5))
+    stage.setup()  # as Beam does once per worker
     assert list(stage.process(_doc(MEDICAL)))[-1]["lang"] == "en"
     assert list(stage.process(_doc(PHI_NOTES[2][0])))[-1]["lang"] == "zh"
     rejected = list(stage.process(_doc("Le patient a présenté une douleur thoracique aiguë et une fièvre élevée.")))
@@ -70,6 +71,7 @@ def test_quality_filters_name_the_failing_rule(text, reason):
 
 def test_medical_relevance_by_lexicon_in_both_languages():
     stage = MedicalRelevance(MedicalConfig())
+    stage.setup()
     assert stage.apply({"text": MEDICAL}) is None
     assert stage.apply({"text": PHI_NOTES[3][0]}) is None
     reason, detail = stage.apply({"text": "The football season opens next week with new coaches and a new "
@@ -201,6 +203,13 @@ def test_config_errors_name_the_key(tmp_path):
         load_curate_config(None, ["output=x"])
     with pytest.raises(ConfigError, match="phi.types' has unknown type 'SSN'"):
         load_curate_config(None, ["output=x", "input.paths=[a]", "phi.types=[SSN]"])
+    # variables follow the training configs' rule (medjax.config.substitute_variables)
+    cfg = load_curate_config(None, ["vars.raw=/data/raw", "output=/out", 'input.paths=["${vars.raw}/a.jsonl"]'])
+    assert cfg.input.paths == ["/data/raw/a.jsonl"]
+    with pytest.raises(ConfigError, match=r"key 'output' uses unknown variable \$\{vars.out\} \(known: \$\{vars.raw\}\)"):
+        load_curate_config(None, ["vars.raw=/r", "output=${vars.out}", "input.paths=[a]"])
+    with pytest.raises(ConfigError, match=r"key 'vars.b' may not refer to other variables"):
+        load_curate_config(None, ["vars.a=/r", "vars.b=${vars.a}/x", "output=o", "input.paths=[a]"])
 
 
 @pytest.fixture(scope="module")

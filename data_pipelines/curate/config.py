@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from medjax.config import ConfigError, _apply_override, _read_yaml, from_dict
+from medjax.config import ConfigError, _apply_override, _read_yaml, from_dict, substitute_variables
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "curate" / "default.yaml"
 
@@ -165,33 +163,9 @@ def load_curate_config(path: str | os.PathLike | None, overrides: typing.Sequenc
     for item in overrides:
         _apply_override(raw, item)
     cfg = from_dict(CurateConfig, raw, where=where)
-    _substitute(cfg, cfg.vars, where)
+    substitute_variables(cfg, cfg.vars, where)
     check(cfg, where)
     return cfg
-
-
-def _substitute(node, variables: dict[str, str], where: str, key: str = "") -> None:
-    """Replaces ${vars.NAME} in every string field, in place; an unknown name is an error naming the key."""
-    def sub(text: str, at: str) -> str:
-        def one(m: re.Match) -> str:
-            if m.group(1) not in variables:
-                raise ConfigError(f"{where}: key '{at}' uses unknown variable ${{vars.{m.group(1)}}}")
-            return variables[m.group(1)]
-        return re.sub(r"\$\{vars\.([A-Za-z_][A-Za-z0-9_]*)\}", one, text)
-
-    for f in dataclasses.fields(node):
-        value, at = getattr(node, f.name), f"{key}.{f.name}" if key else f.name
-        if f.name == "vars" and not key:
-            continue
-        if isinstance(value, str):
-            setattr(node, f.name, sub(value, at))
-        elif isinstance(value, list):
-            setattr(node, f.name, [sub(v, f"{at}[{i}]") if isinstance(v, str) else v for i, v in enumerate(value)])
-            for v in value:
-                if dataclasses.is_dataclass(v):
-                    _substitute(v, variables, where, at)
-        elif dataclasses.is_dataclass(value):
-            _substitute(value, variables, where, at)
 
 
 def check(cfg: CurateConfig, where: str) -> None:

@@ -63,8 +63,6 @@ class Decontaminate(Stage):
         self._index = BenchmarkIndex(self.cfg)
 
     def apply(self, doc: dict):
-        if self._index is None:
-            self.setup()
         return self._index.match(doc["text"])
 
 

@@ -72,8 +72,6 @@ class Signature(beam.DoFn):
         self._template = MinHash(num_perm=self.cfg.bands * self.cfg.rows, seed=self.cfg.seed)
 
     def process(self, doc: dict):
-        if self._template is None:
-            self.setup()
         m = self._template.copy()
         m.update_batch(shingles(doc["text"], self.cfg.ngram))
         yield doc["key"], m.hashvalues.astype(np.uint32)

@@ -20,8 +20,6 @@ class LanguageId(Stage):
         self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
     def apply(self, doc: dict):
-        if self._identifier is None:
-            self.setup()
         lang, prob = self._identifier.classify(doc["text"])
         doc["lang"] = lang
         if lang not in self.cfg.keep:

@@ -57,8 +57,6 @@ class MedicalRelevance(Stage):
                                                       *self.cfg.extra_lexicons]))
 
     def apply(self, doc: dict):
-        if self._pattern is None:
-            self.setup()
         density, distinct = medical_score(doc["text"], self._pattern)
         if density < self.cfg.min_terms_per_100_words or distinct < self.cfg.min_distinct_terms:
             return "not_medical", f"{density:.1f} terms per 100 words, {distinct} distinct"

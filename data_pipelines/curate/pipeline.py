@@ -154,6 +154,9 @@ def preflight(cfg: CurateConfig) -> None:
         except Exception as e:
             raise ConfigError(f"shards.tokenizer: {e}") from None
     if cfg.decontam.enabled and has_benchmarks(cfg.decontam):
+        # Built here once to check it, and again in each worker's setup: shipping the built index
+        # inside the DoFn would swell the job graph remote runners upload (Dataflow caps it), and
+        # workers read the same files from the same (shared) filesystem.
         try:
             BenchmarkIndex(cfg.decontam)
         except ValueError as e:

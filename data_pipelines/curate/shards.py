@@ -29,8 +29,6 @@ class Tokenize(beam.DoFn):
         self._tok = (tok, eos_id(tok))
 
     def process(self, doc: dict):
-        if self._tok is None:
-            self.setup()
         tok, eos = self._tok
         ids = tok.encode(doc["text"]).ids
         if self.cfg.add_eos:
