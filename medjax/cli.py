@@ -9,6 +9,7 @@ import sys
 from medjax.config import ConfigError
 from medjax.convert import ConversionError
 from medjax.data import DataError
+from medjax.rag.corpus import RagError
 from medjax.tasks import ItemError
 
 
@@ -125,7 +126,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(mode=args.mode, choices=args.choices, format=args.format, shots=args.shots,
                      fewshot_file=args.fewshot_file, limit=args.limit, chat=args.chat, batch_size=args.batch_size,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                     skip_bad=args.skip_bad)
+                     skip_bad=args.skip_bad, rag=args.rag, passages_k=args.rag_k)
     evaluate(args.model, args.benchmark, args.out, cfg)
     return 0
 
@@ -223,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = ("arguments after -- go to Beam unchanged, e.g. -- --runner=DataflowRunner --project=P "
                 "--region=R --temp_location=gs://B/tmp")
 
+    from medjax.rag.cli import add_parser as add_rag_parser
+
+    add_rag_parser(sub)
+
     p = sub.add_parser("plan", help="compile CONFIG's train step for a TPU slice here; print per-device memory "
                        "and whether it fits (exit 1 if not)")
     p.add_argument("config", help="YAML config file")
@@ -288,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="generative mode; 0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad", action="store_true", help="leave malformed items out (listed in the summary)")
+    p.add_argument("--rag", default=None, metavar="INDEX_DIR",
+                   help="put the top chunks of this `medjax rag index` into each prompt, quoted and numbered")
+    p.add_argument("--rag-k", type=int, default=3, help="with --rag: passages per prompt (default 3)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("eval-ngrams", help="(also `medjax eval ngrams`) write benchmark n-grams for decontamination")
@@ -339,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error("arguments after -- are only for `medjax serve` (vLLM) and `medjax curate` (Beam)")
     try:
         return args.func(args)
-    except (ConfigError, DataError, ConversionError, ItemError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ConversionError, ItemError, RagError, FileNotFoundError) as e:
         print(f"medjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

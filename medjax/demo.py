@@ -18,6 +18,7 @@ from pathlib import Path
 from medjax.config import REPO_ROOT, load_config
 from medjax.convert.hf_export import export_hf
 from medjax.data import medworld
+from medjax.data.medworld_retrieval import write_beir
 from medjax.data.tokenizer import train_tokenizer
 from medjax.eval.runner import EvalConfig, evaluate
 from medjax.serve.generate import generate_text
@@ -126,6 +127,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     root = Path(workdir).absolute()
     print(f"[1/10] generating the synthetic medical world in {root / 'data'}")
     files = medworld.generate(root / "data", seed=0)
+    write_beir(root / "data", root / "beir")  # the passages with labelled queries, for `medjax rag eval`
     print(f"[2/10] training the BPE tokenizer in {root / 'tokenizer'}")
     tokenizer_dir = train_tokenizer(tokenizer_texts(files), root / "tokenizer", vocab_size=4096)
     print(f"[3/10] curating the raw corpus (the world's passages with faults planted among them) into "
@@ -219,6 +221,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
         "tokenizer": tokenizer_dir,
         "curated corpus": root / "curated",
         "curation funnel": root / "curated" / "report.png",
+        "retrieval queries and labels (BEIR)": root / "beir",
         "pretrain checkpoints": Path(cfg.workdir) / "checkpoints",
         "pretrain metrics": Path(cfg.workdir) / "metrics.jsonl",
         "sft checkpoints": Path(sft_cfg.workdir) / "checkpoints",

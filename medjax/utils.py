@@ -82,8 +82,16 @@ class MessageFragments:
         self._opening = message.split()[0].encode()
         self._template = re.sub(rb"\d+", b"0", message.encode())
         self._shortest = shortest_piece
+        self._after_match = False
 
     def matches(self, line: bytes) -> bool:
+        """Whether ``line`` (the next line of the stream: the answer depends on the one before) is
+        the message's. An empty line right after one of its lines is its too: when two threads'
+        messages land on one line, their second newline follows alone."""
+        self._after_match = self._match(line) or (self._after_match and not line.strip(b"\r\n"))
+        return self._after_match
+
+    def _match(self, line: bytes) -> bool:
         text = re.sub(rb"\d+", b"0", line.rstrip(b"\r\n"))
         if self._opening in line:
             return True

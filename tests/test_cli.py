@@ -168,7 +168,8 @@ def test_demo_rl_raises_written_exam_accuracy(demo):
 
 # README's stand-in names, made real from the demo's outputs and the bundled benchmark samples.
 README_FILES = {"medqa_test.jsonl": REPO_ROOT / "tests/data/benchmarks/medqa_us.jsonl",
-                "cmexam_test.csv": REPO_ROOT / "tests/data/benchmarks/cmexam.csv"}
+                "cmexam_test.csv": REPO_ROOT / "tests/data/benchmarks/cmexam.csv",
+                "guidelines.jsonl": REPO_ROOT / "tests/data/rag/guidelines.jsonl"}
 README_NAMES = {"HF_DIR": "runs/demo/hf", "pairs.jsonl": "runs/demo/data/preferences_eval.jsonl"}
 # Commands that need a long-running server; tests/test_vllm.py starts vLLM and evaluates against it.
 README_NOT_RUN = {"medjax serve": "starts a vLLM server (tests/test_vllm.py)",
@@ -211,6 +212,9 @@ def test_readme_commands_run_as_written_after_the_demo(demo):
     assert {"train", "score-rm", "import", "export", "generate", "eval", "eval"} <= set(ran), ran
     assert (cwd / "runs/try/checkpoints").is_dir() and (cwd / "runs/qwen-base/model.json").is_file()
     assert (cwd / "runs/rm_scores.jsonl").is_file() and (cwd / "runs/decontam/13grams.txt").is_file()
+    rag = json.loads((cwd / "runs/rag/eval.json").read_text())["results"]
+    assert set(rag) == {"sparse", "dense", "hybrid"} and rag["hybrid"]["recall@100"] > 0.9, rag
+    assert json.loads((cwd / "runs/rag/manifest.json").read_text())["corpus"][-1]["path"].endswith("guidelines.jsonl")
     for name in ("medqa", "cmexam"):
         assert json.loads((cwd / f"runs/eval/{name}.summary.json").read_text())["n"] > 0
 

@@ -311,3 +311,15 @@ def test_gloo_lines_and_their_fragments_are_recognised(line, dropped):
 
     gloo = MessageFragments("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1")
     assert gloo.matches(line) == dropped
+
+
+def test_the_newline_a_cut_message_leaves_alone_is_dropped():
+    """Seen in CI: two messages on one line, then their second newline on a line of its own, which
+    was all process 1 printed ("\\n"). A blank line after anything else is the program's."""
+    from medjax.utils import MessageFragments
+
+    gloo = MessageFragments("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1")
+    stream = [b"[Gloo] Rank 1 is connected to 1 peer ranks. [Gloo] Rank 1 is connected to 1 peer ranks. Expected "
+              b"number of connected peer ranks is : 1Expected number of connected peer ranks is : 1\n", b"\n", b"\n",
+              b"step 1 loss 5.9\n", b"\n", b"done\n"]
+    assert [line for line in stream if not gloo.matches(line)] == [b"step 1 loss 5.9\n", b"\n", b"done\n"]

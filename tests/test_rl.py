@@ -181,7 +181,7 @@ def test_retrieved_passages_reach_the_prompt(world, tmp_path):
                      "data.seq_len=256")
     prompts = PromptSet(cfg, load_tokenizer(world.tokenizer), ChatTemplate(world.tokenizer))
     text = load_tokenizer(world.tokenizer).decode(prompts.ids[0])
-    assert "Reference passages:" in text and PASSAGES[0] in text and PASSAGES[1] not in text
+    assert "Reference passages (quoted" in text and f"[1] «{PASSAGES[0]}»" in text and PASSAGES[1] not in text
     assert "Reference passages" not in prompts.texts[0]  # rewards see the question as asked
     with pytest.raises(ConfigError, match="rl.retriever"):
         PromptSet(_rl_config(world, tmp_path / "run2", items, "rl.retriever=test_rl:PASSAGES"),

@@ -34,13 +34,14 @@ def libraries() -> list[tuple[str, list[str], list[str]]]:
         ("convert", _package("medjax/convert"), ["core", "models"]),
         ("serve", _package("medjax/serve"), ["core", "models", "data", "convert"]),
         ("tasks", _package("medjax/tasks"), []),
+        ("rag", _package("medjax/rag"), ["core"]),
         ("rl", _package("medjax/rl"), ["core", "models", "data", "serve", "tasks"]),
         ("train", _package("medjax/train"), ["core", "models", "parallel", "data", "convert", "rl"]),
         ("eval", _package("medjax/eval"), ["core", "models", "data", "convert", "serve", "tasks"]),
         # Curation sits above data/ and tasks/ (its tokenizer and n-gram rule) and below the entry points.
         ("data_pipelines", _package("data_pipelines") + _package("data_pipelines/curate"), ["core", "data", "tasks"]),
         ("medjax", list(ENTRY_POINTS), ["core", "models", "parallel", "data", "train", "convert", "serve", "tasks",
-                                        "rl", "eval", "data_pipelines"]),
+                                        "rl", "eval", "rag", "data_pipelines"]),
     ]
 
 

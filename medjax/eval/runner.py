@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from medjax.eval.backends import GenerationSettings, LoglikelihoodRequest, open_model
 from medjax.eval.prompts import ChatFormatter
-from medjax.tasks.prompts import PromptConfig, Retriever, answer_continuation, build_prompt, pick_shots
+from medjax.tasks.prompts import (PromptConfig, Retriever, answer_continuation, build_prompt, fit_passages,
+                                  pick_shots)
 from medjax.eval.report import format_table, plot_groups, summarise
 from medjax.tasks.answers import extract_for_item, score
 from medjax.tasks.items import ExamItem
@@ -49,6 +50,7 @@ class EvalConfig:
     seed: int = 0
     skip_bad: bool = False
     passages_k: int = 3
+    rag: str | None = None  # a `medjax rag index` directory: its top passages_k chunks go into each prompt
 
     def validate(self) -> "EvalConfig":
         if self.mode not in MODES:
@@ -74,15 +76,20 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
     shots_pool = bench.items
     if cfg.fewshot_file:
         shots_pool = read_benchmark(cfg.fewshot_file, None, skip_bad=cfg.skip_bad).items
+    if cfg.rag and retriever is None:
+        from medjax.rag.search import RagIndex
+
+        retriever = RagIndex(cfg.rag)
     model = model or open_model(model_path, batch_size=cfg.batch_size)
     chat = ChatFormatter(getattr(model, "tokenizer_dir", None)) if cfg.chat else None
     pcfg = PromptConfig(generative=cfg.mode == "generate",
                         list_options=not (cfg.mode == "loglikelihood" and cfg.choices == "texts"))
 
-    def prompt_for(item: ExamItem) -> str:
-        passages = retriever.retrieve(item.question, cfg.passages_k) if retriever else ()
+    def prompt_for(item: ExamItem) -> tuple[str, list[str]]:
+        passages = fit_passages(retriever.retrieve(item.question, cfg.passages_k), pcfg.passage_budget) \
+            if retriever else []
         text = build_prompt(item, pick_shots(shots_pool, item, cfg.shots, cfg.seed), passages, pcfg)
-        return chat(text) if chat else text
+        return (chat(text) if chat else text), passages
 
     t0 = time.perf_counter()
     rows = []
@@ -90,11 +97,15 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
     chunk = max(cfg.batch_size * 4, 32)
     for start in range(0, len(bench.items), chunk):
         items = bench.items[start:start + chunk]
-        prompts = [prompt_for(item) for item in items]
+        prompts, passages = zip(*(prompt_for(item) for item in items))
         if cfg.mode == "loglikelihood":
-            rows.extend(_score_loglikelihood(model, items, prompts, cfg))
+            scored = _score_loglikelihood(model, items, prompts, cfg)
         else:
-            rows.extend(_score_generate(model, items, prompts, cfg))
+            scored = _score_generate(model, items, prompts, cfg)
+        if retriever is not None:  # what the model was shown, as cited: [1] is passages[0]
+            for row, shown in zip(scored, passages):
+                row["passages"] = shown
+        rows.extend(scored)
         progress.update(len(items))
     progress.close()
     seconds = time.perf_counter() - t0
@@ -102,6 +113,7 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
     summary = {
         "benchmark": str(bench.path), "format": bench.format, "model": str(model_path), "mode": cfg.mode,
         **({"choices": cfg.choices} if cfg.mode == "loglikelihood" else {}), "shots": cfg.shots, "chat": cfg.chat,
+        **({"rag": str(cfg.rag), "passages_k": cfg.passages_k} if cfg.rag else {}),
         **summarise(rows, extra_groups=_extra_groups(bench.items)),
         "skipped": bench.skipped, "seconds": seconds, "items_per_sec": len(rows) / seconds if seconds else None,
         "output": str(out),

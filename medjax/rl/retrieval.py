@@ -1,4 +1,5 @@
-"""The retrieval hook of RL prompts: ``rl.retriever: "package.module:factory"`` names a factory that
+"""The retrieval hook of RL prompts: ``rl.retriever: "rag:DIR"`` searches a `medjax rag index`
+directory; ``rl.retriever: "package.module:factory"`` names a factory that
 gets the run's Config and returns any object with ``retrieve(query, k) -> list[str]`` (the
 ``tasks.prompts.Retriever`` protocol the RAG index implements). Retrieved passages go into the
 prompt's reference-passages slot; rewards still see the question as asked."""
@@ -13,8 +14,13 @@ from medjax.tasks.prompts import Retriever
 
 
 def load_retriever(spec: str, cfg: Config) -> Retriever | None:
+    """``rag:DIR`` opens a `medjax rag index` directory; anything else names a factory."""
     if not spec:
         return None
+    if spec.startswith("rag:"):
+        from medjax.rag.search import RagIndex
+
+        return RagIndex(spec[4:])
     factory = import_object(spec, "rl.retriever")
     retriever = factory(cfg)
     if not callable(getattr(retriever, "retrieve", None)):

