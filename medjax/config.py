@@ -350,6 +350,19 @@ def substitute_variables(root: Any, variables: dict[str, str], where: str,
     walk(root, "")
 
 
+def load_typed_config(cls: type, path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Any:
+    """A config dataclass with a ``vars`` field (curation, retrieval) from YAML and dotted
+    key=value overrides, with the training configs' rules: unknown keys and bad types are errors
+    naming the key, and ``${vars.NAME}`` is substituted."""
+    where = str(path)
+    raw = _read_yaml(Path(where))
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = from_dict(cls, raw, where=where)
+    substitute_variables(cfg, cfg.vars, where)
+    return cfg
+
+
 @dataclass
 class _Workdir:
     workdir: str

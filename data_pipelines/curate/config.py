@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from medjax.config import ConfigError, _apply_override, _read_yaml, from_dict, substitute_variables
+from medjax.config import ConfigError, load_typed_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "curate" / "default.yaml"
 
@@ -159,11 +159,7 @@ PHI_TYPES = ("EMAIL", "ID", "MRN", "DOB", "PHONE", "ADDRESS", "NAME")
 
 def load_curate_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> CurateConfig:
     where = str(path or DEFAULT_CONFIG)
-    raw = _read_yaml(Path(where))
-    for item in overrides:
-        _apply_override(raw, item)
-    cfg = from_dict(CurateConfig, raw, where=where)
-    substitute_variables(cfg, cfg.vars, where)
+    cfg = load_typed_config(CurateConfig, where, overrides)
     check(cfg, where)
     return cfg
 

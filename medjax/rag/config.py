@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from medjax.config import ConfigError, _apply_override, _read_yaml, from_dict, substitute_variables
+from medjax.config import ConfigError, load_typed_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "rag" / "default.yaml"
 GRADES = ("A", "B", "C", "D", "E")
@@ -68,11 +68,7 @@ class RagConfig:
 
 def load_rag_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> RagConfig:
     where = str(path or DEFAULT_CONFIG)
-    raw = _read_yaml(Path(where))
-    for item in overrides:
-        _apply_override(raw, item)
-    cfg = from_dict(RagConfig, raw, where=where)
-    substitute_variables(cfg, cfg.vars, where)
+    cfg = load_typed_config(RagConfig, where, overrides)
     check(cfg, where)
     return cfg
 

@@ -108,10 +108,10 @@ def _swap(work: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _sources(files: list[Path], first_chunk: int, chunks_per_file: list[int]) -> list[dict]:
+def _sources(files: list[Path], digests: list[str], first_chunk: int, chunks_per_file: list[int]) -> list[dict]:
     out, at = [], first_chunk
-    for path, n in zip(files, chunks_per_file):
-        out.append({"path": str(path.resolve()), "sha256": file_digest(path), "chunks": [at, at + n]})
+    for path, digest, n in zip(files, digests, chunks_per_file):
+        out.append({"path": str(path.resolve()), "sha256": digest, "chunks": [at, at + n]})
         at += n
     return out
 
@@ -143,7 +143,8 @@ def build_index(corpus: list[str], out_dir: str | Path, cfg: RagConfig, echo=pri
         vectors = faiss.IndexFlatIP(encoder.dim)
         vectors.add(_encode(chunks, cfg, encoder))
     work.mkdir(parents=True)
-    manifest = _write(work, chunks, cfg, vectors, encoder, _sources(files, 0, [len(p) for p in per_file]))
+    sources = _sources(files, [file_digest(f) for f in files], 0, [len(p) for p in per_file])
+    manifest = _write(work, chunks, cfg, vectors, encoder, sources)
     _swap(work, final)
     echo(f"index {final}: {len(chunks):,} chunks, {time.perf_counter() - start:.1f} s")
     return manifest
@@ -161,7 +162,7 @@ def add_documents(index_dir: str | Path, corpus: list[str], echo=print) -> dict:
     final = Path(index_dir)
     manifest = read_manifest(final)
     cfg = stored_config(manifest)
-    files = []
+    files, digests = [], []
     indexed = {s["sha256"]: s["path"] for s in manifest["corpus"]}
     for path in expand_corpus(corpus):
         digest = file_digest(path)
@@ -169,6 +170,7 @@ def add_documents(index_dir: str | Path, corpus: list[str], echo=print) -> dict:
             echo(f"{path}: already indexed (same content as {indexed[digest]}); skipped")
         else:
             files.append(path)
+            digests.append(digest)
     if not files:
         echo("nothing to add")
         return manifest
@@ -188,7 +190,7 @@ def add_documents(index_dir: str | Path, corpus: list[str], echo=print) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    sources = manifest["corpus"] + _sources(files, len(old), [len(p) for p in per_file])
+    sources = manifest["corpus"] + _sources(files, digests, len(old), [len(p) for p in per_file])
     manifest = _write(work, old + new, cfg, vectors, encoder, sources)
     _swap(work, final)
     echo(f"index {final}: added {len(new):,} chunks from {len(files)} file(s); {manifest['chunks']:,} in all")
