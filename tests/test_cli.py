@@ -175,6 +175,7 @@ README_NAMES = {"HF_DIR": "runs/demo/hf", "pairs.jsonl": "runs/demo/data/prefere
 README_NOT_RUN = {"medjax serve": "starts a vLLM server (tests/test_vllm.py)",
                   "--num-processes": "one job of two processes started together (tests/test_multiprocess.py)",
                   "openai:http": "needs that server (tests/test_vllm.py evaluates through it)",
+                  "medjax rag serve": "a service in front of vLLM (tests/test_vllm.py runs this command against one)",
                   "medjax plan": "compiles for a TPU slice (two minutes); tests/test_plan.py runs the command "
                                  "on this config (for one chip, which it does not fit)"}
 

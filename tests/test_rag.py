@@ -164,10 +164,16 @@ def test_index_answers_with_the_conditions_passages(index, beir, capsys):
 
 def test_retrieval_metrics_on_the_world(index, beir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["rag", "eval", str(index), "--beir", str(beir), "--out", str(out)]) == 0
+    assert main(["rag", "eval", str(index), "--beir", str(beir), "--out", str(out), "--dense-weights", "0", "0.3"]) == 0
     table = capsys.readouterr().out
-    assert "| hybrid |" in table and "ndcg@10" in table
+    assert "| hybrid |" in table and "| hybrid@0.3 |" in table and "ndcg@10" in table
     results = json.loads(out.read_text())["results"]
+    # A sweep point is hybrid search at that search.dense_weight; weight 0 keeps BM25's order.
+    assert results["hybrid@0"] == pytest.approx(results["sparse"])
+    again = tmp_path / "again.json"
+    assert main(["rag", "eval", str(index), "--beir", str(beir), "--out", str(again), "--modes", "hybrid",
+                 "--set", "search.dense_weight=0.3"]) == 0
+    assert json.loads(again.read_text())["results"]["hybrid"] == pytest.approx(results["hybrid@0.3"])
     for mode in ("sparse", "dense", "hybrid"):  # each fact is stated in most of its condition's passages
         assert results[mode]["recall@100"] == pytest.approx(1.0) and results[mode]["mrr@10"] > 0.8, results
     # Chance would rank a relevant passage first for about 1 query in 12.

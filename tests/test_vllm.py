@@ -123,3 +123,109 @@ def test_eval_against_the_server_matches_local_eval(world, exported, server, tmp
         else:
             for letter, lp in a["logprobs"].items():
                 assert b["logprobs"][letter] == pytest.approx(lp, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def rag_service(exported, server):
+    """`medjax rag serve` (the CLI, in its own process) over a BM25 index of the bundled guidelines,
+    answering through the vLLM server above."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    pytest.importorskip("fastapi", reason="the rag extra is not installed")
+    root = exported[0]
+    guidelines = Path(__file__).parent / "data" / "rag" / "guidelines.jsonl"
+    subprocess.run([sys.executable, "-m", "medjax.cli", "rag", "index", str(guidelines), "--out", str(root / "rag"),
+                    "--set", "encoder.enabled=false"], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medjax.cli", "rag", "serve", str(root / "rag"), "--llm", server, "--port", str(port),
+         "--set", "serve.max_tokens=24", "--set", "serve.rate_limit="],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "medjax rag serve did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+QUESTION = "What is the preferred controller for persistent asthma?"
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def test_rag_service_answers_through_vllm_with_its_sources(exported, server, rag_service):
+    """The answer is the served model's own greedy reply to the prompt the service built from the
+    index's top chunks: asked of vLLM directly, the same prompt gives the same text."""
+    from medjax.rag.search import RagIndex
+    from medjax.tasks.prompts import question_prompt
+
+    root = exported[0]
+    body = _post(f"{rag_service}/v1/ask", {"question": QUESTION, "k": 2})
+    hits = RagIndex(root / "rag").search(QUESTION, k=2)
+    assert [s["chunk_id"] for s in body["sources"]] == [h.chunk.chunk_id for h in hits]
+    assert body["sources"][0]["doc_id"] == "guideline-asthma" and body["model"] == str(root / "hf")
+    prompt = question_prompt(QUESTION, [f"{h.chunk.title}: {h.chunk.text}" for h in hits])
+    direct = _post(f"{server}/v1/chat/completions", {"model": str(root / "hf"), "max_tokens": 24, "temperature": 0,
+                                                       "messages": [{"role": "user", "content": prompt}]})
+    assert body["answer"] == direct["choices"][0]["message"]["content"] and body["answer"].strip()
+
+
+def test_rag_page_in_chromium_shows_an_answer_and_numbered_sources(rag_service):
+    """Debian's chromium, headless, driven by selenium: type a question, press Ask, read the answer
+    and the numbered sources; a source is a link target the answer's [n] can point at."""
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (tools/setup_env.sh installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(rag_service + "/")
+        WebDriverWait(driver, 30).until(ec.text_to_be_present_in_element((By.ID, "info"), "chunks"))
+        assert "answers by" in driver.find_element(By.ID, "info").text
+        driver.find_element(By.ID, "question").send_keys(QUESTION)
+        driver.find_element(By.ID, "ask").click()
+        WebDriverWait(driver, 300).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#sources li"))
+        expected = _post(f"{rag_service}/v1/ask", {"question": QUESTION})
+        answer = driver.find_element(By.ID, "answer").text
+        assert answer.split() == expected["answer"].split()  # the page renders the reply's text as given
+        items = driver.find_elements(By.CSS_SELECTOR, "#sources li")
+        assert [li.get_attribute("id") for li in items] == [f"source-{s['n']}" for s in expected["sources"]]
+        assert "Asthma: stepwise treatment" in items[0].text and "guideline-asthma" in items[0].text
+        assert "sources" in driver.find_element(By.ID, "status").text
+        for link in driver.find_elements(By.CSS_SELECTOR, "#answer a.cite"):  # any [n] the model wrote links to n
+            assert link.get_attribute("href").endswith("#source-" + link.text.strip("[]"))
+    finally:
+        driver.quit()

@@ -1,4 +1,4 @@
-"""`medjax rag index|add|query|eval`: the retrieval commands, registered on medjax's parser."""
+"""`medjax rag index|add|query|eval|serve`: the retrieval commands, registered on medjax's parser."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def _cmd_eval(args) -> int:
         raise RagError("give --queries FILE and --qrels FILE, or --beir DIR")
     index = RagIndex(args.index, _config(args))
     modes = tuple(args.modes) if index.dense is not None else ("sparse",)
-    results = evaluate_index(index, read_queries(queries_path), read_qrels(qrels_path), modes)
+    weights = tuple(args.dense_weights) if index.dense is not None else ()
+    results = evaluate_index(index, read_queries(queries_path), read_qrels(qrels_path), modes, dense_weights=weights)
     print(format_table(results))
     if args.out:
         from medjax.utils import atomic_write_text
@@ -70,8 +71,18 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from medjax.rag.service import serve
+
+    cfg = _config(args)
+    for key in ("host", "port", "llm"):
+        if getattr(args, key) is not None:
+            setattr(cfg.serve, key, getattr(args, key))
+    return serve(args.index, cfg, None if args.no_llm else cfg.serve.llm)
+
+
 def add_parser(sub) -> None:
-    rag = sub.add_parser("rag", help="medical-content retrieval: build, grow, query and evaluate an index")
+    rag = sub.add_parser("rag", help="medical-content retrieval: build, grow, query, evaluate and serve an index")
     commands = rag.add_subparsers(dest="rag_command", required=True)
 
     def common(p):
@@ -109,9 +120,20 @@ def add_parser(sub) -> None:
     p.add_argument("--beir", default=None, help="a BEIR directory (queries.jsonl, qrels/SPLIT.tsv)")
     p.add_argument("--split", default="test", help="with --beir: the qrels split (default test)")
     p.add_argument("--modes", nargs="+", choices=("sparse", "dense", "hybrid"), default=["sparse", "dense", "hybrid"])
+    p.add_argument("--dense-weights", nargs="+", type=float, default=[], metavar="W",
+                   help="also score hybrid search at these search.dense_weight values (sparse weight as configured)")
     p.add_argument("--out", default=None, help="also write the results as JSON")
     common(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = commands.add_parser("serve", help="HTTP API and page: answers with numbered sources (an index + `medjax serve`)")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--llm", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000 (default serve.llm)")
+    p.add_argument("--no-llm", action="store_true", help="serve search only (/v1/search and the page's sources)")
+    p.add_argument("--host", default=None, help="address to bind (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default serve.port (8100)")
+    common(p)
+    p.set_defaults(func=_cmd_serve)
 
 
 def main() -> int:  # python -m medjax.rag.cli ... (the same as `medjax rag ...`)

@@ -50,11 +50,31 @@ class SearchConfig:
     mode: Literal["sparse", "dense", "hybrid"] = "hybrid"  # sparse on an index built without an encoder
     k: int = 5
     candidates: int = 100  # each retriever's list before fusion
-    rrf_k: int = 60  # reciprocal-rank fusion: score = sum 1 / (rrf_k + rank)
+    rrf_k: int = 60  # reciprocal-rank fusion: score = sum weight / (rrf_k + rank)
+    sparse_weight: float = 1.0  # hybrid: each retriever's weight in the fusion
+    dense_weight: float = 1.0
     # Authority-aware ranking: the fused score times the chunk's grade weight. Off by default.
     authority_weighting: bool = False
     authority_weights: dict[str, float] = field(
         default_factory=lambda: {"A": 1.0, "B": 0.9, "C": 0.8, "D": 0.65, "E": 0.5})
+
+
+@dataclass
+class ServiceConfig:
+    """`medjax rag serve`: the HTTP API in front of an index and an OpenAI-compatible LLM server."""
+    host: str = "127.0.0.1"  # loopback unless asked: the service has no TLS of its own
+    port: int = 8100
+    llm: str = "http://127.0.0.1:8000"  # `medjax serve` (vLLM); --llm overrides
+    model: str = ""  # the served model's name; empty: the first of the server's /v1/models
+    k: int = 5  # passages per answer unless the request asks for fewer or more (up to max_k)
+    max_k: int = 20
+    max_tokens: int = 256
+    temperature: float = 0.0
+    timeout_s: float = 120.0  # one generation
+    api_key_env: str = "MEDJAX_RAG_API_KEY"  # when this variable is set, requests must carry its value
+    max_request_bytes: int = 16384
+    max_question_chars: int = 2000
+    rate_limit: str = "30/minute"  # per client address, `limits` notation ("5/second;100/hour"); "" for none
 
 
 @dataclass
@@ -64,6 +84,7 @@ class RagConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     bm25: Bm25Config = field(default_factory=Bm25Config)
     search: SearchConfig = field(default_factory=SearchConfig)
+    serve: ServiceConfig = field(default_factory=ServiceConfig)
 
 
 def load_rag_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> RagConfig:
@@ -84,8 +105,25 @@ def check(cfg: RagConfig, where: str) -> None:
     if s.k < 1 or s.candidates < s.k:
         raise ConfigError(f"{where}: keys 'search.k' ({s.k}) and 'search.candidates' ({s.candidates}) need "
                           "1 <= k <= candidates")
+    if s.sparse_weight < 0 or s.dense_weight < 0 or s.sparse_weight + s.dense_weight == 0:
+        raise ConfigError(f"{where}: keys 'search.sparse_weight' ({s.sparse_weight}) and 'search.dense_weight' "
+                          f"({s.dense_weight}) must be non-negative and not both zero")
     if s.rrf_k < 0:
         raise ConfigError(f"{where}: key 'search.rrf_k' must be non-negative, got {s.rrf_k}")
+    v = cfg.serve
+    if not 1 <= v.k <= v.max_k:
+        raise ConfigError(f"{where}: keys 'serve.k' ({v.k}) and 'serve.max_k' ({v.max_k}) need 1 <= k <= max_k")
+    if v.max_request_bytes < 256 or v.max_question_chars < 1 or v.max_tokens < 1:
+        raise ConfigError(f"{where}: keys 'serve.max_request_bytes' (at least 256), 'serve.max_question_chars' and "
+                          "'serve.max_tokens' (at least 1) are too small")
+    if v.rate_limit:
+        from limits import parse_many
+
+        try:
+            parse_many(v.rate_limit)
+        except ValueError as e:
+            raise ConfigError(f"{where}: key 'serve.rate_limit' {v.rate_limit!r} is not a rate such as "
+                              f"'30/minute' or '5/second;100/hour' ({e})") from None
     unknown = sorted(set(s.authority_weights) - set(GRADES))
     if unknown or set(GRADES) - set(s.authority_weights):
         raise ConfigError(f"{where}: key 'search.authority_weights' must give a weight for each grade "

@@ -109,16 +109,24 @@ def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
 
 
 def evaluate_index(index, queries: dict[str, str], qrels: dict[str, dict[str, int]],
-                   modes: tuple[str, ...] = MODES, depth: int = 100) -> dict[str, dict[str, float]]:
-    """Each mode's metrics over the labelled queries (queries without labels are not scored)."""
+                   modes: tuple[str, ...] = MODES, depth: int = 100,
+                   dense_weights: tuple[float, ...] = ()) -> dict[str, dict[str, float]]:
+    """Each mode's metrics over the labelled queries (queries without labels are not scored); with
+    ``dense_weights``, also hybrid fusion at each of those dense weights ("hybrid@0.3"), fused from
+    the same candidate lists, so a sweep costs one retrieval."""
     missing = sorted(set(qrels) - set(queries))
     if missing:
         raise RagError(f"qrels name {len(missing)} query id(s) the queries file lacks, e.g. {missing[0]!r}")
     ids = [q for q in queries if q in qrels]
+    texts = [queries[q] for q in ids]
+    n = max(depth, index.search_cfg.candidates)
+    needed = "hybrid" if dense_weights or "hybrid" in modes or {"sparse", "dense"} <= set(modes) else modes[0]
+    sparse, dense = index.candidates(texts, n, index.resolve_mode(needed))
+    fusions = [(mode, mode, None) for mode in modes] + [("hybrid", f"hybrid@{w:g}", w) for w in dense_weights]
     out = {}
-    for mode in modes:
-        hits = index.search_many([queries[q] for q in ids], k=max(depth, index.search_cfg.candidates), mode=mode)
-        out[mode] = evaluate_run(qrels, document_run(dict(zip(ids, hits)), depth))
+    for mode, name, weight in fusions:
+        hits = [index.fuse(sp, de, depth, mode, weight) for sp, de in zip(sparse, dense)]
+        out[name] = evaluate_run(qrels, document_run(dict(zip(ids, hits)), depth))
     return out
 
 

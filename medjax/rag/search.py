@@ -1,9 +1,10 @@
 """Querying an index: BM25, dense, or both fused by reciprocal rank, with metadata filters and
 optional authority weighting.
 
-Reciprocal-rank fusion (score = sum over retrievers of 1 / (rrf_k + rank)) needs no score
-calibration between BM25's unbounded scores and cosine similarity, which is why it is the default
-way to combine them. Authority weighting multiplies a rank-fusion score (of one list or two) by the
+Reciprocal-rank fusion (score = sum over retrievers of weight / (rrf_k + rank)) needs no score
+calibration between BM25's unbounded scores and cosine similarity, which is why it is the way to
+combine them; the per-retriever weights matter when one retriever is much weaker on a corpus
+(`medjax rag eval --dense-weights` measures them on labelled queries). Authority weighting multiplies a rank-fusion score (of one list or two) by the
 chunk's grade weight, so a grade-A source outranks a grade-E one of similar relevance; chunks
 without a grade are not weighted. Filters restrict both retrievers before ranking (bm25s's weight
 mask, a faiss ID selector), so a filtered query still returns its k best matches.
@@ -26,7 +27,11 @@ from medjax.rag.lexical import bm25_tokens
 FILTER_KEYS = ("doc_id", "source", "authority", "title", "section")
 
 
-@dataclass
+def _best_first(hit: tuple[int, float]) -> tuple[float, int]:
+    return -hit[1], hit[0]
+
+
+@dataclass(slots=True)
 class Hit:
     chunk: Chunk
     score: float
@@ -138,8 +143,15 @@ class RagIndex:
         b = self.cfg.bm25
         tokens = [bm25_tokens(q, b.stem, b.stopwords) for q in queries]
         weight = None if mask is None else mask.astype(np.float32)
-        docs, scores = self.bm25.retrieve(tokens, k=min(n, len(self.chunks)), show_progress=False, weight_mask=weight)
-        return [[(int(d), float(s)) for d, s in zip(row_d, row_s) if s > 0] for row_d, row_s in zip(docs, scores)]
+        # numpy's argpartition, not bm25s's default jax top_k when jax is installed (as with medjax):
+        # per-query jax dispatch made BM25 queries twice as slow.
+        docs, scores = self.bm25.retrieve(tokens, k=min(n, len(self.chunks)), show_progress=False, weight_mask=weight,
+                                          backend_selection="numpy")
+        out = []
+        for row_d, row_s in zip(docs.tolist(), scores.tolist()):
+            cut = next((j for j, s in enumerate(row_s) if s <= 0), len(row_s))
+            out.append(sorted(zip(row_d[:cut], row_s[:cut]), key=_best_first))  # ties: the earlier chunk first
+        return out
 
     def _dense(self, queries: list[str], n: int, mask) -> list[list[tuple[int, float]]]:
         import faiss
@@ -152,23 +164,35 @@ class RagIndex:
                 return [[] for _ in queries]
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
         scores, ids = self.dense.search(vectors, min(n, len(self.chunks)), params=params)
-        return [[(int(i), float(s)) for i, s in zip(row_i, row_s) if i >= 0] for row_i, row_s in zip(ids, scores)]
+        return [sorted(((i, s) for i, s in zip(row_i, row_s) if i >= 0), key=_best_first)
+                for row_i, row_s in zip(ids.tolist(), scores.tolist())]
 
     def search_many(self, queries: list[str], k: int | None = None, mode: str | None = None,
                     filters: dict[str, str] | None = None) -> list[list[Hit]]:
-        s = self.search_cfg
-        k = k or s.k
+        k = k or self.search_cfg.k
+        mode = self.resolve_mode(mode)
+        # One retriever's own order needs only its top k; fusion and authority re-ranking need a pool.
+        reranked = mode == "hybrid" or self.search_cfg.authority_weighting
+        n = max(self.search_cfg.candidates, k) if reranked else k
+        sparse, dense = self.candidates(queries, n, mode, filters)
+        return [self.fuse(sp, de, k, mode) for sp, de in zip(sparse, dense)]
+
+    def resolve_mode(self, mode: str | None) -> str:
         if mode is None:  # the configured mode; an index without vectors has only BM25 to offer
-            mode = s.mode if self.dense is not None else "sparse"
+            mode = self.search_cfg.mode if self.dense is not None else "sparse"
         if mode not in ("sparse", "dense", "hybrid"):
             raise RagError(f"search mode {mode!r} is not sparse, dense or hybrid")
         if mode != "sparse" and self.dense is None:
             raise RagError(f"--mode {mode} needs a dense index, but {self.dir} was built with encoder.enabled=false")
+        return mode
+
+    def candidates(self, queries: list[str], n: int, mode: str, filters: dict[str, str] | None = None):
+        """Each retriever's top-n (chunk index, score) lists per query, before fusion (an unused
+        retriever's lists are empty)."""
         mask = self._allowed(filters or {})
-        n = max(s.candidates, k)
         sparse = self._sparse(queries, n, mask) if mode != "dense" else [[] for _ in queries]
         dense = self._dense(queries, n, mask) if mode != "sparse" else [[] for _ in queries]
-        return [self._rank(sp, de, k, mode) for sp, de in zip(sparse, dense)]
+        return sparse, dense
 
     def search(self, query: str, **kwargs) -> list[Hit]:
         return self.search_many([query], **kwargs)[0]
@@ -178,8 +202,18 @@ class RagIndex:
         return [f"{h.chunk.title}: {h.chunk.text}" if h.chunk.title else h.chunk.text
                 for h in self.search(query, k=k)]
 
-    def _rank(self, sparse, dense, k: int, mode: str) -> list[Hit]:
+    def fuse(self, sparse, dense, k: int, mode: str, dense_weight: float | None = None) -> list[Hit]:
+        """The top k of one query's candidate lists: a single retriever's own scores, or in hybrid
+        mode weighted reciprocal-rank fusion (search.sparse_weight / (rrf_k + rank) plus
+        dense_weight / (rrf_k + rank)); authority weighting multiplies the rank-fusion score."""
         s = self.search_cfg
+        weights = (s.sparse_weight, s.dense_weight if dense_weight is None else dense_weight)
+        sparse, dense = (sparse if mode != "dense" else []), (dense if mode != "sparse" else [])
+        if mode != "hybrid" and not s.authority_weighting:  # one list, already in score order
+            chunks = self.chunks
+            if mode == "sparse":
+                return [Hit(chunks[i], score, r, None) for r, (i, score) in enumerate(sparse[:k], 1)]
+            return [Hit(chunks[i], score, None, r) for r, (i, score) in enumerate(dense[:k], 1)]
         ranks: dict[int, list] = {}
         for which, hits in ((0, sparse), (1, dense)):
             for rank, (i, _) in enumerate(hits, 1):
@@ -187,7 +221,8 @@ class RagIndex:
         raw = {i: score for i, score in (sparse if mode == "sparse" else dense)} if mode != "hybrid" else {}
         scored = []
         for i, (rs, rd) in ranks.items():
-            fused = sum(1.0 / (s.rrf_k + r) for r in (rs, rd) if r is not None)
+            fused = sum((w if mode == "hybrid" else 1.0) / (s.rrf_k + r) for w, r in zip(weights, (rs, rd))
+                        if r is not None)
             score = fused if (mode == "hybrid" or s.authority_weighting) else raw[i]
             if s.authority_weighting and self.chunks[i].authority:
                 score *= s.authority_weights[self.chunks[i].authority]
