@@ -5,7 +5,8 @@ found and removed, PHI redacted, ArrayRecord shards) -> continued pretraining on
 stage 1 (GRPO, verifiable exam and format rewards, mastered prompts dropped) -> RL stage 2 (reward
 model plus exam reward, KL to stage 1) -> export the policy to Hugging Face safetensors (served by
 vLLM) -> evaluate the bundled exam before pretraining and after each stage, by log-likelihood and
-answering in writing; summary.json holds every figure.
+answering in writing -> index the curated corpus and evaluate the final policy again with the top
+passages in each prompt (QuarkMed's Table 7: without and with RAG); summary.json holds every figure.
 """
 
 from __future__ import annotations
@@ -105,6 +106,58 @@ def _evaluation_row(after: str, summary: dict) -> dict:
             "summary": summary.get("output", "").removesuffix(".jsonl") + ".summary.json"}
 
 
+RAG_K = 3  # passages per exam prompt in the with-retrieval evaluation
+
+
+def compare_with_rag(model: Path, exam: Path, corpus: Path, root: Path, modes: tuple[EvalConfig, ...]) -> dict:
+    """The final policy on the exam without and with retrieved passages, overall and by subject,
+    in the manner of QuarkMed's Table 7. The index is BM25 over the curated corpus: on this world's
+    invented disease names BM25 alone retrieves best (`medjax rag eval` on runs/demo/beir), and it
+    builds in about a second. The change has a paired bootstrap interval (the same items with and
+    without passages)."""
+    import dataclasses
+
+    from medjax.eval.report import bootstrap_ci
+    from medjax.rag.config import load_rag_config
+    from medjax.rag.index import build_index
+
+    index = root / "rag"
+    build_index([str(corpus)], index, load_rag_config(overrides=["encoder.enabled=false"]), echo=lambda *_: None)
+    out = {"index": str(index), "corpus": str(corpus), "passages_k": RAG_K, "modes": []}
+    for cfg in modes:
+        tag = "generate_" if cfg.mode == "generate" else ""
+        without_path = root / "eval" / f"exam_{tag}after_RL_stage_2.jsonl"
+        with_path = root / "eval" / f"exam_{tag}after_RL_stage_2_with_rag.jsonl"
+        with_rag = evaluate(str(model), exam, with_path, dataclasses.replace(cfg, rag=str(index), passages_k=RAG_K),
+                            quiet=True)
+        without = json.loads(without_path.with_suffix(".summary.json").read_text())
+        before, after = ({r["id"]: float(r["correct"]) for r in map(json.loads, p.read_text().splitlines())}
+                         for p in (without_path, with_path))
+        change, low, high = bootstrap_ci([after[i] - before[i] for i in after])
+        out["modes"].append({
+            "mode": cfg.mode, "without": without["accuracy"], "with": with_rag["accuracy"], "change": change,
+            "change_ci95": [low, high], "n": with_rag["n"], "off_options_with": with_rag.get("off_options", 0),
+            "by_subject": {name: {"without": without["by_subject"][name]["accuracy"], "with": g["accuracy"], "n": g["n"]}
+                           for name, g in with_rag["by_subject"].items()}})
+    return out
+
+
+def format_rag_table(rag: dict) -> str:
+    """Accuracy without and with retrieval, one column pair per mode, a row per subject."""
+    modes = rag["modes"]
+    head = f"  {'':<20}" + "".join(f" {m['mode'] + ': without':>24} {'with':>6} {'change':>7}" for m in modes)
+    lines = [head]
+    for name in sorted(modes[0]["by_subject"]):
+        lines.append(f"  {name:<20}" + "".join(
+            f" {m['by_subject'][name]['without'] * 100:23.1f}% {m['by_subject'][name]['with'] * 100:5.1f}% "
+            f"{(m['by_subject'][name]['with'] - m['by_subject'][name]['without']) * 100:+6.1f}" for m in modes))
+    lines.append(f"  {'all items':<20}" + "".join(
+        f" {m['without'] * 100:23.1f}% {m['with'] * 100:5.1f}% {m['change'] * 100:+6.1f}" for m in modes))
+    lines.append("  change, 95% paired bootstrap interval: " + "; ".join(
+        f"{m['mode']} [{m['change_ci95'][0] * 100:+.1f}, {m['change_ci95'][1] * 100:+.1f}]" for m in modes))
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict) -> str:
     """The demo's exam table, rendered from summary.json."""
     lines = [f"  {'after':<22} {'mode':<14} {'accuracy':>8}  {'95% CI':<13} {'no answer':>9} {'not an option':>13} "
@@ -185,7 +238,8 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     sample = generate_text(hf_dir, [prompt], max_new_tokens=32, chat=True)[0]
     print(f"  greedy chat sample: {prompt!r} -> {sample!r}")
 
-    print(f"[10/10] evaluating on the bundled exam ({files['exam']}): before and after each stage")
+    print(f"[10/10] evaluating on the bundled exam ({files['exam']}): before and after each stage, "
+          "and the final policy with retrieval")
     init_dir = root / "init"
     if init_dir.exists():
         shutil.rmtree(init_dir)
@@ -205,8 +259,9 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
             name = f"exam_{'generate_' if mode_cfg.mode == 'generate' else ''}after_{after.replace(' ', '_')}"
             s = evaluate(str(model), files["exam"], eval_dir / f"{name}.jsonl", mode_cfg, quiet=True)
             evaluations.append(_evaluation_row(after, s))
+    rag = compare_with_rag(hf_dir, files["exam"], root / "curated", root, (loglik, written))
     stages = {c.stage if c.stage != "rl" else Path(c.workdir).name: c for c in (cfg, sft_cfg, rm_cfg, *rl_cfgs)}
-    summary = {"workdir": str(root), "evaluations": evaluations,
+    summary = {"workdir": str(root), "evaluations": evaluations, "rag": rag,
                "curation": {"stages": curation["stages"], "kept": curation["kept"], "phi": curation.get("phi", {}),
                             "shards": curation.get("shards", {})},
                "stages": {name: {"workdir": c.workdir, "first": _logged(c.workdir)[0], "last": _logged(c.workdir)[-1]}
@@ -215,6 +270,9 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     print("exam accuracy (loglikelihood: option texts scored; generate: answered in writing, chat, greedy):")
     print(format_summary(summary))
+    print(f"the final policy with the top {RAG_K} passages of a BM25 index of the curated corpus ({root / 'rag'}) "
+          "in each prompt (QuarkMed Table 7's comparison):")
+    print(format_rag_table(rag))
 
     artifacts = {
         "data": root / "data",
@@ -222,6 +280,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
         "curated corpus": root / "curated",
         "curation funnel": root / "curated" / "report.png",
         "retrieval queries and labels (BEIR)": root / "beir",
+        "retrieval index (BM25)": root / "rag",
         "pretrain checkpoints": Path(cfg.workdir) / "checkpoints",
         "pretrain metrics": Path(cfg.workdir) / "metrics.jsonl",
         "sft checkpoints": Path(sft_cfg.workdir) / "checkpoints",

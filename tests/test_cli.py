@@ -141,6 +141,18 @@ def test_demo_runs_end_to_end(demo):
     for e in summary["evaluations"]:
         assert e["n"] == exam_items and e["ci_low"] <= e["accuracy"] <= e["ci_high"]
         assert json.loads(Path(e["summary"]).read_text())["accuracy"] == e["accuracy"]
+    # Table 7's comparison: the final policy without and with retrieved passages, on the same items.
+    from medjax.demo import RAG_K, format_rag_table
+
+    rag = summary["rag"]
+    assert format_rag_table(rag) in out.stdout and [m["mode"] for m in rag["modes"]] == ["loglikelihood", "generate"]
+    final = {e["mode"]: e["accuracy"] for e in summary["evaluations"] if e["after"] == "RL stage 2"}
+    for m in rag["modes"]:
+        assert m["without"] == final[m["mode"]] and m["n"] == exam_items
+        assert m["change"] == pytest.approx(m["with"] - m["without"]) and sum(g["n"] for g in m["by_subject"].values()) == exam_items
+        rows = [json.loads(x) for x in (tmp_path / "eval" / f"exam_{'generate_' if m['mode'] == 'generate' else ''}"
+                                        f"after_RL_stage_2_with_rag.jsonl").read_text().splitlines()]
+        assert len(rows) == exam_items and all(0 < len(r["passages"]) <= RAG_K for r in rows)
     assert set(summary["stages"]) == {"pretrain", "sft", "reward_model", "rl_verifiable", "rl_preference"}
     assert {name: stage["last"]["step"] for name, stage in summary["stages"].items()} == steps
     for stage in ("sft", "reward_model", "rl_verifiable", "rl_preference"):

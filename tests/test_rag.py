@@ -319,3 +319,80 @@ def test_encoder_rows_follow_the_input_order_whatever_the_batching():
     np.testing.assert_allclose(together, alone, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
     assert together[0] @ together[1] < together[1] @ together[1] - 0.1  # different texts, different vectors
+
+
+def _guidelines_index(tmp_path) -> Path:
+    out = tmp_path / "guidelines"
+    assert main(["rag", "index", str(Path(__file__).parent / "data" / "rag" / "guidelines.jsonl"), "--out", str(out),
+                 "--set", "encoder.enabled=false"]) == 0
+    return out
+
+
+def _direct_scores(model_dir: Path, question: str, passages: list[str], column: int, chat: bool) -> list[float]:
+    """transformers' own forward pass on each pair, one at a time (no padding)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    out = []
+    with torch.inference_mode():
+        for p in passages:
+            if chat:
+                text = tok.apply_chat_template([{"role": "user", "content": question},
+                                                {"role": "assistant", "content": p}], tokenize=False)
+                batch = tok(text, add_special_tokens=False, return_tensors="pt")
+            else:
+                batch = tok(question, p, return_tensors="pt")
+            out.append(float(model(**batch).logits[0, column]))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["cross-encoder", "reward-model"])
+def test_rerank_orders_the_fused_pool_by_the_model_scores(tmp_path, world, kind):
+    """A BERT-style cross-encoder (pair segments) and a chat reward model (question as the user
+    turn, passage as the reply, a named label): the reranked hits are the fused top rerank_depth in
+    the order of transformers' own scores of each pair."""
+    import torch
+    import transformers
+
+    from medjax.rag.config import load_rag_config
+    from medjax.rag.search import RagIndex, passage_text
+
+    torch.manual_seed(1)
+    model_dir = tmp_path / kind
+    if kind == "cross-encoder":
+        from medjax.rag.encoder import encoder_path
+
+        tok = transformers.AutoTokenizer.from_pretrained(encoder_path("minilm"))
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, num_labels=1))
+        label, column, chat = "", 0, False
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(world.tokenizer)
+        labels = ["honesty", "helpfulness", "compliance"]
+        model = transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(
+            vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=64, num_labels=3, id2label=dict(enumerate(labels)),
+            label2id={x: i for i, x in enumerate(labels)}, pad_token_id=tok.pad_token_id))
+        label, column, chat = "helpfulness", 1, True
+    tok.save_pretrained(model_dir)
+    model.save_pretrained(model_dir)
+
+    index = _guidelines_index(tmp_path)
+    question = "inhaled treatment for asthma, or antibiotics for sepsis"
+    fused = RagIndex(index).search(question, k=4)
+    reranked = RagIndex(index, load_rag_config(None, [f"search.rerank={model_dir}", f"search.rerank_label={label}",
+                                                      "search.rerank_depth=4"])).search(question, k=3)
+    scores = _direct_scores(model_dir, question, [passage_text(h.chunk) for h in fused], column, chat)
+    expected = sorted(range(len(fused)), key=lambda j: -scores[j])[:3]
+    assert len(fused) == 4 and expected != [0, 1, 2]  # the model reorders the pool (seeded weights)
+    assert [h.chunk.chunk_id for h in reranked] == [fused[j].chunk.chunk_id for j in expected]
+    assert [h.score for h in reranked] == pytest.approx([scores[j] for j in expected], abs=1e-4)
+    if kind == "reward-model":
+        with pytest.raises(RagError, match="set search.rerank_label to one"):
+            RagIndex(index, load_rag_config(None, [f"search.rerank={model_dir}"])).search(question)
+        with pytest.raises(RagError, match=r"'safety' is not a label of .*honesty, helpfulness, compliance"):
+            RagIndex(index, load_rag_config(None, [f"search.rerank={model_dir}", "search.rerank_label=safety"])
+                     ).search(question)

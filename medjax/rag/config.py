@@ -53,6 +53,11 @@ class SearchConfig:
     rrf_k: int = 60  # reciprocal-rank fusion: score = sum weight / (rrf_k + rank)
     sparse_weight: float = 1.0  # hybrid: each retriever's weight in the fusion
     dense_weight: float = 1.0
+    # Optional rerank stage (medjax/rag/rerank.py): a HF sequence-classification directory (a
+    # cross-encoder, or a medjax reward model exported) rescores the fused top rerank_depth.
+    rerank: str = ""
+    rerank_label: str = ""  # which label of a multi-label model (e.g. helpfulness) is the score
+    rerank_depth: int = 20
     # Authority-aware ranking: the fused score times the chunk's grade weight. Off by default.
     authority_weighting: bool = False
     authority_weights: dict[str, float] = field(
@@ -108,6 +113,8 @@ def check(cfg: RagConfig, where: str) -> None:
     if s.sparse_weight < 0 or s.dense_weight < 0 or s.sparse_weight + s.dense_weight == 0:
         raise ConfigError(f"{where}: keys 'search.sparse_weight' ({s.sparse_weight}) and 'search.dense_weight' "
                           f"({s.dense_weight}) must be non-negative and not both zero")
+    if s.rerank_depth < 1:
+        raise ConfigError(f"{where}: key 'search.rerank_depth' must be at least 1, got {s.rerank_depth}")
     if s.rrf_k < 0:
         raise ConfigError(f"{where}: key 'search.rrf_k' must be non-negative, got {s.rrf_k}")
     v = cfg.serve

@@ -22,7 +22,7 @@ import numpy as np
 from medjax.rag.chunking import Chunk, chunk_document
 from medjax.rag.config import RagConfig
 from medjax.rag.corpus import RagError, expand_corpus, file_digest, read_documents
-from medjax.rag.lexical import bm25_tokens
+from medjax.rag.lexical import bm25_tokens, import_bm25s
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks.jsonl"
@@ -61,7 +61,7 @@ def _read_chunks(files: list[Path], cfg: RagConfig, seen: dict[str, str]) -> lis
 
 
 def _index_bm25(chunks: list[Chunk], cfg: RagConfig, out: Path) -> None:
-    import bm25s
+    bm25s = import_bm25s()
 
     tokens = [bm25_tokens(c.indexed_text(cfg.chunking.prefix_title), cfg.bm25.stem, cfg.bm25.stopwords)
               for c in chunks]

@@ -21,6 +21,17 @@ def unit_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in UNIT.finditer(text)]
 
 
+def import_bm25s():
+    """bm25s, with its logger held at WARNING: it logs each index build at DEBUG, which reaches
+    stderr whenever something (Beam, in the demo) has given the root logger a handler."""
+    import logging
+
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
 @functools.lru_cache(maxsize=4)
 def _stemmer():
     import Stemmer

@@ -22,7 +22,7 @@ from medjax.rag.chunking import Chunk
 from medjax.rag.config import Bm25Config, ChunkingConfig, EncoderConfig, RagConfig, SearchConfig
 from medjax.rag.corpus import RagError
 from medjax.rag.index import BM25_DIR, CHUNKS, DENSE, FORMAT_VERSION, MANIFEST
-from medjax.rag.lexical import bm25_tokens
+from medjax.rag.lexical import bm25_tokens, import_bm25s
 
 FILTER_KEYS = ("doc_id", "source", "authority", "title", "section")
 
@@ -43,6 +43,11 @@ class Hit:
         return {"chunk_id": c.chunk_id, "doc_id": c.doc_id, "score": round(self.score, 6), "authority": c.authority,
                 "source": c.source, "title": c.title, "section": c.section, "text": c.text,
                 "sparse_rank": self.sparse_rank, "dense_rank": self.dense_rank}
+
+
+def passage_text(chunk: Chunk) -> str:
+    """A chunk as a prompt passage (and as the reranker reads it): headed by its title."""
+    return f"{chunk.title}: {chunk.text}" if chunk.title else chunk.text
 
 
 def read_manifest(index_dir: Path) -> dict:
@@ -82,7 +87,7 @@ class RagIndex:
     shape the index come from its manifest, and an encoder other than the index's is refused."""
 
     def __init__(self, index_dir: str | Path, cfg: RagConfig | None = None, encoder_model: str | None = None):
-        import bm25s
+        bm25s = import_bm25s()  # imported on use: it brings jax and numba along
 
         self.dir = Path(index_dir)
         self.manifest = read_manifest(self.dir)
@@ -105,6 +110,7 @@ class RagIndex:
             raise RagError(f"encoder.model={encoder_model}, but {self.dir} was built without a dense index "
                            "(encoder.enabled=false)")
         self._columns: dict[str, np.ndarray] = {}
+        self._reranker = None
 
     @property
     def encoder(self):
@@ -169,13 +175,35 @@ class RagIndex:
 
     def search_many(self, queries: list[str], k: int | None = None, mode: str | None = None,
                     filters: dict[str, str] | None = None) -> list[list[Hit]]:
-        k = k or self.search_cfg.k
+        s = self.search_cfg
+        k = k or s.k
         mode = self.resolve_mode(mode)
-        # One retriever's own order needs only its top k; fusion and authority re-ranking need a pool.
-        reranked = mode == "hybrid" or self.search_cfg.authority_weighting
-        n = max(self.search_cfg.candidates, k) if reranked else k
-        sparse, dense = self.candidates(queries, n, mode, filters)
-        return [self.fuse(sp, de, k, mode) for sp, de in zip(sparse, dense)]
+        # One retriever's own order needs only its top k; fusion, authority weights and the rerank
+        # stage need a pool.
+        top = max(k, s.rerank_depth) if s.rerank else k
+        pooled = mode == "hybrid" or s.authority_weighting or s.rerank
+        sparse, dense = self.candidates(queries, max(s.candidates, top) if pooled else k, mode, filters)
+        fused = [self.fuse(sp, de, top, mode) for sp, de in zip(sparse, dense)]
+        if not s.rerank:
+            return fused
+        return [self._rerank(q, hits)[:k] for q, hits in zip(queries, fused)]
+
+    @property
+    def reranker(self):
+        if self._reranker is None:
+            from medjax.rag.rerank import Reranker
+
+            self._reranker = Reranker(self.search_cfg.rerank, self.search_cfg.rerank_label)
+        return self._reranker
+
+    def _rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
+        """The hits in the reranker's order (ties keep the fused order); each score becomes the
+        reranker's. It runs after authority weighting, so grades act on which chunks reach it."""
+        if not hits:
+            return hits
+        scores = self.reranker.score(query, [passage_text(h.chunk) for h in hits])
+        order = sorted(range(len(hits)), key=lambda j: (-scores[j], j))
+        return [Hit(hits[j].chunk, float(scores[j]), hits[j].sparse_rank, hits[j].dense_rank) for j in order]
 
     def resolve_mode(self, mode: str | None) -> str:
         if mode is None:  # the configured mode; an index without vectors has only BM25 to offer
@@ -199,8 +227,7 @@ class RagIndex:
 
     def retrieve(self, query: str, k: int) -> list[str]:
         """tasks.prompts.Retriever: the top chunks as prompt passages, each headed by its title."""
-        return [f"{h.chunk.title}: {h.chunk.text}" if h.chunk.title else h.chunk.text
-                for h in self.search(query, k=k)]
+        return [passage_text(h.chunk) for h in self.search(query, k=k)]
 
     def fuse(self, sparse, dense, k: int, mode: str, dense_weight: float | None = None) -> list[Hit]:
         """The top k of one query's candidate lists: a single retriever's own scores, or in hybrid

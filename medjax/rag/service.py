@@ -117,6 +117,7 @@ def create_app(index, llm_url: str | None, cfg: RagConfig):
     from fastapi.responses import HTMLResponse, JSONResponse
     from limits import parse_many, storage, strategies
 
+    from medjax.rag.search import passage_text
     from medjax.tasks.prompts import PromptConfig, fit_passages, question_prompt
 
     s = cfg.serve
@@ -199,7 +200,7 @@ def create_app(index, llm_url: str | None, cfg: RagConfig):
             raise HTTPException(503, "this service was started without --llm; use /v1/search")
         t0 = time.perf_counter()
         hits = await run_in_threadpool(retrieve, q)
-        passages = [f"{h.chunk.title}: {h.chunk.text}" if h.chunk.title else h.chunk.text for h in hits]
+        passages = [passage_text(h.chunk) for h in hits]
         budget = PromptConfig.passage_budget
         shown = fit_passages(passages, budget)
         prompt = question_prompt(q.question, passages, budget)
@@ -241,7 +242,8 @@ def serve(index_dir: str, cfg: RagConfig, llm_url: str | None, echo=print) -> in
     index = RagIndex(index_dir, cfg)
     if llm_url:
         name = check_llm(llm_url)
-        echo(f"answers by {name} at {llm_url}")
+        s.model = s.model or name
+        echo(f"answers by {s.model} at {llm_url}")
     if s.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(s.api_key_env or ""):
         echo(f"warning: listening on {s.host} with no API key (set {s.api_key_env} to require one)")
     echo(f"medjax rag serve: {len(index):,} chunks of {index_dir} at http://{s.host}:{s.port}/")
