@@ -390,6 +390,17 @@ def test_rerank_orders_the_fused_pool_by_the_model_scores(tmp_path, world, kind)
     assert len(fused) == 4 and expected != [0, 1, 2]  # the model reorders the pool (seeded weights)
     assert [h.chunk.chunk_id for h in reranked] == [fused[j].chunk.chunk_id for j in expected]
     assert [h.score for h in reranked] == pytest.approx([scores[j] for j in expected], abs=1e-4)
+    # `rag eval` ranks through the same stage: the reranker's first document is at rank 1 there too.
+    from medjax.rag.evaluate import evaluate_index
+
+    reranking = RagIndex(index, load_rag_config(None, [f"search.rerank={model_dir}", f"search.rerank_label={label}",
+                                                       "search.rerank_depth=4"]))
+    mode = reranking.resolve_mode(None)
+    qrels = {"q": {reranked[0].chunk.doc_id: 1}}
+    assert evaluate_index(reranking, {"q": question}, qrels, (mode,))[mode]["mrr@10"] == 1.0
+    plain_docs = list(dict.fromkeys(h.chunk.doc_id for h in fused))
+    assert evaluate_index(RagIndex(index), {"q": question}, qrels, (mode,))[mode]["mrr@10"] == pytest.approx(
+        1 / (1 + plain_docs.index(reranked[0].chunk.doc_id)))
     if kind == "reward-model":
         with pytest.raises(RagError, match="set search.rerank_label to one"):
             RagIndex(index, load_rag_config(None, [f"search.rerank={model_dir}"])).search(question)

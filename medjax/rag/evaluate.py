@@ -113,19 +113,21 @@ def evaluate_index(index, queries: dict[str, str], qrels: dict[str, dict[str, in
                    dense_weights: tuple[float, ...] = ()) -> dict[str, dict[str, float]]:
     """Each mode's metrics over the labelled queries (queries without labels are not scored); with
     ``dense_weights``, also hybrid fusion at each of those dense weights ("hybrid@0.3"), fused from
-    the same candidate lists, so a sweep costs one retrieval."""
+    the same candidate lists, so a sweep costs one retrieval. A configured rerank stage reorders each
+    mode's fused top rerank_depth, as it does at query time."""
     missing = sorted(set(qrels) - set(queries))
     if missing:
         raise RagError(f"qrels name {len(missing)} query id(s) the queries file lacks, e.g. {missing[0]!r}")
     ids = [q for q in queries if q in qrels]
     texts = [queries[q] for q in ids]
-    n = max(depth, index.search_cfg.candidates)
+    s = index.search_cfg
+    n = max(depth, s.candidates, s.rerank_depth if s.rerank else 0)
     needed = "hybrid" if dense_weights or "hybrid" in modes or {"sparse", "dense"} <= set(modes) else modes[0]
     sparse, dense = index.candidates(texts, n, index.resolve_mode(needed))
     fusions = [(mode, mode, None) for mode in modes] + [("hybrid", f"hybrid@{w:g}", w) for w in dense_weights]
     out = {}
     for mode, name, weight in fusions:
-        hits = [index.fuse(sp, de, depth, mode, weight) for sp, de in zip(sparse, dense)]
+        hits = [index.rank(q, sp, de, depth, mode, weight) for q, sp, de in zip(texts, sparse, dense)]
         out[name] = evaluate_run(qrels, document_run(dict(zip(ids, hits)), depth))
     return out
 

@@ -183,13 +183,20 @@ class RagIndex:
         mode = self.resolve_mode(mode)
         # One retriever's own order needs only its top k; fusion, authority weights and the rerank
         # stage need a pool.
-        top = max(k, s.rerank_depth) if s.rerank else k
         pooled = mode == "hybrid" or s.authority_weighting or s.rerank
-        sparse, dense = self.candidates(queries, max(s.candidates, top) if pooled else k, mode, filters)
-        fused = [self.fuse(sp, de, top, mode) for sp, de in zip(sparse, dense)]
+        n = max(s.candidates, k, s.rerank_depth if s.rerank else 0) if pooled else k
+        sparse, dense = self.candidates(queries, n, mode, filters)
+        return [self.rank(q, sp, de, k, mode) for q, sp, de in zip(queries, sparse, dense)]
+
+    def rank(self, query: str, sparse, dense, k: int, mode: str, dense_weight: float | None = None) -> list[Hit]:
+        """One query's final top k from its candidate lists: fused (fuse()), then, with a rerank
+        stage, the fused top rerank_depth in the reranker's order and the rest after it in fused
+        order. The one path from candidates to results, for search and for `rag eval` alike."""
+        s = self.search_cfg
         if not s.rerank:
-            return fused
-        return [self._rerank(q, hits)[:k] for q, hits in zip(queries, fused)]
+            return self.fuse(sparse, dense, k, mode, dense_weight)
+        fused = self.fuse(sparse, dense, max(k, s.rerank_depth), mode, dense_weight)
+        return (self._rerank(query, fused[:s.rerank_depth]) + fused[s.rerank_depth:])[:k]
 
     @property
     def reranker(self):
