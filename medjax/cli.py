@@ -123,10 +123,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from medjax.eval.runner import EvalConfig, evaluate
 
-    cfg = EvalConfig(mode=args.mode, choices=args.choices, format=args.format, shots=args.shots,
-                     fewshot_file=args.fewshot_file, limit=args.limit, chat=args.chat, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                     skip_bad=args.skip_bad, rag=args.rag, passages_k=args.rag_k)
+    cfg = EvalConfig.for_protocol(args.protocol, args.greedy, mode=args.mode, choices=args.choices, format=args.format,
+                                  shots=args.shots, fewshot_file=args.fewshot_file, limit=args.limit, chat=args.chat,
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, seed=args.seed, skip_bad=args.skip_bad, rag=args.rag,
+                                  passages_k=args.rag_k)
     evaluate(args.model, args.benchmark, args.out, cfg)
     return 0
 
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=_cmd_generate)
 
+    from medjax.eval.protocols import PROTOCOLS
     from medjax.eval.runner import CHOICES, MODES
     from medjax.tasks.readers import FORMATS
 
@@ -280,17 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="medjax checkpoint, Hugging Face directory, or openai:URL")
     p.add_argument("--benchmark", required=True, help="benchmark file (JSONL, JSON or CSV) in its published format")
     p.add_argument("--out", required=True, help="per-item JSON lines; the summary goes beside it")
-    p.add_argument("--mode", choices=MODES, default="loglikelihood")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
+                   help="a published protocol's prompt, sampling and scoring (quarkmed: CPQExam as the QuarkMed "
+                        "authors score it); flags given explicitly win over the preset")
+    p.add_argument("--greedy", action="store_true", help="temperature 0 (with --protocol: instead of its sampling)")
+    p.add_argument("--mode", choices=MODES, default=None, help="default loglikelihood (generate under --protocol)")
     p.add_argument("--choices", choices=CHOICES, default="letters",
                    help="log-likelihood of option letters, or of option texts (length-normalised)")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: detected from the fields")
     p.add_argument("--shots", type=int, default=0, help="few-shot exemplars per prompt")
     p.add_argument("--fewshot-file", default=None, help="exemplar pool (default: the benchmark, never the item itself)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the model's chat template (a served model: its chat API)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generative mode")
-    p.add_argument("--temperature", type=float, default=0.0, help="generative mode; 0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generative mode (default 256)")
+    p.add_argument("--temperature", type=float, default=None, help="generative mode; 0 = greedy (the default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad", action="store_true", help="leave malformed items out (listed in the summary)")
     p.add_argument("--rag", default=None, metavar="INDEX_DIR",

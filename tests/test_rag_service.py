@@ -8,10 +8,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from chat_server import ChatServer
 
 pytest.importorskip("fastapi", reason="the rag extra is not installed")
 pytest.importorskip("bm25s", reason="the rag extra is not installed")
@@ -31,40 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class ChatServer(ThreadingHTTPServer):
-    """Answers /v1/models and /v1/chat/completions as an OpenAI server does; keeps each request."""
-
-    def __init__(self, reply: str):
-        self.reply, self.requests = reply, []
-        super().__init__(("127.0.0.1", 0), ChatHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class ChatHandler(BaseHTTPRequestHandler):
-    def _send(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):  # noqa: N802
-        self._send({"object": "list", "data": [{"id": "chat-test-model", "object": "model"}]})
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        self._send({"choices": [{"index": 0, "message": {"role": "assistant", "content": self.server.reply},
-                                 "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -186,6 +186,18 @@ class ServerModel:
 
         return self._map(one, prompts)
 
+    def generate_chat(self, prompts: Sequence[str], settings: GenerationSettings) -> list[str]:
+        """Each prompt as one user turn through the chat API: the server applies its own template
+        (a served model's, which a client may not have)."""
+        def one(prompt):
+            r = self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": prompt}],
+                max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                seed=settings.seed)
+            return r.choices[0].message.content or ""
+
+        return self._map(one, prompts)
+
 
 def open_model(path: str, batch_size: int = 8):
     """LocalModel for a checkpoint or HF directory, ServerModel for ``openai:URL``."""

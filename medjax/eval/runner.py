@@ -51,6 +51,24 @@ class EvalConfig:
     skip_bad: bool = False
     passages_k: int = 3
     rag: str | None = None  # a `medjax rag index` directory: its top passages_k chunks go into each prompt
+    protocol: str | None = None  # a published protocol's name (medjax.eval.protocols), recorded in the summary
+    template: str = ""  # the protocol's prompt (tasks.prompts.PromptConfig.template)
+
+    @classmethod
+    def for_protocol(cls, name: str | None, greedy: bool = False, **explicit) -> "EvalConfig":
+        """The preset of ``--protocol name`` (none: the defaults), under the settings given
+        explicitly (None values are not given). ``greedy`` sets temperature 0."""
+        fields = {}
+        if name:
+            from medjax.eval.protocols import get_protocol
+
+            p = get_protocol(name)
+            fields = dict(mode="generate", chat=p.chat, temperature=p.temperature, max_new_tokens=p.max_new_tokens,
+                          template=p.template, protocol=p.name)
+        if greedy:
+            fields["temperature"] = 0.0
+        fields.update({k: v for k, v in explicit.items() if v is not None})
+        return cls(**fields)
 
     def validate(self) -> "EvalConfig":
         if self.mode not in MODES:
@@ -59,6 +77,9 @@ class EvalConfig:
             raise ValueError(f"--choices must be one of {CHOICES}, got {self.choices!r}")
         if self.shots < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("--shots must be >= 0, --batch-size and --max-new-tokens >= 1")
+        if self.template and (self.mode != "generate" or self.shots):
+            flags = [f"--mode {self.mode}"] * (self.mode != "generate") + ["--shots"] * bool(self.shots)
+            raise ValueError(f"--protocol {self.protocol or ''} is zero-shot and generative: drop {' and '.join(flags)}")
         return self
 
 
@@ -81,9 +102,12 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
 
         retriever = RagIndex(cfg.rag)
     model = model or open_model(model_path, batch_size=cfg.batch_size)
-    chat = ChatFormatter(getattr(model, "tokenizer_dir", None)) if cfg.chat else None
+    # A served model is asked through its chat API, which applies the server's own template.
+    chat_api = cfg.chat and cfg.mode == "generate" and hasattr(model, "generate_chat")
+    chat = ChatFormatter(getattr(model, "tokenizer_dir", None)) if cfg.chat and not chat_api else None
     pcfg = PromptConfig(generative=cfg.mode == "generate",
-                        list_options=not (cfg.mode == "loglikelihood" and cfg.choices == "texts"))
+                        list_options=not (cfg.mode == "loglikelihood" and cfg.choices == "texts"),
+                        template=cfg.template)
 
     def prompt_for(item: ExamItem) -> tuple[str, list[str]]:
         passages = fit_passages(retriever.retrieve(item.question, cfg.passages_k), pcfg.passage_budget) \
@@ -101,7 +125,7 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         if cfg.mode == "loglikelihood":
             scored = _score_loglikelihood(model, items, prompts, cfg)
         else:
-            scored = _score_generate(model, items, prompts, cfg)
+            scored = _score_generate(model, items, prompts, cfg, chat_api)
         if retriever is not None:  # what the model was shown, as cited: [1] is passages[0]
             for row, shown in zip(scored, passages):
                 row["passages"] = shown
@@ -111,11 +135,12 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
     seconds = time.perf_counter() - t0
 
     summary = {
-        "benchmark": str(bench.path), "format": bench.format, "model": str(model_path), "mode": cfg.mode,
+        "benchmark": str(bench.path), "format": bench.format, "model": str(model_path),
+        **({"protocol": cfg.protocol} if cfg.protocol else {}), "mode": cfg.mode,
         **({"choices": cfg.choices} if cfg.mode == "loglikelihood" else {}), "shots": cfg.shots, "chat": cfg.chat,
         **({"rag": str(cfg.rag), "passages_k": cfg.passages_k} if cfg.rag else {}),
         **summarise(rows, extra_groups=_extra_groups(bench.items)),
-        "skipped": bench.skipped, "seconds": seconds, "items_per_sec": len(rows) / seconds if seconds else None,
+        "items_in_file": bench.records, "skipped": bench.skipped, "repaired": bench.repaired, "seconds": seconds, "items_per_sec": len(rows) / seconds if seconds else None,
         "output": str(out),
     }
     title = f"{bench.name} ({bench.format}, {cfg.mode}) - {model_path}"
@@ -130,6 +155,10 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         print(format_table(summary, title))
         if bench.skipped:
             print(f"  skipped {len(bench.skipped)} malformed items, first: {bench.skipped[0]}")
+        if bench.repaired:
+            print(f"  repaired {len(bench.repaired)} malformed option lists (listed in the summary), first: "
+                  f"{bench.repaired[0]}")
+        print(f"  scored {len(rows)} of the file's {bench.records} items")
         print(f"  {len(rows)} items in {seconds:.1f}s ({summary['items_per_sec']:.2f} items/s); wrote {out}")
     return summary
 
@@ -168,10 +197,11 @@ def _score_loglikelihood(model, items, prompts, cfg: EvalConfig) -> list[dict]:
     return rows
 
 
-def _score_generate(model, items, prompts, cfg: EvalConfig) -> list[dict]:
+def _score_generate(model, items, prompts, cfg: EvalConfig, chat_api: bool = False) -> list[dict]:
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    texts = model.generate_chat(prompts, settings) if chat_api else model.generate(prompts, settings)
     rows = []
-    for item, text in zip(items, model.generate(prompts, settings)):
+    for item, text in zip(items, texts):
         found = extract_for_item(text, item)
         rows.append(_row(item, found.prediction, score(found, item) == 1.0, refused=found.refused,
                          off_options=found.off_options, completion=text))

@@ -36,6 +36,7 @@ class ExamItem:
     context: str | None = None
     multi: bool = False
     meta: dict = dataclasses.field(default_factory=dict, compare=False)
+    repaired: str | None = dataclasses.field(default=None, compare=False)  # what the reader mended, if anything
 
     def __post_init__(self):
         if not self.question.strip():

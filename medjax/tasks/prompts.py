@@ -56,6 +56,11 @@ class PromptConfig:
     # score option texts with a base model, which has never seen lettered lists answered.
     list_options: bool = True
     passage_budget: int = 600  # words / CJK characters of retrieved text a prompt holds (0: no limit)
+    # A published protocol's own prompt (medjax.eval.protocols), zero-shot: "{question}" is the item's
+    # context (a shared case stem) then its question, "{options}" its lettered options, and a line
+    # that is only "{passages}" the numbered passages (the line is dropped when there are none).
+    # Empty: the templates above.
+    template: str = ""
 
 
 # Chat-control tokens of common templates (ChatML, Llama 2/3, Mistral): inside retrieved text they
@@ -165,9 +170,31 @@ def answer_continuation(item: ExamItem, letter: str | None = None, text: str | N
     return sep + (letter if text is None else text)
 
 
+_PLACEHOLDER = re.compile(r"\{question\}|\{options\}")
+
+
+def render_template(template: str, item: ExamItem, passages: Sequence[str] = ()) -> str:
+    """``template`` (see PromptConfig.template) filled with one item. Placeholders are replaced, not
+    str.format-ed, because protocol prompts show JSON examples with braces."""
+    fill = {"{question}": f"{item.context}\n{item.question}" if item.context else item.question,
+            "{options}": "\n".join(f"{k}. {v}" for k, v in item.options.items())}
+    lines = []
+    for line in template.split("\n"):
+        if line.strip() == "{passages}":
+            if passages:
+                lines.append(passages_block(passages, item.language))
+        else:  # one pass over the template's own text: item text is never read as a placeholder
+            lines.append(_PLACEHOLDER.sub(lambda m: fill[m.group(0)], line))
+    return "\n".join(lines)
+
+
 def build_prompt(item: ExamItem, shots: Sequence[ExamItem] = (), passages: Sequence[str] = (),
                  cfg: PromptConfig = PromptConfig()) -> str:
     """The prompt text for one item (before any chat template)."""
+    if cfg.template:
+        if shots:
+            raise ValueError("a protocol prompt is zero-shot: drop --shots")
+        return render_template(cfg.template, item, fit_passages(passages, cfg.passage_budget))
     t = TEMPLATES[item.language]
     lines = [t.multi if item.multi else t.single]
     if cfg.generative:

@@ -38,6 +38,8 @@ class Benchmark:
     format: str
     items: list[ExamItem]
     skipped: list[str] = dataclasses.field(default_factory=list)  # errors of items left out (skip_bad)
+    repaired: list[str] = dataclasses.field(default_factory=list)  # "file:line: what was mended"
+    records: int = 0  # records read (before --limit): "scored n of records"
 
     @property
     def name(self) -> str:
@@ -75,22 +77,41 @@ def _options_dict(value, where: str, key: str) -> dict[str, str]:
     return out
 
 
-def parse_option_lines(text: str, where: str, key: str) -> dict[str, str]:
+_DIGIT_ONE = re.compile(r"^\s*[1l]\s*[.．、:：)）]\s*(.*)$")
+
+
+def parse_option_lines(text: str, where: str, key: str, repairs: list[str] | None = None) -> dict[str, str]:
     """"A.text\nB.text" or "A 胃窦\nB 胃底" -> {letter: text}, keyed by the letters as written (real
     files skip a letter, list D before C or write "c."; the gold answer uses the written letters).
-    A line that does not start with an unused letter continues the previous option."""
+    A line that does not start with an unused letter continues the previous option.
+
+    With ``repairs`` (a list the notes are appended to), two release defects that have one reading
+    are mended instead of raised: "1." or "l." where I follows H (a digit typed for the letter), and
+    letters that go back (a repeated letter after the run: the lines from there on are a stray option
+    or a second item's list pasted after this one's, and are dropped). The caller checks the gold
+    letters are still among the options, so a repair cannot change which answer is right."""
     out: dict[str, str] = {}
     last = None
-    for line in str(text).splitlines():
+    lines = str(text).splitlines()
+    for n, line in enumerate(lines):
         if not line.strip():
             continue
         m = _OPTION_LINE.match(line)
         letter = m.group(1).upper() if m else None
+        body = m.group(2) if m else None
+        if repairs is not None and letter is None and last == "H" and (one := _DIGIT_ONE.match(line)):
+            letter, body = "I", one.group(1)
+            repairs.append(f"option {line.strip()[:2]!r} after H read as I")
         if letter is not None and letter in out and last is not None and letter <= last:
-            raise ItemError(f"{where}: option {letter} appears twice in field {key!r}")
+            if repairs is None:
+                raise ItemError(f"{where}: option {letter} appears twice in field {key!r}")
+            dropped = [ln.strip() for ln in lines[n:] if ln.strip()]
+            repairs.append(f"dropped {len(dropped)} option line(s) from the repeated letter {letter} on "
+                           f"(after {last}): {' | '.join(dropped)[:80]}")
+            break
         if letter is not None and letter not in out:
             last = letter
-            out[letter] = m.group(2).strip()
+            out[letter] = body.strip()
         elif last is not None:
             out[last] += "\n" + line.strip()
         else:
@@ -183,14 +204,28 @@ def _medxpertqa(rec: Record, where: str) -> ExamItem:
                  meta={k: rec[k] for k in ("body_system", "question_type") if k in rec})
 
 
+def cpqexam_option_type(qtype: str, answer: frozenset[str]) -> str:
+    """The four question groups the CPQExam authors report accuracy by (their evaluate.py): case
+    analysis, shared stem (A3/A4, 共用题干), and otherwise single or multiple answer by the gold."""
+    if "案例分析" in qtype:
+        return "案例分析题"
+    if "题干" in qtype or "A3/A4" in qtype:
+        return "共用题干题"
+    return "多选题" if len(answer) > 1 else "单选题"
+
+
 def _cpqexam(rec: Record, where: str) -> ExamItem:
-    options = parse_option_lines(_get(rec, "option", where), where, "option")
+    # The authors scored all 7,600 items, so the release's few broken option lists are repaired
+    # where there is one reading, and each repair is reported (Benchmark.repaired).
+    repairs: list[str] = []
+    options = parse_option_lines(_get(rec, "option", where), where, "option", repairs)
     answer = _answer_letters(_get(rec, "answer", where), where, "answer")
     qtype = str(rec.get("type", ""))
     return _item(_get(rec, "uid", where), _get(rec, "question", where), options, answer, where,
                  context=(rec.get("stem") or "").strip() or None, subject=rec.get("department") or None,
                  multi=len(answer) > 1 or "多选" in qtype or "案例分析" in qtype or "不定项" in qtype,
-                 meta={"level": rec.get("level"), "type": qtype})
+                 meta={"level": rec.get("level"), "type": qtype, "option_type": cpqexam_option_type(qtype, answer)},
+                 repaired="; ".join(repairs) or None)
 
 
 def _mmlu(rec: Record, where: str) -> ExamItem:
@@ -416,7 +451,8 @@ def read_benchmark(path: str | os.PathLike, format: str | None = None, limit: in
             raise ItemError(f"{where}: duplicate id {item.id!r} (first at {seen[item.id]})")
         seen[item.id] = where
         items.append(item)
-    return Benchmark(path, format, items, skipped)
+    repaired = [f"{item.source}: {item.repaired}" for item in items if item.repaired]
+    return Benchmark(path, format, items, skipped, repaired, len(records))
 
 
 def _medmcqa_base(path: Path, records: list[tuple[Record, str]]) -> str:
