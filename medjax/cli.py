@@ -132,6 +132,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_suite(args: argparse.Namespace) -> int:
+    from medjax.eval.suite import load_suite, run_suite
+
+    suite = load_suite(args.suite, args.overrides)
+    run_suite(suite, args.model, args.out, rag=args.rag, limit=args.limit, batch_size=args.batch_size)
+    return 0
+
+
 def _cmd_eval_ngrams(args: argparse.Namespace) -> int:
     from medjax.tasks.ngrams import benchmark_ngrams
     from medjax.tasks.readers import read_benchmark
@@ -278,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     from medjax.eval.runner import CHOICES, MODES
     from medjax.tasks.readers import FORMATS
 
-    p = sub.add_parser("eval", help="score a benchmark file (`medjax eval ngrams ...` exports its n-grams)")
+    p = sub.add_parser("eval", help="score a benchmark file (`medjax eval suite|ngrams ...`: a whole suite, n-grams)")
     p.add_argument("--model", required=True, help="medjax checkpoint, Hugging Face directory, or openai:URL")
     p.add_argument("--benchmark", required=True, help="benchmark file (JSONL, JSON or CSV) in its published format")
     p.add_argument("--out", required=True, help="per-item JSON lines; the summary goes beside it")
@@ -304,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put the top chunks of this `medjax rag index` into each prompt, quoted and numbered")
     p.add_argument("--rag-k", type=int, default=3, help="with --rag: passages per prompt (default 3)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("eval-suite", help="(also `medjax eval suite`) every benchmark of a suite, as report tables")
+    p.add_argument("suite", help="suite YAML, e.g. configs/eval/quarkmed.yaml (the QuarkMed report's Tables 6 and 7)")
+    p.add_argument("--model", required=True, help="medjax checkpoint, Hugging Face directory, or openai:URL")
+    p.add_argument("--out", required=True, help="folder for each benchmark's output and the tables (a rerun resumes)")
+    p.add_argument("--rag", default=None, metavar="INDEX_DIR", help="also score every benchmark with retrieval")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each benchmark")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. vars.benchmarks=/data/bench")
+    p.set_defaults(func=_cmd_eval_suite)
 
     p = sub.add_parser("eval-ngrams", help="(also `medjax eval ngrams`) write benchmark n-grams for decontamination")
     p.add_argument("--benchmark", required=True, nargs="+", help="benchmark files")
@@ -338,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:  # everything after -- belongs to the wrapped tool (vLLM)
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1:]
-    if argv[:2] == ["eval", "ngrams"]:
-        argv = ["eval-ngrams", *argv[2:]]
+    if argv[:2] in (["eval", "ngrams"], ["eval", "suite"]):
+        argv = [f"eval-{argv[1]}", *argv[2:]]
     args = build_parser().parse_args(argv)
     if args.command != "plan":  # plan compiles for absent TPUs: nothing this host could run again
         from medjax.utils import use_compilation_cache

@@ -64,11 +64,14 @@ def render() -> str:
             + (f"    deps = [\n{_list([':' + d for d in deps])}    ],\n" if deps else "")
             + ")\n"
         )
+    # Test helpers (conftest.py, an OpenAI-speaking chat server) travel with every test.
+    helpers = ["tests/conftest.py"] + sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("*.py")
+                                             if not p.name.startswith("test_") and p.name != "conftest.py")
     for test in sorted((ROOT / "tests").glob("test_*.py")):
         rel = test.relative_to(ROOT).as_posix()
         out.append(
             f'\npy_test(\n    name = "{test.stem}",\n    size = "large",\n'
-            f'    srcs = [\n{_list([rel, "tests/conftest.py"])}    ],\n'
+            f'    srcs = [\n{_list([rel, *helpers])}    ],\n'
             f'    main = "{rel}",\n    data = glob(["configs/**/*.yaml", "tests/data/**"]) + ["tools/update_build.py", "BUILD"],\n'
             f"    deps = [\n{_list([':' + name for name, _, _ in libs])}    ],\n)\n"
         )

@@ -139,7 +139,7 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         **({"protocol": cfg.protocol} if cfg.protocol else {}), "mode": cfg.mode,
         **({"choices": cfg.choices} if cfg.mode == "loglikelihood" else {}), "shots": cfg.shots, "chat": cfg.chat,
         **({"rag": str(cfg.rag), "passages_k": cfg.passages_k} if cfg.rag else {}),
-        **summarise(rows, extra_groups=_extra_groups(bench.items)),
+        **summarise(rows, extra_groups=_extra_groups(bench.items, cfg.protocol)),
         "items_in_file": bench.records, "skipped": bench.skipped, "repaired": bench.repaired, "seconds": seconds, "items_per_sec": len(rows) / seconds if seconds else None,
         "output": str(out),
     }
@@ -163,9 +163,15 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
     return summary
 
 
-def _extra_groups(items: list[ExamItem]) -> list[str]:
+def _extra_groups(items: list[ExamItem], protocol: str | None = None) -> list[str]:
+    """Item fields worth a breakdown (2 to 50 values), and always the groups a protocol reports."""
     keys = {k for item in items for k, v in item.meta.items() if isinstance(v, str) and v}
-    return sorted(k for k in keys if 1 < len({item.meta.get(k) for item in items}) <= 50)
+    groups = {k for k in keys if 1 < len({item.meta.get(k) for item in items}) <= 50}
+    if protocol:
+        from medjax.eval.protocols import get_protocol
+
+        groups |= set(get_protocol(protocol).groups) & keys
+    return sorted(groups)
 
 
 def _row(item: ExamItem, prediction: str, correct: bool, **extra) -> dict:
