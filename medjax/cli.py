@@ -123,7 +123,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from medjax.eval.runner import EvalConfig, evaluate
 
-    cfg = EvalConfig.for_protocol(args.protocol, args.greedy, mode=args.mode, choices=args.choices, format=args.format,
+    cfg = EvalConfig.for_protocol(args.protocol, args.greedy, mode=args.mode, choices=args.choices,
+                                  text_norm=args.text_norm, format=args.format,
                                   shots=args.shots, fewshot_file=args.fewshot_file, limit=args.limit, chat=args.chat,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, seed=args.seed, skip_bad=args.skip_bad, rag=args.rag,
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     from medjax.eval.protocols import PROTOCOLS
-    from medjax.eval.runner import CHOICES, MODES
+    from medjax.eval.runner import CHOICES, MODES, TEXT_NORMS
     from medjax.tasks.readers import FORMATS
 
     p = sub.add_parser("eval", help="score a benchmark file (`medjax eval suite|ngrams ...`: a whole suite, n-grams)")
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default=None, help="default loglikelihood (generate under --protocol)")
     p.add_argument("--choices", choices=CHOICES, default="letters",
                    help="log-likelihood of option letters, or of option texts (length-normalised)")
+    p.add_argument("--text-norm", choices=TEXT_NORMS, default="chars",
+                   help="--choices texts: divide by the option's length in characters (lm-eval's acc_norm), "
+                        "UTF-8 bytes (acc_bytes) or not at all (acc)")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: detected from the fields")
     p.add_argument("--shots", type=int, default=0, help="few-shot exemplars per prompt")
     p.add_argument("--fewshot-file", default=None, help="exemplar pool (default: the benchmark, never the item itself)")

@@ -2,6 +2,7 @@
 Hugging Face export and transformers; generative scoring; output files; bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,88 @@ def test_eval_ngrams_cli(world, tmp_path):
     from medjax.tasks.ngrams import ngram_tokens
 
     assert " ".join(ngram_tokens(item.question)[:8]) in set(lines)
+
+
+LM_EVAL_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {data}
+test_split: train
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: choices
+doc_to_target: gold
+target_delimiter: "{delimiter}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+  - metric: acc_bytes
+"""
+
+
+def test_loglikelihood_agrees_with_lm_evaluation_harness(world, trained, tmp_path, monkeypatch):
+    """The same HF model and items through lm-eval's `multiple_choice` scoring (hf backend, local
+    task files, medjax's rendered prompts and answer separator): per-option log-likelihoods equal
+    medjax's, and each of medjax's predictions equals lm-eval's for the metric it names: letters and
+    --text-norm none = acc, chars = acc_norm, bytes = acc_bytes. English (the world's exam, separator
+    " ") and Chinese (real CPQExam items, no separator, where a character is three bytes)."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (test extra)")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from medjax.tasks.prompts import TEMPLATES, PromptConfig, build_prompt
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    hf = trained / "hf"
+    cpqexam = Path(__file__).resolve().parents[2] / "shared/benchmarks/cpqexam/cpqexam.jsonl"
+    zh = (cpqexam, 40) if cpqexam.is_file() else (Path(__file__).parent / "data/benchmarks/cmexam.csv", None)
+    benches = {"en": (world.files["exam"], 24), "zh": zh}
+    runs = [("letters", "none"), ("texts", "none"), ("texts", "chars"), ("texts", "bytes")]
+    tasks, ours = {}, {}
+    for lang, (bench, limit) in benches.items():
+        items = read_benchmark(bench, limit=limit).items
+        assert {i.language for i in items} == {lang}
+        for choices in ("letters", "texts"):
+            name = f"medjax_{lang}_{choices}"
+            data = tmp_path / f"{name}.jsonl"
+            with data.open("w") as f:
+                for item in items:
+                    query = build_prompt(item, cfg=PromptConfig(list_options=choices == "letters"))
+                    options = list(item.options) if choices == "letters" else list(item.options.values())
+                    f.write(json.dumps({"query": query, "choices": options, "gold": 0}, ensure_ascii=False) + "\n")
+            (tmp_path / f"{name}.yaml").write_text(LM_EVAL_TASK.format(
+                name=name, data=data, delimiter=TEMPLATES[lang].letter_sep))
+            tasks[(lang, choices)] = name
+        for choices, norm in runs:
+            evaluate(str(hf), bench, tmp_path / f"{lang}-{choices}-{norm}.jsonl",
+                     EvalConfig(choices=choices, text_norm=norm, limit=limit, batch_size=8), quiet=True)
+            ours[(lang, choices, norm)] = [json.loads(x) for x in
+                                           (tmp_path / f"{lang}-{choices}-{norm}.jsonl").read_text().splitlines()]
+
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32", tasks=list(tasks.values()),
+                                      task_manager=TaskManager(include_path=str(tmp_path)), device="cpu",
+                                      batch_size=8, log_samples=True, verbosity="ERROR")
+    metric = {"none": "acc", "chars": "acc_norm", "bytes": "acc_bytes"}
+    for (lang, choices, norm), rows in ours.items():
+        samples = sorted(results["samples"][tasks[(lang, choices)]], key=lambda s: s["doc_id"])
+        assert len(samples) == len(rows)
+        for row, sample in zip(rows, samples):
+            theirs = [float(r[0]) for r in sample["filtered_resps"]]
+            np.testing.assert_allclose(list(row["logprobs"].values()), theirs, atol=1e-4, rtol=0)
+            # Gold is index 0 in these files, so lm-eval's metric says whether its pick was option A.
+            ours_a, theirs_a = row["prediction"] == next(iter(row["logprobs"])), sample[metric[norm]] == 1.0
+            assert ours_a == theirs_a or _near_tie(theirs, sample, norm), (lang, choices, norm, row["id"])
+    en = [(a["prediction"], b["prediction"]) for a, b in zip(ours[("en", "texts", "chars")], ours[("en", "texts", "bytes")])]
+    assert all(a == b for a, b in en)  # ASCII: a character is a byte, and neither length counts the separator
+
+
+def _near_tie(lls, sample, norm) -> bool:
+    """Two options within float noise of each other under the metric's normalisation (torch and XLA
+    round differently, so such an item may go either way)."""
+    texts = sample["doc"]["choices"]
+    size = {"none": lambda t: 1, "chars": len, "bytes": lambda t: len(t.encode())}[norm]
+    scores = sorted((ll / max(size(t), 1) for ll, t in zip(lls, texts)), reverse=True)
+    return len(scores) > 1 and scores[0] - scores[1] < 1e-4

@@ -3,9 +3,11 @@ and a per-subject chart beside them, and print accuracy with bootstrap intervals
 
 Modes:
 - ``loglikelihood``: the option with the highest log p(continuation | prompt) wins. ``choices=letters``
-  scores the option letter after the answer cue; ``choices=texts`` scores each option's text,
-  normalised by its UTF-8 length (lm-evaluation-harness's acc_norm), cloze style: the prompt does not
-  list the options, each is scored as the answer's text. One letter is chosen, so a
+  scores the option letter after the answer cue; ``choices=texts`` scores each option's text, cloze
+  style (the prompt does not list the options, each is scored as the answer's text), divided by the
+  text's length as ``text_norm`` says: ``chars`` is lm-evaluation-harness's acc_norm, ``bytes`` its
+  acc_bytes (UTF-8), ``none`` its acc; like lm-eval, the length leaves out the separator before the
+  text (a space in English, nothing in Chinese). One letter is chosen, so a
   multi-answer item can only be right in generative mode.
 - ``generate``: the model writes freely and the shared extractor (medjax.tasks.answers) reads the
   letters it commits to; exact set match.
@@ -33,12 +35,14 @@ from medjax.utils import atomic_open, atomic_write_text
 
 MODES = ("loglikelihood", "generate")
 CHOICES = ("letters", "texts")
+TEXT_NORMS = ("chars", "bytes", "none")  # lm-eval's acc_norm, acc_bytes, acc
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     mode: str = "loglikelihood"
     choices: str = "letters"
+    text_norm: str = "chars"  # choices=texts: the option's length in characters, UTF-8 bytes, or none
     format: str | None = None
     shots: int = 0
     fewshot_file: str | None = None
@@ -75,6 +79,8 @@ class EvalConfig:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
         if self.choices not in CHOICES:
             raise ValueError(f"--choices must be one of {CHOICES}, got {self.choices!r}")
+        if self.text_norm not in TEXT_NORMS:
+            raise ValueError(f"--text-norm must be one of {TEXT_NORMS}, got {self.text_norm!r}")
         if self.shots < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("--shots must be >= 0, --batch-size and --max-new-tokens >= 1")
         if self.template and (self.mode != "generate" or self.shots):
@@ -137,7 +143,9 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
     summary = {
         "benchmark": str(bench.path), "format": bench.format, "model": str(model_path),
         **({"protocol": cfg.protocol} if cfg.protocol else {}), "mode": cfg.mode,
-        **({"choices": cfg.choices} if cfg.mode == "loglikelihood" else {}), "shots": cfg.shots, "chat": cfg.chat,
+        **({"choices": cfg.choices} if cfg.mode == "loglikelihood" else {}),
+        **({"text_norm": cfg.text_norm} if cfg.mode == "loglikelihood" and cfg.choices == "texts" else {}),
+        "shots": cfg.shots, "chat": cfg.chat,
         **({"rag": str(cfg.rag), "passages_k": cfg.passages_k} if cfg.rag else {}),
         **summarise(rows, extra_groups=_extra_groups(bench.items, cfg.protocol)),
         "items_in_file": bench.records, "skipped": bench.skipped, "repaired": bench.repaired, "seconds": seconds, "items_per_sec": len(rows) / seconds if seconds else None,
@@ -194,10 +202,10 @@ def _score_loglikelihood(model, items, prompts, cfg: EvalConfig) -> list[dict]:
     scores = model.loglikelihood(requests)
     rows = []
     for item, req, lps in zip(items, requests, scores):
-        if cfg.choices == "texts":
-            ranked = [lp / max(len(c.encode("utf-8")), 1) for lp, c in zip(lps, req.continuations)]
-        else:
-            ranked = lps
+        ranked = lps
+        if cfg.choices == "texts" and cfg.text_norm != "none":
+            size = len if cfg.text_norm == "chars" else (lambda text: len(text.encode("utf-8")))
+            ranked = [lp / max(size(text), 1) for lp, text in zip(lps, item.options.values())]
         best = item.letters[max(range(len(ranked)), key=ranked.__getitem__)]
         rows.append(_row(item, best, best == item.gold, logprobs=dict(zip(item.letters, lps))))
     return rows
