@@ -128,7 +128,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                   shots=args.shots, fewshot_file=args.fewshot_file, limit=args.limit, chat=args.chat,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, seed=args.seed, skip_bad=args.skip_bad, rag=args.rag,
-                                  passages_k=args.rag_k)
+                                  passages_k=args.rag_k, mesh=args.mesh)
     evaluate(args.model, args.benchmark, args.out, cfg)
     return 0
 
@@ -137,7 +137,7 @@ def _cmd_eval_suite(args: argparse.Namespace) -> int:
     from medjax.eval.suite import load_suite, run_suite
 
     suite = load_suite(args.suite, args.overrides)
-    run_suite(suite, args.model, args.out, rag=args.rag, limit=args.limit, batch_size=args.batch_size)
+    run_suite(suite, args.model, args.out, rag=args.rag, limit=args.limit, batch_size=args.batch_size, mesh=args.mesh)
     return 0
 
 
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap prompts in the model's chat template (a served model: its chat API)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mesh", default="", metavar="AXIS=N,...",
+                   help="shard a local model over this host's devices, e.g. fsdp=4,tensor=2 (the training rule "
+                        "table; data=-1 takes the rest); default one device")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generative mode (default 256)")
     p.add_argument("--temperature", type=float, default=None, help="generative mode; 0 = greedy (the default)")
     p.add_argument("--seed", type=int, default=0)
@@ -324,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rag", default=None, metavar="INDEX_DIR", help="also score every benchmark with retrieval")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items of each benchmark")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mesh", default="", metavar="AXIS=N,...",
+                   help="shard a local model over this host's devices, e.g. fsdp=4,tensor=2 (the training rule "
+                        "table; data=-1 takes the rest); default one device")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. vars.benchmarks=/data/bench")
     p.set_defaults(func=_cmd_eval_suite)
 

@@ -253,3 +253,40 @@ def _near_tie(lls, sample, norm) -> bool:
     size = {"none": lambda t: 1, "chars": len, "bytes": lambda t: len(t.encode())}[norm]
     scores = sorted((ll / max(size(t), 1) for ll, t in zip(lls, texts)), reverse=True)
     return len(scores) > 1 and scores[0] - scores[1] < 1e-4
+
+
+def test_sharded_model_evaluates_as_one_device_does(world, trained, tmp_path):
+    """--mesh fsdp=4,tensor=2 on the 8-device CPU mesh: params really split by the training rule
+    table, batches laid over fsdp; log-likelihoods, predictions and greedy generations equal the
+    one-device model's."""
+    import jax
+
+    from medjax.eval.backends import GenerationSettings, LoglikelihoodRequest
+    from medjax.tasks.prompts import PromptConfig, answer_continuation, build_prompt
+
+    assert jax.device_count() == 8
+    one = LocalModel(str(trained / "hf"), batch_size=4)
+    sharded = LocalModel(str(trained / "hf"), batch_size=3, mesh="fsdp=4,tensor=2")
+    assert sharded.batch_size == 4  # rounded up to a multiple of data x fsdp
+    leaves = jax.tree.leaves(sharded.params)
+    specs = {str(x.sharding.spec) for x in leaves}
+    assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs), specs
+    biggest = max(leaves, key=lambda x: x.size)
+    assert biggest.addressable_shards[0].data.size * 4 <= biggest.size
+
+    items = read_benchmark(world.files["exam"], limit=LIMIT).items
+    requests = [LoglikelihoodRequest(build_prompt(i), [answer_continuation(i, k) for k in i.letters]) for i in items]
+    requests += [LoglikelihoodRequest(build_prompt(i, cfg=PromptConfig(list_options=False)),
+                                      [answer_continuation(i, text=t) for t in i.options.values()]) for i in items]
+    np.testing.assert_allclose(np.concatenate(sharded.loglikelihood(requests)),
+                               np.concatenate(one.loglikelihood(requests)), atol=1e-4, rtol=0)
+    settings = GenerationSettings(max_new_tokens=12)
+    prompts = [r.context for r in requests[:6]]
+    assert sharded.generate(prompts, settings) == one.generate(prompts, settings)
+
+    a = evaluate(str(trained / "hf"), world.files["exam"], tmp_path / "one.jsonl", EvalConfig(limit=LIMIT), quiet=True)
+    b = evaluate(str(trained / "hf"), world.files["exam"], tmp_path / "mesh.jsonl",
+                 EvalConfig(limit=LIMIT, mesh="fsdp=4,tensor=2"), quiet=True)
+    assert a["accuracy"] == b["accuracy"]
+    with pytest.raises(ValueError, match=r"--mesh 'fsdp4': expected AXIS=SIZE pairs over data, fsdp, tensor"):
+        LocalModel(str(trained / "hf"), mesh="fsdp4")

@@ -18,6 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.models.sampler import bucket
+from medjax.models.sharding import activation_layout
+
+
+def parse_mesh(spec: str):
+    """"fsdp=4,tensor=2" -> MeshConfig (unnamed axes keep their defaults: data=-1 takes the rest)."""
+    from medjax.config import MeshConfig
+
+    cfg, known = MeshConfig(), ("data", "fsdp", "tensor")
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or name.strip() not in known or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {spec!r}: expected AXIS=SIZE pairs over {', '.join(known)}, e.g. fsdp=4,tensor=2")
+        setattr(cfg, name.strip(), int(value))
+    return cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +60,10 @@ class LocalModel:
 
     LOGITS_CHUNK = 512
 
-    def __init__(self, path: str | os.PathLike, batch_size: int = 8):
+    def __init__(self, path: str | os.PathLike, batch_size: int = 8, mesh: str = ""):
+        """``mesh`` ("fsdp=4,tensor=2", axes of parallel.mesh; "" for one device) shards the params
+        by the training rule table and lays each batch over (data, fsdp), so a model too large for
+        one device evaluates; the batch is rounded up to a multiple of data x fsdp."""
         from medjax.data.tokenizer import load_tokenizer
         from medjax.models.decoder import ModelDef
         from medjax.models.sampler import Sampler
@@ -56,16 +73,37 @@ class LocalModel:
         if self.tokenizer_dir is None:
             raise FileNotFoundError(f"{path}: no tokenizer found beside the weights")
         self.tok = load_tokenizer(self.tokenizer_dir)
-        self.batch_size = batch_size
-        self.params = jax.device_put(params)
         self.model_def = ModelDef(self.model_cfg)
+        self.mesh, self.batch_sharding = None, None
+        if mesh:
+            from medjax.parallel.mesh import make_mesh
+            from medjax.parallel.rules import batch_sharding, param_shardings
+
+            self.mesh = make_mesh(parse_mesh(mesh))
+            rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            batch_size = -(-batch_size // rows) * rows
+            self.batch_sharding = batch_sharding(self.mesh)
+            self.params = jax.device_put(params, param_shardings(self.model_def.abstract_state, self.mesh))
+        else:
+            self.params = jax.device_put(params)
+        self.batch_size = batch_size
         self.sampler = Sampler(self.model_def)
         self.stop_ids = stop_token_ids(self.tok, self.model_cfg)
         scoring = ModelDef(dataclasses.replace(self.model_cfg,
                                                logits_chunk=self.model_cfg.logits_chunk or self.LOGITS_CHUNK))
 
+        layout = None
+        if self.mesh is not None:
+            from medjax.parallel.rules import MeshLayout
+
+            layout = MeshLayout(self.mesh)
+
         @jax.jit
         def score(params, tokens, targets, last):
+            with activation_layout(layout):
+                return _score(params, tokens, targets, last)
+
+        def _score(params, tokens, targets, last):
             model = scoring.bind(params)
             hidden = model.hidden_states(tokens)
             token_lp, _ = model.token_logprobs(hidden, targets)
@@ -108,6 +146,8 @@ class LocalModel:
                 last[b] = len(ids) - 1
                 if isinstance(tgt, tuple):
                     targets[b, :len(tgt[1])] = tgt[1]
+            if self.batch_sharding is not None:
+                tokens, targets, last = jax.device_put((tokens, targets, last), self.batch_sharding)
             token_lp, last_lp = jax.device_get(self._score(self.params, tokens, targets, last))
             for b, (r, conts, ids, tgt) in enumerate(chunk):
                 if isinstance(tgt, tuple):
@@ -131,7 +171,8 @@ class LocalModel:
             batch = ids[start:start + self.batch_size]
             padded = batch + [batch[-1]] * (self.batch_size - len(batch))  # one compiled batch shape
             key, sub = jax.random.split(key)
-            seqs = self.sampler.generate(self.params, padded, cfg, sub).sequences()[:len(batch)]
+            seqs = self.sampler.generate(self.params, padded, cfg, sub,
+                                         batch_sharding=self.batch_sharding).sequences()[:len(batch)]
             texts.extend(self.tok.decode(s, skip_special_tokens=True) for s in seqs)
         return texts
 
@@ -199,8 +240,8 @@ class ServerModel:
         return self._map(one, prompts)
 
 
-def open_model(path: str, batch_size: int = 8):
+def open_model(path: str, batch_size: int = 8, mesh: str = ""):
     """LocalModel for a checkpoint or HF directory, ServerModel for ``openai:URL``."""
-    if path.startswith("openai:"):
-        return ServerModel(path[len("openai:"):])
-    return LocalModel(path, batch_size=batch_size)
+    if path.startswith("openai:"):  # a server batches requests itself: batch_size of them in flight
+        return ServerModel(path[len("openai:"):], concurrency=batch_size)
+    return LocalModel(path, batch_size=batch_size, mesh=mesh)

@@ -53,6 +53,7 @@ class EvalConfig:
     temperature: float = 0.0
     seed: int = 0
     skip_bad: bool = False
+    mesh: str = ""  # "fsdp=4,tensor=2": shard a local model over the devices (backends.parse_mesh); "": one device
     passages_k: int = 3
     rag: str | None = None  # a `medjax rag index` directory: its top passages_k chunks go into each prompt
     protocol: str | None = None  # a published protocol's name (medjax.eval.protocols), recorded in the summary
@@ -107,7 +108,7 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         from medjax.rag.search import RagIndex
 
         retriever = RagIndex(cfg.rag)
-    model = model or open_model(model_path, batch_size=cfg.batch_size)
+    model = model or open_model(model_path, batch_size=cfg.batch_size, mesh=cfg.mesh)
     # A served model is asked through its chat API, which applies the server's own template.
     chat_api = cfg.chat and cfg.mode == "generate" and hasattr(model, "generate_chat")
     chat = ChatFormatter(getattr(model, "tokenizer_dir", None)) if cfg.chat and not chat_api else None

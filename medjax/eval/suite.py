@@ -83,7 +83,8 @@ def load_suite(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) ->
     if not Path(where).is_file():
         raise ConfigError(f"suite file not found: {where}")
     suite = load_typed_config(Suite, where, overrides)
-    fields = {f.name for f in dataclasses.fields(EvalConfig)} - {"protocol", "template", "rag", "limit"}
+    # The model is opened once for the whole suite: where it runs (mesh) is the command's to say.
+    fields = {f.name for f in dataclasses.fields(EvalConfig)} - {"protocol", "template", "rag", "limit", "mesh"}
     tables = {t.name: t for t in suite.tables}
     for key, settings in [("defaults", suite.defaults)] + [
             (f"benchmarks[{i}].settings", b.settings) for i, b in enumerate(suite.benchmarks)]:
@@ -135,7 +136,8 @@ def run_key(model: str, path: Path, cfg) -> str:
 
 
 def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: str | None = None,
-              limit: int | None = None, batch_size: int = 8, quiet: bool = False, model=None) -> dict:
+              limit: int | None = None, batch_size: int = 8, quiet: bool = False, model=None,
+              mesh: str = "") -> dict:
     """Scores every listed benchmark (and again with ``rag``), then writes the tables; returns the
     suite summary (also written to OUT/suite.json)."""
     from medjax.eval.backends import open_model
@@ -170,7 +172,7 @@ def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: st
                 summary = json.loads(done.read_text())
             else:
                 if model is None:
-                    model = open_model(str(model_path), batch_size=batch_size)
+                    model = open_model(str(model_path), batch_size=batch_size, mesh=mesh)
                 summary = evaluate(str(model_path), path, out, cfg, model=model, quiet=quiet)
                 summary["suite_key"] = key  # written last: a summary without it is an unfinished run
                 atomic_write_text(done, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
