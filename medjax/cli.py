@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from medjax.config import ConfigError
 from medjax.convert import ConversionError
@@ -130,6 +132,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                   temperature=args.temperature, seed=args.seed, skip_bad=args.skip_bad, rag=args.rag,
                                   passages_k=args.rag_k, mesh=args.mesh)
     evaluate(args.model, args.benchmark, args.out, cfg)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from medjax.train.plots import plot_runs
+
+    out = args.out or str(Path(os.path.commonpath([str(Path(w).resolve()) for w in args.workdirs])) / "plots")
+    for path in plot_runs(args.workdirs, out):
+        print(path)
     return 0
 
 
@@ -319,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put the top chunks of this `medjax rag index` into each prompt, quoted and numbered")
     p.add_argument("--rag-k", type=int, default=3, help="with --rag: passages per prompt (default 3)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="loss, learning-rate, reward and accuracy curves of runs, one PNG per stage")
+    p.add_argument("workdirs", nargs="+", help="training run folders (each with metrics.jsonl); runs of one stage "
+                                              "are overlaid")
+    p.add_argument("--out", default=None, help="folder for STAGE.png (default: plots/ in the runs' common parent)")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("eval-suite", help="(also `medjax eval suite`) every benchmark of a suite, as report tables")
     p.add_argument("suite", help="suite YAML, e.g. configs/eval/quarkmed.yaml (the QuarkMed report's Tables 6 and 7)")

@@ -24,7 +24,7 @@ from medjax.data.tokenizer import train_tokenizer
 from medjax.eval.runner import EvalConfig, evaluate
 from medjax.serve.generate import generate_text
 from medjax.train.loop import train
-from medjax.train.plots import plot_metrics
+from medjax.train.plots import plot_metrics, plot_runs
 from medjax.utils import atomic_write_text
 
 DEMO_CONFIGS = REPO_ROOT / "configs" / "demo"
@@ -170,6 +170,40 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def write_exam_table(summary: dict, stem: Path) -> tuple[Path, Path]:
+    """STEM.md (the exam table in Markdown) and STEM.png (accuracy after each stage, by mode, with
+    95% intervals): the table a person looks at first."""
+    import numpy as np
+
+    from medjax.charts import pyplot, save
+
+    rows = summary["evaluations"]
+    lines = ["| after | mode | accuracy % | 95% CI | no answer | not an option | items |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['after']} | {e['mode']} | {e['accuracy'] * 100:.1f} | [{e['ci_low'] * 100:.1f}, "
+              f"{e['ci_high'] * 100:.1f}] | {e['no_answer']} | {e.get('off_options', 0)} | {e['n']} |" for e in rows]
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    plt = pyplot()
+    stages = list(dict.fromkeys(e["after"] for e in rows))
+    modes = list(dict.fromkeys(e["mode"] for e in rows))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(modes)
+    for j, mode in enumerate(modes):
+        xs, ys, errs = [], [], []
+        for i, stage in enumerate(stages):
+            e = next((e for e in rows if e["after"] == stage and e["mode"] == mode), None)
+            if e is not None:
+                xs.append(i + (j - (len(modes) - 1) / 2) * width)
+                ys.append(e["accuracy"] * 100)
+                errs.append([(e["accuracy"] - e["ci_low"]) * 100, (e["ci_high"] - e["accuracy"]) * 100])
+        ax.bar(xs, ys, width=width, yerr=np.array(errs).T, capsize=3, label=mode)
+    ax.set_xticks(range(len(stages)), stages, fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("exam accuracy % (95% CI)")
+    ax.set_title("bundled exam after each stage")
+    ax.legend(fontsize=8)
+    return stem.with_suffix(".md"), save(fig, stem.with_suffix(".png"))
+
+
 def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = None) -> dict[str, Path]:
     """``max_steps`` caps the pretraining, SFT and reward-model stages, ``rl_steps`` each RL stage
     (default: each demo config's own; a cap above a config's steps changes nothing). Writes
@@ -296,6 +330,10 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
         plot = plot_metrics(Path(stage_cfg.workdir) / "metrics.jsonl", Path(stage_cfg.workdir) / "loss.png")
         if plot is not None:
             artifacts[f"{name} curves"] = plot
+    # One figure per stage (the two RL stages overlaid), as `medjax plot` draws them; the exam table.
+    for plot in plot_runs([c.workdir for c in stages.values()], root / "plots"):
+        artifacts[f"{plot.stem} stage curves"] = plot
+    artifacts["exam table"], artifacts["exam chart"] = write_exam_table(summary, root / "exam_table")
     print("artifacts:")
     for name, path in artifacts.items():
         print(f"  {name:24s} {path}")

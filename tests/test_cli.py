@@ -157,6 +157,12 @@ def test_demo_runs_end_to_end(demo):
     assert {name: stage["last"]["step"] for name, stage in summary["stages"].items()} == steps
     for stage in ("sft", "reward_model", "rl_verifiable", "rl_preference"):
         assert (tmp_path / stage / "loss.png").stat().st_size > 1000
+    # It ends with a figure per stage (both RL runs overlaid in rl.png) and the exam table, paths printed.
+    for name in ("pretrain", "sft", "reward_model", "rl"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000 and str(tmp_path / "plots" / f"{name}.png") \
+            in out.stdout
+    table = (tmp_path / "exam_table.md").read_text()
+    assert table.count("\n") == 2 + len(summary["evaluations"]) and str(tmp_path / "exam_table.png") in out.stdout
     # Quiet: no absl warnings (e.g. "Metadata file does not exist"), tracebacks, tokenizer mismatch
     # or libtpu probing for a TPU this host does not have.
     assert not re.search(r"^(WARNING|ERROR):absl|Traceback|Metadata file does not exist|warning: tokenizer|"

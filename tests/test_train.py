@@ -133,3 +133,39 @@ def test_sigterm_checkpoints_and_resumes_exactly(make_config, tmp_path):
     got = losses(tmp_path / "run")
     assert sorted(got) == list(range(1, 41))
     assert got == losses(tmp_path / "ref")
+
+
+def test_plot_overlays_runs_of_a_stage_and_names_bad_input(tmp_path, capsys):
+    """`medjax plot`: one PNG per stage, every run of that stage drawn in it (loss, learning rate,
+    accuracy/reward panels); Chinese run names render with the CJK font or as text, never boxes; a
+    folder without metrics.jsonl or a broken line is an error naming it."""
+    import warnings
+
+    from medjax.charts import cjk_family, label
+    from medjax.cli import main
+
+    def run(name, stage, losses, extra=None):
+        w = tmp_path / name
+        w.mkdir(parents=True)
+        (w / "config.yaml").write_text(f"stage: {stage}\n")
+        (w / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v, "learning_rate": 1e-3 * (i + 1),
+                                                             **(extra or {})}) + "\n" for i, v in enumerate(losses)))
+        return w
+
+    a = run("a", "rl", [3.0, 2.0], {"reward_mean": 0.5})
+    b = run("中级-b", "rl", [3.5, 2.5], {"reward_mean": 0.7})
+    c = run("c", "sft", [4.0, 3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing glyph warns: none may
+        assert main(["plot", str(a), str(b), str(c), "--out", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "plots" / "rl.png"), str(tmp_path / "plots" / "sft.png")]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "plots" / "rl.png").size[0] > Image.open(tmp_path / "plots" / "sft.png").size[0] // 2
+    assert label("中级") == ("中级" if cjk_family() else "Intermediate")
+    (c / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\nnot json\n{"step": 3, "loss": 0.5}\n')
+    assert main(["plot", str(c)]) == 2
+    assert f"{c / 'metrics.jsonl'}:2: not a JSON record" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err

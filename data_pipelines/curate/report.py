@@ -46,12 +46,10 @@ def draw_funnel(report: dict, path: str) -> None:
     """Three panels: documents kept after each stage (the funnel), documents removed at each stage
     with their main reasons (on its own scale: a few planted faults among thousands still show),
     and PHI redactions by type."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from medjax.charts import pyplot
     from medjax.utils import atomic_open
+
+    plt = pyplot()  # Agg, and a CJK font for Chinese sources and reasons
 
     rows = report["stages"]
     fig, (ax, rx, bx) = plt.subplots(1, 3, figsize=(17, 0.5 * len(rows) + 2.5),

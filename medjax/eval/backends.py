@@ -23,13 +23,13 @@ from medjax.models.sharding import activation_layout
 
 def parse_mesh(spec: str):
     """"fsdp=4,tensor=2" -> MeshConfig (unnamed axes keep their defaults: data=-1 takes the rest)."""
-    from medjax.config import MeshConfig
+    from medjax.config import ConfigError, MeshConfig
 
     cfg, known = MeshConfig(), ("data", "fsdp", "tensor")
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, eq, value = part.partition("=")
         if not eq or name.strip() not in known or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"--mesh {spec!r}: expected AXIS=SIZE pairs over {', '.join(known)}, e.g. fsdp=4,tensor=2")
+            raise ConfigError(f"--mesh {spec!r}: expected AXIS=SIZE pairs over {', '.join(known)}, e.g. fsdp=4,tensor=2")
         setattr(cfg, name.strip(), int(value))
     return cfg
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from medjax.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
@@ -41,5 +43,5 @@ PROTOCOLS = {p.name: p for p in (QUARKMED,)}
 
 def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown --protocol {name!r}; known: {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"unknown --protocol {name!r}; known: {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]

@@ -4,7 +4,6 @@ printed table and a bar chart of per-subject accuracy."""
 from __future__ import annotations
 
 import unicodedata
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -88,29 +87,18 @@ def plot_groups(summary: dict, path: Path, title: str) -> Path | None:
     groups = summary.get("by_subject") or {}
     if not groups:
         return None
-    import matplotlib
+    from medjax.charts import label, pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = ["overall", *groups]
     stats = [summary, *groups.values()]
     acc = np.array([s["accuracy"] for s in stats]) * 100
     err = np.array([[a - s["ci95"][0] * 100, s["ci95"][1] * 100 - a] for a, s in zip(acc, stats)]).T
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
     ax.barh(range(len(names)), acc, xerr=err, color=["#444"] + ["#4c72b0"] * len(groups), capsize=2)
-    ax.set_yticks(range(len(names)), [f"{n} ({s['n']})" for n, s in zip(names, stats)], fontsize=8)
+    ax.set_yticks(range(len(names)), [label(f"{n} ({s['n']})") for n, s in zip(names, stats)], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("accuracy % (95% bootstrap CI)")
-    ax.set_title(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    with warnings.catch_warnings():
-        # Without a CJK font installed, Chinese subject names draw as boxes; one note, not one per glyph.
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    ax.set_title(label(title), fontsize=9)
+    return save(fig, path)

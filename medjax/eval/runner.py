@@ -23,6 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from medjax.config import ConfigError
+
 from medjax.eval.backends import GenerationSettings, LoglikelihoodRequest, open_model
 from medjax.eval.prompts import ChatFormatter
 from medjax.tasks.prompts import (PromptConfig, Retriever, answer_continuation, build_prompt, fit_passages,
@@ -77,16 +79,16 @@ class EvalConfig:
 
     def validate(self) -> "EvalConfig":
         if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+            raise ConfigError(f"--mode must be one of {MODES}, got {self.mode!r}")
         if self.choices not in CHOICES:
-            raise ValueError(f"--choices must be one of {CHOICES}, got {self.choices!r}")
+            raise ConfigError(f"--choices must be one of {CHOICES}, got {self.choices!r}")
         if self.text_norm not in TEXT_NORMS:
-            raise ValueError(f"--text-norm must be one of {TEXT_NORMS}, got {self.text_norm!r}")
+            raise ConfigError(f"--text-norm must be one of {TEXT_NORMS}, got {self.text_norm!r}")
         if self.shots < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("--shots must be >= 0, --batch-size and --max-new-tokens >= 1")
+            raise ConfigError("--shots must be >= 0, --batch-size and --max-new-tokens >= 1")
         if self.template and (self.mode != "generate" or self.shots):
             flags = [f"--mode {self.mode}"] * (self.mode != "generate") + ["--shots"] * bool(self.shots)
-            raise ValueError(f"--protocol {self.protocol or ''} is zero-shot and generative: drop {' and '.join(flags)}")
+            raise ConfigError(f"--protocol {self.protocol or ''} is zero-shot and generative: drop {' and '.join(flags)}")
         return self
 
 

@@ -279,12 +279,11 @@ def write_table(table: dict, stem: Path) -> list[Path]:
 def plot_table(table: dict, path: Path) -> Path:
     """Grouped horizontal bars, one group per row: the published columns in grey tones, the model's
     in colour with its 95% interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    from medjax.charts import label, pyplot, save
+
+    plt = pyplot()
     columns, rows, m = table["columns"], table["rows"], table["model_columns"]
     width = 0.8 / len(columns)
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) * len(columns) * 0.55 + 1.8))
@@ -304,17 +303,11 @@ def plot_table(table: dict, path: Path) -> Path:
                 xs.append(cell)
                 errs.append([0, 0])
         if xs:
-            ax.barh(ys, xs, height=width, color=colour, label=column,
+            ax.barh(ys, xs, height=width, color=colour, label=label(column),
                     xerr=np.array(errs).T if j >= len(columns) - m else None, capsize=2)
-    ax.set_yticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["row"] for r in rows], fontsize=8)
+    ax.set_yticks([i + 0.4 - width / 2 for i in range(len(rows))], [label(r["row"]) for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("accuracy %")
-    ax.set_title(table["title"], fontsize=9)
+    ax.set_title(label(table["title"]), fontsize=9)
     ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save(fig, path)
