@@ -218,3 +218,25 @@ def test_generate_on_a_disagreeing_hf_dir_warns(qwen_hf_dir, capsys):
 
     load_model(qwen_hf_dir)
     assert "warning: tokenizer mismatch in" in capsys.readouterr().err
+
+
+def test_an_agreeing_tokenizer_is_checked_once(native, gpt2_split, tmp_path, monkeypatch, capsys):
+    """warn_if_disagreeing remembers a tokenizer that agreed (keyed by its files and the
+    transformers version), so loading the same export again skips the check; a changed
+    tokenizer.json is checked afresh, and a disagreeing one is never remembered."""
+    pytest.importorskip("transformers")
+    from medjax.data.tokenizer_agreement import warn_if_disagreeing
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = warn_if_disagreeing(native)
+    assert first.agrees and "cached" not in first.reason
+    again = warn_if_disagreeing(native)
+    assert again.agrees and "cached" in again.reason
+    changed = copy_with(native, tmp_path / "changed", tokenizer_class="Qwen2Tokenizer")
+    assert warn_if_disagreeing(changed).agrees  # a changed file is another key: checked, and agrees
+    shutil.copy2(gpt2_split / "tokenizer.json", changed / "tokenizer.json")
+    for _ in range(2):  # a mismatch warns every time
+        report = warn_if_disagreeing(changed)
+        assert report.checked and not report.agrees and "cached" not in report.reason
+        assert "warning: tokenizer mismatch in" in capsys.readouterr().err
+    assert len(list((tmp_path / "cache" / "medjax" / "tokenizer-agreement").iterdir())) == 2

@@ -322,13 +322,43 @@ def check_agreement(directory: str | os.PathLike, extra: Iterable[str] = (), *,
         differing_components=components, seconds=time.perf_counter() - start, max_named=max_named)
 
 
+# What transformers reads to build a directory's tokenizer (config.json names the model type).
+_TOKENIZER_INPUTS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                     "vocab.json", "merges.txt", "chat_template.jinja", "config.json")
+
+
+def _agreement_marker(d: Path) -> Path | None:
+    """Where an agreeing tokenizer is remembered: one file per (tokenizer files' bytes, transformers
+    version) under ~/.cache/medjax. The check imports transformers (seconds to tens of seconds on
+    a small host); every `medjax eval` of the same export need not pay it again."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        h = hashlib.sha256(version("transformers").encode())
+    except PackageNotFoundError:
+        return None
+    for name in _TOKENIZER_INPUTS:
+        if (d / name).is_file():
+            h.update(name.encode() + b"\0" + (d / name).read_bytes())
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medjax" / "tokenizer-agreement"
+    return base / f"{h.hexdigest()[:32]}.agrees"
+
+
 def warn_if_disagreeing(directory: str | os.PathLike, hint: str = "") -> AgreementReport:
     """``check_agreement(directory)``, printing its message (and ``hint``: what the user can do
     where this check runs) to stderr when the two tokenizers differ. Silent when they agree or
-    the check could not run."""
+    the check could not run. A tokenizer found to agree is remembered (``_agreement_marker``)."""
+    marker = _agreement_marker(_tokenizer_dir(directory))
+    if marker is not None and marker.is_file():
+        return AgreementReport(str(directory), checked=True, reason="agreed when last checked (cached)")
     report = check_agreement(directory)
     if report.checked and not report.agrees:
         print(f"warning: {report.message}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+    elif report.agrees and marker is not None:
+        with contextlib.suppress(OSError):  # a read-only home only costs the next check
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{report.transformers_class} {report.transformers_version}\n")
     return report
 
 
