@@ -290,3 +290,16 @@ def test_sharded_model_evaluates_as_one_device_does(world, trained, tmp_path):
     assert a["accuracy"] == b["accuracy"]
     with pytest.raises(ValueError, match=r"--mesh 'fsdp4': expected AXIS=SIZE pairs over data, fsdp, tensor"):
         LocalModel(str(trained / "hf"), mesh="fsdp4")
+
+
+def test_batch_widths_merge_rare_widths_upward():
+    """A width fewer than MIN_BATCHES_PER_WIDTH batches use rides up to the next wider one (one
+    compile instead of several on a small benchmark); well-used widths stay tight; the model's
+    context caps every width."""
+    from medjax.eval.backends import MIN_BATCHES_PER_WIDTH, batch_widths
+
+    assert MIN_BATCHES_PER_WIDTH == 4
+    assert batch_widths([100, 150], 512) == [192, 192]
+    assert batch_widths([60] * 10 + [100] + [150] * 5, 512) == [64] * 10 + [192] * 6
+    assert batch_widths([60] * 10 + [100] + [150], 512) == [64] * 10 + [192] * 2  # the widest always stands
+    assert batch_widths([300, 600], 512) == [512, 512]

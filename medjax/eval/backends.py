@@ -9,6 +9,7 @@ Both answer the same two questions, so every scoring mode works against either:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +47,30 @@ class GenerationSettings:
 class LoglikelihoodRequest:
     context: str
     continuations: list[str]
+
+
+# A batch width (a compiled program) is worth its compile only when this many batches use it;
+# fewer are scored at the next wider width instead (a compile costs more than padding them).
+MIN_BATCHES_PER_WIDTH = 4
+
+
+def batch_widths(longest: Sequence[int], limit: int, multiple: int = 64) -> list[int]:
+    """Each batch's padded width (``longest``: its longest row, batches sorted by it): the next
+    multiple of ``multiple``, except that a width fewer than MIN_BATCHES_PER_WIDTH batches would use
+    is merged into the next wider one, so a small benchmark compiles one or two programs, not one
+    per 64 tokens of spread, while a large one keeps its tight buckets."""
+    widths = [min(bucket(n, multiple), limit) for n in longest]
+    counts: dict[int, int] = {}
+    for w in widths:
+        counts[w] = counts.get(w, 0) + 1
+    target, pending = {}, []
+    ordered = sorted(counts)
+    for i, w in enumerate(ordered):  # narrowest first: small groups ride up to a wider width
+        pending.append(w)
+        if sum(counts[p] for p in pending) >= MIN_BATCHES_PER_WIDTH or i == len(ordered) - 1:
+            target.update({p: w for p in pending})
+            pending = []
+    return [target[w] for w in widths]
 
 
 class LocalModel:
@@ -98,17 +123,16 @@ class LocalModel:
 
             layout = MeshLayout(self.mesh)
 
-        @jax.jit
-        def score(params, tokens, targets, last):
+        @functools.partial(jax.jit, static_argnames="per_token")
+        def score(params, tokens, targets, last, per_token: bool):
+            """The last position's log-distribution, and with ``per_token`` each target's log-prob
+            (a batch of option letters needs only the former: a smaller program, faster to compile)."""
             with activation_layout(layout):
-                return _score(params, tokens, targets, last)
-
-        def _score(params, tokens, targets, last):
-            model = scoring.bind(params)
-            hidden = model.hidden_states(tokens)
-            token_lp, _ = model.token_logprobs(hidden, targets)
-            at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
-            return token_lp, jax.nn.log_softmax(model.logits(at_last)[:, 0], axis=-1)
+                model = scoring.bind(params)
+                hidden = model.hidden_states(tokens)
+                at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+                last_lp = jax.nn.log_softmax(model.logits(at_last)[:, 0], axis=-1)
+                return (model.token_logprobs(hidden, targets)[0] if per_token else None), last_lp
 
         self._score = score
 
@@ -135,9 +159,10 @@ class LocalModel:
                 rows.append((r, [c], ids[:-1], (len(ids) - 1 - len(cont), ids[1:])))
         out = [[0.0] * len(req.continuations) for req in requests]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][2]))  # similar lengths batch together
-        for start in range(0, len(order), self.batch_size):
-            chunk = [rows[i] for i in order[start:start + self.batch_size]]
-            width = min(bucket(max(len(row[2]) for row in chunk), 64), max(limit, 1))
+        chunks = [[rows[i] for i in order[start:start + self.batch_size]]
+                  for start in range(0, len(order), self.batch_size)]
+        widths = batch_widths([max(len(row[2]) for row in chunk) for chunk in chunks], max(limit, 1))
+        for chunk, width in zip(chunks, widths):
             tokens = np.zeros((self.batch_size, width), np.int32)
             targets = np.zeros((self.batch_size, width), np.int32)
             last = np.zeros((self.batch_size,), np.int32)
@@ -148,7 +173,8 @@ class LocalModel:
                     targets[b, :len(tgt[1])] = tgt[1]
             if self.batch_sharding is not None:
                 tokens, targets, last = jax.device_put((tokens, targets, last), self.batch_sharding)
-            token_lp, last_lp = jax.device_get(self._score(self.params, tokens, targets, last))
+            per_token = any(isinstance(row[3], tuple) for row in chunk)
+            token_lp, last_lp = jax.device_get(self._score(self.params, tokens, targets, last, per_token=per_token))
             for b, (r, conts, ids, tgt) in enumerate(chunk):
                 if isinstance(tgt, tuple):
                     first = tgt[0]
