@@ -28,10 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
               ("process_id", args.process_id)) if value is not None]
     cfg = load_config(args.config, [*args.overrides, *joins])
     if cfg.mesh.num_processes > 1 or cfg.mesh.distributed:
-        from medjax.utils import DropStdoutLines
-
-        # CPU collectives' per-connection chatter, printed from C++
-        DropStdoutLines("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1")
+        _quiet_gloo()
     result = train(cfg)
     import jax
 
@@ -122,8 +119,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_gloo() -> None:
+    from medjax.utils import DropStdoutLines
+
+    # CPU collectives' per-connection chatter, printed from C++
+    DropStdoutLines("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1")
+
+
+def _join(args: argparse.Namespace) -> None:
+    """`medjax eval` as one process of a job (--coordinator, --num-processes, --process-id, or
+    --distributed as JAX detects the job): joined before any device is touched."""
+    from medjax.config import MeshConfig
+    from medjax.parallel.mesh import initialize_distributed
+
+    cfg = MeshConfig(distributed=args.distributed, coordinator=args.coordinator or "",
+                     num_processes=args.num_processes or 0,
+                     process_id=-1 if args.process_id is None else args.process_id)
+    if cfg.distributed or cfg.coordinator or cfg.num_processes or cfg.process_id >= 0:
+        _quiet_gloo()
+        initialize_distributed(cfg)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from medjax.eval.runner import EvalConfig, evaluate
+
+    _join(args)
 
     cfg = EvalConfig.for_protocol(args.protocol, args.greedy, mode=args.mode, choices=args.choices,
                                   text_norm=args.text_norm, format=args.format,
@@ -199,6 +219,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     result = plan(cfg, args.topology, args.slices, planned_model(cfg))
     print(json.dumps(result.to_json(), indent=2) if args.json else format_plans([(Path(args.config).stem, result)]))
     return 0 if result.fits else 1
+
+
+def _add_join_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help=f"{verb} as one process of a multi-process job: process 0's address")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in the job")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index")
+    p.add_argument("--distributed", action="store_true",
+                   help="join the job JAX detects (TPU VM slice, SLURM, Open MPI); --mesh spans every process")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rag", default=None, metavar="INDEX_DIR",
                    help="put the top chunks of this `medjax rag index` into each prompt, quoted and numbered")
     p.add_argument("--rag-k", type=int, default=3, help="with --rag: passages per prompt (default 3)")
+    _add_join_flags(p, "evaluate")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("plot", help="loss, learning-rate, reward and accuracy curves of runs, one PNG per stage")

@@ -236,6 +236,14 @@ def test_readme_commands_run_as_written_after_the_demo(demo):
     assert json.loads((cwd / "runs/rag/manifest.json").read_text())["corpus"][-1]["path"].endswith("guidelines.jsonl")
     for name in ("medqa", "cmexam"):
         assert json.loads((cwd / f"runs/eval/{name}.summary.json").read_text())["n"] > 0
+    suite = json.loads((cwd / "runs/demo/suite/suite.json").read_text())
+    exam_items = len((cwd / "runs/demo/data/exam.jsonl").read_text().splitlines())
+    table = (cwd / "runs/demo/suite/demo.md").read_text()
+    for name, result in suite["benchmarks"].items():
+        lo, hi = result["ci95"]
+        assert result["n"] == exam_items and f"| {name} | {result['accuracy'] * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}] |" \
+            in table, table
+    assert len(suite["benchmarks"]) == 2 and (cwd / "runs/demo/suite/demo.png").is_file()
 
 
 

@@ -290,6 +290,9 @@ def test_sharded_model_evaluates_as_one_device_does(world, trained, tmp_path):
     assert a["accuracy"] == b["accuracy"]
     with pytest.raises(ValueError, match=r"--mesh 'fsdp4': expected AXIS=SIZE pairs over data, fsdp, tensor"):
         LocalModel(str(trained / "hf"), mesh="fsdp4")
+    context = one.model_cfg.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"--max-new-tokens {context} leaves no room .* {context}-token context"):
+        one.generate(prompts[:1], GenerationSettings(max_new_tokens=context))
 
 
 def test_batch_widths_merge_rare_widths_upward():

@@ -168,3 +168,26 @@ def test_the_quarkmed_suite_holds_the_reports_tables():
     assert senior.published[-1] == 51.70 and senior.published_rag == {"QuarkMed-32B": 67.7}  # the issue's figures
     medqa = next(b for b in suite.benchmarks if b.name == "MedQA(US)")
     assert medqa.published[-1] == 86.02
+
+
+def test_an_unrepairable_item_stops_the_suite_or_is_skipped_as_it_says(tmp_path, server):
+    """A benchmark line whose answer is not among its options: an error naming file and line, or
+    with `skip_bad: true` in the suite's defaults, left out and listed in that benchmark's summary."""
+    from medjax.eval.suite import run_suite
+    from medjax.tasks import ItemError
+
+    bad = tmp_path / "bad.jsonl"
+    lines = MEDQA.read_text().splitlines()
+    broken = json.loads(lines[1])
+    broken["answer_idx"] = "F"
+    bad.write_text("\n".join([lines[0], json.dumps(broken), lines[2]]) + "\n")
+    benchmarks = [{"name": "Broken", "table": "open", "path": str(bad), "published": [1, 2]}]
+    with pytest.raises(ItemError, match=rf"{bad}:2: answer letter\(s\) F not among the options"):
+        run_suite(load_suite(write_suite(tmp_path, benchmarks=benchmarks)), f"openai:{server.url}", tmp_path / "a",
+                  quiet=True)
+    lenient = write_suite(tmp_path, benchmarks=benchmarks,
+                          defaults={"mode": "generate", "chat": True, "max_new_tokens": 16, "skip_bad": True})
+    summary = run_suite(load_suite(lenient), f"openai:{server.url}", tmp_path / "b", quiet=True)
+    assert summary["benchmarks"]["Broken"]["n"] == 2
+    skipped = json.loads((tmp_path / "b" / "broken.summary.json").read_text())["skipped"]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{bad}:2:")

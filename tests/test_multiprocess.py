@@ -323,3 +323,42 @@ def test_the_newline_a_cut_message_leaves_alone_is_dropped():
               b"number of connected peer ranks is : 1Expected number of connected peer ranks is : 1\n", b"\n", b"\n",
               b"step 1 loss 5.9\n", b"\n", b"done\n"]
     assert [line for line in stream if not gloo.matches(line)] == [b"step 1 loss 5.9\n", b"\n", b"done\n"]
+
+
+@pytest.fixture(scope="module")
+def exported(pretrained_run, tmp_path_factory):
+    from medjax.convert.hf_export import export_hf
+
+    out = tmp_path_factory.mktemp("mp-eval") / "hf"
+    export_hf(pretrained_run, out, dtype="float32")
+    return out
+
+
+@pytest.mark.parametrize("mode", ["loglikelihood", "generate"])
+def test_eval_on_two_processes_scores_as_one_and_writes_once(world, exported, tmp_path, mode):
+    """`medjax eval --mesh fsdp=4,tensor=2` as 2 processes x 4 CPU devices: the params and batches
+    span both processes, every process reads every row, process 0 alone writes and prints; the
+    output equals one process x 8 devices item by item."""
+    from medjax.eval.runner import EvalConfig, evaluate
+
+    args = ["--model", str(exported), "--benchmark", str(world.files["exam"]), "--limit", "16", "--mode", mode,
+            "--mesh", "fsdp=4,tensor=2", "--max-new-tokens", "8"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+    procs = [subprocess.Popen([*_medjax(), "eval", *args, "--out", str(tmp_path / "two.jsonl"), *join,
+                               "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    done = _finish(procs, timeout=300)
+    assert "items/s" in done[0].stdout and done[1].stdout == "", done[1].stdout
+    one = evaluate(str(exported), world.files["exam"], tmp_path / "one.jsonl",
+                   EvalConfig(mode=mode, limit=16, mesh="fsdp=4,tensor=2", max_new_tokens=8), quiet=True)
+    rows = {name: [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("one", "two")}
+    assert [r["prediction"] for r in rows["two"]] == [r["prediction"] for r in rows["one"]]
+    if mode == "loglikelihood":
+        for a, b in zip(rows["one"], rows["two"]):
+            assert list(a["logprobs"].values()) == pytest.approx(list(b["logprobs"].values()), abs=1e-5)
+    else:
+        assert [r["completion"] for r in rows["two"]] == [r["completion"] for r in rows["one"]]
+    two = json.loads((tmp_path / "two.summary.json").read_text())
+    assert two["accuracy"] == one["accuracy"] and two["n"] == 16

@@ -17,14 +17,17 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from medjax.config import ConfigError
 from medjax.models.sampler import bucket
 from medjax.models.sharding import activation_layout
 
 
 def parse_mesh(spec: str):
     """"fsdp=4,tensor=2" -> MeshConfig (unnamed axes keep their defaults: data=-1 takes the rest)."""
-    from medjax.config import ConfigError, MeshConfig
+    from medjax.config import MeshConfig
 
     cfg, known = MeshConfig(), ("data", "fsdp", "tensor")
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -100,6 +103,8 @@ class LocalModel:
         self.tok = load_tokenizer(self.tokenizer_dir)
         self.model_def = ModelDef(self.model_cfg)
         self.mesh, self.batch_sharding = None, None
+        if not mesh and jax.process_count() > 1:  # a multi-process job: rows over every process's devices
+            mesh = "data=-1"
         if mesh:
             from medjax.parallel.mesh import make_mesh
             from medjax.parallel.rules import batch_sharding, param_shardings
@@ -123,7 +128,10 @@ class LocalModel:
 
             layout = MeshLayout(self.mesh)
 
-        @functools.partial(jax.jit, static_argnames="per_token")
+        # Outputs whole on every device: each process of a multi-process job reads every row.
+        replicated_out = {} if self.mesh is None else {"out_shardings": NamedSharding(self.mesh, P())}
+
+        @functools.partial(jax.jit, static_argnames="per_token", **replicated_out)
         def score(params, tokens, targets, last, per_token: bool):
             """The last position's log-distribution, and with ``per_token`` each target's log-prob
             (a batch of option letters needs only the former: a smaller program, faster to compile)."""
@@ -190,6 +198,9 @@ class LocalModel:
         cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                              top_p=settings.top_p, stop_token_ids=self.stop_ids)
         room = self.model_cfg.max_position_embeddings - settings.max_new_tokens
+        if room < 1:
+            raise ConfigError(f"--max-new-tokens {settings.max_new_tokens} leaves no room for a prompt in the model's "
+                              f"{self.model_cfg.max_position_embeddings}-token context (max_position_embeddings)")
         ids = [self.tok.encode(p).ids[-room:] for p in prompts]
         texts = []
         key = jax.random.key(settings.seed)

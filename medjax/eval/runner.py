@@ -124,6 +124,10 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         text = build_prompt(item, pick_shots(shots_pool, item, cfg.shots, cfg.seed), passages, pcfg)
         return (chat(text) if chat else text), passages
 
+    # In a multi-process job every process scores every batch with its share of the devices;
+    # process 0 alone reports and writes.
+    writer = _process_index() == 0
+    quiet = quiet or not writer
     t0 = time.perf_counter()
     rows = []
     progress = tqdm(total=len(bench.items), desc=f"eval {bench.name}", unit="item", disable=quiet)
@@ -154,6 +158,8 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         "items_in_file": bench.records, "skipped": bench.skipped, "repaired": bench.repaired, "seconds": seconds, "items_per_sec": len(rows) / seconds if seconds else None,
         "output": str(out),
     }
+    if not writer:
+        return summary
     title = f"{bench.name} ({bench.format}, {cfg.mode}) - {model_path}"
     chart = plot_groups(summary, out.with_name(out.name.removesuffix(".jsonl") + ".png"), title)
     if chart is not None:
@@ -172,6 +178,13 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         print(f"  scored {len(rows)} of the file's {bench.records} items")
         print(f"  {len(rows)} items in {seconds:.1f}s ({summary['items_per_sec']:.2f} items/s); wrote {out}")
     return summary
+
+
+def _process_index() -> int:
+    """This process's index in a multi-process JAX job (0 when JAX is not in use or alone)."""
+    import sys
+
+    return sys.modules["jax"].process_index() if "jax" in sys.modules else 0
 
 
 def _extra_groups(items: list[ExamItem], protocol: str | None = None) -> list[str]:
