@@ -192,7 +192,12 @@ def _cmd_eval_ngrams(args: argparse.Namespace) -> int:
 def _cmd_score_rm(args: argparse.Namespace) -> int:
     from medjax.serve.reward_model import score_file
 
-    summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size)
+    _join(args)
+    summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size, mesh=args.mesh)
+    import jax
+
+    if jax.process_index() != 0:  # process 0 reports for the whole job
+        return 0
     print(f"scored {summary['records']} records with labels {', '.join(summary['labels'])}"
           + (f"; wrote {args.out}" if args.out else ""))
     for dim, acc in summary.get("accuracy", {}).items():
@@ -393,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL: {prompt, response} or {prompt, chosen, rejected, dimension}")
     p.add_argument("--out", default=None, help="JSON lines with the scores per label (written atomically)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--mesh", default="", metavar="AXIS=N,...",
+                   help="shard the reward model over the devices, e.g. fsdp=4 (default one device)")
+    _add_join_flags(p, "score")
     p.set_defaults(func=_cmd_score_rm)
 
     p = sub.add_parser("serve", help="serve a Hugging Face directory with vLLM's OpenAI-compatible server")

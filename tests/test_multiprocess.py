@@ -362,3 +362,31 @@ def test_eval_on_two_processes_scores_as_one_and_writes_once(world, exported, tm
         assert [r["completion"] for r in rows["two"]] == [r["completion"] for r in rows["one"]]
     two = json.loads((tmp_path / "two.summary.json").read_text())
     assert two["accuracy"] == one["accuracy"] and two["n"] == 16
+
+
+def test_score_rm_on_two_processes_scores_as_one_and_writes_once(world, tmp_path):
+    """`medjax score-rm --mesh fsdp=4,tensor=2` as 2 processes x 4 CPU devices equals one process x
+    8 devices pair by pair; process 0 alone writes and prints."""
+    from conftest import stage_config
+
+    from medjax.serve.reward_model import score_file
+    from medjax.train.loop import train
+
+    train(stage_config(world, tmp_path / "rm", "reward_model", "train.max_steps=4", "train.checkpoint_every=4"))
+    pairs = world.files["preferences_eval"]
+    args = ["--model", str(tmp_path / "rm"), "--input", str(pairs), "--mesh", "fsdp=4,tensor=2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+    procs = [subprocess.Popen([*_medjax(), "score-rm", *args, "--out", str(tmp_path / "two.jsonl"), *join,
+                               "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    done = _finish(procs, timeout=300)
+    assert "pairwise accuracy overall" in done[0].stdout and done[1].stdout == "", done[1].stdout
+    one = score_file(tmp_path / "rm", pairs, tmp_path / "one.jsonl", mesh="fsdp=4,tensor=2")
+    rows = {name: [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("one", "two")}
+    assert len(rows["two"]) == one["records"] > 0
+    for a, b in zip(rows["one"], rows["two"]):
+        assert a["id"] == b["id"] and a.get("correct") == b.get("correct")
+        for key in ("chosen_scores", "rejected_scores"):
+            assert list(a[key].values()) == pytest.approx(list(b[key].values()), abs=1e-5)

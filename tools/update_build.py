@@ -32,7 +32,7 @@ def libraries() -> list[tuple[str, list[str], list[str]]]:
         ("parallel", _package("medjax/parallel"), ["core"]),
         ("data", _package("medjax/data"), ["core"]),
         ("convert", _package("medjax/convert"), ["core", "models"]),
-        ("serve", _package("medjax/serve"), ["core", "models", "data", "convert"]),
+        ("serve", _package("medjax/serve"), ["core", "models", "parallel", "data", "convert"]),
         ("tasks", _package("medjax/tasks"), []),
         ("rag", _package("medjax/rag"), ["core"]),
         ("rl", _package("medjax/rl"), ["core", "models", "data", "serve", "tasks"]),

@@ -17,25 +17,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from medjax.config import ConfigError
 from medjax.models.sampler import bucket
 from medjax.models.sharding import activation_layout
-
-
-def parse_mesh(spec: str):
-    """"fsdp=4,tensor=2" -> MeshConfig (unnamed axes keep their defaults: data=-1 takes the rest)."""
-    from medjax.config import MeshConfig
-
-    cfg, known = MeshConfig(), ("data", "fsdp", "tensor")
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, eq, value = part.partition("=")
-        if not eq or name.strip() not in known or not value.strip().lstrip("-").isdigit():
-            raise ConfigError(f"--mesh {spec!r}: expected AXIS=SIZE pairs over {', '.join(known)}, e.g. fsdp=4,tensor=2")
-        setattr(cfg, name.strip(), int(value))
-    return cfg
+from medjax.parallel.inference import place
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,21 +88,10 @@ class LocalModel:
             raise FileNotFoundError(f"{path}: no tokenizer found beside the weights")
         self.tok = load_tokenizer(self.tokenizer_dir)
         self.model_def = ModelDef(self.model_cfg)
-        self.mesh, self.batch_sharding = None, None
-        if not mesh and jax.process_count() > 1:  # a multi-process job: rows over every process's devices
-            mesh = "data=-1"
-        if mesh:
-            from medjax.parallel.mesh import make_mesh
-            from medjax.parallel.rules import batch_sharding, param_shardings
-
-            self.mesh = make_mesh(parse_mesh(mesh))
-            rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-            batch_size = -(-batch_size // rows) * rows
-            self.batch_sharding = batch_sharding(self.mesh)
-            self.params = jax.device_put(params, param_shardings(self.model_def.abstract_state, self.mesh))
-        else:
-            self.params = jax.device_put(params)
-        self.batch_size = batch_size
+        self.placement = place(self.model_def.abstract_state, params, mesh)
+        self.params, self.mesh, self.batch_sharding = self.placement.params, self.placement.mesh, \
+            self.placement.batch_sharding
+        self.batch_size = self.placement.batch_size(batch_size)
         self.sampler = Sampler(self.model_def)
         self.stop_ids = stop_token_ids(self.tok, self.model_cfg)
         scoring = ModelDef(dataclasses.replace(self.model_cfg,
@@ -128,10 +103,7 @@ class LocalModel:
 
             layout = MeshLayout(self.mesh)
 
-        # Outputs whole on every device: each process of a multi-process job reads every row.
-        replicated_out = {} if self.mesh is None else {"out_shardings": NamedSharding(self.mesh, P())}
-
-        @functools.partial(jax.jit, static_argnames="per_token", **replicated_out)
+        @functools.partial(jax.jit, static_argnames="per_token", **self.placement.jit_kwargs())
         def score(params, tokens, targets, last, per_token: bool):
             """The last position's log-distribution, and with ``per_token`` each target's log-prob
             (a batch of option letters needs only the former: a smaller program, faster to compile)."""
@@ -179,8 +151,7 @@ class LocalModel:
                 last[b] = len(ids) - 1
                 if isinstance(tgt, tuple):
                     targets[b, :len(tgt[1])] = tgt[1]
-            if self.batch_sharding is not None:
-                tokens, targets, last = jax.device_put((tokens, targets, last), self.batch_sharding)
+            tokens, targets, last = self.placement.put(tokens, targets, last)
             per_token = any(isinstance(row[3], tuple) for row in chunk)
             token_lp, last_lp = jax.device_get(self._score(self.params, tokens, targets, last, per_token=per_token))
             for b, (r, conts, ids, tgt) in enumerate(chunk):

@@ -198,7 +198,10 @@ def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: st
 
 
 def _model_label(model_path: str) -> str:
-    return Path(model_path.rstrip("/")).name if not model_path.startswith("openai:") else model_path
+    """The model's column: a served model's URL, else the path's last two parts (runs/demo/hf -> demo/hf)."""
+    if model_path.startswith("openai:"):
+        return model_path
+    return "/".join(Path(model_path.rstrip("/")).parts[-2:])
 
 
 def _cell(summary: dict | None, row: SuiteRow) -> dict | None:

@@ -14,7 +14,6 @@ import os
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from medjax.convert import ConversionError
@@ -25,6 +24,7 @@ from medjax.data.sources import LOCATION_KEY, JsonlSource
 from medjax.data.tokenizer import load_tokenizer
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import bucket
+from medjax.parallel.inference import Placement, place
 from medjax.serve.generate import load_model
 from medjax.utils import atomic_open
 
@@ -32,20 +32,26 @@ from medjax.utils import atomic_open
 class RewardScorer:
     """``score(prompts, responses)`` -> float32 [n, labels]; ``labels`` names the columns."""
 
-    def __init__(self, model_path: str | os.PathLike, batch_size: int = 16, max_len: int | None = None):
+    def __init__(self, model_path: str | os.PathLike, batch_size: int = 16, max_len: int | None = None,
+                 mesh: str | None = None):
+        """``mesh`` ("fsdp=4", parallel.inference) shards the model over the devices, of every
+        process in a multi-process job (`medjax score-rm`); None keeps it on this process's first
+        device, as RL's reward does where each process scores its own samples."""
         cfg, params, tokenizer_dir = load_model(model_path)
         if not cfg.score_labels:
             raise ConversionError(f"{model_path}: not a reward model (its config has no score_labels)")
         if tokenizer_dir is None:
             raise ConversionError(f"{model_path}: no tokenizer found beside the weights")
         self.labels = list(cfg.score_labels)
-        self.batch_size = batch_size
         self.max_len = max_len or cfg.max_position_embeddings
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.template = ChatTemplate(tokenizer_dir)
-        self.params = jax.device_put(params)
         model = ModelDef(cfg)
-        self._score = jax.jit(lambda p, tokens, lengths: model.bind(p).sequence_scores(tokens, lengths))
+        self.placement = Placement(jax.device_put(params)) if mesh is None else place(model.abstract_state, params, mesh)
+        self.params = self.placement.params
+        self.batch_size = self.placement.batch_size(batch_size)
+        self._score = jax.jit(lambda p, tokens, lengths: model.bind(p).sequence_scores(tokens, lengths),
+                              **self.placement.jit_kwargs())
 
     def encode(self, prompt, response: str, where: str = "<input>") -> np.ndarray:
         """Token ids of one pair, keeping the last ``max_len`` (where the score is read)."""
@@ -62,7 +68,7 @@ class RewardScorer:
             for row, i in enumerate(idx):
                 tokens[row, :len(sequences[i])] = sequences[i]
                 lengths[row] = len(sequences[i])
-            scores = self._score(self.params, jnp.asarray(tokens), jnp.asarray(lengths))
+            scores = self._score(self.params, *self.placement.put(tokens, lengths))
             out[idx] = np.asarray(scores)[:len(idx)]
         return out
 
@@ -73,11 +79,12 @@ class RewardScorer:
 
 
 def score_file(model_path: str | os.PathLike, input_path: str | os.PathLike, out_path: str | os.PathLike | None,
-               batch_size: int = 16) -> dict:
+               batch_size: int = 16, mesh: str = "") -> dict:
     """Scores a JSONL file of {prompt, response} records, or of preference pairs {prompt, chosen,
     rejected, dimension} (then also pairwise accuracy per dimension). Writes one JSON line per
-    record (id, scores per label) atomically; returns the summary."""
-    scorer = RewardScorer(model_path, batch_size=batch_size)
+    record (id, scores per label) atomically; returns the summary. ``mesh`` shards the model (and,
+    in a multi-process job, spans every process; there process 0 alone writes)."""
+    scorer = RewardScorer(model_path, batch_size=batch_size, mesh=mesh)
     source = JsonlSource([input_path], with_location=True)
     records = [source[i] for i in range(len(source))]
     pairs = bool(records) and "chosen" in records[0]
@@ -107,7 +114,7 @@ def score_file(model_path: str | os.PathLike, input_path: str | os.PathLike, out
             hits, n = tally.get(r["dimension"], (0, 0))
             tally[r["dimension"]] = (hits + row["correct"], n + 1)
         rows.append(row)
-    if out_path is not None:
+    if out_path is not None and jax.process_index() == 0:
         with atomic_open(out_path) as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")

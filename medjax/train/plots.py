@@ -13,6 +13,7 @@ from medjax.data import DataError
 
 LOSS_KEYS = ("loss", "eval_loss")
 LR_KEY = "learning_rate"
+STYLES = ("-", "--", ":", "-.")
 Series = dict[str, list[tuple[int, float]]]
 
 
@@ -58,8 +59,9 @@ def draw(runs: dict[str, Series], title: str, out_path: Path) -> Path:
         for i, (run, series) in enumerate(runs.items()):
             for j, k in enumerate(k for k in panel_keys if k in series):
                 evals = k.startswith("eval")
+                # One run: a colour per key. Several: a colour per run, a line style per key.
                 ax.plot(*zip(*series[k]), color=colours[(i if len(runs) > 1 else j) % len(colours)],
-                        linestyle="--" if evals and len(runs) > 1 else "-", marker="o" if evals else None,
+                        linestyle=STYLES[j % len(STYLES)] if len(runs) > 1 else "-", marker="o" if evals else None,
                         markersize=3, label=label(f"{run}: {k}" if len(runs) > 1 else k))
         ax.set_xlabel("step")
         ax.set_ylabel(name)
