@@ -133,7 +133,7 @@ def bench_generate(model_dir: str, items, batch_size: int, max_new_tokens: int, 
     server = subprocess.Popen([str(Path(sys.executable).parent / "medjax"), "serve", model_dir, "--port", str(port)],
                               env=vllm_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until_ready(f"http://127.0.0.1:{port}", timeout_s=600)
+        wait_until_ready(f"http://127.0.0.1:{port}", server, timeout_s=600)
         served = ServerModel(f"http://127.0.0.1:{port}", concurrency=batch_size)
         served.generate(prompts[:batch_size], settings)
         t0 = time.perf_counter()
