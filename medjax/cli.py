@@ -167,6 +167,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_eval_suite(args: argparse.Namespace) -> int:
     from medjax.eval.suite import load_suite, run_suite
 
+    _join(args)
     suite = load_suite(args.suite, args.overrides)
     run_suite(suite, args.model, args.out, rag=args.rag, limit=args.limit, batch_size=args.batch_size, mesh=args.mesh)
     return 0
@@ -383,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard a local model over this host's devices, e.g. fsdp=4,tensor=2 (the training rule "
                         "table; data=-1 takes the rest); default one device")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. vars.benchmarks=/data/bench")
+    _add_join_flags(p, "run the suite")
     p.set_defaults(func=_cmd_eval_suite)
 
     p = sub.add_parser("eval-ngrams", help="(also `medjax eval ngrams`) write benchmark n-grams for decontamination")

@@ -390,3 +390,34 @@ def test_score_rm_on_two_processes_scores_as_one_and_writes_once(world, tmp_path
         assert a["id"] == b["id"] and a.get("correct") == b.get("correct")
         for key in ("chosen_scores", "rejected_scores"):
             assert list(a[key].values()) == pytest.approx(list(b[key].values()), abs=1e-5)
+
+
+def test_eval_suite_on_two_processes_writes_once_and_resumes_together(world, exported, tmp_path):
+    """`medjax eval suite` as 2 processes x 4 devices: the table equals one process's; a rerun finds
+    the finished benchmark on process 0's disk and every process skips it together (no process
+    waits in a collective the others never reach)."""
+    from medjax.eval.suite import load_suite, run_suite
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "mp", "defaults": {"mode": "loglikelihood"},
+        "tables": [{"name": "exam", "title": "exam", "columns": []}],
+        "benchmarks": [{"name": "World exam", "table": "exam", "path": str(world.files["exam"])}]}))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+    def two(out):
+        join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+        procs = [subprocess.Popen([*_medjax(), "eval", "suite", str(suite), "--model", str(exported), "--out", str(out),
+                                   "--limit", "12", "--mesh", "fsdp=4,tensor=2", *join, "--process-id", str(i)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        return _finish(procs, timeout=300)
+
+    first = two(tmp_path / "two")
+    assert "| World exam |" in first[0].stdout and first[1].stdout == ""
+    again = two(tmp_path / "two")
+    assert "done before" in again[0].stdout and again[1].stdout == ""
+    one = run_suite(load_suite(suite), str(exported), tmp_path / "one", limit=12, mesh="fsdp=4,tensor=2", quiet=True)
+    assert (tmp_path / "two" / "exam.md").read_text().replace("two", "one") == \
+        (tmp_path / "one" / "exam.md").read_text().replace("two", "one")
+    assert json.loads((tmp_path / "two" / "suite.json").read_text())["benchmarks"]["World exam"]["accuracy"] == \
+        one["benchmarks"]["World exam"]["accuracy"]

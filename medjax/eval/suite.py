@@ -18,10 +18,13 @@ import io
 import json
 import os
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from medjax.config import ConfigError, load_typed_config
 from medjax.utils import atomic_write_text
@@ -147,6 +150,10 @@ def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: st
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     skipped: list[dict] = []
+    # In a multi-process job (`--coordinator ...`) every process scores, process 0 alone writes and
+    # speaks, and what it finds on disk (a finished benchmark) decides for all.
+    writer = _process_index() == 0
+    quiet = quiet or not writer
     say = (lambda *a: None) if quiet else print
     for b in suite.benchmarks:
         if not b.path:
@@ -167,21 +174,23 @@ def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: st
             out = out_dir / f"{slug(b.name)}{'.rag' if with_rag else ''}.jsonl"
             key = run_key(str(model_path), path, cfg)
             done = summary_path(out)
-            if done.is_file() and out.is_file() and json.loads(done.read_text()).get("suite_key") == key:
+            finished = done.is_file() and out.is_file() and json.loads(done.read_text()).get("suite_key") == key
+            if _agreed(finished):
                 say(f"suite {suite.name}: {b.name}{' + RAG' if with_rag else ''}: done before ({done})")
-                summary = json.loads(done.read_text())
+                summary = _agreed_json(json.loads(done.read_text()) if writer else None)
             else:
                 if model is None:
                     model = open_model(str(model_path), batch_size=batch_size, mesh=mesh)
                 summary = evaluate(str(model_path), path, out, cfg, model=model, quiet=quiet)
                 summary["suite_key"] = key  # written last: a summary without it is an unfinished run
-                atomic_write_text(done, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+                if writer:
+                    atomic_write_text(done, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
             results[f"{b.name}{' + RAG' if with_rag else ''}"] = summary
     model_label = _model_label(model_path)
     tables = {t.name: build_table(suite, t, results, model_label, bool(rag)) for t in suite.tables}
     tables = {name: table for name, table in tables.items() if table["rows"]}
     files = {}
-    for name, table in tables.items():
+    for name, table in tables.items() if writer else ():
         files[name] = write_table(table, out_dir / name)
         if not quiet:
             print(format_markdown(table))
@@ -190,11 +199,42 @@ def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: st
                "benchmarks": {k: {"accuracy": v["accuracy"], "ci95": v["ci95"], "n": v["n"], "output": v["output"]}
                               for k, v in results.items()},
                "skipped": skipped, "tables": {k: [str(p) for p in v] for k, v in files.items()}}
-    atomic_write_text(out_dir / "suite.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    if writer:
+        atomic_write_text(out_dir / "suite.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if skipped and not quiet:
         print(f"suite {suite.name}: {len(skipped)} benchmark file(s) not found, skipped: "
               + "; ".join(f"{s['name']} ({s['path']})" for s in skipped))
     return summary
+
+
+def _process_index() -> int:
+    return sys.modules["jax"].process_index() if "jax" in sys.modules else 0
+
+
+def _multi_process() -> bool:
+    return "jax" in sys.modules and sys.modules["jax"].process_count() > 1
+
+
+def _agreed(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process (files it sees may not be on the others' disks)."""
+    if not _multi_process():
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def _agreed_json(value: dict | None) -> dict:
+    """Process 0's ``value`` (a finished benchmark's summary) on every process."""
+    if not _multi_process():
+        return value
+    from jax.experimental import multihost_utils
+
+    raw = json.dumps(value).encode() if value is not None else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(raw), np.int64)))
+    buf = np.zeros(size, np.uint8)
+    buf[:len(raw)] = np.frombuffer(raw, np.uint8)[:size]
+    return json.loads(bytes(multihost_utils.broadcast_one_to_all(buf)).decode())
 
 
 def _model_label(model_path: str) -> str:
