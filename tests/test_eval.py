@@ -1,6 +1,7 @@
 """`medjax eval` on a trained tiny model: log-likelihood parity between a medjax checkpoint, its
 Hugging Face export and transformers; generative scoring; output files; bad input."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -103,10 +104,10 @@ def test_loglikelihood_in_logit_chunks_equals_whole_logits(trained, monkeypatch)
 
     whole = model.model_def
 
-    @jax.jit
-    def reference(params, tokens, targets, last):
+    @functools.partial(jax.jit, static_argnames="per_token")
+    def reference(params, tokens, targets, last, per_token):
         logp = jax.nn.log_softmax(whole.bind(params)(tokens), axis=-1)
-        return (jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0],
+        return (jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] if per_token else None,
                 jnp.take_along_axis(logp, last[:, None, None], axis=1)[:, 0])
 
     ours = model.loglikelihood(req)
