@@ -325,6 +325,15 @@ def test_the_newline_a_cut_message_leaves_alone_is_dropped():
     assert [line for line in stream if not gloo.matches(line)] == [b"step 1 loss 5.9\n", b"\n", b"done\n"]
 
 
+def _two_processes(*argv: str) -> list[subprocess.CompletedProcess]:
+    """`medjax ARGV...` as one job of 2 processes x 4 CPU devices joined on 127.0.0.1, finished."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+    return _finish([subprocess.Popen([*_medjax(), *argv, *join, "--process-id", str(i)], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)],
+                   timeout=300)
+
+
 @pytest.fixture(scope="module")
 def exported(pretrained_run, tmp_path_factory):
     from medjax.convert.hf_export import export_hf
@@ -343,12 +352,7 @@ def test_eval_on_two_processes_scores_as_one_and_writes_once(world, exported, tm
 
     args = ["--model", str(exported), "--benchmark", str(world.files["exam"]), "--limit", "16", "--mode", mode,
             "--mesh", "fsdp=4,tensor=2", "--max-new-tokens", "8"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
-    procs = [subprocess.Popen([*_medjax(), "eval", *args, "--out", str(tmp_path / "two.jsonl"), *join,
-                               "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    done = _finish(procs, timeout=300)
+    done = _two_processes("eval", *args, "--out", str(tmp_path / "two.jsonl"))
     assert "items/s" in done[0].stdout and done[1].stdout == "", done[1].stdout
     one = evaluate(str(exported), world.files["exam"], tmp_path / "one.jsonl",
                    EvalConfig(mode=mode, limit=16, mesh="fsdp=4,tensor=2", max_new_tokens=8), quiet=True)
@@ -375,12 +379,7 @@ def test_score_rm_on_two_processes_scores_as_one_and_writes_once(world, tmp_path
     train(stage_config(world, tmp_path / "rm", "reward_model", "train.max_steps=4", "train.checkpoint_every=4"))
     pairs = world.files["preferences_eval"]
     args = ["--model", str(tmp_path / "rm"), "--input", str(pairs), "--mesh", "fsdp=4,tensor=2"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
-    procs = [subprocess.Popen([*_medjax(), "score-rm", *args, "--out", str(tmp_path / "two.jsonl"), *join,
-                               "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    done = _finish(procs, timeout=300)
+    done = _two_processes("score-rm", *args, "--out", str(tmp_path / "two.jsonl"))
     assert "pairwise accuracy overall" in done[0].stdout and done[1].stdout == "", done[1].stdout
     one = score_file(tmp_path / "rm", pairs, tmp_path / "one.jsonl", mesh="fsdp=4,tensor=2")
     rows = {name: [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
@@ -403,14 +402,10 @@ def test_eval_suite_on_two_processes_writes_once_and_resumes_together(world, exp
         "name": "mp", "defaults": {"mode": "loglikelihood"},
         "tables": [{"name": "exam", "title": "exam", "columns": []}],
         "benchmarks": [{"name": "World exam", "table": "exam", "path": str(world.files["exam"])}]}))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
     def two(out):
-        join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
-        procs = [subprocess.Popen([*_medjax(), "eval", "suite", str(suite), "--model", str(exported), "--out", str(out),
-                                   "--limit", "12", "--mesh", "fsdp=4,tensor=2", *join, "--process-id", str(i)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-        return _finish(procs, timeout=300)
+        return _two_processes("eval", "suite", str(suite), "--model", str(exported), "--out", str(out), "--limit", "12",
+                              "--mesh", "fsdp=4,tensor=2")
 
     first = two(tmp_path / "two")
     assert "| World exam |" in first[0].stdout and first[1].stdout == ""

@@ -144,7 +144,7 @@ def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: st
     """Scores every listed benchmark (and again with ``rag``), then writes the tables; returns the
     suite summary (also written to OUT/suite.json)."""
     from medjax.eval.backends import open_model
-    from medjax.eval.runner import EvalConfig, evaluate, summary_path
+    from medjax.eval.runner import EvalConfig, _process_index, evaluate, summary_path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,10 +205,6 @@ def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: st
         print(f"suite {suite.name}: {len(skipped)} benchmark file(s) not found, skipped: "
               + "; ".join(f"{s['name']} ({s['path']})" for s in skipped))
     return summary
-
-
-def _process_index() -> int:
-    return sys.modules["jax"].process_index() if "jax" in sys.modules else 0
 
 
 def _multi_process() -> bool:
