@@ -219,12 +219,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from medjax.config import load_config
-    from medjax.train.plan import format_plans, plan, planned_model
+    from medjax.train.plan import format_plans, plan, plan_rollout, planned_model
 
     cfg = load_config(args.config, args.overrides)
-    result = plan(cfg, args.topology, args.slices, planned_model(cfg))
-    print(json.dumps(result.to_json(), indent=2) if args.json else format_plans([(Path(args.config).stem, result)]))
-    return 0 if result.fits else 1
+    model = planned_model(cfg)
+    result = plan(cfg, args.topology, args.slices, model)
+    name = Path(args.config).stem
+    rows = [(name, result)]
+    if cfg.stage == "rl":  # the rollout sampler is a second program on the same slice
+        rows.append((f"{name} rollout", plan_rollout(cfg, args.topology, args.slices, model)))
+    if args.json:
+        out = result.to_json()
+        if len(rows) > 1:
+            out["rollout"] = rows[1][1].to_json()
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plans(rows))
+    return 0 if all(p.fits for _, p in rows) else 1
 
 
 def _add_join_flags(p: argparse.ArgumentParser, verb: str) -> None:
@@ -284,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rag_parser(sub)
 
-    p = sub.add_parser("plan", help="compile CONFIG's train step for a TPU slice here; print per-device memory "
-                       "and whether it fits (exit 1 if not)")
+    p = sub.add_parser("plan", help="compile CONFIG's train step (and an RL stage's rollout sampler) for a TPU "
+                       "slice here; print per-device memory and whether it fits (exit 1 if not)")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=256")
     p.add_argument("--topology", required=True, help="Cloud TPU slice, e.g. v5p-128, v5e-256, v6e-64, v4-8")

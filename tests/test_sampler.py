@@ -26,6 +26,25 @@ def test_batched_left_padded_rows_equal_single_rows(setup):
     assert len({tuple(s) for s in batched}) > 1
 
 
+def test_a_mesh_layout_changes_placement_not_tokens(setup):
+    """RL rollouts trace the sampler under the trainer's activation layout (rows split over
+    data x fsdp, weights by the rule table): same tokens and log-probs as the plain program."""
+    from medjax.parallel.mesh import make_mesh
+    from medjax.config import MeshConfig
+    from medjax.parallel.rules import MeshLayout, batch_sharding, param_shardings
+
+    sampler, params = setup
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    placed = jax.device_put(params, param_shardings(sampler.model.abstract_state, mesh))
+    laid_out = Sampler(sampler.model, layout=MeshLayout(mesh))
+    prompts = [[3, 4, 5, 6], [7], [8, 9], [10, 11, 12], [13], [14, 15], [16], [17, 18]]
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0)
+    plain = sampler.generate(params, prompts, cfg, jax.random.key(3))
+    sharded = laid_out.generate(placed, prompts, cfg, jax.random.key(3), batch_sharding=batch_sharding(mesh))
+    assert sharded.sequences() == plain.sequences()
+    np.testing.assert_allclose(sharded.logprobs, plain.logprobs, atol=1e-5)
+
+
 def test_stop_tokens_end_rows_and_pad_the_rest(setup):
     sampler, params = setup
     free = sampler.generate(params, [[3, 4, 5]], SamplingConfig(max_new_tokens=12)).tokens[0]

@@ -1,6 +1,7 @@
 """Compiles every QuarkMed config for its TPU slice (medjax plan) and prints one table.
 
-Why: the configs in configs/quarkmed/ promise to fit their slices; this checks all of them in one
+Why: the configs in configs/quarkmed/ promise to fit their slices (the RL ones with their rollout
+sampler too); this checks all of them in one
 run on a CPU-only machine (libtpu's compile-only devices; needs the tpu extra). A 32B config takes
 one to two minutes to compile on 2 cores; CI compiles two of them (tests/test_plan.py).
 
@@ -24,7 +25,7 @@ from medjax.parallel.topologies import keep_jax_off_absent_tpus  # noqa: E402
 keep_jax_off_absent_tpus()
 
 from medjax.config import REPO_ROOT, load_config  # noqa: E402
-from medjax.train.plan import format_plans, plan, planned_model  # noqa: E402
+from medjax.train.plan import format_plans, plan, plan_rollout, planned_model  # noqa: E402
 
 # config file -> the slice it is sized for (the name ends in it too)
 CONFIGS = {
@@ -43,9 +44,14 @@ def main(argv=None) -> int:
     rows = []
     for name, topology in CONFIGS.items():
         cfg = load_config(REPO_ROOT / "configs" / "quarkmed" / name)
-        result = plan(cfg, topology, model=planned_model(cfg))
+        model = planned_model(cfg)
+        result = plan(cfg, topology, model=model)
         rows.append((name.removesuffix(".yaml"), result))
         print(f"compiled {name} for {topology} in {result.compile_seconds:.0f} s", file=sys.stderr)
+        if cfg.stage == "rl":  # and its rollout sampler, the other program the stage runs
+            result = plan_rollout(cfg, topology, model=model)
+            rows.append((name.removesuffix(".yaml") + " rollout", result))
+            print(f"compiled {name}'s rollout sampler in {result.compile_seconds:.0f} s", file=sys.stderr)
     print(format_plans(rows))
     if args.json:
         args.json.write_text(json.dumps({n: p.to_json() for n, p in rows}, indent=2) + "\n")

@@ -79,10 +79,12 @@ class Decoder(nnx.Module):
         return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
     def decode(
-        self, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: list[LayerCache], index
+        self, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: list[LayerCache], index,
+        last_only: bool = False,
     ) -> tuple[jax.Array, list[LayerCache]]:
         """Generation step: ``tokens`` [batch, new] go to cache slots index..index+new; each
-        attends to earlier slots that ``kv_mask`` [batch, cache_len] marks as real tokens."""
+        attends to earlier slots that ``kv_mask`` [batch, cache_len] marks as real tokens.
+        ``last_only`` returns the logits of the last new position alone ([batch, 1, vocab])."""
         new, length = tokens.shape[1], kv_mask.shape[1]
         q_slots = index + jnp.arange(new)
         causal = jnp.arange(length)[None, :] <= q_slots[:, None]
@@ -95,12 +97,14 @@ class Decoder(nnx.Module):
                 layer_params, layer_cache = layer
                 return nnx.merge(graphdef, layer_params)(h, positions, mask=mask, cache=layer_cache, index=index)
 
-            x, cache = jax.lax.scan(body, x, (stacked, cache))
-            return self.logits(self.final_norm(x)), cache
-        out_cache = []
-        for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer(x, positions, mask=mask, cache=layer_cache, index=index)
-            out_cache.append(layer_cache)
+            x, out_cache = jax.lax.scan(body, x, (stacked, cache))
+        else:
+            out_cache = []
+            for layer, layer_cache in zip(self.layers, cache):
+                x, layer_cache = layer(x, positions, mask=mask, cache=layer_cache, index=index)
+                out_cache.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]
         return self.logits(self.final_norm(x)), out_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.models.decoder import ModelDef
+from medjax.models.sharding import ActivationLayout, activation_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +75,16 @@ def bucket(length: int, multiple: int = 32) -> int:
 
 
 class Sampler:
-    """Generates from a ModelDef's params; compiled functions are cached by shape and settings."""
+    """Generates from a ModelDef's params; compiled functions are cached by shape and settings.
 
-    def __init__(self, model: ModelDef, pad_id: int = 0):
+    ``layout`` (the trainer's parallel.rules.MeshLayout) gives the model's activation names their
+    mesh meaning while the program traces, as in the train step: under FSDP the rows stay split
+    rather than XLA gathering the whole rollout batch onto each device."""
+
+    def __init__(self, model: ModelDef, pad_id: int = 0, layout: ActivationLayout | None = None):
         self.model = model
         self.pad_id = pad_id
+        self.layout = layout
         self._compiled: dict = {}
 
     def generate(
@@ -101,14 +107,20 @@ class Sampler:
         for i, p in enumerate(prompts):
             tokens[i, width - len(p):] = p
             valid[i, width - len(p):] = True
-        key = (len(prompts), width, cfg)
-        if key not in self._compiled:
-            self._compiled[key] = jax.jit(self._build(width, cfg))
         rng = jax.random.key(0) if rng is None else rng
         if batch_sharding is not None:
             tokens, valid = jax.device_put(tokens, batch_sharding), jax.device_put(valid, batch_sharding)
-        out_tokens, lengths, logprobs = host_arrays(self._compiled[key](params, tokens, valid, rng))
+        out_tokens, lengths, logprobs = host_arrays(self.program(width, cfg)(params, tokens, valid, rng))
         return Generation(np.asarray(out_tokens), np.asarray(lengths), np.asarray(logprobs))
+
+    def program(self, width: int, cfg: SamplingConfig):
+        """The jitted generation program for prompts left-padded to ``width``: (params, tokens
+        [batch, width], valid [batch, width], rng) -> (tokens, lengths, logprobs). The planner
+        lowers it for a TPU slice (train/plan.py)."""
+        key = (width, cfg.validate())
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(self._build(width, cfg))
+        return self._compiled[key]
 
     def _build(self, width: int, cfg: SamplingConfig):
         steps = cfg.max_new_tokens
@@ -116,12 +128,18 @@ class Sampler:
         pad = self.pad_id
 
         def run(params, tokens, valid, rng):
+            with activation_layout(self.layout):
+                return generate(params, tokens, valid, rng)
+
+        def generate(params, tokens, valid, rng):
             model = self.model.bind(params)
             batch = tokens.shape[0]
             cache = model.init_cache(batch, width + steps)
             positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
             kv_mask = jnp.zeros((batch, width + steps), bool).at[:, :width].set(valid)
-            logits, cache = model.decode(tokens, positions, kv_mask, cache, 0)
+            # The prompt fills the cache; only its last position's distribution is needed (whole
+            # float32 prefill logits of a 152k vocabulary would be 0.6 GB per 1k-token row).
+            logits, cache = model.decode(tokens, positions, kv_mask, cache, 0, last_only=True)
 
             def pick(logits, rng):
                 rng, sub = jax.random.split(rng)

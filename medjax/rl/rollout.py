@@ -26,6 +26,7 @@ from medjax.data.chat import ChatTemplate
 from medjax.data.tokenizer import load_tokenizer, tokenizer_file
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import Sampler, SamplingConfig, host_arrays
+from medjax.parallel.rules import MeshLayout
 from medjax.rl.advantages import group_advantages, informative_groups, overlong_penalty
 from medjax.rl.objective import ROW_KEYS, token_logprobs
 from medjax.rl.retrieval import load_retriever
@@ -122,7 +123,8 @@ class RolloutIterator:
         self.sampling = SamplingConfig(max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature,
                                        top_p=self.rl.top_p, top_k=self.rl.top_k,
                                        stop_token_ids=stop_token_ids(self.tokenizer, cfg.model))
-        self.sampler = Sampler(model)
+        layout = None if batch_sharding is None else MeshLayout(batch_sharding.mesh)
+        self.sampler = Sampler(model, layout=layout)
         self.rewards = RewardComposer(self.rl.rewards)
         self._ref_logprobs = jax.jit(lambda p, b: token_logprobs(model.bind(p), b, entropy=False)[0])
         self.prompts_used = 0  # positions read from the repeated, shuffled prompt order

@@ -34,16 +34,28 @@ def peak_flops_per_device(override: float = 0.0) -> float | None:
     return None
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6 x matmul params (forward + backward) plus causal attention scores and values."""
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights a token multiplies by (projections, MLP, head; not the embedding lookup)."""
     e, m, d = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
     h, kv = cfg.num_heads, cfg.num_kv_heads
     per_layer = e * h * d * 2 + e * kv * d * 2 + 3 * e * m
     head = len(cfg.score_labels) if cfg.score_labels else cfg.vocab_size
-    matmul_params = cfg.num_layers * per_layer + e * head
+    return cfg.num_layers * per_layer + e * head
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6 x matmul params (forward + backward) plus causal attention scores and values."""
     # QK^T and AV are 4*seq*h*d FLOPs per token forward; causality halves them.
-    attention = cfg.num_layers * h * d * seq_len
-    return 6.0 * matmul_params + 6.0 * attention
+    attention = cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
+    return 6.0 * matmul_params(cfg) + 6.0 * attention
+
+
+def generate_flops_per_row(cfg: ModelConfig, prompt: int, new: int) -> float:
+    """Forward FLOPs of one row's prefill and decode: 2 x matmul params per token, and causal
+    attention over every earlier position (the useful work; the sampler's masked cache costs more)."""
+    length = prompt + new
+    attention = 4.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * length * (length + 1) / 2
+    return 2.0 * matmul_params(cfg) * length + attention
 
 
 class MetricsWriter:

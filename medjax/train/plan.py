@@ -27,7 +27,7 @@ from medjax.parallel.mesh import make_mesh
 from medjax.parallel.rules import MeshLayout, batch_sharding
 from medjax.parallel.topologies import GIB, get_slice, slice_devices
 from medjax.train.loop import BatchGeometry
-from medjax.train.metrics import train_flops_per_token
+from medjax.train.metrics import generate_flops_per_row, train_flops_per_token
 from medjax.train.optimizer import make_optimizer
 from medjax.train.stages import batch_dtypes, stage
 from medjax.train.step import make_train_step, state_shardings
@@ -108,8 +108,8 @@ def planned_model(cfg: Config) -> ModelConfig:
     return cfg.model
 
 
-def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None) -> Plan:
-    """Compiles the stage's train step for ``num_slices`` x ``topology`` and reports its memory."""
+def _slice_mesh(cfg: Config, topology: str, num_slices: int, model_cfg: ModelConfig):
+    """The slice's table entry and the config's mesh over its compile-only devices, checked."""
     slc = get_slice(topology)
     if num_slices < 1:
         raise ValueError(f"--slices must be >= 1, got {num_slices}")
@@ -123,8 +123,28 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
         raise ValueError(f"mesh data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} tensor={cfg.mesh.tensor} uses "
                          f"{mesh.devices.size} of the slice's {n} devices; set mesh.data=-1 or sizes whose "
                          f"product is {n}")
-    model_cfg = model or cfg.model
     check_divisible(cfg, model_cfg, mesh)
+    return slc, mesh
+
+
+def _compile_peak(lowered) -> tuple[int | None, str | None]:
+    """(peak bytes per device, None) or (None, XLA's RESOURCE_EXHAUSTED line)."""
+    try:
+        mem = lowered.compile().memory_analysis()
+    except Exception as e:  # XLA reports a program that does not fit as RESOURCE_EXHAUSTED
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, next((line.strip() for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e))
+    return int(getattr(mem, "peak_memory_in_bytes", 0) or (
+        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        + mem.generated_code_size_in_bytes - mem.alias_size_in_bytes)), None
+
+
+def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None) -> Plan:
+    """Compiles the stage's train step for ``num_slices`` x ``topology`` and reports its memory."""
+    model_cfg = model or cfg.model
+    slc, mesh = _slice_mesh(cfg, topology, num_slices, model_cfg)
+    n = mesh.devices.size
     model_def = ModelDef(model_cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     shardings = state_shardings(model_def, tx, mesh)
@@ -142,17 +162,7 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     with activation_layout(MeshLayout(mesh)):  # as the step traces: auto resolves for the slice
         attention = resolve_attention(model_cfg.attention, cfg.data.seq_len, DTYPES[model_cfg.dtype])
     started = time.perf_counter()
-    peak, error = None, None
-    try:
-        compiled = step.lower(state, abstract_batch(cfg, mesh)).compile()
-        mem = compiled.memory_analysis()
-        peak = int(getattr(mem, "peak_memory_in_bytes", 0) or (
-            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            + mem.generated_code_size_in_bytes - mem.alias_size_in_bytes))
-    except Exception as e:  # XLA reports a step that does not fit as RESOURCE_EXHAUSTED
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        error = next((line.strip() for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e))
+    peak, error = _compile_peak(step.lower(state, abstract_batch(cfg, mesh)))
     return Plan(
         stage=cfg.stage, topology=topology, slices=num_slices, devices=n, mesh=dict(mesh.shape),
         params=count_params(model_cfg), global_batch=cfg.train.global_batch_size, seq_len=cfg.data.seq_len,
@@ -161,6 +171,57 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
         fits=error is None and peak is not None and peak <= slc.generation.hbm_bytes,
         flops_per_step=flops, step_seconds={f"{int(m * 100)}%": flops / (n * peak_chip * m) for m in MFUS},
         compile_seconds=round(time.perf_counter() - started, 1), attention=attention, error=error)
+
+
+def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None) -> Plan:
+    """Compiles an RL stage's rollout sampler (the KV-cache generation program the trainer runs
+    between updates) for the slice: prompts_per_rollout x group_size rows, the longest prompt
+    data.seq_len allows, rl.max_new_tokens. The policy's params are laid out as training holds
+    them, the rows split like a training batch, with the trainer's activation layout."""
+    from medjax.models.sampler import Sampler, SamplingConfig, bucket
+
+    if cfg.stage != "rl":
+        raise ValueError(f"a rollout plan needs stage: rl (this config's stage is {cfg.stage})")
+    model_cfg = model or cfg.model
+    slc, mesh = _slice_mesh(cfg, topology, num_slices, model_cfg)
+    n = mesh.devices.size
+    rl = cfg.rl
+    rows = rl.prompts_per_rollout * rl.group_size
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % split:
+        raise ValueError(f"rl.prompts_per_rollout x rl.group_size = {rows} rollout rows cannot be split over "
+                         f"mesh data x fsdp = {split}")
+    width = bucket(cfg.data.seq_len + 1 - rl.max_new_tokens)  # the longest prompt the stage admits
+    model_def = ModelDef(model_cfg)
+    tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)
+    shardings = state_shardings(model_def, tx, mesh)
+    params = abstract_train_state(model_def, tx, shardings)["params"]
+    rows_sharding = batch_sharding(mesh)
+    sampling = SamplingConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p,
+                              top_k=rl.top_k, stop_token_ids=(0,))
+    run = Sampler(model_def, layout=MeshLayout(mesh)).program(width, sampling)
+    prompts = jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=rows_sharding)
+    valid = jax.ShapeDtypeStruct((rows, width), jnp.bool_, sharding=rows_sharding)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    started = time.perf_counter()
+    peak, error = _compile_peak(run.lower(params, prompts, valid, rng))
+    params_bytes = _per_device_bytes(params, shardings["params"])
+    # The KV cache splits like the rows (data x fsdp) and, where the tensor axis divides them, by kv heads.
+    tensor = mesh.shape["tensor"]
+    cache_split = min(rows, mesh.shape["data"] * mesh.shape["fsdp"]) * (
+        tensor if model_cfg.num_kv_heads % tensor == 0 else 1)
+    cache_bytes = (2 * model_cfg.num_layers * rows * (width + rl.max_new_tokens) * model_cfg.num_kv_heads
+                   * model_cfg.resolved_head_dim * np.dtype(DTYPES[model_cfg.dtype]).itemsize) // cache_split
+    flops = rows * generate_flops_per_row(model_cfg, width, rl.max_new_tokens)
+    peak_chip = slc.generation.peak_bf16_flops
+    return Plan(
+        stage="rl rollout", topology=topology, slices=num_slices, devices=n, mesh=dict(mesh.shape),
+        params=count_params(model_cfg), global_batch=rows, seq_len=width + rl.max_new_tokens,
+        hbm_bytes=slc.generation.hbm_bytes, params_bytes=params_bytes, opt_state_bytes=0,
+        analytic_bytes=params_bytes + cache_bytes, peak_bytes=peak,
+        fits=error is None and peak is not None and peak <= slc.generation.hbm_bytes,
+        flops_per_step=flops, step_seconds={f"{int(m * 100)}%": flops / (n * peak_chip * m) for m in MFUS},
+        compile_seconds=round(time.perf_counter() - started, 1), attention="kv-cache", error=error)
 
 
 def format_plans(plans: list[tuple[str, Plan]]) -> str:
