@@ -63,6 +63,24 @@ def _cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_tfds_build(args: argparse.Namespace) -> int:
+    from medjax.config import ConfigError
+    from medjax.data.sources import TF_EXTRA_HINT
+
+    try:
+        from data_pipelines.curate import medjax_corpus
+    except ImportError as e:
+        raise ConfigError(f"tfds-build needs tensorflow-datasets ({e.name} is missing): {TF_EXTRA_HINT}") from None
+    try:
+        result = medjax_corpus.build(args.curated, args.data_dir, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    counts = ", ".join(f"{name} {n:,}" for name, n in sorted(result["splits"].items()))
+    print(f"wrote {result['path']} ({counts} examples); load it with "
+          f"tfds.builder({medjax_corpus.NAME!r}, data_dir={str(args.data_dir)!r}) or data.source: tfds")
+    return 0
+
+
 def _cmd_launch(args: argparse.Namespace) -> int:
     from medjax.launch import LaunchRequest, execute, plan_launch, render
 
@@ -290,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_curate, beam_args=[])
     p.epilog = ("arguments after -- go to Beam unchanged, e.g. -- --runner=DataflowRunner --project=P "
                 "--region=R --temp_location=gs://B/tmp")
+
+    p = sub.add_parser("data", help="data sources: `medjax data tfds-build` writes a curated corpus as a TFDS dataset")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{tfds-build}")
+    q = data_sub.add_parser("tfds-build", help="curation output -> TFDS dataset medjax_corpus (ArrayRecord files) "
+                            "that tfds.builder loads with no medjax code")
+    q.add_argument("curated", help="a `medjax curate` output directory (clean/, report.json)")
+    q.add_argument("--data-dir", required=True, help="TFDS data_dir to write medjax_corpus/VERSION/ into")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing build of the same version")
+    q.set_defaults(func=_cmd_data_tfds_build)
 
     from medjax.rag.cli import add_parser as add_rag_parser
 

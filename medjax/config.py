@@ -54,9 +54,25 @@ class MeshConfig:
 
 
 @dataclass
+class TfdsConfig:
+    """A TFDS dataset as a pretraining source (data.source: tfds; needs the tf extra)."""
+
+    name: str = ""  # e.g. medjax_corpus (built by `medjax data tfds-build`), or name/config:version
+    data_dir: str = ""  # the folder holding NAME/VERSION/
+    split: str = "train"  # TFDS split syntax works too: "train[:90%]"
+    eval_split: str = ""  # empty: no evaluation batches
+    # The feature read: token ids (int sequence) are used as they are, text is tokenized by data.tokenizer.
+    feature: str = "tokens"
+
+
+@dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
+    # Where pretraining records come from: files (train_files/eval_files in data.format) or a TFDS
+    # dataset (data.tfds). SFT and reward-model stages read files.
+    source: Literal["files", "tfds"] = "files"
+    tfds: TfdsConfig = field(default_factory=TfdsConfig)
     # pretrain: jsonl text documents tokenized on the fly, or arrayrecord int32 token-id records.
     # sft reads JSONL {"messages": [...]}; reward_model reads JSONL {prompt, chosen, rejected, dimension}.
     format: Literal["jsonl", "arrayrecord"] = "jsonl"
@@ -80,6 +96,10 @@ class DataConfig:
     skip_bad: bool = False
     # sft / reward_model: examples are first-fit packed into this many rows at a time.
     packing_bins: int = 16
+
+    def has_eval(self) -> bool:
+        """Whether evaluation batches are configured (eval_files, or a TFDS eval_split)."""
+        return bool(self.tfds.eval_split) if self.source == "tfds" else bool(self.eval_files)
 
 
 @dataclass
@@ -233,6 +253,9 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
         _apply_override(raw, item)
     raw = _expand_model_preset(raw, where)
     cfg = from_dict(Config, raw, where=where)
+    if cfg.data.source != "files" and cfg.stage != "pretrain":
+        raise ConfigError(f"{where}: key 'data.source' is {cfg.data.source!r}, which feeds stage pretrain; "
+                          f"stage {cfg.stage} reads files (data.source: files)")
     if not cfg.workdir:
         raise ConfigError(f"{where}: key 'workdir' is required (where checkpoints and metrics go)")
     _substitute_variables(cfg, where)
@@ -390,6 +413,7 @@ def _absolute_paths(cfg: Config) -> None:
     d.train_files = [absolute_path(f) for f in d.train_files]
     d.eval_files = [absolute_path(f) for f in d.eval_files]
     d.tokenizer = absolute_path(d.tokenizer)
+    d.tfds.data_dir = absolute_path(d.tfds.data_dir)
     cfg.init_from = absolute_path(cfg.init_from)
     for reward in cfg.rl.rewards:
         if isinstance(reward.options, dict) and isinstance(reward.options.get("model"), str):

@@ -67,6 +67,22 @@ def curate_demo_corpus(root: Path, files: dict[str, Path]) -> dict:
     return curate(cfg, echo=lambda text: print("\n".join("  " + line for line in text.splitlines())))
 
 
+def build_demo_tfds(root: Path) -> Path | None:
+    """The curated corpus as the TFDS dataset medjax_corpus under root/tfds (what `medjax data
+    tfds-build` writes; `data.source: tfds` trains on it). None, with a note, without the tf extra."""
+    try:
+        from data_pipelines.curate import medjax_corpus
+    except ImportError:
+        from medjax.data.sources import TF_EXTRA_HINT
+
+        print(f"  (the TFDS copy of the corpus is skipped: tensorflow-datasets is not installed; {TF_EXTRA_HINT})")
+        return None
+    result = medjax_corpus.build(root / "curated", root / "tfds", overwrite=True)
+    counts = ", ".join(f"{name} {n:,}" for name, n in sorted(result["splits"].items()))
+    print(f"  as a TFDS dataset: {result['path']} ({counts} documents)")
+    return Path(result["path"])
+
+
 def _stage_config(name: str, root: Path, max_steps: int | None):
     """The stage's demo config under ``root``, its steps capped at ``max_steps`` (a stage the config
     already gives fewer steps keeps its own)."""
@@ -220,6 +236,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     print(f"[3/10] curating the raw corpus (the world's passages with faults planted among them) into "
           f"{root / 'curated'} on Apache Beam")
     curation = curate_demo_corpus(root, files)
+    tfds_dir = build_demo_tfds(root)
     cfg = _stage_config("pretrain", root, max_steps)
     print(f"[4/10] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
           f"for {cfg.train.max_steps} steps in {cfg.workdir}")
@@ -313,6 +330,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
         "tokenizer": tokenizer_dir,
         "curated corpus": root / "curated",
         "curation funnel": root / "curated" / "report.png",
+        **({"curated corpus (TFDS)": tfds_dir} if tfds_dir else {}),
         "retrieval queries and labels (BEIR)": root / "beir",
         "retrieval index (BM25)": root / "rag",
         "pretrain checkpoints": Path(cfg.workdir) / "checkpoints",

@@ -99,6 +99,11 @@ def test_demo_runs_end_to_end(demo):
     assert reasons["exact_dedup"]["exact_duplicate"] >= 9 and reasons["near_dedup"]["near_duplicate"] >= 8
     assert {"NAME", "PHONE", "EMAIL", "ID", "MRN", "DOB", "ADDRESS"} <= set(summary["curation"]["phi"])
     assert (tmp_path / "curated" / "report.png").stat().st_size > 10_000
+    # ... and wrote it as a TFDS dataset holding the shards' documents.
+    tfds_info = json.loads((tmp_path / "tfds" / "medjax_corpus" / "1.0.0" / "dataset_info.json").read_text())
+    tfds_counts = {s["name"]: sum(int(n) for n in s["shardLengths"]) for s in tfds_info["splits"]}
+    assert tfds_counts == {"train": summary["curation"]["shards"]["train_records"],
+                           "validation": summary["curation"]["shards"]["eval_records"]}
     assert "[3/10] curating the raw corpus" in out.stdout and "benchmark_question 1" in out.stdout
     assert summary["curation"]["shards"]["train_records"] == summary["curation"]["kept"]["docs"] - \
         summary["curation"]["shards"]["eval_records"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from medjax.config import DataConfig
 from medjax.data import DataError
-from medjax.data.sources import JsonlSource, TokenRecordSource, expand_paths
+from medjax.data.sources import JsonlSource, TfdsSource, TokenRecordSource, expand_paths
 from medjax.data.tokenizer import eos_id, load_tokenizer
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
@@ -74,11 +74,21 @@ class ToModelRow(grain.transforms.Map):
         }
 
 
-def make_source(data: DataConfig, files: list[str]):
+def make_source(data: DataConfig, files: list[str], train: bool = True):
+    """The random-access records of ``files`` (data.source: files) or of the TFDS split for
+    training or evaluation (data.source: tfds)."""
+    if data.source == "tfds":
+        t = data.tfds
+        return TfdsSource(t.name, t.data_dir, t.split if train else t.eval_split, t.feature)
     paths = expand_paths(files, "data")
     if data.format == "jsonl":
         return JsonlSource(paths, required_keys=[data.text_key])
     return TokenRecordSource(paths)
+
+
+def holds_text(data: DataConfig, source) -> bool:
+    """Whether records carry text to tokenize (else token ids)."""
+    return source.kind == "text" if isinstance(source, TfdsSource) else data.format == "jsonl"
 
 
 def shard_records(source, data: DataConfig, *, train: bool, process_index: int, process_count: int
@@ -124,12 +134,13 @@ def pretrain_dataset(
     process_count: int = 1,
 ) -> grain.IterDataset:
     """Packed, batched rows for one process. ``batch_size`` is this process's share."""
-    source = make_source(data, files)
+    source = make_source(data, files, train)
     ds = shard_records(source, data, train=train, process_index=process_index, process_count=process_count)
-    if data.format == "jsonl":
+    if holds_text(data, source):
         if not data.tokenizer:
             raise DataError("data.tokenizer is not set (path to tokenizer.json or its folder)")
-        ds = ds.map(TokenizeDocument(data.tokenizer, data.text_key, data.add_eos))
+        text_key = "text" if isinstance(source, TfdsSource) else data.text_key
+        ds = ds.map(TokenizeDocument(data.tokenizer, text_key, data.add_eos))
     else:
         ds = ds.map(ShiftTokens())
     ds = ds.filter(lambda ex: len(ex["inputs"]) > 0)

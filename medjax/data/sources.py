@@ -131,3 +131,62 @@ class TokenRecordSource:
         if len(raw) % 4:
             raise DataError(f"ArrayRecord record {index}: {len(raw)} bytes is not a whole number of int32 ids")
         return {"ids": np.frombuffer(raw, dtype="<i4").astype(np.int32)}
+
+
+TF_EXTRA_HINT = "pip install -e '.[tf]' (or tools/setup_env.sh, which installs it)"
+
+
+class TfdsSource:
+    """One split of a TFDS dataset read through TFDS's random-access data source (ArrayRecord
+    files), giving {"ids"} for an integer feature or {"text"} for a text feature, the records the
+    files sources give; Grain then shuffles, shards and packs them exactly as it does files."""
+
+    def __init__(self, name: str, data_dir: str, split: str, feature: str):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError:
+            raise DataError(f"data.source: tfds needs tensorflow-datasets: {TF_EXTRA_HINT}") from None
+        if not name:
+            raise DataError("data.tfds.name is not set (a dataset name, e.g. medjax_corpus)")
+        if not data_dir:
+            raise DataError("data.tfds.data_dir is not set (the folder holding NAME/VERSION/)")
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise DataError(f"data.tfds.data_dir does not exist: {root}")
+        base = name.split(":")[0].split("/")[0]
+        if not (root / base).is_dir():
+            found = sorted(p.parent.parent.name for p in root.glob("*/*/dataset_info.json")) + sorted(
+                p.parent.parent.parent.name for p in root.glob("*/*/*/dataset_info.json"))
+            raise DataError(f"data.tfds.name {name!r}: no such dataset in {root} "
+                            f"(datasets there: {', '.join(sorted(set(found))) or 'none'})")
+        try:
+            builder = tfds.builder(name, data_dir=str(root))
+        except Exception as e:  # unknown version or config, unreadable dataset_info.json
+            raise DataError(f"data.tfds.name {name!r} in {root}: {e}") from None
+        features = builder.info.features
+        if feature not in features:
+            raise DataError(f"data.tfds.feature {feature!r} is not a feature of {name} "
+                            f"(features: {', '.join(sorted(features.keys()))})")
+        info = features[feature]
+        self.kind = "text" if isinstance(info, tfds.features.Text) else "ids"
+        if self.kind == "ids" and not np.issubdtype(np.dtype(info.np_dtype), np.integer):
+            raise DataError(f"data.tfds.feature {feature!r} of {name} holds {info.np_dtype}, not token ids or text")
+        try:
+            self._source = builder.as_data_source(split=split)
+        except (ValueError, KeyError) as e:
+            raise DataError(f"data.tfds split {split!r} of {name}: {e} "
+                            f"(splits: {', '.join(sorted(builder.info.splits.keys()))})") from None
+        self._feature = feature
+        self.description = f"{name} [{split}] in {root}"
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        value = self._source[index][self._feature]
+        if self.kind == "text":
+            return {"text": value.decode("utf-8") if isinstance(value, bytes) else str(value)}
+        return {"ids": np.asarray(value, dtype=np.int32)}
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.description}, {len(self)} records)"

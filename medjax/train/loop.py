@@ -173,7 +173,7 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
     if start:
         state, _ = ckpts.restore(start, state, data_iter)
     train_step = make_train_step(model, objective, tx, schedule, mesh, shardings)
-    evaluates = cfg.data.eval_files and spec.dataset is not None
+    evaluates = cfg.data.has_eval() and spec.dataset is not None
     eval_step = make_eval_step(model, objective, mesh, shardings) if evaluates else None
     step_sharding = batch_sharding(mesh, leading_dims=1)
     batch_shape = (geo.accum, geo.micro, geo.seq_len)
