@@ -81,6 +81,14 @@ def _cmd_data_tfds_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from medjax.config import load_config
+    from medjax.data.inspect import inspect_data
+
+    inspect_data(load_config(args.config, args.overrides), n=args.n, show=args.show)
+    return 0
+
+
 def _cmd_launch(args: argparse.Namespace) -> int:
     from medjax.launch import LaunchRequest, execute, plan_launch, render
 
@@ -309,14 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = ("arguments after -- go to Beam unchanged, e.g. -- --runner=DataflowRunner --project=P "
                 "--region=R --temp_location=gs://B/tmp")
 
-    p = sub.add_parser("data", help="data sources: `medjax data tfds-build` writes a curated corpus as a TFDS dataset")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{tfds-build}")
+    p = sub.add_parser("data", help="data sources: `tfds-build` writes a curated corpus as a TFDS dataset, "
+                       "`inspect` shows what a config's source (files, TFDS, seqio mixture) reads")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{tfds-build,inspect}")
     q = data_sub.add_parser("tfds-build", help="curation output -> TFDS dataset medjax_corpus (ArrayRecord files) "
                             "that tfds.builder loads with no medjax code")
     q.add_argument("curated", help="a `medjax curate` output directory (clean/, report.json)")
     q.add_argument("--data-dir", required=True, help="TFDS data_dir to write medjax_corpus/VERSION/ into")
     q.add_argument("--overwrite", action="store_true", help="replace an existing build of the same version")
     q.set_defaults(func=_cmd_data_tfds_build)
+    q = data_sub.add_parser("inspect", help="decoded documents of CONFIG's data source; a seqio Mixture's realised "
+                            "task shares against its rates")
+    q.add_argument("config", help="pretraining YAML config")
+    q.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    q.add_argument("--n", type=int, default=1000, help="documents to count the mixture over")
+    q.add_argument("--show", type=int, default=3, help="documents to print")
+    q.set_defaults(func=_cmd_data_inspect)
 
     from medjax.rag.cli import add_parser as add_rag_parser
 

@@ -66,13 +66,42 @@ class TfdsConfig:
 
 
 @dataclass
+class SeqioTaskConfig:
+    """A seqio Task medjax registers (data.seqio.tasks): text from JSONL files or a TFDS dataset,
+    tokenized by the seqio Vocabulary that wraps data.tokenizer."""
+
+    name: str = ""
+    # JSONL files of documents (globs) for the train split, and optionally for "validation".
+    files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    # Or a TFDS dataset in ArrayRecord format (e.g. medjax_corpus from `medjax data tfds-build`).
+    tfds_name: str = ""
+    tfds_data_dir: str = ""
+    text_key: str = "text"
+
+
+@dataclass
+class SeqioConfig:
+    """A seqio Task or Mixture as the pretraining source (data.source: seqio; needs the tf extra)."""
+
+    name: str = ""  # the Task or Mixture read: one defined below, or registered by `modules`
+    modules: list[str] = field(default_factory=list)  # imported first, to register your own Tasks/Mixtures
+    tasks: list[SeqioTaskConfig] = field(default_factory=list)
+    # Task name -> mixing rate (positive); registers Mixture `name` over those tasks.
+    mixture: dict[str, float] = field(default_factory=dict)
+    split: str = "train"
+    eval_split: str = ""  # empty: no evaluation batches
+
+
+@dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
-    # Where pretraining records come from: files (train_files/eval_files in data.format) or a TFDS
-    # dataset (data.tfds). SFT and reward-model stages read files.
-    source: Literal["files", "tfds"] = "files"
+    # Where pretraining records come from: files (train_files/eval_files in data.format), a TFDS
+    # dataset (data.tfds) or a seqio Task/Mixture (data.seqio). SFT and reward-model stages read files.
+    source: Literal["files", "tfds", "seqio"] = "files"
     tfds: TfdsConfig = field(default_factory=TfdsConfig)
+    seqio: SeqioConfig = field(default_factory=SeqioConfig)
     # pretrain: jsonl text documents tokenized on the fly, or arrayrecord int32 token-id records.
     # sft reads JSONL {"messages": [...]}; reward_model reads JSONL {prompt, chosen, rejected, dimension}.
     format: Literal["jsonl", "arrayrecord"] = "jsonl"
@@ -99,7 +128,11 @@ class DataConfig:
 
     def has_eval(self) -> bool:
         """Whether evaluation batches are configured (eval_files, or a TFDS eval_split)."""
-        return bool(self.tfds.eval_split) if self.source == "tfds" else bool(self.eval_files)
+        if self.source == "tfds":
+            return bool(self.tfds.eval_split)
+        if self.source == "seqio":
+            return bool(self.seqio.eval_split)
+        return bool(self.eval_files)
 
 
 @dataclass
@@ -414,6 +447,10 @@ def _absolute_paths(cfg: Config) -> None:
     d.eval_files = [absolute_path(f) for f in d.eval_files]
     d.tokenizer = absolute_path(d.tokenizer)
     d.tfds.data_dir = absolute_path(d.tfds.data_dir)
+    for task in d.seqio.tasks:
+        task.files = [absolute_path(f) for f in task.files]
+        task.eval_files = [absolute_path(f) for f in task.eval_files]
+        task.tfds_data_dir = absolute_path(task.tfds_data_dir)
     cfg.init_from = absolute_path(cfg.init_from)
     for reward in cfg.rl.rewards:
         if isinstance(reward.options, dict) and isinstance(reward.options.get("model"), str):

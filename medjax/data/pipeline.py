@@ -8,6 +8,7 @@ of the records; the iterator's state checkpoints and restores exactly (see train
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import grain
@@ -134,6 +135,8 @@ def pretrain_dataset(
     process_count: int = 1,
 ) -> grain.IterDataset:
     """Packed, batched rows for one process. ``batch_size`` is this process's share."""
+    if data.source == "seqio":
+        return _pack(seqio_examples(data, train, process_index, process_count), data, seq_len, batch_size, train)
     source = make_source(data, files, train)
     ds = shard_records(source, data, train=train, process_index=process_index, process_count=process_count)
     if holds_text(data, source):
@@ -143,8 +146,24 @@ def pretrain_dataset(
         ds = ds.map(TokenizeDocument(data.tokenizer, text_key, data.add_eos))
     else:
         ds = ds.map(ShiftTokens())
-    ds = ds.filter(lambda ex: len(ex["inputs"]) > 0)
-    it = ds.to_iter_dataset()
+    return _pack(ds.to_iter_dataset(), data, seq_len, batch_size, train)
+
+
+def _pack(it: grain.IterDataset, data: DataConfig, seq_len: int, batch_size: int, train: bool) -> grain.IterDataset:
+    """Next-token pairs of every document, concatenated and split into rows, then batched."""
+    it = it.filter(lambda ex: len(ex["inputs"]) > 0)
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"inputs": seq_len, "targets": seq_len})
     return batch_rows(it.map(ToModelRow()), data, batch_size, train)
+
+
+def seqio_examples(data: DataConfig, train: bool, stream: int, streams: int) -> grain.IterDataset:
+    """One data stream's {inputs, targets} documents from the seqio Task or Mixture data.seqio.name."""
+    from medjax.data import seqio_source
+
+    provider = seqio_source.register(data.seqio, data.tokenizer, data.add_eos)
+    split = data.seqio.split if train else data.seqio.eval_split
+    seqio_source.check_split(provider, split)
+    make = functools.partial(seqio_source.examples, provider, split, shuffle=train and data.shuffle, seed=data.seed,
+                             num_epochs=data.num_epochs if train else 1, stream=stream, streams=streams)
+    return seqio_source.SeqioExamples(make).map(ShiftTokens())
 
