@@ -78,6 +78,9 @@ class SeqioTaskConfig:
     tfds_name: str = ""
     tfds_data_dir: str = ""
     text_key: str = "text"
+    # Keep only documents whose `authority` grade (curation's A-E) is one of these; empty keeps all.
+    # Tasks over one corpus split by grade make a mixture weighted by authority.
+    authorities: list[str] = field(default_factory=list)
 
 
 @dataclass

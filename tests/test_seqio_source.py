@@ -79,6 +79,32 @@ def test_mixture_rates_are_realised(world, tmp_path, capsys):
     assert out.count("\n") >= 6 and "configured" in out
 
 
+def test_a_mixture_by_authority_grade(world, tmp_path):
+    """One curated-style corpus split into tasks by authority grade and weighted: every document of
+    a task has that task's grades, and the shares follow the rates."""
+    from medjax.data import seqio_source
+
+    corpus = tmp_path / "graded.jsonl"
+    texts = [json.loads(line)["text"] for line in Path(world.files["pretrain"]).read_text().splitlines()]
+    grades = {t: "ABCDE"[i % 5] for i, t in enumerate(texts)}
+    corpus.write_text("".join(json.dumps({"text": t, "authority": g}) + "\n" for t, g in grades.items()))
+    tasks = (f"[{{name: medjax_test_high, files: [{corpus}], authorities: [A, B]}}, "
+             f"{{name: medjax_test_low, files: [{corpus}], authorities: [D, E]}}]")
+    cfg = tiny_config(world, tmp_path / "run", "data.source=seqio", "data.seqio.name=medjax_test_by_grade",
+                      f"data.seqio.tasks={tasks}", "data.seqio.mixture={medjax_test_high: 0.8, medjax_test_low: 0.2}")
+    provider = seqio_source.register(cfg.data.seqio, cfg.data.tokenizer)
+    realised, seen = seqio_source.realised_rates(provider, 1500, seed=0)
+    assert abs(realised["medjax_test_high"] - 0.8) < 0.02 and abs(realised["medjax_test_low"] - 0.2) < 0.02
+    tok = load_tokenizer(world.tokenizer)
+    for example in seen[:300]:
+        text = tok.decode(example["targets"][:-1].tolist())  # EOS appended by seqio
+        assert grades[text] in ({"A", "B"} if example["task"] == "medjax_test_high" else {"D", "E"})
+    bad = tiny_config(world, tmp_path / "run", "data.source=seqio", "data.seqio.name=medjax_test_none",
+                      f"data.seqio.tasks=[{{name: medjax_test_none, files: [{corpus}], authorities: [Z]}}]")
+    with pytest.raises(DataError, match="medjax_test_none: no train document has an authority grade in \\['Z'\\]"):
+        next(iter(pretrain_dataset(bad.data, files=[], seq_len=32, batch_size=4)))
+
+
 def test_seqio_and_files_give_identical_packed_batches(world, tmp_path):
     """One JSONL task through seqio (tokenized by the Vocabulary, EOS appended by seqio) and the same
     file through the files pipeline: in file order, over two data streams, batch for batch equal."""

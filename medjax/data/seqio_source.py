@@ -145,18 +145,32 @@ def vocabulary(tokenizer_path: str):
     return HfTokenizerVocabulary(tokenizer_path)
 
 
-def _texts(task: SeqioTaskConfig, split: str) -> tuple[Callable[[], Any], int]:
-    """(a function giving record -> text for each record index, the split's record count)."""
+def _texts(task: SeqioTaskConfig, split: str) -> tuple[Callable[[int], str], np.ndarray]:
+    """(record index -> text, the indices of the split's records the task keeps)."""
+    where = f"data.seqio.tasks {task.name}"
     if task.tfds_name:
         source = TfdsSource(task.tfds_name, task.tfds_data_dir, split, task.text_key)
         if source.kind != "text":
-            raise DataError(f"data.seqio.tasks {task.name}: feature {task.text_key!r} of {task.tfds_name} is not text")
-        return (lambda i: source[i]["text"]), len(source)
-    from medjax.data.sources import JsonlSource
+            raise DataError(f"{where}: feature {task.text_key!r} of {task.tfds_name} is not text")
+        text = lambda i: source[i]["text"]  # noqa: E731
+        grades = TfdsSource(task.tfds_name, task.tfds_data_dir, split, "authority") if task.authorities else None
+        grade = lambda i: grades[i]["text"]  # noqa: E731
+        n = len(source)
+    else:
+        from medjax.data.sources import JsonlSource
 
-    files = task.files if split == "train" else task.eval_files
-    source = JsonlSource(expand_paths(files, f"data.seqio.tasks {task.name}"), required_keys=[task.text_key])
-    return (lambda i: source[i][task.text_key]), len(source)
+        files = task.files if split == "train" else task.eval_files
+        required = [task.text_key] + (["authority"] if task.authorities else [])
+        jsonl = JsonlSource(expand_paths(files, where), required_keys=required)
+        text = lambda i: jsonl[i][task.text_key]  # noqa: E731
+        grade = lambda i: jsonl[i]["authority"]  # noqa: E731
+        n = len(jsonl)
+    keep = np.arange(n)
+    if task.authorities:
+        keep = np.asarray([i for i in range(n) if grade(i) in task.authorities], dtype=np.int64)
+        if not len(keep):
+            raise DataError(f"{where}: no {split} document has an authority grade in {task.authorities}")
+    return text, keep
 
 
 def _register_task(task: SeqioTaskConfig, vocab, add_eos: bool) -> None:
@@ -173,8 +187,8 @@ def _register_task(task: SeqioTaskConfig, vocab, add_eos: bool) -> None:
         splits = ["train"] + (["validation"] if task.eval_files else [])
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-        text, n = _texts(task, split)
-        order = np.random.default_rng(seed if seed is not None else 0).permutation(n) if shuffle_files else np.arange(n)
+        text, keep = _texts(task, split)
+        order = np.random.default_rng(seed if seed is not None else 0).permutation(keep) if shuffle_files else keep
 
         def records() -> Iterator[dict]:
             for i in order:
