@@ -156,3 +156,17 @@ def test_bad_tfds_settings_are_named(corpus, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as on an install without the tf extra
     with pytest.raises(DataError, match=r"needs tensorflow-datasets: pip install -e '\.\[tf\]'"):
         TfdsSource("medjax_corpus", str(data_dir), "train", "tokens")
+
+
+def test_medjax_works_without_the_tf_extra(tmp_path):
+    """With TensorFlow, TFDS and seqio unimportable (an install without the tf extra), medjax and its
+    training loop import, and asking for the TFDS build names the extra to install."""
+    script = (
+        "import sys\n"
+        "for name in ('tensorflow', 'tensorflow_datasets', 'seqio'):\n"
+        "    sys.modules[name] = None\n"
+        "import medjax.cli, medjax.train.loop, medjax.data.pipeline, medjax.demo\n"
+        "sys.exit(medjax.cli.main(['data', 'tfds-build', sys.argv[1], '--data-dir', sys.argv[1]]))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "tfds-build needs tensorflow-datasets (tensorflow_datasets is missing): pip install -e '.[tf]'" in out.stderr

@@ -50,6 +50,8 @@ def _seqio():
                 import tensorflow as tf
 
                 tf.config.list_physical_devices()  # where a CPU host's "failed call to cuInit" is printed
+                # tf.data runs on the host; TensorFlow must not take the accelerator memory JAX trains in.
+                tf.config.set_visible_devices([], "GPU")
                 logging.getLogger("absl").addFilter(_UncachedSourceAdvice())
             except ImportError:
                 raise DataError(f"data.source: seqio needs seqio and TensorFlow: {TF_EXTRA_HINT}") from None
