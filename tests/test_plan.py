@@ -72,32 +72,31 @@ def test_plan_compiles_the_real_step_and_reports_memory_and_flops():
 
 @needs_libtpu
 def test_rl_rollout_sampler_is_planned_beside_the_update():
-    """An RL stage runs two programs on its slice: the update and the KV-cache sampler. The sampler
-    is compiled for the slice at the rollout's shape (rows, longest prompt, max_new_tokens)."""
+    """An RL stage runs two programs on its slice: the update and the KV-cache sampler. `medjax plan`
+    compiles both; the sampler at the rollout's shape (rows, longest prompt, max_new_tokens)."""
     from medjax.models.sampler import bucket
     from medjax.train.metrics import generate_flops_per_row
     from medjax.train.plan import plan_rollout
 
     config = REPO_ROOT / "configs" / "demo" / "rl_verifiable.yaml"
     cfg = load_config(config, ["vars.demo=/nonexistent"])
-    p = plan_rollout(cfg, "v5e-4")
-    rows, width = cfg.rl.prompts_per_rollout * cfg.rl.group_size, bucket(cfg.data.seq_len + 1 - cfg.rl.max_new_tokens)
-    assert p.fits and p.stage == "rl rollout" and p.global_batch == rows
-    assert p.seq_len == width + cfg.rl.max_new_tokens and p.opt_state_bytes == 0
-    assert p.params_bytes < p.analytic_bytes <= p.peak_bytes <= p.hbm_bytes  # params + KV cache, then XLA's peak
-    assert p.flops_per_step == rows * generate_flops_per_row(cfg.model, width, cfg.rl.max_new_tokens)
     with pytest.raises(ValueError, match="needs stage: rl"):
         plan_rollout(_demo(), "v5e-4")
     with pytest.raises(ValueError, match="9 rollout rows cannot be split over mesh data x fsdp = 4"):
         plan_rollout(load_config(config, ["vars.demo=/nonexistent", "rl.prompts_per_rollout=3", "rl.group_size=3"]),
                      "v5e-4")
-
-    # `medjax plan` on an RL config prints both rows and exits 0 when both fit.
     result = subprocess.run([str(Path(sys.executable).parent / "medjax"), "plan", str(config), "vars.demo=/nonexistent",
                              "--topology", "v5e-4", "--json"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    out = json.loads(result.stdout)
-    assert out["stage"] == "rl" and out["rollout"]["stage"] == "rl rollout" and out["rollout"]["fits"]
+    update = json.loads(result.stdout)
+    p = update["rollout"]
+    rows, width = cfg.rl.prompts_per_rollout * cfg.rl.group_size, bucket(cfg.data.seq_len + 1 - cfg.rl.max_new_tokens)
+    assert update["stage"] == "rl" and update["fits"]
+    assert p["fits"] and p["stage"] == "rl rollout" and p["global_batch"] == rows
+    assert p["seq_len"] == width + cfg.rl.max_new_tokens and p["opt_state_bytes"] == 0
+    # params + KV cache (analytic), then XLA's peak, within the chip
+    assert p["params_bytes"] < p["analytic_bytes"] <= p["peak_bytes"] <= p["hbm_bytes"]
+    assert p["flops_per_step"] == rows * generate_flops_per_row(cfg.model, width, cfg.rl.max_new_tokens)
 
 
 @needs_libtpu
