@@ -75,8 +75,7 @@ def _cmd_data_tfds_build(args: argparse.Namespace) -> int:
         result = medjax_corpus.build(args.curated, args.data_dir, overwrite=args.overwrite)
     except (FileExistsError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    counts = ", ".join(f"{name} {n:,}" for name, n in sorted(result["splits"].items()))
-    print(f"wrote {result['path']} ({counts} examples); load it with "
+    print(f"wrote {result['path']} ({result['counts']} examples); load it with "
           f"tfds.builder({medjax_corpus.NAME!r}, data_dir={str(args.data_dir)!r}) or data.source: tfds")
     return 0
 

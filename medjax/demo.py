@@ -78,8 +78,7 @@ def build_demo_tfds(root: Path) -> Path | None:
         print(f"  (the TFDS copy of the corpus is skipped: tensorflow-datasets is not installed; {TF_EXTRA_HINT})")
         return None
     result = medjax_corpus.build(root / "curated", root / "tfds", overwrite=True)
-    counts = ", ".join(f"{name} {n:,}" for name, n in sorted(result["splits"].items()))
-    print(f"  as a TFDS dataset: {result['path']} ({counts} documents)")
+    print(f"  as a TFDS dataset: {result['path']} ({result['counts']} documents)")
     return Path(result["path"])
 
 

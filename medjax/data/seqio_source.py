@@ -188,8 +188,13 @@ def _register_task(task: SeqioTaskConfig, vocab, add_eos: bool) -> None:
     else:
         splits = ["train"] + (["validation"] if task.eval_files else [])
 
+    indexed: dict[str, tuple[Callable[[int], str], np.ndarray]] = {}  # split -> (text, kept indices)
+
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-        text, keep = _texts(task, split)
+        # Indexed once per split: every stream, resume and inspect rebuilds the pipeline through here.
+        if split not in indexed:
+            indexed[split] = _texts(task, split)
+        text, keep = indexed[split]
         order = np.random.default_rng(seed if seed is not None else 0).permutation(keep) if shuffle_files else keep
 
         def records() -> Iterator[dict]:

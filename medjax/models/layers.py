@@ -138,8 +138,14 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
-        return (gate * (x @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+        # The gate and up projections run as one matmul over the two weights stacked on a new axis
+        # (not concatenated: each shard of the stack is the stack of the shards, so a tensor-parallel
+        # "mlp" axis needs no resharding). One wide matmul and its backward beat two narrow ones;
+        # on a CPU the backward of two also transposes each [tokens, mlp] gradient (tools/bench_train.py:
+        # 545 -> 522 ms/step, median of 12 windows).
+        w = jnp.stack([self.w_gate[...], self.w_up[...]], axis=1).astype(dt)  # [embed, 2, mlp]
+        gate_up = jnp.einsum("bse,ecm->bscm", x, w)
+        return (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ self.w_down[...].astype(dt)
 
 
 class DecoderBlock(nnx.Module):

@@ -140,11 +140,28 @@ def _compile_peak(lowered) -> tuple[int | None, str | None]:
         + mem.generated_code_size_in_bytes - mem.alias_size_in_bytes)), None
 
 
+def _finish(stage_name: str, topology: str, num_slices: int, slc, mesh, model_cfg: ModelConfig, *,
+            rows: int, seq_len: int, params_bytes: int, opt_bytes: int, analytic_bytes: int, flops: float,
+            attention: str, lowered, started: float) -> Plan:
+    """Compiles ``lowered`` and fills the Plan both programs report: fits against the chip's HBM, and
+    the step time the analytic FLOPs imply at each MFU."""
+    peak, error = _compile_peak(lowered)
+    n = mesh.devices.size
+    peak_chip = slc.generation.peak_bf16_flops
+    return Plan(
+        stage=stage_name, topology=topology, slices=num_slices, devices=n, mesh=dict(mesh.shape),
+        params=count_params(model_cfg), global_batch=rows, seq_len=seq_len,
+        hbm_bytes=slc.generation.hbm_bytes, params_bytes=params_bytes, opt_state_bytes=opt_bytes,
+        analytic_bytes=analytic_bytes, peak_bytes=peak,
+        fits=error is None and peak is not None and peak <= slc.generation.hbm_bytes,
+        flops_per_step=flops, step_seconds={f"{int(m * 100)}%": flops / (n * peak_chip * m) for m in MFUS},
+        compile_seconds=round(time.perf_counter() - started, 1), attention=attention, error=error)
+
+
 def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None) -> Plan:
     """Compiles the stage's train step for ``num_slices`` x ``topology`` and reports its memory."""
     model_cfg = model or cfg.model
     slc, mesh = _slice_mesh(cfg, topology, num_slices, model_cfg)
-    n = mesh.devices.size
     model_def = ModelDef(model_cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     shardings = state_shardings(model_def, tx, mesh)
@@ -158,19 +175,13 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     grad_bytes = _per_device_bytes(grads, shardings["params"])
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
-    peak_chip = slc.generation.peak_bf16_flops
     with activation_layout(MeshLayout(mesh)):  # as the step traces: auto resolves for the slice
         attention = resolve_attention(model_cfg.attention, cfg.data.seq_len, DTYPES[model_cfg.dtype])
     started = time.perf_counter()
-    peak, error = _compile_peak(step.lower(state, abstract_batch(cfg, mesh)))
-    return Plan(
-        stage=cfg.stage, topology=topology, slices=num_slices, devices=n, mesh=dict(mesh.shape),
-        params=count_params(model_cfg), global_batch=cfg.train.global_batch_size, seq_len=cfg.data.seq_len,
-        hbm_bytes=slc.generation.hbm_bytes, params_bytes=params_bytes, opt_state_bytes=opt_bytes,
-        analytic_bytes=params_bytes + opt_bytes + grad_bytes, peak_bytes=peak,
-        fits=error is None and peak is not None and peak <= slc.generation.hbm_bytes,
-        flops_per_step=flops, step_seconds={f"{int(m * 100)}%": flops / (n * peak_chip * m) for m in MFUS},
-        compile_seconds=round(time.perf_counter() - started, 1), attention=attention, error=error)
+    return _finish(cfg.stage, topology, num_slices, slc, mesh, model_cfg, rows=cfg.train.global_batch_size,
+                   seq_len=cfg.data.seq_len, params_bytes=params_bytes, opt_bytes=opt_bytes,
+                   analytic_bytes=params_bytes + opt_bytes + grad_bytes, flops=flops, attention=attention,
+                   lowered=step.lower(state, abstract_batch(cfg, mesh)), started=started)
 
 
 def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None) -> Plan:
@@ -184,7 +195,6 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
         raise ValueError(f"a rollout plan needs stage: rl (this config's stage is {cfg.stage})")
     model_cfg = model or cfg.model
     slc, mesh = _slice_mesh(cfg, topology, num_slices, model_cfg)
-    n = mesh.devices.size
     rl = cfg.rl
     rows = rl.prompts_per_rollout * rl.group_size
     split = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -203,25 +213,18 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
     prompts = jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=rows_sharding)
     valid = jax.ShapeDtypeStruct((rows, width), jnp.bool_, sharding=rows_sharding)
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    started = time.perf_counter()
-    peak, error = _compile_peak(run.lower(params, prompts, valid, rng))
     params_bytes = _per_device_bytes(params, shardings["params"])
     # The KV cache splits like the rows (data x fsdp) and, where the tensor axis divides them, by kv heads.
     tensor = mesh.shape["tensor"]
-    cache_split = min(rows, mesh.shape["data"] * mesh.shape["fsdp"]) * (
-        tensor if model_cfg.num_kv_heads % tensor == 0 else 1)
+    cache_split = split * (tensor if model_cfg.num_kv_heads % tensor == 0 else 1)
     cache_bytes = (2 * model_cfg.num_layers * rows * (width + rl.max_new_tokens) * model_cfg.num_kv_heads
                    * model_cfg.resolved_head_dim * np.dtype(DTYPES[model_cfg.dtype]).itemsize) // cache_split
-    flops = rows * generate_flops_per_row(model_cfg, width, rl.max_new_tokens)
-    peak_chip = slc.generation.peak_bf16_flops
-    return Plan(
-        stage="rl rollout", topology=topology, slices=num_slices, devices=n, mesh=dict(mesh.shape),
-        params=count_params(model_cfg), global_batch=rows, seq_len=width + rl.max_new_tokens,
-        hbm_bytes=slc.generation.hbm_bytes, params_bytes=params_bytes, opt_state_bytes=0,
-        analytic_bytes=params_bytes + cache_bytes, peak_bytes=peak,
-        fits=error is None and peak is not None and peak <= slc.generation.hbm_bytes,
-        flops_per_step=flops, step_seconds={f"{int(m * 100)}%": flops / (n * peak_chip * m) for m in MFUS},
-        compile_seconds=round(time.perf_counter() - started, 1), attention="kv-cache", error=error)
+    started = time.perf_counter()
+    return _finish("rl rollout", topology, num_slices, slc, mesh, model_cfg, rows=rows,
+                   seq_len=width + rl.max_new_tokens, params_bytes=params_bytes, opt_bytes=0,
+                   analytic_bytes=params_bytes + cache_bytes,
+                   flops=rows * generate_flops_per_row(model_cfg, width, rl.max_new_tokens), attention="kv-cache",
+                   lowered=run.lower(params, prompts, valid, rng), started=started)
 
 
 def format_plans(plans: list[tuple[str, Plan]]) -> str:

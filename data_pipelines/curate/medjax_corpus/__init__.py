@@ -40,8 +40,10 @@ class MedjaxCorpus(tfds.core.GeneratorBasedBuilder):
     pkg_dir_path = epath.Path(__file__).parent  # README.md (the card) lives here, not in the parent package
     RELEASE_NOTES = {"1.0.0": "Curated documents with text, token ids, source, authority grade and provenance."}
 
-    def __init__(self, *, curated_dir: str | os.PathLike | None = None, **kwargs):
+    def __init__(self, *, curated_dir: str | os.PathLike | None = None, report: dict | None = None, **kwargs):
         self._curated = None if curated_dir is None else Path(curated_dir).resolve()
+        # report.json is read once per build: the metadata and every split's generator use it.
+        self._curation = report if report is not None or self._curated is None else _report(self._curated)
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -64,7 +66,7 @@ class MedjaxCorpus(tfds.core.GeneratorBasedBuilder):
     def _curation_summary(self) -> dict[str, Any]:
         if self._curated is None:
             return {}
-        report = _report(self._curated)
+        report = self._curation
         return {"curated_dir": str(self._curated), "kept": report.get("kept", {}),
                 "authority": report.get("authority", {}), "lang": report.get("lang", {}),
                 "tokenizer": report["config"]["shards"]["tokenizer"]}
@@ -77,7 +79,7 @@ class MedjaxCorpus(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         from medjax.data.tokenizer import eos_id, load_tokenizer
 
-        shards = _report(self._curated)["config"]["shards"]
+        shards = self._curation["config"]["shards"]
         tok = load_tokenizer(shards["tokenizer"])
         eos = eos_id(tok)
         for path in sorted((self._curated / "clean").glob("*.jsonl")):
@@ -116,12 +118,12 @@ def _report(curated: Path) -> dict:
 
 def build(curated_dir: str | os.PathLike, data_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
     """Writes DATA_DIR/medjax_corpus/1.0.0 (ArrayRecord files) from ``curated_dir``; returns the
-    split counts and the dataset's path. The build happens in a temporary folder beside it and is
+    split counts, a line that says them, and the dataset's path. The build happens in a temporary folder beside it and is
     moved into place whole, so a failed build leaves an earlier dataset as it was."""
     curated, data_dir = Path(curated_dir).resolve(), Path(data_dir).resolve()
     if not (curated / "clean").is_dir():
         raise FileNotFoundError(f"{curated}/clean not found: {curated} is not a `medjax curate` output")
-    _report(curated)
+    report = _report(curated)
     final = data_dir / NAME / str(MedjaxCorpus.VERSION)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists (pass --overwrite to rebuild it)")
@@ -130,7 +132,7 @@ def build(curated_dir: str | os.PathLike, data_dir: str | os.PathLike, overwrite
     tfds.disable_progress_bar()  # ours (per split, in documents) says more than TFDS's nested bars
     absl_logging.set_verbosity(absl_logging.WARNING)  # "Downloading and preparing dataset Unknown size ..."
     try:
-        builder = MedjaxCorpus(curated_dir=curated, data_dir=staging)
+        builder = MedjaxCorpus(curated_dir=curated, report=report, data_dir=staging)
         with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading ... Unknown size" banners
             builder.download_and_prepare(file_format="array_record")
         counts = {name: split.num_examples for name, split in builder.info.splits.items()}
@@ -144,4 +146,5 @@ def build(curated_dir: str | os.PathLike, data_dir: str | os.PathLike, overwrite
             os.replace(staging / NAME / final.name, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"path": str(final), "splits": counts}
+    return {"path": str(final), "splits": counts,
+            "counts": ", ".join(f"{name} {n:,}" for name, n in sorted(counts.items()))}
