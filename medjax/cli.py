@@ -110,8 +110,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
+    from medjax.convert.gguf_import import import_gguf, is_gguf
     from medjax.convert.hf_import import import_hf
 
+    if is_gguf(args.hf_dir):
+        out = import_gguf(args.hf_dir, args.ckpt_dir, param_dtype=args.param_dtype)
+        print(f"imported {args.hf_dir} -> {out}")
+        if args.hf_out:
+            from medjax.convert.hf_export import export_hf
+
+            hf = export_hf(out, args.hf_out, dtype=args.param_dtype or "float32")
+            print(f"wrote the Hugging Face directory {hf} (serve it with: medjax serve {hf})")
+        return 0
+    if args.hf_out or args.param_dtype:
+        raise ConversionError("--hf-out and --param-dtype apply to GGUF files only")
     out = import_hf(args.hf_dir, args.ckpt_dir, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)
     print(f"imported {args.hf_dir} -> {out}")
     if args.tokenizer == "file":
@@ -355,9 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many steps of each RL stage (default: each demo config's)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("import", help="Hugging Face directory -> medjax model directory")
-    p.add_argument("hf_dir")
-    p.add_argument("ckpt_dir")
+    p = sub.add_parser("import", help="Hugging Face directory or GGUF file -> medjax model directory")
+    p.add_argument("hf_dir", metavar="SOURCE", help="a Hugging Face model directory or a .gguf file")
+    p.add_argument("ckpt_dir", metavar="OUT")
+    p.add_argument("--hf-out", default=None, metavar="DIR",
+                   help="GGUF only: also write the dequantised model as a Hugging Face directory (safetensors)")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="GGUF only: dtype the dequantised weights are kept in (default float32)")
     p.add_argument("--allow-pickle", action="store_true", help="also read pickle-based pytorch_model*.bin files")
     p.add_argument("--tokenizer", choices=("file", "transformers"), default="file",
                    help="file: the directory's tokenizer.json as is (default; a mismatch with transformers is "

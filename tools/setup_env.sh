@@ -5,7 +5,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-extras=${1:-test,serve,tpu,data,rag,tf}
+extras=${1:-test,serve,tpu,data,rag,tf,real}
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

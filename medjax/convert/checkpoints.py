@@ -28,6 +28,7 @@ import yaml
 from medjax.config import from_dict
 from medjax.convert import ConversionError
 from medjax.convert.weights import set_path
+from medjax.data.chat import TEMPLATE_DIR
 from medjax.models.config import ModelConfig
 
 MODEL_JSON = "model.json"
@@ -227,4 +228,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
             copied.append(name)
+    if (src / TEMPLATE_DIR).is_dir():  # named chat templates, as transformers saves them
+        shutil.copytree(src / TEMPLATE_DIR, dst / TEMPLATE_DIR, dirs_exist_ok=True)
+        copied.append(TEMPLATE_DIR)
     return copied

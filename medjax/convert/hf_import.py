@@ -99,7 +99,14 @@ def open_hf(hf_dir: str | os.PathLike, allow_pickle: bool = False
     if not config_file.is_file():
         raise ConversionError(f"{config_file}: not found (is {hf_dir} a Hugging Face model directory?)")
     model = from_hf_config(json.loads(config_file.read_text()), str(config_file))
-    weights = open_weights(hf_dir, allow_pickle)
+    return model, checked_tensors(model, open_weights(hf_dir, allow_pickle), str(hf_dir))
+
+
+def checked_tensors(model: ModelConfig, weights, where: str) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Checks that ``weights`` (HF tensor names: names/header/get) hold exactly the tensors
+    ``model`` needs with the right shapes and float dtypes, then returns the lazy stream of
+    (medjax param path, array in the model's param dtype). Shared by every format medjax imports
+    (safetensors, pickle, GGUF) so they fail alike."""
     maps = tensor_maps(model)
     expected = {m.hf_name for m in maps}
     present = set(weights.names())
@@ -109,19 +116,19 @@ def open_hf(hf_dir: str | os.PathLike, allow_pickle: bool = False
     missing = sorted(expected - present)
     extra = sorted(present - expected - ignorable)
     if missing:
-        raise ConversionError(f"{hf_dir}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise ConversionError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if extra:
-        raise ConversionError(f"{hf_dir}: unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+        raise ConversionError(f"{where}: unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}")
     for m in maps:
         shape, code = weights.header(m.hf_name)
         if shape != m.hf_shape:
-            raise ConversionError(f"{hf_dir}: tensor {m.hf_name} has shape {shape}, expected {m.hf_shape}")
+            raise ConversionError(f"{where}: tensor {m.hf_name} has shape {shape}, expected {m.hf_shape}")
         if code not in FLOAT_CODES:
-            raise ConversionError(f"{hf_dir}: tensor {m.hf_name} has dtype {code}, expected a float type")
+            raise ConversionError(f"{where}: tensor {m.hf_name} has dtype {code}, expected a float type")
     dtype = np.dtype(DTYPES[model.param_dtype])
 
     def tensors():
         for m in maps:
             yield m.path, m.from_hf(weights.get(m.hf_name)).astype(dtype, copy=False)
 
-    return model, tensors()
+    return tensors()

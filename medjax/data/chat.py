@@ -21,33 +21,89 @@ from medjax.data import DataError
 ROLES = ("system", "user", "assistant")
 
 
-class ChatTemplate:
-    """The chat template named in tokenizer_config.json, rendered with Jinja2 the way
-    transformers' apply_chat_template does (sandboxed, trim/lstrip blocks); ChatML when the
-    tokenizer names none."""
+# The named special tokens transformers hands every chat template (its SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_DIR = "additional_chat_templates"
 
-    def __init__(self, tokenizer_dir: str | Path | None):
+
+def find_templates(tokenizer_dir: str | Path) -> dict[str, str]:
+    """The chat templates of a tokenizer folder by name, found as transformers 5 finds them:
+    chat_template.jinja ("default") and additional_chat_templates/NAME.jinja when any exist, else
+    tokenizer_config.json's chat_template (a string, or a list of {name, template})."""
+    d = Path(tokenizer_dir)
+    found = {}
+    if (d / TEMPLATE_FILE).is_file():
+        found["default"] = (d / TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (d / TEMPLATE_DIR).is_dir():
+        for f in sorted((d / TEMPLATE_DIR).glob("*.jinja")):
+            found[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if found:
+        return found
+    config = _read_json(d / "tokenizer_config.json")
+    value = config.get("chat_template")
+    if isinstance(value, str) and value:
+        return {"default": value}
+    if isinstance(value, list):
+        try:
+            return {t["name"]: t["template"] for t in value}
+        except (KeyError, TypeError):
+            raise DataError(f"{d / 'tokenizer_config.json'}: chat_template is a list but not of "
+                            "{name, template} objects") from None
+    return {}
+
+
+def special_tokens(tokenizer_dir: str | Path) -> dict[str, str]:
+    """The named special tokens a template may use ({{ bos_token }} ...): tokenizer_config.json's,
+    with special_tokens_map.json's (legacy, read by transformers after it) taking precedence."""
+    d = Path(tokenizer_dir)
+    out = {}
+    for source in (_read_json(d / "tokenizer_config.json"), _read_json(d / "special_tokens_map.json")):
+        for key in SPECIAL_TOKEN_KEYS:
+            value = _token_text(source.get(key))
+            if value is not None:
+                out[key] = str(value)
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from e
+    return data if isinstance(data, dict) else {}
+
+
+class ChatTemplate:
+    """The tokenizer's chat template, rendered with Jinja2 exactly as transformers'
+    apply_chat_template renders it (sandboxed, trim/lstrip blocks, loop controls, its tojson and
+    strftime_now, the named special tokens as variables), so SFT data, RL prompts and eval prompts
+    equal what transformers and vLLM build for the same model. ``name`` picks one of several named
+    templates (default: "default"). With no tokenizer folder, ChatML (the bundled tokenizer's); a
+    folder that names no template is an error, as in transformers."""
+
+    def __init__(self, tokenizer_dir: str | Path | None, name: str | None = None):
         from medjax.data.tokenizer import CHATML_TEMPLATE
 
         source, special = CHATML_TEMPLATE, {}
-        config = Path(tokenizer_dir) / "tokenizer_config.json" if tokenizer_dir else None
-        if config is not None and config.is_file():
-            data = json.loads(config.read_text())
-            source = data.get("chat_template") or CHATML_TEMPLATE
-            special = {k: _token_text(data.get(k)) for k in ("bos_token", "eos_token")}
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise DataError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        self._template = env.from_string(source)
+        if tokenizer_dir is not None:
+            templates = find_templates(tokenizer_dir)
+            want = name or "default"
+            if want not in templates:
+                if not templates:
+                    raise DataError(f"{tokenizer_dir}: the tokenizer has no chat template (no {TEMPLATE_FILE} and "
+                                    "no chat_template in tokenizer_config.json); chat data cannot be rendered")
+                raise DataError(f"{tokenizer_dir}: no chat template named {want!r} (have: {', '.join(templates)})")
+            source, special = templates[want], special_tokens(tokenizer_dir)
+        self.source = source
+        self._template = _compile(source)
         self._special = special
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     **self._special)
+                                     tools=None, documents=None, **self._special)
 
     def assistant_spans(self, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """The full text and the [start, end) character span of each assistant turn (its content
@@ -64,6 +120,41 @@ class ChatTemplate:
                                 "assistant turns cannot be located for the loss mask")
             spans.append((start, end))
         return text, spans
+
+
+def _compile(source: str):
+    import datetime
+
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise DataError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters; transformers' does not
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class Generation(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %} (transformers' assistant-mask marker) renders its
+        body; medjax finds assistant spans by rendering prefixes instead."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
 
 
 def _token_text(value: Any) -> Any:

@@ -170,16 +170,14 @@ def _chat_rendering(directory: Path, hf_tok=None) -> str | None:
     """The probe conversation rendered with the directory's chat template (medjax's renderer,
     the text medjax's SFT tokenizes), or transformers' when only it finds a template; None when
     neither has one or it cannot render the probe conversation."""
-    config = directory / "tokenizer_config.json"
-    template = None
-    if config.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            template = json.loads(config.read_text()).get("chat_template")
+    from medjax.data.chat import ChatTemplate, find_templates
+
+    has_template = False
+    with contextlib.suppress(DataError, OSError):
+        has_template = "default" in find_templates(directory)
     for messages in (list(CHAT_PROBE_MESSAGES), list(CHAT_PROBE_MESSAGES[1:])):
         try:
-            if isinstance(template, str) and template:
-                from medjax.data.chat import ChatTemplate
-
+            if has_template:
                 return ChatTemplate(directory).render(messages)
             if hf_tok is not None and getattr(hf_tok, "chat_template", None):
                 return hf_tok.apply_chat_template(messages, tokenize=False)

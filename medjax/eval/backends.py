@@ -93,7 +93,7 @@ class LocalModel:
             self.placement.batch_sharding
         self.batch_size = self.placement.batch_size(batch_size)
         self.sampler = Sampler(self.model_def)
-        self.stop_ids = stop_token_ids(self.tok, self.model_cfg)
+        self.stop_ids = stop_token_ids(self.tok, self.model_cfg, self.tokenizer_dir)
         scoring = ModelDef(dataclasses.replace(self.model_cfg,
                                                logits_chunk=self.model_cfg.logits_chunk or self.LOGITS_CHUNK))
 

@@ -122,7 +122,7 @@ class RolloutIterator:
         self.prompts = PromptSet(cfg, self.tokenizer, ChatTemplate(tok_dir))
         self.sampling = SamplingConfig(max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature,
                                        top_p=self.rl.top_p, top_k=self.rl.top_k,
-                                       stop_token_ids=stop_token_ids(self.tokenizer, cfg.model))
+                                       stop_token_ids=stop_token_ids(self.tokenizer, cfg.model, tok_dir))
         layout = None if batch_sharding is None else MeshLayout(batch_sharding.mesh)
         self.sampler = Sampler(model, layout=layout)
         self.rewards = RewardComposer(self.rl.rewards)

@@ -10,7 +10,8 @@ import jax
 from medjax.convert import ConversionError
 from medjax.convert.checkpoints import load_params, resolve_checkpoint
 from medjax.convert.hf_import import read_hf
-from medjax.data.tokenizer import EOS_TOKEN, IM_END, format_chatml, load_tokenizer
+from medjax.data.chat import ChatTemplate, special_tokens
+from medjax.data.tokenizer import EOS_TOKEN, IM_END, load_tokenizer
 from medjax.models.config import ModelConfig
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import Generation, Sampler, SamplingConfig
@@ -32,9 +33,12 @@ def load_model(path: str | os.PathLike) -> tuple[ModelConfig, dict, Path | None]
     return ref.model, load_params(ref), ref.tokenizer_dir
 
 
-def stop_token_ids(tok, model_cfg: ModelConfig) -> tuple[int, ...]:
-    """Where generation ends: the tokenizer's end-of-text and end-of-turn tokens and the model's eos."""
-    stops = (tok.token_to_id(EOS_TOKEN), tok.token_to_id(IM_END), model_cfg.eos_token_id)
+def stop_token_ids(tok, model_cfg: ModelConfig, tokenizer_dir: Path | None = None) -> tuple[int, ...]:
+    """Where generation ends: the tokenizer's end-of-text and end-of-turn tokens, the eos token its
+    tokenizer_config.json names and the model's eos."""
+    named = special_tokens(tokenizer_dir).get("eos_token") if tokenizer_dir is not None else None
+    stops = (tok.token_to_id(EOS_TOKEN), tok.token_to_id(IM_END), model_cfg.eos_token_id,
+             tok.token_to_id(named) if named else None)
     return tuple(sorted({t for t in stops if t is not None}))
 
 
@@ -54,9 +58,12 @@ def generate_text(
         raise ConversionError(f"{model_path}: no tokenizer found beside the weights")
     tok = load_tokenizer(tokenizer_dir)
     if chat:
-        prompts = [format_chatml([{"role": "user", "content": p}]) for p in prompts]
-    ids = [tok.encode(p).ids for p in prompts]
+        template = ChatTemplate(tokenizer_dir)  # the model's own, as transformers and vLLM render it
+        prompts = [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    # A chat rendering already holds its special tokens (transformers tokenizes it with
+    # add_special_tokens=False); a raw prompt gets what the tokenizer adds (e.g. a bos).
+    ids = [tok.encode(p, add_special_tokens=not chat).ids for p in prompts]
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                         stop_token_ids=stop_token_ids(tok, model_cfg))
+                         stop_token_ids=stop_token_ids(tok, model_cfg, tokenizer_dir))
     out: Generation = Sampler(ModelDef(model_cfg)).generate(params, ids, cfg, jax.random.key(seed))
     return [tok.decode(seq, skip_special_tokens=True) for seq in out.sequences()]
