@@ -113,21 +113,63 @@ def test_logits_match_transformers_in_float32(real):
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
 
-def test_greedy_chat_answers_equal_transformers(real):
-    """`medjax generate --chat` on the imported model answers each medical prompt token for token
-    as transformers does with apply_chat_template (the chat-rendering defect this guards)."""
+@pytest.fixture(scope="module")
+def medjax_answers(real):
+    """`medjax generate --chat` on the imported model: greedy answers to the medical prompts."""
     from medjax.serve.generate import generate_text
 
-    n = 24
-    ours = generate_text(real["model_dir"], MEDICAL_PROMPTS, max_new_tokens=n, chat=True)
+    return generate_text(real["model_dir"], MEDICAL_PROMPTS, max_new_tokens=ANSWER_TOKENS, chat=True)
+
+
+ANSWER_TOKENS = 24
+
+
+def test_greedy_chat_answers_equal_transformers(real, medjax_answers):
+    """medjax's chat answers equal transformers' generate on apply_chat_template, token for token
+    (the chat-rendering defect this guards: a missing default system turn changes every answer)."""
     tok = real["ref_tok"]
-    for prompt, answer in zip(MEDICAL_PROMPTS, ours):
+    for prompt, answer in zip(MEDICAL_PROMPTS, medjax_answers):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
         with torch.no_grad():
-            out = real["ref"].generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.pad_token_id)
+            out = real["ref"].generate(ids, max_new_tokens=ANSWER_TOKENS, do_sample=False,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         assert answer == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), prompt
+
+
+def test_medjax_serve_chat_answers_equal_medjax(real, medjax_answers):
+    """`medjax serve` (vLLM's OpenAI server) on the exported directory renders chat messages with
+    the template the export carries and answers as medjax does."""
+    pytest.importorskip("vllm")
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from medjax.serve.vllm_server import vllm_env, wait_until_ready
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medjax.cli", "serve", str(real["hf_dir"]), "--port", str(port), "--", "--enforce-eager"],
+        env=vllm_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, proc, timeout_s=600)
+        for prompt, answer in zip(MEDICAL_PROMPTS, medjax_answers):
+            body = {"model": str(real["hf_dir"]), "messages": [{"role": "user", "content": prompt}],
+                    "temperature": 0.0, "max_tokens": ANSWER_TOKENS}
+            req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                served = json.loads(r.read())["choices"][0]["message"]["content"]
+            assert served == answer, prompt
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 def test_export_then_import_is_bitwise(real, tmp_path):
