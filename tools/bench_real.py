@@ -34,12 +34,13 @@ from medjax.utils import atomic_write_text  # noqa: E402
 
 # What differs from the demo's tiny-model configs: a pretrained model wants small steps; its
 # 49,152-entry vocabulary wants the logits computed in chunks of positions (a 32 x 320 RL batch in
-# one piece asked XLA for 34 GB), and 30 layers of activations want rematerialisation (without it
-# the same batch asked for 32 GB); its byte-level prompts plus SmolLM2's default system turn need room.
+# one piece asked XLA for 34 GB); even with chunks and full rematerialisation an RL update of 32 rows
+# x 320 asked XLA's CPU client for a 30 GB arena, so it runs as 4 micro-batches of 8 (not yet
+# understood: a finding of this tool); its byte-level prompts plus SmolLM2's default system turn need room.
 SFT_OVERRIDES = ["model.logits_chunk=128", "model.remat=full", "optimizer.learning_rate=2.0e-5", "optimizer.warmup_steps=5",
                  "optimizer.min_lr_ratio=0.1", "data.seq_len=384", "train.eval_every=1000000", "train.eval_batches=4"]
 RL_OVERRIDES = ["model.logits_chunk=128", "model.remat=full", "optimizer.learning_rate=1.0e-6", "optimizer.warmup_steps=2",
-                "data.seq_len=320", "rl.prompts_per_rollout=4", "rl.group_size=8", "train.global_batch_size=32",
+                "data.seq_len=320", "rl.prompts_per_rollout=4", "rl.group_size=8", "train.global_batch_size=32", "train.grad_accum_steps=4",
                 "train.log_every=2"]
 
 
