@@ -104,11 +104,15 @@ def test_loglikelihood_in_logit_chunks_equals_whole_logits(trained, monkeypatch)
 
     whole = model.model_def
 
-    @functools.partial(jax.jit, static_argnames="per_token")
-    def reference(params, tokens, targets, last, per_token):
+    @functools.partial(jax.jit, static_argnames="window")
+    def reference(params, tokens, targets, last, window):
         logp = jax.nn.log_softmax(whole.bind(params)(tokens), axis=-1)
-        return (jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] if per_token else None,
-                jnp.take_along_axis(logp, last[:, None, None], axis=1)[:, 0])
+        at_last = jnp.take_along_axis(logp, last[:, None, None], axis=1)[:, 0]
+        if not window:
+            return None, at_last
+        positions = jnp.maximum(last[:, None] - (window - 1) + jnp.arange(window), 0)
+        at_window = jnp.take_along_axis(logp, positions[..., None], axis=1)
+        return jnp.take_along_axis(at_window, targets[..., None], axis=-1)[..., 0], at_last
 
     ours = model.loglikelihood(req)
     model._score = reference
@@ -297,13 +301,24 @@ def test_sharded_model_evaluates_as_one_device_does(world, trained, tmp_path):
 
 
 def test_batch_widths_merge_rare_widths_upward():
-    """A width fewer than MIN_BATCHES_PER_WIDTH batches use rides up to the next wider one (one
-    compile instead of several on a small benchmark); well-used widths stay tight; the model's
-    context caps every width."""
-    from medjax.eval.backends import MIN_BATCHES_PER_WIDTH, batch_widths
+    """A width whose rows fill fewer than MIN_BATCHES_PER_WIDTH batches rides up to the next wider
+    one (one compile instead of several on a small benchmark), but not to one more than
+    MAX_MERGE_RATIO times and MERGE_SLACK tokens wider (long rows are not padded to double: scoring
+    padding costs more than a compile); well-used widths stay tight; the model's context caps
+    every width."""
+    from medjax.eval.backends import (MAX_MERGE_RATIO, MERGE_SLACK, MIN_BATCHES_PER_WIDTH, batch_widths,
+                                      width_bucket)
 
-    assert MIN_BATCHES_PER_WIDTH == 4
+    assert (MIN_BATCHES_PER_WIDTH, MAX_MERGE_RATIO, MERGE_SLACK) == (4, 1.5, 128)
+    assert [width_bucket(n) for n in (1, 64, 65, 512, 513, 1000, 1025, 3000)] == [64, 64, 128, 512, 640, 1024,
+                                                                                 1280, 3072]
     assert batch_widths([100, 150], 512) == [192, 192]
     assert batch_widths([60] * 10 + [100] + [150] * 5, 512) == [64] * 10 + [192] * 6
     assert batch_widths([60] * 10 + [100] + [150], 512) == [64] * 10 + [192] * 2  # the widest always stands
-    assert batch_widths([300, 600], 512) == [512, 512]
+    assert batch_widths([300, 600], 1024) == [320, 640]  # 2x: each at its own width
+    assert batch_widths([300, 600], 512) == [320, 512]
+    assert batch_widths([300, 420, 600], 1024) == [448, 448, 640]  # 320 rides to 448; 640 is too far for 320
+    assert batch_widths([60, 250], 512) == [64, 256]  # 4x, though only 192 tokens wider
+    # Rows per batch count: 8 rows of 60 tokens fill 4 batches of 2 (a width of their own), 1 of 8.
+    assert batch_widths([60] * 8 + [100], 512, rows_for=lambda w: 2) == [64] * 8 + [128]
+    assert batch_widths([60] * 8 + [100], 512, rows_for=lambda w: 8) == [128] * 9

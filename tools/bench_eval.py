@@ -1,15 +1,25 @@
-"""Evaluation speed beside the peers, on one model and one set of items, in one run:
+"""Evaluation speed and agreement beside the peers, on one model and one set of items, in one run:
 
-  1. log-likelihood of the option letters: medjax's LocalModel (JAX) against lm-evaluation-harness's
-     hf backend (torch, float32, CPU), both fed the same rendered prompts and " A" ... continuations.
-     The scoring phase alone (model already loaded; medjax's first call includes its compiles, then
-     a warm call) and end to end (`medjax eval` and `lm_eval` as a user runs them, in subprocesses,
-     start-up included); predictions compared item by item.
+  1. log-likelihood of the option letters: `medjax eval` (LocalModel, JAX) against
+     lm-evaluation-harness's hf backend (torch, float32, CPU) on the same rendered prompts and
+     letter continuations. Each side runs in its own subprocess, one after the other, the way its
+     command runs it (medjax: medjax.eval.runner.evaluate, which `medjax eval` calls; lm-eval:
+     simple_evaluate over a task file, which `lm_eval` calls), so each side's peak RSS is its own.
+     Per side: model load, the scoring phase (model loaded; medjax's includes its compiles, as a
+     user's run does), end to end (interpreter start to results written), peak RSS, the accuracy
+     it reports itself, and its per-option log-likelihoods, compared item by item.
   2. with --generate: written answers (chat prompt, greedy), medjax's local JAX sampler against the
      same model served by vLLM (`medjax serve`, CPU build here), items/s after a warm-up batch, and
      how many extracted answers agree.
 
     python tools/bench_eval.py --model runs/demo/hf --benchmark runs/demo/data/exam.jsonl [--generate]
+    python tools/bench_eval.py --model /tmp/real/hf --benchmark ../shared/benchmarks/cpqexam/cpqexam.jsonl --limit 200
+
+lm-eval's hf backend forms float32 logits and their log-softmax for every position of a batch
+([rows, longest, vocab] twice: 6.6 GB each for 32 rows of 1,044 tokens and a 49,152 vocabulary),
+so unless --lm-eval-batch-size is given its batch is the largest (up to --batch-size) whose two
+arrays fit --lm-eval-memory-gb for the longest prompt. medjax forms logits at the last position
+only and bounds a batch's padded tokens (LocalModel.max_batch_tokens).
 
 Prints a table and writes bench_eval.json. Figures vary with the machine; compare within one run.
 """
@@ -35,17 +45,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-LM_EVAL_TASK = """task: medjax_bench
+TASK = "medjax_bench"
+LM_EVAL_TASK = """task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    train: {data}
-test_split: train
+    test: {data}
+test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{query}}}}"
 doc_to_choice: choices
 doc_to_target: gold
 target_delimiter: "{delimiter}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
 """
 
 
@@ -56,63 +74,142 @@ def requests_for(items):
     return [LoglikelihoodRequest(build_prompt(i), [answer_continuation(i, k) for k in i.letters]) for i in items]
 
 
-def time_medjax(model_dir: str, requests, batch_size: int) -> dict:
-    from medjax.eval.backends import LocalModel
-
-    t0 = time.perf_counter()
-    model = LocalModel(model_dir, batch_size=batch_size)
-    loaded = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cold_lls = model.loglikelihood(requests)
-    cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model.loglikelihood(requests)
-    warm = time.perf_counter() - t0
-    return {"load_s": loaded, "score_cold_s": cold, "score_warm_s": warm, "lls": cold_lls}
-
-
-def time_lm_eval(model_dir: str, requests, batch_size: int) -> dict:
-    from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
-
-    t0 = time.perf_counter()
-    lm = HFLM(pretrained=model_dir, dtype="float32", batch_size=batch_size, device="cpu")
-    loaded = time.perf_counter() - t0
-    instances = [Instance(request_type="loglikelihood", doc={}, arguments=(r.context, c), idx=j)
-                 for r in requests for j, c in enumerate(r.continuations)]
-    times, out = [], None
-    for _ in range(2):
-        t0 = time.perf_counter()
-        out = lm.loglikelihood(instances, disable_tqdm=True)
-        times.append(time.perf_counter() - t0)
-    flat = iter(float(ll) for ll, _ in out)
-    return {"load_s": loaded, "score_cold_s": times[0], "score_warm_s": times[1],
-            "lls": [[next(flat) for _ in r.continuations] for r in requests]}
-
-
-def end_to_end(model_dir: str, benchmark: str, items, requests, batch_size: int, work: Path) -> dict:
-    """Wall time of each command as a user runs it (interpreter start, imports, load, score, write)."""
+def write_lm_eval_task(items, requests, work: Path) -> None:
+    """The items as an lm-eval multiple_choice task: the prompt medjax renders, the option letters as
+    choices after the template's separator, the gold letters as target. A multi-answer item's gold
+    ("ACD") is no single choice, so lm-eval scores it wrong (with a warning), as medjax's
+    log-likelihood mode does: one letter is chosen."""
     from medjax.tasks.prompts import TEMPLATES
 
-    env = {**os.environ, "MEDJAX_COMPILATION_CACHE": "off"}
-    medjax = [str(Path(sys.executable).parent / "medjax"), "eval", "--model", model_dir, "--benchmark", benchmark,
-              "--out", str(work / "medjax.jsonl"), "--batch-size", str(batch_size), "--limit", str(len(items))]
-    t0 = time.perf_counter()
-    subprocess.run(medjax, check=True, env=env, capture_output=True)
-    ours = time.perf_counter() - t0
     data = work / "items.jsonl"
     with data.open("w") as f:
-        for r in requests:
-            f.write(json.dumps({"query": r.context, "choices": [c.lstrip() for c in r.continuations], "gold": 0},
+        for item, r in zip(items, requests):
+            f.write(json.dumps({"id": item.id, "query": r.context, "choices": list(item.letters), "gold": item.gold},
                                ensure_ascii=False) + "\n")
-    (work / "medjax_bench.yaml").write_text(LM_EVAL_TASK.format(data=data, delimiter=TEMPLATES[items[0].language].letter_sep))
-    lm_eval = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
-               f"pretrained={model_dir},dtype=float32", "--tasks", "medjax_bench", "--include_path", str(work),
-               "--device", "cpu", "--batch_size", str(batch_size), "--output_path", str(work / "lm_eval")]
+    (work / f"{TASK}.yaml").write_text(LM_EVAL_TASK.format(task=TASK, data=data,
+                                                          delimiter=TEMPLATES[items[0].language].letter_sep))
+
+
+def lm_eval_batch(model_dir: str, requests, wanted: int, memory_gb: float) -> tuple[int, int, float]:
+    """(batch, longest row in tokens, GB per row): the largest batch up to ``wanted`` whose float32
+    logits and log-softmax over [batch, longest, vocab] fit ``memory_gb``. lm-eval sorts rows
+    longest first and keeps one batch size, so its first batch is the largest."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    # a row is context + continuation less its last token
+    longest = max(len(e.ids) for e in tok.encode_batch([r.context + c for r in requests for c in r.continuations])) - 1
+    per_row = longest * vocab * 4 * 2 / 2**30
+    return max(1, min(wanted, int(memory_gb / per_row))), longest, per_row
+
+
+# --- the two sides, each run in its own process (`bench_eval.py --worker SPEC`) -----------------------
+
+def worker_medjax(spec: dict) -> dict:
     t0 = time.perf_counter()
-    subprocess.run(lm_eval, check=True, env={**env, "HF_DATASETS_CACHE": str(work / "datasets")}, capture_output=True)
-    theirs = time.perf_counter() - t0
-    return {"medjax_s": ours, "lm_eval_s": theirs}
+    from medjax.eval.backends import LocalModel
+    from medjax.eval.runner import EvalConfig, evaluate
+    from medjax.tasks.readers import read_benchmark
+
+    model = LocalModel(spec["model"], batch_size=spec["batch_size"])
+    loaded = time.perf_counter() - t0
+    out = Path(spec["work"]) / "medjax.jsonl"
+    cfg = EvalConfig(limit=spec["limit"], batch_size=spec["batch_size"])
+    summary = evaluate(spec["model"], spec["benchmark"], out, cfg, model=model, quiet=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    result = {"load_s": loaded, "score_s": summary["seconds"], "accuracy": summary["accuracy"],
+              "lls": [list(row["logprobs"].values()) for row in rows], "batch_size": model.batch_size,
+              "max_batch_tokens": model.max_batch_tokens}
+    if spec["warm"]:
+        requests = requests_for(read_benchmark(spec["benchmark"], limit=spec["limit"]).items)
+        t0 = time.perf_counter()
+        model.loglikelihood(requests)
+        result["warm_s"] = time.perf_counter() - t0
+    return result
+
+
+def worker_lm_eval(spec: dict) -> dict:
+    t0 = time.perf_counter()
+    from lm_eval import simple_evaluate
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=spec["model"], dtype="float32", batch_size=spec["batch_size"], device="cpu")
+    loaded = time.perf_counter() - t0
+    scoring = []
+    score = lm.loglikelihood
+
+    def timed(requests, disable_tqdm: bool = False):
+        start = time.perf_counter()
+        out = score(requests, disable_tqdm=True)
+        scoring.append(time.perf_counter() - start)
+        return out
+
+    lm.loglikelihood = timed
+    results = simple_evaluate(model=lm, tasks=[TASK], task_manager=TaskManager(include_path=spec["work"]),
+                              log_samples=True)
+    metrics = results["results"][TASK]
+    samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
+    result = {"load_s": loaded, "score_s": sum(scoring), "accuracy": metrics["acc,none"],
+              "acc_norm": metrics["acc_norm,none"], "batch_size": spec["batch_size"],
+              "lls": [[float(resp[0]) for resp in s["filtered_resps"]] for s in samples],
+              "arguments": [[list(a) for a in s["arguments"]] for s in samples]}
+    if spec["warm"]:
+        instances = [Instance(request_type="loglikelihood", doc=s["doc"], arguments=tuple(a), idx=j)
+                     for s in samples for j, a in enumerate(s["arguments"])]
+        start = time.perf_counter()
+        score(instances, disable_tqdm=True)
+        result["warm_s"] = time.perf_counter() - start
+    return result
+
+
+def run_side(side: str, spec: dict, work: Path) -> dict:
+    """One side in a fresh interpreter: its result, plus end-to-end seconds and peak RSS (the
+    child's own, from wait4)."""
+    spec_path, result_path, log = work / f"{side}.spec.json", work / f"{side}.result.json", work / f"{side}.log"
+    spec_path.write_text(json.dumps({**spec, "side": side, "result": str(result_path)}))
+    env = {**os.environ, "MEDJAX_COMPILATION_CACHE": "off", "HF_DATASETS_CACHE": str(work / "datasets")}
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_path)], env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{side} failed (exit {proc.returncode}); its log ends:\n" + log.read_text()[-3000:])
+    result = json.loads(result_path.read_text())
+    return {**result, "end_to_end_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20}
+
+
+def worker(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result = (worker_medjax if spec["side"] == "medjax" else worker_lm_eval)(spec)
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+def compare(items, ours: dict, theirs: dict) -> dict:
+    """Item by item: predictions (first maximum, as both sides pick), the largest log-likelihood
+    difference, and for each item predicted differently both sides' log-likelihoods of the two
+    letters and each side's margin between them (a near-tie flipped by float noise shows as a
+    margin about as small as the difference)."""
+    import numpy as np
+
+    agree, diffs, disagreements = 0, [], []
+    for item, a, b in zip(items, ours["lls"], theirs["lls"]):
+        a, b = np.asarray(a), np.asarray(b)
+        diffs.append(float(np.abs(a - b).max()))
+        i, j = int(np.argmax(a)), int(np.argmax(b))
+        if i == j:
+            agree += 1
+            continue
+        disagreements.append({"id": item.id, "medjax": item.letters[i], "lm_eval": item.letters[j],
+                              "medjax_lls": [float(a[i]), float(a[j])], "lm_eval_lls": [float(b[i]), float(b[j])],
+                              "medjax_margin": float(a[i] - a[j]), "lm_eval_margin": float(b[j] - b[i])})
+    return {"predictions_agree": agree, "max_abs_ll_diff": max(diffs), "mean_abs_ll_diff": float(np.mean(diffs)),
+            "disagreements": disagreements}
 
 
 def bench_generate(model_dir: str, items, batch_size: int, max_new_tokens: int, port: int) -> dict:
@@ -149,43 +246,84 @@ def bench_generate(model_dir: str, items, batch_size: int, max_new_tokens: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a Hugging Face directory (e.g. runs/demo/hf)")
-    parser.add_argument("--benchmark", required=True)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32, help="both sides' batch size")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help="a Hugging Face directory (e.g. runs/demo/hf)")
+    parser.add_argument("--benchmark", help="a benchmark file medjax reads (medjax.tasks.readers), e.g. cpqexam.jsonl")
+    parser.add_argument("--limit", type=int, default=None, help="score the first N items")
+    parser.add_argument("--batch-size", type=int, default=8, help="medjax's batch (as `medjax eval --batch-size`), "
+                        "and lm-eval's unless memory says fewer")
+    parser.add_argument("--lm-eval-batch-size", type=int, default=None,
+                        help="lm-eval's batch (default: --batch-size or fewer, see --lm-eval-memory-gb)")
+    parser.add_argument("--lm-eval-memory-gb", type=float, default=4.0,
+                        help="lm-eval's batch is cut so its full-vocabulary logits fit this (default 4)")
+    parser.add_argument("--warm", action="store_true", help="also time a second scoring pass of each side "
+                        "(medjax: compiled programs reused)")
     parser.add_argument("--generate", action="store_true", help="also written answers: local JAX against vLLM")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=8017)
     parser.add_argument("--out", default="bench_eval.json")
     args = parser.parse_args()
-
-    import numpy as np
+    if args.worker:
+        return worker(args.worker)
+    if not args.model or not args.benchmark:
+        parser.error("--model and --benchmark are required")
 
     from medjax.tasks.readers import read_benchmark
 
-    items = read_benchmark(args.benchmark, limit=args.limit).items
+    bench = read_benchmark(args.benchmark, limit=args.limit)
+    items = bench.items
     requests = requests_for(items)
-    ours = time_medjax(args.model, requests, args.batch_size)
-    theirs = time_lm_eval(args.model, requests, args.batch_size)
-    diffs = [abs(a - b) for x, y in zip(ours["lls"], theirs["lls"]) for a, b in zip(x, y)]
-    agree = sum(int(np.argmax(x)) == int(np.argmax(y)) for x, y in zip(ours["lls"], theirs["lls"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        e2e = end_to_end(args.model, args.benchmark, items, requests, args.batch_size, Path(tmp))
     n = len(items)
-    result = {"model": args.model, "benchmark": args.benchmark, "items": n, "batch_size": args.batch_size,
-              "loglikelihood": {
-                  "medjax": {k: v for k, v in ours.items() if k != "lls"},
-                  "lm_eval": {k: v for k, v in theirs.items() if k != "lls"},
-                  "end_to_end": e2e, "predictions_agree": agree, "max_abs_ll_diff": max(diffs)}}
-    print(f"{n} items, batch {args.batch_size}: log-likelihood of the option letters")
-    print(f"  {'':<28}{'medjax':>10}{'lm-eval':>10}{'ratio':>8}")
-    for label, key in (("scoring, first call items/s", "score_cold_s"), ("scoring, warm items/s", "score_warm_s")):
-        a, b = n / ours[key], n / theirs[key]
-        print(f"  {label:<28}{a:10.1f}{b:10.1f}{a / b:7.2f}x")
-    a, b = n / e2e["medjax_s"], n / e2e["lm_eval_s"]
-    print(f"  {'end to end items/s':<28}{a:10.1f}{b:10.1f}{a / b:7.2f}x   ({e2e['medjax_s']:.1f} s vs {e2e['lm_eval_s']:.1f} s)")
-    print(f"  model load s{'':<16}{ours['load_s']:10.1f}{theirs['load_s']:10.1f}")
-    print(f"  predictions agree on {agree}/{n} items; largest log-likelihood difference {max(diffs):.2e}")
+    if args.lm_eval_batch_size:
+        lm_batch, longest, per_row = args.lm_eval_batch_size, *lm_eval_batch(args.model, requests, 1, 1)[1:]
+    else:
+        lm_batch, longest, per_row = lm_eval_batch(args.model, requests, args.batch_size, args.lm_eval_memory_gb)
+    print(f"{n} items of {bench.path.name} ({bench.format}); longest row {longest} tokens; lm-eval batch "
+          f"{lm_batch} (its logits and log-softmax: {per_row * lm_batch:.1f} GB)", flush=True)
+    spec = {"model": str(args.model), "benchmark": str(args.benchmark), "limit": args.limit, "warm": args.warm}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        write_lm_eval_task(items, requests, work)
+        ours = run_side("medjax", {**spec, "batch_size": args.batch_size, "work": tmp}, work)
+        print(f"  medjax done: {ours['end_to_end_s']:.0f} s", flush=True)
+        theirs = run_side("lm_eval", {**spec, "batch_size": lm_batch, "work": tmp}, work)
+        print(f"  lm-eval done: {theirs['end_to_end_s']:.0f} s", flush=True)
+    parity = compare(items, ours, theirs)
+    # lm-eval was given the prompts as documents: check it scored exactly medjax's (context, continuation) pairs.
+    pairs = [[[r.context, c] for c in r.continuations] for r in requests]
+    parity["same_requests"] = sum(a == b for a, b in zip(pairs, theirs.pop("arguments")))
+
+    import numpy as np
+
+    def acc_norm(side):  # lm-eval's acc_norm: log-likelihood over the choice's length in characters
+        picks = [int(np.argmax(np.asarray(lls) / [len(k) for k in item.letters]))
+                 for item, lls in zip(items, side["lls"])]
+        return float(np.mean([item.letters[i] == item.gold for item, i in zip(items, picks)]))
+
+    ours["acc_norm"] = acc_norm(ours)
+    result = {"model": args.model, "benchmark": args.benchmark, "items": n, "longest_row_tokens": longest,
+              "loglikelihood": {"medjax": {k: v for k, v in ours.items() if k != "lls"},
+                                "lm_eval": {k: v for k, v in theirs.items() if k != "lls"}, **parity}}
+    print("log-likelihood of the option letters, each side in its own process")
+    print(f"  {'':<30}{'medjax':>10}{'lm-eval':>10}")
+    rows = [("batch (rows)", "batch_size", "{:10d}"), ("model load s", "load_s", "{:10.1f}"),
+            ("scoring s", "score_s", "{:10.1f}")]
+    for label, key, fmt in rows:
+        print(f"  {label:<30}" + fmt.format(ours[key]) + fmt.format(theirs[key]))
+    print(f"  {'scoring items/s':<30}{n / ours['score_s']:10.2f}{n / theirs['score_s']:10.2f}")
+    if args.warm:
+        print(f"  {'scoring items/s, second pass':<30}{n / ours['warm_s']:10.2f}{n / theirs['warm_s']:10.2f}")
+    print(f"  {'end to end s':<30}{ours['end_to_end_s']:10.1f}{theirs['end_to_end_s']:10.1f}")
+    print(f"  {'end to end items/s':<30}{n / ours['end_to_end_s']:10.2f}{n / theirs['end_to_end_s']:10.2f}")
+    print(f"  {'peak RSS GB':<30}{ours['peak_rss_gb']:10.2f}{theirs['peak_rss_gb']:10.2f}")
+    print(f"  {'accuracy (as each reports it)':<30}{ours['accuracy']:10.4f}{theirs['accuracy']:10.4f}")
+    print(f"  {'acc_norm (lm-eval formula)':<30}{ours['acc_norm']:10.4f}{theirs['acc_norm']:10.4f}")
+    print(f"  same (context, continuation) pairs on {parity['same_requests']}/{n} items")
+    print(f"  predictions agree on {parity['predictions_agree']}/{n} items; log-likelihood difference max "
+          f"{parity['max_abs_ll_diff']:.2e}, mean of each item's largest {parity['mean_abs_ll_diff']:.2e}")
+    for d in parity["disagreements"]:
+        print(f"    {d['id']}: medjax {d['medjax']} by {d['medjax_margin']:.2e}, lm-eval {d['lm_eval']} by "
+              f"{d['lm_eval_margin']:.2e}")
     if args.generate:
         gen = bench_generate(args.model, items, args.batch_size, args.max_new_tokens, args.port)
         result["generate"] = gen

@@ -213,9 +213,10 @@ class GGUFFile:
     def _release(self, t) -> None:
         """Drops the tensor's pages of the memory-mapped file from this process (MADV_DONTNEED on
         a read-only file mapping: the data is read again from the page cache if touched again)."""
-        mapping = getattr(self._reader.data, "_mmap", None)
-        if getattr(self._reader.data, "mode", None) != "r" or mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-            return
+        data = self._reader.data
+        mapping = getattr(data, "_mmap", None)
+        if getattr(data, "mode", None) != "r" or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return  # only a read-only mapping may drop pages (a private one would lose its changes)
         start = t.data_offset - t.data_offset % mmap.PAGESIZE
         try:
             mapping.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)

@@ -14,7 +14,7 @@ from medjax.convert import ConversionError
 from medjax.convert.checkpoints import save_model_dir
 from medjax.convert.hf_config import from_hf_config
 from medjax.convert.safetensors_io import FLOAT_CODES, HFWeights
-from medjax.convert.weights import set_path, tensor_maps
+from medjax.convert.weights import TensorMap, set_path, tensor_maps
 from medjax.models.config import ModelConfig
 from medjax.models.layers import DTYPES
 
@@ -94,12 +94,18 @@ def open_hf(hf_dir: str | os.PathLike, allow_pickle: bool = False
             ) -> tuple[ModelConfig, Iterator[tuple[tuple, np.ndarray]]]:
     """The model config and a lazy stream of (medjax param path, array), after checking the whole
     directory (names, shapes, dtypes) so a bad file fails before anything is written."""
+    model, weights = hf_model_and_weights(hf_dir, allow_pickle)
+    return model, checked_tensors(model, weights, str(hf_dir))
+
+
+def hf_model_and_weights(hf_dir: str | os.PathLike, allow_pickle: bool = False) -> tuple[ModelConfig, object]:
+    """The model config of an HF directory and its tensors (names/header/get), nothing read yet."""
     hf_dir = Path(hf_dir)
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{config_file}: not found (is {hf_dir} a Hugging Face model directory?)")
     model = from_hf_config(json.loads(config_file.read_text()), str(config_file))
-    return model, checked_tensors(model, open_weights(hf_dir, allow_pickle), str(hf_dir))
+    return model, open_weights(hf_dir, allow_pickle)
 
 
 def checked_tensors(model: ModelConfig, weights, where: str) -> Iterator[tuple[tuple, np.ndarray]]:
@@ -107,6 +113,23 @@ def checked_tensors(model: ModelConfig, weights, where: str) -> Iterator[tuple[t
     ``model`` needs with the right shapes and float dtypes, then returns the lazy stream of
     (medjax param path, array in the model's param dtype). Shared by every format medjax imports
     (safetensors, pickle, GGUF) so they fail alike."""
+    maps = checked_table(model, weights, where)
+    dtype = np.dtype(DTYPES[model.param_dtype])
+
+    def tensors():
+        for m in maps:
+            yield m.path, read_tensor(m, weights, dtype)
+
+    return tensors()
+
+
+def read_tensor(m: TensorMap, weights, dtype: np.dtype) -> np.ndarray:
+    """One tensor of ``weights`` in medjax's layout and ``dtype``."""
+    return m.from_hf(weights.get(m.hf_name)).astype(dtype, copy=False)
+
+
+def checked_table(model: ModelConfig, weights, where: str) -> list[TensorMap]:
+    """The tensor table of ``model`` once ``weights`` are checked against it (see checked_tensors)."""
     maps = tensor_maps(model)
     expected = {m.hf_name for m in maps}
     present = set(weights.names())
@@ -125,10 +148,4 @@ def checked_tensors(model: ModelConfig, weights, where: str) -> Iterator[tuple[t
             raise ConversionError(f"{where}: tensor {m.hf_name} has shape {shape}, expected {m.hf_shape}")
         if code not in FLOAT_CODES:
             raise ConversionError(f"{where}: tensor {m.hf_name} has dtype {code}, expected a float type")
-    dtype = np.dtype(DTYPES[model.param_dtype])
-
-    def tensors():
-        for m in maps:
-            yield m.path, m.from_hf(weights.get(m.hf_name)).astype(dtype, copy=False)
-
-    return tensors()
+    return maps

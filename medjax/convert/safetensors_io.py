@@ -1,6 +1,7 @@
 """Safetensors in and out, one tensor at a time.
 
-Reading uses the safetensors library (memory-mapped, one tensor per call). Writing streams: the
+Reading takes each tensor's bytes from its file with plain reads, one tensor per call (the
+safetensors library lists a file's tensors and reads dtypes medjax does not import). Writing streams: the
 shard plan and headers come from shapes alone, then each tensor's bytes are appended as it
 arrives, so an export never holds more than one tensor (the safetensors library's writers need
 every tensor of a file in memory at once)."""
@@ -22,6 +23,9 @@ DTYPE_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"
 INDEX_NAME = "model.safetensors.index.json"
 # Safetensors dtype codes that hold weights medjax can import.
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+# How HFWeights.get reads them (safetensors data is little-endian).
+READ_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+               "BF16": np.dtype(ml_dtypes.bfloat16)}
 
 
 class HFWeights:
@@ -42,6 +46,7 @@ class HFWeights:
         for path in set(self._file_of.values()):
             if not path.is_file():
                 raise ConversionError(f"{path}: listed in {INDEX_NAME} but missing")
+        self._headers: dict[Path, tuple[dict, int]] = {}
 
     def names(self) -> list[str]:
         return sorted(self._file_of)
@@ -53,10 +58,38 @@ class HFWeights:
             return tuple(sl.get_shape()), sl.get_dtype()
 
     def get(self, name: str) -> np.ndarray:
+        """The tensor, read with plain file reads straight into its array: the safetensors
+        library copies it out of a memory map, and the mapped pages it touched count in this
+        process's resident memory while it copies, so a read would briefly hold the tensor twice."""
         if name not in self._file_of:
             raise ConversionError(f"{self.directory}: tensor {name!r} is missing")
-        with safe_open(str(self._file_of[name]), "numpy") as f:
-            return f.get_tensor(name)
+        path = self._file_of[name]
+        entries, data_start = self._entries(path)
+        entry = entries.get(name)
+        dtype = READ_DTYPES.get(entry["dtype"]) if entry else None
+        if dtype is None:  # a dtype medjax does not import (the checks name it): the library's reader
+            with safe_open(str(path), "numpy") as f:
+                return f.get_tensor(name)
+        start, end = entry["data_offsets"]
+        out = np.empty(tuple(entry["shape"]), dtype)
+        if out.nbytes != end - start:
+            raise ConversionError(f"{path}: tensor {name} has {end - start} bytes, its shape and dtype need "
+                                  f"{out.nbytes}")
+        with open(path, "rb") as f:
+            f.seek(data_start + start)
+            if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+                raise ConversionError(f"{path}: file ends inside tensor {name}")
+        return out
+
+    def _entries(self, path: Path) -> tuple[dict, int]:
+        """A file's header entries and where its data starts (parsed once per file)."""
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            self._headers[path] = (header, 8 + size)
+        return self._headers[path]
 
 
 def plan_shards(tensors: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int) -> list[list[int]]:

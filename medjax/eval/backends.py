@@ -21,7 +21,7 @@ import numpy as np
 from medjax.config import ConfigError
 from medjax.models.sampler import bucket
 from medjax.models.sharding import activation_layout
-from medjax.parallel.inference import place
+from medjax.parallel.inference import load_placed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,24 +39,43 @@ class LoglikelihoodRequest:
 
 
 # A batch width (a compiled program) is worth its compile only when this many batches use it;
-# fewer are scored at the next wider width instead (a compile costs more than padding them).
+# fewer ride up to the next wider width, unless that pads their rows to more than MAX_MERGE_RATIO
+# times their width (and more than MERGE_SLACK tokens wider): a compile costs seconds, while
+# scoring long rows at twice their width can cost minutes on a CPU.
 MIN_BATCHES_PER_WIDTH = 4
+MAX_MERGE_RATIO = 1.5
+MERGE_SLACK = 128
 
 
-def batch_widths(longest: Sequence[int], limit: int, multiple: int = 64) -> list[int]:
-    """Each batch's padded width (``longest``: its longest row, batches sorted by it): the next
-    multiple of ``multiple``, except that a width fewer than MIN_BATCHES_PER_WIDTH batches would use
-    is merged into the next wider one, so a small benchmark compiles one or two programs, not one
-    per 64 tokens of spread, while a large one keeps its tight buckets."""
-    widths = [min(bucket(n, multiple), limit) for n in longest]
+def width_bucket(length: int, multiple: int = 64) -> int:
+    """A row's padded width: the next multiple of ``multiple`` up to 8 of them, then of a step that
+    doubles with each doubling of length (128 up to 1024, 256 up to 2048, ...), so padding stays
+    under an eighth or so of a long row while the widths a long benchmark compiles stay few."""
+    step = multiple
+    while length > 8 * step:
+        step *= 2
+    return bucket(length, step)
+
+
+def batch_widths(lengths: Sequence[int], limit: int, rows_for=lambda width: 1) -> list[int]:
+    """Each row's padded width (``lengths``: its tokens), capped by ``limit`` (the model's context).
+    A width whose rows would fill fewer than MIN_BATCHES_PER_WIDTH batches (``rows_for(width)`` rows
+    each) is merged into the next wider one, so a small benchmark compiles one or two programs, not
+    one per bucket; but never into one more than MAX_MERGE_RATIO times and MERGE_SLACK tokens wider
+    (such rows stand at their own width, with any narrower ones that rode up to it)."""
+    widths = [min(width_bucket(n), limit) for n in lengths]
     counts: dict[int, int] = {}
     for w in widths:
         counts[w] = counts.get(w, 0) + 1
     target, pending = {}, []
     ordered = sorted(counts)
     for i, w in enumerate(ordered):  # narrowest first: small groups ride up to a wider width
+        if pending and w > max(MAX_MERGE_RATIO * pending[0], pending[0] + MERGE_SLACK):  # too much padding
+            target.update({p: pending[-1] for p in pending})
+            pending = []
         pending.append(w)
-        if sum(counts[p] for p in pending) >= MIN_BATCHES_PER_WIDTH or i == len(ordered) - 1:
+        rows = sum(counts[p] for p in pending)
+        if -(-rows // rows_for(w)) >= MIN_BATCHES_PER_WIDTH or i == len(ordered) - 1:
             target.update({p: w for p in pending})
             pending = []
     return [target[w] for w in widths]
@@ -65,33 +84,46 @@ def batch_widths(longest: Sequence[int], limit: int, multiple: int = 64) -> list
 class LocalModel:
     """A medjax checkpoint (model dir or training run) or an HF directory, scored in JAX.
 
-    Log-likelihoods are computed in fixed-shape batches (rows right-padded to a 64-token bucket),
-    so a benchmark compiles a handful of programs. When every continuation of a context is a
-    single token (option letters), one row scores them all from the context's last position.
-    Float32 logits never exist for a whole batch: target log-probs are taken ``logits_chunk``
-    positions at a time (the model's, else LOGITS_CHUNK) and the last position's distribution alone
-    is formed whole, so a 152k vocabulary scores long contexts in bounded memory."""
+    Log-likelihoods are computed in fixed-shape batches: rows sorted by length, right-padded to a
+    width bucket (batch_widths), and at most ``max_batch_tokens`` padded tokens per batch (per data
+    shard), so long prompts are scored a few rows at a time and short ones ``batch_size`` at a time:
+    XLA's attention holds [rows, heads, width, width] scores, which a fixed row count would let grow
+    with the square of the longest prompt. A benchmark compiles one program per width.
+    When every continuation of a context is a single token (option letters), one row scores them all
+    from the context's last position. Otherwise logits are formed only at the continuation's
+    positions (a window ending at the row's last token, ``logits_chunk`` positions at a time: the
+    model's, else LOGITS_CHUNK); the last position's distribution alone is formed whole. Float32
+    logits of a whole [rows, width, vocab] batch never exist, so a 152k vocabulary scores long
+    contexts in bounded memory and no time goes to the logits of context positions."""
 
     LOGITS_CHUNK = 512
+    MAX_BATCH_TOKENS = 8192  # padded tokens a scoring batch holds per data shard
 
-    def __init__(self, path: str | os.PathLike, batch_size: int = 8, mesh: str = ""):
+    def __init__(self, path: str | os.PathLike, batch_size: int = 8, mesh: str = "",
+                 max_batch_tokens: int | None = None):
         """``mesh`` ("fsdp=4,tensor=2", axes of parallel.mesh; "" for one device) shards the params
         by the training rule table and lays each batch over (data, fsdp), so a model too large for
-        one device evaluates; the batch is rounded up to a multiple of data x fsdp."""
+        one device evaluates; the batch is rounded up to a multiple of data x fsdp.
+        ``max_batch_tokens`` (default MAX_BATCH_TOKENS) bounds rows x padded width of a scoring
+        batch on each data shard; a row longer than it is scored alone."""
         from medjax.data.tokenizer import load_tokenizer
         from medjax.models.decoder import ModelDef
         from medjax.models.sampler import Sampler
-        from medjax.serve.generate import load_model, stop_token_ids
+        from medjax.serve.generate import open_model as open_weights
+        from medjax.serve.generate import stop_token_ids
 
-        self.model_cfg, params, self.tokenizer_dir = load_model(path)
+        source = open_weights(path)
+        self.model_cfg, self.tokenizer_dir = source.model, source.tokenizer_dir
         if self.tokenizer_dir is None:
             raise FileNotFoundError(f"{path}: no tokenizer found beside the weights")
         self.tok = load_tokenizer(self.tokenizer_dir)
         self.model_def = ModelDef(self.model_cfg)
-        self.placement = place(self.model_def.abstract_state, params, mesh)
+        # read tensor by tensor onto the device(s) (medjax.convert.loading)
+        self.placement = load_placed(self.model_def.abstract_state, source, mesh)
         self.params, self.mesh, self.batch_sharding = self.placement.params, self.placement.mesh, \
             self.placement.batch_sharding
         self.batch_size = self.placement.batch_size(batch_size)
+        self.max_batch_tokens = max_batch_tokens or self.MAX_BATCH_TOKENS
         self.sampler = Sampler(self.model_def)
         self.stop_ids = stop_token_ids(self.tok, self.model_cfg, self.tokenizer_dir)
         scoring = ModelDef(dataclasses.replace(self.model_cfg,
@@ -103,16 +135,22 @@ class LocalModel:
 
             layout = MeshLayout(self.mesh)
 
-        @functools.partial(jax.jit, static_argnames="per_token", **self.placement.jit_kwargs())
-        def score(params, tokens, targets, last, per_token: bool):
-            """The last position's log-distribution, and with ``per_token`` each target's log-prob
-            (a batch of option letters needs only the former: a smaller program, faster to compile)."""
+        @functools.partial(jax.jit, static_argnames="window", **self.placement.jit_kwargs())
+        def score(params, tokens, targets, last, window: int):
+            """The last position's log-distribution [rows, vocab], and with ``window`` > 0 the
+            log-probs [rows, window] of ``targets`` at the ``window`` positions ending at ``last``
+            (a continuation's; logits of no other position are formed). A batch of option letters
+            needs only the former: a smaller program, faster to compile."""
             with activation_layout(layout):
                 model = scoring.bind(params)
                 hidden = model.hidden_states(tokens)
                 at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
                 last_lp = jax.nn.log_softmax(model.logits(at_last)[:, 0], axis=-1)
-                return (model.token_logprobs(hidden, targets)[0] if per_token else None), last_lp
+                if not window:
+                    return None, last_lp
+                positions = jnp.maximum(last[:, None] - (window - 1) + jnp.arange(window), 0)
+                at_window = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+                return model.token_logprobs(at_window, targets)[0], last_lp
 
         self._score = score
 
@@ -125,9 +163,15 @@ class LocalModel:
             return ctx, whole[len(ctx):]
         return ctx, self.tok.encode(continuation).ids
 
+    def _rows_for(self, width: int) -> int:
+        """Rows of a scoring batch of this width: ``batch_size``, fewer where they would pass
+        ``max_batch_tokens`` per data shard (a multiple of the placement's rows, at least one each)."""
+        shards = self.placement.rows
+        return min(self.batch_size, shards * max(1, self.max_batch_tokens // width))
+
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[list[float]]:
         limit = self.model_cfg.max_position_embeddings
-        rows = []  # (request index, continuation indices, input ids, targets (position, token) or None)
+        rows = []  # (request index, continuation indices, input ids, targets: letters' tokens or the continuation's)
         for r, req in enumerate(requests):
             pairs = [self._split(req.context, c) for c in req.continuations]
             if all(len(cont) == 1 for _, cont in pairs) and len({tuple(ctx) for ctx, _ in pairs}) == 1:
@@ -136,28 +180,36 @@ class LocalModel:
                 continue
             for c, (ctx, cont) in enumerate(pairs):
                 ids = (ctx + cont)[-(limit + 1):]  # keep the continuation, drop the oldest context
-                rows.append((r, [c], ids[:-1], (len(ids) - 1 - len(cont), ids[1:])))
+                scored = min(len(cont), len(ids) - 1)
+                rows.append((r, [c], ids[:-1], tuple(ids[len(ids) - scored:])))
         out = [[0.0] * len(req.continuations) for req in requests]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][2]))  # similar lengths batch together
-        chunks = [[rows[i] for i in order[start:start + self.batch_size]]
-                  for start in range(0, len(order), self.batch_size)]
-        widths = batch_widths([max(len(row[2]) for row in chunk) for chunk in chunks], max(limit, 1))
-        for chunk, width in zip(chunks, widths):
-            tokens = np.zeros((self.batch_size, width), np.int32)
-            targets = np.zeros((self.batch_size, width), np.int32)
-            last = np.zeros((self.batch_size,), np.int32)
+        widths = batch_widths([len(rows[i][2]) for i in order], max(limit, 1), self._rows_for)
+        batches, start = [], 0
+        while start < len(order):  # each width's rows (contiguous in ``order``) in batches of _rows_for
+            width = widths[start]
+            end = start
+            while end < len(order) and widths[end] == width and end - start < self._rows_for(width):
+                end += 1
+            batches.append(([rows[i] for i in order[start:end]], width))
+            start = end
+        for chunk, width in batches:
+            size = self._rows_for(width)
+            conts = [len(row[3]) for row in chunk if isinstance(row[3], tuple)]
+            window = min(width, bucket(max(conts), 16)) if conts else 0
+            tokens = np.zeros((size, width), np.int32)
+            targets = np.zeros((size, max(window, 1)), np.int32)
+            last = np.zeros((size,), np.int32)
             for b, (_, _, ids, tgt) in enumerate(chunk):
                 tokens[b, :len(ids)] = ids
                 last[b] = len(ids) - 1
                 if isinstance(tgt, tuple):
-                    targets[b, :len(tgt[1])] = tgt[1]
+                    targets[b, window - len(tgt):] = tgt
             tokens, targets, last = self.placement.put(tokens, targets, last)
-            per_token = any(isinstance(row[3], tuple) for row in chunk)
-            token_lp, last_lp = jax.device_get(self._score(self.params, tokens, targets, last, per_token=per_token))
+            token_lp, last_lp = jax.device_get(self._score(self.params, tokens, targets, last, window=window))
             for b, (r, conts, ids, tgt) in enumerate(chunk):
                 if isinstance(tgt, tuple):
-                    first = tgt[0]
-                    out[r][conts[0]] = float(token_lp[b, first:len(ids)].sum())
+                    out[r][conts[0]] = float(token_lp[b, window - len(tgt):].sum())
                 else:
                     for c, token in zip(conts, tgt):
                         out[r][c] = float(last_lp[b, token])

@@ -131,7 +131,9 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
     t0 = time.perf_counter()
     rows = []
     progress = tqdm(total=len(bench.items), desc=f"eval {bench.name}", unit="item", disable=quiet)
-    chunk = max(cfg.batch_size * 4, 32)
+    # Log-likelihood rows are sorted by length within a call to batch similar lengths together, so
+    # it gets many items at once (the progress bar moves less often); generation a few batches.
+    chunk = max(cfg.batch_size * 32, 512) if cfg.mode == "loglikelihood" else max(cfg.batch_size * 4, 32)
     for start in range(0, len(bench.items), chunk):
         items = bench.items[start:start + chunk]
         prompts, passages = zip(*(prompt_for(item) for item in items))

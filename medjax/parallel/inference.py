@@ -9,6 +9,7 @@ import dataclasses
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -30,10 +31,11 @@ def parse_mesh_spec(spec: str) -> MeshConfig:
 
 @dataclasses.dataclass
 class Placement:
-    params: dict
+    params: dict | None = None
     mesh: Mesh | None = None
     batch_sharding: NamedSharding | None = None
     rows: int = 1  # batches are a multiple of this (data x fsdp)
+    shardings: dict | None = None  # each param's sharding (shaped like the params); None: the default device
 
     def batch_size(self, wanted: int) -> int:
         return -(-wanted // self.rows) * self.rows
@@ -49,16 +51,35 @@ class Placement:
         return {} if self.mesh is None else {"out_shardings": NamedSharding(self.mesh, P())}
 
 
-def place(abstract_state, params: dict, spec: str = "") -> Placement:
-    """``params`` on one device (``spec`` empty, one process) or sharded over the mesh ``spec``
-    names; a multi-process job without a spec uses data=-1 (rows over every process's devices)."""
+def placement(abstract_state, spec: str = "") -> Placement:
+    """Where a model's params go, before any is there: one device (``spec`` empty, one process)
+    or sharded over the mesh ``spec`` names; a multi-process job without a spec uses data=-1
+    (rows over every process's devices)."""
     if not spec and jax.process_count() > 1:
         spec = "data=-1"
     if not spec:
-        return Placement(jax.device_put(params))
+        return Placement()
     from medjax.parallel.mesh import make_mesh
     from medjax.parallel.rules import batch_sharding, param_shardings
 
     mesh = make_mesh(parse_mesh_spec(spec))
-    return Placement(jax.device_put(params, param_shardings(abstract_state, mesh)), mesh, batch_sharding(mesh),
-                     int(np.prod([mesh.shape["data"], mesh.shape["fsdp"]])))
+    return Placement(None, mesh, batch_sharding(mesh), int(np.prod([mesh.shape["data"], mesh.shape["fsdp"]])),
+                     param_shardings(abstract_state, mesh))
+
+
+def place(abstract_state, params: dict, spec: str = "") -> Placement:
+    """``params`` (already in memory) laid out as ``placement`` says."""
+    p = placement(abstract_state, spec)
+    p.params = jax.device_put(params) if p.shardings is None else jax.device_put(params, p.shardings)
+    return p
+
+
+def load_placed(abstract_state, source, spec: str = "") -> Placement:
+    """The weights of ``source`` (medjax.convert.loading.WeightSource) read tensor by tensor
+    straight into the placement ``spec`` gives them: host memory holds about one tensor beyond
+    what the devices keep, never the whole model twice."""
+    from medjax.convert.loading import load_params_streaming
+
+    p = placement(abstract_state, spec)
+    p.params, _ = load_params_streaming(source, p.shardings, abstract=nnx.to_pure_dict(abstract_state))
+    return p

@@ -1,4 +1,4 @@
-"""`medjax generate`: text in, text out, from a medjax checkpoint or a Hugging Face directory."""
+"""`medjax generate`: text in, text out, from a medjax checkpoint, a Hugging Face directory or a GGUF file."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 import jax
 
 from medjax.convert import ConversionError
-from medjax.convert.checkpoints import load_params, resolve_checkpoint
-from medjax.convert.hf_import import read_hf
+from medjax.convert.loading import WeightSource, gguf_tokenizer_dir, load_params_streaming, open_source
 from medjax.data.chat import ChatTemplate, special_tokens
 from medjax.data.tokenizer import EOS_TOKEN, IM_END, load_tokenizer
 from medjax.models.config import ModelConfig
@@ -17,20 +16,28 @@ from medjax.models.decoder import ModelDef
 from medjax.models.sampler import Generation, Sampler, SamplingConfig
 
 
-def load_model(path: str | os.PathLike) -> tuple[ModelConfig, dict, Path | None]:
-    """(model config, params, tokenizer folder) from a medjax checkpoint or an HF directory."""
-    p = Path(path)
-    if (p / "config.json").is_file() and not (p / "model.json").is_file():
-        model, params = read_hf(p)
-        if not (p / "tokenizer.json").is_file():
-            return model, params, None
+def open_model(path: str | os.PathLike) -> WeightSource:
+    """The weights (nothing read yet) and tokenizer folder of a model to run: a medjax checkpoint
+    or model directory, a Hugging Face directory or a GGUF file (its tokenizer rebuilt from the
+    file's metadata into a folder that lives as long as this process)."""
+    source = open_source(path)
+    if source.kind == "gguf":
+        source.tokenizer_dir = gguf_tokenizer_dir(source)
+    elif source.kind == "hf" and source.tokenizer_dir is not None:
         from medjax.data.tokenizer_agreement import warn_if_disagreeing
 
-        warn_if_disagreeing(p, hint="medjax reads tokenizer.json; a vLLM server for this directory would "
+        warn_if_disagreeing(source.path, hint="medjax reads tokenizer.json; a vLLM server for this directory would "
                             "tokenize with transformers")
-        return model, params, p
-    ref = resolve_checkpoint(p)
-    return ref.model, load_params(ref), ref.tokenizer_dir
+    return source
+
+
+def load_model(path: str | os.PathLike, shardings: dict | None = None) -> tuple[ModelConfig, dict, Path | None]:
+    """(model config, params, tokenizer folder) of open_model's ``path``; the params are read
+    tensor by tensor straight onto the default device (or into ``shardings``), so loading holds
+    the weights about once (medjax.convert.loading)."""
+    source = open_model(path)
+    params, _ = load_params_streaming(source, shardings)
+    return source.model, params, source.tokenizer_dir
 
 
 def stop_token_ids(tok, model_cfg: ModelConfig, tokenizer_dir: Path | None = None) -> tuple[int, ...]:
@@ -53,7 +60,8 @@ def generate_text(
     seed: int = 0,
     chat: bool = False,
 ) -> list[str]:
-    model_cfg, params, tokenizer_dir = load_model(model_path)
+    source = open_model(model_path)
+    model_cfg, tokenizer_dir = source.model, source.tokenizer_dir
     if tokenizer_dir is None:
         raise ConversionError(f"{model_path}: no tokenizer found beside the weights")
     tok = load_tokenizer(tokenizer_dir)
@@ -65,5 +73,7 @@ def generate_text(
     ids = [tok.encode(p, add_special_tokens=not chat).ids for p in prompts]
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                          stop_token_ids=stop_token_ids(tok, model_cfg, tokenizer_dir))
-    out: Generation = Sampler(ModelDef(model_cfg)).generate(params, ids, cfg, jax.random.key(seed))
+    model = ModelDef(model_cfg)
+    params, _ = load_params_streaming(source, abstract=model.abstract_params())
+    out: Generation = Sampler(model).generate(params, ids, cfg, jax.random.key(seed))
     return [tok.decode(seq, skip_special_tokens=True) for seq in out.sequences()]

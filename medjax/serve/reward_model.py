@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from medjax.convert import ConversionError
+from medjax.convert.loading import load_params_streaming
 from medjax.data import DataError
 from medjax.data.chat import ChatTemplate
 from medjax.data.preferences import prompt_messages, response_ids
@@ -24,8 +25,8 @@ from medjax.data.sources import LOCATION_KEY, JsonlSource
 from medjax.data.tokenizer import load_tokenizer
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import bucket
-from medjax.parallel.inference import Placement, place
-from medjax.serve.generate import load_model
+from medjax.parallel.inference import Placement, load_placed
+from medjax.serve.generate import open_model
 from medjax.utils import atomic_open
 
 
@@ -37,7 +38,8 @@ class RewardScorer:
         """``mesh`` ("fsdp=4", parallel.inference) shards the model over the devices, of every
         process in a multi-process job (`medjax score-rm`); None keeps it on this process's first
         device, as RL's reward does where each process scores its own samples."""
-        cfg, params, tokenizer_dir = load_model(model_path)
+        source = open_model(model_path)
+        cfg, tokenizer_dir = source.model, source.tokenizer_dir
         if not cfg.score_labels:
             raise ConversionError(f"{model_path}: not a reward model (its config has no score_labels)")
         if tokenizer_dir is None:
@@ -47,7 +49,9 @@ class RewardScorer:
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.template = ChatTemplate(tokenizer_dir)
         model = ModelDef(cfg)
-        self.placement = Placement(jax.device_put(params)) if mesh is None else place(model.abstract_state, params, mesh)
+        # read tensor by tensor onto the device(s) (medjax.convert.loading)
+        self.placement = (Placement(load_params_streaming(source)[0]) if mesh is None
+                          else load_placed(model.abstract_state, source, mesh))
         self.params = self.placement.params
         self.batch_size = self.placement.batch_size(batch_size)
         self._score = jax.jit(lambda p, tokens, lengths: model.bind(p).sequence_scores(tokens, lengths),
