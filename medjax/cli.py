@@ -110,12 +110,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from medjax.convert.gguf_import import import_gguf, is_gguf
+    from medjax.convert.gguf_import import import_gguf, is_gguf, resolve_source
     from medjax.convert.hf_import import import_hf
 
-    if is_gguf(args.hf_dir):
-        out = import_gguf(args.hf_dir, args.ckpt_dir, param_dtype=args.param_dtype)
-        print(f"imported {args.hf_dir} -> {out}")
+    source = resolve_source(args.hf_dir)
+    if not source.exists():
+        raise ConversionError(f"{source}: no such file or directory (give a Hugging Face model directory, a .gguf "
+                              "file or bundled:NAME)")
+    if is_gguf(source):
+        out = import_gguf(source, args.ckpt_dir, param_dtype=args.param_dtype)
+        print(f"imported {source} -> {out}")
         if args.hf_out:
             from medjax.convert.hf_export import export_hf
 
@@ -126,7 +130,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
         raise ConversionError("--hf-out and --param-dtype apply to GGUF files only")
     out = import_hf(args.hf_dir, args.ckpt_dir, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)
     print(f"imported {args.hf_dir} -> {out}")
-    if args.tokenizer == "file":
+    if args.tokenizer == "file" and not (source / "tokenizer.json").is_file():
+        print(f"note: {source} has no tokenizer.json, so {out} has no tokenizer: `--tokenizer transformers` builds "
+              "one from the directory's other tokenizer files (tokenizer.model, vocab.json + merges.txt), or name "
+              "one when training (data.tokenizer=DIR)", file=sys.stderr)
+    elif args.tokenizer == "file":
         from medjax.data.tokenizer_agreement import warn_if_disagreeing
 
         warn_if_disagreeing(args.hf_dir, hint=f"`medjax import {args.hf_dir} OUT --tokenizer transformers` imports "
@@ -368,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("import", help="Hugging Face directory or GGUF file -> medjax model directory")
-    p.add_argument("hf_dir", metavar="SOURCE", help="a Hugging Face model directory or a .gguf file")
+    p.add_argument("hf_dir", metavar="SOURCE", help="a Hugging Face model directory, a .gguf file, or a model an "
+                   "installed package carries: bundled:smollm2-135m-instruct (the `real` extra)")
     p.add_argument("ckpt_dir", metavar="OUT")
     p.add_argument("--hf-out", default=None, metavar="DIR",
                    help="GGUF only: also write the dequantised model as a Hugging Face directory (safetensors)")

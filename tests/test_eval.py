@@ -90,6 +90,35 @@ def test_single_token_and_per_continuation_paths_agree(trained):
     np.testing.assert_allclose(fast, slow, atol=1e-4)
 
 
+def test_templated_prompts_get_one_bos(trained, tmp_path):
+    """A tokenizer that adds a bos (Llama 3's) and a chat template that writes one: a templated
+    prompt is encoded without adding another, so it scores and generates as the bare prompt with
+    the tokenizer's bos does; the same text not marked templated gets a second bos and differs."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    from medjax.eval.backends import GenerationSettings, LoglikelihoodRequest
+
+    hf = tmp_path / "hf"
+    shutil.copytree(trained / "hf", hf)
+    tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    bos = "<|im_start|>"
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                        special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.save(str(hf / "tokenizer.json"))
+    model = LocalModel(hf, batch_size=4)
+    context, conts = "The first-line drug for the condition is", [" A", " B", " C and more words"]
+    bare = model.loglikelihood([LoglikelihoodRequest(context, conts)])[0]
+    templated = model.loglikelihood([LoglikelihoodRequest(bos + context, conts, templated=True)])[0]
+    doubled = model.loglikelihood([LoglikelihoodRequest(bos + context, conts)])[0]
+    np.testing.assert_allclose(templated, bare, atol=1e-5)
+    assert np.abs(np.subtract(doubled, bare)).max() > 1e-3
+    settings = GenerationSettings(max_new_tokens=8)
+    assert model.generate([bos + context], GenerationSettings(max_new_tokens=8, templated=True)) == \
+        model.generate([context], settings)
+
+
 def test_loglikelihood_in_logit_chunks_equals_whole_logits(trained, monkeypatch):
     """Chunks of 24 positions over 64-token rows (the last one padded) give what whole float32
     logits give."""

@@ -213,6 +213,22 @@ def test_import_reports_the_mismatch_and_can_adopt_transformers_tokenizer(qwen_h
     assert kept.encode(AGE).ids != hf_ids(qwen_hf_dir, [AGE])[0]  # "file" kept tokenizer.json as it was
 
 
+def test_a_weights_only_hf_dir_imports_with_a_note(qwen_hf_dir, tmp_path, capsys):
+    """No tokenizer.json: the weights import (exit 0) and the note says how to get a tokenizer;
+    the model dir holds no empty tokenizer folder that would read as one."""
+    from medjax.cli import main
+
+    weights = tmp_path / "weights_only"
+    weights.mkdir()
+    for f in qwen_hf_dir.iterdir():
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            shutil.copy2(f, weights / f.name)
+    assert main(["import", str(weights), str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {weights} has no tokenizer.json" in err and "--tokenizer transformers" in err
+    assert (tmp_path / "out" / "model.json").is_file() and not (tmp_path / "out" / "tokenizer").exists()
+
+
 def test_generate_on_a_disagreeing_hf_dir_warns(qwen_hf_dir, capsys):
     from medjax.serve.generate import load_model
 

@@ -187,8 +187,8 @@ def save_model_dir(out_dir: str | os.PathLike, model: ModelConfig,
             ocp_partial.save(tmp / PARAMS_DIR, group)
         ocp_partial.finalize(tmp / PARAMS_DIR)
         (tmp / MODEL_JSON).write_text(json.dumps(dataclasses.asdict(model), indent=2) + "\n")
-        if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
+        if tokenizer_dir is not None and not copy_tokenizer(tokenizer_dir, tmp / "tokenizer"):
+            (tmp / "tokenizer").rmdir()  # none there: no empty folder that reads as a tokenizer
         if tokenizer_json is not None:
             (tmp / "tokenizer").mkdir(exist_ok=True)
             (tmp / "tokenizer" / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")

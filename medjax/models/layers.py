@@ -128,6 +128,10 @@ class Attention(nnx.Module):
         return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt)), cache
 
 
+# Fewer tokens than this (decode steps) run the gate and up matmuls apart.
+STACKED_MLP_MIN_TOKENS = 256
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pdt = DTYPES[cfg.param_dtype]
@@ -143,9 +147,16 @@ class MLP(nnx.Module):
         # "mlp" axis needs no resharding). One wide matmul and its backward beat two narrow ones;
         # on a CPU the backward of two also transposes each [tokens, mlp] gradient (tools/bench_train.py:
         # 545 -> 522 ms/step, median of 12 windows).
-        w = jnp.stack([self.w_gate[...], self.w_up[...]], axis=1).astype(dt)  # [embed, 2, mlp]
-        gate_up = jnp.einsum("bse,ecm->bscm", x, w)
-        return (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ self.w_down[...].astype(dt)
+        # A decode step has a few tokens, where building the stack (a copy of both weights, every
+        # step) costs more than the matmuls it joins: there the two run apart.
+        if x.shape[0] * x.shape[1] < STACKED_MLP_MIN_TOKENS:
+            gate = x @ self.w_gate[...].astype(dt)
+            up = x @ self.w_up[...].astype(dt)
+        else:
+            w = jnp.stack([self.w_gate[...], self.w_up[...]], axis=1).astype(dt)  # [embed, 2, mlp]
+            gate_up = jnp.einsum("bse,ecm->bscm", x, w)
+            gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
 
 
 class DecoderBlock(nnx.Module):

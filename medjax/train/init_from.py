@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from medjax.convert import ConversionError, loading
-from medjax.convert.gguf_import import is_gguf
+from medjax.convert.gguf_import import is_gguf, resolve_source
 from medjax.convert.loading import LoadReport, WeightSource, load_params_streaming
 from medjax.models.config import ModelConfig
 
@@ -32,9 +32,9 @@ InitReport = LoadReport
 def open_source(path: str) -> WeightSource:
     """The weights at ``path`` (a training run, a medjax model directory or a Hugging Face
     directory); only headers and metadata are read here."""
-    p = Path(path)
+    p = resolve_source(path)
     if is_gguf(p):  # its tokenizer lives in the file: the run needs one on disk, named in its config
-        raise ConversionError(f"init_from: {p} is a GGUF file; import it first (medjax import {p} DIR) "
+        raise ConversionError(f"init_from: {p} is a GGUF file; import it first (medjax import {path} DIR) "
                               "and start from DIR")
     if (p / "config.json").is_file() and not (p / "model.json").is_file():
         source = loading.open_source(p)
