@@ -236,7 +236,7 @@ def _cmd_eval_ngrams(args: argparse.Namespace) -> int:
 
 
 def _cmd_score_rm(args: argparse.Namespace) -> int:
-    from medjax.serve.reward_model import score_file
+    from medjax.rl.reward_scorer import score_file
 
     _join(args)
     summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size, mesh=args.mesh)

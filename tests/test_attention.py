@@ -41,6 +41,7 @@ def qkv(batch=2, seq=256, heads=4, kv_heads=2, dim=64, seed=0):
     return q, k, v, jnp.asarray(packed_segments(batch, seq, seed))
 
 
+@pytest.mark.slow  # the splash kernel in interpret mode
 def test_splash_equals_xla_on_packed_inputs_forward_and_backward():
     q, k, v, seg = qkv()
     assert len(np.unique(np.asarray(seg[0]))) >= 3  # several documents and padding in a row
@@ -80,6 +81,7 @@ def test_resolve_by_platform_and_clear_refusals():
     assert splash_block(100) is None
 
 
+@pytest.mark.slow  # the splash kernel in interpret mode
 def test_splash_in_the_sharded_model_equals_xla():
     """The decoder with attention=splash under the trainer's layout (shard_map over a data x
     tensor mesh of CPU devices, inside scanned and rematerialised layers as the real presets run)

@@ -23,6 +23,7 @@ def _batch(seq=12, vocab=97):
             "loss_mask": jnp.asarray(rng.random((2, seq)) < 0.7, jnp.float32)}
 
 
+@pytest.mark.slow  # gradients over every chunking
 @pytest.mark.parametrize("chunk", [5, 4])  # a chunk that does not divide the sequence, and one that does
 def test_chunked_loss_and_gradients_equal_whole_logits(chunk):
     whole, chunked = ModelDef(CFG), ModelDef(dataclasses.replace(CFG, logits_chunk=chunk))

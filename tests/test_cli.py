@@ -11,6 +11,8 @@ import pytest
 from medjax.cli import main
 from medjax.config import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # runs `medjax demo` and README's commands in subprocesses
+
 
 def test_bad_override_is_a_clear_error(capsys):
     assert main(["train", str(REPO_ROOT / "configs/demo/pretrain.yaml"), "train.max_step=3"]) == 2
@@ -216,11 +218,13 @@ README_NOT_RUN = {"medjax serve": "starts a vLLM server (tests/test_vllm.py)",
 
 
 def readme_commands() -> list[str]:
-    """Every `medjax ...` command of README's bash blocks (a line ending in a backslash continued on
-    the next), comments removed. Any other shell line (a variable, a pipe) fails here, since the
+    """Every `medjax ...` command of the bash blocks of README.md and of the guides docs/*.md
+    (README first, then the guides by file name; a line ending in a backslash continued on the
+    next), comments removed. Any other shell line (a variable, a pipe) fails here, since the
     commands run without a shell."""
-    text = (REPO_ROOT / "README.md").read_text()
-    blocks = [re.sub(r"\\\n\s*", " ", block) for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"), key=lambda p: p.name)]
+    blocks = [re.sub(r"\\\n\s*", " ", block) for page in pages
+              for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
     lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
     shell = [line for line in lines if re.match(r"\w+=", line) or (line.startswith("medjax ") and "$" in line)]
     assert not shell, f"README shell variables the test cannot run as written: {shell}"

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains twice in-process and once in a subprocess
+
 
 def test_a_second_run_of_the_same_config_loads_its_programs(make_config, tmp_path):
     import jax.monitoring

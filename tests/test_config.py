@@ -59,7 +59,7 @@ def test_workdir_substitution():
 
 def test_variables_move_the_run_but_not_its_data(tmp_path):
     """The demo configs name their data by ${vars.demo}: `workdir=...` moves only the run (it was
-    "${workdir}/../data", which README's `workdir=runs/try` example broke)."""
+    "${workdir}/../data", which the `workdir=runs/try` example of docs/training.md broke)."""
     from medjax.config import REPO_ROOT
 
     cfg = load_config(REPO_ROOT / "configs/demo/sft.yaml", [f"workdir={tmp_path / 'try'}"])

@@ -90,8 +90,9 @@ def test_bfloat16_export_is_sharded_with_index(hf_model, tmp_path):
         assert torch.equal(t.to(torch.bfloat16).float(), reloaded.state_dict()[name]), name
 
 
+@pytest.mark.slow  # trains on a sharded mesh
 def test_export_from_a_sharded_training_checkpoint(make_config, tmp_path):
-    from medjax.serve.generate import load_model
+    from medjax.convert.loading import load_model
     from medjax.train.loop import train
 
     cfg = make_config(tmp_path / "run", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.max_steps=2",
@@ -175,6 +176,7 @@ def test_greedy_generation_matches_transformers(hf_model):
         assert ours == theirs
 
 
+@pytest.mark.slow  # 8B-parameter shapes through every transform
 @pytest.mark.parametrize("preset", ["qwen2.5-0.5b", "qwen3-8b", "llama-3.1-8b"])
 def test_table_shapes_agree_with_the_transforms(preset):
     """hf_shape (computed without allocating) matches what each transform really produces, and

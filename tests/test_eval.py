@@ -222,6 +222,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow  # lm-evaluation-harness as the peer
 def test_loglikelihood_agrees_with_lm_evaluation_harness(world, trained, tmp_path, monkeypatch):
     """The same HF model and items through lm-eval's `multiple_choice` scoring (hf backend, local
     task files, medjax's rendered prompts and answer separator): per-option log-likelihoods equal

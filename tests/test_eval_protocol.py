@@ -126,6 +126,7 @@ def reply_for(prompt: str, gold: str, options: str) -> tuple[str, bool | None]:
     ][style], right
 
 
+@pytest.mark.slow  # an OpenAI-compatible server
 def test_quarkmed_protocol_through_an_openai_server_equals_the_replies(tmp_path):
     from medjax.cli import main
 

@@ -58,6 +58,7 @@ def measure(source: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # loads in child processes to measure their peak memory
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_loading_for_generation_holds_the_weights_about_once(tmp_path):
     hf = write_hf(MEMORY_MODEL, tmp_path / "hf")
@@ -121,7 +122,7 @@ def test_generate_and_eval_read_a_gguf_file_directly(world, tmp_path):
     from test_gguf_import import write_gguf
 
     from medjax.convert.gguf_import import import_gguf
-    from medjax.serve.generate import load_model
+    from medjax.convert.loading import load_model
 
     path = write_gguf(tmp_path / "m.gguf", "llama", world.tokenizer)
     model_dir = import_gguf(path, tmp_path / "mj")

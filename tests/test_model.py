@@ -107,6 +107,7 @@ def test_packed_segments_do_not_attend_across_documents():
     assert np.abs(leaky[7:12] - alone_b).max() > 1e-3
 
 
+@pytest.mark.slow  # gradients under every remat policy
 def test_remat_and_bf16_compute():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 10)))
 

@@ -23,6 +23,8 @@ import yaml
 
 from conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # JAX processes over localhost
+
 STEPS, HALF = 6, 3
 
 
@@ -373,7 +375,7 @@ def test_score_rm_on_two_processes_scores_as_one_and_writes_once(world, tmp_path
     8 devices pair by pair; process 0 alone writes and prints."""
     from conftest import stage_config
 
-    from medjax.serve.reward_model import score_file
+    from medjax.rl.reward_scorer import score_file
     from medjax.train.loop import train
 
     train(stage_config(world, tmp_path / "rm", "reward_model", "train.max_steps=4", "train.checkpoint_every=4"))

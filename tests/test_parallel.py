@@ -11,6 +11,7 @@ from medjax.train.loop import train
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
 
+@pytest.mark.slow  # trains on every mesh shape
 def test_same_losses_on_every_mesh(make_config, tmp_path):
     assert jax.device_count() == 8, "tests run on an 8-device CPU mesh (XLA_FLAGS in conftest)"
     losses = {}

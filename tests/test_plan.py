@@ -12,6 +12,8 @@ import pytest
 from medjax.config import REPO_ROOT, load_config
 from medjax.parallel.topologies import GENERATIONS, SLICES, get_slice, slice_devices
 
+pytestmark = pytest.mark.slow  # AOT compiles for TPU slices
+
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e '.[tpu]')")
 

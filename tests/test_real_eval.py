@@ -28,7 +28,8 @@ from medjax.tasks.prompts import PromptConfig, answer_continuation, build_prompt
 from medjax.tasks.readers import read_benchmark  # noqa: E402
 
 CPQEXAM = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "cpqexam" / "cpqexam.jsonl"
-pytestmark = pytest.mark.skipif(not CPQEXAM.is_file(), reason="../shared/benchmarks/cpqexam is not beside the checkout")
+pytestmark = [pytest.mark.slow,  # the real 135M model on 200 CPQExam items against lm-eval
+              pytest.mark.skipif(not CPQEXAM.is_file(), reason="../shared/benchmarks/cpqexam is not beside the checkout")]
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LL_TOLERANCE = 2e-4  # absolute, per option's summed log-likelihood

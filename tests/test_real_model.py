@@ -23,6 +23,8 @@ from medjax.data.chat import ChatTemplate  # noqa: E402
 from medjax.data.tokenizer import load_tokenizer  # noqa: E402
 from medjax.models.decoder import ModelDef  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the real 135M model against transformers and vLLM
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MEDICAL_PROMPTS = [
     "What is the first-line drug treatment for type 2 diabetes?",

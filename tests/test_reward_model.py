@@ -90,6 +90,7 @@ def trained_rm(world, pretrained_run, prefs, tmp_path_factory):
     return workdir, result
 
 
+@pytest.mark.slow  # trains a reward model to convergence
 def test_reward_model_learns_held_out_pairs(trained_rm):
     _, result = trained_rm
     first, last = result.eval_metrics[0], result.eval_metrics[60]
@@ -99,6 +100,7 @@ def test_reward_model_learns_held_out_pairs(trained_rm):
         assert last[f"eval_accuracy_{label}"] >= 0.8, (label, last)
 
 
+@pytest.mark.slow  # three training runs
 def test_reward_model_resumes_exactly(world, pretrained_run, tmp_path):
     def cfg(workdir):
         return stage_config(world, workdir, "reward_model", f"init_from={pretrained_run}")
@@ -107,7 +109,7 @@ def test_reward_model_resumes_exactly(world, pretrained_run, tmp_path):
 
 
 def test_scorer_and_cli_agree_with_training_eval(prefs, trained_rm, tmp_path, capsys):
-    from medjax.serve.reward_model import RewardScorer
+    from medjax.rl.reward_scorer import RewardScorer
 
     workdir, result = trained_rm
     out = tmp_path / "scores.jsonl"

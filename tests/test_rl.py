@@ -209,6 +209,7 @@ def _rl_config(world, workdir, items, *overrides):
         "rl.dynamic_sampling=false", "rl.rewards=[{name: 'test_rl:half_reward', weight: 1.0}]", *overrides)
 
 
+@pytest.mark.slow  # an RL run to convergence
 def test_rl_learns_a_verifiable_task_from_chance(world, tmp_path):
     result = train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), "train.max_steps=40",
                               "train.checkpoint_every=40", "rl.epochs=2"))
@@ -224,6 +225,7 @@ def test_rl_learns_a_verifiable_task_from_chance(world, tmp_path):
     assert result.step == 40
 
 
+@pytest.mark.slow  # three RL runs
 def test_rl_resumes_exactly(world, tmp_path):
     def cfg(workdir):  # 2 epochs of 2 minibatches per rollout: a stop at step 3 falls inside a rollout
         return _rl_config(world, workdir, _task_file(tmp_path), "train.max_steps=6", "rl.epochs=2",
@@ -232,6 +234,7 @@ def test_rl_resumes_exactly(world, tmp_path):
     straight_and_resumed(cfg, tmp_path)
 
 
+@pytest.mark.slow  # RL on two meshes
 def test_rl_on_a_sharded_mesh_matches_one_device(world, tmp_path):
     """Rollouts sample from the params as training lays them out (data x fsdp x tensor), with the
     rollout rows split over data x fsdp; the samples and the update match one device."""
@@ -272,6 +275,7 @@ def test_mastered_prompts_leave_the_pool_for_later_passes(world, tmp_path):
                          "rl.mastered_reward=nope"))
 
 
+@pytest.mark.slow  # three RL runs
 def test_rl_with_mastered_pruning_resumes_exactly(world, tmp_path):
     def cfg(workdir):  # the stop at step 3 falls in the second rollout, after the first pruned its prompts
         return _rl_config(world, workdir, _task_file(tmp_path), "train.max_steps=8", "rl.drop_mastered=true",

@@ -30,6 +30,7 @@ def _pair(cfg, remat="none"):
     return unrolled, scanned, params
 
 
+@pytest.mark.slow  # gradients of two layouts under each remat policy
 @pytest.mark.parametrize("cfg,remat", [(QWEN2, "none"), (QWEN3, "full"), (QWEN2, "dots")])
 def test_scanned_equals_unrolled_logits_and_gradients(cfg, remat):
     unrolled, scanned, params = _pair(cfg, remat)
@@ -103,6 +104,7 @@ def test_hf_export_of_a_scanned_model_is_bitwise_the_unrolled_one(tmp_path):
                for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(host)))
 
 
+@pytest.mark.slow  # three training runs
 def test_init_from_converts_layouts_and_a_scanned_run_resumes_exactly(make_config, tmp_path):
     from medjax.train.loop import train
 

@@ -59,6 +59,7 @@ def test_the_vocabulary_is_the_tokenizer(world):
     assert vocab.decode(tok.encode("chest pain").ids + [vocab.eos_id, 7, 8]) == "chest pain"  # seqio stops at EOS
 
 
+@pytest.mark.slow  # thousands of seqio examples
 def test_mixture_rates_are_realised(world, tmp_path, capsys):
     """`medjax data inspect` counts each task's share of the first N documents: within 2 points of
     the configured rates, for two different blends."""
@@ -125,6 +126,7 @@ def test_seqio_and_files_give_identical_packed_batches(world, tmp_path):
                 np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.slow  # three training runs
 def test_pretraining_from_a_seqio_mixture_resumes_exactly(world, tmp_path):
     """2N steps straight equal N, a stop, a resume and N more (the iterator's position travels in
     Grain's state in the Orbax checkpoint); evaluation reads the mixture's validation split."""

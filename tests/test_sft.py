@@ -83,6 +83,7 @@ def test_packed_rows_equal_each_conversation_alone(world, tmp_path, make_config)
     assert row["loss_mask"][0][row["segment_ids"][0] == 0].sum() == 0  # no loss on padding
 
 
+@pytest.mark.slow  # three training runs
 def test_sft_from_pretrained_resumes_exactly(world, pretrained_run, tmp_path):
     def cfg(workdir):
         return stage_config(world, workdir, "sft", f"init_from={pretrained_run}", "train.eval_every=3",
@@ -118,6 +119,7 @@ def _overlong_counts(world, convs, seq_len):
     return counts
 
 
+@pytest.mark.slow  # three trainings from three sources
 def test_init_from_run_model_dir_and_hf_dir_agree(world, pretrained_run, tmp_path):
     """Step-0 eval loss is the same whichever form the starting weights come in."""
     from medjax.convert.hf_export import export_hf

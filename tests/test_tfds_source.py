@@ -119,6 +119,7 @@ def test_tfds_and_arrayrecord_give_identical_packed_batches(corpus, world, tmp_p
     assert len(TokenRecordSource([shard])) == len(source)
 
 
+@pytest.mark.slow  # three training runs
 def test_pretraining_from_tfds_resumes_exactly(corpus, world, tmp_path):
     """2N steps straight equal N, a stop, a resume and N more: Grain's iterator state over the TFDS
     source travels in the Orbax checkpoint; evaluation reads the validation split."""

@@ -230,7 +230,7 @@ def test_a_weights_only_hf_dir_imports_with_a_note(qwen_hf_dir, tmp_path, capsys
 
 
 def test_generate_on_a_disagreeing_hf_dir_warns(qwen_hf_dir, capsys):
-    from medjax.serve.generate import load_model
+    from medjax.convert.loading import load_model
 
     load_model(qwen_hf_dir)
     assert "warning: tokenizer mismatch in" in capsys.readouterr().err

@@ -24,6 +24,7 @@ def losses(workdir):
     return {m["step"]: m["loss"] for m in metrics(workdir) if "loss" in m}
 
 
+@pytest.mark.slow  # three training runs
 def test_resume_gives_identical_losses(make_config, tmp_path):
     straight, second = straight_and_resumed(make_config, tmp_path)  # losses after the stop bit-identical
     assert sorted(straight.losses) == [1, 2, 3, 4, 5, 6]
@@ -47,6 +48,7 @@ def test_metrics_jsonl_and_tensorboard(make_config, tmp_path):
     assert Checkpoints(tmp_path / "checkpoints").all_steps() == [3, 6]
 
 
+@pytest.mark.slow  # two training runs
 def test_gradient_accumulation_equals_full_batch(make_config, tmp_path):
     full = train(make_config(tmp_path / "full", "train.max_steps=3"))
     accum = train(make_config(tmp_path / "accum", "train.max_steps=3", "train.grad_accum_steps=4"))
@@ -97,6 +99,7 @@ def test_interrupted_save_never_hides_the_last_good_checkpoint(make_config, tmp_
     assert resumed.resumed_from == 6 and resumed.step == 7
 
 
+@pytest.mark.slow  # a trainer in a subprocess
 def test_sigterm_checkpoints_and_resumes_exactly(make_config, tmp_path):
     """`medjax train` killed with SIGTERM saves and exits 0; the same command then resumes and
     the whole loss curve equals an uninterrupted run's."""
@@ -169,3 +172,24 @@ def test_plot_overlays_runs_of_a_stage_and_names_bad_input(tmp_path, capsys):
     assert f"{c / 'metrics.jsonl'}:2: not a JSON record" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_a_process_without_eval_data_feeds_empty_rows_from_the_first_batch(monkeypatch):
+    """Eval in a multi-process job: a process whose eval streams are empty from the first batch,
+    while another process still has batches, feeds empty rows of the stage's batch keys (it used to
+    fail, having no earlier batch to copy the shapes from); all stop when no process has data. The
+    other process's answer to the all-process question is played by a counter here (the collective
+    itself runs in tests/test_multiprocess.py)."""
+    from medjax.train import loop
+    from medjax.train.stages import batch_dtypes
+
+    other_has = iter([True, True, True, False])
+    monkeypatch.setattr(loop, "_any_process", lambda mine: mine or next(other_has))
+    empty = {k: np.zeros((4, 16), dt) for k, dt in batch_dtypes("sft").items()}
+    rows = list(loop.eval_rows(iter([]), 8, empty))
+    assert len(rows) == 3 and all(r is empty for r in rows)
+    other_has = iter([True, False])
+    mine = {k: np.ones((4, 16), dt) for k, dt in batch_dtypes("sft").items()}
+    rows = list(loop.eval_rows(iter([mine]), 8, empty))
+    assert [r is mine for r in rows] == [True, False] and rows[1] is empty
+    assert len(list(loop.eval_rows(iter([mine] * 5), 2, empty))) == 2  # eval_batches caps it

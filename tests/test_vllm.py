@@ -10,6 +10,8 @@ import pytest
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import Sampler, SamplingConfig
 
+pytestmark = pytest.mark.slow  # vLLM servers and a browser
+
 pytest.importorskip("vllm")
 
 VLLM_SCRIPT = textwrap.dedent("""
@@ -34,7 +36,7 @@ def exported(world, tmp_path_factory):
 
     from medjax.convert.hf_export import export_hf
     from medjax.data.tokenizer import load_tokenizer
-    from medjax.serve.generate import load_model
+    from medjax.convert.loading import load_model
     from medjax.train.loop import train
 
     root = tmp_path_factory.mktemp("vllm")

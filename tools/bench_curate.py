@@ -29,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from medjax.parallel.topologies import keep_jax_off_absent_tpus  # noqa: E402
+
+keep_jax_off_absent_tpus()
 
 from data_pipelines.curate.dedup import shingles  # noqa: E402
 from data_pipelines.curate.phi import cn_resident_id, redact  # noqa: E402

@@ -8,7 +8,7 @@ a larger random llama written by transformers (``from_config`` + ``save_pretrain
 
 How: each load runs in its own fresh child process. The child imports jax and medjax, starts the
 backend and records its RSS ("baseline"), resets the kernel's peak-RSS mark (/proc/self/clear_refs)
-and then does what ``medjax.serve.generate.load_model`` does (open the source, recording the RSS
+and then does what ``medjax.convert.loading.load_model`` does (open the source, recording the RSS
 then as "opened", and load its params) and puts the params on the device as generation does
 (already placed arrays stay where they are); "peak" is VmHWM afterwards. "ratio" is
 (peak - baseline) / the weights' bytes in their param dtype: the in-memory copies loading costs
@@ -38,6 +38,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from medjax.parallel.topologies import keep_jax_off_absent_tpus  # noqa: E402
+
+keep_jax_off_absent_tpus()
+
 GB = 1e9
 
 
@@ -62,7 +66,11 @@ def child_load(source: str) -> dict:
 
     import jax
 
-    from medjax.serve import generate
+    try:
+        from medjax.convert.loading import load_params_streaming, open_model
+    except ImportError:  # a medjax from before the streaming loader (to measure the change)
+        from medjax.serve.generate import load_model
+        open_model = None
 
     jax.devices()  # the backend's own memory belongs to the baseline
     gc.collect()
@@ -70,14 +78,12 @@ def child_load(source: str) -> dict:
     reset = reset_peak()
     t0 = time.perf_counter()
     opened = None
-    if hasattr(generate, "open_model"):  # load_model in two steps, to see what opening the source costs
-        from medjax.convert.loading import load_params_streaming
-
-        src = generate.open_model(source)
+    if open_model is not None:  # load_model in two steps, to see what opening the source costs
+        src = open_model(source)
         opened = rss_kib("VmRSS")
         model, (params, _) = src.model, load_params_streaming(src)
     else:  # the whole-tree loader medjax had before
-        model, params, _ = generate.load_model(source)
+        model, params, _ = load_model(source)
     # What generation runs on: host arrays are transferred to the device while the tree is still
     # referenced (as in generate_text); arrays already placed stay where they are.
     placed = jax.block_until_ready(jax.device_put(params))

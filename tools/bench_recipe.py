@@ -69,7 +69,7 @@ def rm_score_of_answers(reward_model: Path, exam: Path, written: Path) -> float:
     import numpy as np
 
     from medjax.rl.rewards import normalize
-    from medjax.serve.reward_model import RewardScorer
+    from medjax.rl.reward_scorer import RewardScorer
     from medjax.tasks.prompts import PromptConfig, build_prompt
     from medjax.tasks.readers import read_benchmark
 

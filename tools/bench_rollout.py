@@ -21,6 +21,11 @@ import textwrap
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from medjax.parallel.topologies import keep_jax_off_absent_tpus  # noqa: E402
+
+keep_jax_off_absent_tpus()  # no libtpu probing (seconds and a screen of errors) on a CPU host
+
 SHAPES = {
     # The demo model (head_dim 64 suits vLLM's CPU attention kernels).
     "demo": dict(hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64),

@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from medjax.parallel.topologies import keep_jax_off_absent_tpus  # noqa: E402
+
+keep_jax_off_absent_tpus()
 
 from medjax.config import load_config  # noqa: E402
 from medjax.data.pipeline import pretrain_dataset  # noqa: E402

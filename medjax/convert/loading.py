@@ -23,6 +23,7 @@ import functools
 import shutil
 import tempfile
 from pathlib import Path
+import os
 from typing import Iterable, Iterator
 
 import jax
@@ -355,3 +356,27 @@ def _get(tree: dict | None, path: TensorPath):
     for key in path:
         tree = tree[key]
     return tree
+
+
+def open_model(path: str | os.PathLike) -> WeightSource:
+    """The weights (nothing read yet) and tokenizer folder of a model to run: a medjax checkpoint
+    or model directory, a Hugging Face directory or a GGUF file (its tokenizer rebuilt from the
+    file's metadata into a folder that lives as long as this process)."""
+    source = open_source(path)
+    if source.kind == "gguf":
+        source.tokenizer_dir = gguf_tokenizer_dir(source)
+    elif source.kind == "hf" and source.tokenizer_dir is not None:
+        from medjax.data.tokenizer_agreement import warn_if_disagreeing
+
+        warn_if_disagreeing(source.path, hint="medjax reads tokenizer.json; a vLLM server for this directory would "
+                            "tokenize with transformers")
+    return source
+
+
+def load_model(path: str | os.PathLike, shardings: dict | None = None) -> tuple[ModelConfig, dict, Path | None]:
+    """(model config, params, tokenizer folder) of open_model's ``path``; the params are read
+    tensor by tensor straight onto the default device (or into ``shardings``), so loading holds
+    the weights about once (medjax.convert.loading)."""
+    source = open_model(path)
+    params, _ = load_params_streaming(source, shardings)
+    return source.model, params, source.tokenizer_dir

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from medjax.data import DataError
+from medjax.data.tokenizer import EOS_TOKEN, IM_END
+from medjax.models.config import ModelConfig
 
 ROLES = ("system", "user", "assistant")
 
@@ -196,3 +198,12 @@ def tokenize_chat(tokenizer, template: ChatTemplate, messages: Sequence[dict[str
         if b > a and any(s <= a and b <= e for s, e in spans):
             mask[t] = 1.0
     return ids, mask
+
+
+def stop_token_ids(tok, model_cfg: ModelConfig, tokenizer_dir: Path | None = None) -> tuple[int, ...]:
+    """Where generation ends: the tokenizer's end-of-text and end-of-turn tokens, the eos token its
+    tokenizer_config.json names and the model's eos."""
+    named = special_tokens(tokenizer_dir).get("eos_token") if tokenizer_dir is not None else None
+    stops = (tok.token_to_id(EOS_TOKEN), tok.token_to_id(IM_END), model_cfg.eos_token_id,
+             tok.token_to_id(named) if named else None)
+    return tuple(sorted({t for t in stops if t is not None}))

@@ -113,8 +113,8 @@ class LocalModel:
         from medjax.data.tokenizer import load_tokenizer
         from medjax.models.decoder import ModelDef
         from medjax.models.sampler import Sampler
-        from medjax.serve.generate import open_model as open_weights
-        from medjax.serve.generate import stop_token_ids
+        from medjax.convert.loading import open_model as open_weights
+        from medjax.data.chat import stop_token_ids
 
         source = open_weights(path)
         self.model_cfg, self.tokenizer_dir = source.model, source.tokenizer_dir

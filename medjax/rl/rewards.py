@@ -77,7 +77,7 @@ class RewardModelReward:
     _scorers: dict = {}
 
     def __call__(self, samples: Sequence[Sample], options: Mapping[str, Any]) -> np.ndarray:
-        from medjax.serve.reward_model import RewardScorer
+        from medjax.rl.reward_scorer import RewardScorer
 
         path = options.get("model")
         if not path:

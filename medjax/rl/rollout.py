@@ -31,7 +31,7 @@ from medjax.rl.advantages import group_advantages, informative_groups, overlong_
 from medjax.rl.objective import ROW_KEYS, token_logprobs
 from medjax.rl.retrieval import load_retriever
 from medjax.rl.rewards import RewardComposer, Sample
-from medjax.serve.generate import stop_token_ids
+from medjax.data.chat import stop_token_ids
 from medjax.tasks.prompts import PromptConfig, build_prompt
 from medjax.tasks.readers import read_benchmark
 

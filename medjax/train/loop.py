@@ -10,7 +10,7 @@ import math
 import signal
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,13 @@ from medjax.data.streams import StreamBatches, saved_stream_count
 from medjax.parallel.mesh import check_processes_agree, initialize_distributed, make_mesh
 from medjax.parallel.rules import batch_sharding
 from medjax.train.checkpoint import Checkpoints
+from medjax.train.geometry import BatchGeometry
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train import init_from
 from medjax.train.objectives import Objective
 from medjax.train.optimizer import make_optimizer
 from medjax.models.decoder import ModelDef
+from medjax.train.stages import batch_dtypes
 from medjax.train.stages import stage as stage_spec
 from medjax.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
 from medjax.utils import atomic_write_text
@@ -74,26 +76,6 @@ class _StopSignal:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-@dataclasses.dataclass
-class BatchGeometry:
-    global_batch: int
-    accum: int
-    seq_len: int
-
-    @property
-    def micro(self) -> int:
-        return self.global_batch // self.accum
-
-    def check(self, mesh) -> None:
-        t = self.global_batch
-        if t % self.accum:
-            raise ValueError(f"train.global_batch_size={t} is not divisible by train.grad_accum_steps={self.accum}")
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if self.micro % shards:
-            raise ValueError(f"train.global_batch_size={t} (grad_accum_steps={self.accum}: micro-batches of "
-                             f"{self.micro} rows) does not split over data x fsdp = {shards} devices")
 
 
 def _global_batch(local: dict[str, np.ndarray], shape: tuple[int, ...], sharding) -> dict[str, jax.Array]:
@@ -309,14 +291,8 @@ def evaluate(eval_step, objective: Objective, params, cfg: Config, mesh, spec, s
     per_process = cfg.train.global_batch_size // jax.process_count()
     total = count = 0.0
     extra: dict[str, float] = {}
-    empty = None
-    for _ in range(cfg.train.eval_batches):
-        local = next(ds, None)
-        if not _any_process(local is not None):
-            break
-        if local is None:
-            local = empty
-        empty = {k: np.zeros((per_process, *v.shape[1:]), v.dtype) for k, v in local.items()}
+    empty = {k: np.zeros((per_process, cfg.data.seq_len), dt) for k, dt in batch_dtypes(cfg.stage).items()}
+    for local in eval_rows(ds, cfg.train.eval_batches, empty):
         batch = {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in local.items()}
         t, c, e = jax.device_get(eval_step(params, batch))
         total += float(t)
@@ -328,6 +304,17 @@ def evaluate(eval_step, objective: Objective, params, cfg: Config, mesh, spec, s
         summary = jax.device_get(objective.summarize(np.float32(count), {k: np.float32(v) for k, v in extra.items()}))
         record.update({f"eval_{k}": float(v) for k, v in summary.items()})
     return record
+
+
+def eval_rows(batches: Iterator[dict[str, np.ndarray]], n: int, empty: dict[str, np.ndarray]):
+    """This process's rows of each of the first ``n`` eval batches, while any process has some: a
+    process whose streams have ended (even before its first batch) feeds ``empty`` rows, so every
+    process runs the same steps."""
+    for _ in range(n):
+        local = next(batches, None)
+        if not _any_process(local is not None):
+            return
+        yield empty if local is None else local
 
 
 def _any_process(flag: bool) -> bool:

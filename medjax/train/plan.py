@@ -26,7 +26,7 @@ from medjax.models.sharding import activation_layout
 from medjax.parallel.mesh import make_mesh
 from medjax.parallel.rules import MeshLayout, batch_sharding
 from medjax.parallel.topologies import GIB, get_slice, slice_devices
-from medjax.train.loop import BatchGeometry
+from medjax.train.geometry import BatchGeometry
 from medjax.train.metrics import generate_flops_per_row, train_flops_per_token
 from medjax.train.optimizer import make_optimizer
 from medjax.train.stages import batch_dtypes, stage

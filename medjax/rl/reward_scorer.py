@@ -26,7 +26,7 @@ from medjax.data.tokenizer import load_tokenizer
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import bucket
 from medjax.parallel.inference import Placement, load_placed
-from medjax.serve.generate import open_model
+from medjax.convert.loading import open_model
 from medjax.utils import atomic_open
 
 
