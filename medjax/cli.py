@@ -265,13 +265,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from medjax.config import load_config
     from medjax.train.plan import format_plans, plan, plan_rollout, planned_model
+    from medjax.train.stages import checked_stage
 
     cfg = load_config(args.config, args.overrides)
     model = planned_model(cfg)
     result = plan(cfg, args.topology, args.slices, model)
     name = Path(args.config).stem
     rows = [(name, result)]
-    if cfg.stage == "rl":  # the rollout sampler is a second program on the same slice
+    if checked_stage(cfg).rollout is not None:  # the rollout sampler is a second program on the same slice
         rows.append((f"{name} rollout", plan_rollout(cfg, args.topology, args.slices, model)))
     if args.json:
         out = result.to_json()

@@ -34,8 +34,11 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
 def test_wrong_type_names_key(tmp_path):
     with pytest.raises(ConfigError, match=r"'train.max_steps' must be an integer, got 'ten'"):
         load_config(None, ["workdir=w", "train.max_steps=ten"])
-    with pytest.raises(ConfigError, match=r"'stage' must be one of"):
-        load_config(None, ["workdir=w", "stage=pretrian"])
+    from medjax.train.stages import checked_stage
+
+    with pytest.raises(ConfigError, match=r"key 'stage': unknown stage 'pretrian' \(did you mean 'pretrain'\?\); "
+                       "known: pretrain, reward_model, rl, sft"):
+        checked_stage(load_config(None, ["workdir=w", "stage=pretrian"]))
     with pytest.raises(ConfigError, match=r"'train.progress_bar' must be true or false"):
         load_config(None, ["workdir=w", "train.progress_bar=3"])
 

@@ -152,8 +152,12 @@ def test_bad_tfds_settings_are_named(corpus, tmp_path, monkeypatch):
             continue
         with pytest.raises(DataError, match=message):
             TfdsSource(**t)
-    with pytest.raises(ConfigError, match="key 'data.source' is 'tfds', which feeds stage pretrain; stage sft"):
-        load_config(None, ["workdir=/tmp/x", "stage=sft", "data.source=tfds"])
+    from medjax.train.loop import train
+
+    with pytest.raises(ConfigError, match=r"key 'data.source' is 'tfds', which feeds plain-text stages \(pretrain\); "
+                       "stage sft reads files"):
+        train(load_config(None, [f"workdir={tmp_path / 'sft'}", "stage=sft", "data.source=tfds"]))
+    assert not (tmp_path / "sft").exists()  # refused before anything was written
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as on an install without the tf extra
     with pytest.raises(DataError, match=r"needs tensorflow-datasets: pip install -e '\.\[tf\]'"):
         TfdsSource("medjax_corpus", str(data_dir), "train", "tokens")

@@ -193,3 +193,73 @@ def test_a_process_without_eval_data_feeds_empty_rows_from_the_first_batch(monke
     rows = list(loop.eval_rows(iter([mine]), 8, empty))
     assert [r is mine for r in rows] == [True, False] and rows[1] is empty
     assert len(list(loop.eval_rows(iter([mine] * 5), 2, empty))) == 2  # eval_batches caps it
+
+
+class _FirstHalfObjective(NextTokenObjective):
+    """A toy objective: next-token loss on the first half of each row only."""
+
+    name = "first_half"
+
+    def loss(self, model, batch, rng):
+        half = (jnp.arange(batch["tokens"].shape[-1]) < batch["tokens"].shape[-1] // 2).astype(jnp.float32)
+        return super().loss(model, {**batch, "loss_mask": batch["loss_mask"] * half}, rng)
+
+
+@pytest.mark.slow  # three training runs
+def test_a_new_stage_is_one_entry(world, tmp_path, monkeypatch):
+    """The seam: a stage added as one STAGES entry (its objective beside it) trains through the one
+    loop, resumes, evaluates and has its batch planned, with no stage name anywhere else; an unknown
+    stage is refused before anything is written, naming the known ones."""
+    from conftest import tiny_config
+
+    from medjax.config import ConfigError
+    from medjax.data.pipeline import BATCH_KEYS
+    from medjax.train import stages
+
+    toy = stages.Stage(lambda cfg: _FirstHalfObjective(), stages.STAGES["pretrain"].dataset, BATCH_KEYS)
+    monkeypatch.setitem(stages.STAGES, "first_half", toy)
+    cfg = tiny_config(world, tmp_path / "toy", "stage=first_half", "train.max_steps=4", "train.eval_every=2")
+    result = train(cfg)
+    assert result.step == 4 and np.isfinite(list(result.losses.values())).all() and result.eval_losses
+    resumed = train(tiny_config(world, tmp_path / "toy", "stage=first_half", "train.max_steps=6", "train.eval_every=2"))
+    assert resumed.step == 6 and sorted(resumed.losses) == [5, 6]
+    full = train(tiny_config(world, tmp_path / "pretrain", "train.max_steps=4", "train.eval_every=2"))
+    assert result.losses[1] != full.losses[1]  # the toy objective, not next-token loss, was trained
+    assert set(stages.batch_dtypes("first_half")) == set(BATCH_KEYS)
+    with pytest.raises(ConfigError, match="key 'stage': unknown stage 'nope'; known: first_half, pretrain, "
+                                          "reward_model, rl, sft"):
+        train(tiny_config(world, tmp_path / "nope", "stage=nope"))
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.slow  # two training runs
+def test_only_the_trainable_parameters_change(world, tmp_path):
+    """optimizer.trainable: the matching parameters train, every other one stays bitwise as
+    initialised and holds no optimizer state; a pattern matching nothing is refused by name."""
+    from conftest import tiny_config
+
+    from medjax.config import ConfigError
+    from medjax.convert.checkpoints import load_params, resolve_checkpoint
+    from medjax.models.decoder import ModelDef
+    from medjax.parallel.mesh import make_mesh
+    from medjax.train.optimizer import make_optimizer, param_path
+    from medjax.train.step import init_train_state
+
+    cfg = tiny_config(world, tmp_path / "attn", "train.max_steps=3", "optimizer.trainable=['attn/w[qv]']",
+                      "train.checkpoint_every=3")
+    train(cfg)
+    model, mesh = ModelDef(cfg.model), make_mesh(cfg.mesh)
+    tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)
+    state = init_train_state(model, tx, mesh, cfg.train.seed)
+    before = jax.tree_util.tree_flatten_with_path(jax.device_get(state["params"]))[0]
+    after = dict((param_path(p), v) for p, v in jax.tree_util.tree_flatten_with_path(
+        load_params(resolve_checkpoint(tmp_path / "attn")))[0])
+    changed = {param_path(p) for p, v in before if not np.array_equal(np.asarray(v), after[param_path(p)])}
+    trained = {param_path(p) for p, _ in before if "attn/wq" in param_path(p) or "attn/wv" in param_path(p)}
+    assert changed == trained and trained
+    moments = [leaf for leaf in jax.tree.leaves(state["opt_state"]) if getattr(leaf, "ndim", 0) >= 1]
+    assert sum(m.size for m in moments) == 2 * sum(after[p].size for p in trained)  # Adam's mu and nu only
+    resumed = train(tiny_config(world, tmp_path / "attn", "train.max_steps=4", "optimizer.trainable=['attn/w[qv]']"))
+    assert resumed.step == 4 and sorted(resumed.losses) == [4]  # the masked optimizer state restores
+    with pytest.raises(ConfigError, match="'optimizer.trainable': 'lora_a' matches no parameter"):
+        train(tiny_config(world, tmp_path / "none", "optimizer.trainable=[lora_a]"))

@@ -27,10 +27,9 @@ from medjax.train.geometry import BatchGeometry
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train import init_from
 from medjax.train.objectives import Objective
-from medjax.train.optimizer import make_optimizer
+from medjax.train.optimizer import check_trainable, make_optimizer
 from medjax.models.decoder import ModelDef
-from medjax.train.stages import batch_dtypes
-from medjax.train.stages import stage as stage_spec
+from medjax.train.stages import Stage, batch_dtypes, checked_stage
 from medjax.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
 from medjax.utils import atomic_write_text
 
@@ -98,6 +97,7 @@ def train(
 ) -> TrainResult:
     """Trains (or resumes) the run in ``cfg.workdir``. ``should_stop(step)`` lets a supervisor
     end the run early the way a preemption does: checkpoint, then return."""
+    spec = checked_stage(cfg)  # before anything is started or written
     initialize_distributed(cfg.mesh)
     settings = dataclasses.asdict(cfg)
     settings["mesh"].pop("process_id")
@@ -111,12 +111,11 @@ def train(
     # Closed on every exit path, errors included: a manager left open has Orbax background
     # threads that fail with a traceback at interpreter shutdown, burying the real error.
     with Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing) as ckpts:
-        return _train(cfg, objective, should_stop, mesh, geo, ckpts)
+        return _train(cfg, spec, objective, should_stop, mesh, geo, ckpts)
 
 
-def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int], bool] | None, mesh,
+def _train(cfg: Config, spec: Stage, objective: Objective | None, should_stop: Callable[[int], bool] | None, mesh,
            geo: BatchGeometry, ckpts: Checkpoints) -> TrainResult:
-    spec = stage_spec(cfg.stage)
     tc = cfg.train
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
@@ -134,11 +133,14 @@ def _train(cfg: Config, objective: Objective | None, should_stop: Callable[[int]
             say(f"  skipped {where}")
 
     model = ModelDef(cfg.model)
+    if cfg.optimizer.trainable:
+        trained, total = check_trainable(model.abstract_params(), cfg.optimizer.trainable)
+        say(f"training {trained:,} of {total:,} parameters (optimizer.trainable); the rest frozen")
     tx, schedule = make_optimizer(cfg.optimizer, tc.max_steps)
     shardings = state_shardings(model, tx, mesh)
     state = init_train_state(model, tx, mesh, tc.seed)
-    # RL's KL term compares with the weights the run started from: rebuilt on resume as well.
-    needs_reference = cfg.stage == "rl" and cfg.rl.kl_coef > 0
+    # The frozen starting weights (RL's KL term): rebuilt on resume as well.
+    needs_reference = spec.needs_reference(cfg)
     if source is not None and (not start or needs_reference):
         state["params"], report = init_from.load_params(source, state["params"], shardings["params"], cfg.model)
         say(f"initialised from {source.path}: {report.summary()}")

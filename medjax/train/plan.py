@@ -29,7 +29,7 @@ from medjax.parallel.topologies import GIB, get_slice, slice_devices
 from medjax.train.geometry import BatchGeometry
 from medjax.train.metrics import generate_flops_per_row, train_flops_per_token
 from medjax.train.optimizer import make_optimizer
-from medjax.train.stages import batch_dtypes, stage
+from medjax.train.stages import batch_dtypes, checked_stage
 from medjax.train.step import make_train_step, state_shardings
 
 MFUS = (0.4, 0.6)
@@ -165,7 +165,7 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     model_def = ModelDef(model_cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     shardings = state_shardings(model_def, tx, mesh)
-    objective = stage(cfg.stage).objective(cfg)
+    objective = checked_stage(cfg).objective(cfg)
     step = make_train_step(model_def, objective, tx, schedule, mesh, shardings)
     state = abstract_train_state(model_def, tx, shardings)
     params_bytes = _per_device_bytes(state["params"], shardings["params"])
@@ -191,8 +191,8 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
     them, the rows split like a training batch, with the trainer's activation layout."""
     from medjax.models.sampler import Sampler, SamplingConfig, bucket
 
-    if cfg.stage != "rl":
-        raise ValueError(f"a rollout plan needs stage: rl (this config's stage is {cfg.stage})")
+    if checked_stage(cfg).rollout is None:
+        raise ValueError(f"stage {cfg.stage} samples no rollouts: it has no rollout sampler to plan")
     model_cfg = model or cfg.model
     slc, mesh = _slice_mesh(cfg, topology, num_slices, model_cfg)
     rl = cfg.rl

@@ -1,22 +1,27 @@
-"""What each training stage plugs into the one loop: its objective, its data pipeline, and the
-pre-training scan of its records (SFT and reward-model data are checked and counted up front).
+"""What each training stage plugs into the one loop: its objective, its data (a Grain pipeline, or
+rollouts it samples itself), the arrays of its batch, the pre-training scan of its records (SFT
+and reward-model data are checked and counted up front) and whether it keeps a frozen copy of
+the starting weights.
 
-Adding a stage means adding an entry here; the loop itself does not change.
+Adding a stage is one entry in STAGES (and its objective in objectives.py, if new): the loop, the
+planner, the config and the CLI read everything they need from the entry, never a stage's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Callable
 
 import grain
 import numpy as np
 
-from medjax.config import Config
+from medjax.config import Config, ConfigError
 from medjax.data.examples import ExampleStats, scan
-from medjax.data.pipeline import pretrain_dataset
-from medjax.data.preferences import pair_converter, preference_dataset
+from medjax.data.pipeline import BATCH_KEYS, pretrain_dataset
+from medjax.data.preferences import PAIR_BATCH_KEYS, pair_converter, preference_dataset
 from medjax.data.sft import chat_converter, chat_source, sft_dataset
+from medjax.rl.objective import ROW_KEYS
 from medjax.train.objectives import NextTokenObjective, Objective, PairwiseRewardObjective
 
 
@@ -26,10 +31,17 @@ class Stage:
     # (cfg, files, batch_size, train, stream_index, stream_count) -> one data stream's batched rows;
     # None for a stage that makes its own data (RL samples it).
     dataset: Callable[..., grain.IterDataset] | None
+    # The arrays of one batch (each [rows, seq]): what the planner lowers the step against without
+    # data, and what a process without eval data feeds as empty rows.
+    batch_keys: tuple[str, ...]
     scan: Callable[[Config, list[str]], ExampleStats] | None = None
     # (cfg, model, current_params(), reference_params() or None, batch_size, batch_sharding)
-    #   -> checkpointable iterator
+    #   -> checkpointable iterator. A stage with one has a sampler the planner compiles beside its step.
     rollout: Callable | None = None
+    # Whether the run keeps the weights it started from, frozen (e.g. for a KL term).
+    needs_reference: Callable[[Config], bool] = lambda cfg: False
+    # Whether data.source may name TFDS or seqio (a stream of plain text) instead of files.
+    text_sources: bool = False
 
 
 def _pretrain_data(cfg: Config, files, batch_size, train, process_index, process_count):
@@ -61,14 +73,15 @@ def _rl_objective(cfg: Config):
 
 
 STAGES: dict[str, Stage] = {
-    "pretrain": Stage(lambda cfg: NextTokenObjective(), _pretrain_data),
-    "sft": Stage(lambda cfg: NextTokenObjective(), _sft_data,
+    "pretrain": Stage(lambda cfg: NextTokenObjective(), _pretrain_data, BATCH_KEYS, text_sources=True),
+    "sft": Stage(lambda cfg: NextTokenObjective(), _sft_data, BATCH_KEYS,
                  lambda cfg, files: scan(chat_source(files), chat_converter(cfg.data, cfg.data.seq_len))),
     "reward_model": Stage(
-        lambda cfg: PairwiseRewardObjective(cfg.model.score_labels), _rm_data,
+        lambda cfg: PairwiseRewardObjective(cfg.model.score_labels), _rm_data, PAIR_BATCH_KEYS,
         lambda cfg, files: scan(chat_source(files), pair_converter(cfg.data, cfg.model.score_labels,
                                                                    cfg.data.seq_len))),
-    "rl": Stage(_rl_objective, None, rollout=_rl_rollout),
+    # The KL term compares with the weights the run started from.
+    "rl": Stage(_rl_objective, None, ROW_KEYS, rollout=_rl_rollout, needs_reference=lambda cfg: cfg.rl.kl_coef > 0),
 }
 
 
@@ -79,16 +92,26 @@ _FLOAT_KEYS = {"loss_mask", "old_logprobs", "ref_logprobs", "advantages"}
 def batch_dtypes(name: str) -> dict[str, np.dtype]:
     """The arrays one training batch of the stage holds and their dtypes (all [accum, rows, seq]):
     what the AOT planner lowers the step against without reading any data."""
-    from medjax.data.pipeline import BATCH_KEYS
-    from medjax.data.preferences import PAIR_BATCH_KEYS
-    from medjax.rl.objective import ROW_KEYS
-
-    stage(name)  # an unknown stage is an error naming the known ones
-    keys = {"pretrain": BATCH_KEYS, "sft": BATCH_KEYS, "reward_model": PAIR_BATCH_KEYS, "rl": ROW_KEYS}[name]
-    return {k: _FLOAT if k in _FLOAT_KEYS else _INT for k in keys}
+    return {k: _FLOAT if k in _FLOAT_KEYS else _INT for k in stage(name).batch_keys}
 
 
 def stage(name: str) -> Stage:
     if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; known: {sorted(STAGES)}")
+        close = difflib.get_close_matches(name, STAGES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown stage {name!r}{hint}; known: {', '.join(sorted(STAGES))}")
     return STAGES[name]
+
+
+def checked_stage(cfg: Config, where: str = "config") -> Stage:
+    """The config's stage entry, after the checks that depend on it (the config module cannot
+    know the stages: they live above it)."""
+    try:
+        spec = stage(cfg.stage)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: key 'stage': {e}") from None
+    if cfg.data.source != "files" and not spec.text_sources:
+        raise ConfigError(f"{where}: key 'data.source' is {cfg.data.source!r}, which feeds plain-text stages "
+                          f"({', '.join(n for n, s in STAGES.items() if s.text_sources)}); stage {cfg.stage} reads "
+                          "files (data.source: files)")
+    return spec

@@ -27,8 +27,11 @@ def state_shardings(model: ModelDef, tx: optax.GradientTransformation, mesh: Mes
     p_shard = param_shardings(model.abstract_state, mesh)
     abstract_params = jax.eval_shape(model.init_params, jax.random.key(0))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    # A frozen parameter's place in a masked state (optimizer.trainable) holds a MaskedNode: kept.
+    masked = optax.transforms.MaskedNode
     opt_shard = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, p_shard, transform_non_params=lambda _: replicated(mesh)
+        tx, lambda v, s: v if isinstance(v, masked) else s, abstract_opt, p_shard,
+        transform_non_params=lambda _: replicated(mesh), is_leaf=lambda v: isinstance(v, masked),
     )
     return {"params": p_shard, "opt_state": opt_shard, "step": replicated(mesh), "rng": replicated(mesh)}
 
