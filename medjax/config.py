@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import os
 import re
 import types
@@ -22,7 +23,21 @@ import yaml
 from medjax.models.config import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
+# Presets and default configs ship inside the package (a wheel install has them); a checkout's
+# top-level configs/ is a link to this folder, so `configs/demo/sft.yaml` names the same file.
+CONFIG_DIR = Path(str(importlib.resources.files("medjax"))) / "configs"
+MODEL_PRESET_DIR = CONFIG_DIR / "models"
+
+
+def packaged_config(path: str | os.PathLike) -> Path:
+    """``path`` if it exists; else, for `configs/...` (as README writes them), the file of that
+    name shipped in the package, so the documented commands work from any directory."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    parts = p.parts[1:] if p.parts[:1] == ("configs",) else p.parts
+    shipped = CONFIG_DIR.joinpath(*parts) if parts else CONFIG_DIR
+    return shipped if shipped.is_file() else p
 
 
 class ConfigError(ValueError):
@@ -287,8 +302,9 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
     raw: dict[str, Any] = {}
     where = "<defaults>"
     if path is not None:
+        path = packaged_config(path)
         where = str(path)
-        raw = _read_yaml(Path(path))
+        raw = _read_yaml(path)
     for item in overrides:
         _apply_override(raw, item)
     raw = _expand_model_preset(raw, where)
@@ -414,7 +430,7 @@ def load_typed_config(cls: type, path: str | os.PathLike, overrides: typing.Sequ
     """A config dataclass with a ``vars`` field (curation, retrieval) from YAML and dotted
     key=value overrides, with the training configs' rules: unknown keys and bad types are errors
     naming the key, and ``${vars.NAME}`` is substituted."""
-    where = str(path)
+    where = str(packaged_config(path))
     raw = _read_yaml(Path(where))
     for item in overrides:
         _apply_override(raw, item)

@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from medjax.config import REPO_ROOT, load_config
+from medjax.config import CONFIG_DIR, load_config
 from medjax.convert.hf_export import export_hf
 from medjax.data import medworld
 from medjax.data.medworld_retrieval import write_beir
@@ -27,7 +27,7 @@ from medjax.train.loop import train
 from medjax.train.plots import plot_metrics, plot_runs
 from medjax.utils import atomic_write_text
 
-DEMO_CONFIGS = REPO_ROOT / "configs" / "demo"
+DEMO_CONFIGS = CONFIG_DIR / "demo"
 
 
 def _texts(*paths: Path, key: str = "text"):
@@ -63,7 +63,7 @@ def curate_demo_corpus(root: Path, files: dict[str, Path]) -> dict:
     plant_corpus(records(files["pretrain"]), root / "raw", leaked_question=question,
                  heldout=records(files["pretrain_eval"]))
     write_world_lexicon(files["world"], root / "raw" / "world_lexicon.txt")
-    cfg = load_curate_config(REPO_ROOT / "configs" / "curate" / "demo.yaml", [f"vars.demo={root}"])
+    cfg = load_curate_config(CONFIG_DIR / "curate" / "demo.yaml", [f"vars.demo={root}"])
     return curate(cfg, echo=lambda text: print("\n".join("  " + line for line in text.splitlines())))
 
 

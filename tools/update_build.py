@@ -72,7 +72,7 @@ def render() -> str:
         out.append(
             f'\npy_test(\n    name = "{test.stem}",\n    size = "large",\n'
             f'    srcs = [\n{_list([rel, *helpers])}    ],\n'
-            f'    main = "{rel}",\n    data = glob(["configs/**/*.yaml", "tests/data/**"]) + ["tools/update_build.py", "BUILD"],\n'
+            f'    main = "{rel}",\n    data = glob(["medjax/configs/**/*.yaml", "tests/data/**"]) + ["tools/update_build.py", "BUILD"],\n'
             f"    deps = [\n{_list([':' + name for name, _, _ in libs])}    ],\n)\n"
         )
     return "".join(out)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medjax.config import ConfigError, load_typed_config
+from medjax.config import ConfigError, load_typed_config, packaged_config
 from medjax.utils import atomic_write_text
 
 
@@ -82,7 +82,7 @@ def load_suite(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) ->
     from medjax.eval.runner import EvalConfig
     from medjax.tasks.readers import FORMATS
 
-    where = str(path)
+    where = str(packaged_config(path))
     if not Path(where).is_file():
         raise ConfigError(f"suite file not found: {where}")
     suite = load_typed_config(Suite, where, overrides)

@@ -8,12 +8,11 @@ from __future__ import annotations
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from medjax.config import ConfigError, load_typed_config
+from medjax.config import CONFIG_DIR, ConfigError, load_typed_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "rag" / "default.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "rag" / "default.yaml"
 GRADES = ("A", "B", "C", "D", "E")
 
 
