@@ -10,14 +10,30 @@ import functools
 import re
 from pathlib import Path
 
-CJK_FAMILIES = ("WenQuanYi Micro Hei", "Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC",
-                "Droid Sans Fallback", "SimHei", "Microsoft YaHei", "PingFang SC")
+CJK_FAMILIES = (
+    "WenQuanYi Micro Hei",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Source Han Sans SC",
+    "Droid Sans Fallback",
+    "SimHei",
+    "Microsoft YaHei",
+    "PingFang SC",
+)
 _CJK_FILES = ("wqy", "notosanscjk", "sourcehansans", "droidsansfallback", "simhei", "msyh")
 _CJK = re.compile(r"[\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef]+")
 # CPQExam's levels and question groups, the labels an exam chart shows most.
-GLOSSARY = {"初级": "Primary", "中级": "Intermediate", "副高": "Associate senior", "高级": "Senior",
-            "正高": "Senior", "单选题": "Single answer", "多选题": "Multiple answer", "共用题干题": "Shared stem",
-            "案例分析题": "Case analysis"}
+GLOSSARY = {
+    "初级": "Primary",
+    "中级": "Intermediate",
+    "副高": "Associate senior",
+    "高级": "Senior",
+    "正高": "Senior",
+    "单选题": "Single answer",
+    "多选题": "Multiple answer",
+    "共用题干题": "Shared stem",
+    "案例分析题": "Case analysis",
+}
 
 
 @functools.cache

@@ -16,16 +16,21 @@ from medjax.tasks import ItemError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from medjax.config import load_config
-    from medjax.train.loop import train
-
     from pathlib import Path
 
+    from medjax.config import load_config
+    from medjax.train.loop import train
     from medjax.train.plots import plot_metrics
 
-    joins = [f"mesh.{key}={value}" for key, value in
-             (("coordinator", args.coordinator), ("num_processes", args.num_processes),
-              ("process_id", args.process_id)) if value is not None]
+    joins = [
+        f"mesh.{key}={value}"
+        for key, value in (
+            ("coordinator", args.coordinator),
+            ("num_processes", args.num_processes),
+            ("process_id", args.process_id),
+        )
+        if value is not None
+    ]
     cfg = load_config(args.config, [*args.overrides, *joins])
     if cfg.mesh.num_processes > 1 or cfg.mesh.distributed:
         _quiet_gloo()
@@ -75,8 +80,10 @@ def _cmd_data_tfds_build(args: argparse.Namespace) -> int:
         result = medjax_corpus.build(args.curated, args.data_dir, overwrite=args.overwrite)
     except (FileExistsError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    print(f"wrote {result['path']} ({result['counts']} examples); load it with "
-          f"tfds.builder({medjax_corpus.NAME!r}, data_dir={str(args.data_dir)!r}) or data.source: tfds")
+    print(
+        f"wrote {result['path']} ({result['counts']} examples); load it with "
+        f"tfds.builder({medjax_corpus.NAME!r}, data_dir={str(args.data_dir)!r}) or data.source: tfds"
+    )
     return 0
 
 
@@ -89,9 +96,9 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from medjax.launch import LaunchRequest, execute, plan_launch, render
-
     import dataclasses
+
+    from medjax.launch import LaunchRequest, execute, plan_launch, render
 
     req = LaunchRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LaunchRequest)})
     steps = plan_launch(req)
@@ -115,8 +122,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     source = resolve_source(args.hf_dir)
     if not source.exists():
-        raise ConversionError(f"{source}: no such file or directory (give a Hugging Face model directory, a .gguf "
-                              "file or bundled:NAME)")
+        raise ConversionError(
+            f"{source}: no such file or directory (give a Hugging Face model directory, a .gguf file or bundled:NAME)"
+        )
     if is_gguf(source):
         out = import_gguf(source, args.ckpt_dir, param_dtype=args.param_dtype)
         print(f"imported {source} -> {out}")
@@ -131,14 +139,20 @@ def _cmd_import(args: argparse.Namespace) -> int:
     out = import_hf(args.hf_dir, args.ckpt_dir, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)
     print(f"imported {args.hf_dir} -> {out}")
     if args.tokenizer == "file" and not (source / "tokenizer.json").is_file():
-        print(f"note: {source} has no tokenizer.json, so {out} has no tokenizer: `--tokenizer transformers` builds "
-              "one from the directory's other tokenizer files (tokenizer.model, vocab.json + merges.txt), or name "
-              "one when training (data.tokenizer=DIR)", file=sys.stderr)
+        print(
+            f"note: {source} has no tokenizer.json, so {out} has no tokenizer: `--tokenizer transformers` builds "
+            "one from the directory's other tokenizer files (tokenizer.model, vocab.json + merges.txt), or name "
+            "one when training (data.tokenizer=DIR)",
+            file=sys.stderr,
+        )
     elif args.tokenizer == "file":
         from medjax.data.tokenizer_agreement import warn_if_disagreeing
 
-        warn_if_disagreeing(args.hf_dir, hint=f"`medjax import {args.hf_dir} OUT --tokenizer transformers` imports "
-                            "the tokenizer transformers and vLLM use instead (do it before training on it)")
+        warn_if_disagreeing(
+            args.hf_dir,
+            hint=f"`medjax import {args.hf_dir} OUT --tokenizer transformers` imports "
+            "the tokenizer transformers and vLLM use instead (do it before training on it)",
+        )
     return 0
 
 
@@ -157,9 +171,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from medjax.serve.generate import generate_text
 
-    for text in generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                              chat=args.chat):
+    for text in generate_text(
+        args.model,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        chat=args.chat,
+    ):
         print(text)
     return 0
 
@@ -177,9 +198,12 @@ def _join(args: argparse.Namespace) -> None:
     from medjax.config import MeshConfig
     from medjax.parallel.mesh import initialize_distributed
 
-    cfg = MeshConfig(distributed=args.distributed, coordinator=args.coordinator or "",
-                     num_processes=args.num_processes or 0,
-                     process_id=-1 if args.process_id is None else args.process_id)
+    cfg = MeshConfig(
+        distributed=args.distributed,
+        coordinator=args.coordinator or "",
+        num_processes=args.num_processes or 0,
+        process_id=-1 if args.process_id is None else args.process_id,
+    )
     if cfg.distributed or cfg.coordinator or cfg.num_processes or cfg.process_id >= 0:
         _quiet_gloo()
         initialize_distributed(cfg)
@@ -190,12 +214,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _join(args)
 
-    cfg = EvalConfig.for_protocol(args.protocol, args.greedy, mode=args.mode, choices=args.choices,
-                                  text_norm=args.text_norm, format=args.format,
-                                  shots=args.shots, fewshot_file=args.fewshot_file, limit=args.limit, chat=args.chat,
-                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, seed=args.seed, skip_bad=args.skip_bad, rag=args.rag,
-                                  passages_k=args.rag_k, mesh=args.mesh)
+    cfg = EvalConfig.for_protocol(
+        args.protocol,
+        args.greedy,
+        mode=args.mode,
+        choices=args.choices,
+        text_norm=args.text_norm,
+        format=args.format,
+        shots=args.shots,
+        fewshot_file=args.fewshot_file,
+        limit=args.limit,
+        chat=args.chat,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        skip_bad=args.skip_bad,
+        rag=args.rag,
+        passages_k=args.rag_k,
+        mesh=args.mesh,
+    )
     evaluate(args.model, args.benchmark, args.out, cfg)
     return 0
 
@@ -244,8 +282,10 @@ def _cmd_score_rm(args: argparse.Namespace) -> int:
 
     if jax.process_index() != 0:  # process 0 reports for the whole job
         return 0
-    print(f"scored {summary['records']} records with labels {', '.join(summary['labels'])}"
-          + (f"; wrote {args.out}" if args.out else ""))
+    print(
+        f"scored {summary['records']} records with labels {', '.join(summary['labels'])}"
+        + (f"; wrote {args.out}" if args.out else "")
+    )
     for dim, acc in summary.get("accuracy", {}).items():
         print(f"  pairwise accuracy {dim}: {acc * 100:.1f}%")
     if "accuracy_overall" in summary:
@@ -285,12 +325,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _add_join_flags(p: argparse.ArgumentParser, verb: str) -> None:
-    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help=f"{verb} as one process of a multi-process job: process 0's address")
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help=f"{verb} as one process of a multi-process job: process 0's address",
+    )
     p.add_argument("--num-processes", type=int, default=None, help="processes in the job")
     p.add_argument("--process-id", type=int, default=None, help="this process's index")
-    p.add_argument("--distributed", action="store_true",
-                   help="join the job JAX detects (TPU VM slice, SLURM, Open MPI); --mesh spans every process")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join the job JAX detects (TPU VM slice, SLURM, Open MPI); --mesh spans every process",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,14 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the stage named in CONFIG; re-running resumes")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="join a multi-process job: process 0's address (mesh.coordinator)")
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="join a multi-process job: process 0's address (mesh.coordinator)",
+    )
     p.add_argument("--num-processes", type=int, default=None, help="processes in the job (mesh.num_processes)")
     p.add_argument("--process-id", type=int, default=None, help="this process's index (mesh.process_id)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("launch", help="print (or, with --execute, run) the commands that train CONFIG on a TPU pod "
-                       "slice or a SLURM GPU cluster")
+    p = sub.add_parser(
+        "launch",
+        help="print (or, with --execute, run) the commands that train CONFIG on a TPU pod slice or a SLURM GPU cluster",
+    )
     p.add_argument("config", help="YAML config file (a path inside this checkout: the hosts run it from a copy)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     p.add_argument("--name", required=True, help="the slice / workload / job name")
@@ -327,27 +380,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--execute", action="store_true", help="run the commands (default: print them)")
     p.set_defaults(func=_cmd_launch)
 
-    p = sub.add_parser("curate", help="curate raw medical text on Apache Beam: clean, filter, redact PHI, dedup, "
-                       "decontaminate, grade authority, write clean JSONL and ArrayRecord token shards")
+    p = sub.add_parser(
+        "curate",
+        help="curate raw medical text on Apache Beam: clean, filter, redact PHI, dedup, "
+        "decontaminate, grade authority, write clean JSONL and ArrayRecord token shards",
+    )
     p.add_argument("config", nargs="?", default=None, help="curation YAML (default: configs/curate/default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. quality.min_words=20")
     p.add_argument("--input", nargs="+", default=None, help="input files or globs (JSONL, Parquet, text)")
     p.add_argument("--output", default=None, help="output directory (clean/, shards/, rejected/, report.json)")
     p.set_defaults(func=_cmd_curate, beam_args=[])
-    p.epilog = ("arguments after -- go to Beam unchanged, e.g. -- --runner=DataflowRunner --project=P "
-                "--region=R --temp_location=gs://B/tmp")
+    p.epilog = (
+        "arguments after -- go to Beam unchanged, e.g. -- --runner=DataflowRunner --project=P "
+        "--region=R --temp_location=gs://B/tmp"
+    )
 
-    p = sub.add_parser("data", help="data sources: `tfds-build` writes a curated corpus as a TFDS dataset, "
-                       "`inspect` shows what a config's source (files, TFDS, seqio mixture) reads")
+    p = sub.add_parser(
+        "data",
+        help="data sources: `tfds-build` writes a curated corpus as a TFDS dataset, "
+        "`inspect` shows what a config's source (files, TFDS, seqio mixture) reads",
+    )
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{tfds-build,inspect}")
-    q = data_sub.add_parser("tfds-build", help="curation output -> TFDS dataset medjax_corpus (ArrayRecord files) "
-                            "that tfds.builder loads with no medjax code")
+    q = data_sub.add_parser(
+        "tfds-build",
+        help="curation output -> TFDS dataset medjax_corpus (ArrayRecord files) "
+        "that tfds.builder loads with no medjax code",
+    )
     q.add_argument("curated", help="a `medjax curate` output directory (clean/, report.json)")
     q.add_argument("--data-dir", required=True, help="TFDS data_dir to write medjax_corpus/VERSION/ into")
     q.add_argument("--overwrite", action="store_true", help="replace an existing build of the same version")
     q.set_defaults(func=_cmd_data_tfds_build)
-    q = data_sub.add_parser("inspect", help="decoded documents of CONFIG's data source; a seqio Mixture's realised "
-                            "task shares against its rates")
+    q = data_sub.add_parser(
+        "inspect",
+        help="decoded documents of CONFIG's data source; a seqio Mixture's realised task shares against its rates",
+    )
     q.add_argument("config", help="pretraining YAML config")
     q.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     q.add_argument("--n", type=int, default=1000, help="documents to count the mixture over")
@@ -358,8 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rag_parser(sub)
 
-    p = sub.add_parser("plan", help="compile CONFIG's train step (and an RL stage's rollout sampler) for a TPU "
-                       "slice here; print per-device memory and whether it fits (exit 1 if not)")
+    p = sub.add_parser(
+        "plan",
+        help="compile CONFIG's train step (and an RL stage's rollout sampler) for a TPU "
+        "slice here; print per-device memory and whether it fits (exit 1 if not)",
+    )
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=256")
     p.add_argument("--topology", required=True, help="Cloud TPU slice, e.g. v5p-128, v5e-256, v6e-64, v4-8")
@@ -369,25 +438,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole recipe on bundled data, on one CPU machine")
     p.add_argument("--workdir", default="runs/demo", help="where every artifact goes (default runs/demo)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="at most this many steps of pretraining, SFT and the reward model (default: each "
-                        "demo config's)")
-    p.add_argument("--rl-steps", type=int, default=None,
-                   help="at most this many steps of each RL stage (default: each demo config's)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="at most this many steps of pretraining, SFT and the reward model (default: each demo config's)",
+    )
+    p.add_argument(
+        "--rl-steps",
+        type=int,
+        default=None,
+        help="at most this many steps of each RL stage (default: each demo config's)",
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("import", help="Hugging Face directory or GGUF file -> medjax model directory")
-    p.add_argument("hf_dir", metavar="SOURCE", help="a Hugging Face model directory, a .gguf file, or a model an "
-                   "installed package carries: bundled:smollm2-135m-instruct (the `real` extra)")
+    p.add_argument(
+        "hf_dir",
+        metavar="SOURCE",
+        help="a Hugging Face model directory, a .gguf file, or a model an "
+        "installed package carries: bundled:smollm2-135m-instruct (the `real` extra)",
+    )
     p.add_argument("ckpt_dir", metavar="OUT")
-    p.add_argument("--hf-out", default=None, metavar="DIR",
-                   help="GGUF only: also write the dequantised model as a Hugging Face directory (safetensors)")
-    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
-                   help="GGUF only: dtype the dequantised weights are kept in (default float32)")
+    p.add_argument(
+        "--hf-out",
+        default=None,
+        metavar="DIR",
+        help="GGUF only: also write the dequantised model as a Hugging Face directory (safetensors)",
+    )
+    p.add_argument(
+        "--param-dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="GGUF only: dtype the dequantised weights are kept in (default float32)",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="also read pickle-based pytorch_model*.bin files")
-    p.add_argument("--tokenizer", choices=("file", "transformers"), default="file",
-                   help="file: the directory's tokenizer.json as is (default; a mismatch with transformers is "
-                        "reported); transformers: the tokenizer transformers' AutoTokenizer (and vLLM) builds")
+    p.add_argument(
+        "--tokenizer",
+        choices=("file", "transformers"),
+        default="file",
+        help="file: the directory's tokenizer.json as is (default; a mismatch with transformers is "
+        "reported); transformers: the tokenizer transformers' AutoTokenizer (and vLLM) builds",
+    )
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("export", help="medjax checkpoint -> Hugging Face safetensors directory")
@@ -416,39 +508,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="medjax checkpoint, Hugging Face directory, or openai:URL")
     p.add_argument("--benchmark", required=True, help="benchmark file (JSONL, JSON or CSV) in its published format")
     p.add_argument("--out", required=True, help="per-item JSON lines; the summary goes beside it")
-    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
-                   help="a published protocol's prompt, sampling and scoring (quarkmed: CPQExam as the QuarkMed "
-                        "authors score it); flags given explicitly win over the preset")
+    p.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default=None,
+        help="a published protocol's prompt, sampling and scoring (quarkmed: CPQExam as the QuarkMed "
+        "authors score it); flags given explicitly win over the preset",
+    )
     p.add_argument("--greedy", action="store_true", help="temperature 0 (with --protocol: instead of its sampling)")
     p.add_argument("--mode", choices=MODES, default=None, help="default loglikelihood (generate under --protocol)")
-    p.add_argument("--choices", choices=CHOICES, default="letters",
-                   help="log-likelihood of option letters, or of option texts (length-normalised)")
-    p.add_argument("--text-norm", choices=TEXT_NORMS, default="chars",
-                   help="--choices texts: divide by the option's length in characters (lm-eval's acc_norm), "
-                        "UTF-8 bytes (acc_bytes) or not at all (acc)")
+    p.add_argument(
+        "--choices",
+        choices=CHOICES,
+        default="letters",
+        help="log-likelihood of option letters, or of option texts (length-normalised)",
+    )
+    p.add_argument(
+        "--text-norm",
+        choices=TEXT_NORMS,
+        default="chars",
+        help="--choices texts: divide by the option's length in characters (lm-eval's acc_norm), "
+        "UTF-8 bytes (acc_bytes) or not at all (acc)",
+    )
     p.add_argument("--format", choices=FORMATS, default=None, help="default: detected from the fields")
     p.add_argument("--shots", type=int, default=0, help="few-shot exemplars per prompt")
     p.add_argument("--fewshot-file", default=None, help="exemplar pool (default: the benchmark, never the item itself)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap prompts in the model's chat template (a served model: its chat API)")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the model's chat template (a served model: its chat API)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--mesh", default="", metavar="AXIS=N,...",
-                   help="shard a local model over this host's devices, e.g. fsdp=4,tensor=2 (the training rule "
-                        "table; data=-1 takes the rest); default one device")
+    p.add_argument(
+        "--mesh",
+        default="",
+        metavar="AXIS=N,...",
+        help="shard a local model over this host's devices, e.g. fsdp=4,tensor=2 (the training rule "
+        "table; data=-1 takes the rest); default one device",
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, help="generative mode (default 256)")
     p.add_argument("--temperature", type=float, default=None, help="generative mode; 0 = greedy (the default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad", action="store_true", help="leave malformed items out (listed in the summary)")
-    p.add_argument("--rag", default=None, metavar="INDEX_DIR",
-                   help="put the top chunks of this `medjax rag index` into each prompt, quoted and numbered")
+    p.add_argument(
+        "--rag",
+        default=None,
+        metavar="INDEX_DIR",
+        help="put the top chunks of this `medjax rag index` into each prompt, quoted and numbered",
+    )
     p.add_argument("--rag-k", type=int, default=3, help="with --rag: passages per prompt (default 3)")
     _add_join_flags(p, "evaluate")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("plot", help="loss, learning-rate, reward and accuracy curves of runs, one PNG per stage")
-    p.add_argument("workdirs", nargs="+", help="training run folders (each with metrics.jsonl); runs of one stage "
-                                              "are overlaid")
+    p.add_argument(
+        "workdirs", nargs="+", help="training run folders (each with metrics.jsonl); runs of one stage are overlaid"
+    )
     p.add_argument("--out", default=None, help="folder for STAGE.png (default: plots/ in the runs' common parent)")
     p.set_defaults(func=_cmd_plot)
 
@@ -459,9 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rag", default=None, metavar="INDEX_DIR", help="also score every benchmark with retrieval")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items of each benchmark")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--mesh", default="", metavar="AXIS=N,...",
-                   help="shard a local model over this host's devices, e.g. fsdp=4,tensor=2 (the training rule "
-                        "table; data=-1 takes the rest); default one device")
+    p.add_argument(
+        "--mesh",
+        default="",
+        metavar="AXIS=N,...",
+        help="shard a local model over this host's devices, e.g. fsdp=4,tensor=2 (the training rule "
+        "table; data=-1 takes the rest); default one device",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. vars.benchmarks=/data/bench")
     _add_join_flags(p, "run the suite")
     p.set_defaults(func=_cmd_eval_suite)
@@ -479,8 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL: {prompt, response} or {prompt, chosen, rejected, dimension}")
     p.add_argument("--out", default=None, help="JSON lines with the scores per label (written atomically)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--mesh", default="", metavar="AXIS=N,...",
-                   help="shard the reward model over the devices, e.g. fsdp=4 (default one device)")
+    p.add_argument(
+        "--mesh",
+        default="",
+        metavar="AXIS=N,...",
+        help="shard the reward model over the devices, e.g. fsdp=4 (default one device)",
+    )
     _add_join_flags(p, "score")
     p.set_defaults(func=_cmd_score_rm)
 
@@ -501,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough: list[str] = []
     if "--" in argv:  # everything after -- belongs to the wrapped tool (vLLM)
         cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1:]
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     if argv[:2] in (["eval", "ngrams"], ["eval", "suite"]):
         argv = [f"eval-{argv[1]}", *argv[2:]]
     args = build_parser().parse_args(argv)

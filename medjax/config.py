@@ -386,8 +386,13 @@ def _expand_model_preset(raw: dict[str, Any], where: str) -> dict[str, Any]:
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
 
 
-def substitute_variables(root: Any, variables: dict[str, str], where: str,
-                         extra: dict[str, str] | None = None, skip: tuple[str, ...] = ("vars",)) -> None:
+def substitute_variables(
+    root: Any,
+    variables: dict[str, str],
+    where: str,
+    extra: dict[str, str] | None = None,
+    skip: tuple[str, ...] = ("vars",),
+) -> None:
     """Replaces ``${vars.NAME}`` (and ``${NAME}`` for each name in ``extra``) in every string of the
     config dataclass ``root``, in place; ``root``'s fields named in ``skip`` are left alone. One rule
     for every config medjax reads (training, curation): variables may not refer to other variables,
@@ -405,8 +410,9 @@ def substitute_variables(root: Any, variables: dict[str, str], where: str,
             if name.startswith("vars.") and name[5:] in variables:
                 return variables[name[5:]]
             known = ["${vars.%s}" % k for k in sorted(variables)] + ["${%s}" % k for k in sorted(extra)]
-            raise ConfigError(f"{where}: key '{key}' uses unknown variable ${{{name}}}"
-                              f" (known: {', '.join(known) or 'none'})")
+            raise ConfigError(
+                f"{where}: key '{key}' uses unknown variable ${{{name}}} (known: {', '.join(known) or 'none'})"
+            )
 
         return _VARIABLE.sub(one, text)
 

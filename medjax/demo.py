@@ -60,8 +60,9 @@ def curate_demo_corpus(root: Path, files: dict[str, Path]) -> dict:
 
     records = lambda path: [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]  # noqa: E731
     question = read_benchmark(files["exam"]).items[0].question
-    plant_corpus(records(files["pretrain"]), root / "raw", leaked_question=question,
-                 heldout=records(files["pretrain_eval"]))
+    plant_corpus(
+        records(files["pretrain"]), root / "raw", leaked_question=question, heldout=records(files["pretrain_eval"])
+    )
     write_world_lexicon(files["world"], root / "raw" / "world_lexicon.txt")
     cfg = load_curate_config(CONFIG_DIR / "curate" / "demo.yaml", [f"vars.demo={root}"])
     return curate(cfg, echo=lambda text: print("\n".join("  " + line for line in text.splitlines())))
@@ -115,10 +116,17 @@ def _print_rl(workdir: str) -> None:
 
 
 def _evaluation_row(after: str, summary: dict) -> dict:
-    return {"after": after, "mode": summary["mode"], "accuracy": summary["accuracy"],
-            "ci_low": summary["ci95"][0], "ci_high": summary["ci95"][1], "no_answer": summary["no_answer"],
-            "off_options": summary.get("off_options", 0), "n": summary["n"],
-            "summary": summary.get("output", "").removesuffix(".jsonl") + ".summary.json"}
+    return {
+        "after": after,
+        "mode": summary["mode"],
+        "accuracy": summary["accuracy"],
+        "ci_low": summary["ci95"][0],
+        "ci_high": summary["ci95"][1],
+        "no_answer": summary["no_answer"],
+        "off_options": summary.get("off_options", 0),
+        "n": summary["n"],
+        "summary": summary.get("output", "").removesuffix(".jsonl") + ".summary.json",
+    }
 
 
 RAG_K = 3  # passages per exam prompt in the with-retrieval evaluation
@@ -143,17 +151,30 @@ def compare_with_rag(model: Path, exam: Path, corpus: Path, root: Path, modes: t
         tag = "generate_" if cfg.mode == "generate" else ""
         without_path = root / "eval" / f"exam_{tag}after_RL_stage_2.jsonl"
         with_path = root / "eval" / f"exam_{tag}after_RL_stage_2_with_rag.jsonl"
-        with_rag = evaluate(str(model), exam, with_path, dataclasses.replace(cfg, rag=str(index), passages_k=RAG_K),
-                            quiet=True)
+        with_rag = evaluate(
+            str(model), exam, with_path, dataclasses.replace(cfg, rag=str(index), passages_k=RAG_K), quiet=True
+        )
         without = json.loads(without_path.with_suffix(".summary.json").read_text())
-        before, after = ({r["id"]: float(r["correct"]) for r in map(json.loads, p.read_text().splitlines())}
-                         for p in (without_path, with_path))
+        before, after = (
+            {r["id"]: float(r["correct"]) for r in map(json.loads, p.read_text().splitlines())}
+            for p in (without_path, with_path)
+        )
         change, low, high = bootstrap_ci([after[i] - before[i] for i in after])
-        out["modes"].append({
-            "mode": cfg.mode, "without": without["accuracy"], "with": with_rag["accuracy"], "change": change,
-            "change_ci95": [low, high], "n": with_rag["n"], "off_options_with": with_rag.get("off_options", 0),
-            "by_subject": {name: {"without": without["by_subject"][name]["accuracy"], "with": g["accuracy"], "n": g["n"]}
-                           for name, g in with_rag["by_subject"].items()}})
+        out["modes"].append(
+            {
+                "mode": cfg.mode,
+                "without": without["accuracy"],
+                "with": with_rag["accuracy"],
+                "change": change,
+                "change_ci95": [low, high],
+                "n": with_rag["n"],
+                "off_options_with": with_rag.get("off_options", 0),
+                "by_subject": {
+                    name: {"without": without["by_subject"][name]["accuracy"], "with": g["accuracy"], "n": g["n"]}
+                    for name, g in with_rag["by_subject"].items()
+                },
+            }
+        )
     return out
 
 
@@ -163,24 +184,37 @@ def format_rag_table(rag: dict) -> str:
     head = f"  {'':<20}" + "".join(f" {m['mode'] + ': without':>24} {'with':>6} {'change':>7}" for m in modes)
     lines = [head]
     for name in sorted(modes[0]["by_subject"]):
-        lines.append(f"  {name:<20}" + "".join(
-            f" {m['by_subject'][name]['without'] * 100:23.1f}% {m['by_subject'][name]['with'] * 100:5.1f}% "
-            f"{(m['by_subject'][name]['with'] - m['by_subject'][name]['without']) * 100:+6.1f}" for m in modes))
-    lines.append(f"  {'all items':<20}" + "".join(
-        f" {m['without'] * 100:23.1f}% {m['with'] * 100:5.1f}% {m['change'] * 100:+6.1f}" for m in modes))
-    lines.append("  change, 95% paired bootstrap interval: " + "; ".join(
-        f"{m['mode']} [{m['change_ci95'][0] * 100:+.1f}, {m['change_ci95'][1] * 100:+.1f}]" for m in modes))
+        lines.append(
+            f"  {name:<20}"
+            + "".join(
+                f" {m['by_subject'][name]['without'] * 100:23.1f}% {m['by_subject'][name]['with'] * 100:5.1f}% "
+                f"{(m['by_subject'][name]['with'] - m['by_subject'][name]['without']) * 100:+6.1f}"
+                for m in modes
+            )
+        )
+    lines.append(
+        f"  {'all items':<20}"
+        + "".join(f" {m['without'] * 100:23.1f}% {m['with'] * 100:5.1f}% {m['change'] * 100:+6.1f}" for m in modes)
+    )
+    lines.append(
+        "  change, 95% paired bootstrap interval: "
+        + "; ".join(f"{m['mode']} [{m['change_ci95'][0] * 100:+.1f}, {m['change_ci95'][1] * 100:+.1f}]" for m in modes)
+    )
     return "\n".join(lines)
 
 
 def format_summary(summary: dict) -> str:
     """The demo's exam table, rendered from summary.json."""
-    lines = [f"  {'after':<22} {'mode':<14} {'accuracy':>8}  {'95% CI':<13} {'no answer':>9} {'not an option':>13} "
-             f"{'items':>6}"]
+    lines = [
+        f"  {'after':<22} {'mode':<14} {'accuracy':>8}  {'95% CI':<13} {'no answer':>9} {'not an option':>13} "
+        f"{'items':>6}"
+    ]
     for e in summary["evaluations"]:
-        lines.append(f"  {e['after']:<22} {e['mode']:<14} {e['accuracy'] * 100:7.1f}%  "
-                     f"[{e['ci_low'] * 100:4.1f}, {e['ci_high'] * 100:4.1f}] {e['no_answer']:>9} "
-                     f"{e.get('off_options', 0):>13} {e['n']:>6}")
+        lines.append(
+            f"  {e['after']:<22} {e['mode']:<14} {e['accuracy'] * 100:7.1f}%  "
+            f"[{e['ci_low'] * 100:4.1f}, {e['ci_high'] * 100:4.1f}] {e['no_answer']:>9} "
+            f"{e.get('off_options', 0):>13} {e['n']:>6}"
+        )
     lines.append("  no answer: no answer stated; not an option: an answer stated that is none of the item's options")
     return "\n".join(lines)
 
@@ -193,9 +227,15 @@ def write_exam_table(summary: dict, stem: Path) -> tuple[Path, Path]:
     from medjax.charts import pyplot, save
 
     rows = summary["evaluations"]
-    lines = ["| after | mode | accuracy % | 95% CI | no answer | not an option | items |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {e['after']} | {e['mode']} | {e['accuracy'] * 100:.1f} | [{e['ci_low'] * 100:.1f}, "
-              f"{e['ci_high'] * 100:.1f}] | {e['no_answer']} | {e.get('off_options', 0)} | {e['n']} |" for e in rows]
+    lines = [
+        "| after | mode | accuracy % | 95% CI | no answer | not an option | items |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {e['after']} | {e['mode']} | {e['accuracy'] * 100:.1f} | [{e['ci_low'] * 100:.1f}, "
+        f"{e['ci_high'] * 100:.1f}] | {e['no_answer']} | {e.get('off_options', 0)} | {e['n']} |"
+        for e in rows
+    ]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     plt = pyplot()
     stages = list(dict.fromkeys(e["after"] for e in rows))
@@ -232,49 +272,69 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     write_beir(root / "data", root / "beir")  # the passages with labelled queries, for `medjax rag eval`
     print(f"[2/10] training the BPE tokenizer in {root / 'tokenizer'}")
     tokenizer_dir = train_tokenizer(tokenizer_texts(files), root / "tokenizer", vocab_size=4096)
-    print(f"[3/10] curating the raw corpus (the world's passages with faults planted among them) into "
-          f"{root / 'curated'} on Apache Beam")
+    print(
+        f"[3/10] curating the raw corpus (the world's passages with faults planted among them) into "
+        f"{root / 'curated'} on Apache Beam"
+    )
     curation = curate_demo_corpus(root, files)
     tfds_dir = build_demo_tfds(root)
     cfg = _stage_config("pretrain", root, max_steps)
-    print(f"[4/10] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
-          f"for {cfg.train.max_steps} steps in {cfg.workdir}")
+    print(
+        f"[4/10] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
+        f"for {cfg.train.max_steps} steps in {cfg.workdir}"
+    )
     result = train(cfg)
     steps = sorted(result.losses)
     if steps:
-        print(f"pretrain loss: {result.losses[steps[0]]:.4f} (step {steps[0]}) -> "
-              f"{result.losses[steps[-1]]:.4f} (step {steps[-1]})")
+        print(
+            f"pretrain loss: {result.losses[steps[0]]:.4f} (step {steps[0]}) -> "
+            f"{result.losses[steps[-1]]:.4f} (step {steps[-1]})"
+        )
     for step, ev in sorted(result.eval_losses.items()):
         print(f"  eval loss at step {step}: {ev:.4f}")
 
     sft_cfg = _stage_config("sft", root, max_steps)
-    print(f"[5/10] SFT on {files['sft'].name} (loss on assistant turns only) for {sft_cfg.train.max_steps} steps "
-          f"in {sft_cfg.workdir}")
+    print(
+        f"[5/10] SFT on {files['sft'].name} (loss on assistant turns only) for {sft_cfg.train.max_steps} steps "
+        f"in {sft_cfg.workdir}"
+    )
     sft = train(sft_cfg)
     sft_evals = sorted(sft.eval_losses.items())
-    print(f"  SFT eval loss: {sft_evals[0][1]:.4f} (step {sft_evals[0][0]}, the pretrained model) -> "
-          f"{sft_evals[-1][1]:.4f} (step {sft_evals[-1][0]})")
+    print(
+        f"  SFT eval loss: {sft_evals[0][1]:.4f} (step {sft_evals[0][0]}, the pretrained model) -> "
+        f"{sft_evals[-1][1]:.4f} (step {sft_evals[-1][0]})"
+    )
 
     rm_cfg = _stage_config("reward_model", root, max_steps)
-    print(f"[6/10] reward model ({', '.join(rm_cfg.model.score_labels)}) on {files['preferences'].name} "
-          f"for {rm_cfg.train.max_steps} steps in {rm_cfg.workdir}")
+    print(
+        f"[6/10] reward model ({', '.join(rm_cfg.model.score_labels)}) on {files['preferences'].name} "
+        f"for {rm_cfg.train.max_steps} steps in {rm_cfg.workdir}"
+    )
     rm = train(rm_cfg)
     for label, (step, record) in (("before", min(rm.eval_metrics.items())), ("after", max(rm.eval_metrics.items()))):
         dims = ", ".join(f"{d} {record[f'eval_accuracy_{d}'] * 100:.1f}%" for d in rm_cfg.model.score_labels)
-        print(f"  RM held-out pairwise accuracy {label} training (step {step}): "
-              f"{record['eval_accuracy'] * 100:.1f}% ({dims})")
+        print(
+            f"  RM held-out pairwise accuracy {label} training (step {step}): "
+            f"{record['eval_accuracy'] * 100:.1f}% ({dims})"
+        )
 
     rl_cfgs = []
-    for number, (name, title) in enumerate((("rl_verifiable", "RL stage 1, verifiable rewards"),
-                                            ("rl_preference", "RL stage 2, reward model")), start=7):
+    for number, (name, title) in enumerate(
+        (("rl_verifiable", "RL stage 1, verifiable rewards"), ("rl_preference", "RL stage 2, reward model")), start=7
+    ):
         rl_cfg = _stage_config(name, root, rl_steps)
-        rewards = " + ".join(f"{r.weight:g} x {r.name}" + (f" ({r.options['dimension']})" if isinstance(
-            r.options, dict) and r.options.get("dimension") else "") for r in rl_cfg.rl.rewards)
-        print(f"[{number}/10] {title} ({rl_cfg.rl.advantage}, {rl_cfg.rl.prompts_per_rollout} prompts x "
-              f"{rl_cfg.rl.group_size} samples, reward {rewards}"
-              + (f", KL {rl_cfg.rl.kl_coef:g} to its start" if rl_cfg.rl.kl_coef else "")
-              + (", mastered prompts dropped" if rl_cfg.rl.drop_mastered else "")
-              + f") for {rl_cfg.train.max_steps} steps in {rl_cfg.workdir}")
+        rewards = " + ".join(
+            f"{r.weight:g} x {r.name}"
+            + (f" ({r.options['dimension']})" if isinstance(r.options, dict) and r.options.get("dimension") else "")
+            for r in rl_cfg.rl.rewards
+        )
+        print(
+            f"[{number}/10] {title} ({rl_cfg.rl.advantage}, {rl_cfg.rl.prompts_per_rollout} prompts x "
+            f"{rl_cfg.rl.group_size} samples, reward {rewards}"
+            + (f", KL {rl_cfg.rl.kl_coef:g} to its start" if rl_cfg.rl.kl_coef else "")
+            + (", mastered prompts dropped" if rl_cfg.rl.drop_mastered else "")
+            + f") for {rl_cfg.train.max_steps} steps in {rl_cfg.workdir}"
+        )
         train(rl_cfg)
         _print_rl(rl_cfg.workdir)
         rl_cfgs.append(rl_cfg)
@@ -288,8 +348,10 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     sample = generate_text(hf_dir, [prompt], max_new_tokens=32, chat=True)[0]
     print(f"  greedy chat sample: {prompt!r} -> {sample!r}")
 
-    print(f"[10/10] evaluating on the bundled exam ({files['exam']}): before and after each stage, "
-          "and the final policy with retrieval")
+    print(
+        f"[10/10] evaluating on the bundled exam ({files['exam']}): before and after each stage, "
+        "and the final policy with retrieval"
+    )
     init_dir = root / "init"
     if init_dir.exists():
         shutil.rmtree(init_dir)
@@ -300,9 +362,13 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     loglik = EvalConfig(choices="texts", batch_size=16)
     # The task RL trains: answer in writing, read by the shared extractor (chat, greedy).
     written = EvalConfig(mode="generate", chat=True, max_new_tokens=rl_cfgs[0].rl.max_new_tokens, batch_size=32)
-    runs = [("before pretraining", init_dir, (loglik,)), ("pretraining", Path(cfg.workdir), (loglik,)),
-            ("SFT", Path(sft_cfg.workdir), (loglik, written)),
-            ("RL stage 1", Path(rl_cfgs[0].workdir), (loglik, written)), ("RL stage 2", hf_dir, (loglik, written))]
+    runs = [
+        ("before pretraining", init_dir, (loglik,)),
+        ("pretraining", Path(cfg.workdir), (loglik,)),
+        ("SFT", Path(sft_cfg.workdir), (loglik, written)),
+        ("RL stage 1", Path(rl_cfgs[0].workdir), (loglik, written)),
+        ("RL stage 2", hf_dir, (loglik, written)),
+    ]
     evaluations = []
     for after, model, modes in runs:
         for mode_cfg in modes:
@@ -311,17 +377,29 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
             evaluations.append(_evaluation_row(after, s))
     rag = compare_with_rag(hf_dir, files["exam"], root / "curated", root, (loglik, written))
     stages = {c.stage if c.stage != "rl" else Path(c.workdir).name: c for c in (cfg, sft_cfg, rm_cfg, *rl_cfgs)}
-    summary = {"workdir": str(root), "evaluations": evaluations, "rag": rag,
-               "curation": {"stages": curation["stages"], "kept": curation["kept"], "phi": curation.get("phi", {}),
-                            "shards": curation.get("shards", {})},
-               "stages": {name: {"workdir": c.workdir, "first": _logged(c.workdir)[0], "last": _logged(c.workdir)[-1]}
-                          for name, c in stages.items()},
-               "wall_time_s": time.perf_counter() - started}
+    summary = {
+        "workdir": str(root),
+        "evaluations": evaluations,
+        "rag": rag,
+        "curation": {
+            "stages": curation["stages"],
+            "kept": curation["kept"],
+            "phi": curation.get("phi", {}),
+            "shards": curation.get("shards", {}),
+        },
+        "stages": {
+            name: {"workdir": c.workdir, "first": _logged(c.workdir)[0], "last": _logged(c.workdir)[-1]}
+            for name, c in stages.items()
+        },
+        "wall_time_s": time.perf_counter() - started,
+    }
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     print("exam accuracy (loglikelihood: option texts scored; generate: answered in writing, chat, greedy):")
     print(format_summary(summary))
-    print(f"the final policy with the top {RAG_K} passages of a BM25 index of the curated corpus ({root / 'rag'}) "
-          "in each prompt (QuarkMed Table 7's comparison):")
+    print(
+        f"the final policy with the top {RAG_K} passages of a BM25 index of the curated corpus ({root / 'rag'}) "
+        "in each prompt (QuarkMed Table 7's comparison):"
+    )
     print(format_rag_table(rag))
 
     artifacts = {
@@ -355,8 +433,10 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     for name, path in artifacts.items():
         print(f"  {name:24s} {path}")
     print(f"serve the RL policy with vLLM:\n  medjax serve {hf_dir} --port 8000")
-    print(f"score responses with the reward model:\n  medjax score-rm --model {rm_cfg.workdir} "
-          f"--input {files['preferences_eval']}")
+    print(
+        f"score responses with the reward model:\n  medjax score-rm --model {rm_cfg.workdir} "
+        f"--input {files['preferences_eval']}"
+    )
     print(f"demo finished in {summary['wall_time_s'] / 60:.1f} min; summary: {root / 'summary.json'}")
     return artifacts
 

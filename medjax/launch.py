@@ -23,8 +23,12 @@ from medjax.parallel.topologies import get_slice
 
 # gcloud's accelerator-type prefix and TPU VM runtime image per generation (Cloud TPU docs).
 ACCELERATOR_PREFIX = {"v4": "v4", "v5p": "v5p", "v5e": "v5litepod", "v6e": "v6e"}
-RUNTIME_VERSION = {"v4": "tpu-ubuntu2204-base", "v5p": "v2-alpha-tpuv5", "v5e": "v2-alpha-tpuv5-lite",
-                   "v6e": "v2-alpha-tpuv6e"}
+RUNTIME_VERSION = {
+    "v4": "tpu-ubuntu2204-base",
+    "v5p": "v2-alpha-tpuv5",
+    "v5e": "v2-alpha-tpuv5-lite",
+    "v6e": "v2-alpha-tpuv6e",
+}
 CODE_DIR = "medjax"  # on every host, under the login user's home
 
 
@@ -87,34 +91,64 @@ def tpu_vm_steps(req: LaunchRequest) -> list[Step]:
     name, log = req.name, f"medjax-{req.name}.log"
     if req.queued:
         describe = _gcloud(req, "queued-resources", "describe", name, "--format=value(state.state)")
-        create = [Step("request the slice as a queued resource", _gcloud(
-                      req, "queued-resources", "create", name, f"--node-id={name}", f"--accelerator-type={accelerator}",
-                      f"--runtime-version={runtime}")),
-                  Step("wait until Cloud TPU grants it", f'until [ "$({describe})" = ACTIVE ]; do sleep 60; done')]
-        delete = Step("delete the slice and its request", _gcloud(req, "queued-resources", "delete", name, "--force",
-                                                                  "--quiet"))
+        create = [
+            Step(
+                "request the slice as a queued resource",
+                _gcloud(
+                    req,
+                    "queued-resources",
+                    "create",
+                    name,
+                    f"--node-id={name}",
+                    f"--accelerator-type={accelerator}",
+                    f"--runtime-version={runtime}",
+                ),
+            ),
+            Step("wait until Cloud TPU grants it", f'until [ "$({describe})" = ACTIVE ]; do sleep 60; done'),
+        ]
+        delete = Step(
+            "delete the slice and its request", _gcloud(req, "queued-resources", "delete", name, "--force", "--quiet")
+        )
     else:
-        create = [Step("create the slice", _gcloud(req, "tpu-vm", "create", name, f"--accelerator-type={accelerator}",
-                                                   f"--version={runtime}"))]
+        create = [
+            Step(
+                "create the slice",
+                _gcloud(req, "tpu-vm", "create", name, f"--accelerator-type={accelerator}", f"--version={runtime}"),
+            )
+        ]
         delete = Step("delete the slice", _gcloud(req, "tpu-vm", "delete", name, "--quiet"))
     tarball = f"/tmp/medjax-{name}.tar.gz"
-    install = (f"mkdir -p ~/{CODE_DIR} && tar -xzf ~/medjax-{name}.tar.gz -C ~/{CODE_DIR} && cd ~/{CODE_DIR} && "
-               "python3 -m venv .venv && .venv/bin/pip install -q -e \".[tpu]\"")
+    install = (
+        f"mkdir -p ~/{CODE_DIR} && tar -xzf ~/medjax-{name}.tar.gz -C ~/{CODE_DIR} && cd ~/{CODE_DIR} && "
+        'python3 -m venv .venv && .venv/bin/pip install -q -e ".[tpu]"'
+    )
     run = f"cd ~/{CODE_DIR} && {train_command(req)} > ~/{log} 2>&1"
     n = hosts(req.tpu)
     steps = [
         *create,
-        Step("pack this checkout (no .git, .venv or runs/)",
-             f"tar --exclude=.git --exclude=.venv --exclude=runs -czf {tarball} ."),
+        Step(
+            "pack this checkout (no .git, .venv or runs/)",
+            f"tar --exclude=.git --exclude=.venv --exclude=runs -czf {tarball} .",
+        ),
         Step(f"copy it to the {n} host(s)", _gcloud(req, "tpu-vm", "scp", tarball, f"{name}:~/", "--worker=all")),
-        Step("install medjax with the TPU extra on every host",
-             _gcloud(req, "tpu-vm", "ssh", name, "--worker=all", "--command", install)),
-        Step(f"train on all {n} hosts at once (each host's output in ~/{log})",
-             _gcloud(req, "tpu-vm", "ssh", name, "--worker=all", "--command", run)),
+        Step(
+            "install medjax with the TPU extra on every host",
+            _gcloud(req, "tpu-vm", "ssh", name, "--worker=all", "--command", install),
+        ),
+        Step(
+            f"train on all {n} hosts at once (each host's output in ~/{log})",
+            _gcloud(req, "tpu-vm", "ssh", name, "--worker=all", "--command", run),
+        ),
     ]
     for worker in range(n):
-        steps.append(Step(f"collect host {worker}'s log", _gcloud(
-            req, "tpu-vm", "scp", f"{name}:~/{log}", f"logs/{name}/host-{worker}.log", f"--worker={worker}")))
+        steps.append(
+            Step(
+                f"collect host {worker}'s log",
+                _gcloud(
+                    req, "tpu-vm", "scp", f"{name}:~/{log}", f"logs/{name}/host-{worker}.log", f"--worker={worker}"
+                ),
+            )
+        )
     steps.append(delete)
     return steps
 
@@ -122,34 +156,58 @@ def tpu_vm_steps(req: LaunchRequest) -> list[Step]:
 def xpk_steps(req: LaunchRequest) -> list[Step]:
     """One xpk workload on an existing GKE cluster of TPU node pools; the image holds medjax."""
     run = f"cd /app && {train_command(req, venv='')}"
-    create = shlex.join(["xpk", "workload", "create", f"--cluster={req.cluster}", f"--workload={req.name}",
-                         f"--tpu-type={req.tpu}", f"--num-slices={req.slices}", f"--docker-image={req.docker_image}",
-                         f"--command={run}"] + ([f"--zone={req.zone}"] if req.zone else [])
-                        + ([f"--project={req.project}"] if req.project else []))
+    create = shlex.join(
+        [
+            "xpk",
+            "workload",
+            "create",
+            f"--cluster={req.cluster}",
+            f"--workload={req.name}",
+            f"--tpu-type={req.tpu}",
+            f"--num-slices={req.slices}",
+            f"--docker-image={req.docker_image}",
+            f"--command={run}",
+        ]
+        + ([f"--zone={req.zone}"] if req.zone else [])
+        + ([f"--project={req.project}"] if req.project else [])
+    )
     where = [f"--cluster={req.cluster}"] + ([f"--zone={req.zone}"] if req.zone else [])
-    return [Step("run the job on the cluster's TPU slices", create),
-            Step("follow it", shlex.join(["xpk", "workload", "list", *where, f"--filter-by-job={req.name}"])),
-            Step("delete it when done", shlex.join(["xpk", "workload", "delete", *where, f"--workload={req.name}"]))]
+    return [
+        Step("run the job on the cluster's TPU slices", create),
+        Step("follow it", shlex.join(["xpk", "workload", "list", *where, f"--filter-by-job={req.name}"])),
+        Step("delete it when done", shlex.join(["xpk", "workload", "delete", *where, f"--workload={req.name}"])),
+    ]
 
 
 def sbatch_script(req: LaunchRequest) -> str:
     """One task per node, each seeing the node's GPUs; JAX reads the job's layout from SLURM, and
     SLURM's SIGTERM before the time limit reaches every task, which all save one checkpoint."""
-    head = ["#!/bin/bash", f"#SBATCH --job-name={req.name}", f"#SBATCH --nodes={req.nodes}",
-            "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={req.gpus_per_node}",
-            "#SBATCH --signal=TERM@120", f"#SBATCH --output=logs/{req.name}/%j.log"]
+    head = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={req.name}",
+        f"#SBATCH --nodes={req.nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={req.gpus_per_node}",
+        "#SBATCH --signal=TERM@120",
+        f"#SBATCH --output=logs/{req.name}/%j.log",
+    ]
     if req.partition:
         head.append(f"#SBATCH --partition={req.partition}")
-    body = ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
-            f"srun --kill-on-bad-exit=1 {train_command(req)}"]
+    body = [
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(Path.cwd()))}",
+        f"srun --kill-on-bad-exit=1 {train_command(req)}",
+    ]
     return "\n".join(head + body) + "\n"
 
 
 def slurm_steps(req: LaunchRequest) -> list[Step]:
     script = f"{req.name}.sbatch"
-    return [Step(f"write the batch script {script}", f"cat > {script} <<'EOF'\n{sbatch_script(req)}EOF"),
-            Step("submit it", shlex.join(["sbatch", script])),
-            Step("follow it", shlex.join(["squeue", "--name", req.name]))]
+    return [
+        Step(f"write the batch script {script}", f"cat > {script} <<'EOF'\n{sbatch_script(req)}EOF"),
+        Step("submit it", shlex.join(["sbatch", script])),
+        Step("follow it", shlex.join(["squeue", "--name", req.name])),
+    ]
 
 
 def plan_launch(req: LaunchRequest) -> list[Step]:
@@ -160,8 +218,10 @@ def plan_launch(req: LaunchRequest) -> list[Step]:
             # abspath, not resolve: a config reached through a symlink in the checkout is still in it
             req.config = str(Path(os.path.abspath(req.config)).relative_to(os.path.abspath(os.getcwd())))
         except ValueError:
-            raise ConfigError(f"{req.config}: the config must lie inside this checkout ({Path.cwd()}), which is "
-                              "what the hosts get a copy of; run medjax launch from the checkout") from None
+            raise ConfigError(
+                f"{req.config}: the config must lie inside this checkout ({Path.cwd()}), which is "
+                "what the hosts get a copy of; run medjax launch from the checkout"
+            ) from None
     if req.slurm + req.xpk > 1:
         raise ConfigError("--slurm and --xpk are different targets: give one")
     if req.slurm:
@@ -177,11 +237,14 @@ def plan_launch(req: LaunchRequest) -> list[Step]:
     if req.slices < 1:
         raise ConfigError(f"--slices must be at least 1, got {req.slices}")
     if req.slices > 1 and not req.xpk:
-        raise ConfigError(f"--slices {req.slices}: launch several slices with --xpk (it sets up the slices' DCN "
-                          "environment); without it medjax launches one slice")
+        raise ConfigError(
+            f"--slices {req.slices}: launch several slices with --xpk (it sets up the slices' DCN "
+            "environment); without it medjax launches one slice"
+        )
     if req.xpk:
-        missing = [flag for flag, value in (("--cluster", req.cluster), ("--docker-image", req.docker_image))
-                   if not value]
+        missing = [
+            flag for flag, value in (("--cluster", req.cluster), ("--docker-image", req.docker_image)) if not value
+        ]
         if missing:
             raise ConfigError(f"--xpk needs {' and '.join(missing)}")
         return xpk_steps(req)

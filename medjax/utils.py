@@ -55,11 +55,17 @@ def use_compilation_cache() -> str | None:
     chosen = os.environ.get(COMPILATION_CACHE_ENV, "").strip()
     if chosen.lower() in ("off", "0", "false", "no", "none"):
         return None
-    path = chosen or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medjax" / "jax")
-    settings = {"jax_compilation_cache_dir": path, "jax_compilation_cache_max_size": COMPILATION_CACHE_MAX_BYTES,
-                # The demo's programs compile in under JAX's default 1 s threshold on a fast host.
-                "jax_persistent_cache_min_compile_time_secs": 0.2}
+    path = (
+        chosen
+        or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medjax" / "jax")
+    )
+    settings = {
+        "jax_compilation_cache_dir": path,
+        "jax_compilation_cache_max_size": COMPILATION_CACHE_MAX_BYTES,
+        # The demo's programs compile in under JAX's default 1 s threshold on a fast host.
+        "jax_persistent_cache_min_compile_time_secs": 0.2,
+    }
     for name, value in settings.items():
         os.environ[name.upper()] = str(value)  # inherited by subprocesses, read when jax is imported
     import sys
@@ -105,7 +111,7 @@ class MessageFragments:
             return False
         i = 0
         while i < len(text):
-            size = next((n for n in range(len(text) - i, 0, -1) if text[i:i + n] in self._template), 0)
+            size = next((n for n in range(len(text) - i, 0, -1) if text[i : i + n] in self._template), 0)
             if size < self._shortest and text[i:].strip():
                 return False
             i += max(size, 1)

@@ -96,8 +96,16 @@ def stage_config(world, workdir, stage, *overrides):
     """An SFT or reward-model config over the world's chat / preference files (no init_from)."""
     files = {"sft": ("sft", "sft_eval"), "reward_model": ("preferences", "preferences_eval")}[stage]
     extra = ["model.score_labels=[honesty, helpfulness, compliance]"] if stage == "reward_model" else []
-    return tiny_config(world, workdir, f"stage={stage}", f"data.train_files=[{world.files[files[0]]}]",
-                       f"data.eval_files=[{world.files[files[1]]}]", "data.seq_len=128", *extra, *overrides)
+    return tiny_config(
+        world,
+        workdir,
+        f"stage={stage}",
+        f"data.train_files=[{world.files[files[0]]}]",
+        f"data.eval_files=[{world.files[files[1]]}]",
+        "data.seq_len=128",
+        *extra,
+        *overrides,
+    )
 
 
 def straight_and_resumed(make_cfg, tmp_path, stop_at=3):

@@ -23,8 +23,21 @@ from medjax.tasks.items import detect_language
 CORPUS_PATH = Path(__file__).parent / "data" / "answer_phrasings.jsonl"
 CORPUS = [json.loads(line) for line in CORPUS_PATH.read_text(encoding="utf-8").splitlines() if line.strip()]
 
-REQUIRED_STYLES = {"final_line", "bold", "parens", "option_text", "json", "boxed", "zh_xuan", "zh_answer",
-                   "multi", "refusal", "self_correction", "negative", "vignette"}
+REQUIRED_STYLES = {
+    "final_line",
+    "bold",
+    "parens",
+    "option_text",
+    "json",
+    "boxed",
+    "zh_xuan",
+    "zh_answer",
+    "multi",
+    "refusal",
+    "self_correction",
+    "negative",
+    "vignette",
+}
 
 
 def test_corpus_records_are_well_formed():
@@ -56,20 +69,26 @@ def test_every_corpus_phrasing():
     for n, rec in enumerate(CORPUS, 1):
         found = extract_answer(rec["text"], rec["letters"], rec.get("options"))
         if found.prediction != rec["expected"] or found.refused != rec["refused"]:
-            failures.append(f"  line {n} [{rec['style']}] {rec['text']!r}\n"
-                            f"      expected {rec['expected']!r} refused={rec['refused']}, "
-                            f"got {found.prediction!r} refused={found.refused} (span {found.span!r})")
+            failures.append(
+                f"  line {n} [{rec['style']}] {rec['text']!r}\n"
+                f"      expected {rec['expected']!r} refused={rec['refused']}, "
+                f"got {found.prediction!r} refused={found.refused} (span {found.span!r})"
+            )
     assert not failures, f"{len(failures)} of {len(CORPUS)} phrasings extracted wrongly:\n" + "\n".join(failures)
 
 
 # -- the two reported defects -------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,expected", [
-    ("Answer: (c) Metformin", "C"),
-    ("The answer is (b) hypokalemia.", "B"),
-    ("Correct answer: (a) and (c)", "AC"),
-    ("Final answer: (d)", "D"),
-])
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Answer: (c) Metformin", "C"),
+        ("The answer is (b) hypokalemia.", "B"),
+        ("Correct answer: (a) and (c)", "AC"),
+        ("Final answer: (d)", "D"),
+    ],
+)
 def test_lower_case_letter_in_parentheses_after_an_answer_statement(text, expected):
     assert extract_answer(text, "ABCD").prediction == expected
 
@@ -80,12 +99,15 @@ def test_lower_case_letters_stay_words_outside_parentheses():
     assert extract_answer("Answer: (e) Metformin", "ABCD").prediction == ""  # e is not an option here
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("综上所述，选B。", "B"),
-    ("应该选C", "C"),
-    ("我选D", "D"),
-    ("选A和C", "AC"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("综上所述，选B。", "B"),
+        ("应该选C", "C"),
+        ("我选D", "D"),
+        ("选A和C", "AC"),
+    ],
+)
 def test_chinese_xuan_form(text, expected):
     assert extract_answer(text, "ABCD").prediction == expected
 
@@ -98,8 +120,13 @@ def test_chinese_xuan_that_does_not_choose(text):
 def test_degenerate_completions_are_rejected_quickly():
     """Sampled completions can be long runs of spaces or letters; no pattern may backtrack on them
     for seconds (the older leads took about 7 s on "The answer is" and 200 spaces)."""
-    texts = ["The answer is" + " " * 400 + "x", "答案" + " " * 400 + "x", "Answer:" + "*" * 400,
-             "The answer is " + "A, " * 400 + "Because", "The answer is " + "AB" * 400 + "x"]
+    texts = [
+        "The answer is" + " " * 400 + "x",
+        "答案" + " " * 400 + "x",
+        "Answer:" + "*" * 400,
+        "The answer is " + "A, " * 400 + "Because",
+        "The answer is " + "AB" * 400 + "x",
+    ]
     start = time.perf_counter()
     for text in texts:
         extract_answer(text, "ABCDEFGHIJ")
@@ -112,13 +139,16 @@ def test_blank_completion_gives_no_answer(text):
     assert found.prediction == "" and not found.refused
 
 
-@pytest.mark.parametrize("text, off_options", [
-    ("A major risk factor for Orvkenitis is smoking.\nThe answer is smoking.", True),  # a wrong fact, in form
-    ('{"answer": "smoking"}', True),
-    ("The answer is Velvazine.", False),  # an option's text: read as its letter
-    ("Smoking raises the risk, but the question is about drugs.", False),  # no answer stated
-    ("The answer is: I cannot determine this without more information.", False),  # a refusal
-])
+@pytest.mark.parametrize(
+    "text, off_options",
+    [
+        ("A major risk factor for Orvkenitis is smoking.\nThe answer is smoking.", True),  # a wrong fact, in form
+        ('{"answer": "smoking"}', True),
+        ("The answer is Velvazine.", False),  # an option's text: read as its letter
+        ("Smoking raises the risk, but the question is about drugs.", False),  # no answer stated
+        ("The answer is: I cannot determine this without more information.", False),  # a refusal
+    ],
+)
 def test_an_answer_that_is_none_of_the_options_is_told_from_no_answer(text, off_options):
     """Evaluation counts "answered, but with none of the options" apart from "stated no answer":
     the first is a knowledge error in the right form, the second a failure of the form. Both
@@ -132,7 +162,11 @@ def test_an_answer_that_is_none_of_the_options_is_told_from_no_answer(text, off_
 def test_the_summary_counts_each_kind_of_unanswered_apart():
     from medjax.eval.report import summarise
 
-    rows = [{"prediction": "B", "correct": True}, {"prediction": "", "correct": False, "off_options": True},
-            {"prediction": "", "correct": False, "refused": True}, {"prediction": "", "correct": False}]
+    rows = [
+        {"prediction": "B", "correct": True},
+        {"prediction": "", "correct": False, "off_options": True},
+        {"prediction": "", "correct": False, "refused": True},
+        {"prediction": "", "correct": False},
+    ]
     summary = summarise(rows)
     assert (summary["no_answer"], summary["off_options"], summary["refused"]) == (1, 1, 1)

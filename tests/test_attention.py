@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medjax.config import MeshConfig
 from medjax.models.attention import causal_attention, resolve, splash_attention, splash_block
 from medjax.models.config import ModelConfig
 from medjax.models.decoder import ModelDef
 from medjax.models.sharding import activation_layout
-from medjax.config import MeshConfig
 from medjax.parallel.mesh import make_mesh
 from medjax.parallel.rules import MeshLayout, param_shardings
 
@@ -27,7 +27,7 @@ def packed_segments(batch: int, seq: int, seed: int) -> np.ndarray:
         end = seq - int(rng.integers(0, seq // 8))
         while pos < end:
             n = int(rng.integers(5, seq // 2))
-            row[pos:min(end, pos + n)] = doc
+            row[pos : min(end, pos + n)] = doc
             pos, doc = pos + n, doc + 1
         rows.append(row)
     return np.stack(rows)
@@ -89,8 +89,18 @@ def test_splash_in_the_sharded_model_equals_xla():
     if jax.device_count() < 4:
         pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), devices=jax.devices()[:4])
-    base = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                       num_kv_heads=2, head_dim=16, attention="xla", scan_layers=True, remat="full")
+    base = ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        attention="xla",
+        scan_layers=True,
+        remat="full",
+    )
     params = ModelDef(base).init_params(jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (4, 128), 0, 128)
     seg = jnp.asarray(packed_segments(4, 128, 3))

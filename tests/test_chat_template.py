@@ -20,8 +20,12 @@ RICH = (
     "\n{% endfor %}{% if add_generation_prompt %}[ASSISTANT] {% endif %}pad={{ pad_token }}"
 )
 TERSE = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}|{% endfor %}"
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 'Dose of "aspirin"? <café>'},
-            {"role": "assistant", "content": "81 mg."}, {"role": "user", "content": "Why?"}]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": 'Dose of "aspirin"? <café>'},
+    {"role": "assistant", "content": "81 mg."},
+    {"role": "user", "content": "Why?"},
+]
 
 
 def _tokenizer_dir(world, tmp_path, **config_changes):
@@ -51,10 +55,14 @@ def test_jinja_file_wins_over_the_config(world, tmp_path):
 
 
 def test_named_templates_from_a_list_in_the_config(world, tmp_path):
-    d = _tokenizer_dir(world, tmp_path, bos_token="<|im_start|>",
-                       chat_template=[{"name": "default", "template": RICH}, {"name": "terse", "template": TERSE}])
+    d = _tokenizer_dir(
+        world,
+        tmp_path,
+        bos_token="<|im_start|>",
+        chat_template=[{"name": "default", "template": RICH}, {"name": "terse", "template": TERSE}],
+    )
     _agree(d)
-    assert _agree(d, name="terse").render(MESSAGES) == "s:Be brief.|u:Dose of \"aspirin\"? <café>|a:81 mg.|u:Why?|"
+    assert _agree(d, name="terse").render(MESSAGES) == 's:Be brief.|u:Dose of "aspirin"? <café>|a:81 mg.|u:Why?|'
     with pytest.raises(DataError, match="no chat template named 'missing'.*default, terse"):
         ChatTemplate(d, name="missing")
 

@@ -18,9 +18,13 @@ CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layer
 def _batch(seq=12, vocab=97):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, (2, seq))
-    return {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(np.roll(tokens, -1, 1)),
-            "positions": jnp.broadcast_to(jnp.arange(seq), (2, seq)), "segment_ids": jnp.ones((2, seq), jnp.int32),
-            "loss_mask": jnp.asarray(rng.random((2, seq)) < 0.7, jnp.float32)}
+    return {
+        "tokens": jnp.asarray(tokens),
+        "targets": jnp.asarray(np.roll(tokens, -1, 1)),
+        "positions": jnp.broadcast_to(jnp.arange(seq), (2, seq)),
+        "segment_ids": jnp.ones((2, seq), jnp.int32),
+        "loss_mask": jnp.asarray(rng.random((2, seq)) < 0.7, jnp.float32),
+    }
 
 
 @pytest.mark.slow  # gradients over every chunking

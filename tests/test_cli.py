@@ -29,8 +29,15 @@ def test_the_cli_imports_no_jax_before_choosing_its_platform():
 
 
 def test_missing_data_is_named(tmp_path, capsys):
-    code = main(["train", str(REPO_ROOT / "configs/demo/pretrain.yaml"), f"vars.demo={tmp_path}",
-                 "train.max_steps=1", "mesh.data=1"])
+    code = main(
+        [
+            "train",
+            str(REPO_ROOT / "configs/demo/pretrain.yaml"),
+            f"vars.demo={tmp_path}",
+            "train.max_steps=1",
+            "mesh.data=1",
+        ]
+    )
     assert code == 2
     assert "data pattern matched no files: " + str(tmp_path / "curated/shards/train-*") in capsys.readouterr().err
 
@@ -39,13 +46,24 @@ def test_a_clear_error_is_all_a_failed_run_prints(tmp_path):
     """A run that stops on a clear error prints that error, not Orbax's background-thread traceback
     ("cannot schedule new futures after shutdown") behind it."""
     out = subprocess.run(
-        [sys.executable, "-m", "medjax.cli", "train", str(REPO_ROOT / "configs/demo/sft.yaml"), "train.max_steps=2",
-         f"init_from={tmp_path / 'no-run'}", f"workdir={tmp_path / 'sft-try'}"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "medjax.cli",
+            "train",
+            str(REPO_ROOT / "configs/demo/sft.yaml"),
+            "train.max_steps=2",
+            f"init_from={tmp_path / 'no-run'}",
+            f"workdir={tmp_path / 'sft-try'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        f"medjax train: error: init_from: checkpoint not found: {tmp_path / 'no-run'}"], out.stderr
+        f"medjax train: error: init_from: checkpoint not found: {tmp_path / 'no-run'}"
+    ], out.stderr
 
 
 # RL stage 1's gain in written exam accuracy over SFT that the demo must show (points). bench_recipe
@@ -58,8 +76,10 @@ def demo_stage_steps() -> dict[str, int]:
     """Each demo stage's steps: the configs' own (the demo runs them uncapped)."""
     from medjax.config import load_config
 
-    return {name: load_config(REPO_ROOT / "configs" / "demo" / f"{name}.yaml", []).train.max_steps
-            for name in ("pretrain", "sft", "reward_model", "rl_verifiable", "rl_preference")}
+    return {
+        name: load_config(REPO_ROOT / "configs" / "demo" / f"{name}.yaml", []).train.max_steps
+        for name in ("pretrain", "sft", "reward_model", "rl_verifiable", "rl_preference")
+    }
 
 
 def _user_env() -> dict[str, str]:
@@ -115,11 +135,15 @@ def test_demo_runs_end_to_end(demo):
     # ... and wrote it as a TFDS dataset holding the shards' documents.
     tfds_info = json.loads((tmp_path / "tfds" / "medjax_corpus" / "1.0.0" / "dataset_info.json").read_text())
     tfds_counts = {s["name"]: sum(int(n) for n in s["shardLengths"]) for s in tfds_info["splits"]}
-    assert tfds_counts == {"train": summary["curation"]["shards"]["train_records"],
-                           "validation": summary["curation"]["shards"]["eval_records"]}
+    assert tfds_counts == {
+        "train": summary["curation"]["shards"]["train_records"],
+        "validation": summary["curation"]["shards"]["eval_records"],
+    }
     assert "[3/10] curating the raw corpus" in out.stdout and "benchmark_question 1" in out.stdout
-    assert summary["curation"]["shards"]["train_records"] == summary["curation"]["kept"]["docs"] - \
-        summary["curation"]["shards"]["eval_records"]
+    assert (
+        summary["curation"]["shards"]["train_records"]
+        == summary["curation"]["kept"]["docs"] - summary["curation"]["shards"]["eval_records"]
+    )
     assert (tmp_path / "pretrain" / "loss.png").stat().st_size > 1000
     rows = [json.loads(line) for line in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     steps = demo_stage_steps()
@@ -130,13 +154,17 @@ def test_demo_runs_end_to_end(demo):
     assert "greedy chat sample:" in out.stdout
     sft = re.search(r"SFT eval loss: ([\d.]+) \(step 0, the pretrained model\) -> ([\d.]+) \(step (\d+)\)", out.stdout)
     assert sft and float(sft.group(2)) < float(sft.group(1)) and int(sft.group(3)) == steps["sft"], out.stdout
-    rm = re.findall(r"RM held-out pairwise accuracy (before|after) training \(step \d+\): ([\d.]+)% "
-                    r"\(honesty [\d.]+%, helpfulness [\d.]+%, compliance [\d.]+%\)", out.stdout)
+    rm = re.findall(
+        r"RM held-out pairwise accuracy (before|after) training \(step \d+\): ([\d.]+)% "
+        r"\(honesty [\d.]+%, helpfulness [\d.]+%, compliance [\d.]+%\)",
+        out.stdout,
+    )
     assert [name for name, _ in rm] == ["before", "after"], out.stdout
     assert float(rm[1][1]) > float(rm[0][1])
     assert "medjax score-rm --model" in out.stdout
-    last_reward = [int(n) for n in
-                   re.findall(r"\n  reward: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step (\d+)\)", out.stdout)]
+    last_reward = [
+        int(n) for n in re.findall(r"\n  reward: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step (\d+)\)", out.stdout)
+    ]
     assert last_reward == [steps["rl_verifiable"], steps["rl_preference"]], out.stdout
     exam_lines = re.findall(r"\n  reward_exam: [-\d.]+ \(step \d+\) -> [-\d.]+ \(step \d+\)", out.stdout)
     assert len(exam_lines) == 2, out.stdout
@@ -153,9 +181,15 @@ def test_demo_runs_end_to_end(demo):
     assert format_summary(summary) in out.stdout
     exam_items = len((tmp_path / "data" / "exam.jsonl").read_text().splitlines())
     assert [(e["after"], e["mode"]) for e in summary["evaluations"]] == [
-        ("before pretraining", "loglikelihood"), ("pretraining", "loglikelihood"), ("SFT", "loglikelihood"),
-        ("SFT", "generate"), ("RL stage 1", "loglikelihood"), ("RL stage 1", "generate"),
-        ("RL stage 2", "loglikelihood"), ("RL stage 2", "generate")]
+        ("before pretraining", "loglikelihood"),
+        ("pretraining", "loglikelihood"),
+        ("SFT", "loglikelihood"),
+        ("SFT", "generate"),
+        ("RL stage 1", "loglikelihood"),
+        ("RL stage 1", "generate"),
+        ("RL stage 2", "loglikelihood"),
+        ("RL stage 2", "generate"),
+    ]
     for e in summary["evaluations"]:
         assert e["n"] == exam_items and e["ci_low"] <= e["accuracy"] <= e["ci_high"]
         assert json.loads(Path(e["summary"]).read_text())["accuracy"] == e["accuracy"]
@@ -167,9 +201,19 @@ def test_demo_runs_end_to_end(demo):
     final = {e["mode"]: e["accuracy"] for e in summary["evaluations"] if e["after"] == "RL stage 2"}
     for m in rag["modes"]:
         assert m["without"] == final[m["mode"]] and m["n"] == exam_items
-        assert m["change"] == pytest.approx(m["with"] - m["without"]) and sum(g["n"] for g in m["by_subject"].values()) == exam_items
-        rows = [json.loads(x) for x in (tmp_path / "eval" / f"exam_{'generate_' if m['mode'] == 'generate' else ''}"
-                                        f"after_RL_stage_2_with_rag.jsonl").read_text().splitlines()]
+        assert (
+            m["change"] == pytest.approx(m["with"] - m["without"])
+            and sum(g["n"] for g in m["by_subject"].values()) == exam_items
+        )
+        rows = [
+            json.loads(x)
+            for x in (
+                tmp_path / "eval" / f"exam_{'generate_' if m['mode'] == 'generate' else ''}"
+                f"after_RL_stage_2_with_rag.jsonl"
+            )
+            .read_text()
+            .splitlines()
+        ]
         assert len(rows) == exam_items and all(0 < len(r["passages"]) <= RAG_K for r in rows)
     assert set(summary["stages"]) == {"pretrain", "sft", "reward_model", "rl_verifiable", "rl_preference"}
     assert {name: stage["last"]["step"] for name, stage in summary["stages"].items()} == steps
@@ -177,18 +221,22 @@ def test_demo_runs_end_to_end(demo):
         assert (tmp_path / stage / "loss.png").stat().st_size > 1000
     # It ends with a figure per stage (both RL runs overlaid in rl.png) and the exam table, paths printed.
     for name in ("pretrain", "sft", "reward_model", "rl"):
-        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000 and str(tmp_path / "plots" / f"{name}.png") \
-            in out.stdout
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000 and str(
+            tmp_path / "plots" / f"{name}.png"
+        ) in out.stdout
     table = (tmp_path / "exam_table.md").read_text()
     assert table.count("\n") == 2 + len(summary["evaluations"]) and str(tmp_path / "exam_table.png") in out.stdout
     # Quiet: no absl warnings (e.g. "Metadata file does not exist"), tracebacks, tokenizer mismatch
     # or libtpu probing for a TPU this host does not have.
-    assert not re.search(r"^(WARNING|ERROR):absl|Traceback|Metadata file does not exist|warning: tokenizer|"
-                         r"TPU accelerator type|TPU_WORKER_HOSTNAMES|InitGoogle", out.stderr, re.M), out.stderr[-3000:]
+    assert not re.search(
+        r"^(WARNING|ERROR):absl|Traceback|Metadata file does not exist|warning: tokenizer|"
+        r"TPU accelerator type|TPU_WORKER_HOSTNAMES|InitGoogle",
+        out.stderr,
+        re.M,
+    ), out.stderr[-3000:]
     from medjax.data.tokenizer_agreement import check_agreement
 
     assert check_agreement(tmp_path / "hf").agrees  # vLLM serves the export with the ids it trained on
-
 
 
 def test_demo_rl_raises_written_exam_accuracy(demo):
@@ -203,18 +251,25 @@ def test_demo_rl_raises_written_exam_accuracy(demo):
 
 
 # README's stand-in names, made real from the demo's outputs and the bundled benchmark samples.
-README_FILES = {"medqa_test.jsonl": REPO_ROOT / "tests/data/benchmarks/medqa_us.jsonl",
-                "cmexam_test.csv": REPO_ROOT / "tests/data/benchmarks/cmexam.csv",
-                "guidelines.jsonl": REPO_ROOT / "tests/data/rag/guidelines.jsonl"}
-README_NAMES = {"HF_DIR": "runs/demo/hf", "pairs.jsonl": "runs/demo/data/preferences_eval.jsonl",
-                "MODEL.gguf": "bundled:smollm2-135m-instruct"}
+README_FILES = {
+    "medqa_test.jsonl": REPO_ROOT / "tests/data/benchmarks/medqa_us.jsonl",
+    "cmexam_test.csv": REPO_ROOT / "tests/data/benchmarks/cmexam.csv",
+    "guidelines.jsonl": REPO_ROOT / "tests/data/rag/guidelines.jsonl",
+}
+README_NAMES = {
+    "HF_DIR": "runs/demo/hf",
+    "pairs.jsonl": "runs/demo/data/preferences_eval.jsonl",
+    "MODEL.gguf": "bundled:smollm2-135m-instruct",
+}
 # Commands that need a long-running server; tests/test_vllm.py starts vLLM and evaluates against it.
-README_NOT_RUN = {"medjax serve": "starts a vLLM server (tests/test_vllm.py)",
-                  "--num-processes": "one job of two processes started together (tests/test_multiprocess.py)",
-                  "openai:http": "needs that server (tests/test_vllm.py evaluates through it)",
-                  "medjax rag serve": "a service in front of vLLM (tests/test_vllm.py runs this command against one)",
-                  "medjax plan": "compiles for a TPU slice (two minutes); tests/test_plan.py runs the command "
-                                 "on this config (for one chip, which it does not fit)"}
+README_NOT_RUN = {
+    "medjax serve": "starts a vLLM server (tests/test_vllm.py)",
+    "--num-processes": "one job of two processes started together (tests/test_multiprocess.py)",
+    "openai:http": "needs that server (tests/test_vllm.py evaluates through it)",
+    "medjax rag serve": "a service in front of vLLM (tests/test_vllm.py runs this command against one)",
+    "medjax plan": "compiles for a TPU slice (two minutes); tests/test_plan.py runs the command "
+    "on this config (for one chip, which it does not fit)",
+}
 
 
 def readme_commands() -> list[str]:
@@ -223,8 +278,11 @@ def readme_commands() -> list[str]:
     next), comments removed. Any other shell line (a variable, a pipe) fails here, since the
     commands run without a shell."""
     pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"), key=lambda p: p.name)]
-    blocks = [re.sub(r"\\\n\s*", " ", block) for page in pages
-              for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
+    blocks = [
+        re.sub(r"\\\n\s*", " ", block)
+        for page in pages
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)
+    ]
     lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
     shell = [line for line in lines if re.match(r"\w+=", line) or (line.startswith("medjax ") and "$" in line)]
     assert not shell, f"README shell variables the test cannot run as written: {shell}"
@@ -252,8 +310,9 @@ def test_readme_commands_run_as_written_after_the_demo(demo):
         elif argv[1] == "train" and not any(a.startswith("train.max_steps=") for a in argv):
             steps = demo_steps[Path(argv[2]).stem]  # the demo's own run of that config, resumed
             argv.append(f"train.max_steps={steps + 2}")
-        out = subprocess.run([*_medjax(), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600,
-                             env=_user_env())
+        out = subprocess.run(
+            [*_medjax(), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600, env=_user_env()
+        )
         assert out.returncode == 0, f"{command}\n{out.stderr[-3000:]}"
         assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, f"{command}\n{out.stderr[-3000:]}"
         ran.append(argv[1])
@@ -270,11 +329,11 @@ def test_readme_commands_run_as_written_after_the_demo(demo):
     table = (cwd / "runs/demo/suite/demo.md").read_text()
     for name, result in suite["benchmarks"].items():
         lo, hi = result["ci95"]
-        assert result["n"] == exam_items and f"| {name} | {result['accuracy'] * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}] |" \
-            in table, table
+        assert (
+            result["n"] == exam_items
+            and f"| {name} | {result['accuracy'] * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}] |" in table
+        ), table
     assert len(suite["benchmarks"]) == 2 and (cwd / "runs/demo/suite/demo.png").is_file()
-
-
 
 
 def test_demo_before_weights_are_the_runs_step_zero(tmp_path, make_config):

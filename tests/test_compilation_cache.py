@@ -33,12 +33,24 @@ def test_a_second_run_of_the_same_config_loads_its_programs(make_config, tmp_pat
 
 
 def test_the_cache_can_be_turned_off():
-    code = ("import os; from medjax.utils import use_compilation_cache; "
-            "print(use_compilation_cache(), os.environ.get('JAX_COMPILATION_CACHE_DIR'))")
+    code = (
+        "import os; from medjax.utils import use_compilation_cache; "
+        "print(use_compilation_cache(), os.environ.get('JAX_COMPILATION_CACHE_DIR'))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "MEDJAX_COMPILATION_CACHE": "off"},
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "MEDJAX_COMPILATION_CACHE": "off"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.split() == ["None", "None"]
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "MEDJAX_COMPILATION_CACHE": "/some/dir"},
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "MEDJAX_COMPILATION_CACHE": "/some/dir"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.split() == ["/some/dir", "/some/dir"]

@@ -13,8 +13,15 @@ def write(tmp_path, text):
 
 def test_yaml_and_overrides_are_typed(tmp_path):
     path = write(tmp_path, "workdir: w\nmodel: tiny-qwen2\ntrain:\n  max_steps: 10\n")
-    cfg = load_config(path, ["train.max_steps=20", "optimizer.learning_rate=1e-4", "model.num_layers=3",
-                             "data.train_files=[a.jsonl, b.jsonl]"])
+    cfg = load_config(
+        path,
+        [
+            "train.max_steps=20",
+            "optimizer.learning_rate=1e-4",
+            "model.num_layers=3",
+            "data.train_files=[a.jsonl, b.jsonl]",
+        ],
+    )
     assert cfg.train.max_steps == 20
     assert cfg.optimizer.learning_rate == pytest.approx(1e-4)
     assert cfg.model.num_layers == 3 and cfg.model.hidden_size == 256  # preset + override
@@ -36,8 +43,11 @@ def test_wrong_type_names_key(tmp_path):
         load_config(None, ["workdir=w", "train.max_steps=ten"])
     from medjax.train.stages import checked_stage
 
-    with pytest.raises(ConfigError, match=r"key 'stage': unknown stage 'pretrian' \(did you mean 'pretrain'\?\); "
-                       "known: pretrain, reward_model, rl, sft"):
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'stage': unknown stage 'pretrian' \(did you mean 'pretrain'\?\); "
+        "known: pretrain, reward_model, rl, sft",
+    ):
         checked_stage(load_config(None, ["workdir=w", "stage=pretrian"]))
     with pytest.raises(ConfigError, match=r"'train.progress_bar' must be true or false"):
         load_config(None, ["workdir=w", "train.progress_bar=3"])
@@ -72,8 +82,11 @@ def test_variables_move_the_run_but_not_its_data(tmp_path):
     cfg = load_config(REPO_ROOT / "configs/demo/rl_preference.yaml", [f"vars.demo={tmp_path}"])
     assert cfg.workdir == str(tmp_path / "rl_preference") and cfg.init_from == str(tmp_path / "rl_verifiable")
     assert cfg.rl.rewards[-1].options["model"] == str(tmp_path / "reward_model")
-    with pytest.raises(ConfigError, match=r"key 'init_from' uses unknown variable \$\{vars.nope\} "
-                                          r"\(known: \$\{vars.demo\}, \$\{workdir\}\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'init_from' uses unknown variable \$\{vars.nope\} "
+        r"\(known: \$\{vars.demo\}, \$\{workdir\}\)",
+    ):
         load_config(REPO_ROOT / "configs/demo/rl_verifiable.yaml", ["init_from=${vars.nope}/x"])
     with pytest.raises(ConfigError, match=r"key 'workdir' uses unknown variable \$\{workdir\}"):
         load_config(None, ["workdir=${workdir}/x"])

@@ -21,12 +21,28 @@ FAMILIES = ["llama", "qwen2", "qwen3"]
 
 
 def hf_config(family):
-    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
+    common = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     if family == "llama":
-        return transformers.LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64}, tie_word_embeddings=False)
+        return transformers.LlamaConfig(
+            **common,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            tie_word_embeddings=False,
+        )
     if family == "qwen2":
         return transformers.Qwen2Config(**common, tie_word_embeddings=True)
     return transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
@@ -95,8 +111,9 @@ def test_export_from_a_sharded_training_checkpoint(make_config, tmp_path):
     from medjax.convert.loading import load_model
     from medjax.train.loop import train
 
-    cfg = make_config(tmp_path / "run", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.max_steps=2",
-                      "train.checkpoint_every=2")
+    cfg = make_config(
+        tmp_path / "run", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.max_steps=2", "train.checkpoint_every=2"
+    )
     train(cfg)
     export_hf(tmp_path / "run", tmp_path / "out", dtype="float32")
     assert (tmp_path / "out" / "tokenizer.json").is_file()
@@ -117,8 +134,9 @@ def _tiny_hf(tmp_path, family="qwen2"):
 def test_bad_input_is_named(tmp_path):
     directory = _tiny_hf(tmp_path)
     config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"],
-                                                       "model_type": "gpt2"}))
+    (directory / "config.json").write_text(
+        json.dumps({**config, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
     with pytest.raises(ConversionError, match="unsupported architecture.*GPT2LMHeadModel"):
         import_hf(directory, tmp_path / "a")
     (directory / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
@@ -171,8 +189,9 @@ def test_greedy_generation_matches_transformers(hf_model):
     out = Sampler(ModelDef(model_cfg)).generate(params, prompts, SamplingConfig(max_new_tokens=16))
     for prompt, ours in zip(prompts, out.sequences()):
         with torch.no_grad():
-            theirs = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            theirs = model.generate(
+                torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(prompt) :].tolist()
         assert ours == theirs
 
 

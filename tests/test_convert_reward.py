@@ -27,9 +27,18 @@ FAMILY_KW = {
 
 
 def reward_config(family: str) -> ModelConfig:
-    return ModelConfig(family=family, vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
-                       num_heads=4, num_kv_heads=2, score_labels=LABELS, eos_token_id=0,
-                       **FAMILY_KW[family]).validate()
+    return ModelConfig(
+        family=family,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        score_labels=LABELS,
+        eos_token_id=0,
+        **FAMILY_KW[family],
+    ).validate()
 
 
 def random_params(cfg: ModelConfig, seed: int) -> dict:
@@ -59,9 +68,12 @@ def exported(request, tmp_path_factory):
 def test_transformers_scores_match_medjax(exported):
     cfg, params, root = exported
     hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-        root / "hf", dtype=torch.float32, output_loading_info=True)
-    assert type(hf).__name__ == {"qwen2": "Qwen2", "llama": "Llama", "qwen3": "Qwen3"}[cfg.family] + \
-        "ForSequenceClassification"
+        root / "hf", dtype=torch.float32, output_loading_info=True
+    )
+    assert (
+        type(hf).__name__
+        == {"qwen2": "Qwen2", "llama": "Llama", "qwen3": "Qwen3"}[cfg.family] + "ForSequenceClassification"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, (3, 17))  # no pad (= eos = 0) tokens
     with torch.no_grad():
@@ -92,9 +104,17 @@ def test_labels_and_weights_round_trip_bitwise(exported):
 def test_transformers_made_reward_model_imports(tmp_path):
     """The other direction: a reward model saved by transformers itself (id2label given out of
     order in the dict) imports with its labels in index order and the same scores."""
-    hf_cfg = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                                      id2label={1: "b", 0: "a"}, tie_word_embeddings=False)
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        id2label={1: "b", 0: "a"},
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     hf = transformers.AutoModelForSequenceClassification.from_config(hf_cfg, dtype=torch.float32).eval()
     with torch.no_grad():

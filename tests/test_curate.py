@@ -15,29 +15,48 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline  # no
 from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
 
 from data_pipelines.curate.authority import grade  # noqa: E402
-from data_pipelines.curate.config import (AuthorityConfig, AuthorityRule, DecontamConfig, DedupConfig,  # noqa: E402
-                                          LangIdConfig, MedicalConfig, QualityConfig, load_curate_config)
+from data_pipelines.curate.config import (
+    AuthorityConfig,
+    AuthorityRule,
+    DecontamConfig,
+    DedupConfig,
+    LangIdConfig,
+    MedicalConfig,
+    QualityConfig,
+    load_curate_config,
+)
 from data_pipelines.curate.decontam import BenchmarkIndex  # noqa: E402
 from data_pipelines.curate.dedup import exact_dedup, near_dedup, shingles  # noqa: E402
 from data_pipelines.curate.documents import doc_key  # noqa: E402
 from data_pipelines.curate.language import LanguageId  # noqa: E402
-from data_pipelines.curate.medical import MedicalRelevance  # noqa: E402
+from data_pipelines.curate.medical import (
+    MedicalRelevance,
+)
 from data_pipelines.curate.normalize import normalize_text  # noqa: E402
 from data_pipelines.curate.phi import cn_resident_id, redact, valid_cn_resident_id  # noqa: E402
-from data_pipelines.curate.medical import BUNDLED_LEXICONS  # noqa: E402
 from data_pipelines.curate.planted import PHI_NOTES, plant_corpus, write_world_lexicon  # noqa: E402
 from data_pipelines.curate.quality import quality_problem  # noqa: E402
 from medjax.config import ConfigError  # noqa: E402
 
-MEDICAL = ("Acute myocardial infarction presents with chest pain, sweating and dyspnea. The electrocardiogram "
-           "shows ST elevation and troponin rises within hours. Treatment includes aspirin, heparin and urgent "
-           "coronary reperfusion; beta blockers and statins reduce later mortality. Patients need monitoring "
-           "for arrhythmia, heart failure and cardiogenic shock in the coronary care unit.")
+MEDICAL = (
+    "Acute myocardial infarction presents with chest pain, sweating and dyspnea. The electrocardiogram "
+    "shows ST elevation and troponin rises within hours. Treatment includes aspirin, heparin and urgent "
+    "coronary reperfusion; beta blockers and statins reduce later mortality. Patients need monitoring "
+    "for arrhythmia, heart failure and cardiogenic shock in the coronary care unit."
+)
 
 
 def _doc(text, i=0, **extra):
-    return {"key": doc_key("f.jsonl", i), "id": f"d{i}", "text": text, "source": "s", "url": "", "file": "f.jsonl",
-            "line": i, **extra}
+    return {
+        "key": doc_key("f.jsonl", i),
+        "id": f"d{i}",
+        "text": text,
+        "source": "s",
+        "url": "",
+        "file": "f.jsonl",
+        "line": i,
+        **extra,
+    }
 
 
 def test_normalize_folds_width_and_whitespace():
@@ -54,15 +73,18 @@ def test_language_id_keeps_chinese_and_english_and_names_others():
     assert rejected[0].value["detail"].startswith("fr")
 
 
-@pytest.mark.parametrize("text,reason", [
-    ("Aspirin inhibits platelets.", "too_few_words"),
-    ("# " * 30 + MEDICAL, "symbol_ratio"),
-    ("12345 67890 " * 20 + MEDICAL, "alpha_words"),
-    ("\n".join([MEDICAL] * 3), "duplicate_lines"),
-    (" ".join(["chest pain"] * 60), "top_2gram"),
-    ("\n".join(f"- treatment option number {i} described in the guideline" for i in range(20)), "bullet_lines"),
-    ("Lorem ipsum dolor sit amet. " + MEDICAL, "boilerplate"),
-])
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("Aspirin inhibits platelets.", "too_few_words"),
+        ("# " * 30 + MEDICAL, "symbol_ratio"),
+        ("12345 67890 " * 20 + MEDICAL, "alpha_words"),
+        ("\n".join([MEDICAL] * 3), "duplicate_lines"),
+        (" ".join(["chest pain"] * 60), "top_2gram"),
+        ("\n".join(f"- treatment option number {i} described in the guideline" for i in range(20)), "bullet_lines"),
+        ("Lorem ipsum dolor sit amet. " + MEDICAL, "boilerplate"),
+    ],
+)
 def test_quality_filters_name_the_failing_rule(text, reason):
     problem = quality_problem(text, QualityConfig(min_words=20))
     assert problem is not None and problem[0] == reason, problem
@@ -74,8 +96,12 @@ def test_medical_relevance_by_lexicon_in_both_languages():
     stage.setup()
     assert stage.apply({"text": MEDICAL}) is None
     assert stage.apply({"text": PHI_NOTES[3][0]}) is None
-    reason, detail = stage.apply({"text": "The football season opens next week with new coaches and a new "
-                                           "stadium, and ticket prices rose again for the second year."})
+    reason, detail = stage.apply(
+        {
+            "text": "The football season opens next week with new coaches and a new "
+            "stadium, and ticket prices rose again for the second year."
+        }
+    )
     assert reason == "not_medical" and "0 distinct" in detail
 
 
@@ -85,8 +111,16 @@ def test_phi_redaction_of_planted_identifiers(note, expected):
     assert counts == expected
     for placeholder in expected:
         assert f"[{placeholder}]" in text
-    assert not any(ch.isdigit() for ch in text.split("Troponin")[0].split("因胸痛")[0].split("患者因")[0]
-                   .replace("58-year", "").replace("45-year", "").replace("62岁", "").replace("type 2", ""))
+    assert not any(
+        ch.isdigit()
+        for ch in text.split("Troponin")[0]
+        .split("因胸痛")[0]
+        .split("患者因")[0]
+        .replace("58-year", "")
+        .replace("45-year", "")
+        .replace("62岁", "")
+        .replace("type 2", "")
+    )
 
 
 def test_chinese_resident_id_needs_its_check_digit():
@@ -126,11 +160,19 @@ def test_phi_redaction_leaves_clean_sentences_alone():
 
 def test_decontamination_by_ngrams_and_by_short_questions(tmp_path):
     exam = tmp_path / "exam.jsonl"
-    long_q = ("A 43-year-old woman is evaluated for cold extremities, back pain and fainting after a long flight "
-              "from abroad. Which of the following is the most likely diagnosis?")
-    items = [{"id": "q1", "question": long_q, "options": {"A": "Embolism", "B": "Anemia"}, "answer_idx": "A"},
-             {"id": "q2", "question": "Which drug is contraindicated in Orvkenitis?",
-              "options": {"A": "Fexdodane", "B": "Velvazine"}, "answer_idx": "B"}]
+    long_q = (
+        "A 43-year-old woman is evaluated for cold extremities, back pain and fainting after a long flight "
+        "from abroad. Which of the following is the most likely diagnosis?"
+    )
+    items = [
+        {"id": "q1", "question": long_q, "options": {"A": "Embolism", "B": "Anemia"}, "answer_idx": "A"},
+        {
+            "id": "q2",
+            "question": "Which drug is contraindicated in Orvkenitis?",
+            "options": {"A": "Fexdodane", "B": "Velvazine"},
+            "answer_idx": "B",
+        },
+    ]
     exam.write_text("".join(json.dumps(i) + "\n" for i in items))
     index = BenchmarkIndex(DecontamConfig(benchmark_files=[str(exam)], n=13))
     assert index.match(MEDICAL) is None
@@ -143,8 +185,10 @@ def test_decontamination_by_ngrams_and_by_short_questions(tmp_path):
 
 
 def test_authority_first_matching_rule_by_source_or_domain():
-    cfg = AuthorityConfig(rules=[AuthorityRule("*.who.int", "A"), AuthorityRule("textbook*", "B"),
-                                 AuthorityRule("forum*", "E")], default="C")
+    cfg = AuthorityConfig(
+        rules=[AuthorityRule("*.who.int", "A"), AuthorityRule("textbook*", "B"), AuthorityRule("forum*", "E")],
+        default="C",
+    )
     assert grade(cfg, "crawl", "https://www.who.int/news/item/1") == "A"
     assert grade(cfg, "textbook-harrison") == "B"
     assert grade(cfg, "forum-posts", "https://example.org/x") == "E"
@@ -156,13 +200,13 @@ def _run(transform, docs, kept_ids, rejected):
     with BeamPipeline() as p:
         kept, rejects = transform(p | beam.Create(docs))[:2]
         assert_that(kept | "KeptIds" >> beam.Map(lambda d: d["id"]), equal_to(kept_ids), label="CheckKept")
-        assert_that(rejects | "Reasons" >> beam.Map(lambda r: (r["id"], r["reason"])), equal_to(rejected),
-                    label="CheckRejected")
+        assert_that(
+            rejects | "Reasons" >> beam.Map(lambda r: (r["id"], r["reason"])), equal_to(rejected), label="CheckRejected"
+        )
 
 
 def test_exact_dedup_keeps_the_first_copy_in_input_order():
-    docs = [_doc(MEDICAL, 7), _doc(MEDICAL, 3), _doc("Another text about insulin and diabetes.", 5),
-            _doc(MEDICAL, 9)]
+    docs = [_doc(MEDICAL, 7), _doc(MEDICAL, 3), _doc("Another text about insulin and diabetes.", 5), _doc(MEDICAL, 9)]
     _run(exact_dedup, docs, ["d3", "d5"], [("d7", "exact_duplicate"), ("d9", "exact_duplicate")])
 
 
@@ -206,7 +250,9 @@ def test_config_errors_name_the_key(tmp_path):
     # variables follow the training configs' rule (medjax.config.substitute_variables)
     cfg = load_curate_config(None, ["vars.raw=/data/raw", "output=/out", 'input.paths=["${vars.raw}/a.jsonl"]'])
     assert cfg.input.paths == ["/data/raw/a.jsonl"]
-    with pytest.raises(ConfigError, match=r"key 'output' uses unknown variable \$\{vars.out\} \(known: \$\{vars.raw\}\)"):
+    with pytest.raises(
+        ConfigError, match=r"key 'output' uses unknown variable \$\{vars.out\} \(known: \$\{vars.raw\}\)"
+    ):
         load_curate_config(None, ["vars.raw=/r", "output=${vars.out}", "input.paths=[a]"])
     with pytest.raises(ConfigError, match=r"key 'vars.b' may not refer to other variables"):
         load_curate_config(None, ["vars.a=/r", "vars.b=${vars.a}/x", "output=o", "input.paths=[a]"])
@@ -226,13 +272,24 @@ def curated(world, tmp_path_factory):
     out = root / "out"
     (out / "clean").mkdir(parents=True)
     (out / "clean" / "previous.jsonl").write_text("{}\n")  # a previous run's output
-    args = ["curate", "--input", str(root / "raw" / "*.jsonl"), str(root / "raw" / "note.txt"), "--output", str(out),
-            "quality.min_words=20", "quality.max_duplicate_ngram_char_fraction=[1,1,1,1,1,1]",
-            "quality.max_top_ngram_char_fraction=[1,1,1]", "dedup.jaccard_threshold=0.8",
-            f"medical.extra_lexicons=[{lexicon}]",
-            f"decontam.benchmark_files=[{world.files['exam']}]", f"shards.tokenizer={world.tokenizer}",
-            "shards.eval_fraction=0.1", "runner.direct_workers=2",
-            "authority.rules=[{pattern: textbook, grade: A}, {pattern: forum, grade: E}]"]
+    args = [
+        "curate",
+        "--input",
+        str(root / "raw" / "*.jsonl"),
+        str(root / "raw" / "note.txt"),
+        "--output",
+        str(out),
+        "quality.min_words=20",
+        "quality.max_duplicate_ngram_char_fraction=[1,1,1,1,1,1]",
+        "quality.max_top_ngram_char_fraction=[1,1,1]",
+        "dedup.jaccard_threshold=0.8",
+        f"medical.extra_lexicons=[{lexicon}]",
+        f"decontam.benchmark_files=[{world.files['exam']}]",
+        f"shards.tokenizer={world.tokenizer}",
+        "shards.eval_fraction=0.1",
+        "runner.direct_workers=2",
+        "authority.rules=[{pattern: textbook, grade: A}, {pattern: forum, grade: E}]",
+    ]
     assert main(args) == 0
     return root, out, planted
 
@@ -298,8 +355,10 @@ def test_curated_shards_feed_the_training_loader(curated, world):
     decoded = [source[i]["ids"] for i in range(len(source))]
     assert all(ids[-1] == eos_id(tok) for ids in decoded)
     assert all(tok.decode(ids[:-1].tolist()) in texts for ids in decoded)
-    cfg = load_config(None, ["workdir=/tmp/unused", "data.format=arrayrecord",
-                             f"data.train_files=[{out}/shards/train-*.array_record]"])
+    cfg = load_config(
+        None,
+        ["workdir=/tmp/unused", "data.format=arrayrecord", f"data.train_files=[{out}/shards/train-*.array_record]"],
+    )
     # The loader packs the shards' documents into full rows (which documents share a row depends on
     # the order Beam wrote them in, so only the shape and the filling are asserted).
     batch = next(iter(pretrain_dataset(cfg.data, files=cfg.data.train_files, seq_len=64, batch_size=4)))
@@ -313,8 +372,19 @@ def test_curate_names_a_missing_input_and_keeps_the_previous_output(curated, cap
     before = sorted(p.name for p in out.rglob("*"))
     assert main(["curate", "--input", str(root / "nowhere" / "*.jsonl"), "--output", str(out)]) == 2
     assert "input.paths: '" + str(root / "nowhere" / "*.jsonl") + "' matches no file" in capsys.readouterr().err
-    assert main(["curate", "--input", str(root / "raw" / "passages.jsonl"), "--output", str(out),
-                 "shards.tokenizer=" + str(root / "no-tokenizer")]) == 2
+    assert (
+        main(
+            [
+                "curate",
+                "--input",
+                str(root / "raw" / "passages.jsonl"),
+                "--output",
+                str(out),
+                "shards.tokenizer=" + str(root / "no-tokenizer"),
+            ]
+        )
+        == 2
+    )
     assert "shards.tokenizer: tokenizer not found" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*")) == before
 
@@ -322,8 +392,13 @@ def test_curate_names_a_missing_input_and_keeps_the_previous_output(curated, cap
 def test_runner_options_reach_beam_unchanged():
     """The same pipeline on Dataflow, Flink or Spark by options alone: they pass through as Beam
     parses them, and the DirectRunner's worker settings apply only when no runner is named."""
-    from apache_beam.options.pipeline_options import (DirectOptions, FlinkRunnerOptions, GoogleCloudOptions,
-                                                      SparkRunnerOptions, StandardOptions)
+    from apache_beam.options.pipeline_options import (
+        DirectOptions,
+        FlinkRunnerOptions,
+        GoogleCloudOptions,
+        SparkRunnerOptions,
+        StandardOptions,
+    )
 
     from data_pipelines.curate.pipeline import pipeline_options
 
@@ -332,17 +407,26 @@ def test_runner_options_reach_beam_unchanged():
     assert local.view_as(StandardOptions).runner == "DirectRunner"
     assert local.view_as(DirectOptions).direct_num_workers == 2
     assert local.view_as(DirectOptions).direct_running_mode == "multi_processing"
-    dataflow = pipeline_options(cfg, ["--runner=DataflowRunner", "--project=p", "--region=europe-west4",
-                                      "--temp_location=gs://b/tmp"])
+    dataflow = pipeline_options(
+        cfg, ["--runner=DataflowRunner", "--project=p", "--region=europe-west4", "--temp_location=gs://b/tmp"]
+    )
     gcp = dataflow.view_as(GoogleCloudOptions)
     assert (dataflow.view_as(StandardOptions).runner, gcp.project, gcp.region, gcp.temp_location) == (
-        "DataflowRunner", "p", "europe-west4", "gs://b/tmp")
+        "DataflowRunner",
+        "p",
+        "europe-west4",
+        "gs://b/tmp",
+    )
     assert dataflow.view_as(DirectOptions).direct_num_workers == 1  # not this machine's settings
     flink = pipeline_options(cfg, ["--runner=FlinkRunner", "--flink_master=host:8081"])
     assert flink.view_as(FlinkRunnerOptions).flink_master == "host:8081"
-    spark = pipeline_options(load_curate_config(None, ["output=x", "input.paths=[a]",
-                                                       "runner.options=[--runner=SparkRunner, "
-                                                       "--spark_master_url=spark://h:7077]"]), [])
+    spark = pipeline_options(
+        load_curate_config(
+            None,
+            ["output=x", "input.paths=[a]", "runner.options=[--runner=SparkRunner, --spark_master_url=spark://h:7077]"],
+        ),
+        [],
+    )
     assert spark.view_as(StandardOptions).runner == "SparkRunner"
     assert spark.view_as(SparkRunnerOptions).spark_master_url == "spark://h:7077"
 
@@ -355,8 +439,10 @@ def test_reading_parquet_text_and_jsonl_names_every_bad_record(tmp_path):
     from data_pipelines.curate.config import InputConfig
     from data_pipelines.curate.read import ReadFile
 
-    pq.write_table(pa.table({"body": [MEDICAL, None, "  "], "doc": ["p1", "p2", "p3"], "site": ["who.int", "x", "y"]}),
-                   tmp_path / "a.parquet")
+    pq.write_table(
+        pa.table({"body": [MEDICAL, None, "  "], "doc": ["p1", "p2", "p3"], "site": ["who.int", "x", "y"]}),
+        tmp_path / "a.parquet",
+    )
     (tmp_path / "b.md").write_text(MEDICAL, encoding="utf-8")
     (tmp_path / "c.jsonl").write_text('{"body": "Insulin lowers glucose."}\n\n[1, 2]\n', encoding="utf-8")
     reader = ReadFile(InputConfig(text_field="body", id_field="doc", source_field="site"))

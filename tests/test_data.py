@@ -62,8 +62,15 @@ def test_packing_rows_are_next_token_pairs_within_documents(world):
 
 
 def test_shuffle_is_seeded(world):
-    first = lambda seed: take(pretrain_dataset(data_cfg(world, seed=seed), files=[str(world.files["pretrain"])],  # noqa: E731
-                                               seq_len=32, batch_size=2), 3)
+    first = lambda seed: take(
+        pretrain_dataset(
+            data_cfg(world, seed=seed),
+            files=[str(world.files["pretrain"])],  # noqa: E731
+            seq_len=32,
+            batch_size=2,
+        ),
+        3,
+    )
     a, b, c = first(1), first(1), first(2)
     assert all((x["tokens"] == y["tokens"]).all() for x, y in zip(a, b))
     assert any((x["tokens"] != z["tokens"]).any() for x, z in zip(a, c))
@@ -72,12 +79,22 @@ def test_shuffle_is_seeded(world):
 def test_each_process_reads_a_disjoint_share(world):
     cfg = data_cfg(world, shuffle=False, num_epochs=1)
     shards = [
-        np.concatenate([b["tokens"].ravel() for b in pretrain_dataset(
-            cfg, files=cfg.train_files, seq_len=32, batch_size=1, train=False, process_index=i, process_count=2)])
+        np.concatenate(
+            [
+                b["tokens"].ravel()
+                for b in pretrain_dataset(
+                    cfg, files=cfg.train_files, seq_len=32, batch_size=1, train=False, process_index=i, process_count=2
+                )
+            ]
+        )
         for i in range(2)
     ]
-    full = np.concatenate([b["tokens"].ravel() for b in pretrain_dataset(
-        cfg, files=cfg.train_files, seq_len=32, batch_size=1, train=False)])
+    full = np.concatenate(
+        [
+            b["tokens"].ravel()
+            for b in pretrain_dataset(cfg, files=cfg.train_files, seq_len=32, batch_size=1, train=False)
+        ]
+    )
     assert abs(len(shards[0]) - len(shards[1])) < 0.2 * len(full)
     assert len(shards[0]) + len(shards[1]) == pytest.approx(len(full), rel=0.02)
     assert not np.array_equal(shards[0][:64], shards[1][:64])
@@ -117,8 +134,12 @@ def test_chatml_formatter_equals_the_shipped_template(world):
     from medjax.data.tokenizer import format_chatml
 
     template = json.loads((world.tokenizer / "tokenizer_config.json").read_text())["chat_template"]
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Dose?"},
-                {"role": "assistant", "content": "See a clinician."}, {"role": "user", "content": "Why?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Dose?"},
+        {"role": "assistant", "content": "See a clinician."},
+        {"role": "user", "content": "Why?"},
+    ]
     for prompt in (True, False):
         rendered = jinja2.Template(template).render(messages=messages, add_generation_prompt=prompt)
         assert format_chatml(messages, prompt) == rendered

@@ -43,7 +43,7 @@ def transformers_logprob(hf_dir, context, continuation):
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ctx = tok.encode(context).ids
     whole = tok.encode(context + continuation).ids
-    assert whole[:len(ctx)] == ctx
+    assert whole[: len(ctx)] == ctx
     with torch.no_grad():
         logits = model(torch.tensor([whole])).logits[0]
     logp = torch.log_softmax(logits, -1)
@@ -85,8 +85,7 @@ def test_single_token_and_per_continuation_paths_agree(trained):
     model = LocalModel(trained / "run", batch_size=4)
     req = LoglikelihoodRequest("The first-line drug for the condition is", [" A", " B", " C"])
     fast = model.loglikelihood([req])[0]
-    slow = [model.loglikelihood([LoglikelihoodRequest(req.context, [c, c + " and"])])[0][0]
-            for c in req.continuations]
+    slow = [model.loglikelihood([LoglikelihoodRequest(req.context, [c, c + " and"])])[0][0] for c in req.continuations]
     np.testing.assert_allclose(fast, slow, atol=1e-4)
 
 
@@ -104,8 +103,9 @@ def test_templated_prompts_get_one_bos(trained, tmp_path):
     shutil.copytree(trained / "hf", hf)
     tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
     bos = "<|im_start|>"
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                        special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
     tok.save(str(hf / "tokenizer.json"))
     model = LocalModel(hf, batch_size=4)
     context, conts = "The first-line drug for the condition is", [" A", " B", " C and more words"]
@@ -115,8 +115,9 @@ def test_templated_prompts_get_one_bos(trained, tmp_path):
     np.testing.assert_allclose(templated, bare, atol=1e-5)
     assert np.abs(np.subtract(doubled, bare)).max() > 1e-3
     settings = GenerationSettings(max_new_tokens=8)
-    assert model.generate([bos + context], GenerationSettings(max_new_tokens=8, templated=True)) == \
-        model.generate([context], settings)
+    assert model.generate([bos + context], GenerationSettings(max_new_tokens=8, templated=True)) == model.generate(
+        [context], settings
+    )
 
 
 def test_loglikelihood_in_logit_chunks_equals_whole_logits(trained, monkeypatch):
@@ -126,8 +127,10 @@ def test_loglikelihood_in_logit_chunks_equals_whole_logits(trained, monkeypatch)
 
     monkeypatch.setattr(LocalModel, "LOGITS_CHUNK", 24)
     model = LocalModel(trained / "run", batch_size=4)
-    req = [LoglikelihoodRequest("The first-line drug for the condition is", [" A", " B and more words " * 3]),
-           LoglikelihoodRequest("Velvaxia " * 20, [" presents with fever", " C"])]
+    req = [
+        LoglikelihoodRequest("The first-line drug for the condition is", [" A", " B and more words " * 3]),
+        LoglikelihoodRequest("Velvaxia " * 20, [" presents with fever", " C"]),
+    ]
     import jax
     import jax.numpy as jnp
 
@@ -164,8 +167,21 @@ def test_generative_mode_uses_the_shared_extractor(world, trained, tmp_path):
 
 def test_outputs_summary_and_chart(world, trained, tmp_path, capsys):
     out = tmp_path / "res" / "exam.jsonl"
-    rc = main(["eval", "--model", str(trained / "hf"), "--benchmark", str(world.files["exam"]), "--out", str(out),
-               "--limit", "16", "--shots", "1"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(trained / "hf"),
+            "--benchmark",
+            str(world.files["exam"]),
+            "--out",
+            str(out),
+            "--limit",
+            "16",
+            "--shots",
+            "1",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "items/s" in printed and "95% CI" in printed
@@ -255,18 +271,32 @@ def test_loglikelihood_agrees_with_lm_evaluation_harness(world, trained, tmp_pat
                     query = build_prompt(item, cfg=PromptConfig(list_options=choices == "letters"))
                     options = list(item.options) if choices == "letters" else list(item.options.values())
                     f.write(json.dumps({"query": query, "choices": options, "gold": 0}, ensure_ascii=False) + "\n")
-            (tmp_path / f"{name}.yaml").write_text(LM_EVAL_TASK.format(
-                name=name, data=data, delimiter=TEMPLATES[lang].letter_sep))
+            (tmp_path / f"{name}.yaml").write_text(
+                LM_EVAL_TASK.format(name=name, data=data, delimiter=TEMPLATES[lang].letter_sep)
+            )
             tasks[(lang, choices)] = name
         for choices, norm in runs:
-            evaluate(str(hf), bench, tmp_path / f"{lang}-{choices}-{norm}.jsonl",
-                     EvalConfig(choices=choices, text_norm=norm, limit=limit, batch_size=8), quiet=True)
-            ours[(lang, choices, norm)] = [json.loads(x) for x in
-                                           (tmp_path / f"{lang}-{choices}-{norm}.jsonl").read_text().splitlines()]
+            evaluate(
+                str(hf),
+                bench,
+                tmp_path / f"{lang}-{choices}-{norm}.jsonl",
+                EvalConfig(choices=choices, text_norm=norm, limit=limit, batch_size=8),
+                quiet=True,
+            )
+            ours[(lang, choices, norm)] = [
+                json.loads(x) for x in (tmp_path / f"{lang}-{choices}-{norm}.jsonl").read_text().splitlines()
+            ]
 
-    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32", tasks=list(tasks.values()),
-                                      task_manager=TaskManager(include_path=str(tmp_path)), device="cpu",
-                                      batch_size=8, log_samples=True, verbosity="ERROR")
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={hf},dtype=float32",
+        tasks=list(tasks.values()),
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        device="cpu",
+        batch_size=8,
+        log_samples=True,
+        verbosity="ERROR",
+    )
     metric = {"none": "acc", "chars": "acc_norm", "bytes": "acc_bytes"}
     for (lang, choices, norm), rows in ours.items():
         samples = sorted(results["samples"][tasks[(lang, choices)]], key=lambda s: s["doc_id"])
@@ -277,7 +307,10 @@ def test_loglikelihood_agrees_with_lm_evaluation_harness(world, trained, tmp_pat
             # Gold is index 0 in these files, so lm-eval's metric says whether its pick was option A.
             ours_a, theirs_a = row["prediction"] == next(iter(row["logprobs"])), sample[metric[norm]] == 1.0
             assert ours_a == theirs_a or _near_tie(theirs, sample, norm), (lang, choices, norm, row["id"])
-    en = [(a["prediction"], b["prediction"]) for a, b in zip(ours[("en", "texts", "chars")], ours[("en", "texts", "bytes")])]
+    en = [
+        (a["prediction"], b["prediction"])
+        for a, b in zip(ours[("en", "texts", "chars")], ours[("en", "texts", "bytes")])
+    ]
     assert all(a == b for a, b in en)  # ASCII: a character is a byte, and neither length counts the separator
 
 
@@ -311,17 +344,28 @@ def test_sharded_model_evaluates_as_one_device_does(world, trained, tmp_path):
 
     items = read_benchmark(world.files["exam"], limit=LIMIT).items
     requests = [LoglikelihoodRequest(build_prompt(i), [answer_continuation(i, k) for k in i.letters]) for i in items]
-    requests += [LoglikelihoodRequest(build_prompt(i, cfg=PromptConfig(list_options=False)),
-                                      [answer_continuation(i, text=t) for t in i.options.values()]) for i in items]
-    np.testing.assert_allclose(np.concatenate(sharded.loglikelihood(requests)),
-                               np.concatenate(one.loglikelihood(requests)), atol=1e-4, rtol=0)
+    requests += [
+        LoglikelihoodRequest(
+            build_prompt(i, cfg=PromptConfig(list_options=False)),
+            [answer_continuation(i, text=t) for t in i.options.values()],
+        )
+        for i in items
+    ]
+    np.testing.assert_allclose(
+        np.concatenate(sharded.loglikelihood(requests)), np.concatenate(one.loglikelihood(requests)), atol=1e-4, rtol=0
+    )
     settings = GenerationSettings(max_new_tokens=12)
     prompts = [r.context for r in requests[:6]]
     assert sharded.generate(prompts, settings) == one.generate(prompts, settings)
 
     a = evaluate(str(trained / "hf"), world.files["exam"], tmp_path / "one.jsonl", EvalConfig(limit=LIMIT), quiet=True)
-    b = evaluate(str(trained / "hf"), world.files["exam"], tmp_path / "mesh.jsonl",
-                 EvalConfig(limit=LIMIT, mesh="fsdp=4,tensor=2"), quiet=True)
+    b = evaluate(
+        str(trained / "hf"),
+        world.files["exam"],
+        tmp_path / "mesh.jsonl",
+        EvalConfig(limit=LIMIT, mesh="fsdp=4,tensor=2"),
+        quiet=True,
+    )
     assert a["accuracy"] == b["accuracy"]
     with pytest.raises(ValueError, match=r"--mesh 'fsdp4': expected AXIS=SIZE pairs over data, fsdp, tensor"):
         LocalModel(str(trained / "hf"), mesh="fsdp4")
@@ -336,12 +380,19 @@ def test_batch_widths_merge_rare_widths_upward():
     MAX_MERGE_RATIO times and MERGE_SLACK tokens wider (long rows are not padded to double: scoring
     padding costs more than a compile); well-used widths stay tight; the model's context caps
     every width."""
-    from medjax.eval.backends import (MAX_MERGE_RATIO, MERGE_SLACK, MIN_BATCHES_PER_WIDTH, batch_widths,
-                                      width_bucket)
+    from medjax.eval.backends import MAX_MERGE_RATIO, MERGE_SLACK, MIN_BATCHES_PER_WIDTH, batch_widths, width_bucket
 
     assert (MIN_BATCHES_PER_WIDTH, MAX_MERGE_RATIO, MERGE_SLACK) == (4, 1.5, 128)
-    assert [width_bucket(n) for n in (1, 64, 65, 512, 513, 1000, 1025, 3000)] == [64, 64, 128, 512, 640, 1024,
-                                                                                 1280, 3072]
+    assert [width_bucket(n) for n in (1, 64, 65, 512, 513, 1000, 1025, 3000)] == [
+        64,
+        64,
+        128,
+        512,
+        640,
+        1024,
+        1280,
+        3072,
+    ]
     assert batch_widths([100, 150], 512) == [192, 192]
     assert batch_widths([60] * 10 + [100] + [150] * 5, 512) == [64] * 10 + [192] * 6
     assert batch_widths([60] * 10 + [100] + [150], 512) == [64] * 10 + [192] * 2  # the widest always stands

@@ -21,9 +21,11 @@ CPQEXAM = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "cpqex
 pytestmark = pytest.mark.skipif(not CPQEXAM.is_file(), reason=f"CPQExam is not at {CPQEXAM}")
 
 # The release's three malformed option lists (1-based line numbers) and what each must read as.
-REPAIRED = {803: "the letters restart at A: a second list of five options pasted after the first",
-            1199: "a stray 'G. 精神分裂症' after option I",
-            5989: "'1.' written for option I"}
+REPAIRED = {
+    803: "the letters restart at A: a second list of five options pasted after the first",
+    1199: "a stray 'G. 精神分裂症' after option I",
+    5989: "'1.' written for option I",
+}
 
 
 def raw_records():
@@ -48,9 +50,13 @@ def expected_prompt(rec: dict, lineno: int) -> str:
         else:  # a wrapped option continues on the next line
             options[-1] += "\n" + line.strip()
     stem, question = rec["stem"].strip(), rec["question"].strip()
-    return ("请思考后回答以下选择题目，以json格式返回结果，除此以外不要返回其它任何信息。如:\n"
-            '{"answer": "A/B/C"}\n问题:\n' + (f"{stem}\n{question}" if stem else question)
-            + "\n回答:\n" + "\n".join(sorted(options)))
+    return (
+        "请思考后回答以下选择题目，以json格式返回结果，除此以外不要返回其它任何信息。如:\n"
+        '{"answer": "A/B/C"}\n问题:\n'
+        + (f"{stem}\n{question}" if stem else question)
+        + "\n回答:\n"
+        + "\n".join(sorted(options))
+    )
 
 
 def test_cpqexam_reads_all_7600_items_repairing_the_three_broken_ones():
@@ -96,7 +102,8 @@ def test_quarkmed_prompt_is_the_published_one_for_every_item():
     assert build_prompt(example, cfg=cfg) == (
         "请思考后回答以下选择题目，以json格式返回结果，除此以外不要返回其它任何信息。如:\n"
         '{"answer": "A/B/C"}\n问题:\n鼻腔鼻窦上皮源性恶性肿瘤CT征象中，比较有特征性表现的是\n回答:\n'
-        "A. 鼻腔、鼻窦内软组织影\nB. 肿瘤呈膨胀性生长\nC. 有明显的骨质破坏\nD. 无明显的骨质破坏\nE. 增强扫描肿瘤无强化")
+        "A. 鼻腔、鼻窦内软组织影\nB. 肿瘤呈膨胀性生长\nC. 有明显的骨质破坏\nD. 无明显的骨质破坏\nE. 增强扫描肿瘤无强化"
+    )
     stem_item = next(i for i in bench.items if i.meta["option_type"] == "共用题干题")
     prompt = build_prompt(stem_item, cfg=cfg)
     assert prompt.index(stem_item.context) < prompt.index(stem_item.question)
@@ -148,8 +155,22 @@ def test_quarkmed_protocol_through_an_openai_server_equals_the_replies(tmp_path)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     out = tmp_path / "cpqexam.jsonl"
     try:
-        assert main(["eval", "--protocol", "quarkmed", "--model", f"openai:{server.url}", "--benchmark", str(CPQEXAM),
-                     "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--protocol",
+                    "quarkmed",
+                    "--model",
+                    f"openai:{server.url}",
+                    "--benchmark",
+                    str(CPQEXAM),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     finally:
         server.shutdown()
     assert not unknown, f"{len(unknown)} prompts differ from the protocol's, e.g.\n{unknown[0]}"
@@ -175,8 +196,24 @@ def test_quarkmed_protocol_through_an_openai_server_equals_the_replies(tmp_path)
     server = ChatServer(reply)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        main(["eval", "--protocol", "quarkmed", "--greedy", "--max-new-tokens", "512", "--limit", "5",
-              "--model", f"openai:{server.url}", "--benchmark", str(CPQEXAM), "--out", str(tmp_path / "greedy.jsonl")])
+        main(
+            [
+                "eval",
+                "--protocol",
+                "quarkmed",
+                "--greedy",
+                "--max-new-tokens",
+                "512",
+                "--limit",
+                "5",
+                "--model",
+                f"openai:{server.url}",
+                "--benchmark",
+                str(CPQEXAM),
+                "--out",
+                str(tmp_path / "greedy.jsonl"),
+            ]
+        )
     finally:
         server.shutdown()
     assert {(b["temperature"], b["max_tokens"]) for b in server.requests} == {(0.0, 512)}

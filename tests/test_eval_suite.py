@@ -40,20 +40,33 @@ def write_suite(tmp_path, **changes) -> Path:
         "name": "mini",
         "source": "a test's own figures",
         "defaults": {"mode": "generate", "chat": True, "temperature": 0.6, "max_new_tokens": 64},
-        "tables": [{"name": "open", "title": "Open benchmarks", "columns": ["Peer-A", "Peer-B"]},
-                   {"name": "exam", "title": "CPQExam", "columns": ["Peer-A", "Peer-B"]}],
+        "tables": [
+            {"name": "open", "title": "Open benchmarks", "columns": ["Peer-A", "Peer-B"]},
+            {"name": "exam", "title": "CPQExam", "columns": ["Peer-A", "Peer-B"]},
+        ],
         "benchmarks": [
             {"name": "MedQA(US)", "table": "open", "path": str(MEDQA), "published": [80.0, 70.5]},
             {"name": "Lost", "table": "open", "path": str(tmp_path / "nowhere" / "lost.jsonl"), "published": [50, 60]},
             {"name": "Judged", "table": "open", "note": "LLM-judged", "published": [40, 45]},
-            {"name": "CPQExam", "table": "exam", "path": str(CPQEXAM), "protocol": "quarkmed",
-             "settings": {"max_new_tokens": 32},
-             # The first items of the file are all 副高 (associate senior): the 中级 row gets no cell.
-             "rows": [{"name": "Associate Senior", "group": "level", "value": "副高", "published": [75.0, 65.0],
-                       "published_rag": {"Peer-B": 85.4}},
-                      {"name": "Shared Stem", "group": "option_type", "value": "共用题干题",
-                       "published": [43.0, 37.0]},
-                      {"name": "Intermediate", "group": "level", "value": "中级", "published": [70.0, 60.0]}]},
+            {
+                "name": "CPQExam",
+                "table": "exam",
+                "path": str(CPQEXAM),
+                "protocol": "quarkmed",
+                "settings": {"max_new_tokens": 32},
+                # The first items of the file are all 副高 (associate senior): the 中级 row gets no cell.
+                "rows": [
+                    {
+                        "name": "Associate Senior",
+                        "group": "level",
+                        "value": "副高",
+                        "published": [75.0, 65.0],
+                        "published_rag": {"Peer-B": 85.4},
+                    },
+                    {"name": "Shared Stem", "group": "option_type", "value": "共用题干题", "published": [43.0, 37.0]},
+                    {"name": "Intermediate", "group": "level", "value": "中级", "published": [70.0, 60.0]},
+                ],
+            },
         ],
     }
     suite.update(changes)
@@ -94,8 +107,9 @@ def test_suite_tables_resume_and_missing_files(tmp_path, server, capsys):
     for name in ("open", "exam"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "suite.json").read_text())
-    assert summary["skipped"] == [{"name": "Lost", "path": str(tmp_path / "nowhere" / "lost.jsonl"),
-                                   "reason": "file not found"}]
+    assert summary["skipped"] == [
+        {"name": "Lost", "path": str(tmp_path / "nowhere" / "lost.jsonl"), "reason": "file not found"}
+    ]
 
     # A rerun redoes nothing; an interrupted benchmark (no finished summary) is redone alone.
     assert main(argv) == 0 and len(server.requests) == 123
@@ -108,21 +122,36 @@ def test_suite_tables_resume_and_missing_files(tmp_path, server, capsys):
 
 def test_suite_with_rag_adds_the_model_column_with_retrieval(tmp_path, server):
     pytest.importorskip("bm25s", reason="the rag extra is not installed")
+    from medjax.eval.suite import run_suite
     from medjax.rag.config import load_rag_config
     from medjax.rag.index import build_index
-    from medjax.eval.suite import run_suite
 
     corpus = tmp_path / "notes.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"n{i}", "title": t, "text": x}) + "\n" for i, (t, x) in enumerate([
-        ("Scurvy", "Scurvy is caused by vitamin C deficiency."),
-        ("Graves disease", "Graves disease causes heat intolerance, weight loss and a diffuse goiter with a bruit."),
-        ("Inferior myocardial infarction", "ST elevation in leads II, III and aVF: the right coronary artery."),
-    ])))
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": f"n{i}", "title": t, "text": x}) + "\n"
+            for i, (t, x) in enumerate(
+                [
+                    ("Scurvy", "Scurvy is caused by vitamin C deficiency."),
+                    (
+                        "Graves disease",
+                        "Graves disease causes heat intolerance, weight loss and a diffuse goiter with a bruit.",
+                    ),
+                    (
+                        "Inferior myocardial infarction",
+                        "ST elevation in leads II, III and aVF: the right coronary artery.",
+                    ),
+                ]
+            )
+        )
+    )
     index = tmp_path / "rag"
-    build_index([str(corpus)], index,
-                load_rag_config(None, ["encoder.enabled=false"]), echo=lambda *a: None)
-    suite = load_suite(write_suite(tmp_path, benchmarks=[
-        {"name": "MedQA(US)", "table": "open", "path": str(MEDQA), "published": [80.0, 70.5]}]))
+    build_index([str(corpus)], index, load_rag_config(None, ["encoder.enabled=false"]), echo=lambda *a: None)
+    suite = load_suite(
+        write_suite(
+            tmp_path, benchmarks=[{"name": "MedQA(US)", "table": "open", "path": str(MEDQA), "published": [80.0, 70.5]}]
+        )
+    )
     summary = run_suite(suite, f"openai:{server.url}", tmp_path / "out", rag=str(index), quiet=True)
     assert set(summary["benchmarks"]) == {"MedQA(US)", "MedQA(US) + RAG"}
     with_passages = [b for b in server.requests if "Reference passages" in b["messages"][-1]["content"]]
@@ -132,19 +161,33 @@ def test_suite_with_rag_adds_the_model_column_with_retrieval(tmp_path, server):
     assert header[2:6] == ["Peer-A", "Peer-B", f"openai:{server.url}", f"openai:{server.url} + RAG"]
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"benchmarks": [{"name": "X", "table": "open", "path": "x.jsonl", "format": "medqa2"}]},
-     r"key 'benchmarks\[0\].format' is 'medqa2', not a known format"),
-    ({"benchmarks": [{"name": "X", "table": "open", "path": "x.jsonl", "published": [1.0]}]},
-     r"key 'benchmarks\[0\].published' has 1 figures for the 2 columns of table 'open'"),
-    ({"benchmarks": [{"name": "X", "table": "closed", "path": "x.jsonl"}]},
-     r"key 'benchmarks\[0\].table' is 'closed'; the suite's tables are open, exam"),
-    ({"benchmarks": [{"name": "X", "table": "open"}]}, r"key 'benchmarks\[0\].note' must say why 'X' has no path"),
-    ({"defaults": {"temprature": 0.6}}, r"key 'defaults.temprature' is not an eval setting"),
-    ({"benchmarks": [{"name": "X", "table": "open", "path": "x", "protocol": "medqa"}]},
-     r"key 'benchmarks\[0\].protocol' is 'medqa', not a known protocol \(quarkmed\)"),
-    ({"benchmarks": [{"name": "X", "table": "open", "path": "x", "shots": 2}]}, r"unknown key 'benchmarks\[0\].shots'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"benchmarks": [{"name": "X", "table": "open", "path": "x.jsonl", "format": "medqa2"}]},
+            r"key 'benchmarks\[0\].format' is 'medqa2', not a known format",
+        ),
+        (
+            {"benchmarks": [{"name": "X", "table": "open", "path": "x.jsonl", "published": [1.0]}]},
+            r"key 'benchmarks\[0\].published' has 1 figures for the 2 columns of table 'open'",
+        ),
+        (
+            {"benchmarks": [{"name": "X", "table": "closed", "path": "x.jsonl"}]},
+            r"key 'benchmarks\[0\].table' is 'closed'; the suite's tables are open, exam",
+        ),
+        ({"benchmarks": [{"name": "X", "table": "open"}]}, r"key 'benchmarks\[0\].note' must say why 'X' has no path"),
+        ({"defaults": {"temprature": 0.6}}, r"key 'defaults.temprature' is not an eval setting"),
+        (
+            {"benchmarks": [{"name": "X", "table": "open", "path": "x", "protocol": "medqa"}]},
+            r"key 'benchmarks\[0\].protocol' is 'medqa', not a known protocol \(quarkmed\)",
+        ),
+        (
+            {"benchmarks": [{"name": "X", "table": "open", "path": "x", "shots": 2}]},
+            r"unknown key 'benchmarks\[0\].shots'",
+        ),
+    ],
+)
 def test_bad_suites_are_refused_naming_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         load_suite(write_suite(tmp_path, **change))
@@ -183,10 +226,14 @@ def test_an_unrepairable_item_stops_the_suite_or_is_skipped_as_it_says(tmp_path,
     bad.write_text("\n".join([lines[0], json.dumps(broken), lines[2]]) + "\n")
     benchmarks = [{"name": "Broken", "table": "open", "path": str(bad), "published": [1, 2]}]
     with pytest.raises(ItemError, match=rf"{bad}:2: answer letter\(s\) F not among the options"):
-        run_suite(load_suite(write_suite(tmp_path, benchmarks=benchmarks)), f"openai:{server.url}", tmp_path / "a",
-                  quiet=True)
-    lenient = write_suite(tmp_path, benchmarks=benchmarks,
-                          defaults={"mode": "generate", "chat": True, "max_new_tokens": 16, "skip_bad": True})
+        run_suite(
+            load_suite(write_suite(tmp_path, benchmarks=benchmarks)), f"openai:{server.url}", tmp_path / "a", quiet=True
+        )
+    lenient = write_suite(
+        tmp_path,
+        benchmarks=benchmarks,
+        defaults={"mode": "generate", "chat": True, "max_new_tokens": 16, "skip_bad": True},
+    )
     summary = run_suite(load_suite(lenient), f"openai:{server.url}", tmp_path / "b", quiet=True)
     assert summary["benchmarks"]["Broken"]["n"] == 2
     skipped = json.loads((tmp_path / "b" / "broken.summary.json").read_text())["skipped"]

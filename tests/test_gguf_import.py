@@ -17,13 +17,20 @@ from medjax.convert.hf_export import export_hf  # noqa: E402
 from medjax.data.tokenizer import load_tokenizer  # noqa: E402
 
 HF_TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight", "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 Q8 = gguf.GGMLQuantizationType.Q8_0
@@ -45,9 +52,17 @@ def write_gguf(path, family, tokenizer_dir, *, pre=None, seed=0, int_tensor=None
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     specials = {t["content"] for t in tok["added_tokens"]}
     heads, kv = 4, 2
-    config = dict(vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
-                  rms_norm_eps=1e-6, tie_word_embeddings=family == "qwen2")
+    config = dict(
+        vocab_size=len(tokens),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=family == "qwen2",
+    )
     cls = transformers.Qwen2Config if family == "qwen2" else transformers.LlamaConfig
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cls(**config), dtype=torch.float32)
@@ -105,12 +120,12 @@ def test_gguf_import_equals_transformers_gguf_loading(world, tmp_path, family):
     if family == "qwen2":
         assert rebuilt.encode(text).ids == original.encode(text).ids
     assert (model_dir / "tokenizer" / "chat_template.jinja").read_text() == json.loads(
-        (world.tokenizer / "tokenizer_config.json").read_text())["chat_template"]
+        (world.tokenizer / "tokenizer_config.json").read_text()
+    )["chat_template"]
 
 
 def test_an_unreadable_quantisation_type_is_named(world, tmp_path):
-    path = write_gguf(tmp_path / "m.gguf", "qwen2", world.tokenizer,
-                      int_tensor="model.layers.1.mlp.up_proj.weight")
+    path = write_gguf(tmp_path / "m.gguf", "qwen2", world.tokenizer, int_tensor="model.layers.1.mlp.up_proj.weight")
     with pytest.raises(ConversionError, match=r"blk\.1\.ffn_up\.weight has quantisation type I32"):
         import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -112,7 +112,9 @@ def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
             if a == b or b == "__init__":
                 continue
             if a == PIPELINES or b == PIPELINES:
-                if (b if a == PIPELINES else a) not in (PIPELINES_MAY_IMPORT if a == PIPELINES else PIPELINES_IMPORTED_BY):
+                if (b if a == PIPELINES else a) not in (
+                    PIPELINES_MAY_IMPORT if a == PIPELINES else PIPELINES_IMPORTED_BY
+                ):
                     bad.append(f"{src}:{line} imports {dst} (outside what {PIPELINES} and medjax may share)")
                 continue
             if a not in RANK or b not in RANK:

@@ -31,10 +31,28 @@ CEILING, SLACK_BYTES = 1.3, 64 * 1024**2
 # ~63M parameters, 252 MB in float32: large enough that a second copy of the weights cannot hide
 # in the ceiling and slack (the whole-tree loaders took 1.9-2.5x), small enough to write and load
 # in seconds.
-MEMORY_MODEL = ModelConfig(family="llama", vocab_size=16384, hidden_size=768, intermediate_size=2048, num_layers=6,
-                           num_heads=12, num_kv_heads=4, tie_word_embeddings=False, max_position_embeddings=512)
-TINY = ModelConfig(family="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
-                   num_kv_heads=2, attention_bias=True, max_position_embeddings=256)
+MEMORY_MODEL = ModelConfig(
+    family="llama",
+    vocab_size=16384,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_layers=6,
+    num_heads=12,
+    num_kv_heads=4,
+    tie_word_embeddings=False,
+    max_position_embeddings=512,
+)
+TINY = ModelConfig(
+    family="qwen2",
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    attention_bias=True,
+    max_position_embeddings=256,
+)
 
 
 def write_hf(cfg: ModelConfig, directory: Path, seed: int = 0) -> Path:
@@ -52,8 +70,9 @@ def write_hf(cfg: ModelConfig, directory: Path, seed: int = 0) -> Path:
 
 def measure(source: Path) -> dict:
     """Peak and baseline RSS of load_model(source) + device placement, in a fresh process."""
-    out = subprocess.run([sys.executable, str(BENCH), "--child", "load", str(source)], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(BENCH), "--child", "load", str(source)], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -72,17 +91,20 @@ def test_loading_for_generation_holds_the_weights_about_once(tmp_path):
         extra = (r["peak_kib"] - r["baseline_kib"]) * 1024
         assert extra <= CEILING * weights + SLACK_BYTES, (
             f"{source.name}: loading took {extra / 1e6:.0f} MB over the baseline for {weights / 1e6:.0f} MB of "
-            f"weights ({extra / weights:.2f}x)")
+            f"weights ({extra / weights:.2f}x)"
+        )
 
 
 def _bytes(tree) -> list[tuple[str, tuple, str, bytes]]:
-    return [(jax.tree_util.keystr(p), np.shape(x), str(np.asarray(x).dtype), np.asarray(x).tobytes())
-            for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+    return [
+        (jax.tree_util.keystr(p), np.shape(x), str(np.asarray(x).dtype), np.asarray(x).tobytes())
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    ]
 
 
 def test_streamed_loading_is_bitwise_and_converts_layouts_into_shardings(tmp_path):
-    from medjax.parallel.mesh import make_mesh
     from medjax.parallel.inference import parse_mesh_spec
+    from medjax.parallel.mesh import make_mesh
     from medjax.parallel.rules import param_shardings
 
     hf = write_hf(TINY, tmp_path / "hf", seed=1)

@@ -3,6 +3,7 @@
 Everything downstream trains and evaluates on this data, so these tests pin down determinism, exam
 validity and the promise that every examined fact is stated in the pretraining (train) passages.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,17 @@ import pytest
 
 from medjax.data import medworld
 
-EXPECTED_FILES = {"world.json", "pretrain.jsonl", "pretrain_eval.jsonl", "sft.jsonl",
-                  "sft_eval.jsonl", "exam.jsonl", "preferences.jsonl", "preferences_eval.jsonl",
-                  "rl_prompts.jsonl"}
+EXPECTED_FILES = {
+    "world.json",
+    "pretrain.jsonl",
+    "pretrain_eval.jsonl",
+    "sft.jsonl",
+    "sft_eval.jsonl",
+    "exam.jsonl",
+    "preferences.jsonl",
+    "preferences_eval.jsonl",
+    "rl_prompts.jsonl",
+}
 SMALL = {"num_conditions": 12, "passages_per_condition": 4}
 
 
@@ -95,8 +104,7 @@ def test_exam_items_are_valid_and_balanced(data):
     exam = data["exam"]
     assert len(exam) == 4 * 40
     for item in exam:
-        assert list(item) == ["id", "question", "options", "answer", "answer_idx", "meta_info",
-                              "subject"]
+        assert list(item) == ["id", "question", "options", "answer", "answer_idx", "meta_info", "subject"]
         assert list(item["options"]) == ["A", "B", "C", "D"]
         assert len(set(item["options"].values())) == 4
         assert item["answer_idx"] in "ABCD"
@@ -145,8 +153,7 @@ def test_pretrain_split_and_size(data, default_out):
     assert 0.4e6 < size < 2.2e6, size
     # Many phrasings: the first-line-drug fact of one condition appears in several distinct sentences.
     c = data["world"].conditions[0]
-    sentences = {s for p in train for s in re.split(r"(?<=\.) ", p["text"])
-                 if c.name in s and c.first_line_drug in s}
+    sentences = {s for p in train for s in re.split(r"(?<=\.) ", p["text"]) if c.name in s and c.first_line_drug in s}
     assert len(sentences) >= 5
 
 
@@ -167,8 +174,9 @@ def test_sft_records(data):
         assert roles == ["user", "assistant"] * (len(roles) // 2)
         assert all(isinstance(m["content"], str) and m["content"] for m in msgs)
         two_turn += len(roles) == 4
-        answer_lines += any(re.search(r"\nThe answer is [^\n]+\.$", m["content"])
-                            for m in msgs if m["role"] == "assistant")
+        answer_lines += any(
+            re.search(r"\nThe answer is [^\n]+\.$", m["content"]) for m in msgs if m["role"] == "assistant"
+        )
     assert two_turn > 0 and with_system > 0 and answer_lines > 0
 
 
@@ -179,23 +187,34 @@ def test_sft_lettered_items_teach_the_answer_form(data):
     opens like an exam or RL question), and kinds the exam never asks."""
     from medjax.tasks.answers import extract_answer
 
-    lettered = [r["messages"] for r in data["sft"] + data["sft_eval"]
-                if r["messages"][0]["content"].startswith("The following is a multiple-choice question")]
+    lettered = [
+        r["messages"]
+        for r in data["sft"] + data["sft_eval"]
+        if r["messages"][0]["content"].startswith("The following is a multiple-choice question")
+    ]
     assert len(lettered) >= 10 * 40
     kinds = Counter()
     for user, assistant in lettered:
-        question = user["content"].split("Question: ", 1)[1].split("\n", 1)[0]
         options = dict(line.split(". ", 1) for line in user["content"].splitlines() if re.match(r"^[A-D]\. ", line))
         answer = re.search(r"\nThe answer is ([^\n]+)\.$", assistant["content"]).group(1)
         gold = next(letter for letter, text in options.items() if text == answer)
         assert extract_answer(assistant["content"], "ABCD", options).prediction == gold
         assert extract_answer(assistant["content"], "ABCD").prediction == ""  # by its text, not a letter
         assert options[gold].lower() in assistant["content"].splitlines()[0].lower()  # the reason names it
-        kinds.update(k for k, pattern in (("drug", "first-line"), ("contra", "contraindicated"),
-                                          ("test", "confirmed"), ("diagnosis", "point to"),
-                                          ("risk", "risk factor"), ("subject", "condition of"),
-                                          ("symptom", "typical symptom"), ("pathogen", "caused by"))
-                     if pattern in assistant["content"])
+        kinds.update(
+            k
+            for k, pattern in (
+                ("drug", "first-line"),
+                ("contra", "contraindicated"),
+                ("test", "confirmed"),
+                ("diagnosis", "point to"),
+                ("risk", "risk factor"),
+                ("subject", "condition of"),
+                ("symptom", "typical symptom"),
+                ("pathogen", "caused by"),
+            )
+            if pattern in assistant["content"]
+        )
     assert set(kinds) == {"drug", "contra", "test", "diagnosis", "risk", "subject", "symptom", "pathogen"}, kinds
 
     def opening(q):

@@ -26,9 +26,19 @@ def test_preset_parameter_counts(name):
 
 
 def small(family="qwen2", **kw) -> ModelConfig:
-    base = dict(family=family, vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=16, attention_bias=family == "qwen2", qk_norm=family == "qwen3",
-                tie_word_embeddings=family == "qwen2")
+    base = dict(
+        family=family,
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        attention_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        tie_word_embeddings=family == "qwen2",
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -82,7 +92,12 @@ def test_matches_numpy_reference(family):
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     # Random (non-unit) norm scales and biases so every parameter matters.
     for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param) and var.ndim <= 2 and var.shape[0] != cfg.vocab_size and var.shape[-1] != cfg.vocab_size:
+        if (
+            isinstance(var, nnx.Param)
+            and var.ndim <= 2
+            and var.shape[0] != cfg.vocab_size
+            and var.shape[-1] != cfg.vocab_size
+        ):
             var[...] = var[...] + 0.1 * jax.random.normal(jax.random.key(len(path)), var.shape)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 12)
     got = np.asarray(model(jnp.asarray(tokens)[None]))[0]
@@ -122,8 +137,8 @@ def test_remat_and_bf16_compute():
 
     base_loss, base_grad = loss_and_grad(small())
     for policy in ("full", "dots"):
-        l, g = loss_and_grad(small(remat=policy))
-        assert float(l) == pytest.approx(float(base_loss), abs=1e-6)
+        loss, g = loss_and_grad(small(remat=policy))
+        assert float(loss) == pytest.approx(float(base_loss), abs=1e-6)
         for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(base_grad)):
             np.testing.assert_allclose(x, y, atol=1e-6)
     bf16_loss, _ = loss_and_grad(small(dtype="bfloat16"))
@@ -144,8 +159,11 @@ def test_llama3_rope_scaling_matches_transformers():
 
     cfg = load_model_preset("llama-3.1-8b")
     hf_cfg = transformers.LlamaConfig(
-        hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads, rope_theta=cfg.rope_theta,
-        rope_scaling=dataclasses.asdict(cfg.rope_scaling), max_position_embeddings=cfg.max_position_embeddings,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=dataclasses.asdict(cfg.rope_scaling),
+        max_position_embeddings=cfg.max_position_embeddings,
     )
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
     ours = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)

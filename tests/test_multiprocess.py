@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import tiny_config
 
 pytestmark = pytest.mark.slow  # JAX processes over localhost
@@ -41,15 +40,25 @@ def _medjax() -> list[str]:
 
 def _start(config: Path, processes: int, *overrides: str) -> list[subprocess.Popen]:
     """`medjax train config` as one job of ``processes`` processes sharing 8 CPU devices."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parent),  # test_rl's reward
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(Path(__file__).parent),  # test_rl's reward
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}",
+    }
     join = []
     if processes > 1:
         join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", str(processes)]
-    return [subprocess.Popen([*_medjax(), "train", str(config), *overrides,
-                              *(join + ["--process-id", str(i)] if join else [])],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(processes)]
+    return [
+        subprocess.Popen(
+            [*_medjax(), "train", str(config), *overrides, *(join + ["--process-id", str(i)] if join else [])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
 
 
 def _run(config: Path, processes: int, *overrides: str, timeout: int = 300) -> list[subprocess.CompletedProcess]:
@@ -89,8 +98,15 @@ def _config(world, workdir: Path, stage: str = "pretrain", *overrides: str) -> P
     from conftest import stage_config
     from test_rl import _rl_config, _task_file
 
-    common = [f"train.max_steps={STEPS}", f"train.checkpoint_every={HALF}", "train.eval_every=0",
-              "mesh.data=-1", "mesh.fsdp=2", "data.streams=2", *overrides]
+    common = [
+        f"train.max_steps={STEPS}",
+        f"train.checkpoint_every={HALF}",
+        "train.eval_every=0",
+        "mesh.data=-1",
+        "mesh.fsdp=2",
+        "data.streams=2",
+        *overrides,
+    ]
     if stage == "pretrain":
         cfg = tiny_config(world, workdir, *common)
     elif stage == "rl":
@@ -135,14 +151,17 @@ def test_two_processes_train_like_one_and_resume_in_each_other(world, tmp_path):
         _assert_close(ref, _losses(dst), range(HALF + 1, STEPS + 1))
 
 
-@pytest.mark.parametrize("stage,overrides,two_only", [
-    # The two processes stand in for two slices: the data axis across them (mesh.dcn_data).
-    ("sft", [], ["mesh.dcn_data=2"]),
-    ("reward_model", [], []),
-    # Rollouts: every process samples the same groups (rows split over all 8 devices and gathered),
-    # with a KL reference and two micro-batches per step.
-    ("rl", ["rl.kl_coef=0.05", "train.grad_accum_steps=2"], []),
-])
+@pytest.mark.parametrize(
+    "stage,overrides,two_only",
+    [
+        # The two processes stand in for two slices: the data axis across them (mesh.dcn_data).
+        ("sft", [], ["mesh.dcn_data=2"]),
+        ("reward_model", [], []),
+        # Rollouts: every process samples the same groups (rows split over all 8 devices and gathered),
+        # with a KL reference and two micro-batches per step.
+        ("rl", ["rl.kl_coef=0.05", "train.grad_accum_steps=2"], []),
+    ],
+)
 def test_every_stage_trains_on_two_processes_as_on_one(world, tmp_path, stage, overrides, two_only):
     one, two = tmp_path / "one", tmp_path / "two"
     _run(_config(world, one, stage, "train.max_steps=3", *overrides), 1)
@@ -159,8 +178,13 @@ def test_finite_data_ends_every_process_at_one_step(world, tmp_path):
     """One pass over the data (data.num_epochs=1): the processes' streams run out at different
     steps, and all of them stop at the step one process reading the same streams stops at."""
     one, two = tmp_path / "one", tmp_path / "two"
-    overrides = ("data.num_epochs=1", "data.seq_len=64", "train.global_batch_size=16", "train.max_steps=10000",
-                 "train.checkpoint_every=10000")
+    overrides = (
+        "data.num_epochs=1",
+        "data.seq_len=64",
+        "train.global_batch_size=16",
+        "train.max_steps=10000",
+        "train.checkpoint_every=10000",
+    )
     _run(_config(world, one), 1, *overrides)
     out = _run(_config(world, two), 2, *overrides)
     last = max(_losses(one))
@@ -208,18 +232,38 @@ def test_a_process_that_dies_stops_the_others_naming_it(world, tmp_path):
     assert procs[0].returncode != 0
     # JAX names the dead task; where process 0 was inside a collective with it, Gloo (the CPU
     # collectives) fails first, on the connection it lost.
-    assert ("tasks are unhealthy (stopped sending heartbeats):\n1\n" in err
-            or "gloo::EnforceNotMet" in err or "Connection closed by peer" in err), err[-3000:]
+    assert (
+        "tasks are unhealthy (stopped sending heartbeats):\n1\n" in err
+        or "gloo::EnforceNotMet" in err
+        or "Connection closed by peer" in err
+    ), err[-3000:]
 
 
 def test_processes_with_different_configs_are_refused(world, tmp_path):
     config = _config(world, tmp_path / "run")
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [subprocess.Popen([*_medjax(), "train", str(config), f"optimizer.learning_rate={lr}", "--coordinator",
-                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, lr in enumerate((0.003, 0.001))]
+    procs = [
+        subprocess.Popen(
+            [
+                *_medjax(),
+                "train",
+                str(config),
+                f"optimizer.learning_rate={lr}",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, lr in enumerate((0.003, 0.001))
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 2, err[-3000:]
@@ -229,14 +273,30 @@ def test_processes_with_different_configs_are_refused(world, tmp_path):
 
 def test_an_absent_coordinator_is_named(world, tmp_path):
     port = _free_port()
-    out = subprocess.run([*_medjax(), "train", str(_config(world, tmp_path / "run")), "mesh.join_timeout_s=2",
-                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1"],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    out = subprocess.run(
+        [
+            *_medjax(),
+            "train",
+            str(_config(world, tmp_path / "run")),
+            "mesh.join_timeout_s=2",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         f"medjax train: error: mesh.coordinator=127.0.0.1:{port}: nothing answered there within "
         "mesh.join_timeout_s=2 s (Connection refused); process 0 runs the coordinator: is it started, with this "
-        "address?")
+        "address?"
+    )
 
 
 def test_each_process_reads_its_block_of_every_micro_batch(world):
@@ -250,8 +310,14 @@ def test_each_process_reads_its_block_of_every_micro_batch(world):
     cfg = tiny_config(world, world.root / "unused")
 
     def batches(index, count, n=3, state=None):
-        it = StreamBatches(lambda r, k, rows: STAGES["pretrain"].dataset(cfg, cfg.data.train_files, rows, True, r, k),
-                           streams=4, global_rows=16, accum=2, process_index=index, process_count=count)
+        it = StreamBatches(
+            lambda r, k, rows: STAGES["pretrain"].dataset(cfg, cfg.data.train_files, rows, True, r, k),
+            streams=4,
+            global_rows=16,
+            accum=2,
+            process_index=index,
+            process_count=count,
+        )
         if state is not None:
             it.restore_states(state)
         out = [next(it) for _ in range(n)]
@@ -271,23 +337,37 @@ def test_each_process_reads_its_block_of_every_micro_batch(world):
     for i in range(2):
         after, _ = batches(i, 2, n=1, state=saved)
         for key, value in after[0].items():
-            np.testing.assert_array_equal(value, more[3][key][:, 4 * i:4 * (i + 1)])
+            np.testing.assert_array_equal(value, more[3][key][:, 4 * i : 4 * (i + 1)])
 
 
-@pytest.mark.parametrize("streams,processes,rows,message", [
-    (3, 2, 16, "data.streams=3 cannot be shared by 2 processes"),
-    (3, 1, 8, "train.global_batch_size=8 does not split into data.streams=3 blocks of"),
-])
+@pytest.mark.parametrize(
+    "streams,processes,rows,message",
+    [
+        (3, 2, 16, "data.streams=3 cannot be shared by 2 processes"),
+        (3, 1, 8, "train.global_batch_size=8 does not split into data.streams=3 blocks of"),
+    ],
+)
 def test_stream_counts_that_do_not_divide_are_named(world, streams, processes, rows, message):
     from medjax.data.streams import StreamBatches
 
     with pytest.raises(Exception, match=message):
-        StreamBatches(lambda r, k, n: iter(()), streams=streams, global_rows=rows, accum=1, process_index=0,
-                      process_count=processes)
+        StreamBatches(
+            lambda r, k, n: iter(()),
+            streams=streams,
+            global_rows=rows,
+            accum=1,
+            process_index=0,
+            process_count=processes,
+        )
 
 
-@pytest.mark.parametrize("dcn,message", [(2, "mesh.dcn_data=2 needs 2 processes (one per slice), but the job has 1"),
-                                         (3, "mesh.dcn_data=3 must divide the data axis (mesh.data = 4 here)")])
+@pytest.mark.parametrize(
+    "dcn,message",
+    [
+        (2, "mesh.dcn_data=2 needs 2 processes (one per slice), but the job has 1"),
+        (3, "mesh.dcn_data=3 must divide the data axis (mesh.data = 4 here)"),
+    ],
+)
 def test_a_multislice_mesh_names_what_it_lacks(dcn, message):
     from medjax.config import MeshConfig
     from medjax.parallel.mesh import make_mesh
@@ -296,22 +376,27 @@ def test_a_multislice_mesh_names_what_it_lacks(dcn, message):
         make_mesh(MeshConfig(data=-1, fsdp=2, dcn_data=dcn))
 
 
-@pytest.mark.parametrize("line,dropped", [
-    (b"[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n", True),
-    (b"[Gloo] Rank 0 is connected\n", True),
-    (b" peer ranks is : 1\n", True),
-    # Two threads' writes cut into each other (seen in CI): a tail, then another message's middle.
-    (b" is connected to 1 peer ranks. Expected number of connected peer ranks is : 11 is connected to\n", True),
-    (b"step 6: eval_loss 5.9105\n", False),
-    (b"pretrain: stopped at step 6, last loss 5.9008; workdir /tmp/run\n", False),
-    (b"checkpoint saved at step 3\n", False),
-    (b"training data exhausted after step 12\n", False),
-    (b"\n", False),
-])
+@pytest.mark.parametrize(
+    "line,dropped",
+    [
+        (b"[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n", True),
+        (b"[Gloo] Rank 0 is connected\n", True),
+        (b" peer ranks is : 1\n", True),
+        # Two threads' writes cut into each other (seen in CI): a tail, then another message's middle.
+        (b" is connected to 1 peer ranks. Expected number of connected peer ranks is : 11 is connected to\n", True),
+        (b"step 6: eval_loss 5.9105\n", False),
+        (b"pretrain: stopped at step 6, last loss 5.9008; workdir /tmp/run\n", False),
+        (b"checkpoint saved at step 3\n", False),
+        (b"training data exhausted after step 12\n", False),
+        (b"\n", False),
+    ],
+)
 def test_gloo_lines_and_their_fragments_are_recognised(line, dropped):
     from medjax.utils import MessageFragments
 
-    gloo = MessageFragments("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1")
+    gloo = MessageFragments(
+        "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
+    )
     assert gloo.matches(line) == dropped
 
 
@@ -320,10 +405,18 @@ def test_the_newline_a_cut_message_leaves_alone_is_dropped():
     was all process 1 printed ("\\n"). A blank line after anything else is the program's."""
     from medjax.utils import MessageFragments
 
-    gloo = MessageFragments("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1")
-    stream = [b"[Gloo] Rank 1 is connected to 1 peer ranks. [Gloo] Rank 1 is connected to 1 peer ranks. Expected "
-              b"number of connected peer ranks is : 1Expected number of connected peer ranks is : 1\n", b"\n", b"\n",
-              b"step 1 loss 5.9\n", b"\n", b"done\n"]
+    gloo = MessageFragments(
+        "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
+    )
+    stream = [
+        b"[Gloo] Rank 1 is connected to 1 peer ranks. [Gloo] Rank 1 is connected to 1 peer ranks. Expected "
+        b"number of connected peer ranks is : 1Expected number of connected peer ranks is : 1\n",
+        b"\n",
+        b"\n",
+        b"step 1 loss 5.9\n",
+        b"\n",
+        b"done\n",
+    ]
     assert [line for line in stream if not gloo.matches(line)] == [b"step 1 loss 5.9\n", b"\n", b"done\n"]
 
 
@@ -331,9 +424,19 @@ def _two_processes(*argv: str) -> list[subprocess.CompletedProcess]:
     """`medjax ARGV...` as one job of 2 processes x 4 CPU devices joined on 127.0.0.1, finished."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
-    return _finish([subprocess.Popen([*_medjax(), *argv, *join, "--process-id", str(i)], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)],
-                   timeout=300)
+    return _finish(
+        [
+            subprocess.Popen(
+                [*_medjax(), *argv, *join, "--process-id", str(i)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ],
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -352,14 +455,32 @@ def test_eval_on_two_processes_scores_as_one_and_writes_once(world, exported, tm
     output equals one process x 8 devices item by item."""
     from medjax.eval.runner import EvalConfig, evaluate
 
-    args = ["--model", str(exported), "--benchmark", str(world.files["exam"]), "--limit", "16", "--mode", mode,
-            "--mesh", "fsdp=4,tensor=2", "--max-new-tokens", "8"]
+    args = [
+        "--model",
+        str(exported),
+        "--benchmark",
+        str(world.files["exam"]),
+        "--limit",
+        "16",
+        "--mode",
+        mode,
+        "--mesh",
+        "fsdp=4,tensor=2",
+        "--max-new-tokens",
+        "8",
+    ]
     done = _two_processes("eval", *args, "--out", str(tmp_path / "two.jsonl"))
     assert "items/s" in done[0].stdout and done[1].stdout == "", done[1].stdout
-    one = evaluate(str(exported), world.files["exam"], tmp_path / "one.jsonl",
-                   EvalConfig(mode=mode, limit=16, mesh="fsdp=4,tensor=2", max_new_tokens=8), quiet=True)
-    rows = {name: [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("one", "two")}
+    one = evaluate(
+        str(exported),
+        world.files["exam"],
+        tmp_path / "one.jsonl",
+        EvalConfig(mode=mode, limit=16, mesh="fsdp=4,tensor=2", max_new_tokens=8),
+        quiet=True,
+    )
+    rows = {
+        name: [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()] for name in ("one", "two")
+    }
     assert [r["prediction"] for r in rows["two"]] == [r["prediction"] for r in rows["one"]]
     if mode == "loglikelihood":
         for a, b in zip(rows["one"], rows["two"]):
@@ -384,8 +505,9 @@ def test_score_rm_on_two_processes_scores_as_one_and_writes_once(world, tmp_path
     done = _two_processes("score-rm", *args, "--out", str(tmp_path / "two.jsonl"))
     assert "pairwise accuracy overall" in done[0].stdout and done[1].stdout == "", done[1].stdout
     one = score_file(tmp_path / "rm", pairs, tmp_path / "one.jsonl", mesh="fsdp=4,tensor=2")
-    rows = {name: [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("one", "two")}
+    rows = {
+        name: [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()] for name in ("one", "two")
+    }
     assert len(rows["two"]) == one["records"] > 0
     for a, b in zip(rows["one"], rows["two"]):
         assert a["id"] == b["id"] and a.get("correct") == b.get("correct")
@@ -400,21 +522,41 @@ def test_eval_suite_on_two_processes_writes_once_and_resumes_together(world, exp
     from medjax.eval.suite import load_suite, run_suite
 
     suite = tmp_path / "suite.yaml"
-    suite.write_text(yaml.safe_dump({
-        "name": "mp", "defaults": {"mode": "loglikelihood"},
-        "tables": [{"name": "exam", "title": "exam", "columns": []}],
-        "benchmarks": [{"name": "World exam", "table": "exam", "path": str(world.files["exam"])}]}))
+    suite.write_text(
+        yaml.safe_dump(
+            {
+                "name": "mp",
+                "defaults": {"mode": "loglikelihood"},
+                "tables": [{"name": "exam", "title": "exam", "columns": []}],
+                "benchmarks": [{"name": "World exam", "table": "exam", "path": str(world.files["exam"])}],
+            }
+        )
+    )
 
     def two(out):
-        return _two_processes("eval", "suite", str(suite), "--model", str(exported), "--out", str(out), "--limit", "12",
-                              "--mesh", "fsdp=4,tensor=2")
+        return _two_processes(
+            "eval",
+            "suite",
+            str(suite),
+            "--model",
+            str(exported),
+            "--out",
+            str(out),
+            "--limit",
+            "12",
+            "--mesh",
+            "fsdp=4,tensor=2",
+        )
 
     first = two(tmp_path / "two")
     assert "| World exam |" in first[0].stdout and first[1].stdout == ""
     again = two(tmp_path / "two")
     assert "done before" in again[0].stdout and again[1].stdout == ""
     one = run_suite(load_suite(suite), str(exported), tmp_path / "one", limit=12, mesh="fsdp=4,tensor=2", quiet=True)
-    assert (tmp_path / "two" / "exam.md").read_text().replace("two", "one") == \
-        (tmp_path / "one" / "exam.md").read_text().replace("two", "one")
-    assert json.loads((tmp_path / "two" / "suite.json").read_text())["benchmarks"]["World exam"]["accuracy"] == \
-        one["benchmarks"]["World exam"]["accuracy"]
+    assert (tmp_path / "two" / "exam.md").read_text().replace("two", "one") == (
+        tmp_path / "one" / "exam.md"
+    ).read_text().replace("two", "one")
+    assert (
+        json.loads((tmp_path / "two" / "suite.json").read_text())["benchmarks"]["World exam"]["accuracy"]
+        == one["benchmarks"]["World exam"]["accuracy"]
+    )

@@ -16,8 +16,14 @@ def test_same_losses_on_every_mesh(make_config, tmp_path):
     assert jax.device_count() == 8, "tests run on an 8-device CPU mesh (XLA_FLAGS in conftest)"
     losses = {}
     for data, fsdp, tensor in MESHES:
-        cfg = make_config(tmp_path / f"m{data}{fsdp}{tensor}", f"mesh.data={data}", f"mesh.fsdp={fsdp}",
-                          f"mesh.tensor={tensor}", "train.max_steps=4", "train.checkpoint_every=100")
+        cfg = make_config(
+            tmp_path / f"m{data}{fsdp}{tensor}",
+            f"mesh.data={data}",
+            f"mesh.fsdp={fsdp}",
+            f"mesh.tensor={tensor}",
+            "train.max_steps=4",
+            "train.checkpoint_every=100",
+        )
         result = train(cfg)
         losses[(data, fsdp, tensor)] = np.array([result.losses[s] for s in sorted(result.losses)])
     reference = losses[(1, 1, 1)]
@@ -27,8 +33,8 @@ def test_same_losses_on_every_mesh(make_config, tmp_path):
 
 
 def test_params_and_optimizer_state_are_sharded(make_config, tmp_path):
-    from medjax.train.optimizer import make_optimizer
     from medjax.models.decoder import ModelDef
+    from medjax.train.optimizer import make_optimizer
     from medjax.train.step import init_train_state
 
     cfg = make_config(tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
@@ -42,7 +48,9 @@ def test_params_and_optimizer_state_are_sharded(make_config, tmp_path):
     assert state["params"]["embed"].sharding.spec == P("tensor", "fsdp")
     mu = state["opt_state"][1][0].mu["layers"][0]["mlp"]["w_gate"]
     assert mu.sharding.spec == P("fsdp", "tensor")
-    assert len({tuple((i.start, i.stop) for i in s.index) for s in gate.addressable_shards}) == 4  # 4 distinct pieces over 8 devices
+    assert (
+        len({tuple((i.start, i.stop) for i in s.index) for s in gate.addressable_shards}) == 4
+    )  # 4 distinct pieces over 8 devices
 
 
 def test_indivisible_dimension_stays_replicated():

@@ -14,14 +14,24 @@ from medjax.parallel.topologies import GENERATIONS, SLICES, get_slice, slice_dev
 
 pytestmark = pytest.mark.slow  # AOT compiles for TPU slices
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu not installed (pip install -e '.[tpu]')")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e '.[tpu]')"
+)
 
 # Slices as Cloud TPU documents them: name -> (topology, chips).
-REAL = {"v4-8": ("v4:2x2x1", 4), "v4-128": ("v4:4x4x4", 64), "v5p-8": ("v5:2x2x1", 4),
-        "v5p-128": ("v5:4x4x4", 64), "v5p-1024": ("v5:8x8x8", 512), "v5e-1": ("v5e:1x1", 1),
-        "v5e-8": ("v5e:2x4", 8), "v5e-64": ("v5e:8x8", 64), "v5e-256": ("v5e:16x16", 256),
-        "v6e-64": ("v6e:8x8", 64), "v6e-256": ("v6e:16x16", 256)}
+REAL = {
+    "v4-8": ("v4:2x2x1", 4),
+    "v4-128": ("v4:4x4x4", 64),
+    "v5p-8": ("v5:2x2x1", 4),
+    "v5p-128": ("v5:4x4x4", 64),
+    "v5p-1024": ("v5:8x8x8", 512),
+    "v5e-1": ("v5e:1x1", 1),
+    "v5e-8": ("v5e:2x4", 8),
+    "v5e-64": ("v5e:8x8", 64),
+    "v5e-256": ("v5e:16x16", 256),
+    "v6e-64": ("v6e:8x8", 64),
+    "v6e-256": ("v6e:16x16", 256),
+}
 
 
 def test_slice_table_matches_real_slice_shapes():
@@ -35,8 +45,15 @@ def test_slice_table_matches_real_slice_shapes():
     assert {round(g.hbm_bytes / 2**30, 2) for g in GENERATIONS.values()} == {30.75, 95.74, 15.75, 31.25}
 
 
-@pytest.mark.parametrize("name,hint", [("v5p-100", "v5p slices: v5p-8, v5p-16"), ("v5e-512", "v5e slices"),
-                                       ("v5:4x4x4", "generations: v4, v5e, v5p, v6e"), ("tpu-9", "generations")])
+@pytest.mark.parametrize(
+    "name,hint",
+    [
+        ("v5p-100", "v5p slices: v5p-8, v5p-16"),
+        ("v5e-512", "v5e slices"),
+        ("v5:4x4x4", "generations: v4, v5e, v5p, v6e"),
+        ("tpu-9", "generations"),
+    ],
+)
 def test_unreal_slices_are_refused_with_the_real_ones(name, hint):
     with pytest.raises(ValueError, match=f"'{name}' is not a Cloud TPU slice.*{hint}"):
         get_slice(name)
@@ -84,10 +101,23 @@ def test_rl_rollout_sampler_is_planned_beside_the_update():
     with pytest.raises(ValueError, match="needs stage: rl"):
         plan_rollout(_demo(), "v5e-4")
     with pytest.raises(ValueError, match="9 rollout rows cannot be split over mesh data x fsdp = 4"):
-        plan_rollout(load_config(config, ["vars.demo=/nonexistent", "rl.prompts_per_rollout=3", "rl.group_size=3"]),
-                     "v5e-4")
-    result = subprocess.run([str(Path(sys.executable).parent / "medjax"), "plan", str(config), "vars.demo=/nonexistent",
-                             "--topology", "v5e-4", "--json"], capture_output=True, text=True, timeout=600)
+        plan_rollout(
+            load_config(config, ["vars.demo=/nonexistent", "rl.prompts_per_rollout=3", "rl.group_size=3"]), "v5e-4"
+        )
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "medjax"),
+            "plan",
+            str(config),
+            "vars.demo=/nonexistent",
+            "--topology",
+            "v5e-4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     update = json.loads(result.stdout)
     p = update["rollout"]
@@ -117,9 +147,17 @@ def test_plan_lays_the_data_axis_across_slices():
 def test_a_step_that_does_not_fit_is_reported_with_the_hbm_it_needs():
     """The Qwen2.5-7B config of a v5e-64 slice on one v5e chip: XLA refuses to compile it."""
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "medjax"), "plan",
-         str(REPO_ROOT / "configs" / "quarkmed" / "cpt_qwen2.5-7b_v5e-64.yaml"), "--topology", "v5e-1"],
-        capture_output=True, text=True, timeout=600)
+        [
+            str(Path(sys.executable).parent / "medjax"),
+            "plan",
+            str(REPO_ROOT / "configs" / "quarkmed" / "cpt_qwen2.5-7b_v5e-64.yaml"),
+            "--topology",
+            "v5e-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "NO" in result.stdout and "RESOURCE_EXHAUSTED" in result.stdout
     assert "exceeds available HBM (15.75G)" in result.stdout
@@ -127,11 +165,14 @@ def test_a_step_that_does_not_fit_is_reported_with_the_hbm_it_needs():
 
 
 @needs_libtpu
-@pytest.mark.parametrize("overrides,message", [
-    (["mesh.data=3"], "uses 3 of the slice's 4 devices"),
-    (["mesh.data=1", "mesh.tensor=4", "model.num_heads=6"], "model.num_heads=6 is not divisible by mesh.tensor=4"),
-    (["mesh.data=4", "train.global_batch_size=6"], "does not split over data x fsdp = 4"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["mesh.data=3"], "uses 3 of the slice's 4 devices"),
+        (["mesh.data=1", "mesh.tensor=4", "model.num_heads=6"], "model.num_heads=6 is not divisible by mesh.tensor=4"),
+        (["mesh.data=4", "train.global_batch_size=6"], "does not split over data x fsdp = 4"),
+    ],
+)
 def test_bad_settings_are_named_before_compiling(overrides, message):
     from medjax.train.plan import plan
 
@@ -140,8 +181,9 @@ def test_bad_settings_are_named_before_compiling(overrides, message):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("name,topology,hbm_gib", [("cpt_qwen2.5-32b_v5p-128", "v5p-128", 95.74),
-                                                   ("cpt_qwen2.5-7b_v5e-64", "v5e-64", 15.75)])
+@pytest.mark.parametrize(
+    "name,topology,hbm_gib", [("cpt_qwen2.5-32b_v5p-128", "v5p-128", 95.74), ("cpt_qwen2.5-7b_v5e-64", "v5e-64", 15.75)]
+)
 def test_quarkmed_configs_fit_their_slices(name, topology, hbm_gib):
     """The real shapes compiled for the real slices: Qwen2.5-32B continued pretraining on v5p-128 and
     Qwen2.5-7B on v5e-64, each at its config's batch, sequence, remat and mesh (a minute and a half

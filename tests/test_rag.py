@@ -14,7 +14,7 @@ from medjax.cli import main  # noqa: E402
 from medjax.rag.chunking import chunk_document  # noqa: E402
 from medjax.rag.config import ChunkingConfig, load_rag_config  # noqa: E402
 from medjax.rag.corpus import Document, RagError, expand_corpus, read_documents  # noqa: E402
-from medjax.rag.evaluate import document_run, evaluate_run, read_qrels, read_queries  # noqa: E402
+from medjax.rag.evaluate import evaluate_run, read_qrels, read_queries  # noqa: E402
 from medjax.rag.lexical import bm25_tokens, unit_spans  # noqa: E402
 
 
@@ -38,7 +38,9 @@ def test_paragraphs_merge_up_to_the_budget_and_headings_set_the_section():
     text = "# Treatment\nFirst short paragraph.\n\nSecond short one.\n\n## Prognosis\nGood with therapy."
     chunks = chunk_document(Document("d", text, title="Asthma"), ChunkingConfig(max_tokens=20))
     assert [(c.section, c.text) for c in chunks] == [
-        ("Treatment", "First short paragraph.\n\nSecond short one."), ("Prognosis", "Good with therapy.")]
+        ("Treatment", "First short paragraph.\n\nSecond short one."),
+        ("Prognosis", "Good with therapy."),
+    ]
     assert chunks[0].indexed_text(True) == "Asthma > Treatment\nFirst short paragraph.\n\nSecond short one."
 
 
@@ -51,13 +53,16 @@ def test_chinese_counts_characters_and_indexes_bigrams():
     assert [len(c.text) for c in chunks] == [50, 50, 40]
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n', r"bad.jsonl:2: not UTF-8"),
-    (b'{"id": "a", "text": "ok"}\n{"id": "b", \n', r"bad.jsonl:2: malformed JSON"),
-    (b'{"id": "a", "body": "ok"}\n', r"bad.jsonl:1: no 'text'"),
-    (b'{"text": "ok"}\n', r"bad.jsonl:1: no 'id' or '_id'"),
-    (b'{"id": "a", "text": "ok", "authority": "Z"}\n', r"bad.jsonl:1: authority 'Z' is not one of A, B, C, D, E"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n', r"bad.jsonl:2: not UTF-8"),
+        (b'{"id": "a", "text": "ok"}\n{"id": "b", \n', r"bad.jsonl:2: malformed JSON"),
+        (b'{"id": "a", "body": "ok"}\n', r"bad.jsonl:1: no 'text'"),
+        (b'{"text": "ok"}\n', r"bad.jsonl:1: no 'id' or '_id'"),
+        (b'{"id": "a", "text": "ok", "authority": "Z"}\n', r"bad.jsonl:1: authority 'Z' is not one of A, B, C, D, E"),
+    ],
+)
 def test_bad_corpus_lines_are_named(tmp_path, content, message):
     (tmp_path / "bad.jsonl").write_bytes(content)
     with pytest.raises(RagError, match=message):
@@ -68,12 +73,16 @@ def test_corpus_layouts(tmp_path):
     """BEIR `_id`/title/text and curation's clean/ output (with authority) read alike."""
     _jsonl(tmp_path / "beir.jsonl", [{"_id": "x", "title": "T", "text": "body", "metadata": {"url": "u"}}])
     (tmp_path / "curated" / "clean").mkdir(parents=True)
-    _jsonl(tmp_path / "curated" / "clean" / "docs-00000-of-00001.jsonl",
-           [{"id": "y", "text": "t", "source": "who", "authority": "A", "lang": "en"}])
+    _jsonl(
+        tmp_path / "curated" / "clean" / "docs-00000-of-00001.jsonl",
+        [{"id": "y", "text": "t", "source": "who", "authority": "A", "lang": "en"}],
+    )
     files = expand_corpus([str(tmp_path / "beir.jsonl"), str(tmp_path / "curated")])
     docs = [d for f in files for d in read_documents(f)]
     assert [(d.doc_id, d.title, d.authority, d.meta) for d in docs] == [
-        ("x", "T", "", {"url": "u"}), ("y", "", "A", {"lang": "en"})]
+        ("x", "T", "", {"url": "u"}),
+        ("y", "", "A", {"lang": "en"}),
+    ]
     with pytest.raises(RagError, match="corpus path matched no files: .*nothing-\\*.jsonl"):
         expand_corpus([str(tmp_path / "nothing-*.jsonl")])
 
@@ -171,8 +180,24 @@ def test_retrieval_metrics_on_the_world(index, beir, tmp_path, capsys):
     # A sweep point is hybrid search at that search.dense_weight; weight 0 keeps BM25's order.
     assert results["hybrid@0"] == pytest.approx(results["sparse"])
     again = tmp_path / "again.json"
-    assert main(["rag", "eval", str(index), "--beir", str(beir), "--out", str(again), "--modes", "hybrid",
-                 "--set", "search.dense_weight=0.3"]) == 0
+    assert (
+        main(
+            [
+                "rag",
+                "eval",
+                str(index),
+                "--beir",
+                str(beir),
+                "--out",
+                str(again),
+                "--modes",
+                "hybrid",
+                "--set",
+                "search.dense_weight=0.3",
+            ]
+        )
+        == 0
+    )
     assert json.loads(again.read_text())["results"]["hybrid"] == pytest.approx(results["hybrid@0.3"])
     for mode in ("sparse", "dense", "hybrid"):  # each fact is stated in most of its condition's passages
         assert results[mode]["recall@100"] == pytest.approx(1.0) and results[mode]["mrr@10"] > 0.8, results
@@ -197,10 +222,14 @@ def test_filters_restrict_every_mode(index):
 
 def test_authority_weighting_ranks_the_better_source_first(tmp_path):
     text = "Aspirin is the first-line antiplatelet drug after myocardial infarction."
-    corpus = _jsonl(tmp_path / "graded.jsonl", [
-        {"id": "forum", "text": text, "source": "forum", "authority": "E"},
-        {"id": "guideline", "text": text, "source": "guideline", "authority": "A"},
-        {"id": "other", "text": "Metformin is first-line in type 2 diabetes.", "authority": "C"}])
+    corpus = _jsonl(
+        tmp_path / "graded.jsonl",
+        [
+            {"id": "forum", "text": text, "source": "forum", "authority": "E"},
+            {"id": "guideline", "text": text, "source": "guideline", "authority": "A"},
+            {"id": "other", "text": "Metformin is first-line in type 2 diabetes.", "authority": "C"},
+        ],
+    )
     out = tmp_path / "index"
     assert main(["rag", "index", str(corpus), "--out", str(out), "--set", "encoder.enabled=false"]) == 0
     from medjax.rag.config import load_rag_config
@@ -224,8 +253,10 @@ def test_adding_documents_encodes_only_the_new_ones(index, tmp_path, capsys):
     grown = tmp_path / "index"
     shutil.copytree(index, grown)
     before = faiss.read_index(str(grown / "dense.faiss"))
-    new = _jsonl(tmp_path / "new.jsonl", [{"id": "new-1", "title": "Zorbulitis",
-                                           "text": "Zorbulitis is treated first with Quintramab."}])
+    new = _jsonl(
+        tmp_path / "new.jsonl",
+        [{"id": "new-1", "title": "Zorbulitis", "text": "Zorbulitis is treated first with Quintramab."}],
+    )
     assert main(["rag", "add", str(grown), str(new)]) == 0
     after = faiss.read_index(str(grown / "dense.faiss"))
     assert after.ntotal == before.ntotal + 1
@@ -277,8 +308,26 @@ def test_eval_with_rag_shows_the_model_the_index_top_chunks(index, world, pretra
     from medjax.tasks.readers import read_benchmark
 
     out = tmp_path / "exam.jsonl"
-    assert main(["eval", "--model", str(pretrained_run), "--benchmark", str(world.files["exam"]), "--out", str(out),
-                 "--limit", "3", "--rag", str(index), "--rag-k", "2"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(pretrained_run),
+                "--benchmark",
+                str(world.files["exam"]),
+                "--out",
+                str(out),
+                "--limit",
+                "3",
+                "--rag",
+                str(index),
+                "--rag-k",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     rag = RagIndex(index)
     for item, row in zip(read_benchmark(world.files["exam"]).items, rows):
@@ -289,12 +338,15 @@ def test_eval_with_rag_shows_the_model_the_index_top_chunks(index, world, pretra
 
 
 def test_rl_retriever_rag_spec_opens_an_index(index, make_config, tmp_path):
-    from medjax.rl.retrieval import load_retriever
     from medjax.rag.search import RagIndex
+    from medjax.rl.retrieval import load_retriever
 
     retriever = load_retriever(f"rag:{index}", make_config(tmp_path / "run"))
     question = "Which drug is contraindicated in Velvaxia?"
-    assert retriever.retrieve(question, 2) == RagIndex(index).retrieve(question, 2) and len(retriever.retrieve(question, 2)) == 2
+    assert (
+        retriever.retrieve(question, 2) == RagIndex(index).retrieve(question, 2)
+        and len(retriever.retrieve(question, 2)) == 2
+    )
 
 
 def test_index_refuses_to_replace_a_directory_that_is_not_an_index(tmp_path, capsys):
@@ -312,8 +364,11 @@ def test_encoder_rows_follow_the_input_order_whatever_the_batching():
     from medjax.rag.encoder import Encoder
 
     enc = Encoder("minilm", batch_size=2)
-    texts = ["fever", "An inhaled corticosteroid is the preferred controller for persistent asthma in adults.",
-             "blood cultures before antibiotics"]
+    texts = [
+        "fever",
+        "An inhaled corticosteroid is the preferred controller for persistent asthma in adults.",
+        "blood cultures before antibiotics",
+    ]
     together = enc.encode(texts)
     alone = np.stack([enc.encode([t])[0] for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-4)
@@ -323,8 +378,20 @@ def test_encoder_rows_follow_the_input_order_whatever_the_batching():
 
 def _guidelines_index(tmp_path) -> Path:
     out = tmp_path / "guidelines"
-    assert main(["rag", "index", str(Path(__file__).parent / "data" / "rag" / "guidelines.jsonl"), "--out", str(out),
-                 "--set", "encoder.enabled=false"]) == 0
+    assert (
+        main(
+            [
+                "rag",
+                "index",
+                str(Path(__file__).parent / "data" / "rag" / "guidelines.jsonl"),
+                "--out",
+                str(out),
+                "--set",
+                "encoder.enabled=false",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -339,8 +406,9 @@ def _direct_scores(model_dir: Path, question: str, passages: list[str], column: 
     with torch.inference_mode():
         for p in passages:
             if chat:
-                text = tok.apply_chat_template([{"role": "user", "content": question},
-                                                {"role": "assistant", "content": p}], tokenize=False)
+                text = tok.apply_chat_template(
+                    [{"role": "user", "content": question}, {"role": "assistant", "content": p}], tokenize=False
+                )
                 batch = tok(text, add_special_tokens=False, return_tensors="pt")
             else:
                 batch = tok(question, p, return_tensors="pt")
@@ -365,17 +433,34 @@ def test_rerank_orders_the_fused_pool_by_the_model_scores(tmp_path, world, kind)
         from medjax.rag.encoder import encoder_path
 
         tok = transformers.AutoTokenizer.from_pretrained(encoder_path("minilm"))
-        model = transformers.BertForSequenceClassification(transformers.BertConfig(
-            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=64, num_labels=1))
+        model = transformers.BertForSequenceClassification(
+            transformers.BertConfig(
+                vocab_size=tok.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_labels=1,
+            )
+        )
         label, column, chat = "", 0, False
     else:
         tok = transformers.AutoTokenizer.from_pretrained(world.tokenizer)
         labels = ["honesty", "helpfulness", "compliance"]
-        model = transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(
-            vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=64, num_labels=3, id2label=dict(enumerate(labels)),
-            label2id={x: i for i, x in enumerate(labels)}, pad_token_id=tok.pad_token_id))
+        model = transformers.Qwen2ForSequenceClassification(
+            transformers.Qwen2Config(
+                vocab_size=len(tok),
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=64,
+                num_labels=3,
+                id2label=dict(enumerate(labels)),
+                label2id={x: i for i, x in enumerate(labels)},
+                pad_token_id=tok.pad_token_id,
+            )
+        )
         label, column, chat = "helpfulness", 1, True
     tok.save_pretrained(model_dir)
     model.save_pretrained(model_dir)
@@ -383,8 +468,10 @@ def test_rerank_orders_the_fused_pool_by_the_model_scores(tmp_path, world, kind)
     index = _guidelines_index(tmp_path)
     question = "inhaled treatment for asthma, or antibiotics for sepsis"
     fused = RagIndex(index).search(question, k=4)
-    reranked = RagIndex(index, load_rag_config(None, [f"search.rerank={model_dir}", f"search.rerank_label={label}",
-                                                      "search.rerank_depth=4"])).search(question, k=3)
+    reranked = RagIndex(
+        index,
+        load_rag_config(None, [f"search.rerank={model_dir}", f"search.rerank_label={label}", "search.rerank_depth=4"]),
+    ).search(question, k=3)
     scores = _direct_scores(model_dir, question, [passage_text(h.chunk) for h in fused], column, chat)
     expected = sorted(range(len(fused)), key=lambda j: -scores[j])[:3]
     assert len(fused) == 4 and expected != [0, 1, 2]  # the model reorders the pool (seeded weights)
@@ -393,17 +480,21 @@ def test_rerank_orders_the_fused_pool_by_the_model_scores(tmp_path, world, kind)
     # `rag eval` ranks through the same stage: the reranker's first document is at rank 1 there too.
     from medjax.rag.evaluate import evaluate_index
 
-    reranking = RagIndex(index, load_rag_config(None, [f"search.rerank={model_dir}", f"search.rerank_label={label}",
-                                                       "search.rerank_depth=4"]))
+    reranking = RagIndex(
+        index,
+        load_rag_config(None, [f"search.rerank={model_dir}", f"search.rerank_label={label}", "search.rerank_depth=4"]),
+    )
     mode = reranking.resolve_mode(None)
     qrels = {"q": {reranked[0].chunk.doc_id: 1}}
     assert evaluate_index(reranking, {"q": question}, qrels, (mode,))[mode]["mrr@10"] == 1.0
     plain_docs = list(dict.fromkeys(h.chunk.doc_id for h in fused))
     assert evaluate_index(RagIndex(index), {"q": question}, qrels, (mode,))[mode]["mrr@10"] == pytest.approx(
-        1 / (1 + plain_docs.index(reranked[0].chunk.doc_id)))
+        1 / (1 + plain_docs.index(reranked[0].chunk.doc_id))
+    )
     if kind == "reward-model":
         with pytest.raises(RagError, match="set search.rerank_label to one"):
             RagIndex(index, load_rag_config(None, [f"search.rerank={model_dir}"])).search(question)
         with pytest.raises(RagError, match=r"'safety' is not a label of .*honesty, helpfulness, compliance"):
-            RagIndex(index, load_rag_config(None, [f"search.rerank={model_dir}", "search.rerank_label=safety"])
-                     ).search(question)
+            RagIndex(index, load_rag_config(None, [f"search.rerank={model_dir}", "search.rerank_label=safety"])).search(
+                question
+            )

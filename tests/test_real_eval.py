@@ -28,8 +28,10 @@ from medjax.tasks.prompts import PromptConfig, answer_continuation, build_prompt
 from medjax.tasks.readers import read_benchmark  # noqa: E402
 
 CPQEXAM = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "cpqexam" / "cpqexam.jsonl"
-pytestmark = [pytest.mark.slow,  # the real 135M model on 200 CPQExam items against lm-eval
-              pytest.mark.skipif(not CPQEXAM.is_file(), reason="../shared/benchmarks/cpqexam is not beside the checkout")]
+pytestmark = [
+    pytest.mark.slow,  # the real 135M model on 200 CPQExam items against lm-eval
+    pytest.mark.skipif(not CPQEXAM.is_file(), reason="../shared/benchmarks/cpqexam is not beside the checkout"),
+]
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LL_TOLERANCE = 2e-4  # absolute, per option's summed log-likelihood
@@ -59,8 +61,11 @@ def real(tmp_path_factory):
 def lm_eval_loglikelihoods(lm, requests):
     from lm_eval.api.instance import Instance
 
-    instances = [Instance(request_type="loglikelihood", doc={}, arguments=(r.context, c), idx=j)
-                 for r in requests for j, c in enumerate(r.continuations)]
+    instances = [
+        Instance(request_type="loglikelihood", doc={}, arguments=(r.context, c), idx=j)
+        for r in requests
+        for j, c in enumerate(r.continuations)
+    ]
     flat = iter(float(ll) for ll, _ in lm.loglikelihood(instances, disable_tqdm=True))
     return [[next(flat) for _ in r.continuations] for r in requests]
 
@@ -87,7 +92,9 @@ def test_option_texts_equal_lm_eval(real):
     over the continuation's positions only), 2 to 8 tokens of Chinese a continuation."""
     items = real["items"][:2]
     cloze = PromptConfig(list_options=False)
-    requests = [LoglikelihoodRequest(build_prompt(i, cfg=cloze), [answer_continuation(i, text=t)
-                                                                   for t in i.options.values()]) for i in items]
+    requests = [
+        LoglikelihoodRequest(build_prompt(i, cfg=cloze), [answer_continuation(i, text=t) for t in i.options.values()])
+        for i in items
+    ]
     ours = real["ours"].loglikelihood(requests)
     assert_same_scores(ours, lm_eval_loglikelihoods(real["theirs"], requests), items)

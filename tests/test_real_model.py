@@ -35,8 +35,11 @@ MEDICAL_PROMPTS = [
 CONVERSATIONS = [
     [{"role": "user", "content": MEDICAL_PROMPTS[0]}],
     [{"role": "system", "content": "You are a careful clinician."}, {"role": "user", "content": MEDICAL_PROMPTS[1]}],
-    [{"role": "user", "content": MEDICAL_PROMPTS[2]}, {"role": "assistant", "content": "An ECG within 10 minutes."},
-     {"role": "user", "content": "And then?"}],
+    [
+        {"role": "user", "content": MEDICAL_PROMPTS[2]},
+        {"role": "assistant", "content": "An ECG within 10 minutes."},
+        {"role": "user", "content": "And then?"},
+    ],
 ]
 
 
@@ -67,11 +70,17 @@ def test_gguf_tensors_equal_transformers_dequantisation(real):
 
 def test_tokenizer_ids_equal_transformers(real):
     ours = load_tokenizer(real["model_dir"] / "tokenizer")
-    texts = MEDICAL_PROMPTS + ["Metformin 500 mg twice daily; HbA1c 7.2%", "患者男，54岁，胸痛30分钟。",
-                               "<|im_start|>user\nhi<|im_end|>\n", "  leading spaces\tand tabs\n\nnaïve café"]
+    texts = MEDICAL_PROMPTS + [
+        "Metformin 500 mg twice daily; HbA1c 7.2%",
+        "患者男，54岁，胸痛30分钟。",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "  leading spaces\tand tabs\n\nnaïve café",
+    ]
     for text in texts:
-        assert ours.encode(text, add_special_tokens=False).ids == real["ref_tok"](text, add_special_tokens=False)[
-            "input_ids"], text
+        assert (
+            ours.encode(text, add_special_tokens=False).ids
+            == real["ref_tok"](text, add_special_tokens=False)["input_ids"]
+        ), text
         assert ours.encode(text).ids == real["ref_tok"](text)["input_ids"], text
 
 
@@ -89,8 +98,9 @@ def test_chat_template_renders_as_transformers(real, where):
             text = template.render(messages, add_generation_prompt=gen)
             assert text == real["ref_tok"].apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             assert text == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-            theirs = real["ref_tok"].apply_chat_template(messages, tokenize=True, add_generation_prompt=gen,
-                                                        return_dict=False)
+            theirs = real["ref_tok"].apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=gen, return_dict=False
+            )
             assert ours.encode(text, add_special_tokens=False).ids == list(theirs)
     assert "You are a helpful AI assistant named SmolLM" in template.render(CONVERSATIONS[0])
 
@@ -131,12 +141,18 @@ def test_greedy_chat_answers_equal_transformers(real, medjax_answers):
     (the chat-rendering defect this guards: a missing default system turn changes every answer)."""
     tok = real["ref_tok"]
     for prompt, answer in zip(MEDICAL_PROMPTS, medjax_answers):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         with torch.no_grad():
-            out = real["ref"].generate(ids, max_new_tokens=ANSWER_TOKENS, do_sample=False,
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        assert answer == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), prompt
+            out = real["ref"].generate(
+                ids,
+                max_new_tokens=ANSWER_TOKENS,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        assert answer == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True), prompt
 
 
 def test_medjax_serve_chat_answers_equal_medjax(real, medjax_answers):
@@ -156,16 +172,38 @@ def test_medjax_serve_chat_answers_equal_medjax(real, medjax_answers):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medjax.cli", "serve", str(real["hf_dir"]), "--port", str(port), "--", "--enforce-eager"],
-        env=vllm_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "medjax.cli",
+            "serve",
+            str(real["hf_dir"]),
+            "--port",
+            str(port),
+            "--",
+            "--enforce-eager",
+        ],
+        env=vllm_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, proc, timeout_s=600)
         for prompt, answer in zip(MEDICAL_PROMPTS, medjax_answers):
-            body = {"model": str(real["hf_dir"]), "messages": [{"role": "user", "content": prompt}],
-                    "temperature": 0.0, "max_tokens": ANSWER_TOKENS}
-            req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+            body = {
+                "model": str(real["hf_dir"]),
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0.0,
+                "max_tokens": ANSWER_TOKENS,
+            }
+            req = urllib.request.Request(
+                f"{url}/v1/chat/completions",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(req, timeout=120) as r:
                 served = json.loads(r.read())["choices"][0]["message"]["content"]
             assert served == answer, prompt
@@ -183,8 +221,9 @@ def test_export_then_import_is_bitwise(real, tmp_path):
     for key in flat_a:
         assert np.asarray(flat_a[key]).tobytes() == np.asarray(flat_b[key]).tobytes(), key
     for name in ("chat_template.jinja", "tokenizer.json", "tokenizer_config.json"):
-        assert (tmp_path / "again" / "tokenizer" / name).read_bytes() == (real["model_dir"] / "tokenizer" / name
-                                                                         ).read_bytes()
+        assert (tmp_path / "again" / "tokenizer" / name).read_bytes() == (
+            real["model_dir"] / "tokenizer" / name
+        ).read_bytes()
 
 
 def _flatten(tree, prefix=()):

@@ -12,12 +12,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from medjax.cli import main
 from conftest import TINY_MODEL
 
-COMMON = [*TINY_MODEL, "data.seq_len=64", "train.global_batch_size=8", "train.log_every=1",
-          "train.progress_bar=false", "train.async_checkpointing=false", "mesh.data=1"]
+from medjax.cli import main
+
+COMMON = [
+    *TINY_MODEL,
+    "data.seq_len=64",
+    "train.global_batch_size=8",
+    "train.log_every=1",
+    "train.progress_bar=false",
+    "train.async_checkpointing=false",
+    "mesh.data=1",
+]
 
 
 def _chdir(path: Path):
@@ -51,18 +58,40 @@ def scratch(world, tmp_path_factory):
     for f in world.tokenizer.iterdir():
         (root / "tok" / f.name).write_bytes(f.read_bytes())
     with _chdir(root):
-        pre = _config("pre.yaml", workdir="runs/pre", data={"train_files": ["data/pretrain.jsonl"],
-                                                            "eval_files": ["data/pretrain_eval.jsonl"],
-                                                            "tokenizer": "tok"})
+        pre = _config(
+            "pre.yaml",
+            workdir="runs/pre",
+            data={
+                "train_files": ["data/pretrain.jsonl"],
+                "eval_files": ["data/pretrain_eval.jsonl"],
+                "tokenizer": "tok",
+            },
+        )
         assert main(["train", pre, "train.max_steps=4", *COMMON]) == 0
-        sft = _config("sft.yaml", stage="sft", workdir="runs/sft", init_from="runs/pre",
-                      data={"train_files": ["data/sft.jsonl"]})
+        sft = _config(
+            "sft.yaml", stage="sft", workdir="runs/sft", init_from="runs/pre", data={"train_files": ["data/sft.jsonl"]}
+        )
         assert main(["train", sft, "train.max_steps=2", *COMMON]) == 0
-        rm = _config("rm.yaml", stage="reward_model", workdir="runs/rm", init_from="runs/sft",
-                     model={"score_labels": ["honesty", "helpfulness", "compliance"]},
-                     data={"train_files": ["data/preferences.jsonl"]})
-        assert main(["train", rm, "train.max_steps=2", *COMMON[len(TINY_MODEL):],
-                     "model.score_labels=[honesty, helpfulness, compliance]"]) == 0
+        rm = _config(
+            "rm.yaml",
+            stage="reward_model",
+            workdir="runs/rm",
+            init_from="runs/sft",
+            model={"score_labels": ["honesty", "helpfulness", "compliance"]},
+            data={"train_files": ["data/preferences.jsonl"]},
+        )
+        assert (
+            main(
+                [
+                    "train",
+                    rm,
+                    "train.max_steps=2",
+                    *COMMON[len(TINY_MODEL) :],
+                    "model.score_labels=[honesty, helpfulness, compliance]",
+                ]
+            )
+            == 0
+        )
     return root
 
 
@@ -80,9 +109,21 @@ def test_train_writes_under_the_relative_workdir_and_stores_absolute_paths(scrat
 
 def test_resume_from_another_directory_uses_the_same_run(scratch, tmp_path):
     with _chdir(tmp_path):
-        assert main(["train", str(scratch / "pre.yaml"), "train.max_steps=5", f"workdir={scratch / 'runs/pre'}",
-                     f"data.train_files=[{scratch / 'data/pretrain.jsonl'}]", f"data.tokenizer={scratch / 'tok'}",
-                     "data.eval_files=[]", *COMMON]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    str(scratch / "pre.yaml"),
+                    "train.max_steps=5",
+                    f"workdir={scratch / 'runs/pre'}",
+                    f"data.train_files=[{scratch / 'data/pretrain.jsonl'}]",
+                    f"data.tokenizer={scratch / 'tok'}",
+                    "data.eval_files=[]",
+                    *COMMON,
+                ]
+            )
+            == 0
+        )
     rows = [json.loads(line) for line in (scratch / "runs/pre/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r][-2:] == [4, 5]
 
@@ -97,8 +138,10 @@ def test_export_import_generate_with_relative_paths(scratch, capsys, caplog):
         texts = []
         for model in ("runs/pre", "out/hf", "out/model"):
             capsys.readouterr()
-            assert main(["generate", "--model", model, "--prompt", "The first-line drug for", "--max-new-tokens",
-                         "6"]) == 0
+            assert (
+                main(["generate", "--model", model, "--prompt", "The first-line drug for", "--max-new-tokens", "6"])
+                == 0
+            )
             texts.append(capsys.readouterr().out)
         assert texts[0] == texts[1] == texts[2] and texts[0].strip()
     # Reading a run's params is quiet (it logged "Metadata file does not exist" per read).
@@ -115,15 +158,43 @@ def test_export_from_another_directory_finds_the_runs_tokenizer(scratch, tmp_pat
 
 def test_eval_with_relative_paths(scratch):
     with _chdir(scratch):
-        assert main(["eval", "--model", "runs/sft", "--benchmark", "data/exam.jsonl", "--out", "out/eval/exam.jsonl",
-                     "--limit", "4"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    "runs/sft",
+                    "--benchmark",
+                    "data/exam.jsonl",
+                    "--out",
+                    "out/eval/exam.jsonl",
+                    "--limit",
+                    "4",
+                ]
+            )
+            == 0
+        )
     rows = (scratch / "out/eval/exam.jsonl").read_text().splitlines()
     assert len(rows) == 4 and (scratch / "out/eval/exam.summary.json").is_file()
 
 
 def test_score_rm_with_relative_paths(scratch):
     with _chdir(scratch):
-        assert main(["score-rm", "--model", "runs/rm", "--input", "data/preferences_eval.jsonl", "--out",
-                     "out/scores.jsonl", "--batch-size", "8"]) == 0
+        assert (
+            main(
+                [
+                    "score-rm",
+                    "--model",
+                    "runs/rm",
+                    "--input",
+                    "data/preferences_eval.jsonl",
+                    "--out",
+                    "out/scores.jsonl",
+                    "--batch-size",
+                    "8",
+                ]
+            )
+            == 0
+        )
     rows = [json.loads(line) for line in (scratch / "out/scores.jsonl").read_text().splitlines()]
     assert rows and set(rows[0]["chosen_scores"]) == {"honesty", "helpfulness", "compliance"}

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import stage_config, straight_and_resumed
 
-from conftest import straight_and_resumed, stage_config
 from medjax.cli import main
 from medjax.data import DataError
 from medjax.data.preferences import fit_pair, preference_dataset
@@ -34,8 +34,13 @@ def test_fit_pair_keeps_each_side_at_least_half():
 
 def test_packed_pairs_score_as_alone_and_loss_matches_hand_computation(world, tmp_path, make_config):
     cfg = stage_config(world, tmp_path / "run", "reward_model", "data.seq_len=512")
-    rows = next(iter(preference_dataset(cfg.data, LABELS, files=[str(world.files["preferences"])], seq_len=512,
-                                        batch_size=2, train=False)))
+    rows = next(
+        iter(
+            preference_dataset(
+                cfg.data, LABELS, files=[str(world.files["preferences"])], seq_len=512, batch_size=2, train=False
+            )
+        )
+    )
     model_def = ModelDef(cfg.model)
     model = model_def.bind(model_def.init_params(jax.random.key(2)))
     objective = PairwiseRewardObjective(LABELS)
@@ -53,7 +58,7 @@ def test_packed_pairs_score_as_alone_and_loss_matches_hand_computation(world, tm
                 tokens = rows["tokens"][b][(rows["pair_ids"][b] == pair) & (rows["segment_ids"][b] % 2 == side % 2)]
                 d = int(rows["dimension"][b][rows["pair_ids"][b] == pair][0])
                 padded = np.zeros((1, rows["tokens"].shape[1]), np.int32)
-                padded[0, :len(tokens)] = tokens
+                padded[0, : len(tokens)] = tokens
                 alone = alone_scores(jnp.asarray(padded), jnp.asarray([len(tokens)]))[0, d]
                 assert got == pytest.approx(float(alone), abs=2e-5)
             margins.append(chosen[b, pair] - rejected[b, pair])
@@ -83,10 +88,22 @@ def prefs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_rm(world, pretrained_run, prefs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("rm")
-    result = train(stage_config(world, workdir, "reward_model", f"init_from={pretrained_run}",
-                                f"data.train_files=[{prefs[0]}]", f"data.eval_files=[{prefs[1]}]",
-                                "data.seq_len=256", "train.max_steps=60", "train.checkpoint_every=30",
-                                "train.eval_every=30", "train.eval_at_start=true", "train.eval_batches=8"))
+    result = train(
+        stage_config(
+            world,
+            workdir,
+            "reward_model",
+            f"init_from={pretrained_run}",
+            f"data.train_files=[{prefs[0]}]",
+            f"data.eval_files=[{prefs[1]}]",
+            "data.seq_len=256",
+            "train.max_steps=60",
+            "train.checkpoint_every=30",
+            "train.eval_every=30",
+            "train.eval_at_start=true",
+            "train.eval_batches=8",
+        )
+    )
     return workdir, result
 
 
@@ -137,13 +154,21 @@ def test_score_rm_bad_input_is_named(world, trained_rm, tmp_path, capsys):
     assert "in.jsonl:2: missing key 'response'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("record,message", [
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "dimension": "kindness"}, "dimension 'kindness' is not one of"),
-    ({"prompt": "q", "chosen": "a", "dimension": "honesty"}, "missing key 'rejected'"),
-    ({"prompt": "q", "chosen": "", "rejected": "b", "dimension": "honesty"}, "'chosen' must be a non-empty string"),
-    ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b", "dimension": "honesty"},
-     "the prompt's last turn is the assistant's"),
-])
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        (
+            {"prompt": "q", "chosen": "a", "rejected": "b", "dimension": "kindness"},
+            "dimension 'kindness' is not one of",
+        ),
+        ({"prompt": "q", "chosen": "a", "dimension": "honesty"}, "missing key 'rejected'"),
+        ({"prompt": "q", "chosen": "", "rejected": "b", "dimension": "honesty"}, "'chosen' must be a non-empty string"),
+        (
+            {"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b", "dimension": "honesty"},
+            "the prompt's last turn is the assistant's",
+        ),
+    ],
+)
 def test_bad_preference_records_name_file_and_line(world, tmp_path, record, message):
     good = json.loads(world.files["preferences"].read_text().splitlines()[0])
     path = _write_jsonl(tmp_path / "prefs.jsonl", [good, record])

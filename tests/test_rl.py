@@ -7,9 +7,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import straight_and_resumed, tiny_config
-from medjax.config import ConfigError, RLConfig, RewardSpec
+
+from medjax.config import ConfigError, RewardSpec, RLConfig
 from medjax.rl.advantages import group_advantages, informative_groups, overlong_penalty
 from medjax.rl.objective import aggregate, per_token_loss
 from medjax.rl.retrieval import InMemoryRetriever
@@ -25,8 +25,9 @@ def test_group_advantages_by_hand():
     # Group 0: mean 0.5, population std 0.5; group 1: mean 0.25, std sqrt(3)/4; group 2: all equal.
     np.testing.assert_allclose(group_advantages(rewards, "grpo")[0], [1, -1, -1, 1], atol=1e-5)
     s = math.sqrt(3) / 4
-    np.testing.assert_allclose(group_advantages(rewards, "grpo")[1], [-0.25 / s, -0.25 / s, -0.25 / s, 0.75 / s],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        group_advantages(rewards, "grpo")[1], [-0.25 / s, -0.25 / s, -0.25 / s, 0.75 / s], rtol=1e-5
+    )
     np.testing.assert_allclose(group_advantages(rewards, "grpo")[2], 0, atol=1e-6)
     np.testing.assert_allclose(group_advantages(rewards, "drgrpo")[1], [-0.25, -0.25, -0.25, 0.75])
     np.testing.assert_array_equal(informative_groups(rewards), [True, True, False])
@@ -72,10 +73,21 @@ def test_aggregation_by_hand():
 
 # -- rewards --------------------------------------------------------------------------------------
 
-ITEM = ExamItem(id="q1", question="Which drug?", options={"A": "x", "B": "y", "C": "z", "D": "w"},
-                answer=frozenset("B"), source="t:1")
-MULTI = ExamItem(id="q2", question="Which?", options={"A": "x", "B": "y", "C": "z", "D": "w"},
-                 answer=frozenset("AC"), source="t:2", multi=True)
+ITEM = ExamItem(
+    id="q1",
+    question="Which drug?",
+    options={"A": "x", "B": "y", "C": "z", "D": "w"},
+    answer=frozenset("B"),
+    source="t:1",
+)
+MULTI = ExamItem(
+    id="q2",
+    question="Which?",
+    options={"A": "x", "B": "y", "C": "z", "D": "w"},
+    answer=frozenset("AC"),
+    source="t:2",
+    multi=True,
+)
 
 
 def _sample(text, item=ITEM, n=10, truncated=False):
@@ -83,8 +95,12 @@ def _sample(text, item=ITEM, n=10, truncated=False):
 
 
 def test_builtin_rewards():
-    samples = [_sample("Because y.\nThe answer is B."), _sample("The answer is C."), _sample("I cannot answer that."),
-               _sample("A is partly right.\nThe answer is A", item=MULTI)]
+    samples = [
+        _sample("Because y.\nThe answer is B."),
+        _sample("The answer is C."),
+        _sample("I cannot answer that."),
+        _sample("A is partly right.\nThe answer is A", item=MULTI),
+    ]
     assert exam_reward(samples, {}) == [1.0, 0.0, 0.0, 0.0]
     assert exam_reward(samples, {"partial_credit": True})[3] == 0.5
     assert format_reward(samples, {}) == [1.0, 0.0, 0.0, 1.0]  # reasoning first, then the answer line
@@ -93,8 +109,9 @@ def test_builtin_rewards():
     by_text = [_sample("Because y fits.\nThe answer is y."), _sample("Because q fits.\nThe answer is q.")]
     assert exam_reward(by_text, {}) == [1.0, 0.0]
     assert format_reward(by_text, {}) == [1.0, 0.0]
-    assert length_reward([_sample("", n=10), _sample("", n=150)], {"target_tokens": 100, "per_token": 0.01}) == \
-        pytest.approx([0.0, -0.5])
+    assert length_reward(
+        [_sample("", n=10), _sample("", n=150)], {"target_tokens": 100, "per_token": 0.01}
+    ) == pytest.approx([0.0, -0.5])
 
 
 def half_reward(samples, options):
@@ -110,11 +127,17 @@ def half_reward(samples, options):
 
 
 def test_composer_weights_plugins_and_errors():
-    composer = RewardComposer([RewardSpec("exam", 1.0), RewardSpec("format", 0.5),
-                               RewardSpec("test_rl:half_reward", 2.0, {"vocab": 4})])
-    s = Sample(prompt="p", completion="Because y.\nThe answer is B.", num_tokens=2, truncated=False,
-               item=ExamItem(id="q", question="pick 0", options={"A": "x", "B": "y"}, answer=frozenset("B"),
-                             source="t"), completion_ids=(1, 3))
+    composer = RewardComposer(
+        [RewardSpec("exam", 1.0), RewardSpec("format", 0.5), RewardSpec("test_rl:half_reward", 2.0, {"vocab": 4})]
+    )
+    s = Sample(
+        prompt="p",
+        completion="Because y.\nThe answer is B.",
+        num_tokens=2,
+        truncated=False,
+        item=ExamItem(id="q", question="pick 0", options={"A": "x", "B": "y"}, answer=frozenset("B"), source="t"),
+        completion_ids=(1, 3),
+    )
     total, parts = composer([s])
     assert sorted(parts) == ["exam", "format", "half_reward"]
     assert float(total[0]) == pytest.approx(1.0 + 0.5 * 1.0 + 2.0 * 0.5)
@@ -132,10 +155,18 @@ def test_normalize_by_hand_and_by_default():
     np.testing.assert_allclose(normalize(v, "zscore"), v / np.sqrt(8 / 3), rtol=1e-6)
     np.testing.assert_array_equal(normalize(np.ones(3), "zscore"), 0.0)  # a constant batch carries no signal
     np.testing.assert_array_equal(normalize(v, "none"), v)
-    composer = RewardComposer([RewardSpec("reward_model", 0.5, {"model": "unused", "dimension": "honesty"}),
-                               RewardSpec("test_rl:raw_scores", 1.0, normalize="zscore"), RewardSpec("exam")])
-    assert [(p[0], p[4]) for p in composer.parts] == [("rm_honesty", "sigmoid"), ("raw_scores", "zscore"),
-                                                      ("exam", "none")]
+    composer = RewardComposer(
+        [
+            RewardSpec("reward_model", 0.5, {"model": "unused", "dimension": "honesty"}),
+            RewardSpec("test_rl:raw_scores", 1.0, normalize="zscore"),
+            RewardSpec("exam"),
+        ]
+    )
+    assert [(p[0], p[4]) for p in composer.parts] == [
+        ("rm_honesty", "sigmoid"),
+        ("raw_scores", "zscore"),
+        ("exam", "none"),
+    ]
     composer = RewardComposer([RewardSpec("test_rl:raw_scores", 2.0, normalize="sigmoid", temperature=4.0)])
     samples = [_sample(f"score {x}") for x in (-8, 0, 8)]
     total, parts = composer(samples)
@@ -177,15 +208,19 @@ def test_retrieved_passages_reach_the_prompt(world, tmp_path):
     from medjax.rl.rollout import PromptSet
 
     items = _task_file(tmp_path, n=2, question="How is Velvaxia treated? 0")
-    cfg = _rl_config(world, tmp_path / "run", items, "rl.retriever=test_rl:make_retriever", "rl.passages_k=2",
-                     "data.seq_len=256")
+    cfg = _rl_config(
+        world, tmp_path / "run", items, "rl.retriever=test_rl:make_retriever", "rl.passages_k=2", "data.seq_len=256"
+    )
     prompts = PromptSet(cfg, load_tokenizer(world.tokenizer), ChatTemplate(world.tokenizer))
     text = load_tokenizer(world.tokenizer).decode(prompts.ids[0])
     assert "Reference passages (quoted" in text and f"[1] «{PASSAGES[0]}»" in text and PASSAGES[1] not in text
     assert "Reference passages" not in prompts.texts[0]  # rewards see the question as asked
     with pytest.raises(ConfigError, match="rl.retriever"):
-        PromptSet(_rl_config(world, tmp_path / "run2", items, "rl.retriever=test_rl:PASSAGES"),
-                  load_tokenizer(world.tokenizer), ChatTemplate(world.tokenizer))
+        PromptSet(
+            _rl_config(world, tmp_path / "run2", items, "rl.retriever=test_rl:PASSAGES"),
+            load_tokenizer(world.tokenizer),
+            ChatTemplate(world.tokenizer),
+        )
 
 
 # -- learning and resume --------------------------------------------------------------------------
@@ -196,31 +231,71 @@ def _task_file(tmp_path, n=16, question=None):
     with open(path, "w") as f:
         for i in range(n):
             q = question or f"Synthetic task {i}: answer from half 0"
-            f.write(json.dumps({"id": f"t{i}", "question": q, "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
-                                "answer_idx": "A"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"t{i}",
+                        "question": q,
+                        "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
+                        "answer_idx": "A",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
 def _rl_config(world, workdir, items, *overrides):
     return tiny_config(
-        world, workdir, "stage=rl", f"data.train_files=[{items}]", "data.seq_len=256", "train.global_batch_size=16",
-        "optimizer.learning_rate=0.02", "optimizer.warmup_steps=0", "optimizer.weight_decay=0",
-        "rl.prompts_per_rollout=8", "rl.group_size=4", "rl.max_new_tokens=4", "rl.chat=false",
-        "rl.dynamic_sampling=false", "rl.rewards=[{name: 'test_rl:half_reward', weight: 1.0}]", *overrides)
+        world,
+        workdir,
+        "stage=rl",
+        f"data.train_files=[{items}]",
+        "data.seq_len=256",
+        "train.global_batch_size=16",
+        "optimizer.learning_rate=0.02",
+        "optimizer.warmup_steps=0",
+        "optimizer.weight_decay=0",
+        "rl.prompts_per_rollout=8",
+        "rl.group_size=4",
+        "rl.max_new_tokens=4",
+        "rl.chat=false",
+        "rl.dynamic_sampling=false",
+        "rl.rewards=[{name: 'test_rl:half_reward', weight: 1.0}]",
+        *overrides,
+    )
 
 
 @pytest.mark.slow  # an RL run to convergence
 def test_rl_learns_a_verifiable_task_from_chance(world, tmp_path):
-    result = train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), "train.max_steps=40",
-                              "train.checkpoint_every=40", "rl.epochs=2"))
+    result = train(
+        _rl_config(
+            world,
+            tmp_path / "run",
+            _task_file(tmp_path),
+            "train.max_steps=40",
+            "train.checkpoint_every=40",
+            "rl.epochs=2",
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
     assert 0.3 < rewards[0] < 0.7, rewards  # chance: half of the vocabulary
     assert max(rewards[-3:]) > 0.8, rewards
     first = rows[0]
     assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # behaviour log-probs match the trainer's
-    for key in ("reward_std", "kl", "clip_fraction", "entropy", "response_length_mean", "groups_dropped_frac",
-                "rollout_tokens_per_sec", "rollout_time_s", "update_time_s", "reward_half_reward_mean"):
+    for key in (
+        "reward_std",
+        "kl",
+        "clip_fraction",
+        "entropy",
+        "response_length_mean",
+        "groups_dropped_frac",
+        "rollout_tokens_per_sec",
+        "rollout_time_s",
+        "update_time_s",
+        "reward_half_reward_mean",
+    ):
         assert key in first, key
     assert result.step == 40
 
@@ -228,8 +303,16 @@ def test_rl_learns_a_verifiable_task_from_chance(world, tmp_path):
 @pytest.mark.slow  # three RL runs
 def test_rl_resumes_exactly(world, tmp_path):
     def cfg(workdir):  # 2 epochs of 2 minibatches per rollout: a stop at step 3 falls inside a rollout
-        return _rl_config(world, workdir, _task_file(tmp_path), "train.max_steps=6", "rl.epochs=2",
-                          "rl.kl_coef=0.05", "rl.dynamic_sampling=true", "rl.max_refills=1")
+        return _rl_config(
+            world,
+            workdir,
+            _task_file(tmp_path),
+            "train.max_steps=6",
+            "rl.epochs=2",
+            "rl.kl_coef=0.05",
+            "rl.dynamic_sampling=true",
+            "rl.max_refills=1",
+        )
 
     straight_and_resumed(cfg, tmp_path)
 
@@ -248,11 +331,14 @@ def test_rl_on_a_sharded_mesh_matches_one_device(world, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("rl.group_size=3", "not a multiple of train.global_batch_size"),
-    ("rl.group_size=1", "rl.group_size must be at least 2"),
-    ("rl.temperature=0", "rl.temperature must be positive"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("rl.group_size=3", "not a multiple of train.global_batch_size"),
+        ("rl.group_size=1", "rl.group_size must be at least 2"),
+        ("rl.temperature=0", "rl.temperature must be positive"),
+    ],
+)
 def test_bad_rl_settings_are_named(world, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), override))
@@ -261,9 +347,15 @@ def test_bad_rl_settings_are_named(world, tmp_path, override, message):
 def test_mastered_prompts_leave_the_pool_for_later_passes(world, tmp_path):
     """16 prompts, 8 per rollout: the first pass (two rollouts) masters the 8 odd ones; later
     rollouts sample only the even ones (whose odd_mastered reward is 0)."""
-    cfg = _rl_config(world, tmp_path / "run", _task_file(tmp_path), "train.max_steps=8", "rl.drop_mastered=true",
-                     "rl.mastered_reward=odd_mastered",
-                     "rl.rewards=[{name: 'test_rl:half_reward'}, {name: 'test_rl:odd_mastered', weight: 0.0}]")
+    cfg = _rl_config(
+        world,
+        tmp_path / "run",
+        _task_file(tmp_path),
+        "train.max_steps=8",
+        "rl.drop_mastered=true",
+        "rl.mastered_reward=odd_mastered",
+        "rl.rewards=[{name: 'test_rl:half_reward'}, {name: 'test_rl:odd_mastered', weight: 0.0}]",
+    )
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     by_rollout = [r for r in rows if "prompt_pool_size" in r][::2]  # two steps per rollout
@@ -271,15 +363,24 @@ def test_mastered_prompts_leave_the_pool_for_later_passes(world, tmp_path):
     assert sum(r["prompts_dropped"] for r in by_rollout) == 8
     assert [r["reward_odd_mastered_mean"] for r in by_rollout[2:]] == [0.0, 0.0]
     with pytest.raises(ConfigError, match="rl.mastered_reward 'nope' is not one of the configured rewards"):
-        train(_rl_config(world, tmp_path / "bad", _task_file(tmp_path), "rl.drop_mastered=true",
-                         "rl.mastered_reward=nope"))
+        train(
+            _rl_config(
+                world, tmp_path / "bad", _task_file(tmp_path), "rl.drop_mastered=true", "rl.mastered_reward=nope"
+            )
+        )
 
 
 @pytest.mark.slow  # three RL runs
 def test_rl_with_mastered_pruning_resumes_exactly(world, tmp_path):
     def cfg(workdir):  # the stop at step 3 falls in the second rollout, after the first pruned its prompts
-        return _rl_config(world, workdir, _task_file(tmp_path), "train.max_steps=8", "rl.drop_mastered=true",
-                          "rl.mastered_reward=odd_mastered",
-                          "rl.rewards=[{name: 'test_rl:half_reward'}, {name: 'test_rl:odd_mastered', weight: 0.0}]")
+        return _rl_config(
+            world,
+            workdir,
+            _task_file(tmp_path),
+            "train.max_steps=8",
+            "rl.drop_mastered=true",
+            "rl.mastered_reward=odd_mastered",
+            "rl.rewards=[{name: 'test_rl:half_reward'}, {name: 'test_rl:odd_mastered', weight: 0.0}]",
+        )
 
     straight_and_resumed(cfg, tmp_path)

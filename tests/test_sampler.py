@@ -10,8 +10,18 @@ from medjax.models.sampler import Sampler, SamplingConfig, filter_logits
 
 @pytest.fixture(scope="module")
 def setup():
-    model = ModelDef(ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                                 num_kv_heads=2, head_dim=8, max_position_embeddings=256))
+    model = ModelDef(
+        ModelConfig(
+            vocab_size=61,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            max_position_embeddings=256,
+        )
+    )
     params = model.init_params(jax.random.key(0))
     params = jax.tree.map(lambda x: x * 20 if x.ndim == 2 else x, params)  # peaked, varied outputs
     return Sampler(model), params
@@ -29,8 +39,8 @@ def test_batched_left_padded_rows_equal_single_rows(setup):
 def test_a_mesh_layout_changes_placement_not_tokens(setup):
     """RL rollouts trace the sampler under the trainer's activation layout (rows split over
     data x fsdp, weights by the rule table): same tokens and log-probs as the plain program."""
-    from medjax.parallel.mesh import make_mesh
     from medjax.config import MeshConfig
+    from medjax.parallel.mesh import make_mesh
     from medjax.parallel.rules import MeshLayout, batch_sharding, param_shardings
 
     sampler, params = setup
@@ -52,7 +62,7 @@ def test_stop_tokens_end_rows_and_pad_the_rest(setup):
     first = list(free).index(stop)
     out = sampler.generate(params, [[3, 4, 5]], SamplingConfig(max_new_tokens=12, stop_token_ids=(stop,)))
     assert out.lengths[0] == first + 1 and out.tokens[0, first] == stop
-    assert (out.tokens[0, first + 1:] == sampler.pad_id).all() and (out.logprobs[0, first + 1:] == 0).all()
+    assert (out.tokens[0, first + 1 :] == sampler.pad_id).all() and (out.logprobs[0, first + 1 :] == 0).all()
     assert (out.logprobs[0, : first + 1] < 0).all()
 
 
@@ -65,8 +75,9 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(setup):
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
     greedy = sampler.generate(params, [[3, 4]], SamplingConfig(max_new_tokens=8)).tokens
-    top1 = sampler.generate(params, [[3, 4]], SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1),
-                            jax.random.key(5)).tokens
+    top1 = sampler.generate(
+        params, [[3, 4]], SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1), jax.random.key(5)
+    ).tokens
     np.testing.assert_array_equal(greedy, top1)
 
 

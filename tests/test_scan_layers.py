@@ -15,10 +15,27 @@ from medjax.models.config import ModelConfig
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import Sampler, SamplingConfig
 
-QWEN2 = ModelConfig(family="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3,
-                    num_heads=4, num_kv_heads=2, attention_bias=True)
-QWEN3 = ModelConfig(family="qwen3", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3,
-                    num_heads=4, num_kv_heads=2, head_dim=32, qk_norm=True)
+QWEN2 = ModelConfig(
+    family="qwen2",
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    attention_bias=True,
+)
+QWEN3 = ModelConfig(
+    family="qwen3",
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    qk_norm=True,
+)
 
 
 def _pair(cfg, remat="none"):
@@ -48,8 +65,9 @@ def test_scanned_equals_unrolled_logits_and_gradients(cfg, remat):
     np.testing.assert_allclose(logits(scanned)(stack_params(params)), logits(unrolled)(params), atol=2e-6, rtol=0)
     g_unrolled = jax.jit(jax.grad(loss(unrolled)))(params)
     g_scanned = jax.jit(jax.grad(loss(scanned)))(stack_params(params))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), stack_params(g_unrolled),
-                 g_scanned)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), stack_params(g_unrolled), g_scanned
+    )
     unstacked = unstack_params(stack_params(params), cfg.num_layers)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(unstacked), jax.tree.leaves(params)))
 
@@ -68,10 +86,11 @@ def test_layout_streams_round_trip_and_name_missing_layers():
     cfg = dataclasses.replace(QWEN2, scan_layers=True)
     _, _, params = _pair(QWEN2)
     canonical = [(("layers", i, "attn", "wq"), np.asarray(params["layers"][i]["attn"]["wq"])) for i in range(3)]
-    (path, stacked), = stored_tensors(cfg, canonical)
+    ((path, stacked),) = stored_tensors(cfg, canonical)
     assert path == ("layers", "attn", "wq") and stacked.shape == (3, 64, 4, 16)
-    assert [(p, a.tobytes()) for p, a in canonical_tensors(cfg, [(path, stacked)])] == \
-        [(p, a.tobytes()) for p, a in canonical]
+    assert [(p, a.tobytes()) for p, a in canonical_tensors(cfg, [(path, stacked)])] == [
+        (p, a.tobytes()) for p, a in canonical
+    ]
     with pytest.raises(ValueError, match=r"layers/attn/wq: no tensor for layers \[1\]"):
         list(stored_tensors(cfg, [canonical[0], canonical[2]]))
     with pytest.raises(ValueError, match="the model has 3 layers"):
@@ -93,15 +112,16 @@ def test_hf_export_of_a_scanned_model_is_bitwise_the_unrolled_one(tmp_path):
     assert resolve_checkpoint(tmp_path / "scanned").model.scan_layers
     for name in ("unrolled", "scanned"):
         export_hf(tmp_path / name, tmp_path / f"hf_{name}", dtype="float32")
-    a, b = ({k: v for shard in sorted((tmp_path / f"hf_{name}").glob("*.safetensors")) for k, v in load_file(shard).items()}
-            for name in ("unrolled", "scanned"))
+    a, b = (
+        {k: v for shard in sorted((tmp_path / f"hf_{name}").glob("*.safetensors")) for k, v in load_file(shard).items()}
+        for name in ("unrolled", "scanned")
+    )
     assert set(a) == set(b) and len(a) == 3 * 12 + 3
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
     # and back: the import of the scanned model's export holds the very same weights
     import_hf(tmp_path / "hf_scanned", tmp_path / "back")
     back = load_params(resolve_checkpoint(tmp_path / "back"))
-    assert all(np.asarray(x).tobytes() == y.tobytes()
-               for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(host)))
+    assert all(np.asarray(x).tobytes() == y.tobytes() for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(host)))
 
 
 @pytest.mark.slow  # three training runs
@@ -113,14 +133,27 @@ def test_init_from_converts_layouts_and_a_scanned_run_resumes_exactly(make_confi
     assert first.step == 3
     runs = {}
     for scan in ("false", "true"):
-        runs[scan] = train(make_config(tmp_path / f"next_{scan}", *sharded, f"init_from={tmp_path / 'unrolled'}",
-                                       f"model.scan_layers={scan}", "train.max_steps=2"))
-    np.testing.assert_allclose([runs["true"].losses[s] for s in (1, 2)], [runs["false"].losses[s] for s in (1, 2)],
-                               rtol=1e-5)
+        runs[scan] = train(
+            make_config(
+                tmp_path / f"next_{scan}",
+                *sharded,
+                f"init_from={tmp_path / 'unrolled'}",
+                f"model.scan_layers={scan}",
+                "train.max_steps=2",
+            )
+        )
+    np.testing.assert_allclose(
+        [runs["true"].losses[s] for s in (1, 2)], [runs["false"].losses[s] for s in (1, 2)], rtol=1e-5
+    )
     # a scanned run stopped (as a preemption does) and re-run continues bit-identically; its resume
     # comes from its own checkpoint, not init_from again
-    split = lambda: make_config(tmp_path / "split", *sharded, f"init_from={tmp_path / 'unrolled'}",  # noqa: E731
-                                "model.scan_layers=true", "train.max_steps=2")
+    split = lambda: make_config(
+        tmp_path / "split",
+        *sharded,
+        f"init_from={tmp_path / 'unrolled'}",  # noqa: E731
+        "model.scan_layers=true",
+        "train.max_steps=2",
+    )
     assert train(split(), should_stop=lambda step: step == 1).preempted
     resumed = train(split())
     assert resumed.resumed_from == 1 and resumed.losses[2] == runs["true"].losses[2]

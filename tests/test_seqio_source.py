@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import straight_and_resumed, tiny_config  # noqa: E402
 
 from medjax.config import load_config, to_dict  # noqa: E402
@@ -21,8 +20,9 @@ from medjax.data.pipeline import pretrain_dataset  # noqa: E402
 from medjax.data.tokenizer import load_tokenizer  # noqa: E402
 
 # find_spec, not importorskip: importing seqio at collection would import TensorFlow then.
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("seqio") is None,
-                                reason="the tf extra is not installed (pip install -e '.[tf]')")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("seqio") is None, reason="the tf extra is not installed (pip install -e '.[tf]')"
+)
 
 
 def _mixture(world, tmp_path, *overrides, rates=(0.7, 0.3)):
@@ -31,11 +31,21 @@ def _mixture(world, tmp_path, *overrides, rates=(0.7, 0.3)):
     if not general.exists():
         texts = [json.loads(line)["text"] for line in Path(world.files["pretrain"]).read_text().splitlines()]
         general.write_text("".join(json.dumps({"body": " ".join(reversed(t.split()))}) + "\n" for t in texts))
-    tasks = (f"[{{name: medical, files: [{world.files['pretrain']}], eval_files: [{world.files['pretrain_eval']}]}}, "
-             f"{{name: general, files: [{general}], eval_files: [{general}], text_key: body}}]")
-    return tiny_config(world, tmp_path / "run", "data.source=seqio", "data.train_files=[]", "data.eval_files=[]",
-                       "data.seqio.name=medjax_test_mix", f"data.seqio.tasks={tasks}",
-                       f"data.seqio.mixture={{medical: {rates[0]}, general: {rates[1]}}}", *overrides)
+    tasks = (
+        f"[{{name: medical, files: [{world.files['pretrain']}], eval_files: [{world.files['pretrain_eval']}]}}, "
+        f"{{name: general, files: [{general}], eval_files: [{general}], text_key: body}}]"
+    )
+    return tiny_config(
+        world,
+        tmp_path / "run",
+        "data.source=seqio",
+        "data.train_files=[]",
+        "data.eval_files=[]",
+        "data.seqio.name=medjax_test_mix",
+        f"data.seqio.tasks={tasks}",
+        f"data.seqio.mixture={{medical: {rates[0]}, general: {rates[1]}}}",
+        *overrides,
+    )
 
 
 def test_the_vocabulary_is_the_tokenizer(world):
@@ -89,10 +99,18 @@ def test_a_mixture_by_authority_grade(world, tmp_path):
     texts = [json.loads(line)["text"] for line in Path(world.files["pretrain"]).read_text().splitlines()]
     grades = {t: "ABCDE"[i % 5] for i, t in enumerate(texts)}
     corpus.write_text("".join(json.dumps({"text": t, "authority": g}) + "\n" for t, g in grades.items()))
-    tasks = (f"[{{name: medjax_test_high, files: [{corpus}], authorities: [A, B]}}, "
-             f"{{name: medjax_test_low, files: [{corpus}], authorities: [D, E]}}]")
-    cfg = tiny_config(world, tmp_path / "run", "data.source=seqio", "data.seqio.name=medjax_test_by_grade",
-                      f"data.seqio.tasks={tasks}", "data.seqio.mixture={medjax_test_high: 0.8, medjax_test_low: 0.2}")
+    tasks = (
+        f"[{{name: medjax_test_high, files: [{corpus}], authorities: [A, B]}}, "
+        f"{{name: medjax_test_low, files: [{corpus}], authorities: [D, E]}}]"
+    )
+    cfg = tiny_config(
+        world,
+        tmp_path / "run",
+        "data.source=seqio",
+        "data.seqio.name=medjax_test_by_grade",
+        f"data.seqio.tasks={tasks}",
+        "data.seqio.mixture={medjax_test_high: 0.8, medjax_test_low: 0.2}",
+    )
     provider = seqio_source.register(cfg.data.seqio, cfg.data.tokenizer)
     realised, seen = seqio_source.realised_rates(provider, 1500, seed=0)
     assert abs(realised["medjax_test_high"] - 0.8) < 0.02 and abs(realised["medjax_test_low"] - 0.2) < 0.02
@@ -100,8 +118,13 @@ def test_a_mixture_by_authority_grade(world, tmp_path):
     for example in seen[:300]:
         text = tok.decode(example["targets"][:-1].tolist())  # EOS appended by seqio
         assert grades[text] in ({"A", "B"} if example["task"] == "medjax_test_high" else {"D", "E"})
-    bad = tiny_config(world, tmp_path / "run", "data.source=seqio", "data.seqio.name=medjax_test_none",
-                      f"data.seqio.tasks=[{{name: medjax_test_none, files: [{corpus}], authorities: [Z]}}]")
+    bad = tiny_config(
+        world,
+        tmp_path / "run",
+        "data.source=seqio",
+        "data.seqio.name=medjax_test_none",
+        f"data.seqio.tasks=[{{name: medjax_test_none, files: [{corpus}], authorities: [Z]}}]",
+    )
     with pytest.raises(DataError, match="medjax_test_none: no train document has an authority grade in \\['Z'\\]"):
         next(iter(pretrain_dataset(bad.data, files=[], seq_len=32, batch_size=4)))
 
@@ -109,15 +132,41 @@ def test_a_mixture_by_authority_grade(world, tmp_path):
 def test_seqio_and_files_give_identical_packed_batches(world, tmp_path):
     """One JSONL task through seqio (tokenized by the Vocabulary, EOS appended by seqio) and the same
     file through the files pipeline: in file order, over two data streams, batch for batch equal."""
-    files = load_config(None, [f"workdir={tmp_path}", f"data.train_files=[{world.files['pretrain']}]",
-                               f"data.tokenizer={world.tokenizer}", "data.shuffle=false", "data.num_epochs=1"])
-    seq = load_config(None, [f"workdir={tmp_path}", "data.source=seqio", f"data.tokenizer={world.tokenizer}",
-                             "data.shuffle=false", "data.num_epochs=1", "data.seqio.name=medjax_test_one",
-                             f"data.seqio.tasks=[{{name: medjax_test_one, files: [{world.files['pretrain']}]}}]"])
+    files = load_config(
+        None,
+        [
+            f"workdir={tmp_path}",
+            f"data.train_files=[{world.files['pretrain']}]",
+            f"data.tokenizer={world.tokenizer}",
+            "data.shuffle=false",
+            "data.num_epochs=1",
+        ],
+    )
+    seq = load_config(
+        None,
+        [
+            f"workdir={tmp_path}",
+            "data.source=seqio",
+            f"data.tokenizer={world.tokenizer}",
+            "data.shuffle=false",
+            "data.num_epochs=1",
+            "data.seqio.name=medjax_test_one",
+            f"data.seqio.tasks=[{{name: medjax_test_one, files: [{world.files['pretrain']}]}}]",
+        ],
+    )
     for stream in (0, 1):
+
         def rows(cfg):
-            return list(pretrain_dataset(cfg.data, files=cfg.data.train_files, seq_len=32, batch_size=4,
-                                         process_index=stream, process_count=2))
+            return list(
+                pretrain_dataset(
+                    cfg.data,
+                    files=cfg.data.train_files,
+                    seq_len=32,
+                    batch_size=4,
+                    process_index=stream,
+                    process_count=2,
+                )
+            )
 
         want, got = rows(files), rows(seq)
         assert len(want) == len(got) > 5
@@ -131,22 +180,42 @@ def test_pretraining_from_a_seqio_mixture_resumes_exactly(world, tmp_path):
     """2N steps straight equal N, a stop, a resume and N more (the iterator's position travels in
     Grain's state in the Orbax checkpoint); evaluation reads the mixture's validation split."""
     straight, _ = straight_and_resumed(
-        lambda workdir, *o: _mixture(world, tmp_path, f"workdir={workdir}", "data.seqio.eval_split=validation",
-                                     "train.eval_every=3", "train.eval_batches=2", *o), tmp_path)
+        lambda workdir, *o: _mixture(
+            world,
+            tmp_path,
+            f"workdir={workdir}",
+            "data.seqio.eval_split=validation",
+            "train.eval_every=3",
+            "train.eval_batches=2",
+            *o,
+        ),
+        tmp_path,
+    )
     assert len(straight.losses) == 6 and sorted(straight.eval_losses) == [3, 6]
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["data.seqio.mixture={medical: 0.7, general: 0}"], "the rate of 'general' is 0.0; rates must be positive"),
-    (["data.seqio.mixture={medical: 0.7, general: -1}"], "the rate of 'general' is -1.0; rates must be positive"),
-    (["data.seqio.mixture={medical: 0.7, surgery: 0.3}"], "no seqio Task named 'surgery'"),
-    (["data.seqio.name=medical"], "is a Task's name; name the Mixture differently"),
-    (["data.seqio.mixture={}", "data.seqio.name=nowhere_mix"], "'nowhere_mix' is not a registered seqio Task or "
-                                                               "Mixture \\(registered: .*medical"),
-    (["data.seqio.modules=[no_such_registry]"], "data.seqio.modules: cannot import 'no_such_registry'"),
-    (["data.seqio.tasks=[{name: medjax_test_both, files: [a.jsonl], tfds_name: x}]", "data.seqio.mixture={}",
-      "data.seqio.name=medjax_test_both"], "give either files \\(JSONL\\) or tfds_name"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["data.seqio.mixture={medical: 0.7, general: 0}"], "the rate of 'general' is 0.0; rates must be positive"),
+        (["data.seqio.mixture={medical: 0.7, general: -1}"], "the rate of 'general' is -1.0; rates must be positive"),
+        (["data.seqio.mixture={medical: 0.7, surgery: 0.3}"], "no seqio Task named 'surgery'"),
+        (["data.seqio.name=medical"], "is a Task's name; name the Mixture differently"),
+        (
+            ["data.seqio.mixture={}", "data.seqio.name=nowhere_mix"],
+            "'nowhere_mix' is not a registered seqio Task or Mixture \\(registered: .*medical",
+        ),
+        (["data.seqio.modules=[no_such_registry]"], "data.seqio.modules: cannot import 'no_such_registry'"),
+        (
+            [
+                "data.seqio.tasks=[{name: medjax_test_both, files: [a.jsonl], tfds_name: x}]",
+                "data.seqio.mixture={}",
+                "data.seqio.name=medjax_test_both",
+            ],
+            "give either files \\(JSONL\\) or tfds_name",
+        ),
+    ],
+)
 def test_bad_seqio_settings_are_named(world, tmp_path, overrides, message):
     cfg = _mixture(world, tmp_path, *overrides)
     with pytest.raises(DataError, match=message):

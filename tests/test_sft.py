@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import stage_config, straight_and_resumed
 
-from conftest import straight_and_resumed, stage_config
 from medjax.data import DataError
 from medjax.data.chat import ChatTemplate, tokenize_chat
 from medjax.data.examples import DROPPED, TRUNCATED
@@ -86,8 +86,15 @@ def test_packed_rows_equal_each_conversation_alone(world, tmp_path, make_config)
 @pytest.mark.slow  # three training runs
 def test_sft_from_pretrained_resumes_exactly(world, pretrained_run, tmp_path):
     def cfg(workdir):
-        return stage_config(world, workdir, "sft", f"init_from={pretrained_run}", "train.eval_every=3",
-                            "train.eval_at_start=true", "train.eval_batches=2")
+        return stage_config(
+            world,
+            workdir,
+            "sft",
+            f"init_from={pretrained_run}",
+            "train.eval_every=3",
+            "train.eval_at_start=true",
+            "train.eval_batches=2",
+        )
 
     straight, second = straight_and_resumed(cfg, tmp_path)
     assert sorted(straight.eval_losses) == [0, 3, 6]
@@ -97,8 +104,14 @@ def test_sft_from_pretrained_resumes_exactly(world, pretrained_run, tmp_path):
     convs = [json.loads(line)["messages"] for line in world.files["sft"].read_text().splitlines()]
     counts = _overlong_counts(world, convs, 128)
     assert counts["truncated"] > 0
-    assert rows[0] == {"step": 0, "data_records": len(convs), "data_used": counts["used"],
-                       "data_truncated": counts["truncated"], "data_dropped": counts["dropped"], "data_skipped": 0}
+    assert rows[0] == {
+        "step": 0,
+        "data_records": len(convs),
+        "data_used": counts["used"],
+        "data_truncated": counts["truncated"],
+        "data_dropped": counts["dropped"],
+        "data_skipped": 0,
+    }
 
 
 def _overlong_counts(world, convs, seq_len):
@@ -111,7 +124,7 @@ def _overlong_counts(world, convs, seq_len):
         ids, mask = tokenize_chat(tok, template, c)
         if len(ids) - 1 <= seq_len:
             counts["used"] += 1
-        elif np.asarray(mask[1:seq_len + 1]).any():
+        elif np.asarray(mask[1 : seq_len + 1]).any():
             counts["used"] += 1
             counts["truncated"] += 1
         else:
@@ -129,19 +142,34 @@ def test_init_from_run_model_dir_and_hf_dir_agree(world, pretrained_run, tmp_pat
     model_dir = import_hf(hf, tmp_path / "imported")
     losses = []
     for source in (pretrained_run, model_dir, hf):
-        result = train(stage_config(world, tmp_path / f"run{len(losses)}", "sft", f"init_from={source}",
-                                    "train.max_steps=1", "train.eval_at_start=true", "train.eval_batches=2",
-                                    "data.tokenizer="))  # the tokenizer comes from the source
+        result = train(
+            stage_config(
+                world,
+                tmp_path / f"run{len(losses)}",
+                "sft",
+                f"init_from={source}",
+                "train.max_steps=1",
+                "train.eval_at_start=true",
+                "train.eval_batches=2",
+                "data.tokenizer=",
+            )
+        )  # the tokenizer comes from the source
         losses.append(result.eval_losses[0])
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)
-    fresh = train(stage_config(world, tmp_path / "fresh", "sft", "train.max_steps=1", "train.eval_at_start=true",
-                               "train.eval_batches=2"))
+    fresh = train(
+        stage_config(
+            world, tmp_path / "fresh", "sft", "train.max_steps=1", "train.eval_at_start=true", "train.eval_batches=2"
+        )
+    )
     assert losses[0] < fresh.eval_losses[0]  # the pretrained weights were really loaded
 
 
 BAD = [
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
-    ({"messages": [{"role": "doctor", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role 'doctor'"),
+    (
+        {"messages": [{"role": "doctor", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+        "unknown role 'doctor'",
+    ),
     ({"conversation": []}, "missing key 'messages'"),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "has no 'content'"),
     ('{"messages": [', "malformed JSON"),
@@ -160,8 +188,11 @@ def test_bad_conversation_names_file_and_line(world, tmp_path, record, message):
 def test_bad_conversations_skipped_and_counted(world, tmp_path):
     good = [json.loads(line) for line in world.files["sft"].read_text().splitlines()[:20]]
     path = _write_jsonl(tmp_path / "chat.jsonl", good[:10] + [r for r, _ in BAD] + good[10:])
-    result = train(stage_config(world, tmp_path / "run", "sft", f"data.train_files=[{path}]", "data.skip_bad=true",
-                                "train.max_steps=2"))
+    result = train(
+        stage_config(
+            world, tmp_path / "run", "sft", f"data.train_files=[{path}]", "data.skip_bad=true", "train.max_steps=2"
+        )
+    )
     assert result.step == 2
     used = _overlong_counts(world, [g["messages"] for g in good], 128)["used"]
     assert result.data_stats["data_skipped"] == len(BAD) and result.data_stats["data_used"] == used

@@ -33,9 +33,21 @@ def corpus(world, tmp_path_factory):
     passages = [json.loads(line) for line in Path(world.files["pretrain"]).read_text().splitlines()]
     with open(curated / "clean" / "docs-00000-of-00001.jsonl", "w") as f:
         for i, p in enumerate(passages):
-            f.write(json.dumps({"id": p.get("id", f"p{i}"), "text": p["text"], "source": "textbook" if i % 3 else "forum",
-                                "authority": "A" if i % 3 else "E", "lang": "en", "url": "", "file": "raw/passages.jsonl",
-                                "line": i + 1}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": p.get("id", f"p{i}"),
+                        "text": p["text"],
+                        "source": "textbook" if i % 3 else "forum",
+                        "authority": "A" if i % 3 else "E",
+                        "lang": "en",
+                        "url": "",
+                        "file": "raw/passages.jsonl",
+                        "line": i + 1,
+                    }
+                )
+                + "\n"
+            )
     shards = {"tokenizer": str(world.tokenizer), "add_eos": True, "eval_fraction": 0.0, "eval_sources": ["forum"]}
     (curated / "report.json").write_text(json.dumps({"kept": {"docs": len(passages)}, "config": {"shards": shards}}))
     data_dir = root / "data"
@@ -64,9 +76,11 @@ def test_tfds_alone_loads_the_built_corpus(corpus, world, tmp_path, capsys):
         "  'file_format': str(b.info.file_format), 'tokenizer': b.info.metadata['tokenizer'],\n"
         "  'first': {k: (v.decode() if isinstance(v, bytes) else v.tolist()) for k, v in ex.items()},\n"
         "  'tensorflow_imported': 'tensorflow' in sys.modules,\n"
-        "  'medjax_imported': any(m.split('.')[0] in ('medjax', 'data_pipelines') for m in sys.modules)}))\n")
-    out = subprocess.run([sys.executable, "-c", script, str(data_dir)], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
+        "  'medjax_imported': any(m.split('.')[0] in ('medjax', 'data_pipelines') for m in sys.modules)}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(data_dir)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     held_out = [p for i, p in enumerate(passages) if i % 3 == 0]  # source "forum": shards.eval_sources
@@ -105,9 +119,11 @@ def test_tfds_and_arrayrecord_give_identical_packed_batches(corpus, world, tmp_p
     by_text = _tfds(data_dir, feature="text")
     by_text.tokenizer = str(world.tokenizer)
     for stream in (0, 1):
+
         def batches(cfg):
-            ds = pretrain_dataset(cfg, files=cfg.train_files, seq_len=32, batch_size=4, process_index=stream,
-                                  process_count=2)
+            ds = pretrain_dataset(
+                cfg, files=cfg.train_files, seq_len=32, batch_size=4, process_index=stream, process_count=2
+            )
             it = iter(ds)
             return [next(it) for _ in range(12)]  # past one epoch of this stream's documents
 
@@ -126,9 +142,19 @@ def test_pretraining_from_tfds_resumes_exactly(corpus, world, tmp_path):
     _, data_dir, _ = corpus
 
     def make(workdir, *overrides):
-        return tiny_config(world, workdir, "data.source=tfds", "data.tfds.name=medjax_corpus",
-                           f"data.tfds.data_dir={data_dir}", "data.tfds.eval_split=validation", "data.train_files=[]",
-                           "data.eval_files=[]", "train.eval_every=3", "train.eval_batches=2", *overrides)
+        return tiny_config(
+            world,
+            workdir,
+            "data.source=tfds",
+            "data.tfds.name=medjax_corpus",
+            f"data.tfds.data_dir={data_dir}",
+            "data.tfds.eval_split=validation",
+            "data.train_files=[]",
+            "data.eval_files=[]",
+            "train.eval_every=3",
+            "train.eval_batches=2",
+            *overrides,
+        )
 
     straight, _ = straight_and_resumed(make, tmp_path)
     assert len(straight.losses) == 6 and sorted(straight.eval_losses) == [3, 6]
@@ -141,8 +167,11 @@ def test_bad_tfds_settings_are_named(corpus, tmp_path, monkeypatch):
         (dict(data_dir=str(tmp_path / "absent")), f"data.tfds.data_dir does not exist: {tmp_path / 'absent'}"),
         (dict(name="pubmed_corpus"), "no such dataset in .* \\(datasets there: medjax_corpus\\)"),
         (dict(split="test"), "split 'test' of medjax_corpus.*\\(splits: train, validation\\)"),
-        (dict(feature="body"), "feature 'body' is not a feature of medjax_corpus \\(features: authority, id, lang, "
-                               "provenance, source, text, tokens\\)"),
+        (
+            dict(feature="body"),
+            "feature 'body' is not a feature of medjax_corpus \\(features: authority, id, lang, "
+            "provenance, source, text, tokens\\)",
+        ),
         (dict(feature="authority", split="train"), None),  # text: fine (tokenized on the fly)
     ]
     for change, message in cases:
@@ -154,8 +183,11 @@ def test_bad_tfds_settings_are_named(corpus, tmp_path, monkeypatch):
             TfdsSource(**t)
     from medjax.train.loop import train
 
-    with pytest.raises(ConfigError, match=r"key 'data.source' is 'tfds', which feeds plain-text stages \(pretrain\); "
-                       "stage sft reads files"):
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'data.source' is 'tfds', which feeds plain-text stages \(pretrain\); "
+        "stage sft reads files",
+    ):
         train(load_config(None, [f"workdir={tmp_path / 'sft'}", "stage=sft", "data.source=tfds"]))
     assert not (tmp_path / "sft").exists()  # refused before anything was written
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as on an install without the tf extra
@@ -171,7 +203,8 @@ def test_medjax_works_without_the_tf_extra(tmp_path):
         "for name in ('tensorflow', 'tensorflow_datasets', 'seqio'):\n"
         "    sys.modules[name] = None\n"
         "import medjax.cli, medjax.train.loop, medjax.data.pipeline, medjax.demo\n"
-        "sys.exit(medjax.cli.main(['data', 'tfds-build', sys.argv[1], '--data-dir', sys.argv[1]]))\n")
+        "sys.exit(medjax.cli.main(['data', 'tfds-build', sys.argv[1], '--data-dir', sys.argv[1]]))\n"
+    )
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "tfds-build needs tensorflow-datasets (tensorflow_datasets is missing): pip install -e '.[tf]'" in out.stderr

@@ -37,7 +37,8 @@ def vignettes(n=600, seed=0):
             f"for {rng.randint(2, 14)} days. Temperature {rng.randint(36, 40)}.{rng.randint(0, 9)} C, heart rate "
             f"{rng.randint(50, 140)}/min, blood pressure {rng.randint(90, 180)}/{rng.randint(50, 110)} mm Hg. "
             f"He was given {rng.choice(['0.5', '1', '2.5', '5', '10'])} mg/kg of drug {rng.randint(100, 99999)}. "
-            f"The patient is a {age} year old with a history of {rng.choice(symptoms)}.")
+            f"The patient is a {age} year old with a history of {rng.choice(symptoms)}."
+        )
     return out
 
 
@@ -62,9 +63,15 @@ def gpt2_split(world, native, tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(texts + vignettes(), trainer=trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        texts + vignettes(),
+        trainer=trainers.BpeTrainer(
+            vocab_size=1024,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     out = tmp_path_factory.mktemp("agreement") / "gpt2"
     shutil.copytree(native, out)
     (out / "tokenizer.json").write_text(tok.to_str())
@@ -187,9 +194,16 @@ def test_transformers_failing_to_load_is_not_checked(native, tmp_path):
 def qwen_hf_dir(gpt2_split, tmp_path):
     """A tiny Qwen2 model directory whose tokenizer.json has GPT-2's split (the reported case)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True)
+    config = transformers.Qwen2Config(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     out = tmp_path / "hf"
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
     for f in gpt2_split.iterdir():

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import straight_and_resumed
+
 from medjax.train.checkpoint import Checkpoints
 from medjax.train.loop import TrainingError, train
 from medjax.train.objectives import NextTokenObjective
@@ -111,8 +110,9 @@ def test_sigterm_checkpoints_and_resumes_exactly(make_config, tmp_path):
     train(reference)
     config_file = tmp_path / "run.yaml"
     # The interrupted run saves asynchronously, as users' runs do by default.
-    run_cfg = dataclasses.replace(reference, workdir=str(tmp_path / "run"),
-                                  train=dataclasses.replace(reference.train, async_checkpointing=True))
+    run_cfg = dataclasses.replace(
+        reference, workdir=str(tmp_path / "run"), train=dataclasses.replace(reference.train, async_checkpointing=True)
+    )
     config_file.write_text(yaml.safe_dump(dataclasses.asdict(run_cfg)))
     cmd = [sys.executable, "-m", "medjax.cli", "train", str(config_file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -151,8 +151,12 @@ def test_plot_overlays_runs_of_a_stage_and_names_bad_input(tmp_path, capsys):
         w = tmp_path / name
         w.mkdir(parents=True)
         (w / "config.yaml").write_text(f"stage: {stage}\n")
-        (w / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v, "learning_rate": 1e-3 * (i + 1),
-                                                             **(extra or {})}) + "\n" for i, v in enumerate(losses)))
+        (w / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps({"step": i + 1, "loss": v, "learning_rate": 1e-3 * (i + 1), **(extra or {})}) + "\n"
+                for i, v in enumerate(losses)
+            )
+        )
         return w
 
     a = run("a", "rl", [3.0, 2.0], {"reward_mean": 0.5})
@@ -226,8 +230,9 @@ def test_a_new_stage_is_one_entry(world, tmp_path, monkeypatch):
     full = train(tiny_config(world, tmp_path / "pretrain", "train.max_steps=4", "train.eval_every=2"))
     assert result.losses[1] != full.losses[1]  # the toy objective, not next-token loss, was trained
     assert set(stages.batch_dtypes("first_half")) == set(BATCH_KEYS)
-    with pytest.raises(ConfigError, match="key 'stage': unknown stage 'nope'; known: first_half, pretrain, "
-                                          "reward_model, rl, sft"):
+    with pytest.raises(
+        ConfigError, match="key 'stage': unknown stage 'nope'; known: first_half, pretrain, reward_model, rl, sft"
+    ):
         train(tiny_config(world, tmp_path / "nope", "stage=nope"))
     assert not (tmp_path / "nope").exists()
 
@@ -245,15 +250,18 @@ def test_only_the_trainable_parameters_change(world, tmp_path):
     from medjax.train.optimizer import make_optimizer, param_path
     from medjax.train.step import init_train_state
 
-    cfg = tiny_config(world, tmp_path / "attn", "train.max_steps=3", "optimizer.trainable=['attn/w[qv]']",
-                      "train.checkpoint_every=3")
+    cfg = tiny_config(
+        world, tmp_path / "attn", "train.max_steps=3", "optimizer.trainable=['attn/w[qv]']", "train.checkpoint_every=3"
+    )
     train(cfg)
     model, mesh = ModelDef(cfg.model), make_mesh(cfg.mesh)
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     state = init_train_state(model, tx, mesh, cfg.train.seed)
     before = jax.tree_util.tree_flatten_with_path(jax.device_get(state["params"]))[0]
-    after = dict((param_path(p), v) for p, v in jax.tree_util.tree_flatten_with_path(
-        load_params(resolve_checkpoint(tmp_path / "attn")))[0])
+    after = dict(
+        (param_path(p), v)
+        for p, v in jax.tree_util.tree_flatten_with_path(load_params(resolve_checkpoint(tmp_path / "attn")))[0]
+    )
     changed = {param_path(p) for p, v in before if not np.array_equal(np.asarray(v), after[param_path(p)])}
     trained = {param_path(p) for p, _ in before if "attn/wq" in param_path(p) or "attn/wv" in param_path(p)}
     assert changed == trained and trained

@@ -35,14 +35,25 @@ def exported(world, tmp_path_factory):
     from conftest import tiny_config
 
     from medjax.convert.hf_export import export_hf
-    from medjax.data.tokenizer import load_tokenizer
     from medjax.convert.loading import load_model
+    from medjax.data.tokenizer import load_tokenizer
     from medjax.train.loop import train
 
     root = tmp_path_factory.mktemp("vllm")
-    cfg = tiny_config(world, root / "run", "model.preset=tiny-qwen2", "model.vocab_size=512", "model.hidden_size=256",
-                      "model.intermediate_size=768", "model.num_heads=4", "model.num_kv_heads=2",
-                      "model.head_dim=64", "train.max_steps=30", "train.checkpoint_every=30", "train.log_every=10")
+    cfg = tiny_config(
+        world,
+        root / "run",
+        "model.preset=tiny-qwen2",
+        "model.vocab_size=512",
+        "model.hidden_size=256",
+        "model.intermediate_size=768",
+        "model.num_heads=4",
+        "model.num_kv_heads=2",
+        "model.head_dim=64",
+        "train.max_steps=30",
+        "train.checkpoint_every=30",
+        "train.log_every=10",
+    )
     train(cfg)
     export_hf(root / "run", root / "hf", dtype="float32")
     tok = load_tokenizer(world.tokenizer)
@@ -60,11 +71,15 @@ def test_vllm_greedy_equals_medjax_greedy(exported):
     (root / "run_vllm.py").write_text(VLLM_SCRIPT)
     out = subprocess.run(
         [sys.executable, str(root / "run_vllm.py"), str(root / "hf"), str(root / "prompts.json"), "24"],
-        capture_output=True, text=True, timeout=900, env=vllm_env(), cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=vllm_env(),
+        cwd=root,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     line = next(line for line in out.stdout.splitlines() if line.startswith("TOKENS "))
-    assert json.loads(line[len("TOKENS "):]) == ours
+    assert json.loads(line[len("TOKENS ") :]) == ours
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +97,11 @@ def server(exported):
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "medjax.cli", "serve", str(root / "hf"), "--port", str(port), "--", "--enforce-eager"],
-        env=vllm_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=vllm_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -98,9 +117,19 @@ def test_medjax_serve_answers_openai_completions(exported, server):
     import urllib.request
 
     root, prompts, ours = exported
-    body = json.dumps({"model": str(root / "hf"), "prompt": prompts[0], "max_tokens": 24, "temperature": 0,
-                       "ignore_eos": True, "return_token_ids": True}).encode()
-    request = urllib.request.Request(f"{server}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "model": str(root / "hf"),
+            "prompt": prompts[0],
+            "max_tokens": 24,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"{server}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=120) as r:
         choice = json.loads(r.read())["choices"][0]
     assert choice["token_ids"] == ours[0]
@@ -141,15 +170,47 @@ def rag_service(exported, server):
     pytest.importorskip("fastapi", reason="the rag extra is not installed")
     root = exported[0]
     guidelines = Path(__file__).parent / "data" / "rag" / "guidelines.jsonl"
-    subprocess.run([sys.executable, "-m", "medjax.cli", "rag", "index", str(guidelines), "--out", str(root / "rag"),
-                    "--set", "encoder.enabled=false"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medjax.cli",
+            "rag",
+            "index",
+            str(guidelines),
+            "--out",
+            str(root / "rag"),
+            "--set",
+            "encoder.enabled=false",
+        ],
+        check=True,
+        capture_output=True,
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medjax.cli", "rag", "serve", str(root / "rag"), "--llm", server, "--port", str(port),
-         "--set", "serve.max_tokens=24", "--set", "serve.rate_limit="],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "medjax.cli",
+            "rag",
+            "serve",
+            str(root / "rag"),
+            "--llm",
+            server,
+            "--port",
+            str(port),
+            "--set",
+            "serve.max_tokens=24",
+            "--set",
+            "serve.rate_limit=",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -190,8 +251,15 @@ def test_rag_service_answers_through_vllm_with_its_sources(exported, server, rag
     assert [s["chunk_id"] for s in body["sources"]] == [h.chunk.chunk_id for h in hits]
     assert body["sources"][0]["doc_id"] == "guideline-asthma" and body["model"] == str(root / "hf")
     prompt = question_prompt(QUESTION, [f"{h.chunk.title}: {h.chunk.text}" for h in hits])
-    direct = _post(f"{server}/v1/chat/completions", {"model": str(root / "hf"), "max_tokens": 24, "temperature": 0,
-                                                       "messages": [{"role": "user", "content": prompt}]})
+    direct = _post(
+        f"{server}/v1/chat/completions",
+        {
+            "model": str(root / "hf"),
+            "max_tokens": 24,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}],
+        },
+    )
     assert body["answer"] == direct["choices"][0]["message"]["content"] and body["answer"].strip()
 
 

@@ -30,8 +30,22 @@ def test_the_installed_wheel_finds_its_configs_anywhere(tmp_path):
         shutil.copytree(REPO_ROOT / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO_ROOT / name, src / name)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", str(tmp_path / "dist"), str(src)], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        tmp_path,
+    )
     wheel = next((tmp_path / "dist").glob("medjax-*.whl"))
     # A fresh environment that sees this one's dependencies (one path, not its .pth files, so not
     # the editable medjax of the checkout) and gets medjax from the wheel alone.
@@ -43,10 +57,16 @@ def test_the_installed_wheel_finds_its_configs_anywhere(tmp_path):
     _run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = _run([str(py), "-c", "import medjax, medjax.config as c, data_pipelines.curate.config as cc, "
-                  "medjax.rag.config as rc; print(medjax.__file__); print(c.MODEL_PRESET_DIR); "
-                  "print(cc.load_curate_config(None, ['output=out', 'input.paths=[a.jsonl]']).langid.keep); print(rc.load_rag_config().chunking.mode)"],
-                 elsewhere).splitlines()
+    where = _run(
+        [
+            str(py),
+            "-c",
+            "import medjax, medjax.config as c, data_pipelines.curate.config as cc, "
+            "medjax.rag.config as rc; print(medjax.__file__); print(c.MODEL_PRESET_DIR); "
+            "print(cc.load_curate_config(None, ['output=out', 'input.paths=[a.jsonl]']).langid.keep); print(rc.load_rag_config().chunking.mode)",
+        ],
+        elsewhere,
+    ).splitlines()
     assert where[0].startswith(str(site)) and where[1].startswith(str(site)), where
     assert "plan" in _run([str(venv / "bin" / "medjax"), "--help"], elsewhere)
     plan = _run([str(venv / "bin" / "medjax"), "plan", "configs/demo/pretrain.yaml", "--topology", "v5e-1"], elsewhere)

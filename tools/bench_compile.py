@@ -46,15 +46,24 @@ def compile_once(model_cfg, batch: int, seq_len: int) -> dict:
 
     state = abstract_train_state(model, tx, shardings)
     tokens = jax.ShapeDtypeStruct((1, batch, seq_len), jnp.int32)
-    batch_spec = {"tokens": tokens, "targets": tokens, "positions": tokens, "segment_ids": tokens,
-                  "loss_mask": jax.ShapeDtypeStruct((1, batch, seq_len), jnp.float32)}
+    batch_spec = {
+        "tokens": tokens,
+        "targets": tokens,
+        "positions": tokens,
+        "segment_ids": tokens,
+        "loss_mask": jax.ShapeDtypeStruct((1, batch, seq_len), jnp.float32),
+    }
     t0 = time.perf_counter()
     lowered = step.lower(state, batch_spec)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    return {"scan_layers": model_cfg.scan_layers, "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
-            "hlo_chars": len(compiled.as_text())}
+    return {
+        "scan_layers": model_cfg.scan_layers,
+        "lower_s": round(t1 - t0, 2),
+        "compile_s": round(t2 - t1, 2),
+        "hlo_chars": len(compiled.as_text()),
+    }
 
 
 def main(argv=None) -> dict:
@@ -67,18 +76,32 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    base = dataclasses.replace(load_model_preset(args.preset), num_layers=args.layers, hidden_size=args.hidden_size,
-                               remat=args.remat)
-    rows = [compile_once(dataclasses.replace(base, scan_layers=scan), args.batch, args.seq_len) for scan in (False, True)]
-    result = {"preset": args.preset, "layers": args.layers, "hidden_size": args.hidden_size, "remat": args.remat,
-              "params": count_params(base), "devices": jax.device_count(), "backend": jax.default_backend(),
-              "rows": rows}
-    print(f"{args.preset}, {args.layers} layers, hidden {args.hidden_size}, remat {args.remat}, "
-          f"{result['params'] / 1e6:.1f}M params, {result['devices']} {result['backend']} device(s)")
+    base = dataclasses.replace(
+        load_model_preset(args.preset), num_layers=args.layers, hidden_size=args.hidden_size, remat=args.remat
+    )
+    rows = [
+        compile_once(dataclasses.replace(base, scan_layers=scan), args.batch, args.seq_len) for scan in (False, True)
+    ]
+    result = {
+        "preset": args.preset,
+        "layers": args.layers,
+        "hidden_size": args.hidden_size,
+        "remat": args.remat,
+        "params": count_params(base),
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+        "rows": rows,
+    }
+    print(
+        f"{args.preset}, {args.layers} layers, hidden {args.hidden_size}, remat {args.remat}, "
+        f"{result['params'] / 1e6:.1f}M params, {result['devices']} {result['backend']} device(s)"
+    )
     print(f"  {'layout':<10} {'trace+lower':>12} {'compile':>9} {'program (chars)':>16}")
     for r in rows:
-        print(f"  {'scanned' if r['scan_layers'] else 'unrolled':<10} {r['lower_s']:>11.2f}s {r['compile_s']:>8.2f}s "
-              f"{r['hlo_chars']:>16,}")
+        print(
+            f"  {'scanned' if r['scan_layers'] else 'unrolled':<10} {r['lower_s']:>11.2f}s {r['compile_s']:>8.2f}s "
+            f"{r['hlo_chars']:>16,}"
+        )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

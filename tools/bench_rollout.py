@@ -68,8 +68,14 @@ def build_model(shape: str, vocab: int, out: Path):
     from medjax.models.config import ModelConfig
     from medjax.models.decoder import ModelDef
 
-    cfg = ModelConfig(family="qwen2", vocab_size=vocab, attention_bias=True, tie_word_embeddings=True,
-                      max_position_embeddings=4096, **SHAPES[shape])
+    cfg = ModelConfig(
+        family="qwen2",
+        vocab_size=vocab,
+        attention_bias=True,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        **SHAPES[shape],
+    )
     params = jax.device_get(ModelDef(cfg).init_params(jax.random.key(0)))
     params = jax.tree.map(np.asarray, params)
     save_model_dir(out / "model", cfg, params, tokenizer_dir=None)
@@ -117,21 +123,25 @@ def bench_vllm(hf_dir: Path, prompts, new_tokens: int, repeats: int, max_len: in
         script.write_text(VLLM_SCRIPT)
         prompts_file.write_text(json.dumps(prompts))
         cmd = [sys.executable, str(script), str(hf_dir), str(prompts_file), str(new_tokens), str(repeats), str(max_len)]
-        out = subprocess.run(cmd + (["eager"] if eager else []), capture_output=True, text=True,
-                             env=vllm_env(), timeout=1800)
+        out = subprocess.run(
+            cmd + (["eager"] if eager else []), capture_output=True, text=True, env=vllm_env(), timeout=1800
+        )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if out.returncode or line is None:
         raise RuntimeError(f"vLLM run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="demo")
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--model", default=None,
-                    help="a real model instead of a random --shape: smollm2 (the packaged SmolLM2-135M-Instruct), "
-                         "a .gguf file or a medjax model directory")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a real model instead of a random --shape: smollm2 (the packaged SmolLM2-135M-Instruct), "
+        "a .gguf file or a medjax model directory",
+    )
     ap.add_argument("--batch", type=int, default=64, help="sequences per rollout (prompts x group size)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -140,9 +150,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
 
-    import numpy as np
-
     import jax
+    import numpy as np
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,18 +162,30 @@ def main() -> None:
             cfg, params = build_model(args.shape, args.vocab, Path(tmp))
         prompts = rng.integers(10, args.vocab, size=(args.batch, args.prompt_len)).tolist()
         ours = bench_medjax(cfg, params, prompts, args.new_tokens, args.repeats)
-        theirs = bench_vllm(Path(tmp) / "hf", prompts, args.new_tokens, args.repeats,
-                            args.prompt_len + args.new_tokens + 32, args.vllm_eager)
+        theirs = bench_vllm(
+            Path(tmp) / "hf",
+            prompts,
+            args.new_tokens,
+            args.repeats,
+            args.prompt_len + args.new_tokens + 32,
+            args.vllm_eager,
+        )
     result = {
-        "device": jax.devices()[0].device_kind, "shape": args.shape, "batch": args.batch,
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "device": jax.devices()[0].device_kind,
+        "shape": args.shape,
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
         "medjax_tokens_per_sec": ours["generated"] / ours["seconds"],
         "vllm_tokens_per_sec": theirs["generated"] / theirs["seconds"],
-        "medjax_generated": ours["generated"], "vllm_generated": theirs["generated"],
+        "medjax_generated": ours["generated"],
+        "vllm_generated": theirs["generated"],
     }
     result["ratio"] = result["medjax_tokens_per_sec"] / result["vllm_tokens_per_sec"]
-    print(f"{args.shape} model ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), {args.batch} sequences x {args.new_tokens} new tokens "
-          f"(prompts of {args.prompt_len}) on {result['device']}:")
+    print(
+        f"{args.shape} model ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), {args.batch} sequences x {args.new_tokens} new tokens "
+        f"(prompts of {args.prompt_len}) on {result['device']}:"
+    )
     print(f"  medjax sampler: {result['medjax_tokens_per_sec']:9.1f} tokens/s")
     print(f"  vLLM:           {result['vllm_tokens_per_sec']:9.1f} tokens/s")
     print(f"  ratio medjax / vLLM: {result['ratio']:.2f}x")

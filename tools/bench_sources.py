@@ -35,16 +35,32 @@ def sources(demo: Path) -> dict[str, list[str]]:
     clean = sorted(str(p) for p in (curated / "clean").glob("*.jsonl"))
     common = [f"data.tokenizer={demo / 'tokenizer'}"]
     return {
-        "arrayrecord (tokens)": [*common, "data.format=arrayrecord",
-                                 f"data.train_files=[{curated}/shards/train-*.array_record]"],
+        "arrayrecord (tokens)": [
+            *common,
+            "data.format=arrayrecord",
+            f"data.train_files=[{curated}/shards/train-*.array_record]",
+        ],
         "tfds (tokens)": [*common, "data.source=tfds", "data.tfds.name=medjax_corpus", f"data.tfds.data_dir={tfds}"],
-        "tfds (text)": [*common, "data.source=tfds", "data.tfds.name=medjax_corpus", f"data.tfds.data_dir={tfds}",
-                        "data.tfds.feature=text"],
+        "tfds (text)": [
+            *common,
+            "data.source=tfds",
+            "data.tfds.name=medjax_corpus",
+            f"data.tfds.data_dir={tfds}",
+            "data.tfds.feature=text",
+        ],
         "jsonl (text)": [*common, "data.format=jsonl", f"data.train_files={json.dumps(clean)}"],
-        "seqio (TFDS text)": [*common, "data.source=seqio", "data.seqio.name=bench_tfds",
-                              f"data.seqio.tasks=[{{name: bench_tfds, tfds_name: medjax_corpus, tfds_data_dir: {tfds}}}]"],
-        "seqio (JSONL text)": [*common, "data.source=seqio", "data.seqio.name=bench_jsonl",
-                               f"data.seqio.tasks=[{{name: bench_jsonl, files: {json.dumps(clean)}}}]"],
+        "seqio (TFDS text)": [
+            *common,
+            "data.source=seqio",
+            "data.seqio.name=bench_tfds",
+            f"data.seqio.tasks=[{{name: bench_tfds, tfds_name: medjax_corpus, tfds_data_dir: {tfds}}}]",
+        ],
+        "seqio (JSONL text)": [
+            *common,
+            "data.source=seqio",
+            "data.seqio.name=bench_jsonl",
+            f"data.seqio.tasks=[{{name: bench_jsonl, files: {json.dumps(clean)}}}]",
+        ],
     }
 
 
@@ -83,8 +99,12 @@ def main(argv=None) -> int:
         goal = f"{GOALS[name]:.1f}x" if name in GOALS else ""
         print(f"{name:22s} {rate:10,.0f} {base / rate:18.2f}x {goal:>6}")
     if args.out:
-        args.out.write_text(json.dumps({"rows_per_s": results, "batch": args.batch, "seq_len": args.seq_len,
-                                        "batches": args.batches}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {"rows_per_s": results, "batch": args.batch, "seq_len": args.seq_len, "batches": args.batches}, indent=2
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -39,10 +39,10 @@ import numpy as np  # noqa: E402
 
 from medjax.config import MeshConfig, OptimizerConfig, load_model_preset  # noqa: E402
 from medjax.models.config import ModelConfig  # noqa: E402
+from medjax.models.decoder import ModelDef  # noqa: E402
 from medjax.parallel.mesh import make_mesh  # noqa: E402
 from medjax.train.objectives import NextTokenObjective  # noqa: E402
 from medjax.train.optimizer import make_optimizer  # noqa: E402
-from medjax.models.decoder import ModelDef  # noqa: E402
 from medjax.train.step import init_train_state, make_train_step, state_shardings  # noqa: E402
 
 
@@ -64,8 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     cfg = load_model_preset(args.preset)
-    overrides = {"hidden_size": args.hidden_size, "num_layers": args.layers,
-                 "vocab_size": args.vocab_size, "intermediate_size": args.intermediate_size}
+    overrides = {
+        "hidden_size": args.hidden_size,
+        "num_layers": args.layers,
+        "vocab_size": args.vocab_size,
+        "intermediate_size": args.intermediate_size,
+    }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     return dataclasses.replace(cfg, param_dtype="float32", dtype="float32", remat="none").validate()
 
@@ -81,9 +85,13 @@ class MedjaxTrainer:
         self.state = init_train_state(model, tx, mesh, seed=args.seed)
         self.step = make_train_step(model, NextTokenObjective(), tx, schedule, mesh, shardings)
         b, s = data.shape[0], data.shape[1] - 1  # batch arrays are [accum=1, batch, seq]
-        self.batch = {"tokens": jnp.asarray(data[None, :, :-1]), "targets": jnp.asarray(data[None, :, 1:]),
-                      "positions": jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (1, b, s)),
-                      "segment_ids": jnp.ones((1, b, s), jnp.int32), "loss_mask": jnp.ones((1, b, s), jnp.float32)}
+        self.batch = {
+            "tokens": jnp.asarray(data[None, :, :-1]),
+            "targets": jnp.asarray(data[None, :, 1:]),
+            "positions": jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (1, b, s)),
+            "segment_ids": jnp.ones((1, b, s), jnp.int32),
+            "loss_mask": jnp.ones((1, b, s), jnp.float32),
+        }
         self.params = int(sum(x.size for x in jax.tree.leaves(self.state["params"])))
         self.metrics: dict[str, jax.Array] = {}
 
@@ -103,11 +111,19 @@ def hf_model_config(cfg: ModelConfig) -> Any:
     if cfg.rope_scaling is not None:
         rope = {**dataclasses.asdict(cfg.rope_scaling), "rope_theta": cfg.rope_theta}
     common: dict[str, Any] = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope,
-        tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings,
-        initializer_range=cfg.initializer_range, use_cache=False, attn_implementation="sdpa",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.initializer_range,
+        use_cache=False,
+        attn_implementation="sdpa",
     )
     head_dim = cfg.resolved_head_dim
     if cfg.family == "qwen2":  # q/k/v biases are built into Qwen2's attention
@@ -131,8 +147,13 @@ class TorchTrainer:
         self.max_grad_norm = opt.max_grad_norm
         self.clip_grad_norm = torch.nn.utils.clip_grad_norm_
         self.model = AutoModelForCausalLM.from_config(hf_model_config(cfg), dtype=torch.float32).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2),
-                                           eps=opt.eps, weight_decay=opt.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=opt.learning_rate,
+            betas=(opt.b1, opt.b2),
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+        )
         self.tokens = torch.from_numpy(data[:, :-1].astype(np.int64))  # the model shifts the labels itself
         self.params = int(sum(p.numel() for p in self.model.parameters()))
         self.last_loss = float("nan")
@@ -162,10 +183,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if load > 0.5 * (os.cpu_count() or 1):
         print(f"warning: 1-minute load average is {load:.2f}; other processes will skew the timings")
     results: dict[str, Any] = {
-        "preset": args.preset, "model": dataclasses.asdict(cfg), "optimizer": dataclasses.asdict(opt),
-        "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-        "rounds": args.rounds, "torch_threads": args.threads, "cpu_count": os.cpu_count(), "load_avg_1m": load,
-        "jax_device": str(jax.devices()[0]), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "preset": args.preset,
+        "model": dataclasses.asdict(cfg),
+        "optimizer": dataclasses.asdict(opt),
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "torch_threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": load,
+        "jax_device": str(jax.devices()[0]),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     trainers: dict[str, MedjaxTrainer | TorchTrainer] = {}
     for name, cls in (("medjax", MedjaxTrainer), ("torch", TorchTrainer)):
@@ -188,8 +218,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = results[name]
         window = float(np.median(r["window_s"]))
         r.update(step_ms=1000.0 * window / args.steps, tokens_per_s=tokens / window, final_loss=trainer.loss())
-        print(f"[{name}] {r['step_ms']:.1f} ms/step  {r['tokens_per_s']:,.0f} tokens/s  "
-              f"(median of {args.rounds} x {args.steps} steps)  loss {r['final_loss']:.4f}")
+        print(
+            f"[{name}] {r['step_ms']:.1f} ms/step  {r['tokens_per_s']:,.0f} tokens/s  "
+            f"(median of {args.rounds} x {args.steps} steps)  loss {r['final_loss']:.4f}"
+        )
     if trainers["medjax"].params != trainers["torch"].params:
         print("warning: the two models have different parameter counts; they are not the same model")
     ratio = results["ratio_medjax_over_torch"] = results["medjax"]["tokens_per_s"] / results["torch"]["tokens_per_s"]

@@ -69,8 +69,9 @@ def lookup(result: dict, path: str, source: str):
     return value
 
 
-def make_record(name: str, result_file: Path, command: str, headlines: list[str], when: str | None = None,
-                host: str | None = None) -> dict:
+def make_record(
+    name: str, result_file: Path, command: str, headlines: list[str], when: str | None = None, host: str | None = None
+) -> dict:
     try:
         result = json.loads(Path(result_file).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -81,8 +82,14 @@ def make_record(name: str, result_file: Path, command: str, headlines: list[str]
         if not sep or not label or not path:
             raise RecordError(f"--headline {item!r}: expected LABEL=PATH")
         headline[label] = lookup(result, path, str(result_file))
-    return {"name": name, "command": command, "machine": host or machine(),
-            "date": when or dt.date.today().isoformat(), "headline": headline, "result": result}
+    return {
+        "name": name,
+        "command": command,
+        "machine": host or machine(),
+        "date": when or dt.date.today().isoformat(),
+        "headline": headline,
+        "result": result,
+    }
 
 
 def read_records(folder: Path = RECORDS) -> list[dict]:

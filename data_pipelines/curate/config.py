@@ -60,9 +60,18 @@ class QualityConfig:
     max_duplicate_ngram_char_fraction: list[float] = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])
     min_punctuated_line_fraction: float = 0.12  # FineWeb: lines ending in . ! ? 。！？ etc.
     max_short_line_fraction: float = 0.67  # FineWeb: lines under 30 characters
-    boilerplate_phrases: list[str] = field(default_factory=lambda: [
-        "lorem ipsum", "cookie policy", "terms of use", "privacy policy", "javascript", "all rights reserved",
-        "click here", "subscribe to our newsletter"])
+    boilerplate_phrases: list[str] = field(
+        default_factory=lambda: [
+            "lorem ipsum",
+            "cookie policy",
+            "terms of use",
+            "privacy policy",
+            "javascript",
+            "all rights reserved",
+            "click here",
+            "subscribe to our newsletter",
+        ]
+    )
     max_boilerplate_line_fraction: float = 0.3
 
 

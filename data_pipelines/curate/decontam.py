@@ -28,8 +28,9 @@ class BenchmarkIndex:
                     gram = line.strip()
                     if gram:
                         if len(gram.split(" ")) != self.n:
-                            raise ValueError(f"{path}: n-gram {gram!r} has {len(gram.split(' '))} words, but "
-                                             f"decontam.n={self.n}")
+                            raise ValueError(
+                                f"{path}: n-gram {gram!r} has {len(gram.split(' '))} words, but decontam.n={self.n}"
+                            )
                         self.grams.add(gram)
         self.short_questions: dict[int, set[str]] = {}  # length in words -> questions as word runs
         for path in cfg.benchmark_files:
@@ -68,4 +69,3 @@ class Decontaminate(Stage):
 
 def has_benchmarks(cfg: DecontamConfig) -> bool:
     return bool(cfg.ngram_files or cfg.benchmark_files)
-

@@ -45,10 +45,12 @@ class KeepFirst(beam.DoFn):
 
 
 def exact_dedup(docs, label: str = "ExactDedup"):
-    out = (docs
-           | f"{label}/Hash" >> beam.Map(lambda d: (text_hash(d["text"]), d))
-           | f"{label}/Group" >> beam.GroupByKey()
-           | f"{label}/KeepFirst" >> beam.ParDo(KeepFirst()).with_outputs(REJECTED, main="kept"))
+    out = (
+        docs
+        | f"{label}/Hash" >> beam.Map(lambda d: (text_hash(d["text"]), d))
+        | f"{label}/Group" >> beam.GroupByKey()
+        | f"{label}/KeepFirst" >> beam.ParDo(KeepFirst()).with_outputs(REJECTED, main="kept")
+    )
     return out.kept, out[REJECTED]
 
 
@@ -80,7 +82,7 @@ class Signature(beam.DoFn):
 def band_keys(element, bands: int, rows: int):
     key, sig = element
     for b in range(bands):
-        digest = hashlib.blake2b(sig[b * rows:(b + 1) * rows].tobytes(), digest_size=8).digest()
+        digest = hashlib.blake2b(sig[b * rows : (b + 1) * rows].tobytes(), digest_size=8).digest()
         yield bytes([b % 256, b // 256]) + digest, key
 
 
@@ -129,20 +131,26 @@ def _spread(element):
 def connected_labels(edges, rounds: int, label: str):
     """Edges (a, b) -> ((v, smallest key within `rounds` hops), unconverged count) PCollections."""
     adjacency = edges | f"{label}/Both" >> beam.FlatMap(lambda e: [(e[0], e[1]), (e[1], e[0])])
-    labels = (adjacency
-              | f"{label}/Init" >> beam.Map(lambda vu: (vu[0], min(vu)))
-              | f"{label}/InitMin" >> beam.CombinePerKey(min))
+    labels = (
+        adjacency
+        | f"{label}/Init" >> beam.Map(lambda vu: (vu[0], min(vu)))
+        | f"{label}/InitMin" >> beam.CombinePerKey(min)
+    )
     previous = labels
     for r in range(2, rounds + 1):
         previous = labels
-        labels = ({"label": labels, "nbrs": adjacency}
-                  | f"{label}/Join{r}" >> beam.CoGroupByKey()
-                  | f"{label}/Spread{r}" >> beam.FlatMap(_spread)
-                  | f"{label}/Min{r}" >> beam.CombinePerKey(min))
-    changed = ({"new": labels, "old": previous}
-               | f"{label}/Compare" >> beam.CoGroupByKey()
-               | f"{label}/Changed" >> beam.Filter(lambda kv: rounds > 1 and list(kv[1]["new"]) != list(kv[1]["old"]))
-               | f"{label}/Count" >> beam.combiners.Count.Globally())
+        labels = (
+            {"label": labels, "nbrs": adjacency}
+            | f"{label}/Join{r}" >> beam.CoGroupByKey()
+            | f"{label}/Spread{r}" >> beam.FlatMap(_spread)
+            | f"{label}/Min{r}" >> beam.CombinePerKey(min)
+        )
+    changed = (
+        {"new": labels, "old": previous}
+        | f"{label}/Compare" >> beam.CoGroupByKey()
+        | f"{label}/Changed" >> beam.Filter(lambda kv: rounds > 1 and list(kv[1]["new"]) != list(kv[1]["old"]))
+        | f"{label}/Count" >> beam.combiners.Count.Globally()
+    )
     return labels, changed
 
 
@@ -161,26 +169,32 @@ class _Resolve(beam.DoFn):
 def near_dedup(docs, cfg: DedupConfig, label: str = "NearDedup"):
     """Returns (kept, rejected, stats)."""
     sigs = docs | f"{label}/Signature" >> beam.ParDo(Signature(cfg))
-    pairs = (sigs
-             | f"{label}/Bands" >> beam.FlatMap(band_keys, cfg.bands, cfg.rows)
-             | f"{label}/Buckets" >> beam.GroupByKey()
-             | f"{label}/Pairs" >> beam.FlatMap(bucket_pairs)
-             | f"{label}/DistinctPairs" >> beam.Distinct())
-    edges = ({"sig": sigs, "pairs": pairs}
-             | f"{label}/JoinFirst" >> beam.CoGroupByKey()
-             | f"{label}/AttachFirst" >> beam.ParDo(_AttachFirst()))
-    edges = ({"sig": sigs, "cand": edges}
-             | f"{label}/JoinSecond" >> beam.CoGroupByKey()
-             | f"{label}/Verify" >> beam.ParDo(_Verify(cfg.jaccard_threshold)))
+    pairs = (
+        sigs
+        | f"{label}/Bands" >> beam.FlatMap(band_keys, cfg.bands, cfg.rows)
+        | f"{label}/Buckets" >> beam.GroupByKey()
+        | f"{label}/Pairs" >> beam.FlatMap(bucket_pairs)
+        | f"{label}/DistinctPairs" >> beam.Distinct()
+    )
+    edges = (
+        {"sig": sigs, "pairs": pairs}
+        | f"{label}/JoinFirst" >> beam.CoGroupByKey()
+        | f"{label}/AttachFirst" >> beam.ParDo(_AttachFirst())
+    )
+    edges = (
+        {"sig": sigs, "cand": edges}
+        | f"{label}/JoinSecond" >> beam.CoGroupByKey()
+        | f"{label}/Verify" >> beam.ParDo(_Verify(cfg.jaccard_threshold))
+    )
     heads, unconverged = connected_labels(edges, cfg.max_rounds, f"{label}/Components")
-    out = ({"doc": docs | f"{label}/KeyDocs" >> beam.Map(lambda d: (d["key"], d)), "head": heads}
-           | f"{label}/JoinDocs" >> beam.CoGroupByKey()
-           | f"{label}/Resolve" >> beam.ParDo(_Resolve()).with_outputs(REJECTED, main="kept"))
+    out = (
+        {"doc": docs | f"{label}/KeyDocs" >> beam.Map(lambda d: (d["key"], d)), "head": heads}
+        | f"{label}/JoinDocs" >> beam.CoGroupByKey()
+        | f"{label}/Resolve" >> beam.ParDo(_Resolve()).with_outputs(REJECTED, main="kept")
+    )
     stats = (
         (edges | f"{label}/CountEdges" >> beam.Map(lambda _: ("near_dedup/verified_pairs", 1))),
         (pairs | f"{label}/CountPairs" >> beam.Map(lambda _: ("near_dedup/candidate_pairs", 1))),
         (unconverged | f"{label}/Unconverged" >> beam.Map(lambda n: ("near_dedup/unconverged_documents", n))),
     ) | f"{label}/Stats" >> beam.Flatten()
     return out.kept, out[REJECTED], stats
-
-

@@ -26,17 +26,44 @@ def words(text: str) -> list[str]:
     return ngram_tokens(text)
 
 
-def rejection(stage: str, reason: str, *, file: str, line: int, raw: str, detail: str = "",
-              doc_id: str | None = None, tokens: int = 0) -> dict:
-    return {"stage": stage, "reason": reason, "detail": detail, "file": file, "line": line, "id": doc_id,
-            "tokens": tokens, "raw": raw}
+def rejection(
+    stage: str,
+    reason: str,
+    *,
+    file: str,
+    line: int,
+    raw: str,
+    detail: str = "",
+    doc_id: str | None = None,
+    tokens: int = 0,
+) -> dict:
+    return {
+        "stage": stage,
+        "reason": reason,
+        "detail": detail,
+        "file": file,
+        "line": line,
+        "id": doc_id,
+        "tokens": tokens,
+        "raw": raw,
+    }
 
 
 def reject_doc(doc: dict, stage: str, reason: str, detail: str = "") -> beam.pvalue.TaggedOutput:
     """The document as it stood when this stage saw it: its text is the raw record kept."""
-    return beam.pvalue.TaggedOutput(REJECTED, rejection(
-        stage, reason, file=doc["file"], line=doc["line"], raw=doc["text"], detail=detail, doc_id=doc["id"],
-        tokens=len(words(doc["text"]))))
+    return beam.pvalue.TaggedOutput(
+        REJECTED,
+        rejection(
+            stage,
+            reason,
+            file=doc["file"],
+            line=doc["line"],
+            raw=doc["text"],
+            detail=detail,
+            doc_id=doc["id"],
+            tokens=len(words(doc["text"])),
+        ),
+    )
 
 
 def stat(name: str, value: int = 1) -> beam.pvalue.TaggedOutput:

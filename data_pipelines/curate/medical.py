@@ -53,8 +53,9 @@ class MedicalRelevance(Stage):
         self._pattern = None
 
     def setup(self):
-        self._pattern = lexicon_pattern(read_lexicon([*(self.cfg.lexicons or BUNDLED_LEXICONS),
-                                                      *self.cfg.extra_lexicons]))
+        self._pattern = lexicon_pattern(
+            read_lexicon([*(self.cfg.lexicons or BUNDLED_LEXICONS), *self.cfg.extra_lexicons])
+        )
 
     def apply(self, doc: dict):
         density, distinct = medical_score(doc["text"], self._pattern)

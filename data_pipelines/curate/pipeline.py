@@ -94,20 +94,34 @@ def build(p: beam.Pipeline, cfg: CurateConfig, out_dir: str) -> list[str]:
         run(Decontaminate(cfg.decontam), "Decontaminate")
     run(Authority(cfg.authority), "Authority")
 
-    _ = (docs | "CleanJson" >> beam.Map(clean_record)
-         | "WriteClean" >> beam.io.WriteToText(f"{out_dir}/clean/docs", file_name_suffix=".jsonl"))
+    _ = (
+        docs
+        | "CleanJson" >> beam.Map(clean_record)
+        | "WriteClean" >> beam.io.WriteToText(f"{out_dir}/clean/docs", file_name_suffix=".jsonl")
+    )
     if cfg.shards.enabled and cfg.shards.tokenizer:
         stats.append(write_shards(docs, cfg.shards, out_dir))
     all_rejected = tuple(rejected) | "AllRejected" >> beam.Flatten()
-    _ = (all_rejected | "RejectedJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False))
-         | "WriteRejected" >> beam.io.WriteToText(f"{out_dir}/rejected/rejected", file_name_suffix=".jsonl"))
-    counters = (tuple(stats) + (all_rejected | "CountRejected" >> beam.FlatMap(rejection_counts),
-                                docs | "CountKept" >> beam.FlatMap(kept_counts))
-                | "AllCounters" >> beam.Flatten()
-                | "SumCounters" >> beam.CombinePerKey(sum))
-    _ = (counters | "CountersJson" >> beam.Map(lambda kv: json.dumps({kv[0]: kv[1]}))
-         | "WriteCounters" >> beam.io.WriteToText(f"{out_dir}/.counters/counters", file_name_suffix=".jsonl",
-                                                  num_shards=1))
+    _ = (
+        all_rejected
+        | "RejectedJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False))
+        | "WriteRejected" >> beam.io.WriteToText(f"{out_dir}/rejected/rejected", file_name_suffix=".jsonl")
+    )
+    counters = (
+        tuple(stats)
+        + (
+            all_rejected | "CountRejected" >> beam.FlatMap(rejection_counts),
+            docs | "CountKept" >> beam.FlatMap(kept_counts),
+        )
+        | "AllCounters" >> beam.Flatten()
+        | "SumCounters" >> beam.CombinePerKey(sum)
+    )
+    _ = (
+        counters
+        | "CountersJson" >> beam.Map(lambda kv: json.dumps({kv[0]: kv[1]}))
+        | "WriteCounters"
+        >> beam.io.WriteToText(f"{out_dir}/.counters/counters", file_name_suffix=".jsonl", num_shards=1)
+    )
     return stages
 
 
@@ -117,8 +131,11 @@ def pipeline_options(cfg: CurateConfig, extra: list[str]) -> PipelineOptions:
         args.append("--runner=DirectRunner")
         if cfg.runner.direct_workers > 1:
             # Worker processes log at INFO by default; a run should print its report, not their chatter.
-            args += [f"--direct_num_workers={cfg.runner.direct_workers}", "--direct_running_mode=multi_processing",
-                     "--default_sdk_harness_log_level=WARNING"]
+            args += [
+                f"--direct_num_workers={cfg.runner.direct_workers}",
+                "--direct_running_mode=multi_processing",
+                "--default_sdk_harness_log_level=WARNING",
+            ]
     return PipelineOptions(args)
 
 
@@ -140,9 +157,12 @@ def preflight(cfg: CurateConfig) -> None:
     names it, not on a worker after the corpus has been read."""
     from medjax.config import ConfigError
 
-    for key, paths in (("medical.lexicons", cfg.medical.lexicons), ("medical.extra_lexicons", cfg.medical.extra_lexicons),
-                       ("decontam.ngram_files", cfg.decontam.ngram_files),
-                       ("decontam.benchmark_files", cfg.decontam.benchmark_files)):
+    for key, paths in (
+        ("medical.lexicons", cfg.medical.lexicons),
+        ("medical.extra_lexicons", cfg.medical.extra_lexicons),
+        ("decontam.ngram_files", cfg.decontam.ngram_files),
+        ("decontam.benchmark_files", cfg.decontam.benchmark_files),
+    ):
         for path in paths:
             if not FileSystems.exists(path):
                 raise ConfigError(f"{key}: file not found: {path}")
@@ -187,6 +207,8 @@ def curate(cfg: CurateConfig, beam_args: list[str] = (), echo=print) -> dict:
         os.replace(work, final)
         shutil.rmtree(old, ignore_errors=True)
     echo(format_report(report))
-    echo(f"kept {report['kept']['docs']:,} of {report['stages'][0]['docs_in']:,} documents in {seconds:.1f} s; "
-         f"report: {final}/report.json, {final}/report.png")
+    echo(
+        f"kept {report['kept']['docs']:,} of {report['stages'][0]['docs_in']:,} documents in {seconds:.1f} s; "
+        f"report: {final}/report.json, {final}/report.png"
+    )
     return report

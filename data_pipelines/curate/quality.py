@@ -28,7 +28,7 @@ def top_ngram_char_fraction(ws: list[str], n: int) -> float:
     total = sum(len(w) for w in ws)
     if len(ws) < n or not total:
         return 0.0
-    counts = Counter(tuple(ws[i:i + n]) for i in range(len(ws) - n + 1))
+    counts = Counter(tuple(ws[i : i + n]) for i in range(len(ws) - n + 1))
     gram, count = counts.most_common(1)[0]
     return count * sum(len(w) for w in gram) / total if count > 1 else 0.0
 
@@ -38,7 +38,7 @@ def duplicate_ngram_char_fraction(ws: list[str], n: int) -> float:
     total = sum(len(w) for w in ws)
     if len(ws) < n or not total:
         return 0.0
-    grams = [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
+    grams = [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
     counts = Counter(grams)
     covered = [False] * len(ws)
     for i, g in enumerate(grams):

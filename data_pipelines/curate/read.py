@@ -71,16 +71,28 @@ class ReadFile(beam.DoFn):
             return self._bad(path, line, raw, "empty_text", f"{c.text_field!r} is blank")
         source = record.get(c.source_field)
         doc_id = record.get(c.id_field)
-        return [{"key": doc_key(path, line), "id": str(doc_id) if doc_id is not None else f"{path}:{line}",
-                 "text": text, "source": str(source) if source else os.path.basename(path),
-                 "url": str(record.get(c.url_field) or ""), "file": path, "line": line},
-                stat("read/docs"), stat("read/tokens", len(words(text)))]
+        return [
+            {
+                "key": doc_key(path, line),
+                "id": str(doc_id) if doc_id is not None else f"{path}:{line}",
+                "text": text,
+                "source": str(source) if source else os.path.basename(path),
+                "url": str(record.get(c.url_field) or ""),
+                "file": path,
+                "line": line,
+            },
+            stat("read/docs"),
+            stat("read/tokens", len(words(text))),
+        ]
 
     @staticmethod
     def _bad(path: str, line: int, raw: str, reason: str, detail: str = ""):
-        return [beam.pvalue.TaggedOutput("rejected", rejection(STAGE, reason, file=path, line=line, raw=raw,
-                                                                detail=detail)),
-                stat("read/rejected_docs")]
+        return [
+            beam.pvalue.TaggedOutput(
+                "rejected", rejection(STAGE, reason, file=path, line=line, raw=raw, detail=detail)
+            ),
+            stat("read/rejected_docs"),
+        ]
 
     def _jsonl(self, path: str):
         with FileSystems.open(path) as f:
@@ -90,8 +102,9 @@ class ReadFile(beam.DoFn):
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield from self._bad(path, line_no, raw.decode("utf-8", "backslashreplace").rstrip("\n"),
-                                         "undecodable_bytes", str(e))
+                    yield from self._bad(
+                        path, line_no, raw.decode("utf-8", "backslashreplace").rstrip("\n"), "undecodable_bytes", str(e)
+                    )
                     continue
                 try:
                     record = json.loads(text)
@@ -99,8 +112,9 @@ class ReadFile(beam.DoFn):
                     yield from self._bad(path, line_no, text.rstrip("\n"), "malformed_json", str(e))
                     continue
                 if not isinstance(record, dict):
-                    yield from self._bad(path, line_no, text.rstrip("\n"), "not_an_object",
-                                         f"a JSON {type(record).__name__}")
+                    yield from self._bad(
+                        path, line_no, text.rstrip("\n"), "not_an_object", f"a JSON {type(record).__name__}"
+                    )
                     continue
                 yield from self._doc(record, path, line_no)
 
@@ -135,8 +149,10 @@ class ReadFile(beam.DoFn):
 def read_documents(pipeline, cfg: InputConfig):
     """Returns (documents, rejected, stats) PCollections."""
     files = expand_inputs(cfg.paths)
-    out = (pipeline
-           | "InputFiles" >> beam.Create(files)
-           | "SpreadFiles" >> beam.Reshuffle()
-           | "ReadFiles" >> beam.ParDo(ReadFile(cfg)).with_outputs("rejected", "stats", main="docs"))
+    out = (
+        pipeline
+        | "InputFiles" >> beam.Create(files)
+        | "SpreadFiles" >> beam.Reshuffle()
+        | "ReadFiles" >> beam.ParDo(ReadFile(cfg)).with_outputs("rejected", "stats", main="docs")
+    )
     return out.docs, out.rejected, out.stats

@@ -13,8 +13,9 @@ import json
 from medjax.utils import atomic_write_text
 
 
-def build_report(counters: dict[str, int], stages: list[str], *, inputs: list[str], config: dict,
-                 seconds: float) -> dict:
+def build_report(
+    counters: dict[str, int], stages: list[str], *, inputs: list[str], config: dict, seconds: float
+) -> dict:
     rows = []
     docs = counters.get("read/docs", 0) + counters.get("rejected/read", 0)
     tokens = counters.get("read/tokens", 0)
@@ -28,13 +29,29 @@ def build_report(counters: dict[str, int], stages: list[str], *, inputs: list[st
             docs_in, tokens_in, tokens = docs + removed, 0, counters.get("read/tokens", 0)
         else:
             tokens = counters.get(f"tokens_out/{stage}", tokens_in - removed_tokens)
-        rows.append({"stage": stage, "docs_in": docs_in, "docs_out": docs, "tokens_in": tokens_in, "tokens_out": tokens,
-                     "removed": removed, "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))})
+        rows.append(
+            {
+                "stage": stage,
+                "docs_in": docs_in,
+                "docs_out": docs,
+                "tokens_in": tokens_in,
+                "tokens_out": tokens,
+                "removed": removed,
+                "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+            }
+        )
     prefixes = ("phi/", "lang/", "authority/", "near_dedup/", "shards/")
-    groups = {p.rstrip("/"): {k[len(p):]: v for k, v in sorted(counters.items()) if k.startswith(p)} for p in prefixes}
+    groups = {p.rstrip("/"): {k[len(p) :]: v for k, v in sorted(counters.items()) if k.startswith(p)} for p in prefixes}
     kept = {"docs": counters.get("kept/docs", 0), "tokens": counters.get("kept/tokens", 0)}
-    return {"inputs": inputs, "seconds": round(seconds, 2), "stages": rows, "kept": kept,
-            "docs_per_s": round(rows[0]["docs_in"] / seconds, 1) if seconds else None, **groups, "config": config}
+    return {
+        "inputs": inputs,
+        "seconds": round(seconds, 2),
+        "stages": rows,
+        "kept": kept,
+        "docs_per_s": round(rows[0]["docs_in"] / seconds, 1) if seconds else None,
+        **groups,
+        "config": config,
+    }
 
 
 def write_report(report: dict, out_dir: str) -> None:
@@ -52,14 +69,19 @@ def draw_funnel(report: dict, path: str) -> None:
     plt = pyplot()  # Agg, and a CJK font for Chinese sources and reasons
 
     rows = report["stages"]
-    fig, (ax, rx, bx) = plt.subplots(1, 3, figsize=(17, 0.5 * len(rows) + 2.5),
-                                     gridspec_kw={"width_ratios": [3, 3, 2]})
+    fig, (ax, rx, bx) = plt.subplots(1, 3, figsize=(17, 0.5 * len(rows) + 2.5), gridspec_kw={"width_ratios": [3, 3, 2]})
     names = [r["stage"] for r in rows][::-1]
     ax.barh(names, [r["docs_out"] for r in rows][::-1], color="#4c78a8")
     top = max(rows[0]["docs_in"], 1)
     for y, r in enumerate(rows[::-1]):
-        ax.text(top * 0.02, y, f"{r['docs_out']:,} documents, {r['tokens_out']:,} words", va="center", fontsize=8,
-                color="white")
+        ax.text(
+            top * 0.02,
+            y,
+            f"{r['docs_out']:,} documents, {r['tokens_out']:,} words",
+            va="center",
+            fontsize=8,
+            color="white",
+        )
     ax.set_xlim(0, top * 1.05)
     ax.set_xlabel("documents kept after the stage")
     ax.set_title(f"curation funnel: {rows[0]['docs_in']:,} documents in, {report['kept']['docs']:,} kept")
@@ -69,8 +91,14 @@ def draw_funnel(report: dict, path: str) -> None:
     for y, r in enumerate(rows[::-1]):
         if r["removed"]:
             why = ", ".join(f"{k} {v:,}" for k, v in list(r["reasons"].items())[:3])
-            rx.text(most * 0.02 if r["removed"] > most * 0.5 else r["removed"] + most * 0.02, y, why, va="center",
-                    fontsize=8, color="white" if r["removed"] > most * 0.5 else "black")
+            rx.text(
+                most * 0.02 if r["removed"] > most * 0.5 else r["removed"] + most * 0.02,
+                y,
+                why,
+                va="center",
+                fontsize=8,
+                color="white" if r["removed"] > most * 0.5 else "black",
+            )
     rx.set_xlim(0, most * 1.6)
     rx.set_xlabel("documents removed at the stage (rejected/ holds each, with file and line)")
     rx.set_title("why documents left")

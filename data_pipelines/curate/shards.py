@@ -54,5 +54,6 @@ def write_shards(docs, cfg: ShardsConfig, out_dir: str):
     out = docs | "Tokenize" >> beam.ParDo(Tokenize(cfg)).with_outputs("train", "eval", "stats")
     for split in ("train", "eval") if cfg.eval_fraction > 0 or cfg.eval_sources else ("train",):
         _ = out[split] | f"Write{split.title()}Shards" >> WriteToArrayRecord(
-            f"{out_dir}/shards/{split}", file_name_suffix=".array_record", num_shards=cfg.num_shards)
+            f"{out_dir}/shards/{split}", file_name_suffix=".array_record", num_shards=cfg.num_shards
+        )
     return out["stats"]

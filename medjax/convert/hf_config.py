@@ -9,8 +9,9 @@ from medjax.models.config import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Reward models (ModelConfig.score_labels set) use HF's sequence-classification head instead.
-REWARD_ARCHITECTURES = {family: arch.replace("ForCausalLM", "ForSequenceClassification")
-                        for family, arch in ARCHITECTURES.items()}
+REWARD_ARCHITECTURES = {
+    family: arch.replace("ForCausalLM", "ForSequenceClassification") for family, arch in ARCHITECTURES.items()
+}
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 FAMILY_OF_ARCH = {arch: family for table in (ARCHITECTURES, REWARD_ARCHITECTURES) for family, arch in table.items()}
 

@@ -27,7 +27,11 @@ def _special_ids_from_tokenizer(model: ModelConfig, tokenizer_dir: Path | None) 
     if tokenizer_dir is None or not (tokenizer_dir / "tokenizer_config.json").is_file():
         return model
     tcfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text()) if (tokenizer_dir / "tokenizer.json").is_file() else {}
+    vocab = (
+        json.loads((tokenizer_dir / "tokenizer.json").read_text())
+        if (tokenizer_dir / "tokenizer.json").is_file()
+        else {}
+    )
     ids = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
     eos = model.eos_token_id if model.eos_token_id is not None else ids.get(tcfg.get("eos_token"))
     bos = model.bos_token_id if model.bos_token_id is not None else ids.get(tcfg.get("bos_token"))

@@ -61,8 +61,9 @@ def open_weights(hf_dir: Path, allow_pickle: bool):
 TOKENIZER_CHOICES = ("file", "transformers")
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, allow_pickle: bool = False,
-              tokenizer: str = "file") -> Path:
+def import_hf(
+    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, allow_pickle: bool = False, tokenizer: str = "file"
+) -> Path:
     """Streams tensor by tensor: every name, shape and dtype is checked from the headers first, then
     each tensor is read, re-laid out and appended to the Orbax params, so memory stays near the
     largest tensor.
@@ -90,8 +91,9 @@ def read_hf(hf_dir: str | os.PathLike, allow_pickle: bool = False) -> tuple[Mode
     return model, params
 
 
-def open_hf(hf_dir: str | os.PathLike, allow_pickle: bool = False
-            ) -> tuple[ModelConfig, Iterator[tuple[tuple, np.ndarray]]]:
+def open_hf(
+    hf_dir: str | os.PathLike, allow_pickle: bool = False
+) -> tuple[ModelConfig, Iterator[tuple[tuple, np.ndarray]]]:
     """The model config and a lazy stream of (medjax param path, array), after checking the whole
     directory (names, shapes, dtypes) so a bad file fails before anything is written."""
     model, weights = hf_model_and_weights(hf_dir, allow_pickle)

@@ -20,10 +20,10 @@ import atexit
 import ctypes
 import dataclasses
 import functools
+import os
 import shutil
 import tempfile
 from pathlib import Path
-import os
 from typing import Iterable, Iterator
 
 import jax
@@ -100,8 +100,10 @@ class CheckpointSource(WeightSource):
     def reader(self) -> ParamReader:
         if self._reader is None:
             self._reader = ParamReader(self.ref)
-            self._meta = {tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p):
-                          self._reader.metadata(p) for p in self._reader.paths()}
+            self._meta = {
+                tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p): self._reader.metadata(p)
+                for p in self._reader.paths()
+            }
         return self._reader
 
     def shapes(self) -> dict[TensorPath, tuple[int, ...]]:
@@ -165,13 +167,24 @@ class LoadReport:
     unused: list[str]  # droppable source tensors the model has no place for
 
     def summary(self) -> str:
-        return (f"{self.loaded} tensors loaded" + (f", fresh: {', '.join(self.fresh)}" if self.fresh else "")
-                + (f", not used: {', '.join(self.unused)}" if self.unused else ""))
+        return (
+            f"{self.loaded} tensors loaded"
+            + (f", fresh: {', '.join(self.fresh)}" if self.fresh else "")
+            + (f", not used: {', '.join(self.unused)}" if self.unused else "")
+        )
 
 
-def load_params_streaming(source: WeightSource, shardings: dict | None = None, *, model: ModelConfig | None = None,
-                          abstract: dict | None = None, into: dict | None = None, optional: Iterable[TensorPath] = (),
-                          droppable: Iterable[TensorPath] = (), where: str | None = None) -> tuple[dict, LoadReport]:
+def load_params_streaming(
+    source: WeightSource,
+    shardings: dict | None = None,
+    *,
+    model: ModelConfig | None = None,
+    abstract: dict | None = None,
+    into: dict | None = None,
+    optional: Iterable[TensorPath] = (),
+    droppable: Iterable[TensorPath] = (),
+    where: str | None = None,
+) -> tuple[dict, LoadReport]:
     """The params of ``model`` (default: the source's own) filled from ``source``, each tensor
     cast to the model's param dtype and placed in its sharding (``shardings``: a dict shaped like
     the params; None puts every tensor on the default device), tensor by tensor.
@@ -191,8 +204,9 @@ def load_params_streaming(source: WeightSource, shardings: dict | None = None, *
         from medjax.models.decoder import ModelDef
 
         abstract = ModelDef(model).abstract_params()
-    targets = {t: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-               for t, x in _leaves(into if abstract is None else abstract)}
+    targets = {
+        t: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for t, x in _leaves(into if abstract is None else abstract)
+    }
     plan, unused = _plan(source, model, targets, set(map(tuple, droppable)), where)
     optional = set(map(tuple, optional))
     missing = [t for t in targets if t not in plan["filled"]]
@@ -224,8 +238,9 @@ def load_params_streaming(source: WeightSource, shardings: dict | None = None, *
             else:
                 if target not in stacked:
                     stacked[target] = _zeros(tuple(spec.shape), spec.dtype, sharding)
-                stacked[target] = _set_layer(sharding)(stacked[target], _put(host, _layer_sharding(sharding)),
-                                                       t_layer).block_until_ready()
+                stacked[target] = _set_layer(sharding)(
+                    stacked[target], _put(host, _layer_sharding(sharding)), t_layer
+                ).block_until_ready()
                 set_path(params, target, stacked[target])
             del host
         since_trim += array.nbytes
@@ -233,8 +248,11 @@ def load_params_streaming(source: WeightSource, shardings: dict | None = None, *
         if since_trim >= trim_every:
             _return_freed_memory()
             since_trim = 0
-    report = LoadReport(len(plan["filled"]), ["/".join(map(str, t)) for t in sorted(missing, key=str)],
-                        ["/".join(map(str, p)) for p in unused])
+    report = LoadReport(
+        len(plan["filled"]),
+        ["/".join(map(str, t)) for t in sorted(missing, key=str)],
+        ["/".join(map(str, p)) for p in unused],
+    )
     return params, report
 
 
@@ -271,8 +289,11 @@ def _plan(source: WeightSource, model: ModelConfig, targets: dict, droppable: se
             raise ConversionError(f"{where}: tensor {'/'.join(map(str, target))}: no tensor for layers {missing[:8]}")
     for src_path, ds in deliveries.items():
         # a stacked source tensor that is the model's stacked tensor, layer for layer: placed whole
-        if (len(ds) == model.num_layers and len({t for t, _, _ in ds}) == 1
-                and all(t_layer == s_layer == i for i, (_, t_layer, s_layer) in enumerate(ds))):
+        if (
+            len(ds) == model.num_layers
+            and len({t for t, _, _ in ds}) == 1
+            and all(t_layer == s_layer == i for i, (_, t_layer, s_layer) in enumerate(ds))
+        ):
             deliveries[src_path] = [(ds[0][0], None, None)]
     filled = {t for ds in deliveries.values() for t, _, _ in ds}
     # Largest first: the peak is the weights placed so far plus the tensor in hand (twice over
@@ -313,8 +334,9 @@ def _zeros_program(shape, dtype, sharding):
 def _set_layer(sharding):
     """(stacked, layer, i) -> stacked with [i] = layer, written in place (the stacked array is donated)."""
     kwargs = {} if sharding is None else {"out_shardings": sharding}
-    return jax.jit(lambda stacked, layer, i: jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0),
-                   donate_argnums=0, **kwargs)
+    return jax.jit(
+        lambda stacked, layer, i: jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0), donate_argnums=0, **kwargs
+    )
 
 
 def _layer_sharding(sharding):
@@ -368,8 +390,10 @@ def open_model(path: str | os.PathLike) -> WeightSource:
     elif source.kind == "hf" and source.tokenizer_dir is not None:
         from medjax.data.tokenizer_agreement import warn_if_disagreeing
 
-        warn_if_disagreeing(source.path, hint="medjax reads tokenizer.json; a vLLM server for this directory would "
-                            "tokenize with transformers")
+        warn_if_disagreeing(
+            source.path,
+            hint="medjax reads tokenizer.json; a vLLM server for this directory would tokenize with transformers",
+        )
     return source
 
 

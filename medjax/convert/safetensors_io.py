@@ -24,8 +24,12 @@ INDEX_NAME = "model.safetensors.index.json"
 # Safetensors dtype codes that hold weights medjax can import.
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 # How HFWeights.get reads them (safetensors data is little-endian).
-READ_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-               "BF16": np.dtype(ml_dtypes.bfloat16)}
+READ_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
 
 
 class HFWeights:
@@ -73,8 +77,9 @@ class HFWeights:
         start, end = entry["data_offsets"]
         out = np.empty(tuple(entry["shape"]), dtype)
         if out.nbytes != end - start:
-            raise ConversionError(f"{path}: tensor {name} has {end - start} bytes, its shape and dtype need "
-                                  f"{out.nbytes}")
+            raise ConversionError(
+                f"{path}: tensor {name} has {end - start} bytes, its shape and dtype need {out.nbytes}"
+            )
         with open(path, "rb") as f:
             f.seek(data_start + start)
             if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
@@ -129,8 +134,11 @@ class StreamingShardWriter:
         for i in self.shards[k]:
             name, shape, dtype = self.tensors[i]
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            header[name] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": DTYPE_CODES[np.dtype(dtype)],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
             self._weight_map[name] = self._shard_name(k)
         raw = json.dumps(header, separators=(",", ":")).encode()

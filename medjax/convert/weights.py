@@ -35,8 +35,7 @@ class TensorMap:
             return (shape[2], shape[0] * shape[1])
         if name.endswith("_proj.bias"):
             return (shape[0] * shape[1],)
-        if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight",
-                          "score.weight")):
+        if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight", "score.weight")):
             return (shape[1], shape[0])
         return shape
 
@@ -54,12 +53,16 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
 
     def heads_in(n):  # HF [n*d, e] <-> medjax [e, n, d]
-        return (lambda x: np.ascontiguousarray(x.reshape(e, n * d).T),
-                lambda x: np.ascontiguousarray(x.T.reshape(e, n, d)))
+        return (
+            lambda x: np.ascontiguousarray(x.reshape(e, n * d).T),
+            lambda x: np.ascontiguousarray(x.T.reshape(e, n, d)),
+        )
 
     def heads_out():  # HF [e, h*d] <-> medjax [h, d, e]
-        return (lambda x: np.ascontiguousarray(x.reshape(h * d, e).T),
-                lambda x: np.ascontiguousarray(x.T.reshape(h, d, e)))
+        return (
+            lambda x: np.ascontiguousarray(x.reshape(h * d, e).T),
+            lambda x: np.ascontiguousarray(x.T.reshape(h, d, e)),
+        )
 
     def bias(n):  # HF [n*d] <-> medjax [n, d]
         return (lambda x: x.reshape(n * d), lambda x: np.ascontiguousarray(x.reshape(n, d)))
@@ -116,6 +119,7 @@ def set_path(tree: dict, path: Path, value) -> None:
 # -- layouts: the table above names tensors per layer ("layers", i, ...), the canonical layout; a
 # model with scan_layers keeps each per-layer tensor stacked at ("layers", ...) with layer i at [i].
 
+
 def stored_path(cfg: ModelConfig, path: Path) -> tuple[Path, int | None]:
     """Where a canonical tensor lives in ``cfg``'s params: (path, layer index into a stacked
     tensor, or None when it is stored whole)."""
@@ -134,8 +138,9 @@ def layout_order(cfg: ModelConfig, maps: list[TensorMap]) -> list[TensorMap]:
     return sorted(maps, key=lambda m: (rank[stored_path(cfg, m.path)[0]], stored_path(cfg, m.path)[1] or 0))
 
 
-def canonical_tensors(cfg: ModelConfig, tensors: Iterable[tuple[Path, np.ndarray]]
-                      ) -> Iterator[tuple[Path, np.ndarray]]:
+def canonical_tensors(
+    cfg: ModelConfig, tensors: Iterable[tuple[Path, np.ndarray]]
+) -> Iterator[tuple[Path, np.ndarray]]:
     """A stream of (stored path, array) in ``cfg``'s layout -> (canonical path, array)."""
     for path, array in tensors:
         if cfg.scan_layers and path[:1] == ("layers",):
@@ -145,8 +150,7 @@ def canonical_tensors(cfg: ModelConfig, tensors: Iterable[tuple[Path, np.ndarray
             yield path, array
 
 
-def stored_tensors(cfg: ModelConfig, tensors: Iterable[tuple[Path, np.ndarray]]
-                   ) -> Iterator[tuple[Path, np.ndarray]]:
+def stored_tensors(cfg: ModelConfig, tensors: Iterable[tuple[Path, np.ndarray]]) -> Iterator[tuple[Path, np.ndarray]]:
     """A canonical stream -> ``cfg``'s layout: a scanned model's per-layer tensors are gathered and
     each stacked tensor is yielded once all its layers have arrived (host memory then holds the
     layers read so far of the stacked tensors not yet complete)."""

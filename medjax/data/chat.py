@@ -50,8 +50,9 @@ def find_templates(tokenizer_dir: str | Path) -> dict[str, str]:
         try:
             return {t["name"]: t["template"] for t in value}
         except (KeyError, TypeError):
-            raise DataError(f"{d / 'tokenizer_config.json'}: chat_template is a list but not of "
-                            "{name, template} objects") from None
+            raise DataError(
+                f"{d / 'tokenizer_config.json'}: chat_template is a list but not of {{name, template}} objects"
+            ) from None
     return {}
 
 
@@ -95,8 +96,10 @@ class ChatTemplate:
             want = name or "default"
             if want not in templates:
                 if not templates:
-                    raise DataError(f"{tokenizer_dir}: the tokenizer has no chat template (no {TEMPLATE_FILE} and "
-                                    "no chat_template in tokenizer_config.json); chat data cannot be rendered")
+                    raise DataError(
+                        f"{tokenizer_dir}: the tokenizer has no chat template (no {TEMPLATE_FILE} and "
+                        "no chat_template in tokenizer_config.json); chat data cannot be rendered"
+                    )
                 raise DataError(f"{tokenizer_dir}: no chat template named {want!r} (have: {', '.join(templates)})")
             source, special = templates[want], special_tokens(tokenizer_dir)
         self.source = source
@@ -104,8 +107,13 @@ class ChatTemplate:
         self._special = special
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     tools=None, documents=None, **self._special)
+        return self._template.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            **self._special,
+        )
 
     def assistant_spans(self, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """The full text and the [start, end) character span of each assistant turn (its content
@@ -118,8 +126,10 @@ class ChatTemplate:
             start = len(self.render(messages[:i], add_generation_prompt=True))
             end = len(self.render(messages[: i + 1]))
             if not text.startswith(self.render(messages[: i + 1])) or end <= start:
-                raise DataError("chat template does not render conversations prefix-stably; "
-                                "assistant turns cannot be located for the loss mask")
+                raise DataError(
+                    "chat template does not render conversations prefix-stably; "
+                    "assistant turns cannot be located for the loss mask"
+                )
             spans.append((start, end))
         return text, spans
 
@@ -141,6 +151,7 @@ def _compile(source: str):
     class Generation(jinja2.ext.Extension):
         """{% generation %}...{% endgeneration %} (transformers' assistant-mask marker) renders its
         body; medjax finds assistant spans by rendering prefixes instead."""
+
         tags = {"generation"}
 
         def parse(self, parser):
@@ -151,8 +162,9 @@ def _compile(source: str):
         def _body(self, caller):
             return caller()
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -186,8 +198,9 @@ def check_messages(messages: Any, where: str, require_assistant: bool = True) ->
     return out
 
 
-def tokenize_chat(tokenizer, template: ChatTemplate, messages: Sequence[dict[str, str]]
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_chat(
+    tokenizer, template: ChatTemplate, messages: Sequence[dict[str, str]]
+) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, assistant mask) of one rendered conversation; mask[i] is 1 where token i lies
     inside an assistant turn."""
     text, spans = template.assistant_spans(messages)
@@ -204,6 +217,10 @@ def stop_token_ids(tok, model_cfg: ModelConfig, tokenizer_dir: Path | None = Non
     """Where generation ends: the tokenizer's end-of-text and end-of-turn tokens, the eos token its
     tokenizer_config.json names and the model's eos."""
     named = special_tokens(tokenizer_dir).get("eos_token") if tokenizer_dir is not None else None
-    stops = (tok.token_to_id(EOS_TOKEN), tok.token_to_id(IM_END), model_cfg.eos_token_id,
-             tok.token_to_id(named) if named else None)
+    stops = (
+        tok.token_to_id(EOS_TOKEN),
+        tok.token_to_id(IM_END),
+        model_cfg.eos_token_id,
+        tok.token_to_id(named) if named else None,
+    )
     return tuple(sorted({t for t in stops if t is not None}))

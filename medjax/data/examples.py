@@ -53,13 +53,19 @@ class ExampleStats:
         return self.records - self.dropped - len(self.skipped)
 
     def metrics(self, prefix: str = "data") -> dict[str, int]:
-        return {f"{prefix}_records": self.records, f"{prefix}_used": self.used,
-                f"{prefix}_truncated": self.truncated, f"{prefix}_dropped": self.dropped,
-                f"{prefix}_skipped": len(self.skipped)}
+        return {
+            f"{prefix}_records": self.records,
+            f"{prefix}_used": self.used,
+            f"{prefix}_truncated": self.truncated,
+            f"{prefix}_dropped": self.dropped,
+            f"{prefix}_skipped": len(self.skipped),
+        }
 
     def summary(self) -> str:
-        return (f"{self.records} records: {self.used} used, {self.truncated} truncated, {self.dropped} dropped "
-                f"as overlong, {len(self.skipped)} skipped as malformed")
+        return (
+            f"{self.records} records: {self.used} used, {self.truncated} truncated, {self.dropped} dropped "
+            f"as overlong, {len(self.skipped)} skipped as malformed"
+        )
 
 
 class Converter:
@@ -81,7 +87,10 @@ class Converter:
             from medjax.data.chat import ChatTemplate
             from medjax.data.tokenizer import load_tokenizer, tokenizer_file
 
-            self._loaded = (load_tokenizer(self.tokenizer_path), ChatTemplate(tokenizer_file(self.tokenizer_path).parent))
+            self._loaded = (
+                load_tokenizer(self.tokenizer_path),
+                ChatTemplate(tokenizer_file(self.tokenizer_path).parent),
+            )
         return self._loaded
 
     def __getstate__(self):
@@ -127,8 +136,9 @@ def scan(source, converter: Converter, progress_from: int = 20_000) -> ExampleSt
     from tqdm import tqdm
 
     stats = ExampleStats()
-    for i in tqdm(range(len(source)), desc="checking records", disable=len(source) < progress_from,
-                  mininterval=5, leave=False):
+    for i in tqdm(
+        range(len(source)), desc="checking records", disable=len(source) < progress_from, mininterval=5, leave=False
+    ):
         _, status = converter.convert(source[i])
         stats.records += 1
         if status == TRUNCATED:
@@ -136,7 +146,7 @@ def scan(source, converter: Converter, progress_from: int = 20_000) -> ExampleSt
         elif status == DROPPED:
             stats.dropped += 1
         elif status.startswith(SKIPPED):
-            stats.skipped.append(status[len(SKIPPED) + 2:])
+            stats.skipped.append(status[len(SKIPPED) + 2 :])
     if stats.records and not stats.used:
         raise DataError(f"no usable examples: {stats.summary()}")
     return stats

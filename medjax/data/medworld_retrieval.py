@@ -18,9 +18,16 @@ _PASSAGE_ID = re.compile(r"^pretrain-(\d{4})-\d{4}$")
 
 def _facts(c: Condition, kind: str) -> list[str]:
     """The strings a passage must state to answer a ``kind`` question about ``c``."""
-    return {"diagnosis": list(c.symptoms), "symptoms": list(c.symptoms), "drug": [c.first_line_drug],
-            "contra": [c.contraindicated_drug], "test": [c.test], "risk": [c.risk_factor],
-            "subject": [c.subject], "pathogen": [c.pathogen or ""]}[kind]
+    return {
+        "diagnosis": list(c.symptoms),
+        "symptoms": list(c.symptoms),
+        "drug": [c.first_line_drug],
+        "contra": [c.contraindicated_drug],
+        "test": [c.test],
+        "risk": [c.risk_factor],
+        "subject": [c.subject],
+        "pathogen": [c.pathogen or ""],
+    }[kind]
 
 
 def write_beir(data_dir: str | Path, out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -43,9 +50,12 @@ def write_beir(data_dir: str | Path, out_dir: str | Path, seed: int = 0) -> dict
             if kind == "pathogen" and not c.pathogen:
                 continue
             facts = _facts(c, kind)
-            relevant = sorted(pid for pid, title, body in passages.get(ci, [])
-                              if all(f.lower() in body.lower() for f in facts)
-                              and (kind == "diagnosis" or c.name.lower() in (title + " " + body).lower()))
+            relevant = sorted(
+                pid
+                for pid, title, body in passages.get(ci, [])
+                if all(f.lower() in body.lower() for f in facts)
+                and (kind == "diagnosis" or c.name.lower() in (title + " " + body).lower())
+            )
             if not relevant:
                 continue
             qid = f"q-{ci:04d}-{kind}"
@@ -58,6 +68,7 @@ def write_beir(data_dir: str | Path, out_dir: str | Path, seed: int = 0) -> dict
             for pid, title, body in sorted(passages[ci]):
                 f.write(json.dumps({"_id": pid, "title": title, "text": body}) + "\n")
     paths["queries"].write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
-    paths["qrels"].write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{p}\t1\n" for q, p in qrels),
-                              encoding="utf-8")
+    paths["qrels"].write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{p}\t1\n" for q, p in qrels), encoding="utf-8"
+    )
     return paths

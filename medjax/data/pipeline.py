@@ -92,13 +92,14 @@ def holds_text(data: DataConfig, source) -> bool:
     return source.kind == "text" if isinstance(source, TfdsSource) else data.format == "jsonl"
 
 
-def shard_records(source, data: DataConfig, *, train: bool, process_index: int, process_count: int
-                  ) -> grain.MapDataset:
+def shard_records(source, data: DataConfig, *, train: bool, process_index: int, process_count: int) -> grain.MapDataset:
     """One reader's slice of ``source`` (records ``process_index::process_count``; the indices are
     those of the run's data streams, data/streams.py); for training shuffled (seeded) and repeated."""
     if len(source) < process_count:
-        raise DataError(f"{len(source)} records cannot be shared by {process_count} data streams (data.streams, "
-                        f"one per process unless set)")
+        raise DataError(
+            f"{len(source)} records cannot be shared by {process_count} data streams (data.streams, "
+            f"one per process unless set)"
+        )
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if train:
         if data.shuffle:
@@ -114,14 +115,19 @@ def batch_rows(it: grain.IterDataset, data: DataConfig, batch_size: int, train: 
     return it
 
 
-def pack_first_fit(it: grain.IterDataset, keys: tuple[str, ...], seq_len: int, data: DataConfig,
-                   train: bool) -> grain.IterDataset:
+def pack_first_fit(
+    it: grain.IterDataset, keys: tuple[str, ...], seq_len: int, data: DataConfig, train: bool
+) -> grain.IterDataset:
     """Whole examples first-fit packed into rows of ``seq_len`` (none is split across rows, unlike
     pretraining's concat-and-split); each packed key gets ``<key>_segment_ids`` and
     ``<key>_positions``."""
     return grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={k: seq_len for k in keys}, num_packing_bins=data.packing_bins,
-        seed=data.seed, shuffle_bins=train and data.shuffle)
+        it,
+        length_struct={k: seq_len for k in keys},
+        num_packing_bins=data.packing_bins,
+        seed=data.seed,
+        shuffle_bins=train and data.shuffle,
+    )
 
 
 def pretrain_dataset(
@@ -163,7 +169,14 @@ def seqio_examples(data: DataConfig, train: bool, stream: int, streams: int) -> 
     provider = seqio_source.register(data.seqio, data.tokenizer, data.add_eos)
     split = data.seqio.split if train else data.seqio.eval_split
     seqio_source.check_split(provider, split)
-    make = functools.partial(seqio_source.examples, provider, split, shuffle=train and data.shuffle, seed=data.seed,
-                             num_epochs=data.num_epochs if train else 1, stream=stream, streams=streams)
+    make = functools.partial(
+        seqio_source.examples,
+        provider,
+        split,
+        shuffle=train and data.shuffle,
+        seed=data.seed,
+        num_epochs=data.num_epochs if train else 1,
+        stream=stream,
+        streams=streams,
+    )
     return seqio_source.SeqioExamples(make).map(ShiftTokens())
-

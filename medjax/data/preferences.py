@@ -17,7 +17,7 @@ import numpy as np
 from medjax.config import DataConfig
 from medjax.data import DataError
 from medjax.data.chat import ChatTemplate, check_messages
-from medjax.data.examples import DROPPED, OK, TRUNCATED, ConvertRecord, Converter, nonempty
+from medjax.data.examples import DROPPED, OK, TRUNCATED, Converter, ConvertRecord, nonempty
 from medjax.data.pipeline import batch_rows, pack_first_fit, shard_records
 from medjax.data.sft import chat_source
 
@@ -69,8 +69,9 @@ class PairConverter(Converter):
         if dim is None and len(self.labels) == 1:
             dim = self.labels[0]
         if dim not in self.labels:
-            raise DataError(f"{where}: dimension {dim!r} is not one of the model's score labels {self.labels} "
-                            "(model.score_labels)")
+            raise DataError(
+                f"{where}: dimension {dim!r} is not one of the model's score labels {self.labels} (model.score_labels)"
+            )
         prompt = prompt_messages(record["prompt"], where)
         chosen = response_ids(tokenizer, template, prompt, record["chosen"])
         rejected = response_ids(tokenizer, template, prompt, record["rejected"])
@@ -79,7 +80,7 @@ class PairConverter(Converter):
         if (keep_c, keep_r) != (len(chosen), len(rejected)):
             if self.overlong == "drop":
                 return None, DROPPED
-            chosen, rejected, status = chosen[len(chosen) - keep_c:], rejected[len(rejected) - keep_r:], TRUNCATED
+            chosen, rejected, status = chosen[len(chosen) - keep_c :], rejected[len(rejected) - keep_r :], TRUNCATED
         return pair_example(chosen, rejected, self.labels.index(dim)), status
 
 
@@ -91,8 +92,13 @@ def pair_example(chosen: np.ndarray, rejected: np.ndarray, dimension: int) -> di
 
     parts = [side(chosen, CHOSEN), side(rejected, REJECTED)]
     tokens, local, which, role = (np.concatenate(x) for x in zip(*parts))
-    return {"tokens": tokens, "local_positions": local, "side": which, "score_role": role,
-            "dimension": np.full(len(tokens), dimension, np.int32)}
+    return {
+        "tokens": tokens,
+        "local_positions": local,
+        "side": which,
+        "score_role": role,
+        "dimension": np.full(len(tokens), dimension, np.int32),
+    }
 
 
 PAIR_BATCH_KEYS = ("tokens", "positions", "segment_ids", "pair_ids", "score_role", "dimension")
@@ -122,10 +128,18 @@ def pair_converter(data: DataConfig, labels: list[str], seq_len: int) -> PairCon
     return PairConverter(data.tokenizer, labels, seq_len, data.overlong, data.skip_bad)
 
 
-def preference_dataset(data: DataConfig, labels: list[str], *, files: list[str], seq_len: int, batch_size: int,
-                       train: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    ds = shard_records(chat_source(files), data, train=train, process_index=process_index,
-                       process_count=process_count)
+def preference_dataset(
+    data: DataConfig,
+    labels: list[str],
+    *,
+    files: list[str],
+    seq_len: int,
+    batch_size: int,
+    train: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    ds = shard_records(chat_source(files), data, train=train, process_index=process_index, process_count=process_count)
     ds = ds.map(ConvertRecord(pair_converter(data, labels, seq_len))).filter(nonempty)
     it = pack_first_fit(ds.to_iter_dataset(), EXAMPLE_KEYS, seq_len, data, train)
     return batch_rows(it.map(PackedPairRow()), data, batch_size, train)

@@ -133,8 +133,9 @@ def vocabulary(tokenizer_path: str):
             return ids
 
         def _decode_tf(self, ids):
-            text = tf.numpy_function(lambda a: self._decode(a.tolist()).encode("utf-8"), [ids], tf.string,
-                                     stateful=False)
+            text = tf.numpy_function(
+                lambda a: self._decode(a.tolist()).encode("utf-8"), [ids], tf.string, stateful=False
+            )
             text.set_shape([])
             return text
 
@@ -210,9 +211,12 @@ def _register_task(task: SeqioTaskConfig, vocab, add_eos: bool) -> None:
     seqio.TaskRegistry.add(
         task.name,
         source=seqio.FunctionDataSource(dataset_fn, splits=splits),
-        preprocessors=[tag, functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text",
-                                                                             TASK_FEATURE: TASK_FEATURE}),
-                       seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+        preprocessors=[
+            tag,
+            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text", TASK_FEATURE: TASK_FEATURE}),
+            seqio.preprocessors.tokenize,
+            seqio.preprocessors.append_eos,
+        ],
         output_features={"targets": seqio.Feature(vocab, add_eos=add_eos)},
     )
 
@@ -238,8 +242,9 @@ def register(cfg: SeqioConfig, tokenizer: str, add_eos: bool = True):
         known = set(seqio.TaskRegistry.names())
         for name, rate in cfg.mixture.items():
             if name not in known:
-                raise DataError(f"data.seqio.mixture: no seqio Task named {name!r} "
-                                f"(tasks: {', '.join(sorted(known)) or 'none'})")
+                raise DataError(
+                    f"data.seqio.mixture: no seqio Task named {name!r} (tasks: {', '.join(sorted(known)) or 'none'})"
+                )
             if not rate > 0:
                 raise DataError(f"data.seqio.mixture: the rate of {name!r} is {rate}; rates must be positive")
         if cfg.name in known:
@@ -250,20 +255,24 @@ def register(cfg: SeqioConfig, tokenizer: str, add_eos: bool = True):
         return seqio.get_mixture_or_task(cfg.name)
     except ValueError:
         names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-        raise DataError(f"data.seqio.name {cfg.name!r} is not a registered seqio Task or Mixture "
-                        f"(registered: {', '.join(names) or 'none'})") from None
+        raise DataError(
+            f"data.seqio.name {cfg.name!r} is not a registered seqio Task or Mixture "
+            f"(registered: {', '.join(names) or 'none'})"
+        ) from None
 
 
-def examples(provider, split: str, *, shuffle: bool, seed: int, num_epochs: int | None, stream: int = 0,
-             streams: int = 1):
+def examples(
+    provider, split: str, *, shuffle: bool, seed: int, num_epochs: int | None, stream: int = 0, streams: int = 1
+):
     """The tf.data dataset of tokenized examples ({"targets", and "medjax_task" where tagged}) one
     data stream reads: every ``streams``-th example of the whole, deterministic sequence."""
     seqio = _seqio()
     import tensorflow as tf
 
     check_split(provider, split)
-    kwargs: dict[str, Any] = dict(sequence_length=None, split=split, use_cached=False, shuffle=shuffle, seed=seed,
-                                  num_epochs=num_epochs)
+    kwargs: dict[str, Any] = dict(
+        sequence_length=None, split=split, use_cached=False, shuffle=shuffle, seed=seed, num_epochs=num_epochs
+    )
     if isinstance(provider, seqio.Mixture):
         kwargs.update(passthrough_features=[TASK_FEATURE], log_mixing_proportions=False)
     ds = provider.get_dataset(**kwargs)
@@ -275,8 +284,10 @@ def examples(provider, split: str, *, shuffle: bool, seed: int, num_epochs: int 
 
 def check_split(provider, split: str) -> None:
     if split not in provider.splits:
-        raise DataError(f"data.seqio split {split!r} of {provider.name}: not one of its splits "
-                        f"({', '.join(sorted(provider.splits))})")
+        raise DataError(
+            f"data.seqio split {split!r} of {provider.name}: not one of its splits "
+            f"({', '.join(sorted(provider.splits))})"
+        )
 
 
 class SeqioExamples(grain.IterDataset):
@@ -346,4 +357,3 @@ def configured_rates(provider) -> dict[str, float]:
     rates = {task.name: float(provider.get_rate(task)) for task in provider.tasks}
     total = sum(rates.values())
     return {k: v / total for k, v in sorted(rates.items())}
-

@@ -14,7 +14,7 @@ import numpy as np
 from medjax.config import DataConfig
 from medjax.data import DataError
 from medjax.data.chat import check_messages, tokenize_chat
-from medjax.data.examples import DROPPED, OK, TRUNCATED, ConvertRecord, Converter, TolerantSource, nonempty
+from medjax.data.examples import DROPPED, OK, TRUNCATED, Converter, ConvertRecord, TolerantSource, nonempty
 from medjax.data.pipeline import batch_rows, pack_first_fit, shard_records
 from medjax.data.sources import JsonlSource, expand_paths
 
@@ -76,11 +76,18 @@ def chat_converter(data: DataConfig, seq_len: int) -> ChatConverter:
     return ChatConverter(data.tokenizer, seq_len, data.overlong, data.skip_bad)
 
 
-def sft_dataset(data: DataConfig, *, files: list[str], seq_len: int, batch_size: int, train: bool = True,
-                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def sft_dataset(
+    data: DataConfig,
+    *,
+    files: list[str],
+    seq_len: int,
+    batch_size: int,
+    train: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
     """Packed SFT rows {tokens, targets, positions, segment_ids, loss_mask} for one process."""
-    ds = shard_records(chat_source(files), data, train=train, process_index=process_index,
-                       process_count=process_count)
+    ds = shard_records(chat_source(files), data, train=train, process_index=process_index, process_count=process_count)
     ds = ds.map(ConvertRecord(chat_converter(data, seq_len))).filter(nonempty)
     it = pack_first_fit(ds.to_iter_dataset(), EXAMPLE_KEYS, seq_len, data, train)
     return batch_rows(it.map(PackedChatRow()), data, batch_size, train)

@@ -44,8 +44,9 @@ class JsonlSource:
     malformed one raises DataError naming its file and 1-based line number.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], required_keys: Iterable[str] = (),
-                 with_location: bool = False):
+    def __init__(
+        self, paths: Sequence[str | os.PathLike], required_keys: Iterable[str] = (), with_location: bool = False
+    ):
         self._paths = [Path(p) for p in paths]
         self._required = tuple(required_keys)
         self._with_location = with_location
@@ -156,17 +157,22 @@ class TfdsSource:
         base = name.split(":")[0].split("/")[0]
         if not (root / base).is_dir():
             found = sorted(p.parent.parent.name for p in root.glob("*/*/dataset_info.json")) + sorted(
-                p.parent.parent.parent.name for p in root.glob("*/*/*/dataset_info.json"))
-            raise DataError(f"data.tfds.name {name!r}: no such dataset in {root} "
-                            f"(datasets there: {', '.join(sorted(set(found))) or 'none'})")
+                p.parent.parent.parent.name for p in root.glob("*/*/*/dataset_info.json")
+            )
+            raise DataError(
+                f"data.tfds.name {name!r}: no such dataset in {root} "
+                f"(datasets there: {', '.join(sorted(set(found))) or 'none'})"
+            )
         try:
             builder = tfds.builder(name, data_dir=str(root))
         except Exception as e:  # unknown version or config, unreadable dataset_info.json
             raise DataError(f"data.tfds.name {name!r} in {root}: {e}") from None
         features = builder.info.features
         if feature not in features:
-            raise DataError(f"data.tfds.feature {feature!r} is not a feature of {name} "
-                            f"(features: {', '.join(sorted(features.keys()))})")
+            raise DataError(
+                f"data.tfds.feature {feature!r} is not a feature of {name} "
+                f"(features: {', '.join(sorted(features.keys()))})"
+            )
         info = features[feature]
         self.kind = "text" if isinstance(info, tfds.features.Text) else "ids"
         if self.kind == "ids" and not np.issubdtype(np.dtype(info.np_dtype), np.integer):
@@ -174,8 +180,9 @@ class TfdsSource:
         try:
             self._source = builder.as_data_source(split=split)
         except (ValueError, KeyError) as e:
-            raise DataError(f"data.tfds split {split!r} of {name}: {e} "
-                            f"(splits: {', '.join(sorted(builder.info.splits.keys()))})") from None
+            raise DataError(
+                f"data.tfds split {split!r} of {name}: {e} (splits: {', '.join(sorted(builder.info.splits.keys()))})"
+            ) from None
         self._feature = feature
         self.description = f"{name} [{split}] in {root}"
 

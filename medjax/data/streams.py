@@ -31,9 +31,11 @@ StreamFactory = Callable[[int, int, int], Iterable[dict[str, np.ndarray]]]
 def own_streams(streams: int, process_index: int, process_count: int) -> range:
     """The streams one process reads: a contiguous block, so its rows are contiguous too."""
     if streams % process_count:
-        raise DataError(f"data.streams={streams} cannot be shared by {process_count} processes: it must be a "
-                        f"multiple of the process count (a checkpoint resumes on process counts that divide "
-                        f"the streams it was written with)")
+        raise DataError(
+            f"data.streams={streams} cannot be shared by {process_count} processes: it must be a "
+            f"multiple of the process count (a checkpoint resumes on process counts that divide "
+            f"the streams it was written with)"
+        )
     per = streams // process_count
     return range(process_index * per, (process_index + 1) * per)
 
@@ -41,8 +43,10 @@ def own_streams(streams: int, process_index: int, process_count: int) -> range:
 def stream_rows(global_rows: int, streams: int, accum: int) -> int:
     """Rows each stream gives a global batch; every micro-batch takes an equal block of them."""
     if global_rows % (streams * accum):
-        raise DataError(f"train.global_batch_size={global_rows} does not split into data.streams={streams} "
-                        f"blocks of train.grad_accum_steps={accum} micro-batches")
+        raise DataError(
+            f"train.global_batch_size={global_rows} does not split into data.streams={streams} "
+            f"blocks of train.grad_accum_steps={accum} micro-batches"
+        )
     return global_rows // streams
 
 
@@ -53,8 +57,16 @@ class StreamBatches:
     (``accum=None``, evaluation: a stream that has ended gives empty rows until all have, so
     every process runs the same number of batches)."""
 
-    def __init__(self, factory: StreamFactory, *, streams: int, global_rows: int, accum: int | None,
-                 process_index: int, process_count: int):
+    def __init__(
+        self,
+        factory: StreamFactory,
+        *,
+        streams: int,
+        global_rows: int,
+        accum: int | None,
+        process_index: int,
+        process_count: int,
+    ):
         self.streams = streams
         self.accum = accum
         self.own = own_streams(streams, process_index, process_count)
@@ -84,8 +96,10 @@ class StreamBatches:
         if self.accum is None:
             return {k: np.concatenate([b[k] for b in blocks]) for k in template}
         a = self.accum
-        return {k: np.concatenate([b[k].reshape(a, self.rows // a, *b[k].shape[1:]) for b in blocks], axis=1)
-                for k in template}
+        return {
+            k: np.concatenate([b[k].reshape(a, self.rows // a, *b[k].shape[1:]) for b in blocks], axis=1)
+            for k in template
+        }
 
     # Grain's checkpoint handler stores a non-DatasetIterator's state as the bytes get_state returns.
     def get_state(self) -> bytes:

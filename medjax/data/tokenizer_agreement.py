@@ -86,9 +86,11 @@ class ProbeMismatch:
         return f"{_short(self.text)} -> {ids}{mode}"
 
     def detail(self) -> str:
-        return (f"{self.text!r} (add_special_tokens={self.add_special_tokens}):\n"
-                f"  medjax       {list(self.medjax_ids)} {list(self.medjax_tokens)}\n"
-                f"  transformers {list(self.transformers_ids)} {list(self.transformers_tokens)}")
+        return (
+            f"{self.text!r} (add_special_tokens={self.add_special_tokens}):\n"
+            f"  medjax       {list(self.medjax_ids)} {list(self.medjax_tokens)}\n"
+            f"  transformers {list(self.transformers_ids)} {list(self.transformers_tokens)}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +126,10 @@ class AgreementReport:
             return f"tokenizer agreement with transformers not checked for {self.directory}: {self.reason}"
         sides = f"{MEDJAX_SIDE} and transformers ({self.transformers_class})"
         if not self.mismatches:
-            return (f"tokenizer agreement in {self.directory}: {sides} split all {len(self.probes)} "
-                    f"probe strings identically")
+            return (
+                f"tokenizer agreement in {self.directory}: {sides} split all {len(self.probes)} "
+                f"probe strings identically"
+            )
         texts = self.differing_texts
         firsts = [next(m for m in self.mismatches if m.text == t) for t in texts[: self.max_named]]
         named = ", ".join(m.describe() for m in firsts)
@@ -133,11 +137,15 @@ class AgreementReport:
             named += f" (and {len(texts) - len(firsts)} more)"
         why = ""
         if self.differing_components:
-            why = (f"; the tokenizer transformers builds differs from tokenizer.json in "
-                   f"{', '.join(self.differing_components)}")
-        return (f"tokenizer mismatch in {self.directory}: {sides} split {len(texts)} of {len(self.probes)} "
-                f"probe strings differently: {named}{why}. A model trained on one tokenization and served "
-                f"with the other silently loses accuracy")
+            why = (
+                f"; the tokenizer transformers builds differs from tokenizer.json in "
+                f"{', '.join(self.differing_components)}"
+            )
+        return (
+            f"tokenizer mismatch in {self.directory}: {sides} split {len(texts)} of {len(self.probes)} "
+            f"probe strings differently: {named}{why}. A model trained on one tokenization and served "
+            f"with the other silently loses accuracy"
+        )
 
     def details(self) -> str:
         """The message followed by every mismatch with both id and token lists."""
@@ -187,8 +195,9 @@ def _chat_rendering(directory: Path, hf_tok=None) -> str | None:
     return None
 
 
-def probe_strings(directory: str | os.PathLike, extra: Iterable[str] = (), *, medjax_tok=None,
-                  hf_tok=None) -> list[str]:
+def probe_strings(
+    directory: str | os.PathLike, extra: Iterable[str] = (), *, medjax_tok=None, hf_tok=None
+) -> list[str]:
     """The probe set for ``directory``: BASE_PROBES, strings around each special token the
     tokenizer has, a chat-template rendering when there is a template, then ``extra``."""
     from medjax.data.tokenizer import load_tokenizer
@@ -276,8 +285,7 @@ def _backend_json(hf_tok) -> str | None:
     return copy.to_str()
 
 
-def check_agreement(directory: str | os.PathLike, extra: Iterable[str] = (), *,
-                    max_named: int = 3) -> AgreementReport:
+def check_agreement(directory: str | os.PathLike, extra: Iterable[str] = (), *, max_named: int = 3) -> AgreementReport:
     """Encodes the probe set (``probe_strings``) with medjax's tokenizer and with transformers'
     AutoTokenizer for ``directory`` (local files only), each string without special tokens and
     with each side's defaults (what medjax's pretraining/eval pipelines and a plain
@@ -293,14 +301,25 @@ def check_agreement(directory: str | os.PathLike, extra: Iterable[str] = (), *,
     try:
         import transformers
     except ImportError:
-        return AgreementReport(where, checked=False, reason="transformers is not installed",
-                               seconds=time.perf_counter() - start, max_named=max_named)
+        return AgreementReport(
+            where,
+            checked=False,
+            reason="transformers is not installed",
+            seconds=time.perf_counter() - start,
+            max_named=max_named,
+        )
     try:
         hf_tok = _auto_tokenizer(d)
     except Exception as e:  # whatever transformers raises, the answer is "it could not load it"
         reason = f"transformers could not load it: {type(e).__name__}: {e}"
-        return AgreementReport(where, checked=False, reason=reason, transformers_version=transformers.__version__,
-                               seconds=time.perf_counter() - start, max_named=max_named)
+        return AgreementReport(
+            where,
+            checked=False,
+            reason=reason,
+            transformers_version=transformers.__version__,
+            seconds=time.perf_counter() - start,
+            max_named=max_named,
+        )
     probes = probe_strings(d, extra, medjax_tok=medjax_tok, hf_tok=hf_tok)
     mismatches = []
     with _quiet_transformers():
@@ -309,20 +328,42 @@ def check_agreement(directory: str | os.PathLike, extra: Iterable[str] = (), *,
                 enc = medjax_tok.encode(text, add_special_tokens=special)
                 theirs = list(hf_tok.encode(text, add_special_tokens=special))
                 if list(enc.ids) != theirs:
-                    mismatches.append(ProbeMismatch(
-                        text, special, tuple(enc.ids), tuple(theirs), tuple(enc.tokens),
-                        tuple(str(t) for t in hf_tok.convert_ids_to_tokens(theirs))))
+                    mismatches.append(
+                        ProbeMismatch(
+                            text,
+                            special,
+                            tuple(enc.ids),
+                            tuple(theirs),
+                            tuple(enc.tokens),
+                            tuple(str(t) for t in hf_tok.convert_ids_to_tokens(theirs)),
+                        )
+                    )
     hf_json = _backend_json(hf_tok)
     components = _differing_components(medjax_tok.to_str(), hf_json) if hf_json is not None else ()
     return AgreementReport(
-        where, checked=True, transformers_class=type(hf_tok).__name__,
-        transformers_version=transformers.__version__, probes=tuple(probes), mismatches=tuple(mismatches),
-        differing_components=components, seconds=time.perf_counter() - start, max_named=max_named)
+        where,
+        checked=True,
+        transformers_class=type(hf_tok).__name__,
+        transformers_version=transformers.__version__,
+        probes=tuple(probes),
+        mismatches=tuple(mismatches),
+        differing_components=components,
+        seconds=time.perf_counter() - start,
+        max_named=max_named,
+    )
 
 
 # What transformers reads to build a directory's tokenizer (config.json names the model type).
-_TOKENIZER_INPUTS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                     "vocab.json", "merges.txt", "chat_template.jinja", "config.json")
+_TOKENIZER_INPUTS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "config.json",
+)
 
 
 def _agreement_marker(d: Path) -> Path | None:
@@ -377,8 +418,10 @@ def transformers_tokenizer_json(directory: str | os.PathLike, pretty: bool = Fal
         raise DataError(f"{directory}: transformers could not load the tokenizer: {type(e).__name__}: {e}") from e
     text = _backend_json(hf_tok)
     if text is None:
-        raise DataError(f"{directory}: transformers builds a {type(hf_tok).__name__} with no `tokenizers` "
-                        f"backend; it cannot be written as tokenizer.json")
+        raise DataError(
+            f"{directory}: transformers builds a {type(hf_tok).__name__} with no `tokenizers` "
+            f"backend; it cannot be written as tokenizer.json"
+        )
     return json.dumps(json.loads(text), indent=2, ensure_ascii=False) if pretty else text
 
 
@@ -395,6 +438,13 @@ def adopt_transformers_tokenizer(directory: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["AgreementReport", "BASE_PROBES", "ProbeMismatch", "adopt_transformers_tokenizer", "check_agreement",
-           "probe_strings", "transformers_tokenizer_json", "warn_if_disagreeing"]
-
+__all__ = [
+    "AgreementReport",
+    "BASE_PROBES",
+    "ProbeMismatch",
+    "adopt_transformers_tokenizer",
+    "check_agreement",
+    "probe_strings",
+    "transformers_tokenizer_json",
+    "warn_if_disagreeing",
+]

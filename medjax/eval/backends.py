@@ -103,18 +103,19 @@ class LocalModel:
     LOGITS_CHUNK = 512
     MAX_BATCH_TOKENS = 8192  # padded tokens a scoring batch holds per data shard
 
-    def __init__(self, path: str | os.PathLike, batch_size: int = 8, mesh: str = "",
-                 max_batch_tokens: int | None = None):
+    def __init__(
+        self, path: str | os.PathLike, batch_size: int = 8, mesh: str = "", max_batch_tokens: int | None = None
+    ):
         """``mesh`` ("fsdp=4,tensor=2", axes of parallel.mesh; "" for one device) shards the params
         by the training rule table and lays each batch over (data, fsdp), so a model too large for
         one device evaluates; the batch is rounded up to a multiple of data x fsdp.
         ``max_batch_tokens`` (default MAX_BATCH_TOKENS) bounds rows x padded width of a scoring
         batch on each data shard; a row longer than it is scored alone."""
+        from medjax.convert.loading import open_model as open_weights
+        from medjax.data.chat import stop_token_ids
         from medjax.data.tokenizer import load_tokenizer
         from medjax.models.decoder import ModelDef
         from medjax.models.sampler import Sampler
-        from medjax.convert.loading import open_model as open_weights
-        from medjax.data.chat import stop_token_ids
 
         source = open_weights(path)
         self.model_cfg, self.tokenizer_dir = source.model, source.tokenizer_dir
@@ -124,14 +125,18 @@ class LocalModel:
         self.model_def = ModelDef(self.model_cfg)
         # read tensor by tensor onto the device(s) (medjax.convert.loading)
         self.placement = load_placed(self.model_def.abstract_state, source, mesh)
-        self.params, self.mesh, self.batch_sharding = self.placement.params, self.placement.mesh, \
-            self.placement.batch_sharding
+        self.params, self.mesh, self.batch_sharding = (
+            self.placement.params,
+            self.placement.mesh,
+            self.placement.batch_sharding,
+        )
         self.batch_size = self.placement.batch_size(batch_size)
         self.max_batch_tokens = max_batch_tokens or self.MAX_BATCH_TOKENS
         self.sampler = Sampler(self.model_def)
         self.stop_ids = stop_token_ids(self.tok, self.model_cfg, self.tokenizer_dir)
-        scoring = ModelDef(dataclasses.replace(self.model_cfg,
-                                               logits_chunk=self.model_cfg.logits_chunk or self.LOGITS_CHUNK))
+        scoring = ModelDef(
+            dataclasses.replace(self.model_cfg, logits_chunk=self.model_cfg.logits_chunk or self.LOGITS_CHUNK)
+        )
 
         layout = None
         if self.mesh is not None:
@@ -164,8 +169,8 @@ class LocalModel:
         The tokenizer's own special tokens (a bos) go before the context only."""
         ctx = self.tok.encode(context, add_special_tokens=not templated).ids
         whole = self.tok.encode(context + continuation, add_special_tokens=not templated).ids
-        if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
-            return ctx, whole[len(ctx):]
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            return ctx, whole[len(ctx) :]
         return ctx, self.tok.encode(continuation, add_special_tokens=False).ids
 
     def _rows_for(self, width: int) -> int:
@@ -184,9 +189,9 @@ class LocalModel:
                 rows.append((r, list(range(len(pairs))), ctx, [cont[0] for _, cont in pairs]))
                 continue
             for c, (ctx, cont) in enumerate(pairs):
-                ids = (ctx + cont)[-(limit + 1):]  # keep the continuation, drop the oldest context
+                ids = (ctx + cont)[-(limit + 1) :]  # keep the continuation, drop the oldest context
                 scored = min(len(cont), len(ids) - 1)
-                rows.append((r, [c], ids[:-1], tuple(ids[len(ids) - scored:])))
+                rows.append((r, [c], ids[:-1], tuple(ids[len(ids) - scored :])))
         out = [[0.0] * len(req.continuations) for req in requests]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][2]))  # similar lengths batch together
         widths = batch_widths([len(rows[i][2]) for i in order], max(limit, 1), self._rows_for)
@@ -206,15 +211,15 @@ class LocalModel:
             targets = np.zeros((size, max(window, 1)), np.int32)
             last = np.zeros((size,), np.int32)
             for b, (_, _, ids, tgt) in enumerate(chunk):
-                tokens[b, :len(ids)] = ids
+                tokens[b, : len(ids)] = ids
                 last[b] = len(ids) - 1
                 if isinstance(tgt, tuple):
-                    targets[b, window - len(tgt):] = tgt
+                    targets[b, window - len(tgt) :] = tgt
             tokens, targets, last = self.placement.put(tokens, targets, last)
             token_lp, last_lp = jax.device_get(self._score(self.params, tokens, targets, last, window=window))
             for b, (r, conts, ids, tgt) in enumerate(chunk):
                 if isinstance(tgt, tuple):
-                    out[r][conts[0]] = float(token_lp[b, window - len(tgt):].sum())
+                    out[r][conts[0]] = float(token_lp[b, window - len(tgt) :].sum())
                 else:
                     for c, token in zip(conts, tgt):
                         out[r][c] = float(last_lp[b, token])
@@ -223,21 +228,28 @@ class LocalModel:
     def generate(self, prompts: Sequence[str], settings: GenerationSettings) -> list[str]:
         from medjax.models.sampler import SamplingConfig
 
-        cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                             top_p=settings.top_p, stop_token_ids=self.stop_ids)
+        cfg = SamplingConfig(
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            stop_token_ids=self.stop_ids,
+        )
         room = self.model_cfg.max_position_embeddings - settings.max_new_tokens
         if room < 1:
-            raise ConfigError(f"--max-new-tokens {settings.max_new_tokens} leaves no room for a prompt in the model's "
-                              f"{self.model_cfg.max_position_embeddings}-token context (max_position_embeddings)")
+            raise ConfigError(
+                f"--max-new-tokens {settings.max_new_tokens} leaves no room for a prompt in the model's "
+                f"{self.model_cfg.max_position_embeddings}-token context (max_position_embeddings)"
+            )
         ids = [self.tok.encode(p, add_special_tokens=not settings.templated).ids[-room:] for p in prompts]
         texts = []
         key = jax.random.key(settings.seed)
         for start in range(0, len(ids), self.batch_size):
-            batch = ids[start:start + self.batch_size]
+            batch = ids[start : start + self.batch_size]
             padded = batch + [batch[-1]] * (self.batch_size - len(batch))  # one compiled batch shape
             key, sub = jax.random.split(key)
-            seqs = self.sampler.generate(self.params, padded, cfg, sub,
-                                         batch_sharding=self.batch_sharding).sequences()[:len(batch)]
+            seqs = self.sampler.generate(self.params, padded, cfg, sub, batch_sharding=self.batch_sharding).sequences()[
+                : len(batch)
+            ]
             texts.extend(self.tok.decode(s, skip_special_tokens=True) for s in seqs)
         return texts
 
@@ -254,8 +266,9 @@ class ServerModel:
         base = url.rstrip("/")
         if not base.endswith("/v1"):
             base += "/v1"
-        self.client = openai.OpenAI(base_url=base, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
-                                    timeout=timeout_s, max_retries=3)
+        self.client = openai.OpenAI(
+            base_url=base, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=timeout_s, max_retries=3
+        )
         self.model = model or self.client.models.list().data[0].id
         self.concurrency = concurrency
         self.tokenizer_dir = Path(self.model) if Path(self.model).is_dir() else None
@@ -269,9 +282,15 @@ class ServerModel:
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[list[float]]:
         def one(pair):
             context, continuation, templated = pair
-            r = self.client.completions.create(model=self.model, prompt=context + continuation, max_tokens=1,
-                                               temperature=0.0, echo=True, logprobs=1,
-                                               extra_body={"add_special_tokens": not templated})
+            r = self.client.completions.create(
+                model=self.model,
+                prompt=context + continuation,
+                max_tokens=1,
+                temperature=0.0,
+                echo=True,
+                logprobs=1,
+                extra_body={"add_special_tokens": not templated},
+            )
             lp = r.choices[0].logprobs
             start = len(context)
             total = 0.0
@@ -286,10 +305,15 @@ class ServerModel:
 
     def generate(self, prompts: Sequence[str], settings: GenerationSettings) -> list[str]:
         def one(prompt):
-            r = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=settings.max_new_tokens,
-                                               temperature=settings.temperature, top_p=settings.top_p,
-                                               seed=settings.seed,
-                                               extra_body={"add_special_tokens": not settings.templated})
+            r = self.client.completions.create(
+                model=self.model,
+                prompt=prompt,
+                max_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                seed=settings.seed,
+                extra_body={"add_special_tokens": not settings.templated},
+            )
             return r.choices[0].text
 
         return self._map(one, prompts)
@@ -297,11 +321,16 @@ class ServerModel:
     def generate_chat(self, prompts: Sequence[str], settings: GenerationSettings) -> list[str]:
         """Each prompt as one user turn through the chat API: the server applies its own template
         (a served model's, which a client may not have)."""
+
         def one(prompt):
             r = self.client.chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": prompt}],
-                max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
-                seed=settings.seed)
+                model=self.model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                seed=settings.seed,
+            )
             return r.choices[0].message.content or ""
 
         return self._map(one, prompts)
@@ -310,5 +339,5 @@ class ServerModel:
 def open_model(path: str, batch_size: int = 8, mesh: str = ""):
     """LocalModel for a checkpoint or HF directory, ServerModel for ``openai:URL``."""
     if path.startswith("openai:"):  # a server batches requests itself: batch_size of them in flight
-        return ServerModel(path[len("openai:"):], concurrency=batch_size)
+        return ServerModel(path[len("openai:") :], concurrency=batch_size)
     return LocalModel(path, batch_size=batch_size, mesh=mesh)

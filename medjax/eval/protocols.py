@@ -28,10 +28,12 @@ class Protocol:
 
 QUARKMED = Protocol(
     name="quarkmed",
-    template=("请思考后回答以下选择题目，以json格式返回结果，除此以外不要返回其它任何信息。如:\n"
-              '{"answer": "A/B/C"}\n'
-              "{passages}\n"
-              "问题:\n{question}\n回答:\n{options}"),
+    template=(
+        "请思考后回答以下选择题目，以json格式返回结果，除此以外不要返回其它任何信息。如:\n"
+        '{"answer": "A/B/C"}\n'
+        "{passages}\n"
+        "问题:\n{question}\n回答:\n{options}"
+    ),
     temperature=0.6,
     # "Think first" costs tokens: the reasoning models of the report's tables write several hundred.
     max_new_tokens=2048,

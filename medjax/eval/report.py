@@ -13,8 +13,9 @@ import numpy as np
 BOOTSTRAP_SAMPLES = 1000
 
 
-def bootstrap_ci(correct: Sequence[float], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_ci(
+    correct: Sequence[float], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(accuracy, low, high): the percentile bootstrap over items, seeded so reports are stable."""
     x = np.asarray(correct, dtype=np.float64)
     if x.size == 0:
@@ -76,8 +77,10 @@ def format_table(summary: dict, title: str) -> str:
             out.append(f"  {key[3:]}:")
             out.extend(line(name, g) for name, g in groups.items())
     if summary.get("refused") or summary.get("no_answer") or summary.get("off_options"):
-        out.append(f"  refused {summary['refused']}, no answer found {summary['no_answer']}, "
-                   f"answered with none of the options {summary.get('off_options', 0)}")
+        out.append(
+            f"  refused {summary['refused']}, no answer found {summary['no_answer']}, "
+            f"answered with none of the options {summary.get('off_options', 0)}"
+        )
     return "\n".join(out)
 
 

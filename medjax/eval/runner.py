@@ -24,14 +24,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medjax.config import ConfigError
-
 from medjax.eval.backends import GenerationSettings, LoglikelihoodRequest, open_model
 from medjax.eval.prompts import ChatFormatter
-from medjax.tasks.prompts import (PromptConfig, Retriever, answer_continuation, build_prompt, fit_passages,
-                                  pick_shots)
 from medjax.eval.report import format_table, plot_groups, summarise
 from medjax.tasks.answers import extract_for_item, score
 from medjax.tasks.items import ExamItem
+from medjax.tasks.prompts import PromptConfig, Retriever, answer_continuation, build_prompt, fit_passages, pick_shots
 from medjax.tasks.readers import read_benchmark
 from medjax.utils import atomic_open, atomic_write_text
 
@@ -70,8 +68,14 @@ class EvalConfig:
             from medjax.eval.protocols import get_protocol
 
             p = get_protocol(name)
-            fields = dict(mode="generate", chat=p.chat, temperature=p.temperature, max_new_tokens=p.max_new_tokens,
-                          template=p.template, protocol=p.name)
+            fields = dict(
+                mode="generate",
+                chat=p.chat,
+                temperature=p.temperature,
+                max_new_tokens=p.max_new_tokens,
+                template=p.template,
+                protocol=p.name,
+            )
         if greedy:
             fields["temperature"] = 0.0
         fields.update({k: v for k, v in explicit.items() if v is not None})
@@ -88,7 +92,9 @@ class EvalConfig:
             raise ConfigError("--shots must be >= 0, --batch-size and --max-new-tokens >= 1")
         if self.template and (self.mode != "generate" or self.shots):
             flags = [f"--mode {self.mode}"] * (self.mode != "generate") + ["--shots"] * bool(self.shots)
-            raise ConfigError(f"--protocol {self.protocol or ''} is zero-shot and generative: drop {' and '.join(flags)}")
+            raise ConfigError(
+                f"--protocol {self.protocol or ''} is zero-shot and generative: drop {' and '.join(flags)}"
+            )
         return self
 
 
@@ -96,8 +102,15 @@ def summary_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
 
 
-def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLike, cfg: EvalConfig = EvalConfig(),
-             retriever: Retriever | None = None, model=None, quiet: bool = False) -> dict:
+def evaluate(
+    model_path: str,
+    benchmark: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: EvalConfig = EvalConfig(),
+    retriever: Retriever | None = None,
+    model=None,
+    quiet: bool = False,
+) -> dict:
     """Scores every item, writes ``out`` (JSONL) and its summary atomically, returns the summary.
     ``model`` may be passed in (an already-open backend) to score several files without reloading."""
     cfg = cfg.validate()
@@ -114,13 +127,16 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
     # A served model is asked through its chat API, which applies the server's own template.
     chat_api = cfg.chat and cfg.mode == "generate" and hasattr(model, "generate_chat")
     chat = ChatFormatter(getattr(model, "tokenizer_dir", None)) if cfg.chat and not chat_api else None
-    pcfg = PromptConfig(generative=cfg.mode == "generate",
-                        list_options=not (cfg.mode == "loglikelihood" and cfg.choices == "texts"),
-                        template=cfg.template)
+    pcfg = PromptConfig(
+        generative=cfg.mode == "generate",
+        list_options=not (cfg.mode == "loglikelihood" and cfg.choices == "texts"),
+        template=cfg.template,
+    )
 
     def prompt_for(item: ExamItem) -> tuple[str, list[str]]:
-        passages = fit_passages(retriever.retrieve(item.question, cfg.passages_k), pcfg.passage_budget) \
-            if retriever else []
+        passages = (
+            fit_passages(retriever.retrieve(item.question, cfg.passages_k), pcfg.passage_budget) if retriever else []
+        )
         text = build_prompt(item, pick_shots(shots_pool, item, cfg.shots, cfg.seed), passages, pcfg)
         return (chat(text) if chat else text), passages
 
@@ -135,7 +151,7 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
     # it gets many items at once (the progress bar moves less often); generation a few batches.
     chunk = max(cfg.batch_size * 32, 512) if cfg.mode == "loglikelihood" else max(cfg.batch_size * 4, 32)
     for start in range(0, len(bench.items), chunk):
-        items = bench.items[start:start + chunk]
+        items = bench.items[start : start + chunk]
         prompts, passages = zip(*(prompt_for(item) for item in items))
         if cfg.mode == "loglikelihood":
             scored = _score_loglikelihood(model, items, prompts, cfg)
@@ -150,14 +166,22 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
     seconds = time.perf_counter() - t0
 
     summary = {
-        "benchmark": str(bench.path), "format": bench.format, "model": str(model_path),
-        **({"protocol": cfg.protocol} if cfg.protocol else {}), "mode": cfg.mode,
+        "benchmark": str(bench.path),
+        "format": bench.format,
+        "model": str(model_path),
+        **({"protocol": cfg.protocol} if cfg.protocol else {}),
+        "mode": cfg.mode,
         **({"choices": cfg.choices} if cfg.mode == "loglikelihood" else {}),
         **({"text_norm": cfg.text_norm} if cfg.mode == "loglikelihood" and cfg.choices == "texts" else {}),
-        "shots": cfg.shots, "chat": cfg.chat,
+        "shots": cfg.shots,
+        "chat": cfg.chat,
         **({"rag": str(cfg.rag), "passages_k": cfg.passages_k} if cfg.rag else {}),
         **summarise(rows, extra_groups=_extra_groups(bench.items, cfg.protocol)),
-        "items_in_file": bench.records, "skipped": bench.skipped, "repaired": bench.repaired, "seconds": seconds, "items_per_sec": len(rows) / seconds if seconds else None,
+        "items_in_file": bench.records,
+        "skipped": bench.skipped,
+        "repaired": bench.repaired,
+        "seconds": seconds,
+        "items_per_sec": len(rows) / seconds if seconds else None,
         "output": str(out),
     }
     if not writer:
@@ -175,8 +199,10 @@ def evaluate(model_path: str, benchmark: str | os.PathLike, out: str | os.PathLi
         if bench.skipped:
             print(f"  skipped {len(bench.skipped)} malformed items, first: {bench.skipped[0]}")
         if bench.repaired:
-            print(f"  repaired {len(bench.repaired)} malformed option lists (listed in the summary), first: "
-                  f"{bench.repaired[0]}")
+            print(
+                f"  repaired {len(bench.repaired)} malformed option lists (listed in the summary), first: "
+                f"{bench.repaired[0]}"
+            )
         print(f"  scored {len(rows)} of the file's {bench.records} items")
         print(f"  {len(rows)} items in {seconds:.1f}s ({summary['items_per_sec']:.2f} items/s); wrote {out}")
     return summary
@@ -230,12 +256,21 @@ def _score_loglikelihood(model, items, prompts, cfg: EvalConfig) -> list[dict]:
 
 
 def _score_generate(model, items, prompts, cfg: EvalConfig, chat_api: bool = False) -> list[dict]:
-    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                                  templated=cfg.chat)
+    settings = GenerationSettings(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, templated=cfg.chat
+    )
     texts = model.generate_chat(prompts, settings) if chat_api else model.generate(prompts, settings)
     rows = []
     for item, text in zip(items, texts):
         found = extract_for_item(text, item)
-        rows.append(_row(item, found.prediction, score(found, item) == 1.0, refused=found.refused,
-                         off_options=found.off_options, completion=text))
+        rows.append(
+            _row(
+                item,
+                found.prediction,
+                score(found, item) == 1.0,
+                refused=found.refused,
+                off_options=found.off_options,
+                completion=text,
+            )
+        )
     return rows

@@ -34,6 +34,7 @@ from medjax.utils import atomic_write_text
 class SuiteRow:
     """One row of a table: the benchmark overall, or one group of its summary (``group`` is a
     summary breakdown such as level, option_type, subject; ``value`` the group's name)."""
+
     name: str
     group: str = ""
     value: str = ""
@@ -90,10 +91,13 @@ def load_suite(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) ->
     fields = {f.name for f in dataclasses.fields(EvalConfig)} - {"protocol", "template", "rag", "limit", "mesh"}
     tables = {t.name: t for t in suite.tables}
     for key, settings in [("defaults", suite.defaults)] + [
-            (f"benchmarks[{i}].settings", b.settings) for i, b in enumerate(suite.benchmarks)]:
+        (f"benchmarks[{i}].settings", b.settings) for i, b in enumerate(suite.benchmarks)
+    ]:
         unknown = sorted(set(settings) - fields)
         if unknown:
-            raise ConfigError(f"{where}: key '{key}.{unknown[0]}' is not an eval setting (known: {', '.join(sorted(fields))})")
+            raise ConfigError(
+                f"{where}: key '{key}.{unknown[0]}' is not an eval setting (known: {', '.join(sorted(fields))})"
+            )
     names = set()
     for i, b in enumerate(suite.benchmarks):
         at = f"{where}: key 'benchmarks[{i}]"
@@ -112,8 +116,10 @@ def load_suite(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) ->
         for j, row in enumerate(rows_of(b)):
             rkey = f"{at}.rows[{j}]" if b.rows else at
             if row.published and len(row.published) != len(columns):
-                raise ConfigError(f"{rkey}.published' has {len(row.published)} figures for the "
-                                  f"{len(columns)} columns of table {b.table!r}")
+                raise ConfigError(
+                    f"{rkey}.published' has {len(row.published)} figures for the "
+                    f"{len(columns)} columns of table {b.table!r}"
+                )
             if row.group and not b.path:
                 raise ConfigError(f"{rkey}.group' needs a benchmark file to break down")
             stray = sorted(set(row.published_rag) - set(columns))
@@ -133,14 +139,23 @@ def slug(name: str) -> str:
 def run_key(model: str, path: Path, cfg) -> str:
     """Same model, same file (size and mtime) and same settings: the finished output stands."""
     st = path.stat()
-    text = json.dumps([model, str(path.resolve()), st.st_size, st.st_mtime_ns, dataclasses.asdict(cfg)],
-                      sort_keys=True, default=str)
+    text = json.dumps(
+        [model, str(path.resolve()), st.st_size, st.st_mtime_ns, dataclasses.asdict(cfg)], sort_keys=True, default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: str | None = None,
-              limit: int | None = None, batch_size: int = 8, quiet: bool = False, model=None,
-              mesh: str = "") -> dict:
+def run_suite(
+    suite: Suite,
+    model_path: str,
+    out_dir: str | os.PathLike,
+    rag: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    quiet: bool = False,
+    model=None,
+    mesh: str = "",
+) -> dict:
     """Scores every listed benchmark (and again with ``rag``), then writes the tables; returns the
     suite summary (also written to OUT/suite.json)."""
     from medjax.eval.backends import open_model
@@ -165,11 +180,17 @@ def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: st
             skipped.append({"name": b.name, "path": str(path), "reason": "file not found"})
             say(f"suite {suite.name}: skipped {b.name}: file not found: {path}")
             continue
-        for with_rag in ([False, True] if rag else [False]):
+        for with_rag in [False, True] if rag else [False]:
             # The benchmark's protocol wins over the suite's defaults, its own settings over both.
             defaults = {k: v for k, v in suite.defaults.items() if not (b.protocol and k in PROTOCOL_SETTINGS)}
-            settings = {**defaults, **b.settings, "format": b.format or None, "limit": limit,
-                        "batch_size": batch_size, "rag": rag if with_rag else None}
+            settings = {
+                **defaults,
+                **b.settings,
+                "format": b.format or None,
+                "limit": limit,
+                "batch_size": batch_size,
+                "rag": rag if with_rag else None,
+            }
             cfg = EvalConfig.for_protocol(b.protocol or None, **settings).validate()
             out = out_dir / f"{slug(b.name)}{'.rag' if with_rag else ''}.jsonl"
             key = run_key(str(model_path), path, cfg)
@@ -195,15 +216,25 @@ def run_suite(suite: Suite, model_path: str, out_dir: str | os.PathLike, rag: st
         if not quiet:
             print(format_markdown(table))
             print(f"  wrote {', '.join(str(p) for p in files[name])}\n")
-    summary = {"suite": suite.name, "model": str(model_path), "rag": rag, "source": suite.source,
-               "benchmarks": {k: {"accuracy": v["accuracy"], "ci95": v["ci95"], "n": v["n"], "output": v["output"]}
-                              for k, v in results.items()},
-               "skipped": skipped, "tables": {k: [str(p) for p in v] for k, v in files.items()}}
+    summary = {
+        "suite": suite.name,
+        "model": str(model_path),
+        "rag": rag,
+        "source": suite.source,
+        "benchmarks": {
+            k: {"accuracy": v["accuracy"], "ci95": v["ci95"], "n": v["n"], "output": v["output"]}
+            for k, v in results.items()
+        },
+        "skipped": skipped,
+        "tables": {k: [str(p) for p in v] for k, v in files.items()},
+    }
     if writer:
         atomic_write_text(out_dir / "suite.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if skipped and not quiet:
-        print(f"suite {suite.name}: {len(skipped)} benchmark file(s) not found, skipped: "
-              + "; ".join(f"{s['name']} ({s['path']})" for s in skipped))
+        print(
+            f"suite {suite.name}: {len(skipped)} benchmark file(s) not found, skipped: "
+            + "; ".join(f"{s['name']} ({s['path']})" for s in skipped)
+        )
     return summary
 
 
@@ -229,7 +260,7 @@ def _agreed_json(value: dict | None) -> dict:
     raw = json.dumps(value).encode() if value is not None else b""
     size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(raw), np.int64)))
     buf = np.zeros(size, np.uint8)
-    buf[:len(raw)] = np.frombuffer(raw, np.uint8)[:size]
+    buf[: len(raw)] = np.frombuffer(raw, np.uint8)[:size]
     return json.loads(bytes(multihost_utils.broadcast_one_to_all(buf)).decode())
 
 
@@ -254,8 +285,9 @@ def build_table(suite: Suite, table: SuiteTable, results: dict, model_label: str
     """A table as data: its columns (published ones, then the model's, then with RAG) and rows of
     cells, each a published figure, the model's {accuracy, ci95, n}, or None (with the row's note)."""
     model_columns = [model_label] + ([f"{model_label} + RAG"] if rag else [])
-    rag_columns = sorted({c for b in suite.benchmarks if b.table == table.name for r in rows_of(b)
-                          for c in r.published_rag})
+    rag_columns = sorted(
+        {c for b in suite.benchmarks if b.table == table.name for r in rows_of(b) for c in r.published_rag}
+    )
     columns = list(table.columns) + [f"{c} + RAG (published)" for c in rag_columns] + model_columns
     rows = []
     for b in suite.benchmarks:
@@ -269,8 +301,13 @@ def build_table(suite: Suite, table: SuiteTable, results: dict, model_label: str
                 cells.append(_cell(results.get(f"{b.name} + RAG"), row))
             note = b.note if not b.path else ("" if b.name in results else "file not found")
             rows.append({"benchmark": b.name, "row": row.name, "cells": cells, "note": note})
-    return {"name": table.name, "title": table.title, "columns": columns, "model_columns": len(model_columns),
-            "rows": rows}
+    return {
+        "name": table.name,
+        "title": table.title,
+        "columns": columns,
+        "model_columns": len(model_columns),
+        "rows": rows,
+    }
 
 
 def _text(cell) -> str:
@@ -284,8 +321,12 @@ def _text(cell) -> str:
 
 def format_markdown(table: dict) -> str:
     head = ["", *table["columns"], "note"]
-    lines = [f"**{table['title']}** (accuracy %; the model's cells with bootstrap 95% intervals)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"**{table['title']}** (accuracy %; the model's cells with bootstrap 95% intervals)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for row in table["rows"]:
         lines.append("| " + " | ".join([row["row"], *(_text(c) for c in row["cells"]), row["note"]]) + " |")
     return "\n".join(lines)
@@ -300,14 +341,14 @@ def write_table(table: dict, stem: Path) -> list[Path]:
     header = ["benchmark", "row"]
     for c in table["columns"]:
         header += [c]
-    model_cols = table["columns"][-table["model_columns"]:]
+    model_cols = table["columns"][-table["model_columns"] :]
     for c in model_cols:
         header += [f"{c} ci95_low", f"{c} ci95_high", f"{c} n"]
     w.writerow(header + ["note"])
     for row in table["rows"]:
         values = [row["benchmark"], row["row"]]
         values += ["" if c is None else round(c["accuracy"] if isinstance(c, dict) else c, 4) for c in row["cells"]]
-        for c in row["cells"][-table["model_columns"]:]:
+        for c in row["cells"][-table["model_columns"] :]:
             values += ["", "", ""] if c is None else [round(c["ci95"][0], 4), round(c["ci95"][1], 4), c["n"]]
         w.writerow(values + [row["note"]])
     atomic_write_text(csv_path, buf.getvalue())
@@ -327,7 +368,7 @@ def plot_table(table: dict, path: Path) -> Path:
     width = 0.8 / len(columns)
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) * len(columns) * 0.55 + 1.8))
     greys = plt.cm.Greys(np.linspace(0.25, 0.7, max(len(columns) - m, 1)))
-    colours = list(greys[:len(columns) - m]) + ["#c44e52", "#4c72b0"][:m]
+    colours = list(greys[: len(columns) - m]) + ["#c44e52", "#4c72b0"][:m]
     for j, (column, colour) in enumerate(zip(columns, colours)):
         ys, xs, errs = [], [], []
         for i, row in enumerate(rows):
@@ -342,8 +383,15 @@ def plot_table(table: dict, path: Path) -> Path:
                 xs.append(cell)
                 errs.append([0, 0])
         if xs:
-            ax.barh(ys, xs, height=width, color=colour, label=label(column),
-                    xerr=np.array(errs).T if j >= len(columns) - m else None, capsize=2)
+            ax.barh(
+                ys,
+                xs,
+                height=width,
+                color=colour,
+                label=label(column),
+                xerr=np.array(errs).T if j >= len(columns) - m else None,
+                capsize=2,
+            )
     ax.set_yticks([i + 0.4 - width / 2 for i in range(len(rows))], [label(r["row"]) for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("accuracy %")

@@ -64,15 +64,20 @@ def resolve(impl: str, seq_len: int, dtype) -> str:
             return "cudnn"
         return "xla"
     if impl == "splash" and splash_block(seq_len) is None:
-        raise ValueError(f"model.attention=splash needs a sequence length divisible by {_TPU_TILE} (the "
-                         f"kernel's tile), got {seq_len}: set data.seq_len to one or use model.attention=xla")
+        raise ValueError(
+            f"model.attention=splash needs a sequence length divisible by {_TPU_TILE} (the "
+            f"kernel's tile), got {seq_len}: set data.seq_len to one or use model.attention=xla"
+        )
     if impl == "cudnn":
         if platform != "gpu":
-            raise ValueError(f"model.attention=cudnn needs a CUDA GPU, and this trace targets {platform}; "
-                             "use model.attention=auto")
+            raise ValueError(
+                f"model.attention=cudnn needs a CUDA GPU, and this trace targets {platform}; use model.attention=auto"
+            )
         if not half:
-            raise ValueError(f"model.attention=cudnn needs model.dtype bfloat16 (cuDNN flash attention has "
-                             f"no {jnp.dtype(dtype).name} kernel); got {jnp.dtype(dtype).name}")
+            raise ValueError(
+                f"model.attention=cudnn needs model.dtype bfloat16 (cuDNN flash attention has "
+                f"no {jnp.dtype(dtype).name} kernel); got {jnp.dtype(dtype).name}"
+            )
     return impl
 
 
@@ -87,8 +92,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     if impl == "cudnn":
         # cuDNN applies the causal part itself; packed documents come in as a boolean mask, which
         # it reads as a bias of [batch, 1, seq, seq] (the memory XLA's mask also takes).
-        return jax.nn.dot_product_attention(q, k, v, mask=same_document(segment_ids), scale=scale,
-                                            is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=same_document(segment_ids), scale=scale, is_causal=True, implementation="cudnn"
+        )
     return splash_attention(q, k, v, segment_ids, interpret=target_platform()[0] != "tpu")
 
 
@@ -99,9 +105,16 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False, block: in
     kv_heads = k.shape[2]
     q = (q * (1.0 / math.sqrt(dim))).astype(q.dtype).reshape(batch, seq, kv_heads, heads // kv_heads, dim)
     run = functools.partial(_splash_local, interpret=interpret, block=block)
-    out = local_map(run, in_axes=(("batch", None, "kv_heads", None, None), ("batch", None, "kv_heads", None),
-                                  ("batch", None, "kv_heads", None), ("batch", None)),
-                    out_axes=("batch", None, "kv_heads", None, None))(q, k, v, segment_ids)
+    out = local_map(
+        run,
+        in_axes=(
+            ("batch", None, "kv_heads", None, None),
+            ("batch", None, "kv_heads", None),
+            ("batch", None, "kv_heads", None),
+            ("batch", None),
+        ),
+        out_axes=("batch", None, "kv_heads", None, None),
+    )(q, k, v, segment_ids)
     return out.reshape(batch, seq, heads, dim)
 
 
@@ -111,9 +124,16 @@ def _splash_local(q, k, v, segment_ids, *, interpret: bool, block: int | None):
     batch, seq, kv_heads, group, dim = q.shape
     heads = kv_heads * group
     block = block or splash_block(seq)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
-                              block_kv_dq=block)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     mask = splash.MultiHeadMask([splash.CausalMask((seq, seq))] * heads)
     kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
     qh = q.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3)  # [b, heads, s, d], kv-head-major

@@ -75,8 +75,9 @@ class ModelConfig:
         if self.resolved_head_dim % 2:
             raise ValueError(f"model.head_dim={self.resolved_head_dim} must be even for RoPE")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}; "
-                             f"got {self.attention!r}")
+            raise ValueError(
+                f"model.attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}; got {self.attention!r}"
+            )
         if self.logits_chunk < 0:
             raise ValueError(f"model.logits_chunk must be >= 0 (0: no chunking), got {self.logits_chunk}")
         if len(set(self.score_labels)) != len(self.score_labels):

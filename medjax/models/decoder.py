@@ -33,10 +33,13 @@ class Decoder(nnx.Module):
         self.layers = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         if cfg.score_labels:
-            self.score = param(rngs, (cfg.hidden_size, len(cfg.score_labels)), cfg.initializer_range, pdt,
-                               ("embed", None))
+            self.score = param(
+                rngs, (cfg.hidden_size, len(cfg.score_labels)), cfg.initializer_range, pdt, ("embed", None)
+            )
         elif not cfg.tie_word_embeddings:
-            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), cfg.initializer_range, pdt, ("embed", "vocab"))
+            self.lm_head = param(
+                rngs, (cfg.hidden_size, cfg.vocab_size), cfg.initializer_range, pdt, ("embed", "vocab")
+            )
 
     def hidden_states(
         self,
@@ -79,7 +82,12 @@ class Decoder(nnx.Module):
         return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
     def decode(
-        self, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array, cache: list[LayerCache], index,
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        kv_mask: jax.Array,
+        cache: list[LayerCache],
+        index,
         last_only: bool = False,
     ) -> tuple[jax.Array, list[LayerCache]]:
         """Generation step: ``tokens`` [batch, new] go to cache slots index..index+new; each
@@ -117,8 +125,9 @@ class Decoder(nnx.Module):
         w = self.lm_head[...].astype(hidden.dtype)
         return jnp.einsum("bse,ev->bsv", hidden, w, preferred_element_type=jnp.float32)
 
-    def token_logprobs(self, hidden: jax.Array, targets: jax.Array, entropy: bool = False
-                       ) -> tuple[jax.Array, jax.Array | None]:
+    def token_logprobs(
+        self, hidden: jax.Array, targets: jax.Array, entropy: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
         """log p(target) [batch, seq] in float32, and with ``entropy`` the entropy of each next-token
         distribution, computed ``cfg.logits_chunk`` positions at a time: float32 logits of the
         whole [batch, seq, vocab] never exist at once (152k vocab x 8k tokens is 5 GB a sequence),

@@ -97,8 +97,14 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pdt, axis="head_dim")
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
-        mask: jax.Array | None = None, cache: LayerCache | None = None, index=None,
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        cache: LayerCache | None = None,
+        index=None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """Causal attention within the documents ``segment_ids`` marks, by ``model.attention``; or,
         with ``cache``, the new keys/values are written at slots index.. and the queries attend

@@ -88,7 +88,11 @@ class Sampler:
         self._compiled: dict = {}
 
     def generate(
-        self, params: dict, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, rng: jax.Array | None = None,
+        self,
+        params: dict,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig,
+        rng: jax.Array | None = None,
         batch_sharding=None,
     ) -> Generation:
         """``batch_sharding`` (e.g. the trainer's batch sharding) lays the prompt rows over devices, so
@@ -105,8 +109,8 @@ class Sampler:
         tokens = np.full((len(prompts), width), self.pad_id, np.int32)
         valid = np.zeros((len(prompts), width), bool)
         for i, p in enumerate(prompts):
-            tokens[i, width - len(p):] = p
-            valid[i, width - len(p):] = True
+            tokens[i, width - len(p) :] = p
+            valid[i, width - len(p) :] = True
         rng = jax.random.key(0) if rng is None else rng
         if batch_sharding is not None:
             tokens, valid = jax.device_put(tokens, batch_sharding), jax.device_put(valid, batch_sharding)
@@ -149,10 +153,17 @@ class Sampler:
 
             token, logprob, rng = pick(logits[:, -1], rng)
             carry = dict(
-                i=jnp.zeros((), jnp.int32), token=token, logprob=logprob, done=jnp.zeros((batch,), bool),
-                lengths=jnp.zeros((batch,), jnp.int32), cache=cache, kv_mask=kv_mask,
-                position=positions[:, -1] + 1, rng=rng,
-                out=jnp.full((batch, steps), pad, jnp.int32), out_logprobs=jnp.zeros((batch, steps), jnp.float32),
+                i=jnp.zeros((), jnp.int32),
+                token=token,
+                logprob=logprob,
+                done=jnp.zeros((batch,), bool),
+                lengths=jnp.zeros((batch,), jnp.int32),
+                cache=cache,
+                kv_mask=kv_mask,
+                position=positions[:, -1] + 1,
+                rng=rng,
+                out=jnp.full((batch, steps), pad, jnp.int32),
+                out_logprobs=jnp.zeros((batch, steps), jnp.float32),
             )
 
             def cond(c):
@@ -168,8 +179,19 @@ class Sampler:
                 kv_mask = c["kv_mask"].at[:, slot].set(True)
                 logits, cache = model.decode(c["token"][:, None], c["position"][:, None], kv_mask, c["cache"], slot)
                 token, logprob, rng = pick(logits[:, 0], c["rng"])
-                return dict(i=i + 1, token=token, logprob=logprob, done=done, lengths=lengths, cache=cache,
-                            kv_mask=kv_mask, position=c["position"] + 1, rng=rng, out=out, out_logprobs=out_logprobs)
+                return dict(
+                    i=i + 1,
+                    token=token,
+                    logprob=logprob,
+                    done=done,
+                    lengths=lengths,
+                    cache=cache,
+                    kv_mask=kv_mask,
+                    position=c["position"] + 1,
+                    rng=rng,
+                    out=out,
+                    out_logprobs=out_logprobs,
+                )
 
             final = jax.lax.while_loop(cond, body, carry)
             return final["out"], final["lengths"], final["out_logprobs"]

@@ -19,7 +19,7 @@ AXES = ("data", "fsdp", "tensor")
 
 
 def parse_mesh_spec(spec: str) -> MeshConfig:
-    """"fsdp=4,tensor=2" -> MeshConfig (axes not named keep their defaults: data=-1 takes the rest)."""
+    """ "fsdp=4,tensor=2" -> MeshConfig (axes not named keep their defaults: data=-1 takes the rest)."""
     cfg = MeshConfig()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, eq, value = part.partition("=")
@@ -63,8 +63,13 @@ def placement(abstract_state, spec: str = "") -> Placement:
     from medjax.parallel.rules import batch_sharding, param_shardings
 
     mesh = make_mesh(parse_mesh_spec(spec))
-    return Placement(None, mesh, batch_sharding(mesh), int(np.prod([mesh.shape["data"], mesh.shape["fsdp"]])),
-                     param_shardings(abstract_state, mesh))
+    return Placement(
+        None,
+        mesh,
+        batch_sharding(mesh),
+        int(np.prod([mesh.shape["data"], mesh.shape["fsdp"]])),
+        param_shardings(abstract_state, mesh),
+    )
 
 
 def place(abstract_state, params: dict, spec: str = "") -> Placement:

@@ -31,23 +31,30 @@ def initialize_distributed(cfg: MeshConfig) -> None:
     kwargs: dict = {"initialization_timeout": cfg.join_timeout_s, "heartbeat_timeout_seconds": cfg.heartbeat_timeout_s}
     if explicit:
         if not (cfg.coordinator and cfg.num_processes > 0 and cfg.process_id >= 0):
-            raise ConfigError("mesh.coordinator, mesh.num_processes and mesh.process_id are set together "
-                              f"(got {cfg.coordinator!r}, {cfg.num_processes}, {cfg.process_id})")
+            raise ConfigError(
+                "mesh.coordinator, mesh.num_processes and mesh.process_id are set together "
+                f"(got {cfg.coordinator!r}, {cfg.num_processes}, {cfg.process_id})"
+            )
         if not cfg.process_id < cfg.num_processes:
             raise ConfigError(f"mesh.process_id={cfg.process_id} is not below mesh.num_processes={cfg.num_processes}")
         if cfg.process_id:  # process 0 runs the coordinator; JAX aborts with a stack trace if it is absent
             _wait_for_coordinator(cfg.coordinator, cfg.join_timeout_s)
         else:  # the context for JAX's own abort, should the others not come
-            print(f"coordinating {cfg.num_processes} processes at {cfg.coordinator}: waiting up to "
-                  f"mesh.join_timeout_s={cfg.join_timeout_s} s for them to join", file=sys.stderr, flush=True)
-        kwargs.update(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
-                      process_id=cfg.process_id)
+            print(
+                f"coordinating {cfg.num_processes} processes at {cfg.coordinator}: waiting up to "
+                f"mesh.join_timeout_s={cfg.join_timeout_s} s for them to join",
+                file=sys.stderr,
+                flush=True,
+            )
+        kwargs.update(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes, process_id=cfg.process_id)
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # JAX raises bare RuntimeErrors (XlaRuntimeError) with a gRPC status
         where = cfg.coordinator or "the coordinator JAX detected"
-        raise RuntimeError(f"could not join the job through {where} within mesh.join_timeout_s="
-                           f"{cfg.join_timeout_s} s: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise RuntimeError(
+            f"could not join the job through {where} within mesh.join_timeout_s="
+            f"{cfg.join_timeout_s} s: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
@@ -62,9 +69,11 @@ def _wait_for_coordinator(address: str, timeout_s: float) -> None:
             return
         except OSError as e:
             if time.monotonic() >= deadline:
-                raise ConfigError(f"mesh.coordinator={address}: nothing answered there within mesh.join_timeout_s="
-                                  f"{timeout_s:g} s ({e.strerror or e}); process 0 runs the coordinator: is it "
-                                  f"started, with this address?") from None
+                raise ConfigError(
+                    f"mesh.coordinator={address}: nothing answered there within mesh.join_timeout_s="
+                    f"{timeout_s:g} s ({e.strerror or e}); process 0 runs the coordinator: is it "
+                    f"started, with this address?"
+                ) from None
             time.sleep(0.5)
 
 
@@ -113,15 +122,20 @@ def _multislice_grid(cfg: MeshConfig, shape: tuple[int, int, int], devices: list
     if dcn < 1 or shape[0] % dcn:
         raise ValueError(f"mesh.dcn_data={dcn} must divide the data axis (mesh.data = {shape[0]} here)")
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh.dcn_data={dcn}: the mesh must use every device (data*fsdp*tensor = "
-                         f"{int(np.prod(shape))}, devices {len(devices)}); set mesh.data=-1")
+        raise ValueError(
+            f"mesh.dcn_data={dcn}: the mesh must use every device (data*fsdp*tensor = "
+            f"{int(np.prod(shape))}, devices {len(devices)}); set mesh.data=-1"
+        )
     by_slice = devices[0].platform == "tpu"  # CPU devices report slice_index 0 whatever their process
     granules = len({d.slice_index if by_slice else d.process_index for d in devices})
     if granules != dcn:
-        raise ValueError(f"mesh.dcn_data={dcn} needs {dcn} {'slices' if by_slice else 'processes'} "
-                         f"(one per slice), but the job has {granules}")
-    return mesh_utils.create_hybrid_device_mesh((shape[0] // dcn, shape[1], shape[2]), (dcn, 1, 1), devices,
-                                                process_is_granule=not by_slice)
+        raise ValueError(
+            f"mesh.dcn_data={dcn} needs {dcn} {'slices' if by_slice else 'processes'} "
+            f"(one per slice), but the job has {granules}"
+        )
+    return mesh_utils.create_hybrid_device_mesh(
+        (shape[0] // dcn, shape[1], shape[2]), (dcn, 1, 1), devices, process_is_granule=not by_slice
+    )
 
 
 def check_processes_agree(settings: dict) -> None:
@@ -133,11 +147,20 @@ def check_processes_agree(settings: dict) -> None:
     from jax.experimental import multihost_utils
 
     names = sorted(settings)
-    digests = np.array([int.from_bytes(hashlib.sha256(json.dumps(settings[k], sort_keys=True, default=str)
-                                                      .encode()).digest()[:4], "little") for k in names], np.int64)
+    digests = np.array(
+        [
+            int.from_bytes(
+                hashlib.sha256(json.dumps(settings[k], sort_keys=True, default=str).encode()).digest()[:4], "little"
+            )
+            for k in names
+        ],
+        np.int64,
+    )
     every = np.asarray(multihost_utils.process_allgather(digests))  # [processes, sections]
     differ = [names[i] for i in range(len(names)) if len(set(every[:, i].tolist())) > 1]
     if differ:
-        raise ConfigError(f"the job's processes run different configs: {', '.join(differ)} differ between processes "
-                          f"(this is process {jax.process_index()} of {jax.process_count()}); start every process "
-                          f"with the same config and overrides")
+        raise ConfigError(
+            f"the job's processes run different configs: {', '.join(differ)} differ between processes "
+            f"(this is process {jax.process_index()} of {jax.process_count()}); start every process "
+            f"with the same config and overrides"
+        )

@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,6 @@ class MeshLayout:
             in_specs = tuple(self.spec(a, x.shape) for a, x in zip(in_axes, args))
             out_shape = jax.eval_shape(fn, *args)  # global shapes equal local ones on a 1-device mesh
             out_specs = self.spec(out_axes, out_shape.shape)
-            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                                 check_vma=False)(*args)
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
         return run

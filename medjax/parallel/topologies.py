@@ -38,8 +38,19 @@ GENERATIONS = {
 }
 
 # The slice shapes Cloud TPU offers (chips per dimension). 3-D tori for v4/v5p, 2-D for v5e/v6e.
-_SHAPES_3D = ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8), (8, 8, 8),
-              (8, 8, 16), (8, 16, 16), (16, 16, 16))
+_SHAPES_3D = (
+    (2, 2, 1),
+    (2, 2, 2),
+    (2, 2, 4),
+    (2, 4, 4),
+    (4, 4, 4),
+    (4, 4, 8),
+    (4, 8, 8),
+    (8, 8, 8),
+    (8, 8, 16),
+    (8, 16, 16),
+    (16, 16, 16),
+)
 _SHAPES_2D = ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))
 
 
@@ -72,7 +83,8 @@ def _table() -> dict[str, Slice]:
         for shape in _SHAPES_3D if gen.cores_per_chip == 2 else _SHAPES_2D:
             s = Slice("", gen, shape)
             out[f"{gen.prefix}-{s.chips * gen.cores_per_chip}"] = dataclasses.replace(
-                s, name=f"{gen.prefix}-{s.chips * gen.cores_per_chip}")
+                s, name=f"{gen.prefix}-{s.chips * gen.cores_per_chip}"
+            )
     return out
 
 
@@ -87,8 +99,10 @@ def get_slice(name: str) -> Slice:
     prefix = name.split("-")[0]
     same = [n for n in SLICES if n.startswith(prefix + "-")]
     known = same or sorted({n.split("-")[0] for n in SLICES})
-    raise ValueError(f"--topology {name!r} is not a Cloud TPU slice; "
-                     + (f"{prefix} slices: {', '.join(same)}" if same else f"generations: {', '.join(known)}"))
+    raise ValueError(
+        f"--topology {name!r} is not a Cloud TPU slice; "
+        + (f"{prefix} slices: {', '.join(same)}" if same else f"generations: {', '.join(known)}")
+    )
 
 
 def quiet_libtpu() -> None:
@@ -145,8 +159,13 @@ def slice_devices(slc: Slice, num_slices: int = 1) -> list:
     host = tuple(min(d, h) for d, h in zip(dims, (2, 2, 1)))  # a host holds 2x2x1 chips, or the whole small slice
     try:
         desc = topologies.get_topology_desc(
-            platform="tpu", topology_name=slc.topology, chip_config_name=slc.generation.chip_config,
-            chips_per_host_bounds=host, num_slices=num_slices, wrap=slc.wrap)
+            platform="tpu",
+            topology_name=slc.topology,
+            chip_config_name=slc.generation.chip_config,
+            chips_per_host_bounds=host,
+            num_slices=num_slices,
+            wrap=slc.wrap,
+        )
     except Exception as e:  # libtpu refusing the topology
         raise RuntimeError(f"libtpu cannot build the devices of {slc.name} ({slc.topology}): {e}") from None
     return list(desc.devices)

@@ -36,8 +36,16 @@ class Chunk:
         return f"{head}\n{self.text}" if prefix_title and head else self.text
 
     def to_json(self) -> dict:
-        return {"chunk_id": self.chunk_id, "doc_id": self.doc_id, "title": self.title, "section": self.section,
-                "source": self.source, "authority": self.authority, "meta": self.meta, "text": self.text}
+        return {
+            "chunk_id": self.chunk_id,
+            "doc_id": self.doc_id,
+            "title": self.title,
+            "section": self.section,
+            "source": self.source,
+            "authority": self.authority,
+            "meta": self.meta,
+            "text": self.text,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Chunk:
@@ -74,7 +82,7 @@ def _windows(text: str, size: int, overlap: int) -> list[str]:
     out, start = [], 0
     while True:
         end = min(start + size, len(spans))
-        out.append(text[spans[start][0]:spans[end - 1][1]])
+        out.append(text[spans[start][0] : spans[end - 1][1]])
         if end == len(spans):
             return out
         start = end - overlap
@@ -98,6 +106,16 @@ def chunk_document(doc: Document, cfg: ChunkingConfig) -> list[Chunk]:
             merged_section, size = section, size + n
         if merged:
             pieces.append((merged_section, "\n\n".join(merged)))
-    return [Chunk(chunk_id=f"{doc.doc_id}#{i}", doc_id=doc.doc_id, text=text, title=doc.title, section=section,
-                  source=doc.source, authority=doc.authority, meta=doc.meta)
-            for i, (section, text) in enumerate(pieces)]
+    return [
+        Chunk(
+            chunk_id=f"{doc.doc_id}#{i}",
+            doc_id=doc.doc_id,
+            text=text,
+            title=doc.title,
+            section=section,
+            source=doc.source,
+            authority=doc.authority,
+            meta=doc.meta,
+        )
+        for i, (section, text) in enumerate(pieces)
+    ]

@@ -64,8 +64,14 @@ def _cmd_eval(args) -> int:
     if args.out:
         from medjax.utils import atomic_write_text
 
-        atomic_write_text(args.out, json.dumps({"index": str(args.index), "queries": str(queries_path),
-                                                "qrels": str(qrels_path), "results": results}, indent=2) + "\n")
+        atomic_write_text(
+            args.out,
+            json.dumps(
+                {"index": str(args.index), "queries": str(queries_path), "qrels": str(qrels_path), "results": results},
+                indent=2,
+            )
+            + "\n",
+        )
         print(f"wrote {args.out}")
     return 0
 
@@ -86,8 +92,13 @@ def add_parser(sub) -> None:
 
     def common(p):
         p.add_argument("--config", default=None, help="RAG YAML (default: configs/rag/default.yaml)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="dotted override, e.g. --set chunking.max_tokens=200 (repeatable)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="dotted override, e.g. --set chunking.max_tokens=200 (repeatable)",
+        )
 
     p = commands.add_parser("index", help="index JSONL documents (medjax, BEIR or `medjax curate` output)")
     p.add_argument("corpus", nargs="+", help="JSONL files, globs, or directories (a curation output, a BEIR dir)")
@@ -105,8 +116,13 @@ def add_parser(sub) -> None:
     p.add_argument("question")
     p.add_argument("--k", type=int, default=None, help="chunks to return (default search.k)")
     p.add_argument("--mode", choices=("sparse", "dense", "hybrid"), default=None, help="default search.mode")
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep chunks whose doc_id, source, authority, title, section or metadata field equals VALUE")
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep chunks whose doc_id, source, authority, title, section or metadata field equals VALUE",
+    )
     p.add_argument("--encoder", default=None, help="refuse to run unless the index was built with this encoder")
     p.add_argument("--json", action="store_true", help="print hits as JSON")
     common(p)
@@ -119,15 +135,25 @@ def add_parser(sub) -> None:
     p.add_argument("--beir", default=None, help="a BEIR directory (queries.jsonl, qrels/SPLIT.tsv)")
     p.add_argument("--split", default="test", help="with --beir: the qrels split (default test)")
     p.add_argument("--modes", nargs="+", choices=("sparse", "dense", "hybrid"), default=["sparse", "dense", "hybrid"])
-    p.add_argument("--dense-weights", nargs="+", type=float, default=[], metavar="W",
-                   help="also score hybrid search at these search.dense_weight values (sparse weight as configured)")
+    p.add_argument(
+        "--dense-weights",
+        nargs="+",
+        type=float,
+        default=[],
+        metavar="W",
+        help="also score hybrid search at these search.dense_weight values (sparse weight as configured)",
+    )
     p.add_argument("--out", default=None, help="also write the results as JSON")
     common(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = commands.add_parser("serve", help="HTTP API and page: answers with numbered sources (an index + `medjax serve`)")
+    p = commands.add_parser(
+        "serve", help="HTTP API and page: answers with numbered sources (an index + `medjax serve`)"
+    )
     p.add_argument("index", help="index directory")
-    p.add_argument("--llm", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000 (default serve.llm)")
+    p.add_argument(
+        "--llm", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000 (default serve.llm)"
+    )
     p.add_argument("--no-llm", action="store_true", help="serve search only (/v1/search and the page's sources)")
     p.add_argument("--host", default=None, help="address to bind (default serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="default serve.port (8100)")

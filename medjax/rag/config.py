@@ -60,12 +60,14 @@ class SearchConfig:
     # Authority-aware ranking: the fused score times the chunk's grade weight. Off by default.
     authority_weighting: bool = False
     authority_weights: dict[str, float] = field(
-        default_factory=lambda: {"A": 1.0, "B": 0.9, "C": 0.8, "D": 0.65, "E": 0.5})
+        default_factory=lambda: {"A": 1.0, "B": 0.9, "C": 0.8, "D": 0.65, "E": 0.5}
+    )
 
 
 @dataclass
 class ServiceConfig:
     """`medjax rag serve`: the HTTP API in front of an index and an OpenAI-compatible LLM server."""
+
     host: str = "127.0.0.1"  # loopback unless asked: the service has no TLS of its own
     port: int = 8100
     llm: str = "http://127.0.0.1:8000"  # `medjax serve` (vLLM); --llm overrides
@@ -103,15 +105,19 @@ def check(cfg: RagConfig, where: str) -> None:
     if c.max_tokens < 8:
         raise ConfigError(f"{where}: key 'chunking.max_tokens' must be at least 8, got {c.max_tokens}")
     if not 0 <= c.overlap_tokens < c.max_tokens:
-        raise ConfigError(f"{where}: key 'chunking.overlap_tokens' must be in [0, chunking.max_tokens), "
-                          f"got {c.overlap_tokens}")
+        raise ConfigError(
+            f"{where}: key 'chunking.overlap_tokens' must be in [0, chunking.max_tokens), got {c.overlap_tokens}"
+        )
     s = cfg.search
     if s.k < 1 or s.candidates < s.k:
-        raise ConfigError(f"{where}: keys 'search.k' ({s.k}) and 'search.candidates' ({s.candidates}) need "
-                          "1 <= k <= candidates")
+        raise ConfigError(
+            f"{where}: keys 'search.k' ({s.k}) and 'search.candidates' ({s.candidates}) need 1 <= k <= candidates"
+        )
     if s.sparse_weight < 0 or s.dense_weight < 0 or s.sparse_weight + s.dense_weight == 0:
-        raise ConfigError(f"{where}: keys 'search.sparse_weight' ({s.sparse_weight}) and 'search.dense_weight' "
-                          f"({s.dense_weight}) must be non-negative and not both zero")
+        raise ConfigError(
+            f"{where}: keys 'search.sparse_weight' ({s.sparse_weight}) and 'search.dense_weight' "
+            f"({s.dense_weight}) must be non-negative and not both zero"
+        )
     if s.rerank_depth < 1:
         raise ConfigError(f"{where}: key 'search.rerank_depth' must be at least 1, got {s.rerank_depth}")
     if s.rrf_k < 0:
@@ -120,20 +126,26 @@ def check(cfg: RagConfig, where: str) -> None:
     if not 1 <= v.k <= v.max_k:
         raise ConfigError(f"{where}: keys 'serve.k' ({v.k}) and 'serve.max_k' ({v.max_k}) need 1 <= k <= max_k")
     if v.max_request_bytes < 256 or v.max_question_chars < 1 or v.max_tokens < 1:
-        raise ConfigError(f"{where}: keys 'serve.max_request_bytes' (at least 256), 'serve.max_question_chars' and "
-                          "'serve.max_tokens' (at least 1) are too small")
+        raise ConfigError(
+            f"{where}: keys 'serve.max_request_bytes' (at least 256), 'serve.max_question_chars' and "
+            "'serve.max_tokens' (at least 1) are too small"
+        )
     if v.rate_limit:
         from limits import parse_many
 
         try:
             parse_many(v.rate_limit)
         except ValueError as e:
-            raise ConfigError(f"{where}: key 'serve.rate_limit' {v.rate_limit!r} is not a rate such as "
-                              f"'30/minute' or '5/second;100/hour' ({e})") from None
+            raise ConfigError(
+                f"{where}: key 'serve.rate_limit' {v.rate_limit!r} is not a rate such as "
+                f"'30/minute' or '5/second;100/hour' ({e})"
+            ) from None
     unknown = sorted(set(s.authority_weights) - set(GRADES))
     if unknown or set(GRADES) - set(s.authority_weights):
-        raise ConfigError(f"{where}: key 'search.authority_weights' must give a weight for each grade "
-                          f"{', '.join(GRADES)} (got {', '.join(sorted(s.authority_weights))})")
+        raise ConfigError(
+            f"{where}: key 'search.authority_weights' must give a weight for each grade "
+            f"{', '.join(GRADES)} (got {', '.join(sorted(s.authority_weights))})"
+        )
     bad = [g for g, w in s.authority_weights.items() if not w > 0]
     if bad:
         raise ConfigError(f"{where}: key 'search.authority_weights.{bad[0]}' must be positive")

@@ -71,8 +71,10 @@ def read_documents(path: Path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise RagError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file, "
-                               "or curate it first (medjax curate sets such records aside)") from None
+                raise RagError(
+                    f"{where}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file, "
+                    "or curate it first (medjax curate sets such records aside)"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -94,9 +96,19 @@ def _document(rec: dict, where: str) -> Document:
     authority = str(rec.get("authority") or "")
     if authority and authority not in GRADES:
         raise RagError(f"{where}: authority {authority!r} is not one of {', '.join(GRADES)}")
-    meta = {k: v for k, v in rec.items() if k not in ("_id", "id", "text", "title", "source", "authority", "metadata")
-            and isinstance(v, (str, int, float, bool))}
+    meta = {
+        k: v
+        for k, v in rec.items()
+        if k not in ("_id", "id", "text", "title", "source", "authority", "metadata")
+        and isinstance(v, (str, int, float, bool))
+    }
     if isinstance(rec.get("metadata"), dict):  # BEIR's free-form metadata
         meta.update({k: v for k, v in rec["metadata"].items() if isinstance(v, (str, int, float, bool))})
-    return Document(doc_id=str(doc_id), text=text, title=str(rec.get("title") or ""),
-                    source=str(rec.get("source") or ""), authority=authority, meta=meta)
+    return Document(
+        doc_id=str(doc_id),
+        text=text,
+        title=str(rec.get("title") or ""),
+        source=str(rec.get("source") or ""),
+        authority=authority,
+        meta=meta,
+    )

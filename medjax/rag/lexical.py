@@ -54,5 +54,5 @@ def bm25_tokens(text: str, stem: bool = True, stopwords: bool = True) -> list[st
     if stem and words:
         words = _stemmer().stemWords(words)
     for run in _CJK_RUN.findall(text):
-        words += [run] if len(run) == 1 else [run[i:i + 2] for i in range(len(run) - 1)]
+        words += [run] if len(run) == 1 else [run[i : i + 2] for i in range(len(run) - 1)]
     return words

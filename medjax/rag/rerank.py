@@ -56,19 +56,34 @@ class Reranker:
     def _batch(self, question: str, passages: list[str]):
         tok = self.tokenizer
         if self.chat:
-            texts = [tok.apply_chat_template([{"role": "user", "content": question},
-                                              {"role": "assistant", "content": p}], tokenize=False)
-                     for p in passages]
-            return tok(texts, padding=True, truncation=True, max_length=self.max_length, add_special_tokens=False,
-                       return_tensors="pt")
-        return tok([question] * len(passages), passages, padding=True, truncation="only_second",
-                   max_length=self.max_length, return_tensors="pt")
+            texts = [
+                tok.apply_chat_template(
+                    [{"role": "user", "content": question}, {"role": "assistant", "content": p}], tokenize=False
+                )
+                for p in passages
+            ]
+            return tok(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=False,
+                return_tensors="pt",
+            )
+        return tok(
+            [question] * len(passages),
+            passages,
+            padding=True,
+            truncation="only_second",
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
 
     def score(self, question: str, passages: list[str]) -> np.ndarray:
         out = np.zeros(len(passages), np.float32)
         with self._torch.inference_mode():
             for start in range(0, len(passages), self.batch_size):
-                batch = self._batch(question, passages[start:start + self.batch_size])
+                batch = self._batch(question, passages[start : start + self.batch_size])
                 logits = self.model(**batch).logits[:, self.column]
-                out[start:start + len(logits)] = logits.float().numpy()
+                out[start : start + len(logits)] = logits.float().numpy()
         return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medjax.rag.chunking import Chunk
-from medjax.rag.config import RagConfig, SearchConfig
+from medjax.rag.config import RagConfig
 from medjax.rag.corpus import RagError
 from medjax.rag.lexical import bm25_tokens, import_bm25s
 from medjax.rag.store import BM25_DIR, DENSE, load_chunks, read_manifest, stored_config
@@ -40,9 +40,18 @@ class Hit:
 
     def to_json(self) -> dict:
         c = self.chunk
-        return {"chunk_id": c.chunk_id, "doc_id": c.doc_id, "score": round(self.score, 6), "authority": c.authority,
-                "source": c.source, "title": c.title, "section": c.section, "text": c.text,
-                "sparse_rank": self.sparse_rank, "dense_rank": self.dense_rank}
+        return {
+            "chunk_id": c.chunk_id,
+            "doc_id": c.doc_id,
+            "score": round(self.score, 6),
+            "authority": c.authority,
+            "source": c.source,
+            "title": c.title,
+            "section": c.section,
+            "text": c.text,
+            "sparse_rank": self.sparse_rank,
+            "dense_rank": self.dense_rank,
+        }
 
 
 def passage_text(chunk: Chunk) -> str:
@@ -82,11 +91,14 @@ class RagIndex:
             check_encoder(self.manifest, encoder_model, self.dir)
             self.dense = faiss.read_index(str(self.dir / DENSE))
             if self.dense.ntotal != len(self.chunks):
-                raise RagError(f"{self.dir}: {DENSE} holds {self.dense.ntotal} vectors for {len(self.chunks)} chunks; "
-                               "rebuild the index")
+                raise RagError(
+                    f"{self.dir}: {DENSE} holds {self.dense.ntotal} vectors for {len(self.chunks)} chunks; "
+                    "rebuild the index"
+                )
         elif encoder_model is not None:
-            raise RagError(f"encoder.model={encoder_model}, but {self.dir} was built without a dense index "
-                           "(encoder.enabled=false)")
+            raise RagError(
+                f"encoder.model={encoder_model}, but {self.dir} was built without a dense index (encoder.enabled=false)"
+            )
         self._columns: dict[str, np.ndarray] = {}
         self._reranker = None
 
@@ -131,8 +143,9 @@ class RagIndex:
         # when jax is installed, as beside medjax) pays a dispatch per query; jax's above (measured
         # on 2 cores: 6,400 chunks numpy 12,200 q/s, jax 5,900; 100,000 chunks numpy 930, jax 1,200-1,700).
         backend = "numpy" if len(self.chunks) < NUMPY_TOP_K_BELOW else "auto"
-        docs, scores = self.bm25.retrieve(tokens, k=min(n, len(self.chunks)), show_progress=False, weight_mask=weight,
-                                          backend_selection=backend)
+        docs, scores = self.bm25.retrieve(
+            tokens, k=min(n, len(self.chunks)), show_progress=False, weight_mask=weight, backend_selection=backend
+        )
         out = []
         for row_d, row_s in zip(docs.tolist(), scores.tolist()):
             cut = next((j for j, s in enumerate(row_s) if s <= 0), len(row_s))
@@ -150,11 +163,14 @@ class RagIndex:
                 return [[] for _ in queries]
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
         scores, ids = self.dense.search(vectors, min(n, len(self.chunks)), params=params)
-        return [sorted(((i, s) for i, s in zip(row_i, row_s) if i >= 0), key=_best_first)
-                for row_i, row_s in zip(ids.tolist(), scores.tolist())]
+        return [
+            sorted(((i, s) for i, s in zip(row_i, row_s) if i >= 0), key=_best_first)
+            for row_i, row_s in zip(ids.tolist(), scores.tolist())
+        ]
 
-    def search_many(self, queries: list[str], k: int | None = None, mode: str | None = None,
-                    filters: dict[str, str] | None = None) -> list[list[Hit]]:
+    def search_many(
+        self, queries: list[str], k: int | None = None, mode: str | None = None, filters: dict[str, str] | None = None
+    ) -> list[list[Hit]]:
         s = self.search_cfg
         k = k or s.k
         mode = self.resolve_mode(mode)
@@ -173,7 +189,7 @@ class RagIndex:
         if not s.rerank:
             return self.fuse(sparse, dense, k, mode, dense_weight)
         fused = self.fuse(sparse, dense, max(k, s.rerank_depth), mode, dense_weight)
-        return (self._rerank(query, fused[:s.rerank_depth]) + fused[s.rerank_depth:])[:k]
+        return (self._rerank(query, fused[: s.rerank_depth]) + fused[s.rerank_depth :])[:k]
 
     @property
     def reranker(self):
@@ -235,8 +251,9 @@ class RagIndex:
         raw = {i: score for i, score in (sparse if mode == "sparse" else dense)} if mode != "hybrid" else {}
         scored = []
         for i, (rs, rd) in ranks.items():
-            fused = sum((w if mode == "hybrid" else 1.0) / (s.rrf_k + r) for w, r in zip(weights, (rs, rd))
-                        if r is not None)
+            fused = sum(
+                (w if mode == "hybrid" else 1.0) / (s.rrf_k + r) for w, r in zip(weights, (rs, rd)) if r is not None
+            )
             score = fused if (mode == "hybrid" or s.authority_weighting) else raw[i]
             if s.authority_weighting and self.chunks[i].authority:
                 score *= s.authority_weights[self.chunks[i].authority]

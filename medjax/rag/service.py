@@ -35,6 +35,7 @@ _CITATION = re.compile(r"\[(\d{1,3})\]")
 
 class Query(BaseModel):
     """A request body of /v1/ask and /v1/search; any other field is refused."""
+
     model_config = ConfigDict(extra="forbid")
     question: str = Field(min_length=1)
     k: int | None = Field(default=None, ge=1)  # at most serve.max_k
@@ -66,8 +67,12 @@ class BodyLimit:
             if length is None:
                 return await _reply(send, 411, "send the request with a Content-Length header")
             if not length.isdigit() or int(length) > self.max_bytes:
-                return await _reply(send, 413, f"request body of {length.decode(errors='replace')} bytes; "
-                                               f"this service takes at most {self.max_bytes}")
+                return await _reply(
+                    send,
+                    413,
+                    f"request body of {length.decode(errors='replace')} bytes; "
+                    f"this service takes at most {self.max_bytes}",
+                )
         return await self.app(scope, receive, send)
 
 
@@ -75,8 +80,13 @@ async def _reply(send, status: int, detail: str) -> None:
     import json
 
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -100,8 +110,12 @@ class LanguageModel:
         return self.name
 
     async def answer(self, prompt: str) -> tuple[str, dict]:
-        body = {"model": await self.model_name(), "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature}
+        body = {
+            "model": await self.model_name(),
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.cfg.max_tokens,
+            "temperature": self.cfg.temperature,
+        }
         r = await self.client.post(f"{self.url}/v1/chat/completions", json=body)
         if r.status_code != 200:
             raise RagError(f"the language model at {self.url} answered {r.status_code}: {r.text[:300]}")
@@ -153,16 +167,21 @@ def create_app(index, llm_url: str | None, cfg: RagConfig):
                 if auth.lower().startswith("bearer "):
                     given = auth[7:].strip()
                 if not hmac.compare_digest(given.encode(), api_key.encode()):
-                    return JSONResponse({"detail": "missing or wrong API key (send 'Authorization: Bearer KEY' "
-                                                   "or 'X-API-Key: KEY')"}, status_code=401,
-                                        headers={"WWW-Authenticate": "Bearer"})
+                    return JSONResponse(
+                        {"detail": "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')"},
+                        status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
             client = request.client.host if request.client else "unknown"
             for rate in rates:
                 if not limiter.hit(rate, "client", client):
                     reset = limiter.get_window_stats(rate, "client", client).reset_time
                     wait = max(1, int(reset - time.time() + 0.999))
-                    return JSONResponse({"detail": f"rate limit of {rate} per client exceeded; retry in {wait} s"},
-                                        status_code=429, headers={"Retry-After": str(wait)})
+                    return JSONResponse(
+                        {"detail": f"rate limit of {rate} per client exceeded; retry in {wait} s"},
+                        status_code=429,
+                        headers={"Retry-After": str(wait)},
+                    )
         return await call_next(request)
 
     def retrieve(q: Query):
@@ -186,8 +205,15 @@ def create_app(index, llm_url: str | None, cfg: RagConfig):
 
     @app.get("/v1/info")
     async def info():
-        return {"index": str(index.dir), "chunks": len(index), "dense": index.dense is not None,
-                "llm": llm.url if llm else None, "k": s.k, "max_k": s.max_k, "api_key": api_key is not None}
+        return {
+            "index": str(index.dir),
+            "chunks": len(index),
+            "dense": index.dense is not None,
+            "llm": llm.url if llm else None,
+            "k": s.k,
+            "max_k": s.max_k,
+            "api_key": api_key is not None,
+        }
 
     @app.post("/v1/search")
     async def search(q: Query):
@@ -210,12 +236,20 @@ def create_app(index, llm_url: str | None, cfg: RagConfig):
         except RagError as e:
             raise HTTPException(502, str(e)) from None
         except Exception as e:  # httpx: refused, timed out
-            raise HTTPException(502, f"the language model at {llm.url} could not be reached: "
-                                     f"{type(e).__name__}: {e}") from None
+            raise HTTPException(
+                502, f"the language model at {llm.url} could not be reached: {type(e).__name__}: {e}"
+            ) from None
         sources = [{"n": n, **h.to_json(), "shown": text} for n, (h, text) in enumerate(zip(hits, shown), 1)]
-        return {"question": q.question, "answer": answer, "sources": sources,
-                "cited": cited_numbers(answer, len(sources)), "model": llm.name, "usage": usage,
-                "retrieval_ms": round((t1 - t0) * 1000, 1), "generation_ms": round((time.perf_counter() - t1) * 1000, 1)}
+        return {
+            "question": q.question,
+            "answer": answer,
+            "sources": sources,
+            "cited": cited_numbers(answer, len(sources)),
+            "model": llm.name,
+            "usage": usage,
+            "retrieval_ms": round((t1 - t0) * 1000, 1),
+            "generation_ms": round((time.perf_counter() - t1) * 1000, 1),
+        }
 
     return BodyLimit(app, s.max_request_bytes)
 
@@ -229,8 +263,10 @@ def check_llm(url: str, timeout_s: float = 5.0) -> str:
         r.raise_for_status()
         return r.json()["data"][0]["id"]
     except Exception as e:
-        raise RagError(f"--llm {url}: no OpenAI-compatible server answers there ({type(e).__name__}: {e}); "
-                       "start one with `medjax serve HF_DIR`, or pass --no-llm to serve search only") from None
+        raise RagError(
+            f"--llm {url}: no OpenAI-compatible server answers there ({type(e).__name__}: {e}); "
+            "start one with `medjax serve HF_DIR`, or pass --no-llm to serve search only"
+        ) from None
 
 
 def serve(index_dir: str, cfg: RagConfig, llm_url: str | None, echo=print) -> int:

@@ -29,9 +29,14 @@ def read_manifest(index_dir: Path) -> dict:
 
 def stored_config(manifest: dict, search: SearchConfig | None = None) -> RagConfig:
     enc = manifest["encoder"]
-    return RagConfig(chunking=ChunkingConfig(**manifest["chunking"]), bm25=Bm25Config(**manifest["bm25"]),
-                     encoder=EncoderConfig(model=enc["model"], max_length=enc["max_length"]) if enc
-                     else EncoderConfig(enabled=False), search=search or SearchConfig())
+    return RagConfig(
+        chunking=ChunkingConfig(**manifest["chunking"]),
+        bm25=Bm25Config(**manifest["bm25"]),
+        encoder=EncoderConfig(model=enc["model"], max_length=enc["max_length"])
+        if enc
+        else EncoderConfig(enabled=False),
+        search=search or SearchConfig(),
+    )
 
 
 def load_chunks(index_dir: Path) -> list[Chunk]:

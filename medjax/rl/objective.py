@@ -21,8 +21,7 @@ import jax.numpy as jnp
 from medjax.config import RLConfig
 from medjax.models.decoder import Decoder
 
-ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "old_logprobs", "ref_logprobs",
-            "advantages")
+ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "old_logprobs", "ref_logprobs", "advantages")
 
 
 def token_logprobs(model: Decoder, batch, entropy: bool = True) -> tuple[jax.Array, jax.Array | None]:
@@ -63,14 +62,24 @@ class PolicyGradientObjective:
     def loss(self, model: Decoder, batch, rng):
         logp, entropy = token_logprobs(model, batch)
         mask = batch["loss_mask"]
-        loss_t, clipped, kl = per_token_loss(logp, batch["old_logprobs"], batch["ref_logprobs"],
-                                             batch["advantages"], self.cfg)
+        loss_t, clipped, kl = per_token_loss(
+            logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"], self.cfg
+        )
         total, count = aggregate(loss_t, mask, self.cfg)
-        extra = {"tokens": mask.sum(), "clipped": (clipped * mask).sum(), "kl": (kl * mask).sum(),
-                 "entropy": (entropy * mask).sum(), "ratio": (jnp.exp(logp - batch["old_logprobs"]) * mask).sum()}
+        extra = {
+            "tokens": mask.sum(),
+            "clipped": (clipped * mask).sum(),
+            "kl": (kl * mask).sum(),
+            "entropy": (entropy * mask).sum(),
+            "ratio": (jnp.exp(logp - batch["old_logprobs"]) * mask).sum(),
+        }
         return total, count, extra
 
     def summarize(self, count, extra: dict) -> dict:
         tokens = jnp.maximum(extra["tokens"], 1.0)
-        return {"clip_fraction": extra["clipped"] / tokens, "kl": extra["kl"] / tokens,
-                "entropy": extra["entropy"] / tokens, "ratio_mean": extra["ratio"] / tokens}
+        return {
+            "clip_fraction": extra["clipped"] / tokens,
+            "kl": extra["kl"] / tokens,
+            "entropy": extra["entropy"] / tokens,
+            "ratio_mean": extra["ratio"] / tokens,
+        }

@@ -29,8 +29,10 @@ def load_retriever(spec: str, cfg: Config) -> Retriever | None:
 
 
 _WORD = re.compile(r"\w+")
-_STOP = frozenset("a an and are as at be by for from has have how in is it its of on or that the this to was what "
-                  "which who why with".split())
+_STOP = frozenset(
+    "a an and are as at be by for from has have how in is it its of on or that the this to was what "
+    "which who why with".split()
+)
 
 
 def _words(text: str) -> set[str]:

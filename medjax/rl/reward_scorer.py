@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from medjax.convert import ConversionError
-from medjax.convert.loading import load_params_streaming
+from medjax.convert.loading import load_params_streaming, open_model
 from medjax.data import DataError
 from medjax.data.chat import ChatTemplate
 from medjax.data.preferences import prompt_messages, response_ids
@@ -26,15 +26,15 @@ from medjax.data.tokenizer import load_tokenizer
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import bucket
 from medjax.parallel.inference import Placement, load_placed
-from medjax.convert.loading import open_model
 from medjax.utils import atomic_open
 
 
 class RewardScorer:
     """``score(prompts, responses)`` -> float32 [n, labels]; ``labels`` names the columns."""
 
-    def __init__(self, model_path: str | os.PathLike, batch_size: int = 16, max_len: int | None = None,
-                 mesh: str | None = None):
+    def __init__(
+        self, model_path: str | os.PathLike, batch_size: int = 16, max_len: int | None = None, mesh: str | None = None
+    ):
         """``mesh`` ("fsdp=4", parallel.inference) shards the model over the devices, of every
         process in a multi-process job (`medjax score-rm`); None keeps it on this process's first
         device, as RL's reward does where each process scores its own samples."""
@@ -50,30 +50,34 @@ class RewardScorer:
         self.template = ChatTemplate(tokenizer_dir)
         model = ModelDef(cfg)
         # read tensor by tensor onto the device(s) (medjax.convert.loading)
-        self.placement = (Placement(load_params_streaming(source)[0]) if mesh is None
-                          else load_placed(model.abstract_state, source, mesh))
+        self.placement = (
+            Placement(load_params_streaming(source)[0])
+            if mesh is None
+            else load_placed(model.abstract_state, source, mesh)
+        )
         self.params = self.placement.params
         self.batch_size = self.placement.batch_size(batch_size)
-        self._score = jax.jit(lambda p, tokens, lengths: model.bind(p).sequence_scores(tokens, lengths),
-                              **self.placement.jit_kwargs())
+        self._score = jax.jit(
+            lambda p, tokens, lengths: model.bind(p).sequence_scores(tokens, lengths), **self.placement.jit_kwargs()
+        )
 
     def encode(self, prompt, response: str, where: str = "<input>") -> np.ndarray:
         """Token ids of one pair, keeping the last ``max_len`` (where the score is read)."""
-        return response_ids(self.tokenizer, self.template, prompt_messages(prompt, where), response)[-self.max_len:]
+        return response_ids(self.tokenizer, self.template, prompt_messages(prompt, where), response)[-self.max_len :]
 
     def score_ids(self, sequences: Sequence[np.ndarray]) -> np.ndarray:
         out = np.zeros((len(sequences), len(self.labels)), np.float32)
         order = np.argsort([len(s) for s in sequences], kind="stable")  # similar lengths share a bucket
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             width = bucket(max(len(sequences[i]) for i in idx))
             tokens = np.zeros((self.batch_size, width), np.int32)
             lengths = np.ones(self.batch_size, np.int32)
             for row, i in enumerate(idx):
-                tokens[row, :len(sequences[i])] = sequences[i]
+                tokens[row, : len(sequences[i])] = sequences[i]
                 lengths[row] = len(sequences[i])
             scores = self._score(self.params, *self.placement.put(tokens, lengths))
-            out[idx] = np.asarray(scores)[:len(idx)]
+            out[idx] = np.asarray(scores)[: len(idx)]
         return out
 
     def score(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
@@ -82,8 +86,13 @@ class RewardScorer:
         return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)])
 
 
-def score_file(model_path: str | os.PathLike, input_path: str | os.PathLike, out_path: str | os.PathLike | None,
-               batch_size: int = 16, mesh: str = "") -> dict:
+def score_file(
+    model_path: str | os.PathLike,
+    input_path: str | os.PathLike,
+    out_path: str | os.PathLike | None,
+    batch_size: int = 16,
+    mesh: str = "",
+) -> dict:
     """Scores a JSONL file of {prompt, response} records, or of preference pairs {prompt, chosen,
     rejected, dimension} (then also pairwise accuracy per dimension). Writes one JSON line per
     record (id, scores per label) atomically; returns the summary. ``mesh`` shards the model (and,
@@ -98,8 +107,10 @@ def score_file(model_path: str | os.PathLike, input_path: str | os.PathLike, out
         where = r[LOCATION_KEY]
         for key in ("prompt", *fields):
             if key not in r:
-                raise DataError(f"{where}: missing key {key!r} (records are {{prompt, response}} or "
-                                "{prompt, chosen, rejected, dimension})")
+                raise DataError(
+                    f"{where}: missing key {key!r} (records are {{prompt, response}} or "
+                    "{prompt, chosen, rejected, dimension})"
+                )
             if key != "prompt" and not isinstance(r[key], str):
                 raise DataError(f"{where}: {key!r} must be a string")
         if pairs and r.get("dimension") is not None and r["dimension"] not in scorer.labels:

@@ -58,8 +58,12 @@ def format_reward(samples: Sequence[Sample], options: Mapping[str, Any]) -> list
     for s in samples:
         lines = [line.strip() for line in s.completion.strip().splitlines() if line.strip()]
         letters, texts = (s.item.letters, s.item.options) if s.item is not None else (LETTERS[:10], None)
-        ok = (len(lines) >= 2 and len("\n".join(lines[:-1])) >= min_chars and not s.truncated
-              and bool(extract_answer(lines[-1], letters, texts).letters))
+        ok = (
+            len(lines) >= 2
+            and len("\n".join(lines[:-1])) >= min_chars
+            and not s.truncated
+            and bool(extract_answer(lines[-1], letters, texts).letters)
+        )
         out.append(1.0 if ok else 0.0)
     return out
 
@@ -92,16 +96,22 @@ class RewardModelReward:
         return scores[:, scorer.labels.index(dim)]
 
 
-BUILTIN: dict[str, RewardFn] = {"exam": exam_reward, "format": format_reward, "length": length_reward,
-                                "reward_model": RewardModelReward()}
+BUILTIN: dict[str, RewardFn] = {
+    "exam": exam_reward,
+    "format": format_reward,
+    "length": length_reward,
+    "reward_model": RewardModelReward(),
+}
 
 
 def resolve(name: str) -> RewardFn:
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
-        raise ConfigError(f"rl.rewards: unknown reward {name!r}; built-ins are {sorted(BUILTIN)}, "
-                          "or give an import path package.module:function")
+        raise ConfigError(
+            f"rl.rewards: unknown reward {name!r}; built-ins are {sorted(BUILTIN)}, "
+            "or give an import path package.module:function"
+        )
     return import_object(name, "rl.rewards")
 
 

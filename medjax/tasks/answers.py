@@ -65,21 +65,27 @@ NO_ANSWER = Extraction(frozenset())
 # Every way through is unambiguous (a separator word, or spaces, or nothing but only after a
 # bracket): with an empty or doubly-spaced separator allowed anywhere, a long degenerate run like
 # "A, A, A, ... Because" from a sampled completion would backtrack exponentially.
-_LETTER_SEPARATOR = (r"(?:[ \t]*(?:[,，](?:[ \t]*(?:and\b|和))?|、|/|&|\+|;|；|\band\b|和|及|与|以及)[ \t]*"
-                     r"|[ \t]+|(?<=[)）\]]))")
+_LETTER_SEPARATOR = (
+    r"(?:[ \t]*(?:[,，](?:[ \t]*(?:and\b|和))?|、|/|&|\+|;|；|\band\b|和|及|与|以及)[ \t]*"
+    r"|[ \t]+|(?<=[)）\]]))"
+)
 
 # What may not follow a capital answer letter: more letters (then it starts a word, "Because"), an
 # apostrophe ("I'm"), "超" ("B超" is an ultrasound), or, after a bare I, a verb that makes it the
 # pronoun ("Answer: I think ...", "The answer is B, and I agree").
-_NOT_A_LETTER_AFTER = (r"(?![A-Za-z'’超])"
-                       r"(?!(?<=I)\s+(?:am|agree|believe|can|cannot|could|did|do|don't|don’t|feel|guess|had|have|"
-                       r"hope|know|may|might|must|need|recommend|should|suggest|suspect|think|was|will|would)\b)")
+_NOT_A_LETTER_AFTER = (
+    r"(?![A-Za-z'’超])"
+    r"(?!(?<=I)\s+(?:am|agree|believe|can|cannot|could|did|do|don't|don’t|feel|guess|had|have|"
+    r"hope|know|may|might|must|need|recommend|should|suggest|suspect|think|was|will|would)\b)"
+)
 
 # A statement that rejects the letters it names rather than choosing them: "Answer choice A is
 # incorrect", "选A是错的".
-_REJECTED_AFTER = (r"(?!\s*(?:is|are|was|seems)\s+(?:not|incorrect|wrong|unlikely|false|less|also|partly|"
-                   r"partially)\b)"
-                   r"(?!\s*(?:(?:项|选项)\s*)?(?:(?:是|就是)\s*)?(?:错|不对|不正确|不妥|不合适|不行|不是))")
+_REJECTED_AFTER = (
+    r"(?!\s*(?:is|are|was|seems)\s+(?:not|incorrect|wrong|unlikely|false|less|also|partly|"
+    r"partially)\b)"
+    r"(?!\s*(?:(?:项|选项)\s*)?(?:(?:是|就是)\s*)?(?:错|不对|不正确|不妥|不合适|不行|不是))"
+)
 
 # English answer leads: "Final answer:", "The correct answer is", "The answer would be option",
 # "**Answer:** " and the like, with an optional hedge or emphasis ("is actually", "is probably").
@@ -91,28 +97,37 @@ _EN_ANSWER_LEAD = (
     r"best\s+(?:answer|option|choice)))"
     r"(?:[*\s]*(?i:is|are|would\s+be|should\s+be|will\s+be|=))?"
     r"(?:\s+(?i:actually|really|clearly|definitely|probably|likely|most\s+likely|therefore|then|still))?"
-    r"[*\s:：]*(?:(?i:options?|choices?)[*\s:：]*)?")
+    r"[*\s:：]*(?:(?i:options?|choices?)[*\s:：]*)?"
+)
 
 # How clinical vignettes are answered: "The most likely diagnosis is D. Quensorrhea", "The most
 # appropriate next step in management would be (B)". A few words at most between "most likely" and
 # the verb, so the lead cannot wander across sentences.
-_EN_MOST_LIKELY_LEAD = (r"\b(?i:the\s+most\s+(?:likely|appropriate|probable|suitable|effective)(?:\s+[a-z-]+){1,5}?"
-                        r"\s+(?:is|would\s+be|will\s+be))[*\s:：]*(?:(?i:options?|choices?)[*\s:：]*)?")
+_EN_MOST_LIKELY_LEAD = (
+    r"\b(?i:the\s+most\s+(?:likely|appropriate|probable|suitable|effective)(?:\s+[a-z-]+){1,5}?"
+    r"\s+(?:is|would\s+be|will\s+be))[*\s:：]*(?:(?i:options?|choices?)[*\s:：]*)?"
+)
 
 # "I would choose B", "I'll go with option D".
-_EN_CHOICE_LEAD = (r"\bI(?:\s+would|\s+will|'d|’d|'ll|’ll)?\s+(?i:choose|select|pick|go\s+with)\s+"
-                   r"(?:(?i:options?|choices?)\s+)?")
+_EN_CHOICE_LEAD = (
+    r"\bI(?:\s+would|\s+will|'d|’d|'ll|’ll)?\s+(?i:choose|select|pick|go\s+with)\s+"
+    r"(?:(?i:options?|choices?)\s+)?"
+)
 
 # Chinese answer leads: "答案：", "正确答案是", "参考答案", "正确选项为", "最佳选项：", "答案选".
-_ZH_ANSWER_LEAD = (r"(?:(?:正确|最终|最佳|参考|标准)的?(?:答案|选项)|答案)"
-                   r"(?:\s*(?:应该是|应该为|应为|应是|就是|是|为|选))?[\s:：]*(?:选项[\s:：]*)?")
+_ZH_ANSWER_LEAD = (
+    r"(?:(?:正确|最终|最佳|参考|标准)的?(?:答案|选项)|答案)"
+    r"(?:\s*(?:应该是|应该为|应为|应是|就是|是|为|选))?[\s:：]*(?:选项[\s:：]*)?"
+)
 
 # Chinese "选X" in all its forms ("故选B", "应选D", "应该选C", "我选D", "综上所述，选B", "选择C"):
 # 选 is the verb "choose" whatever precedes it, so the lead is the verb itself. Not when negated
 # (不选, 不应选, 没选 ...), not the nouns 选项 ("option") or the narrative 选了 ("chose, earlier"),
 # and not the words 首选 ("first-line"), 优选 ("preferred"), 筛选 ("screening"), 候选, 挑选.
-_ZH_CHOICE_LEAD = (r"(?<!不)(?<!不应)(?<!不应该)(?<!不能)(?<!没)(?<!未)(?<!别)(?<!勿)"
-                   r"(?<!首)(?<!优)(?<!筛)(?<!候)(?<!挑)选(?:择)?(?![项了])[\s:：]*")
+_ZH_CHOICE_LEAD = (
+    r"(?<!不)(?<!不应)(?<!不应该)(?<!不能)(?<!没)(?<!未)(?<!别)(?<!勿)"
+    r"(?<!首)(?<!优)(?<!筛)(?<!候)(?<!挑)选(?:择)?(?![项了])[\s:：]*"
+)
 
 # LaTeX boxed answers from reasoning models: "\boxed{C}", "$\boxed{\text{D}}$", "\boxed{A, C}".
 _BOXED_LEAD = r"\\boxed\s*\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?"
@@ -120,13 +135,17 @@ _BOXED_LEAD = r"\\boxed\s*\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?"
 # Where a verdict that names the letter first may start: after "option"/"choice", or at the start
 # of a sentence or clause, optionally after "So"/"Thus"/"所以"... (so "Vitamin C is the correct
 # treatment" and "Hepatitis B is ..." are not verdicts).
-_VERDICT_START = (r"(?:\b(?i:options?|choices?)\s+|(?:^|(?<=[\n.!?。！？:：,，;；]))[ \t]*"
-                  r"(?:(?i:so|thus|hence|therefore|overall|finally)(?:[ \t]*,)?[ \t]*|"
-                  r"(?:所以|因此|故|综上所述|综上|总之)[，,]?\s*)?)")
+_VERDICT_START = (
+    r"(?:\b(?i:options?|choices?)\s+|(?:^|(?<=[\n.!?。！？:：,，;；]))[ \t]*"
+    r"(?:(?i:so|thus|hence|therefore|overall|finally)(?:[ \t]*,)?[ \t]*|"
+    r"(?:所以|因此|故|综上所述|综上|总之)[，,]?\s*)?)"
+)
 # ... and how it ends: "is the correct answer", "are the correct options", "is the right choice", or
 # "is correct." ending the sentence (not "is correct for mild disease, but ..."); "是正确答案".
-_EN_VERDICT_END = (r"\s+(?:is|are)\s+(?:the\s+)?(?i:correct|right|best)"
-                   r"(?:\s+(?i:answers?|options?|choices?|ones?)\b|(?=\s*(?:[.。!！]|$)))")
+_EN_VERDICT_END = (
+    r"\s+(?:is|are)\s+(?:the\s+)?(?i:correct|right|best)"
+    r"(?:\s+(?i:answers?|options?|choices?|ones?)\b|(?=\s*(?:[.。!！]|$)))"
+)
 _ZH_VERDICT_END = r"\s*(?:(?:项|选项)\s*)?(?:是|为)\s*(?:正确|最佳)的?(?:答案|选项)"
 
 _REFUSALS = re.compile(
@@ -136,7 +155,8 @@ _REFUSALS = re.compile(
     r"\bcannot\s+be\s+determined\b|\bnot\s+(?:able|possible)\s+to\s+(?:answer|determine)\b|"
     r"\bconsult\s+(?:a|your)\s+(?:doctor|physician|clinician)\b)"
     r"|(?:无法|不能|不便)(?:回答|作答|给出答案|提供(?:答案|诊断|医疗建议|建议))|无法确定|无法判断"
-    r"|(?:请|建议)咨询(?:医生|专业)")
+    r"|(?:请|建议)咨询(?:医生|专业)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,22 +174,31 @@ def _patterns(letters: str) -> _Patterns:
     # only counts where it cannot be a word: in brackets ("(c) Metformin"), closed by a parenthesis
     # ("c) Metformin"), or ending the statement ("Answer: c", "\boxed{b}", "**Answer: c**").
     upper_letters = rf"[(（\[]?{upper}{{1,{len(letters)}}}[)）\]]?{_NOT_A_LETTER_AFTER}"
-    lower_letter = (rf"[(（\[]{lower}[)）\]]|{lower}[)）]|"
-                    rf"{lower}(?=[ \t]*(?:[.。][ \t*]*|\*+[ \t]*)?(?:\n|$|\}}))")
+    lower_letter = (
+        rf"[(（\[]{lower}[)）\]]|{lower}[)）]|"
+        rf"{lower}(?=[ \t]*(?:[.。][ \t*]*|\*+[ \t]*)?(?:\n|$|\}}))"
+    )
     token = rf"(?:{upper_letters}|{lower_letter})"
     # At most twice as many tokens as options (repeats happen: "A, C, A"), which bounds the work a
     # degenerate "A, A, A, ..." completion costs at each place a statement may start.
     letter_set = rf"(?P<set>{token}(?:{_LETTER_SEPARATOR}{token}){{0,{2 * len(letters)}}}){_REJECTED_AFTER}"
-    statements = tuple(re.compile(p) for p in (
-        rf"(?:{_EN_ANSWER_LEAD}|{_ZH_ANSWER_LEAD}|{_ZH_CHOICE_LEAD}|{_EN_CHOICE_LEAD}|{_BOXED_LEAD}){letter_set}",
-        rf"{_VERDICT_START}(?<![A-Za-z]){letter_set}(?:{_EN_VERDICT_END}|{_ZH_VERDICT_END})",
-        rf"{_EN_MOST_LIKELY_LEAD}{letter_set}(?![0-9])",  # not "is B12 deficiency"
-    ))
+    statements = tuple(
+        re.compile(p)
+        for p in (
+            rf"(?:{_EN_ANSWER_LEAD}|{_ZH_ANSWER_LEAD}|{_ZH_CHOICE_LEAD}|{_EN_CHOICE_LEAD}|{_BOXED_LEAD}){letter_set}",
+            rf"{_VERDICT_START}(?<![A-Za-z]){letter_set}(?:{_EN_VERDICT_END}|{_ZH_VERDICT_END})",
+            rf"{_EN_MOST_LIKELY_LEAD}{letter_set}(?![0-9])",  # not "is B12 deficiency"
+        )
+    )
     whole = re.compile(rf"^[\s*]*{letter_set}[\s.。,，:：;；!！*]*$")
-    leading = re.compile(rf"^[\s*]*[(（]?(?P<set>{upper}(?=[)）.．、:：])|{lower}(?=[)）]))"
-                         rf"(?:[)）]|[.．、:：](?!\d))\s*")
-    text_lead = re.compile(rf"(?:{_EN_ANSWER_LEAD}|{_ZH_ANSWER_LEAD}|{_ZH_CHOICE_LEAD}|{_EN_MOST_LIKELY_LEAD})"
-                           rf"(?P<text>[^\n.。;；]+)")
+    leading = re.compile(
+        rf"^[\s*]*[(（]?(?P<set>{upper}(?=[)）.．、:：])|{lower}(?=[)）]))"
+        rf"(?:[)）]|[.．、:：](?!\d))\s*"
+    )
+    text_lead = re.compile(
+        rf"(?:{_EN_ANSWER_LEAD}|{_ZH_ANSWER_LEAD}|{_ZH_CHOICE_LEAD}|{_EN_MOST_LIKELY_LEAD})"
+        rf"(?P<text>[^\n.。;；]+)"
+    )
     return _Patterns(statements, whole, leading, text_lead)
 
 
@@ -232,8 +261,9 @@ def _from_option_text(text: str, letters: str, option_texts: dict[str, str], pat
     return None
 
 
-def extract_answer(text: str, letters: Iterable[str] = LETTERS[:10],
-                   option_texts: dict[str, str] | None = None) -> Extraction:
+def extract_answer(
+    text: str, letters: Iterable[str] = LETTERS[:10], option_texts: dict[str, str] | None = None
+) -> Extraction:
     """The option letters a completion commits to. ``letters`` are the item's option letters (only
     those count, so "I think" is not option I on a four-option item); ``option_texts`` lets an
     answer given as the option's words ("The answer is maybe") count too."""

@@ -51,8 +51,9 @@ class ExamItem:
             raise ItemError(f"{self.source}: no answer given")
         unknown = sorted(self.answer - set(letters))
         if unknown:
-            raise ItemError(f"{self.source}: answer letter(s) {''.join(unknown)} not among the options "
-                            f"{''.join(letters)}")
+            raise ItemError(
+                f"{self.source}: answer letter(s) {''.join(unknown)} not among the options {''.join(letters)}"
+            )
         if len(self.answer) > 1 and not self.multi:
             object.__setattr__(self, "multi", True)
 

@@ -22,7 +22,7 @@ def ngram_tokens(text: str) -> list[str]:
 
 def ngrams(tokens: list[str], n: int) -> Iterator[str]:
     for i in range(len(tokens) - n + 1):
-        yield " ".join(tokens[i:i + n])
+        yield " ".join(tokens[i : i + n])
 
 
 def item_ngrams(item: ExamItem, n: int) -> set[str]:
@@ -31,7 +31,7 @@ def item_ngrams(item: ExamItem, n: int) -> set[str]:
     question = ngram_tokens(" ".join(x for x in (item.context, item.question) if x))
     out = set(ngrams(question, n))
     for text in item.options.values():
-        out.update(ngrams(question[-(n - 1):] + ngram_tokens(text) if n > 1 else ngram_tokens(text), n))
+        out.update(ngrams(question[-(n - 1) :] + ngram_tokens(text) if n > 1 else ngram_tokens(text), n))
     return out
 
 

@@ -51,8 +51,9 @@ def _get(rec: Record, key: str, where: str, types=(str,)):
         raise ItemError(f"{where}: missing field {key!r} (fields: {', '.join(sorted(rec))})")
     value = rec[key]
     if not isinstance(value, types):
-        raise ItemError(f"{where}: field {key!r} should be {'/'.join(t.__name__ for t in types)}, "
-                        f"got {type(value).__name__}")
+        raise ItemError(
+            f"{where}: field {key!r} should be {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -81,7 +82,7 @@ _DIGIT_ONE = re.compile(r"^\s*[1l]\s*[.．、:：)）]\s*(.*)$")
 
 
 def parse_option_lines(text: str, where: str, key: str, repairs: list[str] | None = None) -> dict[str, str]:
-    """"A.text\nB.text" or "A 胃窦\nB 胃底" -> {letter: text}, keyed by the letters as written (real
+    """ "A.text\nB.text" or "A 胃窦\nB 胃底" -> {letter: text}, keyed by the letters as written (real
     files skip a letter, list D before C or write "c."; the gold answer uses the written letters).
     A line that does not start with an unused letter continues the previous option.
 
@@ -106,8 +107,10 @@ def parse_option_lines(text: str, where: str, key: str, repairs: list[str] | Non
             if repairs is None:
                 raise ItemError(f"{where}: option {letter} appears twice in field {key!r}")
             dropped = [ln.strip() for ln in lines[n:] if ln.strip()]
-            repairs.append(f"dropped {len(dropped)} option line(s) from the repeated letter {letter} on "
-                           f"(after {last}): {' | '.join(dropped)[:80]}")
+            repairs.append(
+                f"dropped {len(dropped)} option line(s) from the repeated letter {letter} on "
+                f"(after {last}): {' | '.join(dropped)[:80]}"
+            )
             break
         if letter is not None and letter not in out:
             last = letter
@@ -123,8 +126,9 @@ def parse_option_lines(text: str, where: str, key: str, repairs: list[str] | Non
 
 def _item(rec_id, question, options, answer, where, **kw) -> ExamItem:
     language = detect_language(question + "".join(options.values()))
-    return ExamItem(id=str(rec_id), question=question.strip(), options=options, answer=answer, source=where,
-                    language=language, **kw)
+    return ExamItem(
+        id=str(rec_id), question=question.strip(), options=options, answer=answer, source=where, language=language, **kw
+    )
 
 
 def _medqa(rec: Record, where: str) -> ExamItem:
@@ -137,8 +141,14 @@ def _medqa(rec: Record, where: str) -> ExamItem:
         if len(hits) != 1:
             raise ItemError(f"{where}: answer {text!r} matches {len(hits)} options (no answer_idx)")
         answer = frozenset(hits)
-    return _item(rec.get("id", where), _get(rec, "question", where), options, answer, where,
-                 subject=rec.get("subject") or rec.get("meta_info"))
+    return _item(
+        rec.get("id", where),
+        _get(rec, "question", where),
+        options,
+        answer,
+        where,
+        subject=rec.get("subject") or rec.get("meta_info"),
+    )
 
 
 def _medmcqa(rec: Record, where: str, base: int) -> ExamItem:
@@ -148,8 +158,15 @@ def _medmcqa(rec: Record, where: str, base: int) -> ExamItem:
     cop = _get(rec, "cop", where, (int,))
     if not base <= cop < base + 4:
         raise ItemError(f"{where}: cop {cop} is outside {base}..{base + 3}")
-    return _item(rec.get("id", where), _get(rec, "question", where), options, frozenset(LETTERS[cop - base]), where,
-                 subject=rec.get("subject_name"), meta={"topic": rec.get("topic_name"), "choice_type": rec.get("choice_type")})
+    return _item(
+        rec.get("id", where),
+        _get(rec, "question", where),
+        options,
+        frozenset(LETTERS[cop - base]),
+        where,
+        subject=rec.get("subject_name"),
+        meta={"topic": rec.get("topic_name"), "choice_type": rec.get("choice_type")},
+    )
 
 
 PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
@@ -168,25 +185,46 @@ def _pubmedqa(rec: Record, where: str) -> ExamItem:
     if decision not in PUBMEDQA_OPTIONS.values():
         raise ItemError(f"{where}: final_decision {decision!r} is not yes, no or maybe")
     answer = next(k for k, v in PUBMEDQA_OPTIONS.items() if v == decision)
-    return _item(rec.get("pubid", rec.get("id", where)), question, dict(PUBMEDQA_OPTIONS), frozenset(answer), where,
-                 context=context or None)
+    return _item(
+        rec.get("pubid", rec.get("id", where)),
+        question,
+        dict(PUBMEDQA_OPTIONS),
+        frozenset(answer),
+        where,
+        context=context or None,
+    )
 
 
 def _cmexam(rec: Record, where: str) -> ExamItem:
     options = parse_option_lines(_get(rec, "Options", where), where, "Options")
     answer = _answer_letters(_get(rec, "Answer", where), where, "Answer")
     subject = rec.get("Medical Discipline") or rec.get("Clinical Department") or None
-    return _item(rec.get("id", where), _get(rec, "Question", where), options, answer, where, subject=subject,
-                 multi=len(answer) > 1, meta={k: rec[k] for k in ("Competency", "Difficulty level") if rec.get(k)})
+    return _item(
+        rec.get("id", where),
+        _get(rec, "Question", where),
+        options,
+        answer,
+        where,
+        subject=subject,
+        multi=len(answer) > 1,
+        meta={k: rec[k] for k in ("Competency", "Difficulty level") if rec.get(k)},
+    )
 
 
 def _cmb(rec: Record, where: str) -> ExamItem:
     options = _options_dict(_get(rec, "option", where, (dict,)), where, "option")
     answer = _answer_letters(_get(rec, "answer", where), where, "answer")
     qtype = str(rec.get("question_type", ""))
-    return _item(rec.get("id", where), _get(rec, "question", where), options, answer, where,
-                 subject=rec.get("exam_subject") or rec.get("exam_class"), multi="多" in qtype or len(answer) > 1,
-                 meta={k: rec[k] for k in ("exam_type", "exam_class", "question_type") if k in rec})
+    return _item(
+        rec.get("id", where),
+        _get(rec, "question", where),
+        options,
+        answer,
+        where,
+        subject=rec.get("exam_subject") or rec.get("exam_class"),
+        multi="多" in qtype or len(answer) > 1,
+        meta={k: rec[k] for k in ("exam_type", "exam_class", "question_type") if k in rec},
+    )
 
 
 _ANSWER_CHOICES = re.compile(r"\s*Answer Choices:.*$", re.S)
@@ -194,14 +232,22 @@ _ANSWER_CHOICES = re.compile(r"\s*Answer Choices:.*$", re.S)
 
 def _medxpertqa(rec: Record, where: str) -> ExamItem:
     if rec.get("images"):
-        raise ItemError(f"{where}: the question refers to images {rec['images']!r} (MedXpertQA MM), which a "
-                        "text-only evaluation cannot show; score the Text subset")
+        raise ItemError(
+            f"{where}: the question refers to images {rec['images']!r} (MedXpertQA MM), which a "
+            "text-only evaluation cannot show; score the Text subset"
+        )
     options = _options_dict(_get(rec, "options", where, (dict,)), where, "options")
     # The published question repeats the options after "Answer Choices:"; the prompt lists them.
     question = _ANSWER_CHOICES.sub("", _get(rec, "question", where))
-    return _item(rec.get("id", where), question, options, _answer_letters(_get(rec, "label", where), where, "label"),
-                 where, subject=rec.get("medical_task"),
-                 meta={k: rec[k] for k in ("body_system", "question_type") if k in rec})
+    return _item(
+        rec.get("id", where),
+        question,
+        options,
+        _answer_letters(_get(rec, "label", where), where, "label"),
+        where,
+        subject=rec.get("medical_task"),
+        meta={k: rec[k] for k in ("body_system", "question_type") if k in rec},
+    )
 
 
 def cpqexam_option_type(qtype: str, answer: frozenset[str]) -> str:
@@ -221,11 +267,18 @@ def _cpqexam(rec: Record, where: str) -> ExamItem:
     options = parse_option_lines(_get(rec, "option", where), where, "option", repairs)
     answer = _answer_letters(_get(rec, "answer", where), where, "answer")
     qtype = str(rec.get("type", ""))
-    return _item(_get(rec, "uid", where), _get(rec, "question", where), options, answer, where,
-                 context=(rec.get("stem") or "").strip() or None, subject=rec.get("department") or None,
-                 multi=len(answer) > 1 or "多选" in qtype or "案例分析" in qtype or "不定项" in qtype,
-                 meta={"level": rec.get("level"), "type": qtype, "option_type": cpqexam_option_type(qtype, answer)},
-                 repaired="; ".join(repairs) or None)
+    return _item(
+        _get(rec, "uid", where),
+        _get(rec, "question", where),
+        options,
+        answer,
+        where,
+        context=(rec.get("stem") or "").strip() or None,
+        subject=rec.get("department") or None,
+        multi=len(answer) > 1 or "多选" in qtype or "案例分析" in qtype or "不定项" in qtype,
+        meta={"level": rec.get("level"), "type": qtype, "option_type": cpqexam_option_type(qtype, answer)},
+        repaired="; ".join(repairs) or None,
+    )
 
 
 def _mmlu(rec: Record, where: str) -> ExamItem:
@@ -251,9 +304,17 @@ FORMATS = tuple(READERS)
 
 
 # The field each format keeps its answer in, and what to do when a whole file has none.
-ANSWER_FIELDS = {"medqa": ("answer_idx", "answer"), "medmcqa": ("cop",), "medmcqa_hf": ("cop",),
-                 "pubmedqa": ("final_decision",), "cmexam": ("Answer",), "cmb": ("answer",),
-                 "medxpertqa": ("label",), "cpqexam": ("answer",), "mmlu": ("answer",)}
+ANSWER_FIELDS = {
+    "medqa": ("answer_idx", "answer"),
+    "medmcqa": ("cop",),
+    "medmcqa_hf": ("cop",),
+    "pubmedqa": ("final_decision",),
+    "cmexam": ("Answer",),
+    "cmb": ("answer",),
+    "medxpertqa": ("label",),
+    "cpqexam": ("answer",),
+    "mmlu": ("answer",),
+}
 _NO_ANSWERS_HINT = {
     "medmcqa": "MedMCQA does not publish its test answers; score dev.json (the Hugging Face validation split)",
     "pubmedqa": "PubMedQA's unlabeled set (ori_pqau.json, pqa_unlabeled) has none; score ori_pqal.json or pqa_labeled",
@@ -277,10 +338,11 @@ def _check_has_answers(path: Path, format: str, records: list[tuple[Record, str]
     if any(_has_answer(rec, format) for rec, _ in records):
         return
     hint = _NO_ANSWERS_HINT.get(format)
-    raise ItemError(f"{path}: this split has no answers (no record of {len(records)} has "
-                    f"{' or '.join(repr(k) for k in ANSWER_FIELDS[format])}"
-                    f"{'' if format not in ('medmcqa', 'medmcqa_hf') else ' other than -1'})"
-                    + (f"; {hint}" if hint else ""))
+    raise ItemError(
+        f"{path}: this split has no answers (no record of {len(records)} has "
+        f"{' or '.join(repr(k) for k in ANSWER_FIELDS[format])}"
+        f"{'' if format not in ('medmcqa', 'medmcqa_hf') else ' other than -1'})" + (f"; {hint}" if hint else "")
+    )
 
 
 def detect_format(rec: Record, where: str) -> str:
@@ -302,8 +364,10 @@ def detect_format(rec: Record, where: str) -> str:
         return "medxpertqa"
     if {"question", "options"} <= keys and ({"answer_idx", "answer"} & keys):
         return "medqa"
-    raise ItemError(f"{where}: cannot tell the benchmark format from fields {sorted(keys)}; "
-                    f"name it with --format ({', '.join(FORMATS)})")
+    raise ItemError(
+        f"{where}: cannot tell the benchmark format from fields {sorted(keys)}; "
+        f"name it with --format ({', '.join(FORMATS)})"
+    )
 
 
 def _records(path: Path) -> Iterator[tuple[Record, str]]:
@@ -389,23 +453,29 @@ def _json_document(path: Path, text: str) -> Iterator[tuple[Record, str]]:
             yield rec, f"{path}[{i}]"
     elif data == {}:
         return
-    elif isinstance(data, dict) and not _QUESTION_KEYS & set(data) and \
-            sum(isinstance(v, dict) for v in data.values()) * 2 > len(data):
+    elif (
+        isinstance(data, dict)
+        and not _QUESTION_KEYS & set(data)
+        and sum(isinstance(v, dict) for v in data.values()) * 2 > len(data)
+    ):
         for key, rec in data.items():  # PubMedQA's original release: {pmid: record}
             if isinstance(rec, dict):
                 rec = {"id": key, **rec}
             yield rec, f"{path}[{key!r}]"
     elif isinstance(data, dict) and data and all(k.isdigit() and isinstance(v, str) for k, v in data.items()):
-        raise ItemError(f"{path}: holds only answers (id -> {next(iter(data.values()))!r}), no questions, like "
-                        "PubMedQA's test_ground_truth.json; score the file of records (ori_pqal.json, test_set.json)")
+        raise ItemError(
+            f"{path}: holds only answers (id -> {next(iter(data.values()))!r}), no questions, like "
+            "PubMedQA's test_ground_truth.json; score the file of records (ori_pqal.json, test_set.json)"
+        )
     elif isinstance(data, dict):  # one record: a one-line JSON lines file
-        yield data, f"{path}:{text[:len(text) - len(text.lstrip())].count(chr(10)) + 1}"
+        yield data, f"{path}:{text[: len(text) - len(text.lstrip())].count(chr(10)) + 1}"
     else:
         raise ItemError(f"{path}: a JSON benchmark is a list of records or an object of id -> record")
 
 
-def read_benchmark(path: str | os.PathLike, format: str | None = None, limit: int | None = None,
-                   skip_bad: bool = False) -> Benchmark:
+def read_benchmark(
+    path: str | os.PathLike, format: str | None = None, limit: int | None = None, skip_bad: bool = False
+) -> Benchmark:
     """Every item of a benchmark file (the first ``limit`` if given); ids must be unique.
 
     A malformed item is an error naming its file and line. With ``skip_bad`` it is left out and its
@@ -460,10 +530,14 @@ def _medmcqa_base(path: Path, records: list[tuple[Record, str]]) -> str:
     shows neither a 0 nor a 4 cannot be told apart, and guessing would silently shift every answer."""
     cops = {rec.get("cop") for rec, _ in records} - {None, -1}  # -1, or no cop: an item without an answer
     if 0 in cops and 4 in cops:
-        raise ItemError(f"{path}: cop holds both 0 and 4; name the format (--format medmcqa for 1-4, medmcqa_hf for 0-3)")
+        raise ItemError(
+            f"{path}: cop holds both 0 and 4; name the format (--format medmcqa for 1-4, medmcqa_hf for 0-3)"
+        )
     if 0 in cops:
         return "medmcqa_hf"
     if 4 in cops:
         return "medmcqa"
-    raise ItemError(f"{path}: cannot tell whether cop counts from 0 or 1 (no 0 or 4 seen); "
-                    "name it: --format medmcqa (1-4, the original release) or medmcqa_hf (0-3)")
+    raise ItemError(
+        f"{path}: cannot tell whether cop counts from 0 or 1 (no 0 or 4 seen); "
+        "name it: --format medmcqa (1-4, the original release) or medmcqa_hf (0-3)"
+    )

@@ -23,5 +23,7 @@ class BatchGeometry:
             raise ValueError(f"train.global_batch_size={t} is not divisible by train.grad_accum_steps={self.accum}")
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if self.micro % shards:
-            raise ValueError(f"train.global_batch_size={t} (grad_accum_steps={self.accum}: micro-batches of "
-                             f"{self.micro} rows) does not split over data x fsdp = {shards} devices")
+            raise ValueError(
+                f"train.global_batch_size={t} (grad_accum_steps={self.accum}: micro-batches of "
+                f"{self.micro} rows) does not split over data x fsdp = {shards} devices"
+            )

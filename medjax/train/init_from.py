@@ -10,7 +10,6 @@ head fresh; any other mismatch is an error naming the tensor.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from medjax.convert import ConversionError, loading
 from medjax.convert.gguf_import import is_gguf, resolve_source
@@ -34,15 +33,19 @@ def open_source(path: str) -> WeightSource:
     directory); only headers and metadata are read here."""
     p = resolve_source(path)
     if is_gguf(p):  # its tokenizer lives in the file: the run needs one on disk, named in its config
-        raise ConversionError(f"init_from: {p} is a GGUF file; import it first (medjax import {path} DIR) "
-                              "and start from DIR")
+        raise ConversionError(
+            f"init_from: {p} is a GGUF file; import it first (medjax import {path} DIR) and start from DIR"
+        )
     if (p / "config.json").is_file() and not (p / "model.json").is_file():
         source = loading.open_source(p)
         if source.tokenizer_dir is not None:
             from medjax.data.tokenizer_agreement import warn_if_disagreeing
 
-            warn_if_disagreeing(p, hint=f"training reads tokenizer.json as medjax does; `medjax import {p} DIR "
-                                "--tokenizer transformers` and init_from DIR trains on transformers' tokenization")
+            warn_if_disagreeing(
+                p,
+                hint=f"training reads tokenizer.json as medjax does; `medjax import {p} DIR "
+                "--tokenizer transformers` and init_from DIR trains on transformers' tokenization",
+            )
         return source
     try:
         return loading.open_source(p)
@@ -61,5 +64,12 @@ def load_params(source: WeightSource, fresh: dict, shardings: dict, model: Model
     source's) and laid out in its sharding. The tensors are read one at a time and ``fresh``'s
     leaves are replaced in place (each let go before its replacement is placed, so the run holds
     its params once); the returned params are ``fresh`` itself. Returns (params, report)."""
-    return load_params_streaming(source, shardings, model=model, into=fresh, optional=NEW_HEADS,
-                                 droppable=DROPPABLE, where=f"init_from {source.path}")
+    return load_params_streaming(
+        source,
+        shardings,
+        model=model,
+        into=fresh,
+        optional=NEW_HEADS,
+        droppable=DROPPABLE,
+        where=f"init_from {source.path}",
+    )

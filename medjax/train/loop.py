@@ -20,15 +20,15 @@ from tqdm import tqdm
 
 from medjax.config import Config
 from medjax.data.streams import StreamBatches, saved_stream_count
+from medjax.models.decoder import ModelDef
 from medjax.parallel.mesh import check_processes_agree, initialize_distributed, make_mesh
 from medjax.parallel.rules import batch_sharding
+from medjax.train import init_from
 from medjax.train.checkpoint import Checkpoints
 from medjax.train.geometry import BatchGeometry
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
-from medjax.train import init_from
 from medjax.train.objectives import Objective
 from medjax.train.optimizer import check_trainable, make_optimizer
-from medjax.models.decoder import ModelDef
 from medjax.train.stages import Stage, batch_dtypes, checked_stage
 from medjax.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
 from medjax.utils import atomic_write_text
@@ -81,7 +81,9 @@ def _global_batch(local: dict[str, np.ndarray], shape: tuple[int, ...], sharding
     """Assembles each process's rows (its block of every micro-batch) into one global array laid out
     as ``shape``."""
     local_shape = (*shape[:-2], shape[-2] // jax.process_count(), shape[-1])
-    return {k: jax.make_array_from_process_local_data(sharding, v.reshape(local_shape), shape) for k, v in local.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v.reshape(local_shape), shape) for k, v in local.items()
+    }
 
 
 def _write_run_config(cfg: Config) -> None:
@@ -114,8 +116,15 @@ def train(
         return _train(cfg, spec, objective, should_stop, mesh, geo, ckpts)
 
 
-def _train(cfg: Config, spec: Stage, objective: Objective | None, should_stop: Callable[[int], bool] | None, mesh,
-           geo: BatchGeometry, ckpts: Checkpoints) -> TrainResult:
+def _train(
+    cfg: Config,
+    spec: Stage,
+    objective: Objective | None,
+    should_stop: Callable[[int], bool] | None,
+    mesh,
+    geo: BatchGeometry,
+    ckpts: Checkpoints,
+) -> TrainResult:
     tc = cfg.train
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
@@ -146,14 +155,24 @@ def _train(cfg: Config, spec: Stage, objective: Objective | None, should_stop: C
         say(f"initialised from {source.path}: {report.summary()}")
     reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
     if spec.rollout is not None:
-        data_iter = spec.rollout(cfg, model, lambda: state["params"], (lambda: reference) if reference else None,
-                                 tc.global_batch_size, batch_sharding(mesh))
+        data_iter = spec.rollout(
+            cfg,
+            model,
+            lambda: state["params"],
+            (lambda: reference) if reference else None,
+            tc.global_batch_size,
+            batch_sharding(mesh),
+        )
     else:
         streams = _stream_count(cfg, ckpts, start)
         data_iter = StreamBatches(
-            lambda r, n, rows: spec.dataset(cfg, cfg.data.train_files, rows, True, r, n), streams=streams,
-            global_rows=tc.global_batch_size, accum=geo.accum, process_index=jax.process_index(),
-            process_count=jax.process_count())
+            lambda r, n, rows: spec.dataset(cfg, cfg.data.train_files, rows, True, r, n),
+            streams=streams,
+            global_rows=tc.global_batch_size,
+            accum=geo.accum,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     if start:
         state, _ = ckpts.restore(start, state, data_iter)
     train_step = make_train_step(model, objective, tx, schedule, mesh, shardings)
@@ -172,10 +191,20 @@ def _train(cfg: Config, spec: Stage, objective: Objective | None, should_stop: C
         peak_flops=peak * jax.device_count() if peak else None,
     )
     meta = {"stage": cfg.stage, "model": dataclasses.asdict(cfg.model)}
-    result = TrainResult(step=start, losses={}, eval_losses={}, resumed_from=start or None,
-                         data_stats=stats.metrics() if stats is not None else None)
-    bar = tqdm(total=tc.max_steps, initial=start, desc=cfg.stage, disable=not (tc.progress_bar and is_main) or None,
-               dynamic_ncols=True)
+    result = TrainResult(
+        step=start,
+        losses={},
+        eval_losses={},
+        resumed_from=start or None,
+        data_stats=stats.metrics() if stats is not None else None,
+    )
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=start,
+        desc=cfg.stage,
+        disable=not (tc.progress_bar and is_main) or None,
+        dynamic_ncols=True,
+    )
     if start:
         say(f"resumed from step {start} ({ckpts.directory})")
 
@@ -241,8 +270,9 @@ def _train(cfg: Config, spec: Stage, objective: Objective | None, should_stop: C
 
 def _report(bar: tqdm, step: int, max_steps: int, record: dict) -> None:
     extra = {k: record[k] for k in ("reward_mean", "accuracy", "eval_accuracy") if record.get(k) is not None}
-    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
-                    **{k: f"{v:.3f}" for k, v in extra.items()})
+    bar.set_postfix(
+        loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", **{k: f"{v:.3f}" for k, v in extra.items()}
+    )
     if bar.disable:  # no live bar (not a terminal): a log line instead
         tqdm.write(
             f"step {step}/{max_steps} loss {record['loss']:.4f} lr {record['learning_rate']:.3e} "
@@ -276,8 +306,10 @@ def _stream_count(cfg: Config, ckpts: Checkpoints, start: int) -> int:
         return cfg.data.streams or jax.process_count()
     saved = saved_stream_count(ckpts.directory / str(start) / "data")
     if cfg.data.streams and cfg.data.streams != saved:
-        raise ValueError(f"data.streams={cfg.data.streams}, but the checkpoint at step {start} was written with "
-                         f"{saved} streams: leave data.streams unset to resume with those")
+        raise ValueError(
+            f"data.streams={cfg.data.streams}, but the checkpoint at step {start} was written with "
+            f"{saved} streams: leave data.streams unset to resume with those"
+        )
     return saved
 
 
@@ -285,9 +317,14 @@ def evaluate(eval_step, objective: Objective, params, cfg: Config, mesh, spec, s
     """Loss (and the objective's metrics) over the first ``train.eval_batches`` eval batches. Every
     process runs the same batches: a process whose streams have ended feeds empty rows while
     another still has data."""
-    ds = StreamBatches(lambda r, n, rows: spec.dataset(cfg, cfg.data.eval_files, rows, False, r, n),
-                       streams=streams, global_rows=cfg.train.global_batch_size, accum=None,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+    ds = StreamBatches(
+        lambda r, n, rows: spec.dataset(cfg, cfg.data.eval_files, rows, False, r, n),
+        streams=streams,
+        global_rows=cfg.train.global_batch_size,
+        accum=None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     sharding = batch_sharding(mesh)
     shape = (cfg.train.global_batch_size, cfg.data.seq_len)
     per_process = cfg.train.global_batch_size // jax.process_count()

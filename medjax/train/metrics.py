@@ -71,7 +71,8 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [
-                line for line in self.path.read_text(encoding="utf-8").splitlines()
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))

@@ -89,10 +89,13 @@ class PairwiseRewardObjective:
 
     def summarize(self, count, extra: dict) -> dict:
         """Accuracy per label is NaN (written as null) where a batch held no pair of that label."""
-        out = {"accuracy": extra["correct"] / jnp.maximum(count, 1.0),
-               "margin": extra["margin"] / jnp.maximum(count, 1.0)}
+        out = {
+            "accuracy": extra["correct"] / jnp.maximum(count, 1.0),
+            "margin": extra["margin"] / jnp.maximum(count, 1.0),
+        }
         for label in self.labels:
             pairs = extra[f"pairs_{label}"]
-            out[f"accuracy_{label}"] = jnp.where(pairs > 0, extra[f"correct_{label}"] / jnp.maximum(pairs, 1.0),
-                                                 jnp.nan)
+            out[f"accuracy_{label}"] = jnp.where(
+                pairs > 0, extra[f"correct_{label}"] / jnp.maximum(pairs, 1.0), jnp.nan
+            )
         return out

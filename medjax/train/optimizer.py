@@ -48,7 +48,8 @@ def trainable_mask(params, patterns: list[str]):
     """True for each parameter some pattern finds in its path (every one when there are none)."""
     compiled = _patterns(patterns)
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: not compiled or any(p.search(param_path(path)) for p in compiled), params)
+        lambda path, _: not compiled or any(p.search(param_path(path)) for p in compiled), params
+    )
 
 
 def check_trainable(params, patterns: list[str]) -> tuple[int, int]:
@@ -59,8 +60,10 @@ def check_trainable(params, patterns: list[str]) -> tuple[int, int]:
     paths = [param_path(path) for path, _ in leaves]
     for pattern in compiled:
         if not any(pattern.search(p) for p in paths):
-            raise ConfigError(f"key 'optimizer.trainable': {pattern.pattern!r} matches no parameter "
-                              f"(paths look like {paths[min(2, len(paths) - 1)]!r})")
+            raise ConfigError(
+                f"key 'optimizer.trainable': {pattern.pattern!r} matches no parameter "
+                f"(paths look like {paths[min(2, len(paths) - 1)]!r})"
+            )
     mask = jax.tree.leaves(trainable_mask(params, patterns))
     sizes = [int(np.prod(leaf.shape)) for _, leaf in leaves]
     return sum(n for n, t in zip(sizes, mask) if t), sum(sizes)
@@ -74,6 +77,7 @@ def make_optimizer(cfg: OptimizerConfig, max_steps: int) -> tuple[optax.Gradient
     )
     if cfg.trainable:
         labels = lambda params: jax.tree.map(  # noqa: E731
-            lambda t: "train" if t else "freeze", trainable_mask(params, cfg.trainable))
+            lambda t: "train" if t else "freeze", trainable_mask(params, cfg.trainable)
+        )
         tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
     return tx, schedule

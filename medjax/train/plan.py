@@ -72,9 +72,12 @@ def _per_device_bytes(abstract_tree, shardings) -> int:
 def abstract_train_state(model: ModelDef, tx, shardings) -> dict:
     """The train state as ShapeDtypeStructs carrying their shardings: what a step lowers against."""
     params = model.abstract_params()
-    state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-             "step": jax.ShapeDtypeStruct((), jnp.int32),
-             "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+    state = {
+        "params": params,
+        "opt_state": jax.eval_shape(tx.init, params),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+    }
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
@@ -88,8 +91,11 @@ def abstract_batch(cfg: Config, mesh) -> dict:
 def check_divisible(cfg: Config, model: ModelConfig, mesh) -> None:
     """Settings the slice cannot honour, named before a long compile."""
     tensor = mesh.shape["tensor"]
-    for name, value in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
-                        ("intermediate_size", model.intermediate_size)):
+    for name, value in (
+        ("num_heads", model.num_heads),
+        ("num_kv_heads", model.num_kv_heads),
+        ("intermediate_size", model.intermediate_size),
+    ):
         if value % tensor and not (name == "num_kv_heads" and tensor % value == 0):
             raise ValueError(f"model.{name}={value} is not divisible by mesh.tensor={tensor}")
     BatchGeometry(cfg.train.global_batch_size, cfg.train.grad_accum_steps, cfg.data.seq_len).check(mesh)
@@ -120,9 +126,11 @@ def _slice_mesh(cfg: Config, topology: str, num_slices: int, model_cfg: ModelCon
     except ValueError as e:
         raise ValueError(f"mesh {cfg.mesh} on {num_slices} x {topology} ({n} devices): {e}") from None
     if mesh.devices.size != n:
-        raise ValueError(f"mesh data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} tensor={cfg.mesh.tensor} uses "
-                         f"{mesh.devices.size} of the slice's {n} devices; set mesh.data=-1 or sizes whose "
-                         f"product is {n}")
+        raise ValueError(
+            f"mesh data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} tensor={cfg.mesh.tensor} uses "
+            f"{mesh.devices.size} of the slice's {n} devices; set mesh.data=-1 or sizes whose "
+            f"product is {n}"
+        )
     check_divisible(cfg, model_cfg, mesh)
     return slc, mesh
 
@@ -135,27 +143,62 @@ def _compile_peak(lowered) -> tuple[int | None, str | None]:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return None, next((line.strip() for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e))
-    return int(getattr(mem, "peak_memory_in_bytes", 0) or (
-        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-        + mem.generated_code_size_in_bytes - mem.alias_size_in_bytes)), None
+    return int(
+        getattr(mem, "peak_memory_in_bytes", 0)
+        or (
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes
+            + mem.generated_code_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
+    ), None
 
 
-def _finish(stage_name: str, topology: str, num_slices: int, slc, mesh, model_cfg: ModelConfig, *,
-            rows: int, seq_len: int, params_bytes: int, opt_bytes: int, analytic_bytes: int, flops: float,
-            attention: str, lowered, started: float) -> Plan:
+def _finish(
+    stage_name: str,
+    topology: str,
+    num_slices: int,
+    slc,
+    mesh,
+    model_cfg: ModelConfig,
+    *,
+    rows: int,
+    seq_len: int,
+    params_bytes: int,
+    opt_bytes: int,
+    analytic_bytes: int,
+    flops: float,
+    attention: str,
+    lowered,
+    started: float,
+) -> Plan:
     """Compiles ``lowered`` and fills the Plan both programs report: fits against the chip's HBM, and
     the step time the analytic FLOPs imply at each MFU."""
     peak, error = _compile_peak(lowered)
     n = mesh.devices.size
     peak_chip = slc.generation.peak_bf16_flops
     return Plan(
-        stage=stage_name, topology=topology, slices=num_slices, devices=n, mesh=dict(mesh.shape),
-        params=count_params(model_cfg), global_batch=rows, seq_len=seq_len,
-        hbm_bytes=slc.generation.hbm_bytes, params_bytes=params_bytes, opt_state_bytes=opt_bytes,
-        analytic_bytes=analytic_bytes, peak_bytes=peak,
+        stage=stage_name,
+        topology=topology,
+        slices=num_slices,
+        devices=n,
+        mesh=dict(mesh.shape),
+        params=count_params(model_cfg),
+        global_batch=rows,
+        seq_len=seq_len,
+        hbm_bytes=slc.generation.hbm_bytes,
+        params_bytes=params_bytes,
+        opt_state_bytes=opt_bytes,
+        analytic_bytes=analytic_bytes,
+        peak_bytes=peak,
         fits=error is None and peak is not None and peak <= slc.generation.hbm_bytes,
-        flops_per_step=flops, step_seconds={f"{int(m * 100)}%": flops / (n * peak_chip * m) for m in MFUS},
-        compile_seconds=round(time.perf_counter() - started, 1), attention=attention, error=error)
+        flops_per_step=flops,
+        step_seconds={f"{int(m * 100)}%": flops / (n * peak_chip * m) for m in MFUS},
+        compile_seconds=round(time.perf_counter() - started, 1),
+        attention=attention,
+        error=error,
+    )
 
 
 def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None) -> Plan:
@@ -178,10 +221,23 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     with activation_layout(MeshLayout(mesh)):  # as the step traces: auto resolves for the slice
         attention = resolve_attention(model_cfg.attention, cfg.data.seq_len, DTYPES[model_cfg.dtype])
     started = time.perf_counter()
-    return _finish(cfg.stage, topology, num_slices, slc, mesh, model_cfg, rows=cfg.train.global_batch_size,
-                   seq_len=cfg.data.seq_len, params_bytes=params_bytes, opt_bytes=opt_bytes,
-                   analytic_bytes=params_bytes + opt_bytes + grad_bytes, flops=flops, attention=attention,
-                   lowered=step.lower(state, abstract_batch(cfg, mesh)), started=started)
+    return _finish(
+        cfg.stage,
+        topology,
+        num_slices,
+        slc,
+        mesh,
+        model_cfg,
+        rows=cfg.train.global_batch_size,
+        seq_len=cfg.data.seq_len,
+        params_bytes=params_bytes,
+        opt_bytes=opt_bytes,
+        analytic_bytes=params_bytes + opt_bytes + grad_bytes,
+        flops=flops,
+        attention=attention,
+        lowered=step.lower(state, abstract_batch(cfg, mesh)),
+        started=started,
+    )
 
 
 def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None) -> Plan:
@@ -199,16 +255,23 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
     rows = rl.prompts_per_rollout * rl.group_size
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     if rows % split:
-        raise ValueError(f"rl.prompts_per_rollout x rl.group_size = {rows} rollout rows cannot be split over "
-                         f"mesh data x fsdp = {split}")
+        raise ValueError(
+            f"rl.prompts_per_rollout x rl.group_size = {rows} rollout rows cannot be split over "
+            f"mesh data x fsdp = {split}"
+        )
     width = bucket(cfg.data.seq_len + 1 - rl.max_new_tokens)  # the longest prompt the stage admits
     model_def = ModelDef(model_cfg)
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     shardings = state_shardings(model_def, tx, mesh)
     params = abstract_train_state(model_def, tx, shardings)["params"]
     rows_sharding = batch_sharding(mesh)
-    sampling = SamplingConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p,
-                              top_k=rl.top_k, stop_token_ids=(0,))
+    sampling = SamplingConfig(
+        max_new_tokens=rl.max_new_tokens,
+        temperature=rl.temperature,
+        top_p=rl.top_p,
+        top_k=rl.top_k,
+        stop_token_ids=(0,),
+    )
     run = Sampler(model_def, layout=MeshLayout(mesh)).program(width, sampling)
     prompts = jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=rows_sharding)
     valid = jax.ShapeDtypeStruct((rows, width), jnp.bool_, sharding=rows_sharding)
@@ -217,30 +280,53 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
     # The KV cache splits like the rows (data x fsdp) and, where the tensor axis divides them, by kv heads.
     tensor = mesh.shape["tensor"]
     cache_split = split * (tensor if model_cfg.num_kv_heads % tensor == 0 else 1)
-    cache_bytes = (2 * model_cfg.num_layers * rows * (width + rl.max_new_tokens) * model_cfg.num_kv_heads
-                   * model_cfg.resolved_head_dim * np.dtype(DTYPES[model_cfg.dtype]).itemsize) // cache_split
+    cache_bytes = (
+        2
+        * model_cfg.num_layers
+        * rows
+        * (width + rl.max_new_tokens)
+        * model_cfg.num_kv_heads
+        * model_cfg.resolved_head_dim
+        * np.dtype(DTYPES[model_cfg.dtype]).itemsize
+    ) // cache_split
     started = time.perf_counter()
-    return _finish("rl rollout", topology, num_slices, slc, mesh, model_cfg, rows=rows,
-                   seq_len=width + rl.max_new_tokens, params_bytes=params_bytes, opt_bytes=0,
-                   analytic_bytes=params_bytes + cache_bytes,
-                   flops=rows * generate_flops_per_row(model_cfg, width, rl.max_new_tokens), attention="kv-cache",
-                   lowered=run.lower(params, prompts, valid, rng), started=started)
+    return _finish(
+        "rl rollout",
+        topology,
+        num_slices,
+        slc,
+        mesh,
+        model_cfg,
+        rows=rows,
+        seq_len=width + rl.max_new_tokens,
+        params_bytes=params_bytes,
+        opt_bytes=0,
+        analytic_bytes=params_bytes + cache_bytes,
+        flops=rows * generate_flops_per_row(model_cfg, width, rl.max_new_tokens),
+        attention="kv-cache",
+        lowered=run.lower(params, prompts, valid, rng),
+        started=started,
+    )
 
 
 def format_plans(plans: list[tuple[str, Plan]]) -> str:
     """One row per (config name, plan): per-device GiB against the chip's capacity."""
     width = max([6] + [len(name) for name, _ in plans])
-    head = (f"{'config':<{width}} {'slice':<12} {'params':>7} {'mesh d/f/t':>11} {'state GiB':>9} {'peak GiB':>9} "
-            f"{'HBM GiB':>8} {'fits':>5} {'attention':>9} {'PFLOP/step':>10} {'s@40%':>7} {'s@60%':>7}")
+    head = (
+        f"{'config':<{width}} {'slice':<12} {'params':>7} {'mesh d/f/t':>11} {'state GiB':>9} {'peak GiB':>9} "
+        f"{'HBM GiB':>8} {'fits':>5} {'attention':>9} {'PFLOP/step':>10} {'s@40%':>7} {'s@60%':>7}"
+    )
     lines = [head]
     for name, p in plans:
         mesh = f"{p.mesh['data']}/{p.mesh['fsdp']}/{p.mesh['tensor']}"
         peak = f"{p.peak_bytes / GIB:9.2f}" if p.peak_bytes is not None else f"{'OOM':>9}"
         slc = p.topology if p.slices == 1 else f"{p.slices}x{p.topology}"
         size = f"{p.params / 1e9:6.2f}B" if p.params >= 1e8 else f"{p.params / 1e6:6.1f}M"
-        lines.append(f"{name:<{width}} {slc:<12} {size} {mesh:>11} {p.analytic_bytes / GIB:9.2f} {peak} "
-                     f"{p.hbm_bytes / GIB:8.2f} {'yes' if p.fits else 'NO':>5} {p.attention:>9} {p.flops_per_step / 1e15:10.2f} "
-                     f"{p.step_seconds['40%']:7.2f} {p.step_seconds['60%']:7.2f}")
+        lines.append(
+            f"{name:<{width}} {slc:<12} {size} {mesh:>11} {p.analytic_bytes / GIB:9.2f} {peak} "
+            f"{p.hbm_bytes / GIB:8.2f} {'yes' if p.fits else 'NO':>5} {p.attention:>9} {p.flops_per_step / 1e15:10.2f} "
+            f"{p.step_seconds['40%']:7.2f} {p.step_seconds['60%']:7.2f}"
+        )
         if p.error:
             lines.append(f"  {p.error}")
     return "\n".join(lines)

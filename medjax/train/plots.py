@@ -60,9 +60,14 @@ def draw(runs: dict[str, Series], title: str, out_path: Path) -> Path:
             for j, k in enumerate(k for k in panel_keys if k in series):
                 evals = k.startswith("eval")
                 # One run: a colour per key. Several: a colour per run, a line style per key.
-                ax.plot(*zip(*series[k]), color=colours[(i if len(runs) > 1 else j) % len(colours)],
-                        linestyle=STYLES[j % len(STYLES)] if len(runs) > 1 else "-", marker="o" if evals else None,
-                        markersize=3, label=label(f"{run}: {k}" if len(runs) > 1 else k))
+                ax.plot(
+                    *zip(*series[k]),
+                    color=colours[(i if len(runs) > 1 else j) % len(colours)],
+                    linestyle=STYLES[j % len(STYLES)] if len(runs) > 1 else "-",
+                    marker="o" if evals else None,
+                    markersize=3,
+                    label=label(f"{run}: {k}" if len(runs) > 1 else k),
+                )
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -105,5 +110,7 @@ def plot_runs(workdirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         if names.count(name) > 1:
             name = f"{w.resolve().parent.name}/{name}"
         runs.setdefault(run_stage(w), {})[name] = read_series(metrics)
-    return [draw(by_run, f"{stage}: {', '.join(by_run)}", Path(out_dir) / f"{stage}.png")
-            for stage, by_run in sorted(runs.items())]
+    return [
+        draw(by_run, f"{stage}: {', '.join(by_run)}", Path(out_dir) / f"{stage}.png")
+        for stage, by_run in sorted(runs.items())
+    ]

@@ -45,19 +45,40 @@ class Stage:
 
 
 def _pretrain_data(cfg: Config, files, batch_size, train, process_index, process_count):
-    return pretrain_dataset(cfg.data, files=files, seq_len=cfg.data.seq_len, batch_size=batch_size, train=train,
-                            process_index=process_index, process_count=process_count)
+    return pretrain_dataset(
+        cfg.data,
+        files=files,
+        seq_len=cfg.data.seq_len,
+        batch_size=batch_size,
+        train=train,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def _sft_data(cfg: Config, files, batch_size, train, process_index, process_count):
-    return sft_dataset(cfg.data, files=files, seq_len=cfg.data.seq_len, batch_size=batch_size, train=train,
-                       process_index=process_index, process_count=process_count)
+    return sft_dataset(
+        cfg.data,
+        files=files,
+        seq_len=cfg.data.seq_len,
+        batch_size=batch_size,
+        train=train,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def _rm_data(cfg: Config, files, batch_size, train, process_index, process_count):
-    return preference_dataset(cfg.data, cfg.model.score_labels, files=files, seq_len=cfg.data.seq_len,
-                              batch_size=batch_size, train=train, process_index=process_index,
-                              process_count=process_count)
+    return preference_dataset(
+        cfg.data,
+        cfg.model.score_labels,
+        files=files,
+        seq_len=cfg.data.seq_len,
+        batch_size=batch_size,
+        train=train,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def _rl_rollout(cfg: Config, model, current_params, reference_params, batch_size, batch_sharding):
@@ -74,12 +95,18 @@ def _rl_objective(cfg: Config):
 
 STAGES: dict[str, Stage] = {
     "pretrain": Stage(lambda cfg: NextTokenObjective(), _pretrain_data, BATCH_KEYS, text_sources=True),
-    "sft": Stage(lambda cfg: NextTokenObjective(), _sft_data, BATCH_KEYS,
-                 lambda cfg, files: scan(chat_source(files), chat_converter(cfg.data, cfg.data.seq_len))),
+    "sft": Stage(
+        lambda cfg: NextTokenObjective(),
+        _sft_data,
+        BATCH_KEYS,
+        lambda cfg, files: scan(chat_source(files), chat_converter(cfg.data, cfg.data.seq_len)),
+    ),
     "reward_model": Stage(
-        lambda cfg: PairwiseRewardObjective(cfg.model.score_labels), _rm_data, PAIR_BATCH_KEYS,
-        lambda cfg, files: scan(chat_source(files), pair_converter(cfg.data, cfg.model.score_labels,
-                                                                   cfg.data.seq_len))),
+        lambda cfg: PairwiseRewardObjective(cfg.model.score_labels),
+        _rm_data,
+        PAIR_BATCH_KEYS,
+        lambda cfg, files: scan(chat_source(files), pair_converter(cfg.data, cfg.model.score_labels, cfg.data.seq_len)),
+    ),
     # The KL term compares with the weights the run started from.
     "rl": Stage(_rl_objective, None, ROW_KEYS, rollout=_rl_rollout, needs_reference=lambda cfg: cfg.rl.kl_coef > 0),
 }
@@ -111,7 +138,9 @@ def checked_stage(cfg: Config, where: str = "config") -> Stage:
     except ConfigError as e:
         raise ConfigError(f"{where}: key 'stage': {e}") from None
     if cfg.data.source != "files" and not spec.text_sources:
-        raise ConfigError(f"{where}: key 'data.source' is {cfg.data.source!r}, which feeds plain-text stages "
-                          f"({', '.join(n for n, s in STAGES.items() if s.text_sources)}); stage {cfg.stage} reads "
-                          "files (data.source: files)")
+        raise ConfigError(
+            f"{where}: key 'data.source' is {cfg.data.source!r}, which feeds plain-text stages "
+            f"({', '.join(n for n, s in STAGES.items() if s.text_sources)}); stage {cfg.stage} reads "
+            "files (data.source: files)"
+        )
     return spec

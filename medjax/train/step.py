@@ -30,8 +30,12 @@ def state_shardings(model: ModelDef, tx: optax.GradientTransformation, mesh: Mes
     # A frozen parameter's place in a masked state (optimizer.trainable) holds a MaskedNode: kept.
     masked = optax.transforms.MaskedNode
     opt_shard = optax.tree_map_params(
-        tx, lambda v, s: v if isinstance(v, masked) else s, abstract_opt, p_shard,
-        transform_non_params=lambda _: replicated(mesh), is_leaf=lambda v: isinstance(v, masked),
+        tx,
+        lambda v, s: v if isinstance(v, masked) else s,
+        abstract_opt,
+        p_shard,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda v: isinstance(v, masked),
     )
     return {"params": p_shard, "opt_state": opt_shard, "step": replicated(mesh), "rng": replicated(mesh)}
 
@@ -93,8 +97,12 @@ def make_train_step(
             micro, i = xs
             (total, (count, extra)), grads = grad_fn(params, micro, jax.random.fold_in(rng, i))
             g_acc, t_acc, c_acc, e_acc = carry
-            return (jax.tree.map(jnp.add, g_acc, grads), t_acc + total, c_acc + count,
-                    jax.tree.map(jnp.add, e_acc, extra)), None
+            return (
+                jax.tree.map(jnp.add, g_acc, grads),
+                t_acc + total,
+                c_acc + count,
+                jax.tree.map(jnp.add, e_acc, extra),
+            ), None
 
         accum = jax.tree.leaves(batch)[0].shape[0]
         first = jax.tree.map(lambda x: x[0], batch)

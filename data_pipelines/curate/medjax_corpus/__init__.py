@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from absl import logging as absl_logging
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 from etils import epath
 from tqdm import tqdm
 
@@ -48,15 +48,17 @@ class MedjaxCorpus(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "id": tfds.features.Text(),
-                "text": tfds.features.Text(),
-                "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "source": tfds.features.Text(),
-                "authority": tfds.features.Text(),
-                "lang": tfds.features.Text(),
-                "provenance": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "text": tfds.features.Text(),
+                    "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "source": tfds.features.Text(),
+                    "authority": tfds.features.Text(),
+                    "lang": tfds.features.Text(),
+                    "provenance": tfds.features.Text(),
+                }
+            ),
             # Curation's order is kept: a TFDS shuffle would only be undone by the loader's own.
             disable_shuffling=True,
             homepage="https://github.com/medjax/medjax",
@@ -67,13 +69,19 @@ class MedjaxCorpus(tfds.core.GeneratorBasedBuilder):
         if self._curated is None:
             return {}
         report = self._curation
-        return {"curated_dir": str(self._curated), "kept": report.get("kept", {}),
-                "authority": report.get("authority", {}), "lang": report.get("lang", {}),
-                "tokenizer": report["config"]["shards"]["tokenizer"]}
+        return {
+            "curated_dir": str(self._curated),
+            "kept": report.get("kept", {}),
+            "authority": report.get("authority", {}),
+            "lang": report.get("lang", {}),
+            "tokenizer": report["config"]["shards"]["tokenizer"],
+        }
 
     def _split_generators(self, dl_manager):
         if self._curated is None:
-            raise ValueError(f"{NAME} is built from a curation output: medjax data tfds-build CURATED_DIR --data-dir DIR")
+            raise ValueError(
+                f"{NAME} is built from a curation output: medjax data tfds-build CURATED_DIR --data-dir DIR"
+            )
         return {split: self._generate_examples(split) for split in SPLITS}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -84,8 +92,9 @@ class MedjaxCorpus(tfds.core.GeneratorBasedBuilder):
         eos = eos_id(tok)
         for path in sorted((self._curated / "clean").glob("*.jsonl")):
             with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(tqdm(f, desc=f"{split}: {path.name}", unit=" docs", leave=False),
-                                              start=1):
+                for lineno, line in enumerate(
+                    tqdm(f, desc=f"{split}: {path.name}", unit=" docs", leave=False), start=1
+                ):
                     if not line.strip():
                         continue
                     doc = json.loads(line)
@@ -93,10 +102,18 @@ class MedjaxCorpus(tfds.core.GeneratorBasedBuilder):
                         continue
                     ids = tok.encode(doc["text"]).ids + ([eos] if shards.get("add_eos", True) else [])
                     where = f"{doc.get('file', '')}:{doc.get('line', '')}"
-                    yield f"{path.name}:{lineno}", {
-                        "id": str(doc.get("id") or ""), "text": doc["text"], "tokens": np.asarray(ids, np.int32),
-                        "source": doc.get("source") or "", "authority": doc.get("authority") or "",
-                        "lang": doc.get("lang") or "", "provenance": doc.get("url") or where}
+                    yield (
+                        f"{path.name}:{lineno}",
+                        {
+                            "id": str(doc.get("id") or ""),
+                            "text": doc["text"],
+                            "tokens": np.asarray(ids, np.int32),
+                            "source": doc.get("source") or "",
+                            "authority": doc.get("authority") or "",
+                            "lang": doc.get("lang") or "",
+                            "provenance": doc.get("url") or where,
+                        },
+                    )
 
 
 def _split_of(doc: dict, shards: dict) -> str:
@@ -146,5 +163,8 @@ def build(curated_dir: str | os.PathLike, data_dir: str | os.PathLike, overwrite
             os.replace(staging / NAME / final.name, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"path": str(final), "splits": counts,
-            "counts": ", ".join(f"{name} {n:,}" for name, n in sorted(counts.items()))}
+    return {
+        "path": str(final),
+        "splits": counts,
+        "counts": ", ".join(f"{name} {n:,}" for name, n in sorted(counts.items())),
+    }
