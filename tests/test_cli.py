@@ -267,6 +267,8 @@ README_NOT_RUN = {
     "--num-processes": "one job of two processes started together (tests/test_multiprocess.py)",
     "openai:http": "needs that server (tests/test_vllm.py evaluates through it)",
     "medjax rag serve": "a service in front of vLLM (tests/test_vllm.py runs this command against one)",
+    "init_from=runs/smollm2": "SFT of the real 135M model (16 s a step on 2 cores; past 600 s when the machine is shared); "
+    "tests/test_real_model.py covers the model through medjax",
     "medjax plan": "compiles for a TPU slice (two minutes); tests/test_plan.py runs the command "
     "on this config (for one chip, which it does not fit)",
 }

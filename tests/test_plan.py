@@ -98,7 +98,7 @@ def test_rl_rollout_sampler_is_planned_beside_the_update():
 
     config = REPO_ROOT / "configs" / "demo" / "rl_verifiable.yaml"
     cfg = load_config(config, ["vars.demo=/nonexistent"])
-    with pytest.raises(ValueError, match="needs stage: rl"):
+    with pytest.raises(ValueError, match="stage pretrain samples no rollouts"):
         plan_rollout(_demo(), "v5e-4")
     with pytest.raises(ValueError, match="9 rollout rows cannot be split over mesh data x fsdp = 4"):
         plan_rollout(
