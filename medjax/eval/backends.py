@@ -254,6 +254,11 @@ class LocalModel:
         return texts
 
 
+# vLLM's completions field for a prompt that carries its chat template's special tokens; sent only
+# then, so a server without the field (not vLLM) sees plain OpenAI requests otherwise.
+_TEMPLATED_REQUEST = {"add_special_tokens": False}
+
+
 class ServerModel:
     """An OpenAI-compatible completions server (vLLM). Log-likelihoods use the completions API's
     echo with prompt log-probabilities, the way lm-evaluation-harness scores served models."""
@@ -289,7 +294,7 @@ class ServerModel:
                 temperature=0.0,
                 echo=True,
                 logprobs=1,
-                extra_body={"add_special_tokens": not templated},
+                extra_body=_TEMPLATED_REQUEST if templated else None,
             )
             lp = r.choices[0].logprobs
             start = len(context)
@@ -312,7 +317,7 @@ class ServerModel:
                 temperature=settings.temperature,
                 top_p=settings.top_p,
                 seed=settings.seed,
-                extra_body={"add_special_tokens": not settings.templated},
+                extra_body=_TEMPLATED_REQUEST if settings.templated else None,
             )
             return r.choices[0].text
 
