@@ -1,6 +1,7 @@
 """The import graph DESIGN.md declares: no module imports another that (directly or through others)
 imports it back, and no package imports one of a higher layer. Read from the source with `ast`,
-imports inside functions included (they hide edges, not remove them)."""
+imports inside functions included (they hide edges, not remove them); imports under
+`if TYPE_CHECKING:` are left out, as they never run."""
 
 import ast
 from collections import defaultdict
@@ -43,7 +44,17 @@ def _modules(*roots: Path) -> dict[str, Path]:
 def _imports(f: Path, known: set[str]) -> list[tuple[str, int]]:
     """(module, line) for each medjax module ``f`` imports; `from pkg import mod` counts as mod."""
     out = []
-    for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"), str(f))):
+    tree = ast.parse(f.read_text(encoding="utf-8"), str(f))
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             subs = [f"{node.module}.{a.name}" for a in node.names]
             names = [n for n in subs if n in known] or [node.module]
@@ -144,3 +155,20 @@ def test_the_checks_find_a_cycle_and_an_upward_import(tmp_path):
     graph = import_graph(pkg)
     assert cycles(graph) == [["medjax.models.a", "medjax.train.b"]]
     assert upward_imports(graph) == ["medjax.models.a:1 imports medjax.train.b (train is not below models)"]
+
+
+def test_type_only_imports_are_not_edges(tmp_path):
+    """An import under `if TYPE_CHECKING:` never runs, so it closes no circle (models/families.py
+    names ModelConfig that way, while models/config.py imports the family table)."""
+    pkg = tmp_path / "medjax"
+    (pkg / "models").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models" / "__init__.py").write_text("")
+    (pkg / "models" / "a.py").write_text("from medjax.models import b\n")
+    (pkg / "models" / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from medjax.models import a\nimport medjax.models.c\n"
+    )
+    (pkg / "models" / "c.py").write_text("")
+    graph = import_graph(pkg)
+    assert cycles(graph) == []
+    assert set(graph["medjax.models.b"]) == {"medjax.models.c"}

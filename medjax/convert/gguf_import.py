@@ -21,9 +21,10 @@ import numpy as np
 
 from medjax.convert import ConversionError
 from medjax.convert.checkpoints import save_model_dir
-from medjax.convert.hf_config import ARCHITECTURES, from_hf_config
+from medjax.convert.hf_config import from_hf_config
 from medjax.convert.hf_import import checked_tensors
 from medjax.models.config import ModelConfig
+from medjax.models.families import FAMILIES
 
 REAL_EXTRA_HINT = "reading GGUF files needs the `gguf` package: pip install 'medjax[real]'"
 
@@ -93,11 +94,13 @@ class GGUFFile:
             raise ConversionError(f"{self.path}: not a readable GGUF file: {e}") from e
         self._dequantize = gguf.dequantize
         self.arch = str(self.field("general.architecture"))
-        if self.arch not in ARCHITECTURES:
+        by_gguf = {spec.gguf_architecture: spec for spec in FAMILIES.values() if spec.gguf_architecture}
+        if self.arch not in by_gguf:
             raise ConversionError(
                 f"{self.path}: GGUF architecture {self.arch!r} is not supported "
-                f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+                f"(supported: {', '.join(sorted(by_gguf))})"
             )
+        self.family = by_gguf[self.arch]
         self._tensors = {}
         for t in self._reader.tensors:
             self._tensors[self._hf_name(t.name)] = t
@@ -128,8 +131,8 @@ class GGUFFile:
         head_dim = self.field(f"{a}.attention.key_length", None)
         vocab = self.field(f"{a}.vocab_size", None) or len(self.field("tokenizer.ggml.tokens"))
         cfg = {
-            "architectures": [ARCHITECTURES[a]],
-            "model_type": a,
+            "architectures": [self.family.hf_architecture],
+            "model_type": self.family.hf_model_type,
             "vocab_size": int(vocab),
             "hidden_size": hidden,
             "intermediate_size": int(self.field(f"{a}.feed_forward_length")),

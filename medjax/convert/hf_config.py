@@ -1,4 +1,4 @@
-"""ModelConfig <-> Hugging Face config.json for the llama, qwen2 and qwen3 families."""
+"""ModelConfig <-> Hugging Face config.json, for every family models/families.py registers."""
 
 from __future__ import annotations
 
@@ -6,31 +6,41 @@ from typing import Any
 
 from medjax.convert import ConversionError
 from medjax.models.config import ModelConfig, RopeScaling
-
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# Reward models (ModelConfig.score_labels set) use HF's sequence-classification head instead.
-REWARD_ARCHITECTURES = {
-    family: arch.replace("ForCausalLM", "ForSequenceClassification") for family, arch in ARCHITECTURES.items()
-}
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-FAMILY_OF_ARCH = {arch: family for table in (ARCHITECTURES, REWARD_ARCHITECTURES) for family, arch in table.items()}
+from medjax.models.families import FAMILIES, FamilySpec
 
 
 def family_of(hf: dict[str, Any], where: str) -> str:
+    """The name of the family a config.json stands for."""
+    return spec_of(hf, where).name
+
+
+def spec_of(hf: dict[str, Any], where: str) -> FamilySpec:
+    """The family entry a config.json stands for: by its architecture class (causal LM or reward
+    model), else by its model_type."""
     for arch in hf.get("architectures") or []:
-        if arch in FAMILY_OF_ARCH:
-            return FAMILY_OF_ARCH[arch]
-    model_type = hf.get("model_type")
-    if model_type in MODEL_TYPES.values():
-        return model_type
+        for spec in FAMILIES.values():
+            if arch in (spec.hf_architecture, spec.hf_reward_architecture):
+                return spec
+    for spec in FAMILIES.values():
+        if hf.get("model_type") == spec.hf_model_type:
+            return spec
+    supported = sorted(spec.hf_architecture for spec in FAMILIES.values())
     raise ConversionError(
-        f"{where}: unsupported architecture {hf.get('architectures')} / model_type {model_type!r}; "
-        f"supported: {sorted(ARCHITECTURES.values())}"
+        f"{where}: unsupported architecture {hf.get('architectures')} / model_type {hf.get('model_type')!r}; "
+        f"supported: {supported}"
     )
 
 
+def _is_reward_model(hf: dict[str, Any]) -> bool:
+    rewards = {spec.hf_reward_architecture for spec in FAMILIES.values()}
+    return any(arch in rewards for arch in hf.get("architectures") or [])
+
+
 def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    family = family_of(hf, where)
+    spec = spec_of(hf, where)
+    for flag in spec.unsupported_hf_flags:
+        if hf.get(flag):
+            raise ConversionError(f"{where}: {flag}=true is not supported for {spec.name}")
     rope = dict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -50,7 +60,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         heads = int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim")
         cfg = ModelConfig(
-            family=family,
+            family=spec.name,
             vocab_size=int(hf["vocab_size"]),
             hidden_size=int(hf["hidden_size"]),
             intermediate_size=int(hf["intermediate_size"]),
@@ -62,8 +72,11 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             rope_scaling=scaling,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
-            qk_norm=family == "qwen3",
+            **{
+                "attention_bias": bool(hf.get("attention_bias", False)),
+                "qk_norm": False,
+                **spec.fixed_fields,
+            },
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
             bos_token_id=_first(hf.get("bos_token_id")),
             eos_token_id=_first(hf.get("eos_token_id")),
@@ -71,15 +84,13 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         )
     except KeyError as e:
         raise ConversionError(f"{where}: missing key {e.args[0]!r}") from None
-    if family == "llama" and hf.get("mlp_bias"):
-        raise ConversionError(f"{where}: mlp_bias=true is not supported")
     return cfg.validate()
 
 
 def _score_labels(hf: dict[str, Any], where: str) -> list[str]:
     """A *ForSequenceClassification config is a reward model: its labels are id2label in index
     order (HF writes the keys as strings), else HF's default names for num_labels."""
-    if not any(arch in REWARD_ARCHITECTURES.values() for arch in hf.get("architectures") or []):
+    if not _is_reward_model(hf):
         return []
     id2label = hf.get("id2label")
     if not id2label:
@@ -100,6 +111,7 @@ def _first(value):
 
 
 def to_hf_config(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+    spec = FAMILIES[cfg.validate().family]
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
@@ -112,8 +124,8 @@ def to_hf_config(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, A
             "original_max_position_embeddings": s.original_max_position_embeddings,
         }
     out: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[cfg.family]],
-        "model_type": MODEL_TYPES[cfg.family],
+        "architectures": [spec.hf_architecture],
+        "model_type": spec.hf_model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -140,18 +152,13 @@ def to_hf_config(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, A
         # batches when none is set. The eos id stands in, as the bundled tokenizer pads with eos;
         # scored sequences (ChatML) end with the template's newline, never with the pad id.
         out.update(
-            architectures=[REWARD_ARCHITECTURES[cfg.family]],
+            architectures=[spec.hf_reward_architecture],
             num_labels=len(cfg.score_labels),
             id2label={str(i): label for i, label in enumerate(cfg.score_labels)},
             label2id={label: i for i, label in enumerate(cfg.score_labels)},
             pad_token_id=cfg.eos_token_id,
         )
-    if cfg.family == "llama":
-        out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-    else:
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
-    if cfg.family == "qwen3":
-        out["attention_bias"] = False
+    out.update(spec.hf_extra_keys(cfg))
     return out
 
 

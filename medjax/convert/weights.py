@@ -6,13 +6,14 @@ Every transform is a transpose/reshape, so values are copied bit for bit in both
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from medjax.models.config import ModelConfig
+from medjax.models.families import Layout, family_spec
 
 Path = tuple[str | int, ...]
 
@@ -22,85 +23,60 @@ class TensorMap:
     path: Path  # key path in the params dict
     hf_name: str
     shape: tuple[int, ...]  # medjax shape
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    from_hf: Callable[[np.ndarray], np.ndarray]
+    layout: Layout
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
         """HF keeps [out, in] matrices and flattens heads: the shape follows from ours alone."""
-        name, shape = self.hf_name, self.shape
-        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            return (shape[1] * shape[2], shape[0])
-        if name.endswith("o_proj.weight"):
-            return (shape[2], shape[0] * shape[1])
-        if name.endswith("_proj.bias"):
-            return (shape[0] * shape[1],)
-        if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight", "score.weight")):
-            return (shape[1], shape[0])
-        return shape
+        s = self.shape
+        return {
+            "copy": lambda: s,
+            "transpose": lambda: (s[1], s[0]),
+            "heads_in": lambda: (s[1] * s[2], s[0]),
+            "heads_out": lambda: (s[2], s[0] * s[1]),
+            "heads_bias": lambda: (s[0] * s[1],),
+        }[self.layout]()
 
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        """medjax layout -> HF layout (a transpose or reshape: values copied bit for bit)."""
+        if self.layout == "copy":
+            return x
+        if self.layout == "transpose":
+            return np.ascontiguousarray(x.T)
+        return np.ascontiguousarray(x.reshape(self.shape).reshape(self._flat_medjax()).T).reshape(self.hf_shape)
 
-def _same(x):
-    return x
+    def from_hf(self, x: np.ndarray) -> np.ndarray:
+        """HF layout -> medjax layout."""
+        if self.layout == "copy":
+            return x
+        if self.layout == "transpose":
+            return np.ascontiguousarray(x.T)
+        return np.ascontiguousarray(x.reshape(self.hf_shape).T).reshape(self.shape)
 
-
-def _t(x):
-    return np.ascontiguousarray(x.T)
+    def _flat_medjax(self) -> tuple[int, ...]:
+        """Our shape with heads flattened: the HF shape's transpose."""
+        s = self.shape
+        if self.layout == "heads_in":
+            return (s[0], s[1] * s[2])
+        if self.layout == "heads_out":
+            return (s[0] * s[1], s[2])
+        return (s[0] * s[1],)
 
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
-    e, m, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-
-    def heads_in(n):  # HF [n*d, e] <-> medjax [e, n, d]
-        return (
-            lambda x: np.ascontiguousarray(x.reshape(e, n * d).T),
-            lambda x: np.ascontiguousarray(x.T.reshape(e, n, d)),
-        )
-
-    def heads_out():  # HF [e, h*d] <-> medjax [h, d, e]
-        return (
-            lambda x: np.ascontiguousarray(x.reshape(h * d, e).T),
-            lambda x: np.ascontiguousarray(x.T.reshape(h, d, e)),
-        )
-
-    def bias(n):  # HF [n*d] <-> medjax [n, d]
-        return (lambda x: x.reshape(n * d), lambda x: np.ascontiguousarray(x.reshape(n, d)))
-
-    maps = [TensorMap(("embed",), "model.embed_tokens.weight", (v, e), _same, _same)]
+    """Every tensor of ``cfg``'s model, per layer from its family's table (models/families.py)."""
+    e, v = cfg.hidden_size, cfg.vocab_size
+    layer = family_spec(cfg.family).layer_tensors(cfg)
+    maps = [TensorMap(("embed",), "model.embed_tokens.weight", (v, e), "copy")]
     for i in range(cfg.num_layers):
-        hf, me = f"model.layers.{i}", ("layers", i)
-        maps += [
-            TensorMap((*me, "attn_norm", "scale"), f"{hf}.input_layernorm.weight", (e,), _same, _same),
-            TensorMap((*me, "attn", "wq"), f"{hf}.self_attn.q_proj.weight", (e, h, d), *heads_in(h)),
-            TensorMap((*me, "attn", "wk"), f"{hf}.self_attn.k_proj.weight", (e, kv, d), *heads_in(kv)),
-            TensorMap((*me, "attn", "wv"), f"{hf}.self_attn.v_proj.weight", (e, kv, d), *heads_in(kv)),
-            TensorMap((*me, "attn", "wo"), f"{hf}.self_attn.o_proj.weight", (h, d, e), *heads_out()),
-        ]
-        if cfg.attention_bias:
-            maps += [
-                TensorMap((*me, "attn", "bq"), f"{hf}.self_attn.q_proj.bias", (h, d), *bias(h)),
-                TensorMap((*me, "attn", "bk"), f"{hf}.self_attn.k_proj.bias", (kv, d), *bias(kv)),
-                TensorMap((*me, "attn", "bv"), f"{hf}.self_attn.v_proj.bias", (kv, d), *bias(kv)),
-            ]
-        if cfg.qk_norm:
-            maps += [
-                TensorMap((*me, "attn", "q_norm", "scale"), f"{hf}.self_attn.q_norm.weight", (d,), _same, _same),
-                TensorMap((*me, "attn", "k_norm", "scale"), f"{hf}.self_attn.k_norm.weight", (d,), _same, _same),
-            ]
-        maps += [
-            TensorMap((*me, "mlp_norm", "scale"), f"{hf}.post_attention_layernorm.weight", (e,), _same, _same),
-            TensorMap((*me, "mlp", "w_gate"), f"{hf}.mlp.gate_proj.weight", (e, m), _t, _t),
-            TensorMap((*me, "mlp", "w_up"), f"{hf}.mlp.up_proj.weight", (e, m), _t, _t),
-            TensorMap((*me, "mlp", "w_down"), f"{hf}.mlp.down_proj.weight", (m, e), _t, _t),
-        ]
-    maps.append(TensorMap(("final_norm", "scale"), "model.norm.weight", (e,), _same, _same))
+        maps += [TensorMap(("layers", i, *t.path), f"model.layers.{i}.{t.hf_name}", t.shape, t.layout) for t in layer]
+    maps.append(TensorMap(("final_norm", "scale"), "model.norm.weight", (e,), "copy"))
     if cfg.score_labels:
         # A reward model has no LM head (tied or not): HF *ForSequenceClassification keeps its
         # bias-free head as `score.weight` [labels, hidden], ours is [hidden, labels].
-        maps.append(TensorMap(("score",), "score.weight", (e, len(cfg.score_labels)), _t, _t))
+        maps.append(TensorMap(("score",), "score.weight", (e, len(cfg.score_labels)), "transpose"))
     elif not cfg.tie_word_embeddings:
-        maps.append(TensorMap(("lm_head",), "lm_head.weight", (e, v), _t, _t))
+        maps.append(TensorMap(("lm_head",), "lm_head.weight", (e, v), "transpose"))
     return maps
 
 

@@ -1,9 +1,11 @@
-"""Model hyper-parameters for the Llama 3, Qwen2/2.5 and Qwen3 decoder families."""
+"""Model hyper-parameters of the decoder; what each family fixes is its entry in models/families.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+from medjax.models.families import family_spec
 
 
 @dataclass
@@ -23,7 +25,8 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 
 @dataclass
 class ModelConfig:
-    family: Literal["llama", "qwen2", "qwen3"] = "qwen2"
+    # A key of medjax.models.families.FAMILIES (llama, qwen2, qwen3): the family's one entry.
+    family: str = "qwen2"
     vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 768
@@ -68,6 +71,7 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
     def validate(self) -> "ModelConfig":
+        family_spec(self.family)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}"

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medjax.models.config import ModelConfig
-from medjax.models.layers import DTYPES, DecoderBlock, LayerCache, RMSNorm, param
+from medjax.models.families import family_spec
+from medjax.models.layers import BLOCK_TYPES, DTYPES, DecoderBlock, LayerCache, RMSNorm, param
 from medjax.models.sharding import constrain
 
 ACTIVATION = ("batch", None, None)  # [batch, seq, hidden]: the batch stays split, like the data
@@ -20,15 +21,17 @@ REMAT_POLICIES = {
 
 
 class Decoder(nnx.Module):
-    """Llama 3 / Qwen2 / Qwen3 decoder. Inputs may be packed: ``segment_ids`` keep documents
-    apart in attention and ``positions`` restart RoPE at each document."""
+    """The decoder of every registered family (models/families.py), its layers of the family's
+    block type. Inputs may be packed: ``segment_ids`` keep documents apart in attention and
+    ``positions`` restart RoPE at each document."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
         pdt = DTYPES[cfg.param_dtype]
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range, pdt, ("vocab", "embed"))
-        blocks = [DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        block = BLOCK_TYPES[family_spec(cfg.family).block_type]
+        blocks = [block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
         # Scanned: one block whose params are all blocks' stacked on a leading "layers" axis.
         self.layers = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)

@@ -177,3 +177,7 @@ class DecoderBlock(nnx.Module):
         h, cache = self.attn(self.attn_norm(x), positions, segment_ids, mask=mask, cache=cache, index=index)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache
+
+
+# Block types by the name a family's entry (models/families.py) gives as its block_type.
+BLOCK_TYPES: dict[str, type[nnx.Module]] = {"dense": DecoderBlock}

@@ -15,11 +15,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from medjax.models.families import FAMILIES
+
 log = logging.getLogger(__name__)
 
 MeshAxes = str | tuple[str, ...] | None
 
-LOGICAL_AXIS_RULES: Mapping[str, MeshAxes] = {
+# The dense blocks' axes; a family whose blocks name more (e.g. "experts") brings their rules in
+# its models/families.py entry, merged below.
+_DENSE_AXIS_RULES: Mapping[str, MeshAxes] = {
     "batch": ("data", "fsdp"),
     "layers": None,  # the stacked axis of scanned layers: every device holds its share of each layer
     "vocab": "tensor",
@@ -30,6 +34,19 @@ LOGICAL_AXIS_RULES: Mapping[str, MeshAxes] = {
     "head_dim": None,
     "norm": None,
 }
+
+
+def _with_family_rules(base: Mapping[str, MeshAxes]) -> dict[str, MeshAxes]:
+    rules = dict(base)
+    for spec in FAMILIES.values():
+        for axis, mesh_axes in spec.axis_rules.items():
+            if rules.get(axis, mesh_axes) != mesh_axes:
+                raise ValueError(f"family {spec.name}: logical axis {axis!r} already maps to {rules[axis]!r}")
+            rules[axis] = mesh_axes
+    return rules
+
+
+LOGICAL_AXIS_RULES: Mapping[str, MeshAxes] = _with_family_rules(_DENSE_AXIS_RULES)
 
 
 def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:

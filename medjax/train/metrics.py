@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from medjax.models.config import ModelConfig
+from medjax.models.families import family_spec
 from medjax.parallel.topologies import GENERATIONS
 from medjax.utils import atomic_write_text
 
@@ -36,11 +37,9 @@ def peak_flops_per_device(override: float = 0.0) -> float | None:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights a token multiplies by (projections, MLP, head; not the embedding lookup)."""
-    e, m, d = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
-    h, kv = cfg.num_heads, cfg.num_kv_heads
-    per_layer = e * h * d * 2 + e * kv * d * 2 + 3 * e * m
+    per_layer = family_spec(cfg.family).layer_matmul_params(cfg)
     head = len(cfg.score_labels) if cfg.score_labels else cfg.vocab_size
-    return cfg.num_layers * per_layer + e * head
+    return cfg.num_layers * per_layer + cfg.hidden_size * head
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
