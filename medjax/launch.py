@@ -263,3 +263,39 @@ def execute(steps: list[Step]) -> None:
     for i, s in enumerate(steps, 1):
         print(f"# {i}. {s.what}\n{s.command}", flush=True)
         subprocess.run(s.command, shell=True, check=True)
+
+
+def _cmd_launch(args) -> int:
+    req = LaunchRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LaunchRequest)})
+    steps = plan_launch(req)
+    if args.execute:
+        execute(steps)
+    else:
+        print(render(steps) + "\n# nothing was run: add --execute to run these in order")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """`medjax launch`, registered on medjax's parser."""
+    p = sub.add_parser(
+        "launch",
+        help="print (or, with --execute, run) the commands that train CONFIG on a TPU pod slice or a SLURM GPU cluster",
+    )
+    p.add_argument("config", help="YAML config file (a path inside this checkout: the hosts run it from a copy)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    p.add_argument("--name", required=True, help="the slice / workload / job name")
+    p.add_argument("--tpu", help="slice type, e.g. v5p-128, v5e-256")
+    p.add_argument("--zone", help="Cloud TPU zone, e.g. us-east5-a")
+    p.add_argument("--project", help="Google Cloud project (default: gcloud's)")
+    p.add_argument("--slices", type=int, default=1, help="slices (one for now)")
+    p.add_argument("--queued", action="store_true", help="request the slice as a queued resource")
+    p.add_argument("--workdir", help="the run's workdir, on storage all hosts see (gs://bucket/run)")
+    p.add_argument("--xpk", action="store_true", help="an xpk workload on a GKE cluster instead of TPU VMs")
+    p.add_argument("--cluster", help="--xpk: the GKE cluster")
+    p.add_argument("--docker-image", help="--xpk: an image with medjax installed in /app")
+    p.add_argument("--slurm", action="store_true", help="an sbatch script for a SLURM GPU cluster")
+    p.add_argument("--nodes", type=int, default=1, help="--slurm: nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="--slurm: GPUs per node")
+    p.add_argument("--partition", help="--slurm: partition")
+    p.add_argument("--execute", action="store_true", help="run the commands (default: print them)")
+    p.set_defaults(func=_cmd_launch)

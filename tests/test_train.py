@@ -271,3 +271,28 @@ def test_only_the_trainable_parameters_change(world, tmp_path):
     assert resumed.step == 4 and sorted(resumed.losses) == [4]  # the masked optimizer state restores
     with pytest.raises(ConfigError, match="'optimizer.trainable': 'lora_a' matches no parameter"):
         train(tiny_config(world, tmp_path / "none", "optimizer.trainable=[lora_a]"))
+
+
+def test_a_hook_sees_every_step_and_the_stop_and_runs_after_the_built_in_ones(make_config, tmp_path):
+    """The loop's seam: a hook passed to train() is called after each step with the state the
+    step produced, is told where the run stops (here a supervisor's stop at step 3, which the
+    checkpoint hook before it has already saved), and gets one at_end call."""
+    from medjax.train.checkpoint import Checkpoints
+    from medjax.train.loop import Hook
+
+    seen, ends = [], []
+
+    class Recorder(Hook):
+        def after_step(self, ctx):
+            seen.append((ctx.step, ctx.stopping, ctx.last, int(ctx.state["step"])))
+            if ctx.stopping:
+                with Checkpoints(tmp_path / "checkpoints") as ckpts:
+                    ends.append(("saved", ckpts.latest_step()))
+
+        def at_end(self, ctx, completed):
+            ends.append((ctx.step, completed, ctx.result.preempted))
+
+    result = train(make_config(tmp_path, "train.max_steps=6"), should_stop=lambda step: step == 3, hooks=[Recorder()])
+    assert result.preempted and result.step == 3
+    assert seen == [(1, False, False, 1), (2, False, False, 2), (3, True, False, 3)]
+    assert ends == [("saved", 3), (3, True, True)]

@@ -14,6 +14,11 @@ import dataclasses
 
 from medjax.config import ConfigError
 
+# The scoring settings `medjax eval` chooses among, here (no jax) so that the parser can list them.
+MODES = ("loglikelihood", "generate")
+CHOICES = ("letters", "texts")
+TEXT_NORMS = ("chars", "bytes", "none")  # lm-eval's acc_norm, acc_bytes, acc
+
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:

@@ -26,16 +26,13 @@ from tqdm import tqdm
 from medjax.config import ConfigError
 from medjax.eval.backends import GenerationSettings, LoglikelihoodRequest, open_model
 from medjax.eval.prompts import ChatFormatter
+from medjax.eval.protocols import CHOICES, MODES, TEXT_NORMS
 from medjax.eval.report import format_table, plot_groups, summarise
 from medjax.tasks.answers import extract_for_item, score
 from medjax.tasks.items import ExamItem
 from medjax.tasks.prompts import PromptConfig, Retriever, answer_continuation, build_prompt, fit_passages, pick_shots
 from medjax.tasks.readers import read_benchmark
 from medjax.utils import atomic_open, atomic_write_text
-
-MODES = ("loglikelihood", "generate")
-CHOICES = ("letters", "texts")
-TEXT_NORMS = ("chars", "bytes", "none")  # lm-eval's acc_norm, acc_bytes, acc
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,16 +1,16 @@
-"""The one training loop. Every stage (pretrain, SFT, reward model; RL next) runs here with its
-objective and data plugged in (train/stages.py): the loop owns the mesh, sharded state, starting
-weights (init_from), data iterator, checkpoints (exact resume), evaluation, the non-finite guard,
-metrics and preemption."""
+"""The one training loop. Every stage (pretrain, SFT, reward model, RL) runs here with its
+objective and data plugged in (train/stages.py). A run is built first (`_build`: sharded state,
+starting weights, data iterator, restore, compiled steps), then stepped (`_loop`), with logging,
+the non-finite guard, evaluation and checkpoints as hooks (train/hooks.py) and preemption as the
+loop's one stop condition."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import signal
-import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from medjax.parallel.rules import batch_sharding
 from medjax.train import init_from
 from medjax.train.checkpoint import Checkpoints
 from medjax.train.geometry import BatchGeometry
+from medjax.train.hooks import CheckpointHook, EvalHook, Hook, LogHook, StepContext, TrainingError, TrainResult
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train.objectives import Objective
 from medjax.train.optimizer import check_trainable, make_optimizer
@@ -33,21 +34,8 @@ from medjax.train.stages import Stage, batch_dtypes, checked_stage
 from medjax.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
 from medjax.utils import atomic_write_text
 
-
-class TrainingError(RuntimeError):
-    pass
-
-
-@dataclasses.dataclass
-class TrainResult:
-    step: int
-    losses: dict[int, float]
-    eval_losses: dict[int, float]
-    preempted: bool = False
-    resumed_from: int | None = None
-    # Every eval record by step ({eval_loss, eval_accuracy, ...}); step 0 when train.eval_at_start.
-    eval_metrics: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
-    data_stats: dict[str, int] | None = None
+# TrainingError and TrainResult live with the hooks that raise and fill them; callers import them here.
+__all__ = ["Hook", "StepContext", "TrainResult", "TrainingError", "eval_rows", "evaluate", "train"]
 
 
 class _StopSignal:
@@ -96,9 +84,11 @@ def train(
     objective: Objective | None = None,
     *,
     should_stop: Callable[[int], bool] | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> TrainResult:
     """Trains (or resumes) the run in ``cfg.workdir``. ``should_stop(step)`` lets a supervisor
-    end the run early the way a preemption does: checkpoint, then return."""
+    end the run early the way a preemption does: checkpoint, then return. ``hooks`` run after the
+    built-in ones (log, eval, checkpoint) at every step."""
     spec = checked_stage(cfg)  # before anything is started or written
     initialize_distributed(cfg.mesh)
     settings = dataclasses.asdict(cfg)
@@ -113,26 +103,30 @@ def train(
     # Closed on every exit path, errors included: a manager left open has Orbax background
     # threads that fail with a traceback at interpreter shutdown, burying the real error.
     with Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing) as ckpts:
-        return _train(cfg, spec, objective, should_stop, mesh, geo, ckpts)
+        return _train(cfg, spec, objective, should_stop, mesh, geo, ckpts, hooks)
 
 
-def _train(
-    cfg: Config,
-    spec: Stage,
-    objective: Objective | None,
-    should_stop: Callable[[int], bool] | None,
-    mesh,
-    geo: BatchGeometry,
-    ckpts: Checkpoints,
-) -> TrainResult:
+@dataclasses.dataclass
+class Run:
+    """Everything a run is built from before its first step: the sharded state (restored when
+    resuming), the data it steps on and the compiled step functions."""
+
+    objective: Objective
+    state: dict
+    data_iter: Iterator
+    train_step: Callable
+    eval_step: Callable | None
+    start: int
+    streams: int | None
+    stats: object | None  # the stage's record scan (SFT, reward model), first start only
+
+
+def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckpts: Checkpoints, say) -> Run:
     tc = cfg.train
-    workdir = Path(cfg.workdir)
-    is_main = jax.process_index() == 0
-    say = tqdm.write if is_main else (lambda *args, **kwargs: None)  # one voice for the whole job
     start = ckpts.latest_step() or 0
     source = _resolve_init(cfg, resuming=bool(start))
     objective = objective or spec.objective(cfg)
-    if is_main:
+    if jax.process_index() == 0:
         _write_run_config(cfg)
     stats = None
     if spec.scan is not None and not start:
@@ -154,11 +148,17 @@ def _train(
         state["params"], report = init_from.load_params(source, state["params"], shardings["params"], cfg.model)
         say(f"initialised from {source.path}: {report.summary()}")
     reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
+    holder: list[Run] = []  # the sampler reads the params the loop holds now, through this
+
+    def current_params():
+        return holder[0].state["params"] if holder else state["params"]
+
+    streams = None
     if spec.rollout is not None:
         data_iter = spec.rollout(
             cfg,
             model,
-            lambda: state["params"],
+            current_params,
             (lambda: reference) if reference else None,
             tc.global_batch_size,
             batch_sharding(mesh),
@@ -175,28 +175,53 @@ def _train(
         )
     if start:
         state, _ = ckpts.restore(start, state, data_iter)
-    train_step = make_train_step(model, objective, tx, schedule, mesh, shardings)
+        say(f"resumed from step {start} ({ckpts.directory})")
     evaluates = cfg.data.has_eval() and spec.dataset is not None
-    eval_step = make_eval_step(model, objective, mesh, shardings) if evaluates else None
-    step_sharding = batch_sharding(mesh, leading_dims=1)
-    batch_shape = (geo.accum, geo.micro, geo.seq_len)
-
-    writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
-    if stats is not None:
-        writer.write(0, stats.metrics())
-    peak = peak_flops_per_device(tc.peak_flops_per_device)
-    step_log = StepLog(
-        tokens_per_step=geo.global_batch * geo.seq_len,
-        flops_per_token=train_flops_per_token(cfg.model, geo.seq_len),
-        peak_flops=peak * jax.device_count() if peak else None,
+    holder.append(
+        Run(
+            objective=objective,
+            state=state,
+            data_iter=data_iter,
+            train_step=make_train_step(model, objective, tx, schedule, mesh, shardings),
+            eval_step=make_eval_step(model, objective, mesh, shardings) if evaluates else None,
+            start=start,
+            streams=streams,
+            stats=stats,
+        )
     )
-    meta = {"stage": cfg.stage, "model": dataclasses.asdict(cfg.model)}
+    return holder[0]
+
+
+def _train(
+    cfg: Config,
+    spec: Stage,
+    objective: Objective | None,
+    should_stop: Callable[[int], bool] | None,
+    mesh,
+    geo: BatchGeometry,
+    ckpts: Checkpoints,
+    extra_hooks: Sequence[Hook],
+) -> TrainResult:
+    tc = cfg.train
+    is_main = jax.process_index() == 0
+    say = tqdm.write if is_main else (lambda *args, **kwargs: None)  # one voice for the whole job
+    run = _build(cfg, spec, objective, mesh, geo, ckpts, say)
+    start = run.start
+    writer = MetricsWriter(Path(cfg.workdir), resume_step=start, enabled=is_main)
+    if run.stats is not None:
+        writer.write(0, run.stats.metrics())
     result = TrainResult(
         step=start,
         losses={},
         eval_losses={},
         resumed_from=start or None,
-        data_stats=stats.metrics() if stats is not None else None,
+        data_stats=run.stats.metrics() if run.stats is not None else None,
+    )
+    peak = peak_flops_per_device(tc.peak_flops_per_device)
+    step_log = StepLog(
+        tokens_per_step=geo.global_batch * geo.seq_len,
+        flops_per_token=train_flops_per_token(cfg.model, geo.seq_len),
+        peak_flops=peak * jax.device_count() if peak else None,
     )
     bar = tqdm(
         total=tc.max_steps,
@@ -205,19 +230,29 @@ def _train(
         disable=not (tc.progress_bar and is_main) or None,
         dynamic_ncols=True,
     )
-    if start:
-        say(f"resumed from step {start} ({ckpts.directory})")
+    log = LogHook(writer, step_log, bar, tc, ckpts, getattr(run.data_iter, "pop_metrics", None), is_main)
+    hooks: list[Hook] = [log]
+    if run.eval_step is not None:
 
-    def run_eval(step: int) -> None:
-        record = evaluate(eval_step, objective, state["params"], cfg, mesh, spec, streams)
-        result.eval_losses[step] = record["eval_loss"]
-        result.eval_metrics[step] = record
-        writer.write(step, record)
-        say(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in record.items()))
+        def run_eval(state: dict) -> dict[str, float]:
+            return evaluate(run.eval_step, run.objective, state["params"], cfg, mesh, spec, run.streams)
 
-    if eval_step is not None and tc.eval_at_start and not start:
-        run_eval(0)
-    step = start
+        evals = EvalHook(run_eval, tc.eval_every, writer, say)
+        hooks.append(evals)
+        if tc.eval_at_start and not start:
+            evals.evaluate(0, run.state, result)
+    meta = {"stage": cfg.stage, "model": dataclasses.asdict(cfg.model)}
+    hooks.append(CheckpointHook(ckpts, tc.checkpoint_every, run.data_iter, meta))
+    hooks.extend(extra_hooks)
+    return _loop(cfg, spec, run, hooks, result, geo, mesh, ckpts, should_stop, say)
+
+
+def _loop(cfg, spec, run: Run, hooks: list[Hook], result: TrainResult, geo, mesh, ckpts, should_stop, say):
+    """Batches in, a step, the hooks, until max_steps, the end of the data or a stop request."""
+    tc = cfg.train
+    step_sharding = batch_sharding(mesh, leading_dims=1)
+    batch_shape = (geo.accum, geo.micro, geo.seq_len)
+    step, metrics, completed = run.start, {}, False
     try:
         with _StopSignal() as stop:
             # Finite data (data.num_epochs) can end on one process a step before another, and a
@@ -226,60 +261,30 @@ def _train(
             agree_on_end = jax.process_count() > 1 and cfg.data.num_epochs is not None and spec.rollout is None
             while step < tc.max_steps:
                 try:
-                    local = next(data_iter)
+                    local = next(run.data_iter)
                 except StopIteration:
                     local = None
                 ended = _any_process(local is None) if agree_on_end else local is None
                 if ended:
                     say(f"training data exhausted after step {step}")
                     break
-                state, metrics = train_step(state, _global_batch(local, batch_shape, step_sharding))
+                run.state, metrics = run.train_step(run.state, _global_batch(local, batch_shape, step_sharding))
                 step += 1
-                bar.update(1)
-                step_log.add(metrics)
-                if step % tc.log_every == 0 or step == tc.max_steps:
-                    record = step_log.record()
-                    if hasattr(data_iter, "pop_metrics"):
-                        record.update(data_iter.pop_metrics())
-                    result.losses[step] = record["loss"]
-                    writer.write(step, record)
-                    if is_main:
-                        _report(bar, step, tc.max_steps, record)
-                    if step_log.consecutive_nonfinite >= tc.max_consecutive_nonfinite:
-                        raise TrainingError(
-                            f"{step_log.consecutive_nonfinite} consecutive steps with non-finite loss or gradients "
-                            f"(last at step {step}); the latest good checkpoint is step {ckpts.latest_step()}"
-                        )
-                if eval_step is not None and tc.eval_every and step % tc.eval_every == 0:
-                    run_eval(step)
-                preempt = stop.requested or ckpts.reached_preemption(step) or bool(should_stop and should_stop(step))
-                if step % tc.checkpoint_every == 0 or step == tc.max_steps or preempt:
-                    ckpts.save(step, state, data_iter, meta={**meta, "step": step}, force=True)
-                if preempt:
+                stopping = stop.requested or ckpts.reached_preemption(step) or bool(should_stop and should_stop(step))
+                ctx = StepContext(step, metrics, run.state, stopping, step == tc.max_steps, result)
+                for hook in hooks:
+                    hook.after_step(ctx)
+                if stopping:
                     say(f"stop requested: checkpoint saved at step {step}; re-run the same command to resume")
                     result.preempted = True
                     break
-        if eval_step is not None and step not in result.eval_losses and not result.preempted and step > start:
-            run_eval(step)
+        completed = True
     finally:
-        bar.close()
-        writer.close()
+        end = StepContext(step, metrics, run.state, result.preempted, step == tc.max_steps, result)
+        for hook in reversed(hooks):  # the writer (the first hook) closes after the final eval
+            hook.at_end(end, completed)
     result.step = step
     return result
-
-
-def _report(bar: tqdm, step: int, max_steps: int, record: dict) -> None:
-    extra = {k: record[k] for k in ("reward_mean", "accuracy", "eval_accuracy") if record.get(k) is not None}
-    bar.set_postfix(
-        loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", **{k: f"{v:.3f}" for k, v in extra.items()}
-    )
-    if bar.disable:  # no live bar (not a terminal): a log line instead
-        tqdm.write(
-            f"step {step}/{max_steps} loss {record['loss']:.4f} lr {record['learning_rate']:.3e} "
-            f"grad_norm {record['grad_norm']:.3f} tokens/s {record.get('tokens_per_sec', 0):.0f}"
-            + "".join(f" {k} {v:.3f}" for k, v in extra.items()),
-            file=sys.stderr,
-        )
 
 
 def _resolve_init(cfg: Config, resuming: bool) -> init_from.InitSource | None:

@@ -1,0 +1,109 @@
+"""`medjax train|plan|plot`: run a stage, plan it for a TPU slice, draw runs' curves; registered
+on medjax's parser. jax is imported inside the commands, after the CLI has chosen its platform."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from medjax.config import load_config
+    from medjax.parallel.cli import quiet_gloo
+    from medjax.train.loop import train
+    from medjax.train.plots import plot_metrics
+
+    joins = [
+        f"mesh.{key}={value}"
+        for key, value in (
+            ("coordinator", args.coordinator),
+            ("num_processes", args.num_processes),
+            ("process_id", args.process_id),
+        )
+        if value is not None
+    ]
+    cfg = load_config(args.config, [*args.overrides, *joins])
+    if cfg.mesh.num_processes > 1 or cfg.mesh.distributed:
+        quiet_gloo()
+    result = train(cfg)
+    import jax
+
+    if jax.process_index() != 0:  # process 0 reports for the whole job
+        return 0
+    last = result.losses[max(result.losses)] if result.losses else float("nan")
+    print(f"{cfg.stage}: stopped at step {result.step}, last loss {last:.4f}; workdir {cfg.workdir}")
+    metrics = Path(cfg.workdir) / "metrics.jsonl"
+    if metrics.is_file() and (plot := plot_metrics(metrics, Path(cfg.workdir) / "loss.png")) is not None:
+        print(f"curves: {plot}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from medjax.config import load_config
+    from medjax.train.plan import format_plans, plan, plan_rollout, planned_model
+    from medjax.train.stages import checked_stage
+
+    cfg = load_config(args.config, args.overrides)
+    model = planned_model(cfg)
+    result = plan(cfg, args.topology, args.slices, model)
+    name = Path(args.config).stem
+    rows = [(name, result)]
+    if checked_stage(cfg).rollout is not None:  # the rollout sampler is a second program on the same slice
+        rows.append((f"{name} rollout", plan_rollout(cfg, args.topology, args.slices, model)))
+    if args.json:
+        out = result.to_json()
+        if len(rows) > 1:
+            out["rollout"] = rows[1][1].to_json()
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plans(rows))
+    return 0 if all(p.fits for _, p in rows) else 1
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from medjax.train.plots import plot_runs
+
+    out = args.out or str(Path(os.path.commonpath([str(Path(w).resolve()) for w in args.workdirs])) / "plots")
+    for path in plot_runs(args.workdirs, out):
+        print(path)
+    return 0
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the stage named in CONFIG; re-running resumes")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="join a multi-process job: process 0's address (mesh.coordinator)",
+    )
+    p.add_argument("--num-processes", type=int, default=None, help="processes in the job (mesh.num_processes)")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index (mesh.process_id)")
+    p.set_defaults(func=_cmd_train)
+
+
+def add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="compile CONFIG's train step (and an RL stage's rollout sampler) for a TPU "
+        "slice here; print per-device memory and whether it fits (exit 1 if not)",
+    )
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=256")
+    p.add_argument("--topology", required=True, help="Cloud TPU slice, e.g. v5p-128, v5e-256, v6e-64, v4-8")
+    p.add_argument("--slices", type=int, default=1, help="number of such slices (multi-slice over DCN)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+
+def add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="loss, learning-rate, reward and accuracy curves of runs, one PNG per stage")
+    p.add_argument(
+        "workdirs", nargs="+", help="training run folders (each with metrics.jsonl); runs of one stage are overlaid"
+    )
+    p.add_argument("--out", default=None, help="folder for STAGE.png (default: plots/ in the runs' common parent)")
+    p.set_defaults(func=_cmd_plot)

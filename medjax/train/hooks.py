@@ -1,0 +1,147 @@
+"""What the training loop does around each step, one hook per job: logging and the non-finite
+guard, evaluation, checkpoints. The loop (train/loop.py) only fetches batches, steps and asks
+whether to stop; a new job (a profiler window, an adapter export, goodput accounting) is a new
+hook, not another branch in the loop.
+
+Hooks run in list order after every step, and in reverse order once at the end (a hook listed
+first, such as the metrics writer, is there for the others' final records).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from medjax.config import TrainConfig
+from medjax.train.checkpoint import Checkpoints
+from medjax.train.metrics import MetricsWriter, StepLog
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    losses: dict[int, float]
+    eval_losses: dict[int, float]
+    preempted: bool = False
+    resumed_from: int | None = None
+    # Every eval record by step ({eval_loss, eval_accuracy, ...}); step 0 when train.eval_at_start.
+    eval_metrics: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    data_stats: dict[str, int] | None = None
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a hook sees after step ``step``: the step's metrics (device arrays), the state after
+    it, whether the run stops here (preemption, a supervisor, max_steps), and the result so far."""
+
+    step: int
+    metrics: dict[str, Any]
+    state: dict
+    stopping: bool
+    last: bool
+    result: TrainResult
+
+
+class Hook:
+    def after_step(self, ctx: StepContext) -> None:
+        pass
+
+    def at_end(self, ctx: StepContext, completed: bool) -> None:
+        """After the loop; ``completed`` is False when it left on an error."""
+
+
+class LogHook(Hook):
+    """Step metrics to metrics.jsonl, the progress bar (or log lines) and the result; stops the
+    run after ``max_nonfinite`` consecutive non-finite steps, naming the last good checkpoint."""
+
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        step_log: StepLog,
+        bar: tqdm,
+        tc: TrainConfig,
+        ckpts: Checkpoints,
+        data_metrics: Callable[[], dict] | None,
+        is_main: bool,
+    ):
+        self.writer, self.step_log, self.bar = writer, step_log, bar
+        self.every, self.max_steps, self.max_nonfinite = tc.log_every, tc.max_steps, tc.max_consecutive_nonfinite
+        self.ckpts, self.data_metrics, self.is_main = ckpts, data_metrics, is_main
+
+    def after_step(self, ctx: StepContext) -> None:
+        self.bar.update(1)
+        self.step_log.add(ctx.metrics)
+        if ctx.step % self.every and not ctx.last:
+            return
+        record = self.step_log.record()
+        if self.data_metrics is not None:
+            record.update(self.data_metrics())
+        ctx.result.losses[ctx.step] = record["loss"]
+        self.writer.write(ctx.step, record)
+        if self.is_main:
+            _report(self.bar, ctx.step, self.max_steps, record)
+        if self.step_log.consecutive_nonfinite >= self.max_nonfinite:
+            raise TrainingError(
+                f"{self.step_log.consecutive_nonfinite} consecutive steps with non-finite loss or gradients "
+                f"(last at step {ctx.step}); the latest good checkpoint is step {self.ckpts.latest_step()}"
+            )
+
+    def at_end(self, ctx: StepContext, completed: bool) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+class EvalHook(Hook):
+    """Evaluation every ``every`` steps and once at the end of a run that trained and was not
+    preempted (unless that step was just evaluated)."""
+
+    def __init__(self, run_eval: Callable[[dict], dict], every: int, writer: MetricsWriter, say):
+        self.run_eval, self.every, self.writer, self.say = run_eval, every, writer, say
+
+    def evaluate(self, step: int, state: dict, result: TrainResult) -> None:
+        record = self.run_eval(state)
+        result.eval_losses[step] = record["eval_loss"]
+        result.eval_metrics[step] = record
+        self.writer.write(step, record)
+        self.say(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in record.items()))
+
+    def after_step(self, ctx: StepContext) -> None:
+        if self.every and ctx.step % self.every == 0:
+            self.evaluate(ctx.step, ctx.state, ctx.result)
+
+    def at_end(self, ctx: StepContext, completed: bool) -> None:
+        trained = ctx.result.resumed_from is None or ctx.step > ctx.result.resumed_from
+        if completed and trained and ctx.step and not ctx.result.preempted and ctx.step not in ctx.result.eval_losses:
+            self.evaluate(ctx.step, ctx.state, ctx.result)
+
+
+class CheckpointHook(Hook):
+    """A checkpoint every ``every`` steps, at the last step and wherever the run stops early."""
+
+    def __init__(self, ckpts: Checkpoints, every: int, data_iter, meta: dict):
+        self.ckpts, self.every, self.data_iter, self.meta = ckpts, every, data_iter, meta
+
+    def after_step(self, ctx: StepContext) -> None:
+        if ctx.step % self.every == 0 or ctx.last or ctx.stopping:
+            self.ckpts.save(ctx.step, ctx.state, self.data_iter, meta={**self.meta, "step": ctx.step}, force=True)
+
+
+def _report(bar: tqdm, step: int, max_steps: int, record: dict) -> None:
+    extra = {k: record[k] for k in ("reward_mean", "accuracy", "eval_accuracy") if record.get(k) is not None}
+    bar.set_postfix(
+        loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", **{k: f"{v:.3f}" for k, v in extra.items()}
+    )
+    if bar.disable:  # no live bar (not a terminal): a log line instead
+        tqdm.write(
+            f"step {step}/{max_steps} loss {record['loss']:.4f} lr {record['learning_rate']:.3e} "
+            f"grad_norm {record['grad_norm']:.3f} tokens/s {record.get('tokens_per_sec', 0):.0f}"
+            + "".join(f" {k} {v:.3f}" for k, v in extra.items()),
+            file=sys.stderr,
+        )
