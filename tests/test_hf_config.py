@@ -293,25 +293,11 @@ def test_a_missing_key_is_named(key):
         from_hf_config(d, WHERE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="bug: hf_config.from_hf_config reads the llama3 rope keys (src['factor'] etc.) before its "
-    "`try: ... except KeyError`, so an incomplete llama3 rope block raises a bare KeyError('low_freq_factor') "
-    "that names neither the file nor the block",
-)
 def test_an_incomplete_llama3_rope_block_is_named():
     with pytest.raises(ConversionError, match=rf"^{WHERE}: .*low_freq_factor"):
         from_hf_config(_base(rope_scaling={"rope_type": "llama3", "factor": 8.0}), WHERE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: from_hf_config ends in ModelConfig.validate(), whose ValueError ('model.num_heads=4 must be "
-    "a multiple of model.num_kv_heads=3') is not a ConversionError and does not name config.json, so "
-    "`medjax import` (which reports ConversionError) prints a traceback about a model.* key",
-)
 def test_inconsistent_head_counts_are_named():
     with pytest.raises(ConversionError, match=rf"^{WHERE}: .*num_key_value_heads|^{WHERE}: .*num_kv_heads"):
         from_hf_config(_base(num_key_value_heads=3), WHERE)

@@ -70,13 +70,6 @@ def test_bad_mesh_specs_are_named(spec):
         parse_mesh_spec(spec)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: parse_mesh_spec (medjax/parallel/inference.py) checks `value.strip().lstrip('-').isdigit()`, "
-    "which strips every leading '-', so 'fsdp=--2' passes the check and int('--2') raises a bare ValueError "
-    "('invalid literal for int()') instead of the ConfigError naming --mesh; the CLI reports only ConfigError",
-)
 def test_a_doubled_minus_is_a_bad_spec():
     with pytest.raises(ConfigError, match="expected AXIS=SIZE pairs"):
         parse_mesh_spec("fsdp=--2")

@@ -139,14 +139,6 @@ def test_a_partial_last_line_is_left_out_and_a_bad_line_elsewhere_is_named(tmp_p
     assert not (tmp_path / "other.png").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="bug: plots.read_series (medjax/train/plots.py) calls record.items() on whatever json.loads "
-    "returns, so a line that is valid JSON but not an object (null, a number, a list) raises "
-    "AttributeError ('NoneType' object has no attribute 'items') instead of the DataError naming "
-    "file and line its docstring promises; `medjax plot` prints a traceback",
-)
 def test_a_json_line_that_is_not_a_record_is_named(tmp_path):
     path = _metrics(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 2.0}], tail='null\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(DataError, match=rf"^{path}:2: not a JSON record"):

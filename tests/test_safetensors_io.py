@@ -9,7 +9,7 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from medjax.convert import ConversionError
@@ -202,7 +202,7 @@ def test_a_shard_cut_short_inside_a_tensor_is_named(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-4])
     weights = HFWeights(tmp_path)
     assert _same_bits(weights.get("a"), np.ones(4, np.float32))  # the intact shard still reads
-    with pytest.raises(ConversionError, match=rf"^{shard}: file ends inside tensor b$"):
+    with pytest.raises(ConversionError, match=rf"^{shard}: truncated: its tensors need \d+ bytes, the file has \d+$"):
         weights.get("b")
 
 
@@ -217,14 +217,6 @@ def test_a_header_whose_offsets_disagree_with_the_shape_is_named(tmp_path):
         HFWeights(tmp_path).get("x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SafetensorError,
-    reason="bug: a damaged model.safetensors reaches HFWeights.__init__'s safe_open (safetensors_io.py, "
-    "`with safe_open(str(single), 'numpy')`), whose SafetensorError ('Error while deserializing header: "
-    "incomplete metadata, file not fully covered') is not a ConversionError and does not name the file; "
-    "`medjax import` prints a traceback",
-)
 def test_a_truncated_single_file_is_named(tmp_path):
     save_file({"w": np.ones((4, 4), np.float32)}, tmp_path / "model.safetensors")
     path = tmp_path / "model.safetensors"
@@ -233,13 +225,6 @@ def test_a_truncated_single_file_is_named(tmp_path):
         HFWeights(tmp_path).get("w")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(struct.error, json.JSONDecodeError),
-    reason="bug: HFWeights._entries (safetensors_io.py) parses a shard's header with bare struct.unpack / "
-    "json.loads, so a shard cut inside its header raises struct.error ('unpack requires a buffer of 8 bytes') "
-    "or JSONDecodeError naming no file, and header() raises the library's SafetensorError, also unnamed",
-)
 @pytest.mark.parametrize("keep", [0, 4, 12], ids=["empty", "in-size", "in-json"])
 def test_a_shard_cut_inside_its_header_is_named(tmp_path, keep):
     _write(tmp_path, {"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)}, 16)
@@ -249,14 +234,6 @@ def test_a_shard_cut_inside_its_header_is_named(tmp_path, keep):
         HFWeights(tmp_path).get("b")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SafetensorError,
-    reason="bug: HFWeights.header (safetensors_io.py) opens the shard with the library's safe_open, which "
-    "refuses a shard cut short in its data with an unnamed SafetensorError; hf_import.checked_table calls "
-    "header() for every tensor before get(), so `medjax import` of such a directory never reaches get()'s "
-    "'file ends inside tensor' ConversionError",
-)
 def test_the_header_of_a_shard_cut_short_is_named(tmp_path):
     _write(tmp_path, {"a": np.ones(4, np.float32), "b": np.arange(8, dtype=np.float32)}, 16)
     shard = tmp_path / "model-00002-of-00002.safetensors"

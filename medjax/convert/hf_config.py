@@ -48,12 +48,15 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     scaling = None
     if rope_type == "llama3":
         src = rope if rope.get("rope_type") == "llama3" else legacy
-        scaling = RopeScaling(
-            factor=float(src["factor"]),
-            low_freq_factor=float(src["low_freq_factor"]),
-            high_freq_factor=float(src["high_freq_factor"]),
-            original_max_position_embeddings=int(src["original_max_position_embeddings"]),
-        )
+        try:
+            scaling = RopeScaling(
+                factor=float(src["factor"]),
+                low_freq_factor=float(src["low_freq_factor"]),
+                high_freq_factor=float(src["high_freq_factor"]),
+                original_max_position_embeddings=int(src["original_max_position_embeddings"]),
+            )
+        except KeyError as e:
+            raise ConversionError(f"{where}: llama3 rope scaling is missing {e.args[0]!r}") from None
     elif rope_type != "default":
         raise ConversionError(f"{where}: rope type {rope_type!r} is not supported (default, llama3)")
     try:
@@ -84,7 +87,10 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         )
     except KeyError as e:
         raise ConversionError(f"{where}: missing key {e.args[0]!r}") from None
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except ValueError as e:
+        raise ConversionError(f"{where}: {e}") from None
 
 
 def _score_labels(hf: dict[str, Any], where: str) -> list[str]:

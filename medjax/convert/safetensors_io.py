@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from medjax.convert import ConversionError
 
@@ -37,29 +37,30 @@ class HFWeights:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
+        self._headers: dict[Path, tuple[dict, int]] = {}
         index = self.directory / INDEX_NAME
         single = self.directory / "model.safetensors"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self._file_of = {name: self.directory / f for name, f in weight_map.items()}
         elif single.is_file():
-            with safe_open(str(single), "numpy") as f:
-                self._file_of = {name: single for name in f.keys()}
+            self._file_of = {name: single for name in self._entries(single)[0]}
         else:
             raise ConversionError(f"{self.directory}: no model.safetensors or {INDEX_NAME}")
         for path in set(self._file_of.values()):
             if not path.is_file():
                 raise ConversionError(f"{path}: listed in {INDEX_NAME} but missing")
-        self._headers: dict[Path, tuple[dict, int]] = {}
 
     def names(self) -> list[str]:
         return sorted(self._file_of)
 
     def header(self, name: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype code) from the file header, without reading the tensor."""
-        with safe_open(str(self._file_of[name]), "numpy") as f:
-            sl = f.get_slice(name)
-            return tuple(sl.get_shape()), sl.get_dtype()
+        path = self._file_of[name]
+        entry = self._entries(path)[0].get(name)
+        if entry is None:
+            raise ConversionError(f"{path}: tensor {name!r} is listed in {INDEX_NAME} but not in the file")
+        return tuple(entry["shape"]), entry["dtype"]
 
     def get(self, name: str) -> np.ndarray:
         """The tensor, read with plain file reads straight into its array: the safetensors
@@ -72,8 +73,11 @@ class HFWeights:
         entry = entries.get(name)
         dtype = READ_DTYPES.get(entry["dtype"]) if entry else None
         if dtype is None:  # a dtype medjax does not import (the checks name it): the library's reader
-            with safe_open(str(path), "numpy") as f:
-                return f.get_tensor(name)
+            try:
+                with safe_open(str(path), "numpy") as f:
+                    return f.get_tensor(name)
+            except SafetensorError as e:
+                raise ConversionError(f"{path}: {e}") from None
         start, end = entry["data_offsets"]
         out = np.empty(tuple(entry["shape"]), dtype)
         if out.nbytes != end - start:
@@ -87,12 +91,29 @@ class HFWeights:
         return out
 
     def _entries(self, path: Path) -> tuple[dict, int]:
-        """A file's header entries and where its data starts (parsed once per file)."""
+        """A file's header entries and where its data starts (parsed once per file). A file cut
+        short (a half-copied download) is refused here, naming it, before any tensor is read."""
         if path not in self._headers:
+            file_size = path.stat().st_size
             with open(path, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ConversionError(f"{path}: not a safetensors file ({file_size} bytes, no header size)")
+                (size,) = struct.unpack("<Q", head)
+                if 8 + size > file_size:
+                    raise ConversionError(f"{path}: truncated: its header needs {size} bytes, the file has {file_size}")
+                try:
+                    header = json.loads(f.read(size))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise ConversionError(f"{path}: damaged safetensors header: {e}") from None
+            if not isinstance(header, dict):
+                raise ConversionError(f"{path}: damaged safetensors header: not a JSON object")
             header.pop("__metadata__", None)
+            ends = [entry["data_offsets"][1] for entry in header.values() if isinstance(entry, dict)]
+            if 8 + size + max(ends, default=0) > file_size:
+                raise ConversionError(
+                    f"{path}: truncated: its tensors need {8 + size + max(ends)} bytes, the file has {file_size}"
+                )
             self._headers[path] = (header, 8 + size)
         return self._headers[path]
 

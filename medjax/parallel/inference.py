@@ -6,6 +6,7 @@ one process), as before meshes existed here."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -23,7 +24,7 @@ def parse_mesh_spec(spec: str) -> MeshConfig:
     cfg = MeshConfig()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, eq, value = part.partition("=")
-        if not eq or name.strip() not in AXES or not value.strip().lstrip("-").isdigit():
+        if not eq or name.strip() not in AXES or not re.fullmatch(r"-?\d+", value.strip()):
             raise ConfigError(f"--mesh {spec!r}: expected AXIS=SIZE pairs over {', '.join(AXES)}, e.g. fsdp=4,tensor=2")
         setattr(cfg, name.strip(), int(value))
     return cfg

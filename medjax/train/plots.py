@@ -36,6 +36,8 @@ def read_series(metrics_path: Path) -> Series:
             if n == len(lines):  # the last line of a file being appended to
                 break
             raise DataError(f"{metrics_path}:{n}: not a JSON record ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{metrics_path}:{n}: not a JSON record (a {type(record).__name__})")
         for k, v in record.items():
             if (k in LOSS_KEYS or k == LR_KEY or _is_accuracy(k)) and isinstance(v, (int, float)) and "step" in record:
                 series.setdefault(k, []).append((record["step"], v))
