@@ -81,6 +81,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
                 **spec.fixed_fields,
             },
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
             bos_token_id=_first(hf.get("bos_token_id")),
             eos_token_id=_first(hf.get("eos_token_id")),
             score_labels=_score_labels(hf, where),
