@@ -16,6 +16,8 @@ from conftest import TINY_MODEL
 
 from medjax.cli import main
 
+pytestmark = pytest.mark.slow  # every command end to end, a training run first
+
 COMMON = [
     *TINY_MODEL,
     "data.seq_len=64",

@@ -72,10 +72,15 @@ def test_packed_rows_equal_each_conversation_alone(world, tmp_path, make_config)
     packed = model(jnp.asarray(row["tokens"]), jnp.asarray(row["positions"]), jnp.asarray(row["segment_ids"]))
     ce = optax.softmax_cross_entropy_with_integer_labels(packed, jnp.asarray(row["targets"]))[0]
     total_alone = 0.0
+    # Each conversation alone, at the front of a row of the same width (one compiled program): under
+    # the causal mask its logits cannot depend on the filler after it.
+    unpacked = jax.jit(lambda tokens: model(tokens))
     for seg in segments:
         where = row["segment_ids"][0] == seg
-        tokens = jnp.asarray(row["tokens"][0][where])[None]
-        alone = model(tokens)  # no packing: positions 0..n-1, one segment
+        n = int(where.sum())
+        tokens = np.zeros_like(row["tokens"])
+        tokens[0, :n] = row["tokens"][0][where]
+        alone = unpacked(jnp.asarray(tokens))[:, :n]  # no packing: positions 0..n-1, one segment
         np.testing.assert_allclose(np.asarray(packed[0][where]), np.asarray(alone[0]), atol=2e-5)
         ce_alone = optax.softmax_cross_entropy_with_integer_labels(alone[0], jnp.asarray(row["targets"][0][where]))
         total_alone += float((ce_alone * row["loss_mask"][0][where]).sum())
