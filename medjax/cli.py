@@ -22,6 +22,7 @@ from medjax.rag.corpus import RagError
 from medjax.rl import cli as rl_cli
 from medjax.serve import cli as serve_cli
 from medjax.tasks import ItemError
+from medjax.train import TrainingError
 from medjax.train import cli as train_cli
 
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.add_inspect(data_sub)
     rag_cli.add_parser(sub)
     train_cli.add_plan(sub)
+    train_cli.add_ckpt(sub)
     _add_demo(sub)
     convert_cli.add_import(sub)
     convert_cli.add_export(sub)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error("arguments after -- are only for `medjax serve` (vLLM) and `medjax curate` (Beam)")
     try:
         return args.func(args)
-    except (ConfigError, DataError, ConversionError, ItemError, RagError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ConversionError, ItemError, RagError, TrainingError, FileNotFoundError) as e:
         print(f"medjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

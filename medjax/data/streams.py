@@ -15,6 +15,7 @@ resumes on any process count that divides ``R``: preempted on 2 hosts, resumed o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -104,7 +105,7 @@ class StreamBatches:
     # Grain's checkpoint handler stores a non-DatasetIterator's state as the bytes get_state returns.
     def get_state(self) -> bytes:
         states = {str(r): encode(it.get_state()) for r, it in self._its.items()}
-        return json.dumps({"streams": self.streams, "states": states}, indent=1).encode()
+        return json.dumps({"streams": self.streams, "states": states, "sha256": _digest(states)}, indent=1).encode()
 
     def set_state(self, state: bytes) -> None:
         self.restore_states(_stream_states([json.loads(state)]))
@@ -118,7 +119,7 @@ class StreamBatches:
 
     def restore_from(self, data_dir: Path) -> None:
         """Positions every stream from the per-process files a run with any process count wrote."""
-        self.restore_states(_stream_states([json.loads(f.read_text()) for f in saved_state_files(data_dir)]))
+        self.restore_states(_stream_states([read_state_file(f) for f in saved_state_files(data_dir)]))
 
     def start_prefetch(self) -> None:
         for it in self._its.values():
@@ -130,10 +131,28 @@ def saved_stream_count(data_dir: Path) -> int:
     """How many streams the run that wrote this checkpoint read (1 for checkpoints from before
     streams, which hold one iterator state)."""
     files = saved_state_files(data_dir)
-    counts = {json.loads(f.read_text()).get("streams", 1) for f in files}
+    counts = {read_state_file(f).get("streams", 1) for f in files}
     if len(counts) != 1:
         raise DataError(f"{data_dir}: its files disagree on the stream count: {sorted(counts)}")
     return counts.pop()
+
+
+def _digest(states: dict) -> str:
+    return hashlib.sha256(json.dumps(states, sort_keys=True).encode()).hexdigest()
+
+
+def read_state_file(path: Path) -> dict:
+    """One process's saved iterator state, checked against the digest it was saved with (files
+    from before digests are read as they are)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: damaged data iterator state: {e}") from None
+    if not isinstance(saved, dict):
+        raise DataError(f"{path}: damaged data iterator state: not a JSON object")
+    if "sha256" in saved and saved["sha256"] != _digest(saved.get("states", {})):
+        raise DataError(f"{path}: damaged data iterator state: its positions do not match their sha256")
+    return saved
 
 
 def saved_state_files(data_dir: Path) -> list[Path]:

@@ -3,18 +3,78 @@ state, step and RNG (one sharded pytree), the Grain iterator position, and run m
 
 Orbax writes each step into a temporary folder and renames it only once complete, so a crash
 during a save leaves the previous checkpoint as the latest good one; stale temporary folders
-are removed on the next start.
+are removed on the next start. What a commit cannot tell (bytes damaged after the save) the
+checksums can: each save records one per array (train/integrity.py) and refuses a state holding
+NaN or Inf; `restore_verified` checks them and names what differs, and `set_aside` renames a
+damaged step out of Orbax's sight (never deleting it).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from medjax.data import DataError
+from medjax.data.streams import read_state_file
+from medjax.train import TrainingError
+from medjax.train.integrity import mismatches, summarize
+
+# A damaged step folder is renamed to "<step>.damaged" (then .damaged-2, ...): Orbax reads only
+# integer names as steps, and nothing removes these.
+DAMAGED_SUFFIX = ".damaged"
+# What reading a damaged step raises, below Orbax: tensorstore's DATA_LOSS and decode errors are
+# ValueErrors, a damaged JSON file a UnicodeDecodeError or JSONDecodeError (ValueErrors too), a
+# missing file FileNotFoundError, a damaged iterator state DataError. A config that no longer fits
+# the checkpoint (another shape) is a ValueError as well: those are told apart by DAMAGE_MARKERS.
+DAMAGE_MARKERS = ("DATA_LOSS", "corrupt", "decode", "Decompression", "checksum", "truncated", "Unexpected end")
+
+
+# Files every step folder holds (Orbax 0.12's layout for our composite of state, meta and data).
+REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt", "meta/metadata")
+JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "meta/metadata")
+
+
+class DamagedCheckpoint(Exception):
+    def __init__(self, step: int, problems: list[str]):
+        self.step, self.problems = step, problems
+        super().__init__(f"checkpoint step {step}: " + "; ".join(problems[:5]))
+
+
+def _drop_late_read_callbacks() -> None:
+    """A failed restore leaves tensorstore reads of the same step finishing later into Orbax's
+    closed event loop; each would print an "Exception ignored ... Event loop is closed" traceback
+    under the clear message a damaged step gets. Those (and only those) are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_medjax_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._medjax_drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether an error raised while reading a step means its files are damaged (rather than a
+    run config that does not fit it, which must not set the step aside)."""
+    if (
+        isinstance(error, (DataError, FileNotFoundError, UnicodeDecodeError))
+        or type(error).__name__ == "JSONDecodeError"
+    ):
+        return True
+    text = f"{type(error).__name__}: {error}"
+    return isinstance(error, (ValueError, OSError, KeyError)) and any(m.lower() in text.lower() for m in DAMAGE_MARKERS)
 
 
 class Checkpoints:
@@ -35,7 +95,16 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator=None, meta: dict | None = None, force: bool = False) -> bool:
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+        """Saves ``state`` with a checksum per array in its meta; a state whose arrays hold NaN or
+        Inf is refused (TrainingError), so the newest checkpoint is always one worth resuming."""
+        checksums, nonfinite = summarize(state)
+        if nonfinite:
+            raise TrainingError(
+                f"step {step} not saved: {', '.join(nonfinite[:5])} hold NaN or Inf; "
+                f"the latest good checkpoint is step {self.latest_step()}"
+            )
+        meta = {**(meta or {}), "checksums": checksums}
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -54,6 +123,92 @@ class Checkpoints:
         if reads_files:  # every process's file, whatever process count wrote them (data/streams.py)
             data_iterator.restore_from(self.directory / str(step) / "data")
         return restored["state"], restored["meta"]
+
+    def restore_verified(self, step: int, target_state: Any, data_iterator=None) -> tuple[Any, dict]:
+        """``restore``, then the checks: every array's checksum equals the one saved with it (a
+        checkpoint from before checksums is checked for NaN/Inf only) and nothing is NaN or Inf.
+        Raises DamagedCheckpoint naming each array that differs."""
+        problems = self._missing_or_unreadable(step)
+        if problems:
+            raise DamagedCheckpoint(step, problems)
+        try:
+            state, meta = self.restore(step, target_state, data_iterator)
+        except Exception as e:
+            if not is_damage(e):
+                raise
+            _drop_late_read_callbacks()
+            raise DamagedCheckpoint(
+                step, [f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"]
+            ) from e
+        found, nonfinite = summarize(state)
+        expected = meta.get("checksums") if isinstance(meta, dict) else None
+        problems = mismatches(expected, found) if expected is not None else []
+        problems += [f"{name}: holds NaN or Inf" for name in nonfinite if not any(name in p for p in problems)]
+        if problems:
+            raise DamagedCheckpoint(step, problems)
+        return state, meta
+
+    def _missing_or_unreadable(self, step: int) -> list[str]:
+        """The files every step has, each present and (the JSON ones) parseable: without them
+        Orbax restores a tree of another structure, or fails with a decoding traceback."""
+        folder = self.directory / str(step)
+        problems = []
+        for name in REQUIRED_FILES:
+            path = folder / name
+            if not path.is_file():
+                problems.append(f"{name}: missing")
+            elif name in JSON_FILES:
+                try:
+                    json.loads(path.read_bytes())
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    problems.append(f"{name}: not readable JSON ({e})")
+        return problems
+
+    def set_aside(self, step: int, problems: list[str]) -> Path:
+        """Renames a damaged step's folder out of Orbax's sight, with a note of what failed; its
+        files are kept for whoever wants to look (or to move it back)."""
+        source = self.directory / str(step)
+        target = self.directory / f"{step}{DAMAGED_SUFFIX}"
+        n = 2
+        while target.exists():
+            target = self.directory / f"{step}{DAMAGED_SUFFIX}-{n}"
+            n += 1
+        if jax.process_index() == 0:
+            source.rename(target)
+            (target / "DAMAGED.txt").write_text("\n".join(problems) + "\n")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"medjax set aside checkpoint {step}")
+        self.manager.reload()
+        return target
+
+    def verify(self, step: int) -> tuple[list[str], int]:
+        """(problems, arrays checked) of one step, read onto this host's first device without a
+        run's config (the array shapes come from the checkpoint): what `medjax ckpt verify`
+        reports. Reads the whole state into one device's memory."""
+        problems = self._missing_or_unreadable(step)
+        if problems:
+            return problems, 0
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+            state, _ = self.restore_verified(step, target)
+        except DamagedCheckpoint as e:
+            return e.problems, 0
+        except Exception as e:
+            if not is_damage(e):
+                raise
+            return [f"{type(e).__name__}: {e}"], 0
+        data = self.directory / str(step) / "data"
+        if data.is_dir():
+            for f in sorted(data.glob("process_*-of-*.json")):
+                try:
+                    read_state_file(f)
+                except DataError as e:
+                    problems.append(str(e))
+        return problems, len(jax.tree.leaves(state))
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

@@ -107,3 +107,49 @@ def add_plot(sub) -> None:
     )
     p.add_argument("--out", default=None, help="folder for STAGE.png (default: plots/ in the runs' common parent)")
     p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_ckpt_verify(args: argparse.Namespace) -> int:
+    from medjax.train.checkpoint import DAMAGED_SUFFIX, Checkpoints
+
+    root = Path(args.path)
+    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{args.path}: no such run or checkpoint directory")
+    with Checkpoints(directory, async_save=False) as ckpts:
+        steps = ckpts.all_steps() if args.step is None else [args.step]
+        if not steps:
+            print(f"{directory}: no checkpoints")
+            return 1
+        failed = 0
+        for step in steps:
+            if step not in ckpts.all_steps():
+                print(f"step {step}: no such checkpoint in {directory}")
+                failed += 1
+                continue
+            problems, arrays = ckpts.verify(step)
+            if problems:
+                failed += 1
+                print(f"step {step}: DAMAGED")
+                for line in problems:
+                    print(f"  {line}")
+            else:
+                print(f"step {step}: ok ({arrays} arrays, checksums and iterator state verified)")
+    aside = sorted(p.name for p in directory.glob(f"*{DAMAGED_SUFFIX}*"))
+    if aside:
+        print(f"set aside earlier: {', '.join(aside)}")
+    if failed:
+        print(f"{failed} of {len(steps)} checkpoints damaged; `medjax train` sets them aside when it resumes")
+    return 1 if failed else 0
+
+
+def add_ckpt(sub) -> None:
+    p = sub.add_parser("ckpt", help="check a run's checkpoints (`medjax ckpt verify RUN`)")
+    ckpt_sub = p.add_subparsers(dest="ckpt_command", required=True)
+    q = ckpt_sub.add_parser(
+        "verify",
+        help="restore each checkpoint of a run and check every array's checksum, NaN/Inf and the data iterator state",
+    )
+    q.add_argument("path", help="a run's workdir or its checkpoints/ folder")
+    q.add_argument("--step", type=int, default=None, help="only this step (default: every step)")
+    q.set_defaults(func=_cmd_ckpt_verify)

@@ -16,12 +16,9 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from medjax.config import TrainConfig
+from medjax.train import TrainingError
 from medjax.train.checkpoint import Checkpoints
 from medjax.train.metrics import MetricsWriter, StepLog
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass

@@ -23,10 +23,10 @@ from medjax.data.streams import StreamBatches, saved_stream_count
 from medjax.models.decoder import ModelDef
 from medjax.parallel.mesh import check_processes_agree, initialize_distributed, make_mesh
 from medjax.parallel.rules import batch_sharding
-from medjax.train import init_from
-from medjax.train.checkpoint import Checkpoints
+from medjax.train import TrainingError, init_from
+from medjax.train.checkpoint import Checkpoints, DamagedCheckpoint, is_damage
 from medjax.train.geometry import BatchGeometry
-from medjax.train.hooks import CheckpointHook, EvalHook, Hook, LogHook, StepContext, TrainingError, TrainResult
+from medjax.train.hooks import CheckpointHook, EvalHook, Hook, LogHook, StepContext, TrainResult
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train.objectives import Objective
 from medjax.train.optimizer import check_trainable, make_optimizer
@@ -34,7 +34,7 @@ from medjax.train.stages import Stage, batch_dtypes, checked_stage
 from medjax.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
 from medjax.utils import atomic_write_text
 
-# TrainingError and TrainResult live with the hooks that raise and fill them; callers import them here.
+# Callers import these from here: the loop is the training API.
 __all__ = ["Hook", "StepContext", "TrainResult", "TrainingError", "eval_rows", "evaluate", "train"]
 
 
@@ -153,19 +153,20 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
     def current_params():
         return holder[0].state["params"] if holder else state["params"]
 
-    streams = None
-    if spec.rollout is not None:
-        data_iter = spec.rollout(
-            cfg,
-            model,
-            current_params,
-            (lambda: reference) if reference else None,
-            tc.global_batch_size,
-            batch_sharding(mesh),
-        )
-    else:
-        streams = _stream_count(cfg, ckpts, start)
-        data_iter = StreamBatches(
+    def data_for(step: int):
+        """The data iterator, and the stream count it keeps, for a run resuming at ``step``."""
+        if spec.rollout is not None:
+            sampler = spec.rollout(
+                cfg,
+                model,
+                current_params,
+                (lambda: reference) if reference else None,
+                tc.global_batch_size,
+                batch_sharding(mesh),
+            )
+            return sampler, None
+        streams = _stream_count(cfg, ckpts, step)
+        batches = StreamBatches(
             lambda r, n, rows: spec.dataset(cfg, cfg.data.train_files, rows, True, r, n),
             streams=streams,
             global_rows=tc.global_batch_size,
@@ -173,9 +174,12 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
+        return batches, streams
+
     if start:
-        state, _ = ckpts.restore(start, state, data_iter)
-        say(f"resumed from step {start} ({ckpts.directory})")
+        start, state, (data_iter, streams) = _restore_newest_good(ckpts, state, data_for, say)
+    else:
+        data_iter, streams = data_for(0)
     evaluates = cfg.data.has_eval() and spec.dataset is not None
     holder.append(
         Run(
@@ -284,7 +288,38 @@ def _loop(cfg, spec, run: Run, hooks: list[Hook], result: TrainResult, geo, mesh
         for hook in reversed(hooks):  # the writer (the first hook) closes after the final eval
             hook.at_end(end, completed)
     result.step = step
+    if result.losses and not math.isfinite(result.losses[max(result.losses)]):
+        raise TrainingError(
+            f"the run ended at step {step} with a non-finite loss ({result.losses[max(result.losses)]}); "
+            f"the latest good checkpoint is step {ckpts.latest_step()}"
+        )
     return result
+
+
+def _restore_newest_good(ckpts: Checkpoints, state: dict, data_for, say):
+    """The newest checkpoint whose arrays, iterator state and metadata verify, restored with its
+    data iterator; each damaged one on the way is named and set aside. None verifies: an error."""
+    aside = []
+    for step in sorted(ckpts.all_steps(), reverse=True):
+        try:
+            data = data_for(step)
+            restored, _ = ckpts.restore_verified(step, state, data[0])
+        except Exception as e:
+            damage = e if isinstance(e, DamagedCheckpoint) else DamagedCheckpoint(step, [f"{type(e).__name__}: {e}"])
+            if not isinstance(e, DamagedCheckpoint) and not is_damage(e):
+                raise
+            where = ckpts.set_aside(step, damage.problems)
+            say(f"{damage}{' ...' if len(damage.problems) > 5 else ''}; set aside as {where}")
+            aside.append(where.name)
+            continue
+        say(
+            f"resumed from step {step} ({ckpts.directory})" + (", the newest checkpoint that verifies" if aside else "")
+        )
+        return step, restored, data
+    raise TrainingError(
+        f"no checkpoint in {ckpts.directory} verifies (set aside: {', '.join(aside)}); their DAMAGED.txt says "
+        "what failed. Move a folder back to its step number to use it anyway, or start in a new workdir"
+    )
 
 
 def _resolve_init(cfg: Config, resuming: bool) -> init_from.InitSource | None:

@@ -1,0 +1,154 @@
+"""Damaged checkpoints: each is named, set aside (renamed, never deleted) and the run resumes from
+the newest one that verifies; none verifying is an error; a config that does not fit a checkpoint
+is not damage; a state holding NaN is never saved."""
+
+import json
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from medjax.train.checkpoint import Checkpoints, DamagedCheckpoint
+from medjax.train.integrity import summarize
+from medjax.train.loop import TrainingError, train
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """Six steps with checkpoints at 3 and 6, copied afresh for each test."""
+    from conftest import tiny_config
+
+    workdir = tmp_path_factory.mktemp("faults") / "run"
+    train(tiny_config(world, workdir))
+    return workdir
+
+
+@pytest.fixture
+def run(trained, tmp_path, make_config):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    return workdir, lambda *overrides: make_config(workdir, "train.max_steps=8", *overrides)
+
+
+def _data_files(step_dir):
+    return sorted(f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d")
+
+
+def _resumes_from_3_setting_6_aside(workdir, result, why):
+    assert result.resumed_from == 3 and result.step == 8
+    assert all(math.isfinite(v) for v in result.losses.values())
+    aside = workdir / "checkpoints" / "6.damaged"
+    assert aside.is_dir() and why in (aside / "DAMAGED.txt").read_text()
+    assert Checkpoints(workdir / "checkpoints").all_steps() == [3, 6, 8]
+
+
+def test_corrupted_array_bytes_are_set_aside(run):
+    """64 random bytes in the middle of each array data file of the newest checkpoint (bit rot, a
+    half-copied bucket object): it used to resume on NaN weights and exit 0."""
+    workdir, cfg = run
+    files = _data_files(workdir / "checkpoints" / "6")
+    assert files
+    rng = np.random.default_rng(0)
+    for f in files:
+        data = bytearray(f.read_bytes())
+        mid = len(data) // 2
+        data[mid : mid + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+        f.write_bytes(bytes(data))
+    result = train(cfg())
+    _resumes_from_3_setting_6_aside(workdir, result, "")
+
+
+def test_missing_metadata_is_set_aside(run):
+    workdir, cfg = run
+    (workdir / "checkpoints" / "6" / "state" / "_METADATA").unlink()
+    _resumes_from_3_setting_6_aside(workdir, train(cfg()), "")
+
+
+def test_a_changed_iterator_position_fails_its_digest(run):
+    """Valid JSON with one position changed: only the digest tells."""
+    workdir, cfg = run
+    (state_file,) = (workdir / "checkpoints" / "6" / "data").glob("process_*-of-*.json")
+    saved = json.loads(state_file.read_text())
+    text = json.dumps(saved["states"])
+    digit = next(i for i, c in enumerate(text) if c.isdigit())
+    saved["states"] = json.loads(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1 :])
+    state_file.write_text(json.dumps(saved))
+    _resumes_from_3_setting_6_aside(workdir, train(cfg()), "sha256")
+
+
+def test_no_checkpoint_verifies_is_an_error_and_keeps_them(run):
+    workdir, cfg = run
+    for step in (3, 6):
+        (workdir / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+    with pytest.raises(TrainingError, match="no checkpoint in .* verifies"):
+        train(cfg())
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3.damaged", "6.damaged"]
+
+
+def test_a_config_that_does_not_fit_is_not_damage(run):
+    """Another model shape fails the restore, but the checkpoints are fine: nothing is set aside."""
+    workdir, cfg = run
+    with pytest.raises(Exception) as failure:
+        train(cfg("model.intermediate_size=96"))
+    assert not isinstance(failure.value, (DamagedCheckpoint, TrainingError))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+
+
+def test_a_state_with_nan_is_never_saved(tmp_path):
+    state = {"params": {"w": jnp.array([1.0, jnp.nan])}, "step": jnp.int32(1)}
+    with Checkpoints(tmp_path / "c", async_save=False) as ckpts:
+        with pytest.raises(TrainingError, match="step 1 not saved: params/w hold NaN or Inf"):
+            ckpts.save(1, state)
+        assert ckpts.all_steps() == []
+
+
+def test_checksums_see_one_changed_element_and_not_the_sharding():
+    x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    base, _ = summarize({"x": jnp.asarray(x)})
+    changed = x.copy()
+    changed[5, 3] = np.nextafter(changed[5, 3], np.float32(np.inf))  # one bit
+    assert summarize({"x": jnp.asarray(changed)})[0] != base
+    swapped = x.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert summarize({"x": jnp.asarray(swapped)})[0] != base
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b")))
+    assert summarize({"x": sharded})[0] == base
+    bf16 = jnp.asarray(x, jnp.bfloat16)
+    assert summarize({"x": bf16})[0] != summarize({"x": bf16.at[0, 0].set(0)})[0]
+
+
+def test_ckpt_verify_names_the_damaged_step_and_array(run, capsys):
+    from medjax.cli import main
+
+    workdir, _ = run
+    assert main(["ckpt", "verify", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "step 3: ok" in out and "step 6: ok" in out
+    # One element of one array changed, the file still a valid checkpoint: only a checksum tells.
+    with Checkpoints(workdir / "checkpoints", async_save=False) as ckpts:
+        saved = ckpts.manager.item_metadata(6)["state"]
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+        state, meta = ckpts.restore(6, target)
+        checksums = meta["checksums"]
+        state["params"]["final_norm"]["scale"] = state["params"]["final_norm"]["scale"].at[0].add(1.0)
+        shutil.rmtree(workdir / "checkpoints" / "6")
+        ckpts.manager.reload()
+        ckpts.manager.save(
+            6,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({**meta, "checksums": checksums}),
+            ),
+        )
+        ckpts.wait()
+    assert main(["ckpt", "verify", str(workdir)]) == 1
+    out = capsys.readouterr().out
+    assert "step 3: ok" in out and "step 6: DAMAGED" in out
+    assert "params/final_norm/scale: checksum expected" in out
+    assert "1 of 2 checkpoints damaged" in out
