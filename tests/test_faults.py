@@ -62,12 +62,14 @@ def test_corrupted_array_bytes_are_set_aside(run):
     _resumes_from_3_setting_6_aside(workdir, result, "")
 
 
+@pytest.mark.slow  # a resumed training run
 def test_missing_metadata_is_set_aside(run):
     workdir, cfg = run
     (workdir / "checkpoints" / "6" / "state" / "_METADATA").unlink()
     _resumes_from_3_setting_6_aside(workdir, train(cfg()), "")
 
 
+@pytest.mark.slow  # a resumed training run
 def test_a_changed_iterator_position_fails_its_digest(run):
     """Valid JSON with one position changed: only the digest tells."""
     workdir, cfg = run
@@ -80,6 +82,7 @@ def test_a_changed_iterator_position_fails_its_digest(run):
     _resumes_from_3_setting_6_aside(workdir, train(cfg()), "sha256")
 
 
+@pytest.mark.slow  # a resumed training run
 def test_no_checkpoint_verifies_is_an_error_and_keeps_them(run):
     workdir, cfg = run
     for step in (3, 6):
@@ -89,6 +92,7 @@ def test_no_checkpoint_verifies_is_an_error_and_keeps_them(run):
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3.damaged", "6.damaged"]
 
 
+@pytest.mark.slow  # a resumed training run
 def test_a_config_that_does_not_fit_is_not_damage(run):
     """Another model shape fails the restore, but the checkpoints are fine: nothing is set aside."""
     workdir, cfg = run
@@ -122,6 +126,7 @@ def test_checksums_see_one_changed_element_and_not_the_sharding():
     assert summarize({"x": bf16})[0] != summarize({"x": bf16.at[0, 0].set(0)})[0]
 
 
+@pytest.mark.slow  # a resumed training run
 def test_ckpt_verify_names_the_damaged_step_and_array(run, capsys):
     from medjax.cli import main
 
@@ -152,3 +157,24 @@ def test_ckpt_verify_names_the_damaged_step_and_array(run, capsys):
     assert "step 3: ok" in out and "step 6: DAMAGED" in out
     assert "params/final_norm/scale: checksum expected" in out
     assert "1 of 2 checkpoints damaged" in out
+
+
+@pytest.mark.slow  # a resumed training run
+def test_goodput_counts_steps_trained_again_after_a_lost_checkpoint(run):
+    """The newest checkpoint lost (as after a crash before it was written): steps 4-6 are trained
+    again, and the goodput record says so; its parts add up to the invocation's wall time."""
+    workdir, cfg = run
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    result = train(cfg())
+    assert result.resumed_from == 3 and result.step == 8
+    lines = [json.loads(x) for x in (workdir / "goodput.jsonl").read_text().splitlines()]
+    first, second = lines
+    assert (first["first_step"], first["last_step"], first["goodput_recomputed_steps"]) == (0, 6, 0)
+    assert (second["first_step"], second["last_step"], second["goodput_recomputed_steps"]) == (3, 8, 3)
+    for rec in lines:
+        assert 0 < rec["goodput"] < 1 and rec["completed"]
+        parts = sum(rec[f"goodput_{k}_s"] for k in ("productive", "startup", "compile", "recomputed", "other"))
+        assert parts == pytest.approx(rec["goodput_wall_s"], rel=1e-6)
+    logged = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    # metrics.jsonl drops what the lost steps logged (the first run's record at 6 among them).
+    assert [r["step"] for r in logged if "goodput" in r] == [8]

@@ -10,9 +10,13 @@ first, such as the metrics writer, is there for the others' final records).
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+import time
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 from tqdm import tqdm
 
 from medjax.config import TrainConfig
@@ -128,6 +132,69 @@ class CheckpointHook(Hook):
     def after_step(self, ctx: StepContext) -> None:
         if ctx.step % self.every == 0 or ctx.last or ctx.stopping:
             self.ckpts.save(ctx.step, ctx.state, self.data_iter, meta={**self.meta, "step": ctx.step}, force=True)
+
+
+class GoodputHook(Hook):
+    """Goodput: the share of this invocation's wall time spent on steps that moved the run
+    forward. Wall time from train() being called splits into start-up (mesh, state, restore,
+    building the iterators), compilation (the first step's time beyond a typical step's), steps
+    trained again after a restore (they were logged by a run that died before its next
+    checkpoint), productive steps, and the rest (checkpoint saves, evals, logging). A step's time
+    is the median interval between steps, so saves and evals stay out of it. The record goes to
+    metrics.jsonl at the last step of a run that did not fail and to goodput.jsonl (one line per invocation, never
+    truncated), so a job's goodput over its restarts is the sum over that file."""
+
+    def __init__(self, started: float, lost_until: int, first_step: int, workdir, writer: MetricsWriter, say, enabled):
+        self.started, self.lost_until, self.first_step = started, lost_until, first_step
+        self.path = Path(workdir) / "goodput.jsonl"
+        self.writer, self.say, self.enabled = writer, say, enabled
+        self.loop_started: float | None = None
+        self.times: list[float] = []
+
+    def loop_starts(self) -> None:
+        self.loop_started = time.perf_counter()
+
+    def after_step(self, ctx: StepContext) -> None:
+        self.times.append(time.perf_counter())
+
+    def record(self, last_step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        loop_started = self.loop_started or now
+        wall = now - self.started
+        intervals = np.diff([loop_started, *self.times])
+        step_s = (
+            float(np.median(intervals[1:])) if len(intervals) > 1 else float(intervals[0]) if len(intervals) else 0.0
+        )
+        steps = len(self.times)
+        again = max(0, min(self.lost_until, last_step) - self.first_step)
+        out = {
+            "goodput": (steps - again) * step_s / wall if wall > 0 else 0.0,
+            "goodput_wall_s": wall,
+            "goodput_productive_s": (steps - again) * step_s,
+            "goodput_startup_s": loop_started - self.started,
+            "goodput_compile_s": max(0.0, float(intervals[0]) - step_s) if len(intervals) else 0.0,
+            "goodput_recomputed_s": again * step_s,
+            "goodput_recomputed_steps": again,
+        }
+        accounted = sum(
+            out[k] for k in ("goodput_productive_s", "goodput_startup_s", "goodput_compile_s", "goodput_recomputed_s")
+        )
+        out["goodput_other_s"] = max(0.0, wall - accounted)
+        return out
+
+    def at_end(self, ctx: StepContext, completed: bool) -> None:
+        record = self.record(ctx.step)
+        if completed and ctx.step > self.first_step:
+            self.writer.write(ctx.step, record)
+        if self.enabled:
+            line = json.dumps({"first_step": self.first_step, "last_step": ctx.step, "completed": completed, **record})
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        self.say(
+            f"goodput {record['goodput']:.1%} of {record['goodput_wall_s']:.1f} s: start-up {record['goodput_startup_s']:.1f} s, "
+            f"compile {record['goodput_compile_s']:.1f} s, recomputed {record['goodput_recomputed_steps']} steps "
+            f"({record['goodput_recomputed_s']:.1f} s), saves/evals/logging {record['goodput_other_s']:.1f} s"
+        )
 
 
 def _report(bar: tqdm, step: int, max_steps: int, record: dict) -> None:

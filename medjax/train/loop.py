@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -26,7 +27,7 @@ from medjax.parallel.rules import batch_sharding
 from medjax.train import TrainingError, init_from
 from medjax.train.checkpoint import Checkpoints, DamagedCheckpoint, is_damage
 from medjax.train.geometry import BatchGeometry
-from medjax.train.hooks import CheckpointHook, EvalHook, Hook, LogHook, StepContext, TrainResult
+from medjax.train.hooks import CheckpointHook, EvalHook, GoodputHook, Hook, LogHook, StepContext, TrainResult
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train.objectives import Objective
 from medjax.train.optimizer import check_trainable, make_optimizer
@@ -89,6 +90,7 @@ def train(
     """Trains (or resumes) the run in ``cfg.workdir``. ``should_stop(step)`` lets a supervisor
     end the run early the way a preemption does: checkpoint, then return. ``hooks`` run after the
     built-in ones (log, eval, checkpoint) at every step."""
+    started = time.perf_counter()
     spec = checked_stage(cfg)  # before anything is started or written
     initialize_distributed(cfg.mesh)
     settings = dataclasses.asdict(cfg)
@@ -103,7 +105,7 @@ def train(
     # Closed on every exit path, errors included: a manager left open has Orbax background
     # threads that fail with a traceback at interpreter shutdown, burying the real error.
     with Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing) as ckpts:
-        return _train(cfg, spec, objective, should_stop, mesh, geo, ckpts, hooks)
+        return _train(cfg, spec, objective, should_stop, mesh, geo, ckpts, hooks, started)
 
 
 @dataclasses.dataclass
@@ -205,6 +207,7 @@ def _train(
     geo: BatchGeometry,
     ckpts: Checkpoints,
     extra_hooks: Sequence[Hook],
+    started: float,
 ) -> TrainResult:
     tc = cfg.train
     is_main = jax.process_index() == 0
@@ -235,7 +238,8 @@ def _train(
         dynamic_ncols=True,
     )
     log = LogHook(writer, step_log, bar, tc, ckpts, getattr(run.data_iter, "pop_metrics", None), is_main)
-    hooks: list[Hook] = [log]
+    goodput = GoodputHook(started, writer.lost_until, start, cfg.workdir, writer, say, is_main)
+    hooks: list[Hook] = [log, goodput]
     if run.eval_step is not None:
 
         def run_eval(state: dict) -> dict[str, float]:
@@ -248,6 +252,7 @@ def _train(
     meta = {"stage": cfg.stage, "model": dataclasses.asdict(cfg.model)}
     hooks.append(CheckpointHook(ckpts, tc.checkpoint_every, run.data_iter, meta))
     hooks.extend(extra_hooks)
+    goodput.loop_starts()
     return _loop(cfg, spec, run, hooks, result, geo, mesh, ckpts, should_stop, say)
 
 

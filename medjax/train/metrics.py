@@ -65,15 +65,16 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
+        # The last step an earlier run logged past resume_step: steps up to it are trained again.
+        self.lost_until = resume_step
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            records = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            steps = [json.loads(line).get("step", 0) for line in records]
+            self.lost_until = max([resume_step, *steps])
+            kept = [line for line, step in zip(records, steps) if step <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         try:
