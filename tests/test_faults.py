@@ -177,4 +177,7 @@ def test_goodput_counts_steps_trained_again_after_a_lost_checkpoint(run):
         assert parts == pytest.approx(rec["goodput_wall_s"], rel=1e-6)
     logged = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     # metrics.jsonl drops what the lost steps logged (the first run's record at 6 among them).
+    # Goodput joins the last step's newest record (its eval here) rather than adding a line that
+    # holds no metric a reader of the last line looks for.
     assert [r["step"] for r in logged if "goodput" in r] == [8]
+    assert [sorted(r.keys() & {"loss", "eval_loss"}) for r in logged if r["step"] == 8] == [["loss"], ["eval_loss"]]

@@ -33,7 +33,16 @@ DAMAGED_SUFFIX = ".damaged"
 # ValueErrors, a damaged JSON file a UnicodeDecodeError or JSONDecodeError (ValueErrors too), a
 # missing file FileNotFoundError, a damaged iterator state DataError. A config that no longer fits
 # the checkpoint (another shape) is a ValueError as well: those are told apart by DAMAGE_MARKERS.
-DAMAGE_MARKERS = ("DATA_LOSS", "corrupt", "decode", "Decompression", "checksum", "truncated", "Unexpected end")
+DAMAGE_MARKERS = (
+    "DATA_LOSS",
+    "corrupt",
+    "decode",
+    "Decompression",
+    "checksum",
+    "truncated",
+    "Unexpected end",
+    "Requested byte range",  # a data file shorter than its index says (cut off in a copy)
+)
 
 
 # Files every step folder holds (Orbax 0.12's layout for our composite of state, meta and data).
@@ -67,7 +76,18 @@ def _drop_late_read_callbacks() -> None:
 
 def is_damage(error: BaseException) -> bool:
     """Whether an error raised while reading a step means its files are damaged (rather than a
-    run config that does not fit it, which must not set the step aside)."""
+    run config that does not fit it, which must not set the step aside). Orbax wraps tensorstore's
+    errors in a plain Exception, so the causes are read too."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if _is_damage_one(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _is_damage_one(error: BaseException) -> bool:
     if (
         isinstance(error, (DataError, FileNotFoundError, UnicodeDecodeError))
         or type(error).__name__ == "JSONDecodeError"

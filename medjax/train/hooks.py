@@ -141,7 +141,7 @@ class GoodputHook(Hook):
     trained again after a restore (they were logged by a run that died before its next
     checkpoint), productive steps, and the rest (checkpoint saves, evals, logging). A step's time
     is the median interval between steps, so saves and evals stay out of it. The record goes to
-    metrics.jsonl at the last step of a run that did not fail and to goodput.jsonl (one line per invocation, never
+    the last step's record in metrics.jsonl for a run that did not fail and to goodput.jsonl (one line per invocation, never
     truncated), so a job's goodput over its restarts is the sum over that file."""
 
     def __init__(self, started: float, lost_until: int, first_step: int, workdir, writer: MetricsWriter, say, enabled):
@@ -185,7 +185,7 @@ class GoodputHook(Hook):
     def at_end(self, ctx: StepContext, completed: bool) -> None:
         record = self.record(ctx.step)
         if completed and ctx.step > self.first_step:
-            self.writer.write(ctx.step, record)
+            self.writer.amend(ctx.step, record)
         if self.enabled:
             line = json.dumps({"first_step": self.first_step, "last_step": ctx.step, "completed": completed, **record})
             with open(self.path, "a", encoding="utf-8") as f:

@@ -65,6 +65,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
+        self._last: tuple[int, dict] | None = None  # the newest record and the offset it starts at
         # The last step an earlier run logged past resume_step: steps up to it are trained again.
         self.lost_until = resume_step
         if not enabled:
@@ -88,11 +89,34 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._last = (self._file.tell(), record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self._scalars(step, metrics)
+
+    def amend(self, step: int, metrics: dict[str, Any]) -> None:
+        """Adds fields to the record of ``step`` when it is the newest (the end-of-run goodput
+        joins the last step's record, so every line stays one step's metrics); otherwise writes
+        them as that step's record."""
+        if not self.enabled:
+            return
+        if self._last is None or self._last[1]["step"] != int(step):
+            self.write(step, metrics)
+            return
+        offset, record = self._last
+        record = {**record, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.truncate(offset)
+        self._file.seek(offset)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._last = (offset, record)
+        self._scalars(step, metrics)
+
+    def _scalars(self, step: int, metrics: dict[str, Any]) -> None:
         if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
+            for k, v in metrics.items():
+                v = _plain(v)
+                if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
