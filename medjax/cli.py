@@ -101,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error("arguments after -- are only for `medjax serve` (vLLM) and `medjax curate` (Beam)")
     try:
         return args.func(args)
-    except (ConfigError, DataError, ConversionError, ItemError, RagError, TrainingError, FileNotFoundError) as e:
+    except TrainingError as e:  # the run failed where it stood: a rerun (--restarts) may get past it
         print(f"medjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 3
+    except (ConfigError, DataError, ConversionError, ItemError, RagError, FileNotFoundError) as e:
+        print(f"medjax {args.command}: error: {e}", file=sys.stderr)
+        return 2  # the command or its inputs are wrong
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ class LaunchRequest:
     nodes: int = 1
     gpus_per_node: int = 8
     partition: str | None = None
+    restarts: int = 0
 
 
 def hosts(tpu: str) -> int:
@@ -74,7 +75,10 @@ def train_command(req: LaunchRequest, venv: str = ".venv/bin/") -> str:
         overrides.append(f"mesh.dcn_data={req.slices}")
     if req.workdir:
         overrides.append(f"workdir={req.workdir}")
-    return shlex.join([f"{venv}medjax", "train", req.config, *overrides])
+    # Each host supervises its own process: a crash on one ends the others' collectives, so every
+    # host reruns its part and the job resumes together from the newest verified checkpoint.
+    restarts = ["--restarts", str(req.restarts)] if req.restarts else []
+    return shlex.join([f"{venv}medjax", "train", req.config, *overrides, *restarts])
 
 
 def _gcloud(req: LaunchRequest, *words: str) -> str:
@@ -297,5 +301,13 @@ def add_parser(sub) -> None:
     p.add_argument("--nodes", type=int, default=1, help="--slurm: nodes")
     p.add_argument("--gpus-per-node", type=int, default=8, help="--slurm: GPUs per node")
     p.add_argument("--partition", help="--slurm: partition")
+    p.add_argument(
+        "--restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every host runs `medjax train --restarts N`: the job is rerun after a crash, giving up when more "
+        "than N failures in a row saved no new checkpoint",
+    )
     p.add_argument("--execute", action="store_true", help="run the commands (default: print them)")
     p.set_defaults(func=_cmd_launch)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -127,6 +128,26 @@ def test_arrayrecord_token_shards(world, tmp_path):
     targets = np.concatenate([b["targets"][0][b["segment_ids"][0] != 0] for b in batches])
     np.testing.assert_array_equal(inputs, [5, 6, 7, 9, 10, 12, 13, 14, 15])
     np.testing.assert_array_equal(targets, [6, 7, 8, 10, 11, 13, 14, 15, 16])
+
+
+def test_a_damaged_arrayrecord_shard_is_named_with_its_record(tmp_path):
+    """Bytes overwritten inside a chunk (a bad disk, a half-copied object): reading is refused
+    naming the shard and the record; a shard whose footer is gone is refused when opened."""
+    from medjax.data import DataError
+    from medjax.data.sources import TokenRecordSource
+
+    good, bad, cut = tmp_path / "a.arrayrecord", tmp_path / "b.arrayrecord", tmp_path / "c.arrayrecord"
+    write_token_records(good, [list(range(i, i + 50)) for i in range(200)])
+    data = bytearray(good.read_bytes())
+    data[4100:4116] = b"\xff" * 16  # inside the chunk that holds records 27 and on
+    bad.write_bytes(bytes(data))
+    cut.write_bytes(bytes(data[: len(data) // 2]))
+    source = TokenRecordSource([good, bad])
+    assert source[199]["ids"][0] == 199 and source[226]["ids"][0] == 26
+    with pytest.raises(DataError, match=rf"^{re.escape(str(bad))}: record 27: unreadable \(Corrupted Riegeli"):
+        source[227]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(cut))}: not a readable ArrayRecord file"):
+        TokenRecordSource([good, cut])
 
 
 def test_chatml_formatter_equals_the_shipped_template(world):

@@ -4,6 +4,7 @@ is not damage; a state holding NaN is never saved."""
 
 import json
 import math
+import re
 import shutil
 
 import jax
@@ -12,8 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from medjax.integrity import summarize
 from medjax.train.checkpoint import Checkpoints, DamagedCheckpoint
-from medjax.train.integrity import summarize
 from medjax.train.loop import TrainingError, train
 
 
@@ -60,6 +61,27 @@ def test_corrupted_array_bytes_are_set_aside(run):
         f.write_bytes(bytes(data))
     result = train(cfg())
     _resumes_from_3_setting_6_aside(workdir, result, "")
+
+
+def test_export_refuses_a_checkpoint_whose_array_fails_its_checksum(run, tmp_path):
+    """What was read no longer matches what was saved (here the recorded checksum of one weight is
+    changed, as a changed data byte that still decompresses would look): export names the array
+    and writes nothing."""
+    from medjax.convert import ConversionError
+    from medjax.convert.hf_export import export_hf
+
+    workdir, _ = run
+    meta_file = workdir / "checkpoints" / "6" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    name = next(k for k in meta["checksums"] if k.startswith("params/") and "wq" in k)
+    meta["checksums"][name] += 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(
+        ConversionError, match=rf"{re.escape(name)}: checksum expected \d+, found \d+: the checkpoint is damaged"
+    ):
+        export_hf(workdir / "checkpoints" / "6", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    export_hf(workdir / "checkpoints" / "3", tmp_path / "hf")  # an earlier good step exports
 
 
 @pytest.mark.slow  # a resumed training run

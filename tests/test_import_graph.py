@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Layers from the bottom: a module of medjax/<name> may import its own package and any package of
 # a lower layer, never one of its own layer or above. Keep in step with DESIGN.md ("Layers").
 LAYERS = [
-    {"utils", "charts"},
+    {"utils", "charts", "integrity"},
     {"models", "tasks"},
     {"config"},
     {"data", "rag"},

@@ -145,3 +145,13 @@ def test_execute_runs_the_steps_in_order(capsys, tmp_path, monkeypatch):
     ]
     assert os.path.getsize("/tmp/medjax-mjx-test.tar.gz") > 10_000
     os.unlink("/tmp/medjax-mjx-test.tar.gz")
+
+
+def test_restarts_are_put_on_every_hosts_command(capsys):
+    """`--restarts N`: each host supervises its own `medjax train` (a crash on one ends the others'
+    collectives, so every host reruns its part)."""
+    _, out, _ = _launch(capsys, "--name", "g", "--slurm", "--nodes", "2", "--restarts", "3")
+    script = out.split("<<'EOF'\n", 1)[1].split("\nEOF", 1)[0]
+    assert script.splitlines()[-1].endswith(f"medjax train {CONFIG} mesh.distributed=true --restarts 3")
+    _, out, _ = _launch(capsys, "--name", "w", "--xpk", "--tpu", "v5e-256", "--cluster", "c", "--docker-image", "i")
+    assert "--restarts" not in out

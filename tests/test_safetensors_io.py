@@ -240,3 +240,25 @@ def test_the_header_of_a_shard_cut_short_is_named(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-4])
     with pytest.raises(ConversionError, match=str(shard)):
         HFWeights(tmp_path).header("b")
+
+
+def test_a_changed_byte_inside_a_written_tensor_fails_its_checksum(tmp_path):
+    """The writer records each tensor's checksum in the index; a byte changed on disk afterwards
+    (a bad copy) is named with the tensor on read, and the other tensors still read."""
+    tensors = _tensors()
+    _write(tmp_path, tensors, 2**30)
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    assert set(index["metadata"]["medjax_checksums"]) == set(tensors)
+    path = tmp_path / index["weight_map"]["embed.weight"]
+    (size,) = struct.unpack("<Q", path.read_bytes()[:8])
+    header = json.loads(path.read_bytes()[8 : 8 + size])
+    start = 8 + size + header["embed.weight"]["data_offsets"][0]
+    data = bytearray(path.read_bytes())
+    data[start + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+    weights = HFWeights(tmp_path)
+    with pytest.raises(
+        ConversionError, match=r"tensor embed.weight: checksum expected \d+ .*found \d+: the file is damaged"
+    ):
+        weights.get("embed.weight")
+    assert _same_bits(weights.get("layers.0.bf16"), tensors["layers.0.bf16"])

@@ -29,6 +29,7 @@ from medjax.config import from_dict
 from medjax.convert import ConversionError
 from medjax.convert.weights import get_path, set_path
 from medjax.data.chat import TEMPLATE_DIR
+from medjax.integrity import host_checksum
 from medjax.models.config import ModelConfig
 
 MODEL_JSON = "model.json"
@@ -117,6 +118,36 @@ class ParamReader:
         for key in ref.prefix:
             tree = tree[key]
         self._meta = tree
+        # A training step's checksums (train/integrity.py), checked on every tensor read, so an
+        # export or an init_from never passes on a damaged checkpoint's bytes.
+        meta_file = ref.params_dir.parent / "meta" / "metadata"
+        self._checksums = {}
+        if ref.step is not None and meta_file.is_file():
+            self._checksums = json.loads(meta_file.read_text()).get("checksums") or {}
+
+    def _verified(self, path: tuple, array: np.ndarray) -> np.ndarray:
+        name = "/".join(map(str, (*self.ref.prefix, *path)))
+        want = self._checksums.get(name)
+        if want is not None and (got := host_checksum(array)) != want:
+            raise ConversionError(
+                f"{self.ref.params_dir.parent}: {name}: checksum expected {want}, found {got}: the checkpoint is "
+                "damaged (`medjax ckpt verify` checks every step; an earlier step may be good)"
+            )
+        return array
+
+    def _restore(self, item: dict) -> dict:
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
+        try:
+            return self._ckpt.restore(
+                self.ref.params_dir,
+                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+            )
+        except Exception as e:  # tensorstore's DATA_LOSS and the like, under Orbax's plain Exception
+            cause = e.__cause__ or e
+            raise ConversionError(
+                f"{self.ref.params_dir}: cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0][:300]}); "
+                "`medjax ckpt verify` checks a run's steps"
+            ) from e
 
     def paths(self) -> list[tuple]:
         """Every tensor's key path (keys as Orbax stores them: strings)."""
@@ -143,22 +174,18 @@ class ParamReader:
         item: dict = {}
         for path in paths:
             set_path(item, (*self.ref.prefix, *path), jax.ShapeDtypeStruct(*self.metadata(path)))
-        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
-        out = self._ckpt.restore(
-            self.ref.params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        )
-        return [np.asarray(get_path(out, (*self.ref.prefix, *path))) for path in paths]
+        out = self._restore(item)
+        return [self._verified(path, np.asarray(get_path(out, (*self.ref.prefix, *path)))) for path in paths]
 
     def read_all(self) -> dict:
         item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), self._meta)
         for key in reversed(self.ref.prefix):
             item = {key: item}
-        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
-        out = self._ckpt.restore(
-            self.ref.params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        )
+        out = self._restore(item)
         for key in self.ref.prefix:
             out = out[key]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+            self._verified(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), np.asarray(leaf))
         return _int_keys(out)
 
 

@@ -18,9 +18,11 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from medjax.convert import ConversionError
+from medjax.integrity import host_checksum
 
 DTYPE_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
 INDEX_NAME = "model.safetensors.index.json"
+CHECKSUMS_KEY = "medjax_checksums"  # under the index's "metadata", which transformers and vLLM ignore
 # Safetensors dtype codes that hold weights medjax can import.
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 # How HFWeights.get reads them (safetensors data is little-endian).
@@ -40,9 +42,14 @@ class HFWeights:
         self._headers: dict[Path, tuple[dict, int]] = {}
         index = self.directory / INDEX_NAME
         single = self.directory / "model.safetensors"
+        self._checksums: dict[str, int] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            data = json.loads(index.read_text())
+            weight_map = data["weight_map"]
             self._file_of = {name: self.directory / f for name, f in weight_map.items()}
+            # medjax's exports record each tensor's checksum (integrity.host_checksum) beside the
+            # index's total_size; a read checks it, so a flipped byte is named, not imported.
+            self._checksums = (data.get("metadata") or {}).get(CHECKSUMS_KEY) or {}
         elif single.is_file():
             self._file_of = {name: single for name in self._entries(single)[0]}
         else:
@@ -88,6 +95,11 @@ class HFWeights:
             f.seek(data_start + start)
             if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
                 raise ConversionError(f"{path}: file ends inside tensor {name}")
+        want = self._checksums.get(name)
+        if want is not None and (got := host_checksum(out)) != want:
+            raise ConversionError(
+                f"{path}: tensor {name}: checksum expected {want} ({INDEX_NAME}), found {got}: the file is damaged"
+            )
         return out
 
     def _entries(self, path: Path) -> tuple[dict, int]:
@@ -144,6 +156,7 @@ class StreamingShardWriter:
         self._shard = -1
         self._file = None
         self._weight_map: dict[str, str] = {}
+        self._checksums: dict[str, int] = {}
         self._total = 0
 
     def _shard_name(self, k: int) -> str:
@@ -181,6 +194,7 @@ class StreamingShardWriter:
             self._shard = shard
         data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
         self._file.write(data.tobytes())
+        self._checksums[name] = host_checksum(data)
         self._total += data.nbytes
         self._next += 1
 
@@ -195,5 +209,8 @@ class StreamingShardWriter:
         self._close_shard()
         if self._next != len(self.tensors):
             raise ConversionError(f"only {self._next} of {len(self.tensors)} planned tensors were written")
-        index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(self._weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self._total, CHECKSUMS_KEY: dict(sorted(self._checksums.items()))},
+            "weight_map": dict(sorted(self._weight_map.items())),
+        }
         (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

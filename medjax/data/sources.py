@@ -114,24 +114,49 @@ def write_token_records(path: str | os.PathLike, documents: Iterable[Sequence[in
 
 
 class TokenRecordSource:
-    """ArrayRecord shards whose records are int32 token ids (see write_token_records)."""
+    """ArrayRecord shards whose records are int32 token ids (see write_token_records). A shard that
+    cannot be opened, or a record that cannot be read (a damaged or half-copied file), is an error
+    naming the file and the record's index in it."""
 
     def __init__(self, paths: Sequence[str | os.PathLike]):
         import grain
+        from array_record.python.array_record_module import ArrayRecordReader
 
-        for p in paths:
+        self._paths = [str(p) for p in paths]
+        counts = []
+        for p in self._paths:
             if not Path(p).is_file():
                 raise DataError(f"ArrayRecord file not found: {p}")
-        self._source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+            try:
+                reader = ArrayRecordReader(p)
+                counts.append(reader.num_records())
+                reader.close()
+            except Exception as e:  # array_record raises a bare RuntimeError
+                raise DataError(f"{p}: not a readable ArrayRecord file ({_first_line(e)})") from None
+        self._ends = np.cumsum(counts)
+        self._source = grain.sources.ArrayRecordDataSource(self._paths)
 
     def __len__(self) -> int:
         return len(self._source)
 
+    def where(self, index: int) -> str:
+        """FILE:record for a global record index."""
+        f = int(np.searchsorted(self._ends, index, side="right"))
+        return f"{self._paths[f]}: record {index - (int(self._ends[f - 1]) if f else 0)}"
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        raw = self._source[index]
+        try:
+            raw = self._source[index]
+        except Exception as e:
+            raise DataError(f"{self.where(index)}: unreadable ({_first_line(e)})") from None
         if len(raw) % 4:
-            raise DataError(f"ArrayRecord record {index}: {len(raw)} bytes is not a whole number of int32 ids")
+            raise DataError(f"{self.where(index)}: {len(raw)} bytes is not a whole number of int32 ids")
         return {"ids": np.frombuffer(raw, dtype="<i4").astype(np.int32)}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0][:300] if text else type(error).__name__) or type(error).__name__
 
 
 TF_EXTRA_HINT = "pip install -e '.[tf]' (or tools/setup_env.sh, which installs it)"

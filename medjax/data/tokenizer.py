@@ -94,6 +94,37 @@ def tokenizer_file(path: str | os.PathLike) -> Path:
     return p
 
 
+# The files that decide what token ids mean and how a conversation becomes text.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def tokenizer_digest(path: str | os.PathLike) -> dict[str, str]:
+    """sha256 of each file that decides the token ids (and the chat rendering) of a tokenizer,
+    by name: a checkpoint keeps it, so a run resumed with another tokenizer under the same path is
+    refused instead of training on ids that mean other text."""
+    import hashlib
+
+    p = tokenizer_file(path)
+    folder = p.parent
+    files = [folder / name for name in TOKENIZER_FILES] + sorted((folder / "additional_chat_templates").glob("*.jinja"))
+    if p.name != "tokenizer.json":  # a tokenizer given as a file: that file alone
+        files = [p]
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
+
+
+def digest_changes(saved: dict[str, str], now: dict[str, str]) -> list[str]:
+    """What differs between two digests, one phrase per file."""
+    out = []
+    for name in sorted(saved.keys() | now.keys()):
+        if name not in now:
+            out.append(f"{name} is gone")
+        elif name not in saved:
+            out.append(f"{name} is new")
+        elif saved[name] != now[name]:
+            out.append(f"{name} changed (sha256 {saved[name][:12]}... then, {now[name][:12]}... now)")
+    return out
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     p = tokenizer_file(path)
     try:

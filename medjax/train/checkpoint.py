@@ -23,8 +23,8 @@ import orbax.checkpoint as ocp
 
 from medjax.data import DataError
 from medjax.data.streams import read_state_file
+from medjax.integrity import mismatches, summarize
 from medjax.train import TrainingError
-from medjax.train.integrity import mismatches, summarize
 
 # A damaged step folder is renamed to "<step>.damaged" (then .damaged-2, ...): Orbax reads only
 # integer names as steps, and nothing removes these.

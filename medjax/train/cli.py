@@ -25,6 +25,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if value is not None
     ]
     cfg = load_config(args.config, [*args.overrides, *joins])
+    if args.restarts:
+        return _supervise(args, cfg.workdir)
     if cfg.mesh.num_processes > 1 or cfg.mesh.distributed:
         quiet_gloo()
     result = train(cfg)
@@ -38,6 +40,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if metrics.is_file() and (plot := plot_metrics(metrics, Path(cfg.workdir) / "loss.png")) is not None:
         print(f"curves: {plot}")
     return 0
+
+
+def _supervise(args: argparse.Namespace, workdir: str) -> int:
+    """The same command, without --restarts, in a child process that is rerun after a crash."""
+    import sys
+
+    from medjax.train.restarts import RestartPolicy, Supervisor
+
+    command = [sys.executable, "-m", "medjax.cli", "train", args.config, *args.overrides]
+    for flag, value in (
+        ("--coordinator", args.coordinator),
+        ("--num-processes", args.num_processes),
+        ("--process-id", args.process_id),
+    ):
+        if value is not None:
+            command += [flag, str(value)]
+    policy = RestartPolicy(max_failures=args.restarts, delay_s=args.restart_delay)
+    return Supervisor(command, workdir, policy, process_id=args.process_id or 0).run()
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -83,6 +103,21 @@ def add_train(sub) -> None:
     )
     p.add_argument("--num-processes", type=int, default=None, help="processes in the job (mesh.num_processes)")
     p.add_argument("--process-id", type=int, default=None, help="this process's index (mesh.process_id)")
+    p.add_argument(
+        "--restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rerun the job after a crash, resuming from the newest verified checkpoint; give up when more than "
+        "N failures in a row saved no new checkpoint (a wrong command, exit code 2, is never rerun)",
+    )
+    p.add_argument(
+        "--restart-delay",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="the first wait before a rerun, doubled after each failure without progress (at most 300 s)",
+    )
     p.set_defaults(func=_cmd_train)
 
 

@@ -7,6 +7,7 @@ loop's one stop condition."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import signal
 import time
@@ -19,8 +20,9 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from medjax.config import Config
+from medjax.config import Config, ConfigError
 from medjax.data.streams import StreamBatches, saved_stream_count
+from medjax.data.tokenizer import digest_changes, tokenizer_digest
 from medjax.models.decoder import ModelDef
 from medjax.parallel.mesh import check_processes_agree, initialize_distributed, make_mesh
 from medjax.parallel.rules import batch_sharding
@@ -31,6 +33,7 @@ from medjax.train.hooks import CheckpointHook, EvalHook, GoodputHook, Hook, LogH
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train.objectives import Objective
 from medjax.train.optimizer import check_trainable, make_optimizer
+from medjax.train.restarts import newest_checkpoint
 from medjax.train.stages import Stage, batch_dtypes, checked_stage
 from medjax.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
 from medjax.utils import atomic_write_text
@@ -104,8 +107,31 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     # Closed on every exit path, errors included: a manager left open has Orbax background
     # threads that fail with a traceback at interpreter shutdown, burying the real error.
-    with Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing) as ckpts:
-        return _train(cfg, spec, objective, should_stop, mesh, geo, ckpts, hooks, started)
+    try:
+        with Checkpoints(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing) as ckpts:
+            return _train(cfg, spec, objective, should_stop, mesh, geo, ckpts, hooks, started)
+    except Exception as e:
+        if (full := _disk_full(e)) is None:
+            raise
+        raise TrainingError(
+            f"no space left on the device holding {full or workdir}; the newest complete checkpoint is step "
+            f"{newest_checkpoint(workdir)} (an interrupted save is never committed). Free space and run the "
+            "same command again to resume from it"
+        ) from e
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """The file a full disk stopped ("" when the error does not name it), from an error or its
+    causes (Orbax and tensorstore wrap the OSError); None when the disk is not full."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return str(error.filename or "")
+        if "No space left on device" in str(error) or "RESOURCE_EXHAUSTED: Error writing" in str(error):
+            return ""
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @dataclasses.dataclass
@@ -179,7 +205,8 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
         return batches, streams
 
     if start:
-        start, state, (data_iter, streams) = _restore_newest_good(ckpts, state, data_for, say)
+        start, state, (data_iter, streams), meta = _restore_newest_good(ckpts, state, data_for, say)
+        _check_same_tokenizer(cfg, meta, ckpts.directory / str(start))
     else:
         data_iter, streams = data_for(0)
     evaluates = cfg.data.has_eval() and spec.dataset is not None
@@ -249,8 +276,7 @@ def _train(
         hooks.append(evals)
         if tc.eval_at_start and not start:
             evals.evaluate(0, run.state, result)
-    meta = {"stage": cfg.stage, "model": dataclasses.asdict(cfg.model)}
-    hooks.append(CheckpointHook(ckpts, tc.checkpoint_every, run.data_iter, meta))
+    hooks.append(CheckpointHook(ckpts, tc.checkpoint_every, run.data_iter, run_meta(cfg)))
     hooks.extend(extra_hooks)
     goodput.loop_starts()
     return _loop(cfg, spec, run, hooks, result, geo, mesh, ckpts, should_stop, say)
@@ -308,7 +334,7 @@ def _restore_newest_good(ckpts: Checkpoints, state: dict, data_for, say):
     for step in sorted(ckpts.all_steps(), reverse=True):
         try:
             data = data_for(step)
-            restored, _ = ckpts.restore_verified(step, state, data[0])
+            restored, meta = ckpts.restore_verified(step, state, data[0])
         except Exception as e:
             damage = e if isinstance(e, DamagedCheckpoint) else DamagedCheckpoint(step, [f"{type(e).__name__}: {e}"])
             if not isinstance(e, DamagedCheckpoint) and not is_damage(e):
@@ -320,11 +346,33 @@ def _restore_newest_good(ckpts: Checkpoints, state: dict, data_for, say):
         say(
             f"resumed from step {step} ({ckpts.directory})" + (", the newest checkpoint that verifies" if aside else "")
         )
-        return step, restored, data
+        return step, restored, data, meta
     raise TrainingError(
         f"no checkpoint in {ckpts.directory} verifies (set aside: {', '.join(aside)}); their DAMAGED.txt says "
         "what failed. Move a folder back to its step number to use it anyway, or start in a new workdir"
     )
+
+
+def run_meta(cfg: Config) -> dict:
+    """What each checkpoint records about the run beside its arrays."""
+    meta = {"stage": cfg.stage, "model": dataclasses.asdict(cfg.model)}
+    if cfg.data.tokenizer:
+        meta["tokenizer"] = tokenizer_digest(cfg.data.tokenizer)
+    return meta
+
+
+def _check_same_tokenizer(cfg: Config, meta: dict, where: Path) -> None:
+    """A resumed run must read its data with the tokenizer it trained with: the same path holding
+    other files would feed the model ids that mean other text, and nothing else would notice."""
+    saved = meta.get("tokenizer") if isinstance(meta, dict) else None
+    if not saved or not cfg.data.tokenizer:
+        return
+    changes = digest_changes(saved, tokenizer_digest(cfg.data.tokenizer))
+    if changes:
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer this run trained with (recorded in "
+            f"{where}): {'; '.join(changes)}. Put the original files back, or train in a new workdir"
+        )
 
 
 def _resolve_init(cfg: Config, resuming: bool) -> init_from.InitSource | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -72,8 +73,14 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            records = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            steps = [json.loads(line).get("step", 0) for line in records]
+            records, steps = [], []
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    steps.append(int(json.loads(line).get("step", 0)))
+                    records.append(line)
+                except (ValueError, AttributeError, TypeError):
+                    if line.strip():  # a write cut short (a kill, a full disk): kept aside, not lost
+                        self._set_aside(line)
             self.lost_until = max([resume_step, *steps])
             kept = [line for line, step in zip(records, steps) if step <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
@@ -84,6 +91,14 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
         except ImportError:  # TensorBoard is optional; metrics.jsonl is the contract
             self._tb = None
+
+    def _set_aside(self, line: str) -> None:
+        aside = self.path.with_name("metrics.rejected.jsonl")
+        with open(aside, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        logging.getLogger(__name__).warning(
+            "%s: a line that is not a whole JSON record (a write cut short) moved to %s", self.path, aside
+        )
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

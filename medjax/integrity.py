@@ -1,4 +1,5 @@
-"""Checksums and finiteness of a training state, computed on the devices that hold it.
+"""Checksums and finiteness of arrays: a training state on the devices that hold it, and host
+arrays (conversion reads and writes) with the same sums.
 
 Orbax's commit marker says a save finished, not that its bytes are still right when read back:
 a flipped byte in a data file restores as other values, or as NaN. Each save records one checksum
@@ -32,6 +33,21 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
     bits = bits.astype(jnp.uint32).reshape(-1)
     weights = jnp.arange(bits.size, dtype=jnp.uint32) * _GOLDEN + np.uint32(0x9E3779B9)
     return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def host_checksum(x: np.ndarray) -> int:
+    """The same checksum as on device, of a host array (an exported tensor, a parameter read for
+    conversion): uint32 arithmetic wraps alike in numpy and XLA, so the two agree exactly."""
+    x = np.asarray(x)
+    if x.dtype == np.bool_:
+        bits = x.astype(np.uint8)
+    else:
+        width = min(x.dtype.itemsize, 4)
+        bits = np.ascontiguousarray(x).view({1: np.uint8, 2: np.uint16, 4: np.uint32}[width])
+    bits = bits.astype(np.uint32).reshape(-1)
+    with np.errstate(over="ignore"):
+        weights = np.arange(bits.size, dtype=np.uint32) * _GOLDEN + np.uint32(0x9E3779B9)
+        return int(np.sum(bits * weights, dtype=np.uint32))
 
 
 def _leaf_finite(x: jax.Array) -> jax.Array:
