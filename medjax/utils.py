@@ -1,4 +1,5 @@
-"""Small file helpers shared by every writer: outputs appear whole or not at all."""
+"""Small helpers shared across layers: atomic writes (outputs appear whole or not at all), the
+checkpoint folder's committed steps, an error's chain of causes. Imports no jax."""
 
 from __future__ import annotations
 
@@ -34,6 +35,29 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)
+
+
+def committed_steps(checkpoints: str | os.PathLike, holding: str | None = None) -> list[int]:
+    """The steps whose saves finished, oldest first, read from folder names alone: Orbax writes a
+    step under a temporary name and renames it when complete, and damaged steps are renamed
+    ``<step>.damaged``, so an integer name is a finished save. ``holding`` also requires that
+    entry inside the step (e.g. "state")."""
+    root = Path(checkpoints)
+    if not root.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in root.iterdir() if p.name.isdigit() and (holding is None or (p / holding).exists())
+    )
+
+
+def error_chain(error: BaseException | None) -> Iterator[BaseException]:
+    """An error, then its causes (``__cause__``, else ``__context__``), each once: libraries such as
+    Orbax wrap the error that says what happened in one that does not."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 COMPILATION_CACHE_ENV = "MEDJAX_COMPILATION_CACHE"

@@ -42,15 +42,8 @@ def world(tmp_path_factory):
     return SimpleNamespace(root=root, files=files, tokenizer=tokenizer)
 
 
-TINY_MODEL = [
-    "model.preset=tiny-qwen2",
-    "model.vocab_size=512",
-    "model.hidden_size=64",
-    "model.intermediate_size=128",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.head_dim=16",
-]
+# The tests' model: the micro-qwen2 preset, sized for the session world's 512-token tokenizer.
+TINY_MODEL = ["model.preset=micro-qwen2"]
 
 
 def tiny_config(world, workdir, *overrides):

@@ -14,7 +14,7 @@ import pytest
 
 from medjax.convert import ConversionError
 from medjax.convert.checkpoints import save_model_dir
-from medjax.models.config import ModelConfig, RopeScaling
+from medjax.models.config import LoraConfig, ModelConfig, RopeScaling
 from medjax.models.decoder import ModelDef
 from medjax.train.init_from import RUNTIME_FIELDS, load_params, open_source, stage_model
 
@@ -110,6 +110,7 @@ def test_the_stage_model_is_the_source_architecture_with_the_run_time_fields():
         logits_chunk=16,
         attention="xla",
         score_labels=["honesty", "helpfulness"],
+        lora=LoraConfig(rank=8, targets=["q", "v"]),
     )
     staged = stage_model(SOURCE, run)
     for f in dataclasses.fields(ModelConfig):
@@ -123,6 +124,7 @@ def test_the_stage_model_is_the_source_architecture_with_the_run_time_fields():
         "logits_chunk",
         "attention",
         "score_labels",
+        "lora",
     }
     with pytest.raises(ValueError, match=r"model.score_labels has repeated names: \['a', 'a'\]"):
         stage_model(SOURCE, dataclasses.replace(run, score_labels=["a", "a"]))

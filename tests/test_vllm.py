@@ -63,6 +63,36 @@ def exported(world, tmp_path_factory):
     return root, prompts, ours
 
 
+@pytest.fixture(scope="module")
+def adapter(world, exported):
+    """LoRA SFT over the exported run, its PEFT adapter, and medjax's greedy continuations of the
+    adapted model."""
+    from conftest import stage_config
+
+    from medjax.convert.loading import load_model
+    from medjax.convert.lora import export_adapter
+    from medjax.train.loop import train
+
+    root, prompts, _ = exported
+    train(
+        stage_config(
+            world,
+            root / "lora",
+            "sft",
+            f"init_from={root / 'run'}",
+            "model.lora.rank=8",
+            "model.lora.alpha=16",
+            "optimizer.learning_rate=0.02",
+            "train.max_steps=20",
+            "train.checkpoint_every=20",
+        )
+    )
+    export_adapter(root / "lora", root / "adapter", base=str(root / "hf"))
+    model_cfg, params, _ = load_model(root / "lora")
+    ours = Sampler(ModelDef(model_cfg)).generate(params, prompts, SamplingConfig(max_new_tokens=24)).sequences()
+    return root / "adapter", ours
+
+
 def test_vllm_greedy_equals_medjax_greedy(exported):
     from medjax.serve.vllm_server import vllm_env
 
@@ -83,8 +113,9 @@ def test_vllm_greedy_equals_medjax_greedy(exported):
 
 
 @pytest.fixture(scope="module")
-def server(exported):
-    """`medjax serve` on the export: vLLM's OpenAI server on loopback, stopped with SIGTERM."""
+def server(exported, adapter):
+    """`medjax serve` on the export, with the LoRA adapter beside it: vLLM's OpenAI server on
+    loopback, stopped with SIGTERM."""
     import os
     import signal
     import socket
@@ -96,7 +127,8 @@ def server(exported):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medjax.cli", "serve", str(root / "hf"), "--port", str(port), "--", "--enforce-eager"],
+        [sys.executable, "-m", "medjax.cli", "serve", str(root / "hf"), "--port", str(port)]
+        + ["--lora", f"medlora={adapter[0]}", "--", "--enforce-eager"],
         env=vllm_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -112,27 +144,34 @@ def server(exported):
         proc.wait(timeout=60)
 
 
-def test_medjax_serve_answers_openai_completions(exported, server):
-    """The served model's greedy completion of token ids equals medjax's."""
+def _completion_ids(server: str, model: str, prompt: list[int]) -> list[int]:
     import urllib.request
 
-    root, prompts, ours = exported
-    body = json.dumps(
-        {
-            "model": str(root / "hf"),
-            "prompt": prompts[0],
-            "max_tokens": 24,
-            "temperature": 0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        }
-    ).encode()
+    body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
     request = urllib.request.Request(
-        f"{server}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        f"{server}/v1/completions",
+        data=json.dumps({**body, "return_token_ids": True}).encode(),
+        headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=120) as r:
-        choice = json.loads(r.read())["choices"][0]
-    assert choice["token_ids"] == ours[0]
+        return json.loads(r.read())["choices"][0]["token_ids"]
+
+
+def test_medjax_serve_answers_openai_completions(exported, server):
+    """The served model's greedy completion of token ids equals medjax's."""
+    root, prompts, ours = exported
+    assert _completion_ids(server, str(root / "hf"), prompts[0]) == ours[0]
+
+
+def test_served_lora_adapter_equals_medjax_lora(exported, adapter, server):
+    """A request naming the adapter gets the adapted model's greedy tokens, as medjax generates
+    them with the adapters in place; the base model's name still gets the base's."""
+    root, prompts, base = exported
+    _, adapted = adapter
+    assert adapted != base  # the adapter changes what the model writes
+    for prompt, ours in zip(prompts, adapted):
+        assert _completion_ids(server, "medlora", prompt) == ours
+    assert _completion_ids(server, str(root / "hf"), prompts[1]) == base[1]
 
 
 @pytest.mark.parametrize("mode", ["generate", "loglikelihood"])

@@ -27,15 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 STEPS, EVERY = 12, 4
-MODEL = [
-    "model.preset=tiny-qwen2",
-    "model.vocab_size=512",
-    "model.hidden_size=64",
-    "model.intermediate_size=128",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.head_dim=16",
-]
+MODEL = ["model.preset=micro-qwen2"]
 
 
 def make_world(root: Path) -> dict:
@@ -70,10 +62,15 @@ def command(workdir: Path, world: dict, *extra: str) -> list[str]:
     ]
 
 
+def start(cmd: list[str], **env_overrides: str) -> subprocess.Popen:
+    """Starts a command on the CPU, its output (stdout and stderr together) piped back."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env_overrides}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
 def run(cmd: list[str], kill_when: Callable[[Path], bool] | None = None, sig=signal.SIGKILL, workdir=None):
     """Runs a command to its end, or sends ``sig`` once ``kill_when(workdir)`` holds."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = start(cmd)
     if kill_when is not None:
         while proc.poll() is None and not kill_when(workdir):
             time.sleep(0.02)
@@ -183,8 +180,7 @@ def restarts_row(base: Path, world: dict, kills: int = 3) -> dict:
     goodput over the four attempts."""
     workdir, steps = base / "restarts", 32
     cmd = [*command(workdir, world, f"train.max_steps={steps}"), "--restarts", "3", "--restart-delay", "1"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = start(cmd)
     killed_after = []
     for at in (6, 14, 22)[:kills]:
         while proc.poll() is None and max(logged_steps(workdir), default=0) < at:
@@ -226,15 +222,11 @@ def two_process_row(base: Path, world: dict) -> dict:
         port = s.getsockname()[1]
     workdir = base / "two-process"
     extra = ["mesh.data=2", "train.async_checkpointing=true", "mesh.join_timeout_s=120"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     procs = [
-        subprocess.Popen(
+        start(
             [*command(workdir, world, *extra), "--restarts", "2", "--restart-delay", "1"]
             + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
+            XLA_FLAGS="--xla_force_host_platform_device_count=1",
         )
         for i in range(2)
     ]
@@ -356,13 +348,7 @@ def disk_full_row(base: Path, world: dict) -> dict | None:
             return True
 
         extra = ["train.async_checkpointing=false"]
-        proc = subprocess.Popen(
-            command(workdir, world, *extra),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        )
+        proc = start(command(workdir, world, *extra))
         while proc.poll() is None and not fill(workdir):
             time.sleep(0.01)
         out1, _ = proc.communicate(timeout=600)

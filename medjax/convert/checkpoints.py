@@ -31,6 +31,7 @@ from medjax.convert.weights import get_path, set_path
 from medjax.data.chat import TEMPLATE_DIR
 from medjax.integrity import host_checksum
 from medjax.models.config import ModelConfig
+from medjax.utils import committed_steps
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -65,7 +66,7 @@ def _model_from_json(data: dict, where: str) -> ModelConfig:
 
 
 def _latest_step_dir(checkpoints: Path) -> Path:
-    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    steps = committed_steps(checkpoints, holding="state")
     if not steps:
         raise ConversionError(f"{checkpoints}: no finished checkpoint (no <step>/state folder)")
     return checkpoints / str(steps[-1])

@@ -52,8 +52,21 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from medjax.convert.hf_export import export_hf
 
-    out = export_hf(args.ckpt_dir, args.hf_dir, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    print(f"exported {args.ckpt_dir} -> {out}")
+    if args.adapter:
+        from medjax.convert.lora import export_adapter
+
+        out = export_adapter(args.ckpt_dir, args.hf_dir, dtype=args.dtype, base=args.base)
+        print(f"exported the LoRA adapters of {args.ckpt_dir} -> {out} (PEFT)")
+        print(f"serve it beside its base model with: medjax serve BASE_HF_DIR --lora NAME={out}")
+        return 0
+    out = export_hf(
+        args.ckpt_dir,
+        args.hf_dir,
+        dtype=args.dtype,
+        max_shard_bytes=int(args.max_shard_gb * 1024**3),
+        merge=args.merge,
+    )
+    print(f"exported {args.ckpt_dir} -> {out}" + (" (LoRA adapters merged)" if args.merge else ""))
     from medjax.data.tokenizer_agreement import warn_if_disagreeing
 
     warn_if_disagreeing(out, hint="transformers and vLLM will tokenize this export unlike the model was trained")
@@ -99,4 +112,12 @@ def add_export(sub) -> None:
     p.add_argument("hf_dir")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (GiB)")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument(
+        "--adapter", action="store_true", help="a LoRA run: write its adapters as a PEFT adapter directory"
+    )
+    lora.add_argument("--merge", action="store_true", help="a LoRA run: write full weights, adapters merged in")
+    p.add_argument(
+        "--base", help="with --adapter: base_model_name_or_path in adapter_config.json (the base model's HF directory)"
+    )
     p.set_defaults(func=_cmd_export)

@@ -9,17 +9,15 @@ import json
 import os
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from medjax.convert import ConversionError
 from medjax.convert.checkpoints import ParamReader, copy_tokenizer, resolve_checkpoint, staging_dir
 from medjax.convert.hf_config import generation_config, to_hf_config
-from medjax.convert.safetensors_io import StreamingShardWriter
+from medjax.convert.lora import TARGET_OF, LayerTensorReader, adapter_paths, merged_delta, require_adapters
+from medjax.convert.safetensors_io import EXPORT_DTYPES, StreamingShardWriter
 from medjax.convert.weights import layout_order, stored_path, tensor_maps
 from medjax.models.config import ModelConfig
-
-EXPORT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 
 
 def _special_ids_from_tokenizer(model: ModelConfig, tokenizer_dir: Path | None) -> ModelConfig:
@@ -43,12 +41,23 @@ def export_hf(
     out_dir: str | os.PathLike,
     dtype: str = "bfloat16",
     max_shard_bytes: int = 2 * 1024**3,
+    merge: bool = False,
 ) -> Path:
+    """``merge``: a run trained with LoRA adapters is written with each adapter folded into its
+    weight (W + alpha/rank A B, in float32 before the cast), the full model transformers loads."""
     if dtype not in EXPORT_DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     ref = resolve_checkpoint(checkpoint)
+    if ref.model.lora.enabled and not merge:
+        raise ConversionError(
+            f"{checkpoint}: the run trained LoRA adapters; `medjax export --adapter` writes them as a PEFT "
+            "adapter, `medjax export --merge` writes full weights with them merged"
+        )
+    if merge:
+        require_adapters(ref.model, str(checkpoint))
     reader = ParamReader(ref)
+    adapters = LayerTensorReader(reader, ref.model)
     maps = layout_order(ref.model, tensor_maps(ref.model))
     for m in maps:
         path, layer = stored_path(ref.model, m.path)
@@ -74,6 +83,10 @@ def export_hf(
                 if held[0] != path:
                     held = (path, reader.read(path))
                 array = held[1][layer]
+            target = TARGET_OF.get(tuple(m.path[2:])) if m.path[:1] == ("layers",) else None
+            if merge and target in ref.model.lora.targets:
+                a, b = (adapters.read(p) for p in adapter_paths(m.path[1], target))
+                array = array.astype(np.float32) + merged_delta(a, b, ref.model.lora.scale)
             writer.write(m.hf_name, m.to_hf(array).astype(np_dtype))
         writer.close()
         (tmp / "config.json").write_text(json.dumps(to_hf_config(model, dtype), indent=2) + "\n")

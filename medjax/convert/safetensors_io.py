@@ -20,6 +20,9 @@ from safetensors import SafetensorError, safe_open
 from medjax.convert import ConversionError
 from medjax.integrity import host_checksum
 
+# The dtypes exports write tensors in (``--dtype``).
+EXPORT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+
 DTYPE_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
 INDEX_NAME = "model.safetensors.index.json"
 CHECKSUMS_KEY = "medjax_checksums"  # under the index's "metadata", which transformers and vLLM ignore
@@ -146,12 +149,20 @@ def plan_shards(tensors: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_
 
 class StreamingShardWriter:
     """Writes model-0000k-of-0000n.safetensors + index into ``directory``, tensor by tensor, in
-    the planned order. ``write`` checks each tensor against the plan."""
+    the planned order. ``write`` checks each tensor against the plan. ``single_file`` names one
+    file holding every tensor, with no index (a PEFT adapter's adapter_model.safetensors)."""
 
-    def __init__(self, directory: Path, tensors: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int):
+    def __init__(
+        self,
+        directory: Path,
+        tensors: list[tuple[str, tuple[int, ...], np.dtype]],
+        max_shard_bytes: int,
+        single_file: str | None = None,
+    ):
         self.directory = directory
         self.tensors = tensors
-        self.shards = plan_shards(tensors, max_shard_bytes)
+        self.single_file = single_file
+        self.shards = [list(range(len(tensors)))] if single_file else plan_shards(tensors, max_shard_bytes)
         self._next = 0
         self._shard = -1
         self._file = None
@@ -160,6 +171,8 @@ class StreamingShardWriter:
         self._total = 0
 
     def _shard_name(self, k: int) -> str:
+        if self.single_file:
+            return self.single_file
         return f"model-{k + 1:05d}-of-{len(self.shards):05d}.safetensors"
 
     def _open_shard(self, k: int) -> None:
@@ -209,6 +222,8 @@ class StreamingShardWriter:
         self._close_shard()
         if self._next != len(self.tensors):
             raise ConversionError(f"only {self._next} of {len(self.tensors)} planned tensors were written")
+        if self.single_file:
+            return
         index = {
             "metadata": {"total_size": self._total, CHECKSUMS_KEY: dict(sorted(self._checksums.items()))},
             "weight_map": dict(sorted(self._weight_map.items())),

@@ -19,6 +19,42 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+# What LoRA may adapt: the attention projections and the MLP's, by the short names PEFT users know
+# (q_proj ... down_proj there).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al., 2021) beside the chosen projections: W x + (alpha / rank) B A x,
+    B starting at zero so a run starts exactly at its base model. rank 0: no adapters."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    # Dropout on an adapter's input, as PEFT's lora_dropout; only 0.0 is supported so far.
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"model.lora.rank must be >= 0 (0: no adapters), got {self.rank}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ValueError(f"model.lora.targets: unknown {unknown}; choose from {list(LORA_TARGETS)}")
+        if self.enabled and not self.targets:
+            raise ValueError("model.lora.targets is empty: name at least one of " + ", ".join(LORA_TARGETS))
+        if self.dropout != 0.0:
+            raise ValueError(f"model.lora.dropout={self.dropout}: only 0.0 is supported so far")
+
+
 # model.attention's choices (medjax.models.attention says what each means).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 
@@ -65,6 +101,9 @@ class ModelConfig:
     # A reward model: one scalar head per label (e.g. honesty, helpfulness, compliance) read at a
     # sequence's last token, in place of the LM head (HF's *ForSequenceClassification layout).
     score_labels: list[str] = field(default_factory=list)
+    # Low-rank adapters on the chosen projections; with rank > 0 only they (and a reward model's
+    # score head) train unless optimizer.trainable says otherwise.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -84,6 +123,7 @@ class ModelConfig:
             )
         if self.logits_chunk < 0:
             raise ValueError(f"model.logits_chunk must be >= 0 (0: no chunking), got {self.logits_chunk}")
+        self.lora.validate()
         if len(set(self.score_labels)) != len(self.score_labels):
             raise ValueError(f"model.score_labels has repeated names: {self.score_labels}")
         return self

@@ -30,6 +30,33 @@ def zeros_param(shape, dtype, axes) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
 
 
+def lora_pair(rngs: nnx.Rngs, cfg: ModelConfig, in_shape, out_shape, in_axes, out_axes) -> tuple[nnx.Param, nnx.Param]:
+    """A LoRA adapter (A [*in, rank], B [rank, *out]) for a weight [*in, *out]. A is drawn as PEFT
+    draws it (Kaiming-uniform with a = sqrt(5): bound 1/sqrt(fan_in)), B is zero, so the adapted
+    model starts as the base model."""
+    pdt, rank = DTYPES[cfg.param_dtype], cfg.lora.rank
+    bound = 1.0 / math.sqrt(math.prod(in_shape))
+    a = jax.random.uniform(rngs.params(), (*in_shape, rank), jnp.float32, -bound, bound).astype(pdt)
+    b = jnp.zeros((rank, *out_shape), pdt)
+    return nnx.Param(a, logical_axes=(*in_axes, "lora_rank")), nnx.Param(b, logical_axes=("lora_rank", *out_axes))
+
+
+def lora_delta(module: nnx.Module, name: str, x: jax.Array, n_in: int, scale: float) -> jax.Array | None:
+    """scale * (x A) B for the adapter ``name`` of ``module`` (contracting x's last ``n_in`` axes),
+    or None when the module has none."""
+    a = getattr(module, f"lora_{name}_a", None)
+    if a is None:
+        return None
+    b = getattr(module, f"lora_{name}_b")
+    xa = jnp.tensordot(x, a[...].astype(x.dtype), axes=n_in)
+    return jnp.tensordot(xa, b[...].astype(x.dtype), axes=1) * jnp.asarray(scale, x.dtype)
+
+
+def add_lora(y: jax.Array, module: nnx.Module, name: str, x: jax.Array, n_in: int, scale: float) -> jax.Array:
+    delta = lora_delta(module, name, x, n_in, scale)
+    return y if delta is None else y + delta
+
+
 class RMSNorm(nnx.Module):
     """Normalises in float32 and multiplies in the input dtype, as the HF reference does."""
 
@@ -95,6 +122,18 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, pdt, axis="head_dim")
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pdt, axis="head_dim")
+        if cfg.lora.enabled:
+            shapes = {
+                "q": ((e,), (h, d), ("embed",), ("q_heads", "head_dim")),
+                "k": ((e,), (kv, d), ("embed",), ("kv_heads", "head_dim")),
+                "v": ((e,), (kv, d), ("embed",), ("kv_heads", "head_dim")),
+                "o": ((h, d), (e,), ("q_heads", "head_dim"), ("embed",)),
+            }
+            for name, shape in shapes.items():
+                if name in cfg.lora.targets:
+                    a, b = lora_pair(rngs, cfg, *shape)
+                    setattr(self, f"lora_{name}_a", a)
+                    setattr(self, f"lora_{name}_b", b)
 
     def __call__(
         self,
@@ -109,10 +148,10 @@ class Attention(nnx.Module):
         """Causal attention within the documents ``segment_ids`` marks, by ``model.attention``; or,
         with ``cache``, the new keys/values are written at slots index.. and the queries attend
         over the whole cache where ``mask`` [batch, 1, new, cache_len] allows."""
-        dt = x.dtype
-        q = jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt))
-        k = jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt))
-        v = jnp.einsum("bse,ehd->bshd", x, self.wv[...].astype(dt))
+        dt, scale = x.dtype, self.cfg.lora.scale if self.cfg.lora.enabled else 0.0
+        q = add_lora(jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt)), self, "q", x, 1, scale)
+        k = add_lora(jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt)), self, "k", x, 1, scale)
+        v = add_lora(jnp.einsum("bse,ehd->bshd", x, self.wv[...].astype(dt)), self, "v", x, 1, scale)
         if self.cfg.attention_bias:
             q = q + self.bq[...].astype(dt)
             k = k + self.bk[...].astype(dt)
@@ -131,7 +170,7 @@ class Attention(nnx.Module):
             out = causal_attention(q, k, v, segment_ids, self.cfg.attention)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
-        return jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt)), cache
+        return add_lora(jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt)), self, "o", out, 2, scale), cache
 
 
 # Fewer tokens than this (decode steps) run the gate and up matmuls apart.
@@ -145,6 +184,18 @@ class MLP(nnx.Module):
         self.w_gate = param(rngs, (e, m), std, pdt, ("embed", "mlp"))
         self.w_up = param(rngs, (e, m), std, pdt, ("embed", "mlp"))
         self.w_down = param(rngs, (m, e), std, pdt, ("mlp", "embed"))
+        self.lora_scale = cfg.lora.scale if cfg.lora.enabled else 0.0
+        if cfg.lora.enabled:
+            shapes = {
+                "gate": ((e,), (m,), ("embed",), ("mlp",)),
+                "up": ((e,), (m,), ("embed",), ("mlp",)),
+                "down": ((m,), (e,), ("mlp",), ("embed",)),
+            }
+            for name, shape in shapes.items():
+                if name in cfg.lora.targets:
+                    a, b = lora_pair(rngs, cfg, *shape)
+                    setattr(self, f"lora_{name}_a", a)
+                    setattr(self, f"lora_{name}_b", b)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
@@ -162,7 +213,10 @@ class MLP(nnx.Module):
             w = jnp.stack([self.w_gate[...], self.w_up[...]], axis=1).astype(dt)  # [embed, 2, mlp]
             gate_up = jnp.einsum("bse,ecm->bscm", x, w)
             gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
+        gate = add_lora(gate, self, "gate", x, 1, self.lora_scale)
+        up = add_lora(up, self, "up", x, 1, self.lora_scale)
+        hidden = jax.nn.silu(gate) * up
+        return add_lora(hidden @ self.w_down[...].astype(dt), self, "down", hidden, 1, self.lora_scale)
 
 
 class DecoderBlock(nnx.Module):

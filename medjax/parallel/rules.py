@@ -33,6 +33,9 @@ _DENSE_AXIS_RULES: Mapping[str, MeshAxes] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "norm": None,
+    # LoRA adapters' rank (a few to a few hundred): replicated; their other axis follows the
+    # weight they adapt.
+    "lora_rank": None,
 }
 
 

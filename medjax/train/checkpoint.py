@@ -25,6 +25,7 @@ from medjax.data import DataError
 from medjax.data.streams import read_state_file
 from medjax.integrity import mismatches, summarize
 from medjax.train import TrainingError
+from medjax.utils import error_chain
 
 # A damaged step folder is renamed to "<step>.damaged" (then .damaged-2, ...): Orbax reads only
 # integer names as steps, and nothing removes these.
@@ -78,13 +79,7 @@ def is_damage(error: BaseException) -> bool:
     """Whether an error raised while reading a step means its files are damaged (rather than a
     run config that does not fit it, which must not set the step aside). Orbax wraps tensorstore's
     errors in a plain Exception, so the causes are read too."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if _is_damage_one(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(_is_damage_one(e) for e in error_chain(error))
 
 
 def _is_damage_one(error: BaseException) -> bool:

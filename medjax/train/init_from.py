@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from flax import traverse_util
+
 from medjax.convert import ConversionError, loading
 from medjax.convert.gguf_import import is_gguf, resolve_source
 from medjax.convert.loading import LoadReport, WeightSource, load_params_streaming
 from medjax.models.config import ModelConfig
 
 # Model fields a stage may set for itself; everything else is the source's architecture.
-RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "logits_chunk", "attention", "score_labels")
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "logits_chunk", "attention", "score_labels", "lora")
 # Heads a stage may start fresh (the reward model's) or leave behind (the LM head of its source).
 NEW_HEADS = {("score",)}
 DROPPABLE = {("lm_head",)}
@@ -64,12 +66,13 @@ def load_params(source: WeightSource, fresh: dict, shardings: dict, model: Model
     source's) and laid out in its sharding. The tensors are read one at a time and ``fresh``'s
     leaves are replaced in place (each let go before its replacement is placed, so the run holds
     its params once); the returned params are ``fresh`` itself. Returns (params, report)."""
+    adapters = [k for k in traverse_util.flatten_dict(fresh) if str(k[-1]).startswith("lora_")]
     return load_params_streaming(
         source,
         shardings,
         model=model,
         into=fresh,
-        optional=NEW_HEADS,
+        optional=[*NEW_HEADS, *adapters],  # a stage's LoRA adapters start fresh over any base
         droppable=DROPPABLE,
         where=f"init_from {source.path}",
     )

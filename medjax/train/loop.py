@@ -32,11 +32,11 @@ from medjax.train.geometry import BatchGeometry
 from medjax.train.hooks import CheckpointHook, EvalHook, GoodputHook, Hook, LogHook, StepContext, TrainResult
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train.objectives import Objective
-from medjax.train.optimizer import check_trainable, make_optimizer
+from medjax.train.optimizer import check_trainable, make_optimizer, trained_patterns
 from medjax.train.restarts import newest_checkpoint
 from medjax.train.stages import Stage, batch_dtypes, checked_stage
 from medjax.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
-from medjax.utils import atomic_write_text
+from medjax.utils import atomic_write_text, error_chain
 
 # Callers import these from here: the loop is the training API.
 __all__ = ["Hook", "StepContext", "TrainResult", "TrainingError", "eval_rows", "evaluate", "train"]
@@ -123,14 +123,11 @@ def train(
 def _disk_full(error: BaseException) -> str | None:
     """The file a full disk stopped ("" when the error does not name it), from an error or its
     causes (Orbax and tensorstore wrap the OSError); None when the disk is not full."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return str(error.filename or "")
-        if "No space left on device" in str(error) or "RESOURCE_EXHAUSTED: Error writing" in str(error):
+    for e in error_chain(error):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return str(e.filename or "")
+        if "No space left on device" in str(e) or "RESOURCE_EXHAUSTED: Error writing" in str(e):
             return ""
-        error = error.__cause__ or error.__context__
     return None
 
 
@@ -164,12 +161,14 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
             say(f"  skipped {where}")
 
     model = ModelDef(cfg.model)
-    if cfg.optimizer.trainable:
-        trained, total = check_trainable(model.abstract_params(), cfg.optimizer.trainable)
-        say(f"training {trained:,} of {total:,} parameters (optimizer.trainable); the rest frozen")
+    trained = trained_patterns(cfg.optimizer, cfg.model)
+    if trained:
+        count, total = check_trainable(model.abstract_params(), trained)
+        why = "optimizer.trainable" if cfg.optimizer.trainable else f"LoRA rank {cfg.model.lora.rank}"
+        say(f"training {count:,} of {total:,} parameters ({why}); the rest frozen")
     tx, schedule = make_optimizer(cfg.optimizer, tc.max_steps)
-    shardings = state_shardings(model, tx, mesh)
-    state = init_train_state(model, tx, mesh, tc.seed)
+    shardings = state_shardings(model, tx, mesh, trained)
+    state = init_train_state(model, tx, mesh, tc.seed, trained)
     # The frozen starting weights (RL's KL term): rebuilt on resume as well.
     needs_reference = spec.needs_reference(cfg)
     if source is not None and (not start or needs_reference):
@@ -215,7 +214,7 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
             objective=objective,
             state=state,
             data_iter=data_iter,
-            train_step=make_train_step(model, objective, tx, schedule, mesh, shardings),
+            train_step=make_train_step(model, objective, tx, schedule, mesh, shardings, trained),
             eval_step=make_eval_step(model, objective, mesh, shardings) if evaluates else None,
             start=start,
             streams=streams,

@@ -1,8 +1,10 @@
-"""AdamW with linear warmup, cosine decay and global-norm clipping, over the trainable parameters.
+"""AdamW with linear warmup, cosine decay and global-norm clipping, over the trained parameters.
 
-Frozen parameters (optimizer.trainable names the trained ones) get no update and hold no optimizer
-state, and the clipping norm is taken over the trained gradients only: what adapters and partial
-fine-tuning need, with the full model as the default.
+The params split in two (``split_params``): the trained ones, which the step differentiates and the
+optimizer updates and keeps moments for, and the frozen ones, which get no gradient, no update and
+no optimizer state. optimizer.trainable names the trained ones; with LoRA adapters (model.lora)
+the default is the adapters alone (and a reward model's score head); else the whole model. The
+clipping norm is over the trained gradients only.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import re
 import jax
 import numpy as np
 import optax
+from flax import traverse_util
 
 from medjax.config import ConfigError, OptimizerConfig
+from medjax.models.config import ModelConfig
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, max_steps: int) -> optax.Schedule:
@@ -69,15 +73,40 @@ def check_trainable(params, patterns: list[str]) -> tuple[int, int]:
     return sum(n for n, t in zip(sizes, mask) if t), sum(sizes)
 
 
+# Trained by default under LoRA: the adapters, and a reward model's head (it starts fresh).
+LORA_TRAINED = [r"/lora_\w+_[ab]$", r"^score$"]
+
+
+def trained_patterns(optimizer: OptimizerConfig, model: ModelConfig) -> list[str]:
+    """What trains: optimizer.trainable when given; under LoRA the adapters (and score head); else
+    everything (an empty list)."""
+    if optimizer.trainable:
+        return list(optimizer.trainable)
+    if model.lora.enabled:
+        return LORA_TRAINED if model.score_labels else LORA_TRAINED[:1]
+    return []
+
+
+def split_params(params: dict, patterns: list[str]) -> tuple[dict, dict]:
+    """(trained, frozen): two nested dicts holding the leaves ``patterns`` select and the rest.
+    Works on any tree shaped like the params (arrays, shapes, shardings)."""
+    compiled = _patterns(patterns)
+    flat = traverse_util.flatten_dict(params)
+    mask = {k: not compiled or any(p.search("/".join(map(str, k))) for p in compiled) for k in flat}
+    trained = {k: v for k, v in flat.items() if mask[k]}
+    frozen = {k: v for k, v in flat.items() if not mask[k]}
+    return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
+
+
+def join_params(trained: dict, frozen: dict) -> dict:
+    """The inverse of split_params."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trained)})
+
+
 def make_optimizer(cfg: OptimizerConfig, max_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(cfg, max_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity(),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
     )
-    if cfg.trainable:
-        labels = lambda params: jax.tree.map(  # noqa: E731
-            lambda t: "train" if t else "freeze", trainable_mask(params, cfg.trainable)
-        )
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
     return tx, schedule

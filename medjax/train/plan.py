@@ -28,7 +28,7 @@ from medjax.parallel.rules import MeshLayout, batch_sharding
 from medjax.parallel.topologies import GIB, get_slice, slice_devices
 from medjax.train.geometry import BatchGeometry
 from medjax.train.metrics import generate_flops_per_row, train_flops_per_token
-from medjax.train.optimizer import make_optimizer
+from medjax.train.optimizer import make_optimizer, split_params, trained_patterns
 from medjax.train.stages import batch_dtypes, checked_stage
 from medjax.train.step import make_train_step, state_shardings
 
@@ -69,12 +69,12 @@ def _per_device_bytes(abstract_tree, shardings) -> int:
     return total
 
 
-def abstract_train_state(model: ModelDef, tx, shardings) -> dict:
+def abstract_train_state(model: ModelDef, tx, shardings, trained: list[str] = ()) -> dict:
     """The train state as ShapeDtypeStructs carrying their shardings: what a step lowers against."""
     params = model.abstract_params()
     state = {
         "params": params,
-        "opt_state": jax.eval_shape(tx.init, params),
+        "opt_state": jax.eval_shape(tx.init, split_params(params, list(trained))[0]),
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
     }
@@ -207,15 +207,18 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     slc, mesh = _slice_mesh(cfg, topology, num_slices, model_cfg)
     model_def = ModelDef(model_cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.max_steps)
-    shardings = state_shardings(model_def, tx, mesh)
+    trained = trained_patterns(cfg.optimizer, model_cfg)
+    shardings = state_shardings(model_def, tx, mesh, trained)
     objective = checked_stage(cfg).objective(cfg)
-    step = make_train_step(model_def, objective, tx, schedule, mesh, shardings)
-    state = abstract_train_state(model_def, tx, shardings)
+    step = make_train_step(model_def, objective, tx, schedule, mesh, shardings, trained)
+    state = abstract_train_state(model_def, tx, shardings, trained)
     params_bytes = _per_device_bytes(state["params"], shardings["params"])
     opt_bytes = _per_device_bytes(state["opt_state"], shardings["opt_state"])
-    # Gradients are float32 whatever the params' dtype.
-    grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), state["params"])
-    grad_bytes = _per_device_bytes(grads, shardings["params"])
+    # Gradients (of the trained params alone) are float32 whatever the params' dtype.
+    grads = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), split_params(state["params"], trained)[0]
+    )
+    grad_bytes = _per_device_bytes(grads, split_params(shardings["params"], trained)[0])
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
     with activation_layout(MeshLayout(mesh)):  # as the step traces: auto resolves for the slice
@@ -262,8 +265,9 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
     width = bucket(cfg.data.seq_len + 1 - rl.max_new_tokens)  # the longest prompt the stage admits
     model_def = ModelDef(model_cfg)
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)
-    shardings = state_shardings(model_def, tx, mesh)
-    params = abstract_train_state(model_def, tx, shardings)["params"]
+    trained = trained_patterns(cfg.optimizer, model_cfg)
+    shardings = state_shardings(model_def, tx, mesh, trained)
+    params = abstract_train_state(model_def, tx, shardings, trained)["params"]
     rows_sharding = batch_sharding(mesh)
     sampling = SamplingConfig(
         max_new_tokens=rl.max_new_tokens,

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from medjax.utils import committed_steps
+
 USAGE_ERROR = 2  # medjax's exit code for a wrong command, config or input: never retried
 
 
@@ -37,12 +39,8 @@ class RestartPolicy:
 
 
 def newest_checkpoint(workdir: Path) -> int | None:
-    """The newest committed step, read from the folder names (no Orbax, no jax): Orbax writes a
-    step under a temporary name and renames it when complete, and damaged steps are renamed
-    ``<step>.damaged``, so an integer name is a finished save."""
-    root = Path(workdir) / "checkpoints"
-    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
-    return max(steps, default=None)
+    """The newest committed step, from the folder names (no Orbax, no jax)."""
+    return max(committed_steps(Path(workdir) / "checkpoints"), default=None)
 
 
 def _describe(code: int) -> str:

@@ -7,7 +7,7 @@ restores it (with its shardings) and any stage's objective can read the params t
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,24 +18,25 @@ from medjax.models.decoder import ModelDef
 from medjax.models.sharding import activation_layout
 from medjax.parallel.rules import MeshLayout, batch_sharding, param_shardings, replicated
 from medjax.train.objectives import Objective
+from medjax.train.optimizer import join_params, split_params
 
 TrainState = dict[str, Any]
 
 
-def state_shardings(model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """Optimizer moments are sharded like the params they track; counters are replicated."""
+def state_shardings(
+    model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, trained: Sequence[str] = ()
+) -> TrainState:
+    """Optimizer moments are sharded like the params they track (the ``trained`` ones, see
+    optimizer.split_params); counters are replicated."""
     p_shard = param_shardings(model.abstract_state, mesh)
     abstract_params = jax.eval_shape(model.init_params, jax.random.key(0))
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    # A frozen parameter's place in a masked state (optimizer.trainable) holds a MaskedNode: kept.
-    masked = optax.transforms.MaskedNode
+    abstract_opt = jax.eval_shape(tx.init, split_params(abstract_params, list(trained))[0])
     opt_shard = optax.tree_map_params(
         tx,
-        lambda v, s: v if isinstance(v, masked) else s,
+        lambda _, s: s,
         abstract_opt,
-        p_shard,
+        split_params(p_shard, list(trained))[0],
         transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda v: isinstance(v, masked),
     )
     return {"params": p_shard, "opt_state": opt_shard, "step": replicated(mesh), "rng": replicated(mesh)}
 
@@ -47,15 +48,17 @@ def split_seed(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_rng, train_rng
 
 
-def init_train_state(model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> TrainState:
-    shardings = state_shardings(model, tx, mesh)
+def init_train_state(
+    model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, seed: int, trained: Sequence[str] = ()
+) -> TrainState:
+    shardings = state_shardings(model, tx, mesh, trained)
 
     def init() -> TrainState:
         init_rng, train_rng = split_seed(seed)
         params = model.init_params(init_rng)
         return {
             "params": params,
-            "opt_state": tx.init(params),
+            "opt_state": tx.init(split_params(params, list(trained))[0]),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(train_rng),
         }
@@ -75,13 +78,16 @@ def make_train_step(
     schedule: optax.Schedule,
     mesh: Mesh,
     shardings: TrainState,
+    trained: Sequence[str] = (),
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Batch arrays are [accum, micro_batch, seq]; gradients of the micro-batches are summed and
     divided by the total token count, so accumulation equals one big batch exactly. A step whose
-    loss or gradient is not finite leaves params and optimizer state untouched."""
+    loss or gradient is not finite leaves params and optimizer state untouched. Only the ``trained``
+    params are differentiated (a frozen base costs no weight gradients: LoRA's saving)."""
+    trained = list(trained)
 
-    def loss_sums(params, micro, rng):
-        total, count, extra = objective.loss(model.bind(params), micro, rng)
+    def loss_sums(train_params, frozen, micro, rng):
+        total, count, extra = objective.loss(model.bind(join_params(train_params, frozen)), micro, rng)
         return total, (count, extra)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -89,13 +95,13 @@ def make_train_step(
             return _step(state, batch)
 
     def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        params = state["params"]
+        params, frozen = split_params(state["params"], trained)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
         def accumulate(carry, xs):
             micro, i = xs
-            (total, (count, extra)), grads = grad_fn(params, micro, jax.random.fold_in(rng, i))
+            (total, (count, extra)), grads = grad_fn(params, frozen, micro, jax.random.fold_in(rng, i))
             g_acc, t_acc, c_acc, e_acc = carry
             return (
                 jax.tree.map(jnp.add, g_acc, grads),
@@ -106,7 +112,7 @@ def make_train_step(
 
         accum = jax.tree.leaves(batch)[0].shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
-        _, (_, extra_shape) = jax.eval_shape(loss_sums, params, first, rng)
+        _, (_, extra_shape) = jax.eval_shape(loss_sums, params, frozen, first, rng)
         zeros = (
             jax.tree.map(jnp.zeros_like, params),
             jnp.zeros((), jnp.float32),
@@ -123,7 +129,7 @@ def make_train_step(
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = {
-            "params": keep(new_params, params),
+            "params": join_params(keep(new_params, params), frozen),
             "opt_state": keep(new_opt, state["opt_state"]),
             "step": state["step"] + 1,
             "rng": state["rng"],

@@ -1,0 +1,148 @@
+"""LoRA adapters: the adapted model starts as its base, only the adapters train (the base weights
+come out bit-identical), runs resume exactly, and the exported PEFT adapter (and the merged export)
+give transformers/peft the logits medjax computes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import stage_config, straight_and_resumed, tiny_config
+from flax import traverse_util
+
+from medjax.config import ConfigError, OptimizerConfig, load_config
+from medjax.convert import ConversionError
+from medjax.convert.checkpoints import load_params, resolve_checkpoint
+from medjax.models.config import LoraConfig, ModelConfig
+from medjax.models.decoder import ModelDef
+from medjax.train.loop import train
+from medjax.train.optimizer import split_params, trained_patterns
+from medjax.train.step import split_seed
+
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optimizer.learning_rate=0.02", "optimizer.weight_decay=0"]
+
+
+def _is_adapter(path) -> bool:
+    return str(path[-1]).startswith("lora_")
+
+
+def _flat(params):
+    return traverse_util.flatten_dict(jax.device_get(params))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_adapters_start_at_the_base_model(scan_layers):
+    base_cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_heads=4, scan_layers=scan_layers)
+    lora_cfg = ModelConfig(**{**base_cfg.__dict__, "lora": LoraConfig(rank=4, alpha=8)})
+    params = ModelDef(lora_cfg).init_params(jax.random.key(0))
+    flat = _flat(params)
+    adapters = {k: v for k, v in flat.items() if _is_adapter(k)}
+    assert len(adapters) == 2 * 7 * (1 if scan_layers else 2)  # A and B of 7 targets, per layer unless stacked
+    assert all(not np.any(v) for k, v in adapters.items() if k[-1].endswith("_b"))  # B starts at zero
+    assert all(np.any(v) for k, v in adapters.items() if k[-1].endswith("_a"))
+    base = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not _is_adapter(k)})
+    tokens = jnp.arange(24).reshape(2, 12) % 97
+    np.testing.assert_array_equal(ModelDef(lora_cfg).bind(params)(tokens), ModelDef(base_cfg).bind(base)(tokens))
+    # ... and a non-zero B changes the output by exactly scale * x A B on that projection
+    bumped = {k: (v + 0.1 if k[-1] == "lora_q_b" else v) for k, v in flat.items()}
+    out = ModelDef(lora_cfg).bind(traverse_util.unflatten_dict(bumped))(tokens)
+    assert not np.allclose(out, ModelDef(base_cfg).bind(base)(tokens))
+
+
+def test_only_the_adapters_train_by_default():
+    lora = ModelConfig(lora=LoraConfig(rank=2))
+    params = ModelDef(lora).abstract_params()
+    trained, frozen = split_params(params, trained_patterns(OptimizerConfig(), lora))
+    assert all(_is_adapter(k) for k in traverse_util.flatten_dict(trained))
+    assert not any(_is_adapter(k) for k in traverse_util.flatten_dict(frozen))
+    rm = ModelConfig(lora=LoraConfig(rank=2), score_labels=["a"])
+    trained, _ = split_params(ModelDef(rm).abstract_params(), trained_patterns(OptimizerConfig(), rm))
+    assert ("score",) in traverse_util.flatten_dict(trained)  # a reward model's fresh head trains too
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.lora.targets=[q, qkv]", r"unknown \['qkv'\]"),
+        ("model.lora.rank=-1", "rank must be >= 0"),
+        ("model.lora.dropout=0.1", "only 0.0 is supported"),
+        ("model.lora.ranks=4", "lora.ranks"),
+    ],
+)
+def test_bad_lora_settings_are_named(override, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        load_config(None, ["workdir=/tmp/unused", override]).model.validate()
+
+
+def _check_base_frozen_and_adapters_trained(cfg, result):
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert losses[-1] < losses[0], losses
+    final = _flat(load_params(resolve_checkpoint(cfg.workdir)))
+    start = _flat(ModelDef(cfg.model).init_params(split_seed(cfg.train.seed)[0]))
+    assert final.keys() == start.keys()
+    for key, value in final.items():
+        if _is_adapter(key) or key == ("score",):
+            continue
+        np.testing.assert_array_equal(value, start[key], err_msg="/".join(map(str, key)))
+    assert any(np.any(v) for k, v in final.items() if str(k[-1]).endswith("_b") and _is_adapter(k))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward_model"])
+def test_lora_trains_the_adapters_alone(world, tmp_path, stage):
+    overrides = [*LORA, "train.max_steps=8", "train.checkpoint_every=8"]
+    if stage == "pretrain":
+        cfg = tiny_config(world, tmp_path / "run", *overrides)
+    else:
+        cfg = stage_config(world, tmp_path / "run", stage, *overrides)
+    _check_base_frozen_and_adapters_trained(cfg, train(cfg))
+
+
+def test_lora_resumes_exactly_with_scanned_layers(world, tmp_path):
+    straight_and_resumed(lambda w: tiny_config(world, w, *LORA, "model.scan_layers=true"), tmp_path)
+
+
+def test_plain_export_of_a_lora_run_says_what_to_do(world, tmp_path):
+    from medjax.convert.hf_export import export_hf
+    from medjax.convert.lora import export_adapter
+
+    cfg = tiny_config(world, tmp_path / "run", *LORA, "train.max_steps=3")
+    train(cfg)
+    with pytest.raises(ConversionError, match="--adapter.*--merge"):
+        export_hf(cfg.workdir, tmp_path / "hf")
+    plain = tiny_config(world, tmp_path / "plain", "train.max_steps=3")
+    train(plain)
+    with pytest.raises(ConversionError, match="no LoRA adapters"):
+        export_adapter(plain.workdir, tmp_path / "adapter")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.slow  # transformers and peft load the exports
+def test_peft_and_transformers_match_medjax(world, pretrained_run, tmp_path):
+    pretrained = pretrained_run
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from medjax.convert.hf_export import export_hf
+    from medjax.convert.lora import export_adapter
+
+    cfg = stage_config(
+        world, tmp_path / "run", "sft", *LORA, f"init_from={pretrained}", "train.max_steps=6", "model.scan_layers=true"
+    )
+    train(cfg)
+    export_hf(pretrained, tmp_path / "base", dtype="float32")
+    export_adapter(cfg.workdir, tmp_path / "adapter", base=str(tmp_path / "base"))
+    export_hf(cfg.workdir, tmp_path / "merged", dtype="float32", merge=True)
+
+    ref = resolve_checkpoint(cfg.workdir)
+    tokens = np.random.default_rng(0).integers(0, ref.model.vocab_size, (2, 40))
+    ours = np.asarray(ModelDef(ref.model).bind(load_params(ref))(jnp.asarray(tokens)))
+    with torch.no_grad():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+        adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        theirs = adapted(torch.tensor(tokens)).logits.numpy()
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        merged_logits = merged(torch.tensor(tokens)).logits.numpy()
+    start = resolve_checkpoint(pretrained)
+    base_logits = np.asarray(ModelDef(start.model).bind(load_params(start))(jnp.asarray(tokens)))
+    assert np.abs(ours - base_logits).max() > 1e-3  # the adapters changed the model
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(merged_logits, ours, atol=1e-4, rtol=0)
