@@ -255,6 +255,20 @@ class RLConfig:
 
 
 @dataclass
+class DpoConfig:
+    """Direct preference optimisation (stage: dpo) on the reward model's preference JSONL. The
+    reference is the starting weights: with LoRA adapters the same model with them disabled (no
+    second copy), else a frozen copy kept in the train state (and its checkpoints)."""
+
+    beta: float = 0.1
+    # sigmoid: DPO (Rafailov et al., 2023), with label_smoothing the conservative cDPO form;
+    # ipo: (per-token mean log-ratio margin - 1/(2 beta))^2 (Azar et al., 2023) as TRL computes it;
+    # robust: rDPO (Chowdhury et al., 2024), label_smoothing the assumed rate of flipped labels.
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+
+
+@dataclass
 class Config:
     # Named strings the rest of the config refers to as ${vars.NAME} (the demo configs keep the
     # demo's root there, so `workdir=...` on the command line moves the run but not its data).
@@ -274,6 +288,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
 def import_object(spec: str, key: str) -> Any:

@@ -307,9 +307,9 @@ def test_readme_commands_run_as_written_after_the_demo(demo):
             continue
         argv = shlex.split(command)
         argv = [README_NAMES.get(a, a) for a in argv]
-        if argv[1] == "train" and not any(a.startswith("train.max_steps=") for a in argv):
-            steps = demo_steps[Path(argv[2]).stem]  # the demo's own run of that config, resumed
-            argv.append(f"train.max_steps={steps + 2}")
+        demo_run = Path(argv[2]).stem if argv[1] == "train" else None
+        if demo_run in demo_steps and not any(a.startswith("train.max_steps=") for a in argv):
+            argv.append(f"train.max_steps={demo_steps[demo_run] + 2}")  # the demo's own run, resumed
         out = subprocess.run(
             [*_medjax(), *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600, env=_user_env()
         )

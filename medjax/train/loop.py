@@ -209,13 +209,15 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
     else:
         data_iter, streams = data_for(0)
     evaluates = cfg.data.has_eval() and spec.dataset is not None
+    # An objective that compares with the starting weights in its loss (DPO) gets them in its step.
+    step_reference = reference if getattr(objective, "uses_reference", False) else None
     holder.append(
         Run(
             objective=objective,
             state=state,
             data_iter=data_iter,
-            train_step=make_train_step(model, objective, tx, schedule, mesh, shardings, trained),
-            eval_step=make_eval_step(model, objective, mesh, shardings) if evaluates else None,
+            train_step=make_train_step(model, objective, tx, schedule, mesh, shardings, trained, step_reference),
+            eval_step=make_eval_step(model, objective, mesh, shardings, step_reference) if evaluates else None,
             start=start,
             streams=streams,
             stats=stats,

@@ -99,3 +99,72 @@ class PairwiseRewardObjective:
                 pairs > 0, extra[f"correct_{label}"] / jnp.maximum(pairs, 1.0), jnp.nan
             )
         return out
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "robust")
+
+
+class DpoObjective:
+    """Direct preference optimisation: each side's completion log-probability under the policy and
+    under the reference (the starting weights), and a loss on the margin of their log-ratios,
+    per pair: sigmoid (DPO, label smoothing as cDPO), ipo (on per-token mean log-ratios, as TRL) or
+    robust (rDPO). The reference forward runs under stop_gradient in the same step, once per batch.
+    Reports TRL's metrics: rewards (beta x log-ratio) of each side, their margin and accuracy, and
+    each side's log-probability."""
+
+    name = "dpo"
+    uses_reference = True
+
+    def __init__(self, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+
+    @staticmethod
+    def side_logps(model: Decoder, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """(chosen log-prob, rejected log-prob, chosen tokens, rejected tokens) per pair slot [batch, seq+1]."""
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        logp, _ = model.token_logprobs(hidden, batch["targets"])
+        mask, side, pair = batch["loss_mask"], batch["side"], batch["pair_ids"]
+        slots = pair.shape[1] + 1
+
+        def per_pair(which, values):
+            picked = jnp.where(side == which, values, 0.0)
+            return jax.vmap(lambda v, ids: jax.ops.segment_sum(v, ids, num_segments=slots))(picked, pair)
+
+        return per_pair(1, logp * mask), per_pair(2, logp * mask), per_pair(1, mask), per_pair(2, mask)
+
+    def loss(self, model: Decoder, batch: Batch, rng: jax.Array, reference: Decoder | None = None):
+        chosen, rejected, n_chosen, n_rejected = self.side_logps(model, batch)
+        ref_chosen, ref_rejected, _, _ = jax.lax.stop_gradient(self.side_logps(reference, batch))
+        valid = ((n_chosen > 0) & (n_rejected > 0)).at[:, 0].set(False).astype(jnp.float32)
+        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+        delta, beta, eps = chosen_ratio - rejected_ratio, self.beta, self.label_smoothing
+        if self.loss_type == "ipo":
+            per_token = chosen_ratio / jnp.maximum(n_chosen, 1.0) - rejected_ratio / jnp.maximum(n_rejected, 1.0)
+            losses = (per_token - 1.0 / (2.0 * beta)) ** 2
+        elif self.loss_type == "robust":
+            losses = (-(1 - eps) * jax.nn.log_sigmoid(beta * delta) + eps * jax.nn.log_sigmoid(-beta * delta)) / (
+                1 - 2 * eps
+            )
+        else:
+            losses = -(1 - eps) * jax.nn.log_sigmoid(beta * delta) - eps * jax.nn.log_sigmoid(-beta * delta)
+        reward_chosen = jax.lax.stop_gradient(beta * chosen_ratio)
+        reward_rejected = jax.lax.stop_gradient(beta * rejected_ratio)
+        extra = {
+            "reward_chosen": (reward_chosen * valid).sum(),
+            "reward_rejected": (reward_rejected * valid).sum(),
+            "reward_correct": ((reward_chosen > reward_rejected) * valid).sum(),
+            "logp_chosen": (jax.lax.stop_gradient(chosen) * valid).sum(),
+            "logp_rejected": (jax.lax.stop_gradient(rejected) * valid).sum(),
+        }
+        return (losses * valid).sum(), valid.sum(), extra
+
+    def summarize(self, count, extra: dict) -> dict:
+        pairs = jnp.maximum(count, 1.0)
+        return {
+            "reward_chosen": extra["reward_chosen"] / pairs,
+            "reward_rejected": extra["reward_rejected"] / pairs,
+            "reward_margin": (extra["reward_chosen"] - extra["reward_rejected"]) / pairs,
+            "reward_accuracy": extra["reward_correct"] / pairs,
+            "logp_chosen": extra["logp_chosen"] / pairs,
+            "logp_rejected": extra["logp_rejected"] / pairs,
+        }

@@ -209,10 +209,14 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     trained = trained_patterns(cfg.optimizer, model_cfg)
     shardings = state_shardings(model_def, tx, mesh, trained)
-    objective = checked_stage(cfg).objective(cfg)
-    step = make_train_step(model_def, objective, tx, schedule, mesh, shardings, trained)
+    spec = checked_stage(cfg)
+    objective = spec.objective(cfg)
     state = abstract_train_state(model_def, tx, shardings, trained)
-    params_bytes = _per_device_bytes(state["params"], shardings["params"])
+    # DPO's frozen reference (a second copy of the weights unless only LoRA adapters train)
+    keeps_reference = getattr(objective, "uses_reference", False) and spec.needs_reference(cfg)
+    reference = state["params"] if keeps_reference else None
+    step = make_train_step(model_def, objective, tx, schedule, mesh, shardings, trained, reference)
+    params_bytes = _per_device_bytes(state["params"], shardings["params"]) * (2 if keeps_reference else 1)
     opt_bytes = _per_device_bytes(state["opt_state"], shardings["opt_state"])
     # Gradients (of the trained params alone) are float32 whatever the params' dtype.
     grads = jax.tree.map(

@@ -17,12 +17,13 @@ import grain
 import numpy as np
 
 from medjax.config import Config, ConfigError
+from medjax.data.dpo import DPO_BATCH_KEYS, dpo_converter, dpo_dataset
 from medjax.data.examples import ExampleStats, scan
 from medjax.data.pipeline import BATCH_KEYS, pretrain_dataset
 from medjax.data.preferences import PAIR_BATCH_KEYS, pair_converter, preference_dataset
 from medjax.data.sft import chat_converter, chat_source, sft_dataset
 from medjax.rl.objective import ROW_KEYS
-from medjax.train.objectives import NextTokenObjective, Objective, PairwiseRewardObjective
+from medjax.train.objectives import DPO_LOSSES, DpoObjective, NextTokenObjective, Objective, PairwiseRewardObjective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,34 @@ def _rm_data(cfg: Config, files, batch_size, train, process_index, process_count
     )
 
 
+def _dpo_data(cfg: Config, files, batch_size, train, process_index, process_count):
+    return dpo_dataset(
+        cfg.data,
+        files=files,
+        seq_len=cfg.data.seq_len,
+        batch_size=batch_size,
+        train=train,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
+def _dpo_objective(cfg: Config) -> DpoObjective:
+    d = cfg.dpo
+    if d.loss_type not in DPO_LOSSES:
+        raise ConfigError(f"key 'dpo.loss_type': {d.loss_type!r} is not one of {', '.join(DPO_LOSSES)}")
+    if d.beta <= 0:
+        raise ConfigError(f"key 'dpo.beta' must be > 0, got {d.beta}")
+    if not 0.0 <= d.label_smoothing < 0.5:
+        raise ConfigError(f"key 'dpo.label_smoothing' must be in [0, 0.5), got {d.label_smoothing}")
+    return DpoObjective(d.beta, d.loss_type, d.label_smoothing)
+
+
+def _adapters_only(cfg: Config) -> bool:
+    """Whether only LoRA adapters train: the starting model is then this one with them disabled."""
+    return cfg.model.lora.enabled and not cfg.optimizer.trainable
+
+
 def _rl_rollout(cfg: Config, model, current_params, reference_params, batch_size, batch_sharding):
     from medjax.rl.rollout import RolloutIterator
 
@@ -106,6 +135,14 @@ STAGES: dict[str, Stage] = {
         _rm_data,
         PAIR_BATCH_KEYS,
         lambda cfg, files: scan(chat_source(files), pair_converter(cfg.data, cfg.model.score_labels, cfg.data.seq_len)),
+    ),
+    # The reference is the starting weights: a frozen copy, or under LoRA the adapters disabled.
+    "dpo": Stage(
+        _dpo_objective,
+        _dpo_data,
+        DPO_BATCH_KEYS,
+        lambda cfg, files: scan(chat_source(files), dpo_converter(cfg.data, cfg.data.seq_len)),
+        needs_reference=lambda cfg: not _adapters_only(cfg),
     ),
     # The KL term compares with the weights the run started from.
     "rl": Stage(_rl_objective, None, ROW_KEYS, rollout=_rl_rollout, needs_reference=lambda cfg: cfg.rl.kl_coef > 0),

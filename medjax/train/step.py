@@ -79,29 +79,38 @@ def make_train_step(
     mesh: Mesh,
     shardings: TrainState,
     trained: Sequence[str] = (),
+    reference: dict | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Batch arrays are [accum, micro_batch, seq]; gradients of the micro-batches are summed and
     divided by the total token count, so accumulation equals one big batch exactly. A step whose
     loss or gradient is not finite leaves params and optimizer state untouched. Only the ``trained``
-    params are differentiated (a frozen base costs no weight gradients: LoRA's saving)."""
+    params are differentiated (a frozen base costs no weight gradients: LoRA's saving).
+
+    An objective that compares with a reference model (``uses_reference``, DPO) gets ``reference``
+    (frozen params, laid out like the params) or, without one, the model with its LoRA adapters
+    disabled."""
     trained = list(trained)
 
-    def loss_sums(train_params, frozen, micro, rng):
-        total, count, extra = objective.loss(model.bind(join_params(train_params, frozen)), micro, rng)
+    def loss_sums(train_params, frozen, micro, rng, reference_params):
+        params = join_params(train_params, frozen)
+        kwargs = reference_kwargs(model, objective, params, reference_params)
+        total, count, extra = objective.loss(model.bind(params), micro, rng, **kwargs)
         return total, (count, extra)
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: dict, reference_params=None) -> tuple[TrainState, dict]:
         with activation_layout(MeshLayout(mesh)):
-            return _step(state, batch)
+            return _step(state, batch, reference_params)
 
-    def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def _step(state: TrainState, batch: dict, reference_params) -> tuple[TrainState, dict]:
         params, frozen = split_params(state["params"], trained)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
         def accumulate(carry, xs):
             micro, i = xs
-            (total, (count, extra)), grads = grad_fn(params, frozen, micro, jax.random.fold_in(rng, i))
+            (total, (count, extra)), grads = grad_fn(
+                params, frozen, micro, jax.random.fold_in(rng, i), reference_params
+            )
             g_acc, t_acc, c_acc, e_acc = carry
             return (
                 jax.tree.map(jnp.add, g_acc, grads),
@@ -112,7 +121,7 @@ def make_train_step(
 
         accum = jax.tree.leaves(batch)[0].shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
-        _, (_, extra_shape) = jax.eval_shape(loss_sums, params, frozen, first, rng)
+        _, (_, extra_shape) = jax.eval_shape(loss_sums, params, frozen, first, rng, reference_params)
         zeros = (
             jax.tree.map(jnp.zeros_like, params),
             jnp.zeros((), jnp.float32),
@@ -144,18 +153,56 @@ def make_train_step(
         }
         return new_state, metrics
 
-    return jax.jit(
+    jitted = jax.jit(
         step,
-        in_shardings=(shardings, batch_sharding(mesh, leading_dims=1)),
+        in_shardings=(shardings, batch_sharding(mesh, leading_dims=1))
+        + ((shardings["params"],) if reference is not None else ()),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
+    return jitted if reference is None else WithReference(jitted, reference)
 
 
-def make_eval_step(model: ModelDef, objective: Objective, mesh: Mesh, shardings: TrainState):
+class WithReference:
+    """A jitted step or eval step with the frozen reference params as its last argument, called
+    (and lowered) with the arguments before it."""
+
+    def __init__(self, jitted, reference: dict):
+        self.jitted, self.reference = jitted, reference
+
+    def __call__(self, *args):
+        return self.jitted(*args, self.reference)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, self.reference)
+
+
+def reference_kwargs(model: ModelDef, objective: Objective, params: dict, reference_params: dict | None) -> dict:
+    """The reference model an objective that uses one (DPO) is given: the frozen reference params,
+    or without them the model with its adapters disabled."""
+    if not getattr(objective, "uses_reference", False):
+        return {}
+    return {"reference": model.bind(adapters_disabled(params) if reference_params is None else reference_params)}
+
+
+def adapters_disabled(params: dict) -> dict:
+    """The params with every LoRA adapter zeroed: the base model the adapters started from."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.zeros_like(v) if str(getattr(path[-1], "key", "")).startswith("lora_") else v, params
+    )
+
+
+def make_eval_step(model: ModelDef, objective: Objective, mesh: Mesh, shardings: TrainState, reference=None):
     """Summed loss, loss-unit count and extra metric sums of one [batch, seq] eval batch."""
 
-    def eval_step(params, batch):
-        return objective.loss(model.bind(params), batch, jax.random.key(0))
+    def eval_step(params, batch, reference_params=None):
+        kwargs = reference_kwargs(model, objective, params, reference_params)
+        return objective.loss(model.bind(params), batch, jax.random.key(0), **kwargs)
 
-    return jax.jit(eval_step, in_shardings=(shardings["params"], batch_sharding(mesh)), out_shardings=replicated(mesh))
+    jitted = jax.jit(
+        eval_step,
+        in_shardings=(shardings["params"], batch_sharding(mesh))
+        + ((shardings["params"],) if reference is not None else ()),
+        out_shardings=replicated(mesh),
+    )
+    return jitted if reference is None else WithReference(jitted, reference)
