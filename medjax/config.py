@@ -493,6 +493,7 @@ def _absolute_paths(cfg: Config) -> None:
         task.eval_files = [absolute_path(f) for f in task.eval_files]
         task.tfds_data_dir = absolute_path(task.tfds_data_dir)
     cfg.init_from = absolute_path(cfg.init_from)
+    cfg.model.lora.adapter = absolute_path(cfg.model.lora.adapter)
     for reward in cfg.rl.rewards:
         if isinstance(reward.options, dict) and isinstance(reward.options.get("model"), str):
             reward.options["model"] = absolute_path(reward.options["model"])

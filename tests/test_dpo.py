@@ -68,6 +68,7 @@ def _flat(params):
     return traverse_util.flatten_dict(jax.device_get(params))
 
 
+@pytest.mark.slow  # training runs
 def test_lora_dpo_prefers_the_chosen_and_keeps_the_base(world, tmp_path):
     """Reference = the adapters disabled: no second copy. Over a few steps the policy's reward
     accuracy and margin rise from the reference's (0.5 and 0), and the base weights stay bit for bit."""
@@ -99,6 +100,7 @@ def test_lora_dpo_prefers_the_chosen_and_keeps_the_base(world, tmp_path):
             np.testing.assert_array_equal(value, start[key], err_msg="/".join(map(str, key)))
 
 
+@pytest.mark.slow  # training runs
 def test_full_weight_dpo_resumes_exactly(world, pretrained_run, tmp_path):
     """Without adapters the reference is a frozen copy of init_from's weights, read again on resume."""
     straight_and_resumed(

@@ -86,7 +86,10 @@ def _check_base_frozen_and_adapters_trained(cfg, result, loss_falls=True):
     assert any(np.any(v) for k, v in final.items() if str(k[-1]).endswith("_b") and _is_adapter(k))
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward_model"])
+@pytest.mark.parametrize(  # SFT in the fast tier; the other stages' runs are slow
+    "stage",
+    [pytest.param("pretrain", marks=pytest.mark.slow), "sft", pytest.param("reward_model", marks=pytest.mark.slow)],
+)
 def test_lora_trains_the_adapters_alone(world, tmp_path, stage):
     overrides = [*LORA, "train.max_steps=8", "train.checkpoint_every=8"]
     if stage == "pretrain":
@@ -96,6 +99,7 @@ def test_lora_trains_the_adapters_alone(world, tmp_path, stage):
     _check_base_frozen_and_adapters_trained(cfg, train(cfg))
 
 
+@pytest.mark.slow  # training runs
 def test_lora_rl_trains_the_adapters_alone(world, tmp_path):
     """RL's policy-gradient loss need not fall; the base stays put and the adapters move. (The KL
     reference is still a copy of the starting weights.)"""
@@ -113,10 +117,12 @@ def test_lora_rl_trains_the_adapters_alone(world, tmp_path):
     _check_base_frozen_and_adapters_trained(cfg, train(cfg), loss_falls=False)
 
 
+@pytest.mark.slow  # training runs
 def test_lora_resumes_exactly_with_scanned_layers(world, tmp_path):
     straight_and_resumed(lambda w: tiny_config(world, w, *LORA, "model.scan_layers=true"), tmp_path)
 
 
+@pytest.mark.slow  # training runs
 def test_plain_export_of_a_lora_run_says_what_to_do(world, tmp_path):
     from medjax.convert.hf_export import export_hf
     from medjax.convert.lora import export_adapter
@@ -163,3 +169,49 @@ def test_peft_and_transformers_match_medjax(world, pretrained_run, tmp_path):
     assert np.abs(ours - base_logits).max() > 1e-3  # the adapters changed the model
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
     np.testing.assert_allclose(merged_logits, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # transformers and peft
+def test_a_peft_adapter_trained_elsewhere_continues_in_medjax(world, pretrained_run, tmp_path):
+    """An adapter PEFT made (random, non-zero B) is where model.lora.adapter starts the adapters:
+    medjax's logits then equal peft's, and a bad adapter is refused naming what differs."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from medjax.convert.hf_export import export_hf
+
+    export_hf(pretrained_run, tmp_path / "base", dtype="float32")
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    adapted = peft.get_peft_model(hf, lora)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    adapted.save_pretrained(tmp_path / "adapter")
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 24))
+    with torch.no_grad():
+        theirs = adapted.eval()(torch.tensor(tokens)).logits.numpy()
+
+    def config(workdir, *extra):
+        return stage_config(
+            world,
+            workdir,
+            "sft",
+            f"init_from={pretrained_run}",
+            "model.lora.rank=4",
+            "model.lora.alpha=8",
+            "model.lora.targets=[q, v, down]",
+            f"model.lora.adapter={tmp_path / 'adapter'}",
+            "model.scan_layers=true",
+            *extra,
+        )
+
+    cfg = config(tmp_path / "run", "optimizer.learning_rate=0", "train.max_steps=1", "train.checkpoint_every=1")
+    train(cfg)
+    ref = resolve_checkpoint(cfg.workdir)
+    ours = np.asarray(ModelDef(ref.model).bind(load_params(ref))(jnp.asarray(tokens)))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    with pytest.raises(ConversionError, match="r is 4, the run's model.lora needs 8"):
+        train(config(tmp_path / "bad", "model.lora.rank=8"))

@@ -14,6 +14,13 @@ Run (from the repository root):
     .venv/bin/python tools/bench_train.py                        # tiny-qwen2, batch 8, seq 256
     .venv/bin/python tools/bench_train.py --seq-len 128 --batch 16 --out /tmp/bench.json
     .venv/bin/python tools/bench_train.py --hidden-size 512 --layers 4 --intermediate-size 1536
+    .venv/bin/python tools/bench_train.py --preset smollm2-135m --lora-rank 16 --side medjax   # LoRA vs PEFT
+
+``--lora-rank R`` trains LoRA adapters on every projection (q k v o gate up down, alpha 2R, no
+dropout) over a frozen base: medjax's model.lora against PEFT's LoraConfig on the transformers
+model, the optimizer over the adapters alone on both sides. ``--side`` runs one side only, so that
+``peak_rss_mb`` (this process's peak resident memory) is that side's; tools/bench_lora.py runs each
+side in its own process.
 
 ``--threads`` sets torch's intra-op threads. JAX's CPU client sizes its own thread pool from the
 visible cores; use ``taskset`` (or XLA_FLAGS) to limit both sides the same way.
@@ -25,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -38,11 +46,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from medjax.config import MeshConfig, OptimizerConfig, load_model_preset  # noqa: E402
-from medjax.models.config import ModelConfig  # noqa: E402
+from medjax.models.config import LoraConfig, ModelConfig  # noqa: E402
 from medjax.models.decoder import ModelDef  # noqa: E402
 from medjax.parallel.mesh import make_mesh  # noqa: E402
 from medjax.train.objectives import NextTokenObjective  # noqa: E402
-from medjax.train.optimizer import make_optimizer  # noqa: E402
+from medjax.train.optimizer import make_optimizer, split_params, trained_patterns  # noqa: E402
 from medjax.train.step import init_train_state, make_train_step, state_shardings  # noqa: E402
 
 
@@ -58,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timed windows of --steps per side; the median counts")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full weights)")
+    p.add_argument("--side", choices=["both", "medjax", "torch"], default="both")
     p.add_argument("--out", type=Path, help="also write the results as one JSON object here")
     return p.parse_args(argv)
 
@@ -71,7 +81,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         "intermediate_size": args.intermediate_size,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    return dataclasses.replace(cfg, param_dtype="float32", dtype="float32", remat="none").validate()
+    lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+    return dataclasses.replace(cfg, param_dtype="float32", dtype="float32", remat="none", lora=lora).validate()
 
 
 class MedjaxTrainer:
@@ -81,9 +92,11 @@ class MedjaxTrainer:
         mesh = make_mesh(MeshConfig(data=1))
         model = ModelDef(cfg)
         tx, schedule = make_optimizer(opt, max_steps=args.warmup + args.steps * args.rounds)
-        shardings = state_shardings(model, tx, mesh)
-        self.state = init_train_state(model, tx, mesh, seed=args.seed)
-        self.step = make_train_step(model, NextTokenObjective(), tx, schedule, mesh, shardings)
+        trained = trained_patterns(opt, cfg)  # LoRA: the adapters alone
+        shardings = state_shardings(model, tx, mesh, trained)
+        self.state = init_train_state(model, tx, mesh, seed=args.seed, trained=trained)
+        self.step = make_train_step(model, NextTokenObjective(), tx, schedule, mesh, shardings, trained)
+        self.trained = int(sum(x.size for x in jax.tree.leaves(split_params(self.state["params"], trained)[0])))
         b, s = data.shape[0], data.shape[1] - 1  # batch arrays are [accum=1, batch, seq]
         self.batch = {
             "tokens": jnp.asarray(data[None, :, :-1]),
@@ -147,8 +160,16 @@ class TorchTrainer:
         self.max_grad_norm = opt.max_grad_norm
         self.clip_grad_norm = torch.nn.utils.clip_grad_norm_
         self.model = AutoModelForCausalLM.from_config(hf_model_config(cfg), dtype=torch.float32).train()
+        if cfg.lora.enabled:
+            import peft
+
+            modules = [f"{t}_proj" for t in cfg.lora.targets]
+            lora = peft.LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=modules)
+            self.model = peft.get_peft_model(self.model, lora)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trained = int(sum(p.numel() for p in trainable))
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            trainable,
             lr=opt.learning_rate,
             betas=(opt.b1, opt.b2),
             eps=opt.eps,
@@ -163,7 +184,7 @@ class TorchTrainer:
             loss = self.model(input_ids=self.tokens, labels=self.tokens).loss
             loss.backward()
             if self.max_grad_norm > 0:
-                self.clip_grad_norm(self.model.parameters(), self.max_grad_norm)
+                self.clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.last_loss = float(loss.detach())
@@ -191,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
+        "lora_rank": args.lora_rank,
+        "side": args.side,
         "torch_threads": args.threads,
         "cpu_count": os.cpu_count(),
         "load_avg_1m": load,
@@ -198,15 +221,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     trainers: dict[str, MedjaxTrainer | TorchTrainer] = {}
-    for name, cls in (("medjax", MedjaxTrainer), ("torch", TorchTrainer)):
+    sides = (("medjax", MedjaxTrainer), ("torch", TorchTrainer))
+    for name, cls in [(n, c) for n, c in sides if args.side in ("both", n)]:
         t0 = time.perf_counter()
         trainer = cls(cfg, opt, data, args)
         trainer.run(1)  # medjax compiles here
         first = time.perf_counter() - t0
         trainer.run(args.warmup - 1)
         trainers[name] = trainer
-        results[name] = {"params": trainer.params, "setup_and_first_step_s": first, "window_s": []}
-        print(f"[{name}] {trainer.params:,} params, setup + first step {first:.2f}s", flush=True)
+        results[name] = {
+            "params": trainer.params,
+            "trained_params": trainer.trained,
+            "setup_and_first_step_s": first,
+            "window_s": [],
+        }
+        print(
+            f"[{name}] {trainer.params:,} params ({trainer.trained:,} trained), setup + first step {first:.2f}s",
+            flush=True,
+        )
     # Rounds alternate between the two sides so that a burst of outside load hits both alike.
     for _ in range(args.rounds):
         for name, trainer in trainers.items():
@@ -222,10 +254,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"[{name}] {r['step_ms']:.1f} ms/step  {r['tokens_per_s']:,.0f} tokens/s  "
             f"(median of {args.rounds} x {args.steps} steps)  loss {r['final_loss']:.4f}"
         )
-    if trainers["medjax"].params != trainers["torch"].params:
-        print("warning: the two models have different parameter counts; they are not the same model")
-    ratio = results["ratio_medjax_over_torch"] = results["medjax"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
-    print(f"medjax/torch throughput ratio: {ratio:.2f}x (batch {args.batch}, seq {args.seq_len})")
+    # ru_maxrss is KiB on Linux: the whole process's peak, so one side's alone under --side
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if len(trainers) == 2:
+        if trainers["medjax"].params != trainers["torch"].params:
+            print("warning: the two models have different parameter counts; they are not the same model")
+        medjax_tps, torch_tps = results["medjax"]["tokens_per_s"], results["torch"]["tokens_per_s"]
+        ratio = results["ratio_medjax_over_torch"] = medjax_tps / torch_tps
+        print(f"medjax/torch throughput ratio: {ratio:.2f}x (batch {args.batch}, seq {args.seq_len})")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

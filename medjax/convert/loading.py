@@ -167,9 +167,13 @@ class LoadReport:
     unused: list[str]  # droppable source tensors the model has no place for
 
     def summary(self) -> str:
+        adapters = [name for name in self.fresh if name.rsplit("/", 1)[-1].startswith("lora_")]
+        fresh = [name for name in self.fresh if name not in adapters]
+        if adapters:  # one per layer and target: counted, not listed
+            fresh.append(f"{len(adapters)} LoRA adapter tensors")
         return (
             f"{self.loaded} tensors loaded"
-            + (f", fresh: {', '.join(self.fresh)}" if self.fresh else "")
+            + (f", fresh: {', '.join(fresh)}" if fresh else "")
             + (f", not used: {', '.join(self.unused)}" if self.unused else "")
         )
 

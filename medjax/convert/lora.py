@@ -136,3 +136,65 @@ def peft_config(cfg: ModelConfig, base: str | None) -> dict:
         "inference_mode": True,
         "modules_to_save": None,
     }
+
+
+def from_peft(lora_a: np.ndarray, lora_b: np.ndarray, a_shape: tuple, b_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT (lora_A.weight [r, fan_in], lora_B.weight [fan_out, r]) -> medjax (A, B) of the shapes given."""
+    return np.ascontiguousarray(lora_a.T).reshape(a_shape), np.ascontiguousarray(lora_b.T).reshape(b_shape)
+
+
+def read_peft_adapter(
+    directory: str | os.PathLike, cfg: ModelConfig, shapes: dict[tuple, tuple]
+) -> dict[tuple, np.ndarray]:
+    """The adapters of a PEFT LoRA directory as medjax arrays by canonical path (``("layers", i,
+    module, "lora_q_a")``), ``shapes`` giving each one's medjax shape. Its rank, alpha and target
+    modules must be ``cfg.lora``'s; anything else (DoRA, rsLoRA, bias, other modules) is refused."""
+    from safetensors.numpy import load_file
+
+    where = Path(directory)
+    config_file, weights_file = where / ADAPTER_CONFIG, where / ADAPTER_FILE
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise ConversionError(f"model.lora.adapter: {f} not found (a PEFT LoRA adapter directory)")
+    config = json.loads(config_file.read_text())
+    want = peft_config(cfg, None)
+    checks = {
+        "peft_type": config.get("peft_type"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": sorted(config.get("target_modules") or []),
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "use_dora": bool(config.get("use_dora", False)),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
+        "bias": config.get("bias", "none"),
+    }
+    expected = {**{k: want[k] for k in ("peft_type", "r", "lora_alpha", "target_modules", "use_rslora")}}
+    expected.update(use_dora=False, fan_in_fan_out=False, bias="none")
+    for key, value in checks.items():
+        if value != expected[key] and not (key == "lora_alpha" and float(value or 0) == float(expected[key])):
+            raise ConversionError(
+                f"model.lora.adapter: {config_file}: {key} is {value!r}, the run's model.lora needs {expected[key]!r}"
+            )
+    tensors = load_file(str(weights_file))
+    module_names = {t.path: t.hf_name.removesuffix(".weight") for t in family_spec(cfg.family).layer_tensors(cfg)}
+    out = {}
+    for target in cfg.lora.targets:
+        for i in range(cfg.num_layers):
+            a_path, b_path = adapter_paths(i, target)
+            name = f"base_model.model.model.layers.{i}.{module_names[ADAPTED[target]]}"
+            try:
+                lora_a, lora_b = tensors.pop(f"{name}.lora_A.weight"), tensors.pop(f"{name}.lora_B.weight")
+            except KeyError as e:
+                raise ConversionError(f"model.lora.adapter: {weights_file}: no tensor {e.args[0]}") from None
+            try:
+                out[a_path], out[b_path] = from_peft(lora_a, lora_b, shapes[a_path], shapes[b_path])
+            except ValueError:
+                raise ConversionError(
+                    f"model.lora.adapter: {weights_file}: {name} has shapes {lora_a.shape}, {lora_b.shape}; "
+                    f"the model needs {shapes[a_path]}, {shapes[b_path]} in medjax's layout"
+                ) from None
+    if tensors:
+        raise ConversionError(
+            f"model.lora.adapter: {weights_file}: tensors the model has no place for: {sorted(tensors)[:4]}"
+        )
+    return out

@@ -34,6 +34,9 @@ class LoraConfig:
     # Dropout on an adapter's input, as PEFT's lora_dropout; only 0.0 is supported so far.
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # A PEFT adapter directory (adapter_config.json + adapter_model.safetensors, trained anywhere)
+    # the adapters start from instead of zero; its r, lora_alpha and target modules must be these.
+    adapter: str = ""
 
     @property
     def enabled(self) -> bool:

@@ -76,3 +76,33 @@ def load_params(source: WeightSource, fresh: dict, shardings: dict, model: Model
         droppable=DROPPABLE,
         where=f"init_from {source.path}",
     )
+
+
+def load_adapter(params: dict, shardings: dict, model: ModelConfig) -> dict:
+    """``params`` with the LoRA adapters of the PEFT directory model.lora.adapter put in place (in
+    the run's layout and sharding), replacing their fresh values."""
+    import jax
+    import numpy as np
+
+    from medjax.convert.lora import read_peft_adapter
+    from medjax.convert.weights import stored_path
+
+    flat, flat_shardings = traverse_util.flatten_dict(params), traverse_util.flatten_dict(shardings)
+    shapes = {}
+    for key, value in flat.items():
+        if str(key[-1]).startswith("lora_"):
+            for i in range(model.num_layers if model.scan_layers else 1):
+                canonical = ("layers", i, *key[1:]) if model.scan_layers else key
+                shapes[canonical] = tuple(value.shape[1:] if model.scan_layers else value.shape)
+    adapters = read_peft_adapter(model.lora.adapter, model, shapes)
+    stacked: dict = {}
+    for canonical, array in adapters.items():
+        where, layer = stored_path(model, canonical)
+        if layer is None:
+            stacked[where] = array
+        else:
+            stacked.setdefault(where, [None] * model.num_layers)[layer] = array
+    for where, value in stacked.items():
+        host = np.stack(value) if isinstance(value, list) else value
+        flat[where] = jax.device_put(host.astype(flat[where].dtype), flat_shardings[where])
+    return traverse_util.unflatten_dict(flat)

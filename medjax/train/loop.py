@@ -174,6 +174,9 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
     if source is not None and (not start or needs_reference):
         state["params"], report = init_from.load_params(source, state["params"], shardings["params"], cfg.model)
         say(f"initialised from {source.path}: {report.summary()}")
+    if cfg.model.lora.adapter and not start:
+        state["params"] = init_from.load_adapter(state["params"], shardings["params"], cfg.model)
+        say(f"LoRA adapters start from {cfg.model.lora.adapter}")
     reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
     holder: list[Run] = []  # the sampler reads the params the loop holds now, through this
 
