@@ -46,7 +46,7 @@ def test_wrong_type_names_key(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"key 'stage': unknown stage 'pretrian' \(did you mean 'pretrain'\?\); "
-        "known: pretrain, reward_model, rl, sft",
+        "known: dpo, pretrain, reward_model, rl, sft",
     ):
         checked_stage(load_config(None, ["workdir=w", "stage=pretrian"]))
     with pytest.raises(ConfigError, match=r"'train.progress_bar' must be true or false"):

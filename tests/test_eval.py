@@ -323,6 +323,7 @@ def _near_tie(lls, sample, norm) -> bool:
     return len(scores) > 1 and scores[0] - scores[1] < 1e-4
 
 
+@pytest.mark.slow  # evaluation on two meshes
 def test_sharded_model_evaluates_as_one_device_does(world, trained, tmp_path):
     """--mesh fsdp=4,tensor=2 on the 8-device CPU mesh: params really split by the training rule
     table, batches laid over fsdp; log-likelihoods, predictions and greedy generations equal the

@@ -86,10 +86,8 @@ def _check_base_frozen_and_adapters_trained(cfg, result, loss_falls=True):
     assert any(np.any(v) for k, v in final.items() if str(k[-1]).endswith("_b") and _is_adapter(k))
 
 
-@pytest.mark.parametrize(  # SFT in the fast tier; the other stages' runs are slow
-    "stage",
-    [pytest.param("pretrain", marks=pytest.mark.slow), "sft", pytest.param("reward_model", marks=pytest.mark.slow)],
-)
+@pytest.mark.slow  # training runs
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward_model"])
 def test_lora_trains_the_adapters_alone(world, tmp_path, stage):
     overrides = [*LORA, "train.max_steps=8", "train.checkpoint_every=8"]
     if stage == "pretrain":

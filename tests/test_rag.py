@@ -301,6 +301,7 @@ def test_a_failed_build_keeps_the_previous_index(index, tmp_path, capsys):
     assert "empty corpus" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow  # an eval run over a trained model with the index
 def test_eval_with_rag_shows_the_model_the_index_top_chunks(index, world, pretrained_run, tmp_path):
     """`medjax eval --rag`: each row lists the passages its prompt quoted, which are the index's
     top chunks for the question; the summary names the index."""

@@ -125,6 +125,7 @@ def test_reward_model_resumes_exactly(world, pretrained_run, tmp_path):
     straight_and_resumed(cfg, tmp_path)
 
 
+@pytest.mark.slow  # needs the reward model trained to convergence
 def test_scorer_and_cli_agree_with_training_eval(prefs, trained_rm, tmp_path, capsys):
     from medjax.rl.reward_scorer import RewardScorer
 
@@ -147,6 +148,7 @@ def test_scorer_and_cli_agree_with_training_eval(prefs, trained_rm, tmp_path, ca
     assert c > r
 
 
+@pytest.mark.slow  # needs the reward model trained to convergence
 def test_score_rm_bad_input_is_named(world, trained_rm, tmp_path, capsys):
     workdir, _ = trained_rm
     path = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q", "response": "a"}, {"prompt": "q"}])
@@ -176,6 +178,7 @@ def test_bad_preference_records_name_file_and_line(world, tmp_path, record, mess
         train(stage_config(world, tmp_path / "run", "reward_model", f"data.train_files=[{path}]"))
 
 
+@pytest.mark.slow  # needs the reward model trained to convergence
 def test_sft_cannot_start_from_a_reward_model(world, trained_rm, tmp_path):
     from medjax.convert import ConversionError
 

@@ -344,6 +344,7 @@ def test_bad_rl_settings_are_named(world, tmp_path, override, message):
         train(_rl_config(world, tmp_path / "run", _task_file(tmp_path), override))
 
 
+@pytest.mark.slow  # RL runs over several passes
 def test_mastered_prompts_leave_the_pool_for_later_passes(world, tmp_path):
     """16 prompts, 8 per rollout: the first pass (two rollouts) masters the 8 odd ones; later
     rollouts sample only the even ones (whose odd_mastered reward is 0)."""

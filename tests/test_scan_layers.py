@@ -72,6 +72,7 @@ def test_scanned_equals_unrolled_logits_and_gradients(cfg, remat):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(unstacked), jax.tree.leaves(params)))
 
 
+@pytest.mark.slow  # generation with two layouts
 def test_scanned_generation_equals_unrolled():
     unrolled, scanned, params = _pair(QWEN2)
     prompts = [[5, 6, 7, 8, 9], [11, 12], [40, 41, 42]]

@@ -84,6 +84,7 @@ def _abstract(ckpt, step):
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
 
 
+@pytest.mark.slow  # training runs interrupted mid-save
 def test_interrupted_save_never_hides_the_last_good_checkpoint(make_config, tmp_path):
     train(make_config(tmp_path))
     ckpt_dir = tmp_path / "checkpoints"
