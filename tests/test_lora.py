@@ -2,6 +2,8 @@
 come out bit-identical), runs resume exactly, and the exported PEFT adapter (and the merged export)
 give transformers/peft the logits medjax computes."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,8 +101,7 @@ def test_lora_trains_the_adapters_alone(world, tmp_path, stage):
 
 @pytest.mark.slow  # training runs
 def test_lora_rl_trains_the_adapters_alone(world, tmp_path):
-    """RL's policy-gradient loss need not fall; the base stays put and the adapters move. (The KL
-    reference is still a copy of the starting weights.)"""
+    """RL's policy-gradient loss need not fall; the base stays put and the adapters move."""
     from test_rl import _rl_config, _task_file
 
     cfg = _rl_config(
@@ -113,6 +114,10 @@ def test_lora_rl_trains_the_adapters_alone(world, tmp_path):
         "train.checkpoint_every=4",
     )
     _check_base_frozen_and_adapters_trained(cfg, train(cfg), loss_falls=False)
+    # the KL reference is the base (the adapters disabled, no copy): nothing apart at the first step
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["kl"] for r in rows if "kl" in r]
+    assert abs(kl[0]) < 1e-4 and kl[-1] > 1e-4, kl
 
 
 @pytest.mark.slow  # training runs

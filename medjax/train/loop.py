@@ -34,8 +34,8 @@ from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, 
 from medjax.train.objectives import Objective
 from medjax.train.optimizer import check_trainable, make_optimizer, trained_patterns
 from medjax.train.restarts import newest_checkpoint
-from medjax.train.stages import Stage, batch_dtypes, checked_stage
-from medjax.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
+from medjax.train.stages import Stage, batch_dtypes, checked_stage, reference_is_base
+from medjax.train.step import adapters_disabled, init_train_state, make_eval_step, make_train_step, state_shardings
 from medjax.utils import atomic_write_text, error_chain
 
 # Callers import these from here: the loop is the training API.
@@ -183,6 +183,12 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
     def current_params():
         return holder[0].state["params"] if holder else state["params"]
 
+    # The reference the rollouts score against (RL's KL term): the frozen copy, or under LoRA the
+    # params the loop holds now with their adapters disabled (the base: no second copy).
+    reference_fn = (lambda: reference) if reference else None
+    if reference is None and reference_is_base(cfg):
+        reference_fn = lambda: adapters_disabled(current_params())  # noqa: E731
+
     def data_for(step: int):
         """The data iterator, and the stream count it keeps, for a run resuming at ``step``."""
         if spec.rollout is not None:
@@ -190,7 +196,7 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
                 cfg,
                 model,
                 current_params,
-                (lambda: reference) if reference else None,
+                reference_fn,
                 tc.global_batch_size,
                 batch_sharding(mesh),
             )

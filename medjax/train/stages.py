@@ -39,7 +39,8 @@ class Stage:
     # (cfg, model, current_params(), reference_params() or None, batch_size, batch_sharding)
     #   -> checkpointable iterator. A stage with one has a sampler the planner compiles beside its step.
     rollout: Callable | None = None
-    # Whether the run keeps the weights it started from, frozen (e.g. for a KL term).
+    # Whether the run keeps a frozen copy of the weights it started from (e.g. for a KL term); under
+    # LoRA (reference_is_base) the reference is the params with the adapters disabled instead.
     needs_reference: Callable[[Config], bool] = lambda cfg: False
     # Whether data.source may name TFDS or seqio (a stream of plain text) instead of files.
     text_sources: bool = False
@@ -105,9 +106,10 @@ def _dpo_objective(cfg: Config) -> DpoObjective:
     return DpoObjective(d.beta, d.loss_type, d.label_smoothing)
 
 
-def _adapters_only(cfg: Config) -> bool:
-    """Whether only LoRA adapters train: the starting model is then this one with them disabled."""
-    return cfg.model.lora.enabled and not cfg.optimizer.trainable
+def reference_is_base(cfg: Config) -> bool:
+    """Whether the run's starting model is its own base with the LoRA adapters disabled: only fresh
+    adapters train (none loaded from model.lora.adapter), so a reference needs no second copy."""
+    return cfg.model.lora.enabled and not cfg.optimizer.trainable and not cfg.model.lora.adapter
 
 
 def _rl_rollout(cfg: Config, model, current_params, reference_params, batch_size, batch_sharding):
@@ -142,10 +144,16 @@ STAGES: dict[str, Stage] = {
         _dpo_data,
         DPO_BATCH_KEYS,
         lambda cfg, files: scan(chat_source(files), dpo_converter(cfg.data, cfg.data.seq_len)),
-        needs_reference=lambda cfg: not _adapters_only(cfg),
+        needs_reference=lambda cfg: not reference_is_base(cfg),
     ),
     # The KL term compares with the weights the run started from.
-    "rl": Stage(_rl_objective, None, ROW_KEYS, rollout=_rl_rollout, needs_reference=lambda cfg: cfg.rl.kl_coef > 0),
+    "rl": Stage(
+        _rl_objective,
+        None,
+        ROW_KEYS,
+        rollout=_rl_rollout,
+        needs_reference=lambda cfg: cfg.rl.kl_coef > 0 and not reference_is_base(cfg),
+    ),
 }
 
 
