@@ -232,7 +232,7 @@ def test_a_new_stage_is_one_entry(world, tmp_path, monkeypatch):
     assert result.losses[1] != full.losses[1]  # the toy objective, not next-token loss, was trained
     assert set(stages.batch_dtypes("first_half")) == set(BATCH_KEYS)
     with pytest.raises(
-        ConfigError, match="key 'stage': unknown stage 'nope'; known: first_half, pretrain, reward_model, rl, sft"
+        ConfigError, match="key 'stage': unknown stage 'nope'; known: dpo, first_half, pretrain, reward_model, rl, sft"
     ):
         train(tiny_config(world, tmp_path / "nope", "stage=nope"))
     assert not (tmp_path / "nope").exists()
@@ -248,7 +248,7 @@ def test_only_the_trainable_parameters_change(world, tmp_path):
     from medjax.convert.checkpoints import load_params, resolve_checkpoint
     from medjax.models.decoder import ModelDef
     from medjax.parallel.mesh import make_mesh
-    from medjax.train.optimizer import make_optimizer, param_path
+    from medjax.train.optimizer import make_optimizer, param_path, trained_patterns
     from medjax.train.step import init_train_state
 
     cfg = tiny_config(
@@ -257,7 +257,7 @@ def test_only_the_trainable_parameters_change(world, tmp_path):
     train(cfg)
     model, mesh = ModelDef(cfg.model), make_mesh(cfg.mesh)
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)
-    state = init_train_state(model, tx, mesh, cfg.train.seed)
+    state = init_train_state(model, tx, mesh, cfg.train.seed, trained_patterns(cfg.optimizer, cfg.model))
     before = jax.tree_util.tree_flatten_with_path(jax.device_get(state["params"]))[0]
     after = dict(
         (param_path(p), v)
