@@ -12,10 +12,11 @@ from conftest import stage_config, straight_and_resumed
 
 from medjax.cli import main
 from medjax.data import DataError
-from medjax.data.preferences import fit_pair, preference_dataset
+from medjax.data.preferences import fit_pair
 from medjax.models.decoder import ModelDef
 from medjax.train.loop import train
 from medjax.train.objectives import PairwiseRewardObjective
+from medjax.train.stages import PAIR_RECORDS
 
 LABELS = ["honesty", "helpfulness", "compliance"]
 
@@ -34,13 +35,9 @@ def test_fit_pair_keeps_each_side_at_least_half():
 
 def test_packed_pairs_score_as_alone_and_loss_matches_hand_computation(world, tmp_path, make_config):
     cfg = stage_config(world, tmp_path / "run", "reward_model", "data.seq_len=512")
-    rows = next(
-        iter(
-            preference_dataset(
-                cfg.data, LABELS, files=[str(world.files["preferences"])], seq_len=512, batch_size=2, train=False
-            )
-        )
-    )
+    assert cfg.model.score_labels == LABELS
+    files = [str(world.files["preferences"])]
+    rows = next(iter(PAIR_RECORDS.dataset(cfg, files, batch_size=2, train=False, process_index=0, process_count=1)))
     model_def = ModelDef(cfg.model)
     model = model_def.bind(model_def.init_params(jax.random.key(2)))
     objective = PairwiseRewardObjective(LABELS)

@@ -13,10 +13,11 @@ from conftest import stage_config, straight_and_resumed
 from medjax.data import DataError
 from medjax.data.chat import ChatTemplate, tokenize_chat
 from medjax.data.examples import DROPPED, TRUNCATED
-from medjax.data.sft import chat_example, sft_dataset
+from medjax.data.sft import chat_example
 from medjax.data.tokenizer import load_tokenizer
 from medjax.models.decoder import ModelDef
 from medjax.train.loop import train
+from medjax.train.stages import SFT_RECORDS
 
 CONVERSATION = [
     {"role": "system", "content": "You are a careful clinician."},
@@ -65,7 +66,7 @@ def test_packed_rows_equal_each_conversation_alone(world, tmp_path, make_config)
     records = [r for r in records if "multiple-choice" not in r["messages"][0]["content"]][:6]
     path = _write_jsonl(tmp_path / "chat.jsonl", records)
     cfg = make_config(tmp_path / "run", "stage=sft", f"data.train_files=[{path}]", "data.seq_len=256")
-    row = next(iter(sft_dataset(cfg.data, files=[str(path)], seq_len=256, batch_size=1, train=False)))
+    row = next(iter(SFT_RECORDS.dataset(cfg, [str(path)], batch_size=1, train=False, process_index=0, process_count=1)))
     segments = sorted(set(row["segment_ids"][0].tolist()) - {0})
     assert len(segments) >= 2, "several conversations share the row"
     model = ModelDef(cfg.model).bind(ModelDef(cfg.model).init_params(jax.random.key(1)))

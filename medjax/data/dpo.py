@@ -13,12 +13,9 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from medjax.config import DataConfig
 from medjax.data import DataError
-from medjax.data.examples import DROPPED, OK, TRUNCATED, Converter, ConvertRecord, nonempty
-from medjax.data.pipeline import batch_rows, pack_first_fit, shard_records
+from medjax.data.examples import DROPPED, OK, TRUNCATED, Converter
 from medjax.data.preferences import CHOSEN, REJECTED, fit_pair, prompt_messages
-from medjax.data.sft import chat_source
 
 EXAMPLE_KEYS = ("tokens", "targets", "loss_mask", "local_positions", "side")
 DPO_BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "pair_ids", "side")
@@ -33,10 +30,6 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 class DpoConverter(Converter):
     keys = EXAMPLE_KEYS
     dtypes = {"loss_mask": np.float32}
-
-    def __init__(self, tokenizer_path: str, seq_len: int, overlong: str, skip_bad: bool):
-        super().__init__(tokenizer_path, skip_bad)
-        self.seq_len, self.overlong = seq_len, overlong
 
     def encode(self, text: str) -> np.ndarray:
         tokenizer, _ = self.tokenizer()
@@ -104,25 +97,3 @@ class PackedDpoRow(grain.transforms.Map):
             "pair_ids": pair,
             "side": side,
         }
-
-
-def dpo_converter(data: DataConfig, seq_len: int) -> DpoConverter:
-    if not data.tokenizer:
-        raise DataError("data.tokenizer is not set (path to tokenizer.json or its folder)")
-    return DpoConverter(data.tokenizer, seq_len, data.overlong, data.skip_bad)
-
-
-def dpo_dataset(
-    data: DataConfig,
-    *,
-    files: list[str],
-    seq_len: int,
-    batch_size: int,
-    train: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.IterDataset:
-    ds = shard_records(chat_source(files), data, train=train, process_index=process_index, process_count=process_count)
-    ds = ds.map(ConvertRecord(dpo_converter(data, seq_len))).filter(nonempty)
-    it = pack_first_fit(ds.to_iter_dataset(), EXAMPLE_KEYS, seq_len, data, train)
-    return batch_rows(it.map(PackedDpoRow()), data, batch_size, train)

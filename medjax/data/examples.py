@@ -75,10 +75,17 @@ class Converter:
     keys: tuple[str, ...] = ()
     dtypes: dict[str, Any] = {}
 
-    def __init__(self, tokenizer_path: str, skip_bad: bool):
+    def __init__(self, tokenizer_path: str, seq_len: int, overlong: str = "truncate", skip_bad: bool = False):
         self.tokenizer_path = tokenizer_path
-        self.skip_bad = skip_bad
+        self.seq_len, self.overlong, self.skip_bad = seq_len, overlong, skip_bad
         self._loaded = None
+
+    @classmethod
+    def from_data(cls, data, seq_len: int, **extra):
+        """The converter a run's data config (medjax.config.DataConfig) asks for."""
+        if not data.tokenizer:
+            raise DataError("data.tokenizer is not set (path to tokenizer.json or its folder)")
+        return cls(data.tokenizer, seq_len, data.overlong, data.skip_bad, **extra)
 
     def tokenizer(self):
         """(tokenizer, chat template), loaded on first use so a converter pickles into Grain workers;

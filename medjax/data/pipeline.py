@@ -16,6 +16,7 @@ import numpy as np
 
 from medjax.config import DataConfig
 from medjax.data import DataError
+from medjax.data.examples import Converter, ConvertRecord, nonempty
 from medjax.data.sources import JsonlSource, TfdsSource, TokenRecordSource, expand_paths
 from medjax.data.tokenizer import eos_id, load_tokenizer
 
@@ -128,6 +129,27 @@ def pack_first_fit(
         seed=data.seed,
         shuffle_bins=train and data.shuffle,
     )
+
+
+def packed_dataset(
+    source,
+    converter: Converter,
+    to_row: grain.transforms.Map,
+    data: DataConfig,
+    *,
+    batch_size: int,
+    train: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """One process's batches of whole examples (``converter`` builds one from each record of
+    ``source``; a bad record is set aside as data.skip_bad says), first-fit packed into rows of
+    ``converter.seq_len`` and turned into model rows by ``to_row``: the pipeline of every stage
+    that trains on records whole (SFT conversations, preference pairs)."""
+    ds = shard_records(source, data, train=train, process_index=process_index, process_count=process_count)
+    ds = ds.map(ConvertRecord(converter)).filter(nonempty)
+    it = pack_first_fit(ds.to_iter_dataset(), converter.keys, converter.seq_len, data, train)
+    return batch_rows(it.map(to_row), data, batch_size, train)
 
 
 def pretrain_dataset(

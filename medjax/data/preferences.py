@@ -14,12 +14,9 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from medjax.config import DataConfig
 from medjax.data import DataError
 from medjax.data.chat import ChatTemplate, check_messages
-from medjax.data.examples import DROPPED, OK, TRUNCATED, Converter, ConvertRecord, nonempty
-from medjax.data.pipeline import batch_rows, pack_first_fit, shard_records
-from medjax.data.sft import chat_source
+from medjax.data.examples import DROPPED, OK, TRUNCATED, Converter
 
 EXAMPLE_KEYS = ("tokens", "local_positions", "side", "score_role", "dimension")
 CHOSEN, REJECTED = 1, 2
@@ -53,9 +50,13 @@ def fit_pair(n_chosen: int, n_rejected: int, seq_len: int) -> tuple[int, int]:
 class PairConverter(Converter):
     keys = EXAMPLE_KEYS
 
-    def __init__(self, tokenizer_path: str, labels: list[str], seq_len: int, overlong: str, skip_bad: bool):
-        super().__init__(tokenizer_path, skip_bad)
-        self.labels, self.seq_len, self.overlong = labels, seq_len, overlong
+    def __init__(
+        self, tokenizer_path: str, seq_len: int, overlong: str = "truncate", skip_bad: bool = False, *, labels=()
+    ):
+        if not labels:
+            raise DataError("the reward_model stage needs model.score_labels (e.g. [honesty, helpfulness, compliance])")
+        super().__init__(tokenizer_path, seq_len, overlong, skip_bad)
+        self.labels = list(labels)
 
     def build(self, record: dict, where: str):
         tokenizer, template = self.tokenizer()
@@ -118,28 +119,3 @@ class PackedPairRow(grain.transforms.Map):
             "score_role": row["score_role"].astype(np.int32),
             "dimension": row["dimension"].astype(np.int32),
         }
-
-
-def pair_converter(data: DataConfig, labels: list[str], seq_len: int) -> PairConverter:
-    if not data.tokenizer:
-        raise DataError("data.tokenizer is not set (path to tokenizer.json or its folder)")
-    if not labels:
-        raise DataError("the reward_model stage needs model.score_labels (e.g. [honesty, helpfulness, compliance])")
-    return PairConverter(data.tokenizer, labels, seq_len, data.overlong, data.skip_bad)
-
-
-def preference_dataset(
-    data: DataConfig,
-    labels: list[str],
-    *,
-    files: list[str],
-    seq_len: int,
-    batch_size: int,
-    train: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.IterDataset:
-    ds = shard_records(chat_source(files), data, train=train, process_index=process_index, process_count=process_count)
-    ds = ds.map(ConvertRecord(pair_converter(data, labels, seq_len))).filter(nonempty)
-    it = pack_first_fit(ds.to_iter_dataset(), EXAMPLE_KEYS, seq_len, data, train)
-    return batch_rows(it.map(PackedPairRow()), data, batch_size, train)

@@ -11,11 +11,9 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from medjax.config import DataConfig
 from medjax.data import DataError
 from medjax.data.chat import check_messages, tokenize_chat
-from medjax.data.examples import DROPPED, OK, TRUNCATED, Converter, ConvertRecord, TolerantSource, nonempty
-from medjax.data.pipeline import batch_rows, pack_first_fit, shard_records
+from medjax.data.examples import DROPPED, OK, TRUNCATED, Converter, TolerantSource
 from medjax.data.sources import JsonlSource, expand_paths
 
 MESSAGES_KEY = "messages"
@@ -27,10 +25,6 @@ class ChatConverter(Converter):
 
     keys = EXAMPLE_KEYS
     dtypes = {"loss_mask": np.float32}
-
-    def __init__(self, tokenizer_path: str, seq_len: int, overlong: str, skip_bad: bool):
-        super().__init__(tokenizer_path, skip_bad)
-        self.seq_len, self.overlong = seq_len, overlong
 
     def build(self, record: dict, where: str):
         tokenizer, template = self.tokenizer()
@@ -68,26 +62,3 @@ class PackedChatRow(grain.transforms.Map):
 
 def chat_source(files: list[str]) -> TolerantSource:
     return TolerantSource(JsonlSource(expand_paths(files, "data"), with_location=True))
-
-
-def chat_converter(data: DataConfig, seq_len: int) -> ChatConverter:
-    if not data.tokenizer:
-        raise DataError("data.tokenizer is not set (path to tokenizer.json or its folder)")
-    return ChatConverter(data.tokenizer, seq_len, data.overlong, data.skip_bad)
-
-
-def sft_dataset(
-    data: DataConfig,
-    *,
-    files: list[str],
-    seq_len: int,
-    batch_size: int,
-    train: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.IterDataset:
-    """Packed SFT rows {tokens, targets, positions, segment_ids, loss_mask} for one process."""
-    ds = shard_records(chat_source(files), data, train=train, process_index=process_index, process_count=process_count)
-    ds = ds.map(ConvertRecord(chat_converter(data, seq_len))).filter(nonempty)
-    it = pack_first_fit(ds.to_iter_dataset(), EXAMPLE_KEYS, seq_len, data, train)
-    return batch_rows(it.map(PackedChatRow()), data, batch_size, train)

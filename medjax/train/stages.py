@@ -17,11 +17,11 @@ import grain
 import numpy as np
 
 from medjax.config import Config, ConfigError
-from medjax.data.dpo import DPO_BATCH_KEYS, dpo_converter, dpo_dataset
-from medjax.data.examples import ExampleStats, scan
-from medjax.data.pipeline import BATCH_KEYS, pretrain_dataset
-from medjax.data.preferences import PAIR_BATCH_KEYS, pair_converter, preference_dataset
-from medjax.data.sft import chat_converter, chat_source, sft_dataset
+from medjax.data.dpo import DPO_BATCH_KEYS, DpoConverter, PackedDpoRow
+from medjax.data.examples import Converter, ExampleStats, scan
+from medjax.data.pipeline import BATCH_KEYS, packed_dataset, pretrain_dataset
+from medjax.data.preferences import PAIR_BATCH_KEYS, PackedPairRow, PairConverter
+from medjax.data.sft import ChatConverter, PackedChatRow, chat_source
 from medjax.rl.objective import ROW_KEYS
 from medjax.train.objectives import DPO_LOSSES, DpoObjective, NextTokenObjective, Objective, PairwiseRewardObjective
 
@@ -58,41 +58,35 @@ def _pretrain_data(cfg: Config, files, batch_size, train, process_index, process
     )
 
 
-def _sft_data(cfg: Config, files, batch_size, train, process_index, process_count):
-    return sft_dataset(
-        cfg.data,
-        files=files,
-        seq_len=cfg.data.seq_len,
-        batch_size=batch_size,
-        train=train,
-        process_index=process_index,
-        process_count=process_count,
-    )
+@dataclasses.dataclass(frozen=True)
+class WholeRecords:
+    """The data of a stage that trains on JSONL records kept whole (SFT conversations, preference
+    pairs): how a record becomes an example, and how a packed row becomes the model's batch row."""
+
+    converter: Callable[[Config], Converter]
+    to_row: type[grain.transforms.Map]
+
+    def dataset(self, cfg: Config, files, batch_size, train, process_index, process_count) -> grain.IterDataset:
+        return packed_dataset(
+            chat_source(files),
+            self.converter(cfg),
+            self.to_row(),
+            cfg.data,
+            batch_size=batch_size,
+            train=train,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def scan(self, cfg: Config, files) -> ExampleStats:
+        return scan(chat_source(files), self.converter(cfg))
 
 
-def _rm_data(cfg: Config, files, batch_size, train, process_index, process_count):
-    return preference_dataset(
-        cfg.data,
-        cfg.model.score_labels,
-        files=files,
-        seq_len=cfg.data.seq_len,
-        batch_size=batch_size,
-        train=train,
-        process_index=process_index,
-        process_count=process_count,
-    )
-
-
-def _dpo_data(cfg: Config, files, batch_size, train, process_index, process_count):
-    return dpo_dataset(
-        cfg.data,
-        files=files,
-        seq_len=cfg.data.seq_len,
-        batch_size=batch_size,
-        train=train,
-        process_index=process_index,
-        process_count=process_count,
-    )
+SFT_RECORDS = WholeRecords(lambda cfg: ChatConverter.from_data(cfg.data, cfg.data.seq_len), PackedChatRow)
+PAIR_RECORDS = WholeRecords(
+    lambda cfg: PairConverter.from_data(cfg.data, cfg.data.seq_len, labels=cfg.model.score_labels), PackedPairRow
+)
+DPO_RECORDS = WholeRecords(lambda cfg: DpoConverter.from_data(cfg.data, cfg.data.seq_len), PackedDpoRow)
 
 
 def _dpo_objective(cfg: Config) -> DpoObjective:
@@ -126,24 +120,19 @@ def _rl_objective(cfg: Config):
 
 STAGES: dict[str, Stage] = {
     "pretrain": Stage(lambda cfg: NextTokenObjective(), _pretrain_data, BATCH_KEYS, text_sources=True),
-    "sft": Stage(
-        lambda cfg: NextTokenObjective(),
-        _sft_data,
-        BATCH_KEYS,
-        lambda cfg, files: scan(chat_source(files), chat_converter(cfg.data, cfg.data.seq_len)),
-    ),
+    "sft": Stage(lambda cfg: NextTokenObjective(), SFT_RECORDS.dataset, BATCH_KEYS, SFT_RECORDS.scan),
     "reward_model": Stage(
         lambda cfg: PairwiseRewardObjective(cfg.model.score_labels),
-        _rm_data,
+        PAIR_RECORDS.dataset,
         PAIR_BATCH_KEYS,
-        lambda cfg, files: scan(chat_source(files), pair_converter(cfg.data, cfg.model.score_labels, cfg.data.seq_len)),
+        PAIR_RECORDS.scan,
     ),
     # The reference is the starting weights: a frozen copy, or under LoRA the adapters disabled.
     "dpo": Stage(
         _dpo_objective,
-        _dpo_data,
+        DPO_RECORDS.dataset,
         DPO_BATCH_KEYS,
-        lambda cfg, files: scan(chat_source(files), dpo_converter(cfg.data, cfg.data.seq_len)),
+        DPO_RECORDS.scan,
         needs_reference=lambda cfg: not reference_is_base(cfg),
     ),
     # The KL term compares with the weights the run started from.
