@@ -350,7 +350,7 @@ def test_demo_before_weights_are_the_runs_step_zero(tmp_path, make_config):
 
     cfg = make_config(tmp_path / "run", "train.seed=3", "mesh.data=-1")
     saved = load_params(resolve_checkpoint(_save_initial_weights(cfg, tmp_path / "init", None)))
-    state = init_train_state(ModelDef(cfg.model), optax.sgd(0.1), make_mesh(cfg.mesh), cfg.train.seed)
+    state = init_train_state(ModelDef(cfg.model), optax.sgd(0.1), make_mesh(cfg.mesh), cfg.train.seed, trained=[])
     ours = jax.tree.leaves(jax.device_get(state["params"]))
     assert len(ours) == len(jax.tree.leaves(saved))
     for a, b in zip(ours, jax.tree.leaves(saved)):

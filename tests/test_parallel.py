@@ -41,7 +41,7 @@ def test_params_and_optimizer_state_are_sharded(make_config, tmp_path):
     mesh = make_mesh(cfg.mesh)
     model = ModelDef(cfg.model)
     tx, _ = make_optimizer(cfg.optimizer, 10)
-    state = init_train_state(model, tx, mesh, 0)
+    state = init_train_state(model, tx, mesh, 0, trained=[])
     gate = state["params"]["layers"][0]["mlp"]["w_gate"]
     assert gate.sharding.spec == P("fsdp", "tensor")
     assert state["params"]["layers"][0]["attn"]["wq"].sharding.spec == P("fsdp", "tensor", None)

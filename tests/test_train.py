@@ -257,7 +257,7 @@ def test_only_the_trainable_parameters_change(world, tmp_path):
     train(cfg)
     model, mesh = ModelDef(cfg.model), make_mesh(cfg.mesh)
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)
-    state = init_train_state(model, tx, mesh, cfg.train.seed, trained_patterns(cfg.optimizer, cfg.model))
+    state = init_train_state(model, tx, mesh, cfg.train.seed, trained=trained_patterns(cfg.optimizer, cfg.model))
     before = jax.tree_util.tree_flatten_with_path(jax.device_get(state["params"]))[0]
     after = dict(
         (param_path(p), v)

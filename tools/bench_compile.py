@@ -41,7 +41,7 @@ def compile_once(model_cfg, batch: int, seq_len: int) -> dict:
     model = ModelDef(model_cfg)
     mesh = make_mesh(MeshConfig(data=-1))
     tx, schedule = make_optimizer(OptimizerConfig(), max_steps=1000)
-    shardings = state_shardings(model, tx, mesh)
+    shardings = state_shardings(model, tx, mesh, trained=[])
     step = make_train_step(model, NextTokenObjective(), tx, schedule, mesh, shardings)
 
     state = abstract_train_state(model, tx, shardings)

@@ -93,7 +93,7 @@ class MedjaxTrainer:
         model = ModelDef(cfg)
         tx, schedule = make_optimizer(opt, max_steps=args.warmup + args.steps * args.rounds)
         trained = trained_patterns(opt, cfg)  # LoRA: the adapters alone
-        shardings = state_shardings(model, tx, mesh, trained)
+        shardings = state_shardings(model, tx, mesh, trained=trained)
         self.state = init_train_state(model, tx, mesh, seed=args.seed, trained=trained)
         self.step = make_train_step(model, NextTokenObjective(), tx, schedule, mesh, shardings, trained)
         self.trained = int(sum(x.size for x in jax.tree.leaves(split_params(self.state["params"], trained)[0])))

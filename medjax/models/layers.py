@@ -30,6 +30,20 @@ def zeros_param(shape, dtype, axes) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
 
 
+ADAPTER_PREFIX = "lora_"  # every LoRA adapter parameter's name starts so: lora_<target>_a / _b
+
+
+def adapter_name(target: str, half: str) -> str:
+    return f"{ADAPTER_PREFIX}{target}_{half}"
+
+
+def is_adapter(path) -> bool:
+    """Whether a parameter is a LoRA adapter, by its path: a tuple of keys (strings or JAX path
+    entries) or the "/"-joined name."""
+    last = path.rsplit("/", 1)[-1] if isinstance(path, str) else path[-1]
+    return str(getattr(last, "key", last)).startswith(ADAPTER_PREFIX)
+
+
 def lora_pair(rngs: nnx.Rngs, cfg: ModelConfig, in_shape, out_shape, in_axes, out_axes) -> tuple[nnx.Param, nnx.Param]:
     """A LoRA adapter (A [*in, rank], B [rank, *out]) for a weight [*in, *out]. A is drawn as PEFT
     draws it (Kaiming-uniform with a = sqrt(5): bound 1/sqrt(fan_in)), B is zero, so the adapted
@@ -44,10 +58,10 @@ def lora_pair(rngs: nnx.Rngs, cfg: ModelConfig, in_shape, out_shape, in_axes, ou
 def lora_delta(module: nnx.Module, name: str, x: jax.Array, n_in: int, scale: float) -> jax.Array | None:
     """scale * (x A) B for the adapter ``name`` of ``module`` (contracting x's last ``n_in`` axes),
     or None when the module has none."""
-    a = getattr(module, f"lora_{name}_a", None)
+    a = getattr(module, adapter_name(name, "a"), None)
     if a is None:
         return None
-    b = getattr(module, f"lora_{name}_b")
+    b = getattr(module, adapter_name(name, "b"))
     xa = jnp.tensordot(x, a[...].astype(x.dtype), axes=n_in)
     return jnp.tensordot(xa, b[...].astype(x.dtype), axes=1) * jnp.asarray(scale, x.dtype)
 
@@ -132,8 +146,8 @@ class Attention(nnx.Module):
             for name, shape in shapes.items():
                 if name in cfg.lora.targets:
                     a, b = lora_pair(rngs, cfg, *shape)
-                    setattr(self, f"lora_{name}_a", a)
-                    setattr(self, f"lora_{name}_b", b)
+                    setattr(self, adapter_name(name, "a"), a)
+                    setattr(self, adapter_name(name, "b"), b)
 
     def __call__(
         self,
@@ -194,8 +208,8 @@ class MLP(nnx.Module):
             for name, shape in shapes.items():
                 if name in cfg.lora.targets:
                     a, b = lora_pair(rngs, cfg, *shape)
-                    setattr(self, f"lora_{name}_a", a)
-                    setattr(self, f"lora_{name}_b", b)
+                    setattr(self, adapter_name(name, "a"), a)
+                    setattr(self, adapter_name(name, "b"), b)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype

@@ -48,29 +48,32 @@ def _patterns(patterns: list[str]) -> list[re.Pattern]:
         raise ConfigError(f"key 'optimizer.trainable': {e.pattern!r} is not a regular expression ({e})") from None
 
 
-def trainable_mask(params, patterns: list[str]):
-    """True for each parameter some pattern finds in its path (every one when there are none)."""
+def _selector(patterns: list[str]):
+    """name -> whether some pattern finds it (every name when there are no patterns)."""
     compiled = _patterns(patterns)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not compiled or any(p.search(param_path(path)) for p in compiled), params
-    )
+    return lambda name: not compiled or any(p.search(name) for p in compiled)
+
+
+def _named_leaves(params: dict) -> dict[str, object]:
+    return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
 
 
 def check_trainable(params, patterns: list[str]) -> tuple[int, int]:
     """(trained, all) parameter counts; a pattern that matches no parameter (or is not a regular
     expression) is an error naming it, before anything is compiled."""
-    compiled = _patterns(patterns)
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    paths = [param_path(path) for path, _ in leaves]
-    for pattern in compiled:
-        if not any(pattern.search(p) for p in paths):
+    names = list(_named_leaves(params))
+    for pattern in patterns:
+        if not any(_selector([pattern])(n) for n in names):
             raise ConfigError(
-                f"key 'optimizer.trainable': {pattern.pattern!r} matches no parameter "
-                f"(paths look like {paths[min(2, len(paths) - 1)]!r})"
+                f"key 'optimizer.trainable': {pattern!r} matches no parameter "
+                f"(paths look like {names[min(2, len(names) - 1)]!r})"
             )
-    mask = jax.tree.leaves(trainable_mask(params, patterns))
-    sizes = [int(np.prod(leaf.shape)) for _, leaf in leaves]
-    return sum(n for n, t in zip(sizes, mask) if t), sum(sizes)
+    trained, _ = split_params(params, patterns)
+    return _count(trained), _count(params)
+
+
+def _count(params: dict) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
 # Trained by default under LoRA: the adapters, and a reward model's head (it starts fresh).
@@ -90,11 +93,10 @@ def trained_patterns(optimizer: OptimizerConfig, model: ModelConfig) -> list[str
 def split_params(params: dict, patterns: list[str]) -> tuple[dict, dict]:
     """(trained, frozen): two nested dicts holding the leaves ``patterns`` select and the rest.
     Works on any tree shaped like the params (arrays, shapes, shardings)."""
-    compiled = _patterns(patterns)
+    selects = _selector(patterns)
     flat = traverse_util.flatten_dict(params)
-    mask = {k: not compiled or any(p.search("/".join(map(str, k))) for p in compiled) for k in flat}
-    trained = {k: v for k, v in flat.items() if mask[k]}
-    frozen = {k: v for k, v in flat.items() if not mask[k]}
+    trained = {k: v for k, v in flat.items() if selects("/".join(map(str, k)))}
+    frozen = {k: v for k, v in flat.items() if k not in trained}
     return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
 
 

@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh
 
 from medjax.models.decoder import ModelDef
+from medjax.models.layers import is_adapter
 from medjax.models.sharding import activation_layout
 from medjax.parallel.rules import MeshLayout, batch_sharding, param_shardings, replicated
 from medjax.train.objectives import Objective
@@ -24,10 +25,11 @@ TrainState = dict[str, Any]
 
 
 def state_shardings(
-    model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, trained: Sequence[str] = ()
+    model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, *, trained: Sequence[str]
 ) -> TrainState:
     """Optimizer moments are sharded like the params they track (the ``trained`` ones, see
-    optimizer.split_params); counters are replicated."""
+    optimizer.split_params; no default, as a forgotten one would silently mean every param);
+    counters are replicated."""
     p_shard = param_shardings(model.abstract_state, mesh)
     abstract_params = jax.eval_shape(model.init_params, jax.random.key(0))
     abstract_opt = jax.eval_shape(tx.init, split_params(abstract_params, list(trained))[0])
@@ -49,9 +51,11 @@ def split_seed(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def init_train_state(
-    model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, seed: int, trained: Sequence[str] = ()
+    model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, seed: int, *, trained: Sequence[str]
 ) -> TrainState:
-    shardings = state_shardings(model, tx, mesh, trained)
+    """A fresh state: params from ``seed`` and optimizer moments for the ``trained`` params alone
+    (optimizer.trained_patterns)."""
+    shardings = state_shardings(model, tx, mesh, trained=trained)
 
     def init() -> TrainState:
         init_rng, train_rng = split_seed(seed)
@@ -187,9 +191,7 @@ def reference_kwargs(model: ModelDef, objective: Objective, params: dict, refere
 
 def adapters_disabled(params: dict) -> dict:
     """The params with every LoRA adapter zeroed: the base model the adapters started from."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, v: jnp.zeros_like(v) if str(getattr(path[-1], "key", "")).startswith("lora_") else v, params
-    )
+    return jax.tree_util.tree_map_with_path(lambda path, v: jnp.zeros_like(v) if is_adapter(path) else v, params)
 
 
 def make_eval_step(model: ModelDef, objective: Objective, mesh: Mesh, shardings: TrainState, reference=None):
