@@ -12,9 +12,11 @@ from conftest import straight_and_resumed, tiny_config
 from flax import traverse_util
 
 from medjax.config import ConfigError
-from medjax.convert.checkpoints import load_params, resolve_checkpoint
+from medjax.convert.checkpoints import resolve_checkpoint
+from medjax.convert.loading import checkpoint_reader
 from medjax.data.dpo import DpoConverter
 from medjax.models.decoder import ModelDef
+from medjax.models.layers import is_adapter
 from medjax.train.loop import train
 from medjax.train.objectives import DpoObjective
 from medjax.train.step import split_seed
@@ -92,11 +94,11 @@ def test_lora_dpo_prefers_the_chosen_and_keeps_the_base(world, tmp_path):
     for key in ("reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected"):
         assert key in steps[-1]
     final, start = (
-        _flat(load_params(resolve_checkpoint(cfg.workdir))),
+        _flat(checkpoint_reader(resolve_checkpoint(cfg.workdir)).read_all()),
         _flat(ModelDef(cfg.model).init_params(split_seed(cfg.train.seed)[0])),
     )
     for key, value in final.items():
-        if not str(key[-1]).startswith("lora_"):
+        if not is_adapter(key):
             np.testing.assert_array_equal(value, start[key], err_msg="/".join(map(str, key)))
 
 

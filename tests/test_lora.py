@@ -13,18 +13,16 @@ from flax import traverse_util
 
 from medjax.config import ConfigError, OptimizerConfig, load_config
 from medjax.convert import ConversionError
-from medjax.convert.checkpoints import load_params, resolve_checkpoint
+from medjax.convert.checkpoints import resolve_checkpoint
+from medjax.convert.loading import checkpoint_reader
 from medjax.models.config import LoraConfig, ModelConfig
 from medjax.models.decoder import ModelDef
+from medjax.models.layers import is_adapter
 from medjax.train.loop import train
 from medjax.train.optimizer import split_params, trained_patterns
 from medjax.train.step import split_seed
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optimizer.learning_rate=0.02", "optimizer.weight_decay=0"]
-
-
-def _is_adapter(path) -> bool:
-    return str(path[-1]).startswith("lora_")
 
 
 def _flat(params):
@@ -37,11 +35,11 @@ def test_adapters_start_at_the_base_model(scan_layers):
     lora_cfg = ModelConfig(**{**base_cfg.__dict__, "lora": LoraConfig(rank=4, alpha=8)})
     params = ModelDef(lora_cfg).init_params(jax.random.key(0))
     flat = _flat(params)
-    adapters = {k: v for k, v in flat.items() if _is_adapter(k)}
+    adapters = {k: v for k, v in flat.items() if is_adapter(k)}
     assert len(adapters) == 2 * 7 * (1 if scan_layers else 2)  # A and B of 7 targets, per layer unless stacked
     assert all(not np.any(v) for k, v in adapters.items() if k[-1].endswith("_b"))  # B starts at zero
     assert all(np.any(v) for k, v in adapters.items() if k[-1].endswith("_a"))
-    base = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not _is_adapter(k)})
+    base = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_adapter(k)})
     tokens = jnp.arange(24).reshape(2, 12) % 97
     np.testing.assert_array_equal(ModelDef(lora_cfg).bind(params)(tokens), ModelDef(base_cfg).bind(base)(tokens))
     # ... and a non-zero B changes the output by exactly scale * x A B on that projection
@@ -54,8 +52,8 @@ def test_only_the_adapters_train_by_default():
     lora = ModelConfig(lora=LoraConfig(rank=2))
     params = ModelDef(lora).abstract_params()
     trained, frozen = split_params(params, trained_patterns(OptimizerConfig(), lora))
-    assert all(_is_adapter(k) for k in traverse_util.flatten_dict(trained))
-    assert not any(_is_adapter(k) for k in traverse_util.flatten_dict(frozen))
+    assert all(is_adapter(k) for k in traverse_util.flatten_dict(trained))
+    assert not any(is_adapter(k) for k in traverse_util.flatten_dict(frozen))
     rm = ModelConfig(lora=LoraConfig(rank=2), score_labels=["a"])
     trained, _ = split_params(ModelDef(rm).abstract_params(), trained_patterns(OptimizerConfig(), rm))
     assert ("score",) in traverse_util.flatten_dict(trained)  # a reward model's fresh head trains too
@@ -75,17 +73,22 @@ def test_bad_lora_settings_are_named(override, message):
         load_config(None, ["workdir=/tmp/unused", override]).model.validate()
 
 
+def _whole_params(ref) -> dict:
+    """Every tensor of the model, a trained-only checkpoint's frozen ones read from its base."""
+    return checkpoint_reader(ref).read_all()
+
+
 def _check_base_frozen_and_adapters_trained(cfg, result, loss_falls=True):
     losses = [result.losses[s] for s in sorted(result.losses)]
     assert not loss_falls or losses[-1] < losses[0], losses
-    final = _flat(load_params(resolve_checkpoint(cfg.workdir)))
+    final = _flat(_whole_params(resolve_checkpoint(cfg.workdir)))
     start = _flat(ModelDef(cfg.model).init_params(split_seed(cfg.train.seed)[0]))
     assert final.keys() == start.keys()
     for key, value in final.items():
-        if _is_adapter(key) or key == ("score",):
+        if is_adapter(key) or key == ("score",):
             continue
         np.testing.assert_array_equal(value, start[key], err_msg="/".join(map(str, key)))
-    assert any(np.any(v) for k, v in final.items() if str(k[-1]).endswith("_b") and _is_adapter(k))
+    assert any(np.any(v) for k, v in final.items() if str(k[-1]).endswith("_b") and is_adapter(k))
 
 
 @pytest.mark.slow  # training runs
@@ -160,7 +163,7 @@ def test_peft_and_transformers_match_medjax(world, pretrained_run, tmp_path):
 
     ref = resolve_checkpoint(cfg.workdir)
     tokens = np.random.default_rng(0).integers(0, ref.model.vocab_size, (2, 40))
-    ours = np.asarray(ModelDef(ref.model).bind(load_params(ref))(jnp.asarray(tokens)))
+    ours = np.asarray(ModelDef(ref.model).bind(_whole_params(ref))(jnp.asarray(tokens)))
     with torch.no_grad():
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
         adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
@@ -168,7 +171,7 @@ def test_peft_and_transformers_match_medjax(world, pretrained_run, tmp_path):
         merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
         merged_logits = merged(torch.tensor(tokens)).logits.numpy()
     start = resolve_checkpoint(pretrained)
-    base_logits = np.asarray(ModelDef(start.model).bind(load_params(start))(jnp.asarray(tokens)))
+    base_logits = np.asarray(ModelDef(start.model).bind(_whole_params(start))(jnp.asarray(tokens)))
     assert np.abs(ours - base_logits).max() > 1e-3  # the adapters changed the model
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
     np.testing.assert_allclose(merged_logits, ours, atol=1e-4, rtol=0)
@@ -214,7 +217,42 @@ def test_a_peft_adapter_trained_elsewhere_continues_in_medjax(world, pretrained_
     cfg = config(tmp_path / "run", "optimizer.learning_rate=0", "train.max_steps=1", "train.checkpoint_every=1")
     train(cfg)
     ref = resolve_checkpoint(cfg.workdir)
-    ours = np.asarray(ModelDef(ref.model).bind(load_params(ref))(jnp.asarray(tokens)))
+    ours = np.asarray(ModelDef(ref.model).bind(_whole_params(ref))(jnp.asarray(tokens)))
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     with pytest.raises(ConversionError, match="r is 4, the run's model.lora needs 8"):
         train(config(tmp_path / "bad", "model.lora.rank=8"))
+
+
+@pytest.mark.slow  # training runs
+def test_a_lora_run_over_init_from_checkpoints_its_adapters_alone(world, pretrained_run, tmp_path):
+    """The frozen base is read again from init_from, never written: a checkpoint holds the adapters
+    (and their optimizer state) alone, names the step it started from, resumes exactly, and every
+    reader sees the whole model (the base bit for bit as init_from holds it)."""
+    import shutil
+
+    from medjax.convert.checkpoints import ParamReader, load_params
+
+    shutil.copytree(pretrained_run, tmp_path / "base")  # moved away below
+
+    def config(workdir):
+        return stage_config(world, workdir, "sft", *LORA, f"init_from={tmp_path / 'base'}", "train.max_steps=6")
+
+    straight_and_resumed(config, tmp_path)
+    start = resolve_checkpoint(tmp_path / "base")
+    ref = resolve_checkpoint(tmp_path / "split")
+    assert ref.base == str(start.params_dir.parent)
+    with pytest.raises(ConversionError, match="holds only the trained params"):
+        load_params(ref)  # the stored tensors alone are not the model
+    stored = ParamReader(ref).paths()  # what the checkpoint itself holds
+    assert stored and all(is_adapter(p) for p in stored), stored
+    assert len(checkpoint_reader(ref).paths()) == len(_flat(ModelDef(ref.model).abstract_params()))
+    whole, base = _flat(_whole_params(ref)), _flat(_whole_params(start))
+    for key, value in whole.items():
+        if is_adapter(key):
+            continue
+        np.testing.assert_array_equal(value, base[key], err_msg="/".join(map(str, key)))
+    assert any(np.any(v) for k, v in whole.items() if is_adapter(k) and str(k[-1]).endswith("_b"))
+    # the base moved away: the run's checkpoint cannot be read, and says where it looked
+    start.params_dir.parent.rename(start.params_dir.parent.with_name("moved"))
+    with pytest.raises(ConversionError, match="holds only the trained params.*cannot be opened"):
+        _whole_params(resolve_checkpoint(tmp_path / "split"))

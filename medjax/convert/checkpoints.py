@@ -6,6 +6,11 @@ Two layouts hold medjax weights:
 - a training run: workdir/checkpoints/<step>/{state,meta}, params under state["params"], the
   model config in meta, the tokenizer named by workdir/config.yaml.
 Either can be exported; a training checkpoint saved on a sharded mesh is gathered per tensor.
+
+A run that trains part of a model it started from elsewhere (LoRA adapters, optimizer.trainable,
+over init_from) keeps only what it trains: its meta names the frozen weights' source
+("frozen_from"), and loading.checkpoint_reader reads the tensors the checkpoint lacks from there, so
+every reader (export, eval, generate, init_from) sees the whole model.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from medjax.models.config import ModelConfig
 from medjax.utils import committed_steps
 
 MODEL_JSON = "model.json"
+# The meta key naming where a trained-only checkpoint's frozen params are read from.
+FROZEN_FROM = "frozen_from"
 PARAMS_DIR = "params"
 # Orbax's partial-save layout puts the tree under this sub-folder of params/.
 PARAMS_TREE = "state"
@@ -59,6 +66,8 @@ class CheckpointRef:
     model: ModelConfig
     tokenizer_dir: Path | None
     step: int | None = None
+    # Where the tensors a trained-only checkpoint lacks are read from (meta "frozen_from").
+    base: str | None = None
 
 
 def _model_from_json(data: dict, where: str) -> ModelConfig:
@@ -102,7 +111,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> CheckpointRef:
         tok = (yaml.safe_load(run_config.read_text()).get("data") or {}).get("tokenizer")
         if tok and Path(tok).exists():
             tokenizer = Path(tok) if Path(tok).is_dir() else Path(tok).parent
-    return CheckpointRef(p / "state", ("params",), model, tokenizer, step=int(p.name) if p.name.isdigit() else None)
+    step = int(p.name) if p.name.isdigit() else None
+    return CheckpointRef(p / "state", ("params",), model, tokenizer, step=step, base=meta.get(FROZEN_FROM))
 
 
 class ParamReader:
@@ -112,7 +122,7 @@ class ParamReader:
     directory's params), and a Checkpointer would look for step metadata there and log
     "Metadata file does not exist" on every read."""
 
-    def __init__(self, ref: CheckpointRef):
+    def __init__(self, ref: CheckpointRef, base=None):
         self.ref = ref
         self._ckpt = ocp.PyTreeCheckpointHandler()
         tree = self._ckpt.metadata(ref.params_dir)
@@ -125,6 +135,9 @@ class ParamReader:
         self._checksums = {}
         if ref.step is not None and meta_file.is_file():
             self._checksums = json.loads(meta_file.read_text()).get("checksums") or {}
+        self._stored = {tuple(map(str, p)) for p in self._stored_paths()}
+        # A trained-only checkpoint's frozen tensors (loading.FrozenBase; None: the stored ones alone).
+        self._base = base
 
     def _verified(self, path: tuple, array: np.ndarray) -> np.ndarray:
         name = "/".join(map(str, (*self.ref.prefix, *path)))
@@ -150,9 +163,7 @@ class ParamReader:
                 "`medjax ckpt verify` checks a run's steps"
             ) from e
 
-    def paths(self) -> list[tuple]:
-        """Every tensor's key path (keys as Orbax stores them: strings)."""
-
+    def _stored_paths(self) -> list[tuple]:
         def walk(node, prefix):
             if hasattr(node, "shape"):
                 return [prefix]
@@ -160,7 +171,19 @@ class ParamReader:
 
         return walk(self._meta, ())
 
+    def paths(self) -> list[tuple]:
+        """Every tensor's key path (keys as Orbax stores them: strings), the frozen base's included."""
+        stored = self._stored_paths()
+        if self._base is None:
+            return stored
+        return stored + [p for p in self._base.abstract if p not in self._stored]
+
+    def _from_base(self, path: tuple) -> bool:
+        return self._base is not None and tuple(map(str, path)) not in self._stored
+
     def metadata(self, path: tuple) -> tuple[tuple[int, ...], np.dtype]:
+        if self._from_base(path):
+            return self._base.metadata(path)
         node = self._meta
         for key in path:
             node = node[str(key)] if isinstance(node, dict) and str(key) in node else node[key]
@@ -173,10 +196,16 @@ class ParamReader:
         """Several parameters in one restore (each call costs tens of milliseconds however small
         its tensors), in the order of ``paths``."""
         item: dict = {}
-        for path in paths:
+        stored = [p for p in paths if not self._from_base(p)]
+        for path in stored:
             set_path(item, (*self.ref.prefix, *path), jax.ShapeDtypeStruct(*self.metadata(path)))
-        out = self._restore(item)
-        return [self._verified(path, np.asarray(get_path(out, (*self.ref.prefix, *path)))) for path in paths]
+        out = self._restore(item) if stored else {}
+        return [
+            self._base.read(path)
+            if self._from_base(path)
+            else self._verified(path, np.asarray(get_path(out, (*self.ref.prefix, *path))))
+            for path in paths
+        ]
 
     def read_all(self) -> dict:
         item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), self._meta)
@@ -187,12 +216,20 @@ class ParamReader:
             out = out[key]
         for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
             self._verified(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), np.asarray(leaf))
+        for path in self.paths():
+            if self._from_base(path):
+                set_path(out, path, self._base.read(path))
         return _int_keys(out)
 
 
 def load_params(ref: CheckpointRef) -> dict:
     """The whole params tree as host numpy arrays, in one restore (tests and tools; generation,
     evaluation and init_from load tensor by tensor onto their devices: medjax.convert.loading)."""
+    if ref.base:
+        raise ConversionError(
+            f"{ref.params_dir.parent}: the checkpoint holds only the trained params; "
+            "medjax.convert.loading.checkpoint_reader reads the rest from its base"
+        )
     return ParamReader(ref).read_all()
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from medjax.convert import ConversionError
-from medjax.convert.checkpoints import ParamReader, copy_tokenizer, resolve_checkpoint, staging_dir
+from medjax.convert.checkpoints import copy_tokenizer, resolve_checkpoint, staging_dir
 from medjax.convert.hf_config import generation_config, to_hf_config
+from medjax.convert.loading import checkpoint_reader
 from medjax.convert.lora import TARGET_OF, LayerTensorReader, adapter_paths, merged_delta, require_adapters
 from medjax.convert.safetensors_io import EXPORT_DTYPES, StreamingShardWriter
 from medjax.convert.weights import layout_order, stored_path, tensor_maps
@@ -56,7 +57,7 @@ def export_hf(
         )
     if merge:
         require_adapters(ref.model, str(checkpoint))
-    reader = ParamReader(ref)
+    reader = checkpoint_reader(ref)
     adapters = LayerTensorReader(reader, ref.model)
     maps = layout_order(ref.model, tensor_maps(ref.model))
     for m in maps:

@@ -33,10 +33,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from medjax.convert import ConversionError
-from medjax.convert.checkpoints import GROUP_BYTES, ParamReader, resolve_checkpoint
+from medjax.convert.checkpoints import GROUP_BYTES, CheckpointRef, ParamReader, resolve_checkpoint
 from medjax.convert.weights import set_path, stored_path
 from medjax.models.config import ModelConfig
-from medjax.models.layers import DTYPES
+from medjax.models.layers import DTYPES, is_adapter
 
 TensorPath = tuple
 MALLOC_TRIM = True
@@ -99,7 +99,7 @@ class CheckpointSource(WeightSource):
     @property
     def reader(self) -> ParamReader:
         if self._reader is None:
-            self._reader = ParamReader(self.ref)
+            self._reader = checkpoint_reader(self.ref)
             self._meta = {
                 tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p): self._reader.metadata(p)
                 for p in self._reader.paths()
@@ -150,6 +150,63 @@ def open_source(path: str | Path, allow_pickle: bool = False) -> WeightSource:
     return CheckpointSource(p, resolve_checkpoint(p))
 
 
+def checkpoint_reader(ref: CheckpointRef) -> ParamReader:
+    """A checkpoint's reader that sees the whole model: a trained-only checkpoint's frozen tensors
+    come from the source its meta names (FrozenBase)."""
+    return ParamReader(ref, FrozenBase(ref) if ref.base else None)
+
+
+class FrozenBase:
+    """The tensors a trained-only checkpoint leaves to the source it started from, read from that
+    source (a Hugging Face directory or another medjax checkpoint) in the checkpoint's layout and
+    param dtype: exactly what the run held, as it never updated them."""
+
+    def __init__(self, ref: CheckpointRef):
+        from medjax.models.decoder import ModelDef
+
+        try:
+            self.source = open_source(ref.base)
+        except (ConversionError, OSError) as e:
+            raise ConversionError(
+                f"{ref.params_dir.parent}: the checkpoint holds only the trained params; the rest are read "
+                f"from {ref.base} (its init_from), which cannot be opened: {e}"
+            ) from None
+        self.model = ref.model
+        self.abstract = _flat_str(ModelDef(ref.model).abstract_params())
+        self._shapes = self.source.shapes()
+        self._held: tuple = (None, None)
+
+    def metadata(self, path: tuple) -> tuple[tuple[int, ...], np.dtype]:
+        spec = self.abstract[tuple(map(str, path))]
+        return tuple(spec.shape), np.dtype(spec.dtype)
+
+    def read(self, path: tuple) -> np.ndarray:
+        run_path = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path)
+        stacked = self.model.scan_layers and run_path[0] == "layers" and not isinstance(run_path[1], int)
+        if stacked:
+            array = np.stack([self._canonical(("layers", i, *run_path[1:])) for i in range(self.model.num_layers)])
+        else:
+            array = self._canonical(run_path)
+        return array.astype(self.metadata(path)[1], copy=False)
+
+    def _canonical(self, path: tuple) -> np.ndarray:
+        where, layer = stored_path(self.source.model, path)
+        if self._held[0] != where:  # a scanned source's stacked tensor is read once for its layers
+            if where not in self._shapes:
+                raise ConversionError(
+                    f"{self.source.path}: no tensor {'/'.join(map(str, path))}, which the trained-only "
+                    "checkpoint reading it as its base needs"
+                )
+            self._held = (where, next(iter(self.source.read([where])))[1])
+        return self._held[1] if layer is None else self._held[1][layer]
+
+
+def _flat_str(tree: dict) -> dict[tuple, object]:
+    from flax import traverse_util
+
+    return {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
+
+
 def gguf_tokenizer_dir(source: TableSource) -> Path:
     """The tokenizer files of a GGUF source, rebuilt from its metadata into a folder that lives as
     long as this process."""
@@ -167,7 +224,7 @@ class LoadReport:
     unused: list[str]  # droppable source tensors the model has no place for
 
     def summary(self) -> str:
-        adapters = [name for name in self.fresh if name.rsplit("/", 1)[-1].startswith("lora_")]
+        adapters = [name for name in self.fresh if is_adapter(name)]
         fresh = [name for name in self.fresh if name not in adapters]
         if adapters:  # one per layer and target: counted, not listed
             fresh.append(f"{len(adapters)} LoRA adapter tensors")

@@ -17,10 +17,12 @@ import numpy as np
 
 from medjax.convert import ConversionError
 from medjax.convert.checkpoints import ParamReader, resolve_checkpoint, staging_dir
+from medjax.convert.loading import checkpoint_reader
 from medjax.convert.safetensors_io import EXPORT_DTYPES, StreamingShardWriter
 from medjax.convert.weights import stored_path
 from medjax.models.config import ModelConfig
 from medjax.models.families import family_spec
+from medjax.models.layers import adapter_name
 
 # The weight each LoRA target adapts, by its path inside a layer.
 ADAPTED = {
@@ -40,7 +42,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 def adapter_paths(layer: int, target: str) -> tuple[tuple, tuple]:
     """The canonical params paths of layer ``layer``'s adapter ``target``: (A, B)."""
     module = ADAPTED[target][0]
-    return ("layers", layer, module, f"lora_{target}_a"), ("layers", layer, module, f"lora_{target}_b")
+    return tuple(("layers", layer, module, adapter_name(target, half)) for half in "ab")
 
 
 def merged_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
@@ -93,7 +95,7 @@ def export_adapter(
             f"{checkpoint}: a reward model's adapters come with its fresh score head; export it with --merge"
         )
     module_names = {t.path: t.hf_name.removesuffix(".weight") for t in family_spec(cfg.family).layer_tensors(cfg)}
-    reader = LayerTensorReader(ParamReader(ref), cfg)
+    reader = LayerTensorReader(checkpoint_reader(ref), cfg)
     np_dtype = EXPORT_DTYPES[dtype]
     tensors: list[tuple[str, np.ndarray]] = []
     for target in cfg.lora.targets:  # grouped by target: a scanned run's stacked adapters read once

@@ -126,12 +126,14 @@ class EvalHook(Hook):
 class CheckpointHook(Hook):
     """A checkpoint every ``every`` steps, at the last step and wherever the run stops early."""
 
-    def __init__(self, ckpts: Checkpoints, every: int, data_iter, meta: dict):
+    def __init__(self, ckpts: Checkpoints, every: int, data_iter, meta: dict, saved_form=lambda state: state):
         self.ckpts, self.every, self.data_iter, self.meta = ckpts, every, data_iter, meta
+        self.saved_form = saved_form  # the part of the state a checkpoint holds
 
     def after_step(self, ctx: StepContext) -> None:
         if ctx.step % self.every == 0 or ctx.last or ctx.stopping:
-            self.ckpts.save(ctx.step, ctx.state, self.data_iter, meta={**self.meta, "step": ctx.step}, force=True)
+            saved = self.saved_form(ctx.state)
+            self.ckpts.save(ctx.step, saved, self.data_iter, meta={**self.meta, "step": ctx.step}, force=True)
 
 
 class GoodputHook(Hook):

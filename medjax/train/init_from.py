@@ -10,6 +10,7 @@ head fresh; any other mismatch is an error naming the tensor.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from flax import traverse_util
 
@@ -17,6 +18,7 @@ from medjax.convert import ConversionError, loading
 from medjax.convert.gguf_import import is_gguf, resolve_source
 from medjax.convert.loading import LoadReport, WeightSource, load_params_streaming
 from medjax.models.config import ModelConfig
+from medjax.models.layers import is_adapter
 
 # Model fields a stage may set for itself; everything else is the source's architecture.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "logits_chunk", "attention", "score_labels", "lora")
@@ -66,7 +68,7 @@ def load_params(source: WeightSource, fresh: dict, shardings: dict, model: Model
     source's) and laid out in its sharding. The tensors are read one at a time and ``fresh``'s
     leaves are replaced in place (each let go before its replacement is placed, so the run holds
     its params once); the returned params are ``fresh`` itself. Returns (params, report)."""
-    adapters = [k for k in traverse_util.flatten_dict(fresh) if str(k[-1]).startswith("lora_")]
+    adapters = [k for k in traverse_util.flatten_dict(fresh) if is_adapter(k)]
     return load_params_streaming(
         source,
         shardings,
@@ -85,24 +87,37 @@ def load_adapter(params: dict, shardings: dict, model: ModelConfig) -> dict:
     import numpy as np
 
     from medjax.convert.lora import read_peft_adapter
-    from medjax.convert.weights import stored_path
+    from medjax.convert.weights import canonical_tensors, stored_tensors
 
     flat, flat_shardings = traverse_util.flatten_dict(params), traverse_util.flatten_dict(shardings)
-    shapes = {}
-    for key, value in flat.items():
-        if str(key[-1]).startswith("lora_"):
-            for i in range(model.num_layers if model.scan_layers else 1):
-                canonical = ("layers", i, *key[1:]) if model.scan_layers else key
-                shapes[canonical] = tuple(value.shape[1:] if model.scan_layers else value.shape)
+    # Shape-only stand-ins (nothing is copied) walked into canonical per-layer paths.
+    shells = ((k, np.broadcast_to(np.zeros((), np.float32), v.shape)) for k, v in flat.items() if is_adapter(k))
+    shapes = {path: shell.shape for path, shell in canonical_tensors(model, shells)}
     adapters = read_peft_adapter(model.lora.adapter, model, shapes)
-    stacked: dict = {}
-    for canonical, array in adapters.items():
-        where, layer = stored_path(model, canonical)
-        if layer is None:
-            stacked[where] = array
-        else:
-            stacked.setdefault(where, [None] * model.num_layers)[layer] = array
-    for where, value in stacked.items():
-        host = np.stack(value) if isinstance(value, list) else value
+    for where, host in stored_tensors(model, adapters.items()):
         flat[where] = jax.device_put(host.astype(flat[where].dtype), flat_shardings[where])
     return traverse_util.unflatten_dict(flat)
+
+
+def keeps_trained_only(cfg, trained: list[str], params: dict, report: InitReport) -> bool:
+    """Whether the run's checkpoints may hold its trained params alone: it trains a part of the
+    model (LoRA adapters, optimizer.trainable) and every frozen param came from ``init_from``, so a
+    reader gets them back from there (convert.checkpoints.FrozenBase). A frozen param that started
+    fresh, or adapters frozen from model.lora.adapter, exist nowhere else: then the whole model."""
+    from medjax.train.optimizer import split_params
+
+    if not trained:
+        return False
+    frozen = traverse_util.flatten_dict(split_params(params, trained)[1])
+    if {"/".join(map(str, k)) for k in frozen} & set(report.fresh):
+        return False
+    return not (cfg.model.lora.adapter and any(is_adapter(k) for k in frozen))
+
+
+def frozen_source_path(source: WeightSource) -> str:
+    """The path a trained-only checkpoint names as its base: for a training run the step it
+    started from, not the run (whose newest step moves on)."""
+    ref = getattr(source, "ref", None)
+    if ref is not None and ref.step is not None:
+        return str(ref.params_dir.parent)
+    return str(Path(source.path).absolute())

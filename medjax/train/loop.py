@@ -21,6 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from medjax.config import Config, ConfigError
+from medjax.convert.checkpoints import FROZEN_FROM
 from medjax.data.streams import StreamBatches, saved_stream_count
 from medjax.data.tokenizer import digest_changes, tokenizer_digest
 from medjax.models.decoder import ModelDef
@@ -32,7 +33,7 @@ from medjax.train.geometry import BatchGeometry
 from medjax.train.hooks import CheckpointHook, EvalHook, GoodputHook, Hook, LogHook, StepContext, TrainResult
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train.objectives import Objective
-from medjax.train.optimizer import check_trainable, make_optimizer, trained_patterns
+from medjax.train.optimizer import check_trainable, join_params, make_optimizer, split_params, trained_patterns
 from medjax.train.restarts import newest_checkpoint
 from medjax.train.stages import Stage, batch_dtypes, checked_stage, reference_is_base
 from medjax.train.step import adapters_disabled, init_train_state, make_eval_step, make_train_step, state_shardings
@@ -144,12 +145,16 @@ class Run:
     start: int
     streams: int | None
     stats: object | None  # the stage's record scan (SFT, reward model), first start only
+    # What a checkpoint holds of the state (the trained params alone when the frozen ones can be
+    # read again from where the run started), and what its meta adds to run_meta's.
+    saved_form: Callable[[dict], dict]
+    meta: dict
 
 
 def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckpts: Checkpoints, say) -> Run:
     tc = cfg.train
     start = ckpts.latest_step() or 0
-    source = _resolve_init(cfg, resuming=bool(start))
+    source, resumes_trained_only = _resolve_init(cfg, resuming=bool(start))
     objective = objective or spec.objective(cfg)
     if jax.process_index() == 0:
         _write_run_config(cfg)
@@ -167,13 +172,16 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
         why = "optimizer.trainable" if cfg.optimizer.trainable else f"LoRA rank {cfg.model.lora.rank}"
         say(f"training {count:,} of {total:,} parameters ({why}); the rest frozen")
     tx, schedule = make_optimizer(cfg.optimizer, tc.max_steps)
-    shardings = state_shardings(model, tx, mesh, trained)
-    state = init_train_state(model, tx, mesh, tc.seed, trained)
-    # The frozen starting weights (RL's KL term): rebuilt on resume as well.
+    shardings = state_shardings(model, tx, mesh, trained=trained)
+    state = init_train_state(model, tx, mesh, tc.seed, trained=trained)
+    # The frozen starting weights (RL's KL term, a trained-only checkpoint's base): rebuilt on resume as well.
     needs_reference = spec.needs_reference(cfg)
-    if source is not None and (not start or needs_reference):
+    trained_only = resumes_trained_only
+    if source is not None and (not start or needs_reference or trained_only):
         state["params"], report = init_from.load_params(source, state["params"], shardings["params"], cfg.model)
         say(f"initialised from {source.path}: {report.summary()}")
+        if not start:
+            trained_only = init_from.keeps_trained_only(cfg, trained, state["params"], report)
     if cfg.model.lora.adapter and not start:
         state["params"] = init_from.load_adapter(state["params"], shardings["params"], cfg.model)
         say(f"LoRA adapters start from {cfg.model.lora.adapter}")
@@ -212,8 +220,14 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
         )
         return batches, streams
 
+    def saved_form(s: dict) -> dict:
+        return {**s, "params": split_params(s["params"], trained)[0]} if trained_only else s
+
     if start:
-        start, state, (data_iter, streams), meta = _restore_newest_good(ckpts, state, data_for, say)
+        start, restored, (data_iter, streams), meta = _restore_newest_good(ckpts, saved_form(state), data_for, say)
+        if trained_only:  # the frozen params are those just read from the base
+            restored["params"] = join_params(restored["params"], split_params(state["params"], trained)[1])
+        state = restored
         _check_same_tokenizer(cfg, meta, ckpts.directory / str(start))
     else:
         data_iter, streams = data_for(0)
@@ -230,6 +244,8 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
             start=start,
             streams=streams,
             stats=stats,
+            saved_form=saved_form,
+            meta={FROZEN_FROM: init_from.frozen_source_path(source)} if trained_only else {},
         )
     )
     return holder[0]
@@ -286,7 +302,9 @@ def _train(
         hooks.append(evals)
         if tc.eval_at_start and not start:
             evals.evaluate(0, run.state, result)
-    hooks.append(CheckpointHook(ckpts, tc.checkpoint_every, run.data_iter, run_meta(cfg)))
+    hooks.append(
+        CheckpointHook(ckpts, tc.checkpoint_every, run.data_iter, {**run_meta(cfg), **run.meta}, run.saved_form)
+    )
     hooks.extend(extra_hooks)
     goodput.loop_starts()
     return _loop(cfg, spec, run, hooks, result, geo, mesh, ckpts, should_stop, say)
@@ -385,22 +403,27 @@ def _check_same_tokenizer(cfg: Config, meta: dict, where: Path) -> None:
         )
 
 
-def _resolve_init(cfg: Config, resuming: bool) -> init_from.InitSource | None:
+def _resolve_init(cfg: Config, resuming: bool) -> tuple[init_from.InitSource | None, bool]:
     """Applies init_from to ``cfg`` in place: the source's architecture (the run's own once it has
     checkpoints), and its tokenizer when the data names none. Returns the source (a resumed run
-    reads it again only when it needs its starting weights, as RL's KL reference does)."""
+    reads it again only when it needs its starting weights, as RL's KL reference and a trained-only
+    checkpoint's frozen params do) and whether the run's checkpoints hold the trained params alone
+    (then the source is the one their meta names)."""
     if not cfg.init_from:
-        return None
+        return None, False
     source = init_from.open_source(cfg.init_from)
-    arch = source.model
+    arch, trained_only = source.model, False
     if resuming:  # the run's own checkpoints are the authority on what it trains
         from medjax.convert.checkpoints import resolve_checkpoint
 
-        arch = resolve_checkpoint(cfg.workdir).model
+        ref = resolve_checkpoint(cfg.workdir)
+        arch, trained_only = ref.model, ref.base is not None
+        if trained_only and str(source.path) != ref.base:
+            source = init_from.open_source(ref.base)
     cfg.model = init_from.stage_model(arch, cfg.model)
     if not cfg.data.tokenizer and source.tokenizer_dir is not None:
         cfg.data.tokenizer = str(source.tokenizer_dir)
-    return source
+    return source, trained_only
 
 
 def _stream_count(cfg: Config, ckpts: Checkpoints, start: int) -> int:

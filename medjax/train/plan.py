@@ -208,7 +208,7 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     model_def = ModelDef(model_cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     trained = trained_patterns(cfg.optimizer, model_cfg)
-    shardings = state_shardings(model_def, tx, mesh, trained)
+    shardings = state_shardings(model_def, tx, mesh, trained=trained)
     spec = checked_stage(cfg)
     objective = spec.objective(cfg)
     state = abstract_train_state(model_def, tx, shardings, trained)
@@ -270,7 +270,7 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
     model_def = ModelDef(model_cfg)
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     trained = trained_patterns(cfg.optimizer, model_cfg)
-    shardings = state_shardings(model_def, tx, mesh, trained)
+    shardings = state_shardings(model_def, tx, mesh, trained=trained)
     params = abstract_train_state(model_def, tx, shardings, trained)["params"]
     rows_sharding = batch_sharding(mesh)
     sampling = SamplingConfig(
