@@ -144,6 +144,21 @@ def test_plan_lays_the_data_axis_across_slices():
 
 
 @needs_libtpu
+def test_a_qlora_plan_holds_the_base_quantized():
+    """model.lora.base_qtype: the step lowers against the frozen kernels as QArrays, laid out over
+    an fsdp mesh like the weights, and the params take a fraction of their float32 bytes."""
+    from medjax.train.plan import plan
+
+    lora = ["model.lora.rank=4", "mesh.data=1", "mesh.fsdp=4"]
+    full = plan(_demo(*lora), "v5e-4")
+    int8 = plan(_demo(*lora, "model.lora.base_qtype=int8"), "v5e-4")
+    nf4 = plan(_demo(*lora, "model.lora.base_qtype=nf4"), "v5e-4")
+    assert full.fits and int8.fits and nf4.fits and int8.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert nf4.params_bytes < int8.params_bytes < 0.6 * full.params_bytes
+    assert int8.opt_state_bytes == full.opt_state_bytes  # the adapters' moments alone, either way
+
+
+@needs_libtpu
 def test_a_step_that_does_not_fit_is_reported_with_the_hbm_it_needs():
     """The Qwen2.5-7B config of a v5e-64 slice on one v5e chip: XLA refuses to compile it."""
     result = subprocess.run(

@@ -22,6 +22,8 @@ class RopeScaling:
 # What LoRA may adapt: the attention projections and the MLP's, by the short names PEFT users know
 # (q_proj ... down_proj there).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# model.lora.base_qtype's choices ("": the base in param_dtype).
+BASE_QTYPES = ("", "int8", "int4", "nf4")
 
 
 @dataclass
@@ -37,6 +39,10 @@ class LoraConfig:
     # A PEFT adapter directory (adapter_config.json + adapter_model.safetensors, trained anywhere)
     # the adapters start from instead of zero; its r, lora_alpha and target modules must be these.
     adapter: str = ""
+    # The frozen base's projection kernels held in low precision (QLoRA, Dettmers et al., 2023):
+    # "int8" (per output channel), "int4" or "nf4" (blocks of 64 along the input); "" keeps
+    # param_dtype. The adapters, norms and embeddings stay in param_dtype (models/quantized.py).
+    base_qtype: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -56,6 +62,12 @@ class LoraConfig:
             raise ValueError("model.lora.targets is empty: name at least one of " + ", ".join(LORA_TARGETS))
         if self.dropout != 0.0:
             raise ValueError(f"model.lora.dropout={self.dropout}: only 0.0 is supported so far")
+        if self.base_qtype not in BASE_QTYPES:
+            raise ValueError(f"model.lora.base_qtype: {self.base_qtype!r} is not one of {list(BASE_QTYPES)}")
+        if self.base_qtype and not self.enabled:
+            raise ValueError(
+                "model.lora.base_qtype quantizes the base that LoRA adapters train over: set model.lora.rank"
+            )
 
 
 # model.attention's choices (medjax.models.attention says what each means).

@@ -17,6 +17,7 @@ from flax import nnx
 
 from medjax.models.attention import causal_attention
 from medjax.models.config import ModelConfig, RopeScaling
+from medjax.models.quantized import kernel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -163,9 +164,9 @@ class Attention(nnx.Module):
         with ``cache``, the new keys/values are written at slots index.. and the queries attend
         over the whole cache where ``mask`` [batch, 1, new, cache_len] allows."""
         dt, scale = x.dtype, self.cfg.lora.scale if self.cfg.lora.enabled else 0.0
-        q = add_lora(jnp.einsum("bse,ehd->bshd", x, self.wq[...].astype(dt)), self, "q", x, 1, scale)
-        k = add_lora(jnp.einsum("bse,ehd->bshd", x, self.wk[...].astype(dt)), self, "k", x, 1, scale)
-        v = add_lora(jnp.einsum("bse,ehd->bshd", x, self.wv[...].astype(dt)), self, "v", x, 1, scale)
+        q = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wq, dt)), self, "q", x, 1, scale)
+        k = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wk, dt)), self, "k", x, 1, scale)
+        v = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wv, dt)), self, "v", x, 1, scale)
         if self.cfg.attention_bias:
             q = q + self.bq[...].astype(dt)
             k = k + self.bk[...].astype(dt)
@@ -184,7 +185,7 @@ class Attention(nnx.Module):
             out = causal_attention(q, k, v, segment_ids, self.cfg.attention)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
-        return add_lora(jnp.einsum("bshd,hde->bse", out, self.wo[...].astype(dt)), self, "o", out, 2, scale), cache
+        return add_lora(jnp.einsum("bshd,hde->bse", out, kernel(self.wo, dt)), self, "o", out, 2, scale), cache
 
 
 # Fewer tokens than this (decode steps) run the gate and up matmuls apart.
@@ -221,16 +222,16 @@ class MLP(nnx.Module):
         # A decode step has a few tokens, where building the stack (a copy of both weights, every
         # step) costs more than the matmuls it joins: there the two run apart.
         if x.shape[0] * x.shape[1] < STACKED_MLP_MIN_TOKENS:
-            gate = x @ self.w_gate[...].astype(dt)
-            up = x @ self.w_up[...].astype(dt)
+            gate = x @ kernel(self.w_gate, dt)
+            up = x @ kernel(self.w_up, dt)
         else:
-            w = jnp.stack([self.w_gate[...], self.w_up[...]], axis=1).astype(dt)  # [embed, 2, mlp]
+            w = jnp.stack([kernel(self.w_gate, dt), kernel(self.w_up, dt)], axis=1)  # [embed, 2, mlp]
             gate_up = jnp.einsum("bse,ecm->bscm", x, w)
             gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
         gate = add_lora(gate, self, "gate", x, 1, self.lora_scale)
         up = add_lora(up, self, "up", x, 1, self.lora_scale)
         hidden = jax.nn.silu(gate) * up
-        return add_lora(hidden @ self.w_down[...].astype(dt), self, "down", hidden, 1, self.lora_scale)
+        return add_lora(hidden @ kernel(self.w_down, dt), self, "down", hidden, 1, self.lora_scale)
 
 
 class DecoderBlock(nnx.Module):

@@ -34,6 +34,7 @@ from medjax.train.hooks import CheckpointHook, EvalHook, GoodputHook, Hook, LogH
 from medjax.train.metrics import MetricsWriter, StepLog, peak_flops_per_device, train_flops_per_token
 from medjax.train.objectives import Objective
 from medjax.train.optimizer import check_trainable, join_params, make_optimizer, split_params, trained_patterns
+from medjax.train.quantized_base import quantize_base
 from medjax.train.restarts import newest_checkpoint
 from medjax.train.stages import Stage, batch_dtypes, checked_stage, reference_is_base
 from medjax.train.step import adapters_disabled, init_train_state, make_eval_step, make_train_step, state_shardings
@@ -185,6 +186,14 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
     if cfg.model.lora.adapter and not start:
         state["params"] = init_from.load_adapter(state["params"], shardings["params"], cfg.model)
         say(f"LoRA adapters start from {cfg.model.lora.adapter}")
+    if cfg.model.lora.base_qtype:
+        if not trained_only:
+            raise ConfigError(
+                "key 'model.lora.base_qtype': a quantized base is made from init_from's weights (and made "
+                "again on resume, never checkpointed): set init_from, and train the adapters alone"
+            )
+        state["params"], shardings["params"] = quantize_base(state["params"], shardings["params"], cfg.model, trained)
+        say(f"the frozen base's projections held in {cfg.model.lora.base_qtype}")
     reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
     holder: list[Run] = []  # the sampler reads the params the loop holds now, through this
 

@@ -29,6 +29,7 @@ from medjax.parallel.topologies import GIB, get_slice, slice_devices
 from medjax.train.geometry import BatchGeometry
 from medjax.train.metrics import generate_flops_per_row, train_flops_per_token
 from medjax.train.optimizer import make_optimizer, split_params, trained_patterns
+from medjax.train.quantized_base import quantized_layout
 from medjax.train.stages import batch_dtypes, checked_stage
 from medjax.train.step import make_train_step, state_shardings
 
@@ -65,13 +66,18 @@ def _per_device_bytes(abstract_tree, shardings) -> int:
     """Bytes one device holds of a tree laid out by ``shardings`` (the largest shard per leaf)."""
     total = 0
     for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
-        total += int(np.prod(sharding.shard_shape(leaf.shape), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        bits = int(np.prod(sharding.shard_shape(leaf.shape), dtype=np.int64)) * jax.dtypes.itemsize_bits(leaf.dtype)
+        total += bits // 8  # 4-bit values (a QLoRA base) pack two to a byte
     return total
 
 
 def abstract_train_state(model: ModelDef, tx, shardings, trained: list[str] = ()) -> dict:
-    """The train state as ShapeDtypeStructs carrying their shardings: what a step lowers against."""
+    """The train state as ShapeDtypeStructs carrying their shardings: what a step lowers against.
+    With model.lora.base_qtype the frozen kernels are QArrays, and ``shardings["params"]`` is
+    replaced in place by their layout (train/quantized_base.py), as the run's own would be."""
     params = model.abstract_params()
+    if model.cfg.lora.base_qtype:
+        params, shardings["params"] = quantized_layout(params, shardings["params"], model.cfg, list(trained))
     state = {
         "params": params,
         "opt_state": jax.eval_shape(tx.init, split_params(params, list(trained))[0]),
