@@ -12,6 +12,9 @@ The sides run one after the other, so keep the machine otherwise idle.
         --headline "medjax tokens/s=medjax.tokens_per_s" --headline "peft tokens/s=torch.tokens_per_s" \\
         --headline "medjax/peft=ratio_medjax_over_torch" --headline "medjax peak MB=medjax.peak_rss_mb" \\
         --headline "peft peak MB=torch.peak_rss_mb"
+
+``--base-qtype int8`` adds a third run: medjax with the frozen base quantized (QLoRA), its own
+tokens/s and peak memory beside the other two.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--base-qtype", default="", help="also run medjax with the base quantized (QLoRA: int8, int4, nf4)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     common = [
@@ -48,13 +52,23 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     results: dict = {"preset": args.preset, "lora_rank": args.lora_rank, "batch": args.batch, "seq_len": args.seq_len}
     with tempfile.TemporaryDirectory() as tmp:
-        for side in ("medjax", "torch"):
-            out = Path(tmp) / f"{side}.json"
-            cmd = [sys.executable, str(ROOT / "tools" / "bench_train.py"), *common, f"--side={side}", f"--out={out}"]
+        runs = [("medjax", "medjax", []), ("torch", "torch", [])]
+        if args.base_qtype:
+            runs.append((f"medjax_{args.base_qtype}", "medjax", [f"--base-qtype={args.base_qtype}"]))
+        for name, side, extra in runs:
+            out = Path(tmp) / f"{name}.json"
+            cmd = [
+                sys.executable,
+                str(ROOT / "tools" / "bench_train.py"),
+                *common,
+                *extra,
+                f"--side={side}",
+                f"--out={out}",
+            ]
             print("running:", " ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, check=True)
             one = json.loads(out.read_text())
-            results[side] = {**one[side], "peak_rss_mb": one["peak_rss_mb"]}
+            results[name] = {**one[side], "peak_rss_mb": one["peak_rss_mb"]}
             results.setdefault("model", one["model"])
             results.setdefault("cpu_count", one["cpu_count"])
     results["ratio_medjax_over_torch"] = results["medjax"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
@@ -64,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"peft {results['torch']['tokens_per_s']:.0f} tokens/s, peak {results['torch']['peak_rss_mb']:.0f} MB; "
         f"throughput {results['ratio_medjax_over_torch']:.2f}x, memory {results['memory_medjax_over_torch']:.2f}x"
     )
+    if args.base_qtype:
+        q = results[f"medjax_{args.base_qtype}"]
+        print(f"medjax over a {args.base_qtype} base: {q['tokens_per_s']:.0f} tokens/s, peak {q['peak_rss_mb']:.0f} MB")
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return results

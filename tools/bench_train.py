@@ -51,6 +51,7 @@ from medjax.models.decoder import ModelDef  # noqa: E402
 from medjax.parallel.mesh import make_mesh  # noqa: E402
 from medjax.train.objectives import NextTokenObjective  # noqa: E402
 from medjax.train.optimizer import make_optimizer, split_params, trained_patterns  # noqa: E402
+from medjax.train.quantized_base import quantize_base  # noqa: E402
 from medjax.train.step import init_train_state, make_train_step, state_shardings  # noqa: E402
 
 
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full weights)")
+    p.add_argument("--base-qtype", default="", help="with --lora-rank: the frozen base quantized (int8, int4, nf4)")
     p.add_argument("--side", choices=["both", "medjax", "torch"], default="both")
     p.add_argument("--out", type=Path, help="also write the results as one JSON object here")
     return p.parse_args(argv)
@@ -81,7 +83,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         "intermediate_size": args.intermediate_size,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+    lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, base_qtype=args.base_qtype)
     return dataclasses.replace(cfg, param_dtype="float32", dtype="float32", remat="none", lora=lora).validate()
 
 
@@ -95,6 +97,10 @@ class MedjaxTrainer:
         trained = trained_patterns(opt, cfg)  # LoRA: the adapters alone
         shardings = state_shardings(model, tx, mesh, trained=trained)
         self.state = init_train_state(model, tx, mesh, seed=args.seed, trained=trained)
+        if cfg.lora.base_qtype:  # QLoRA: as train/loop.py does after init_from
+            self.state["params"], shardings["params"] = quantize_base(
+                self.state["params"], shardings["params"], cfg, trained
+            )
         self.step = make_train_step(model, NextTokenObjective(), tx, schedule, mesh, shardings, trained)
         self.trained = int(sum(x.size for x in jax.tree.leaves(split_params(self.state["params"], trained)[0])))
         b, s = data.shape[0], data.shape[1] - 1  # batch arrays are [accum=1, batch, seq]
@@ -105,7 +111,7 @@ class MedjaxTrainer:
             "segment_ids": jnp.ones((1, b, s), jnp.int32),
             "loss_mask": jnp.ones((1, b, s), jnp.float32),
         }
-        self.params = int(sum(x.size for x in jax.tree.leaves(self.state["params"])))
+        self.params = int(sum(x.size for x in jax.tree.leaves(model.abstract_params())))
         self.metrics: dict[str, jax.Array] = {}
 
     def run(self, steps: int) -> None:
