@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import stage_config, straight_and_resumed, tiny_config
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from medjax.config import ConfigError, OptimizerConfig, load_config
 from medjax.convert import ConversionError
@@ -48,6 +48,45 @@ def test_adapters_start_at_the_base_model(scan_layers):
     assert not np.allclose(out, ModelDef(base_cfg).bind(base)(tokens))
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_adapter_dropout_drops_the_adapters_input_alone_and_is_unbiased(scan_layers):
+    """PEFT's lora_dropout: in a training forward (a dropout_rng) each adapter's input is dropped
+    and rescaled, the base projection untouched; evaluation (no key) never drops."""
+    from medjax.models.layers import AdapterDropout, Attention, lora_delta
+
+    cfg = ModelConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=4,
+        scan_layers=scan_layers,
+        lora=LoraConfig(rank=4, alpha=8, dropout=0.5),
+    )
+    model = ModelDef(cfg)
+    params = model.init_params(jax.random.key(0))
+    tokens = jnp.arange(24).reshape(2, 12) % 97
+    key = jax.random.key(1)
+    plain = model.bind(params)(tokens)
+    np.testing.assert_array_equal(model.bind(params)(tokens, dropout_rng=key), plain)  # B = 0: nothing to drop
+    bumped = traverse_util.unflatten_dict(
+        {k: (v + 0.1 if str(k[-1]).endswith("_b") else v) for k, v in _flat(params).items()}
+    )
+    evaluated = model.bind(bumped)(tokens)
+    trained = model.bind(bumped)(tokens, dropout_rng=key)
+    assert not np.allclose(trained, evaluated) and not np.allclose(evaluated, plain)
+    assert not np.allclose(trained, model.bind(bumped)(tokens, dropout_rng=jax.random.key(2)))
+    # one adapter's delta: its mean over many masks is the undropped delta (inverted dropout)
+    attn = Attention(cfg, rngs=nnx.Rngs(0))
+    getattr(attn, "lora_q_b").set_value(jnp.full(attn.lora_q_b.shape, 0.1))
+    x = jax.random.normal(jax.random.key(3), (1, 5, 32))
+    want = lora_delta(attn, "q", x, 1, 2.0)
+    draws = jax.vmap(lambda k: lora_delta(attn, "q", x, 1, 2.0, AdapterDropout(0.5, k)))(
+        jax.random.split(jax.random.key(4), 4000)
+    )
+    np.testing.assert_allclose(draws.mean(0), want, atol=0.05 * float(jnp.abs(want).max()))
+    assert float(draws.std(0).mean()) > 0.1 * float(jnp.abs(want).mean())  # the masks really vary
+
+
 def test_only_the_adapters_train_by_default():
     lora = ModelConfig(lora=LoraConfig(rank=2))
     params = ModelDef(lora).abstract_params()
@@ -64,7 +103,7 @@ def test_only_the_adapters_train_by_default():
     [
         ("model.lora.targets=[q, qkv]", r"unknown \['qkv'\]"),
         ("model.lora.rank=-1", "rank must be >= 0"),
-        ("model.lora.dropout=0.1", "only 0.0 is supported"),
+        ("model.lora.dropout=1.0", r"must be in \[0, 1\)"),
         ("model.lora.ranks=4", "lora.ranks"),
     ],
 )
@@ -256,3 +295,25 @@ def test_a_lora_run_over_init_from_checkpoints_its_adapters_alone(world, pretrai
     start.params_dir.parent.rename(start.params_dir.parent.with_name("moved"))
     with pytest.raises(ConversionError, match="holds only the trained params.*cannot be opened"):
         _whole_params(resolve_checkpoint(tmp_path / "split"))
+
+
+@pytest.mark.slow  # training runs
+def test_a_run_with_adapter_dropout_resumes_exactly_and_evaluates_undropped(world, pretrained_run, tmp_path):
+    def config(workdir, *extra):
+        return stage_config(
+            world,
+            workdir,
+            "sft",
+            *LORA,
+            f"init_from={pretrained_run}",
+            "train.max_steps=6",
+            "train.eval_at_start=true",
+            "train.eval_every=6",
+            *extra,
+        )
+
+    dropped, _ = straight_and_resumed(lambda w: config(w, "model.lora.dropout=0.1"), tmp_path)
+    plain = train(config(tmp_path / "plain"))
+    assert dropped.eval_losses[0] == pytest.approx(plain.eval_losses[0], rel=1e-6)  # evaluation never drops
+    assert dropped.losses[1] == pytest.approx(plain.losses[1], rel=1e-6)  # B starts at zero: nothing to drop yet
+    assert abs(dropped.losses[6] - plain.losses[6]) > 1e-4  # ... but B's gradients saw dropped inputs

@@ -33,7 +33,8 @@ class LoraConfig:
 
     rank: int = 0
     alpha: float = 16.0
-    # Dropout on an adapter's input, as PEFT's lora_dropout; only 0.0 is supported so far.
+    # Dropout on each adapter's input in training forwards, as PEFT's lora_dropout (the base
+    # projection sees the input whole; evaluation and sampling never drop).
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     # A PEFT adapter directory (adapter_config.json + adapter_model.safetensors, trained anywhere)
@@ -60,8 +61,8 @@ class LoraConfig:
             raise ValueError(f"model.lora.targets: unknown {unknown}; choose from {list(LORA_TARGETS)}")
         if self.enabled and not self.targets:
             raise ValueError("model.lora.targets is empty: name at least one of " + ", ".join(LORA_TARGETS))
-        if self.dropout != 0.0:
-            raise ValueError(f"model.lora.dropout={self.dropout}: only 0.0 is supported so far")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         if self.base_qtype not in BASE_QTYPES:
             raise ValueError(f"model.lora.base_qtype: {self.base_qtype!r} is not one of {list(BASE_QTYPES)}")
         if self.base_qtype and not self.enabled:

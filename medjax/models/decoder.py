@@ -49,8 +49,13 @@ class Decoder(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-norm hidden states [batch, seq, hidden] (the reward model's head reads these)."""
+        """Final-norm hidden states [batch, seq, hidden] (the reward model's head reads these).
+        ``dropout_rng`` makes it a training forward: the LoRA adapters' inputs are dropped at
+        model.lora.dropout, each layer with its own key (evaluation and sampling pass none)."""
+        if not (self.cfg.lora.enabled and self.cfg.lora.dropout > 0):
+            dropout_rng = None
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
@@ -59,19 +64,25 @@ class Decoder(nnx.Module):
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
-            def body(h, layer_params):
-                return constrain(nnx.merge(graphdef, layer_params)(h, positions, segment_ids)[0], ACTIVATION), None
+            def body(h, xs):
+                layer_params, key = xs
+                out = nnx.merge(graphdef, layer_params)(h, positions, segment_ids, dropout_rng=key)[0]
+                return constrain(out, ACTIVATION), None
 
             if self.cfg.remat != "none":
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-            x, _ = jax.lax.scan(body, x, stacked)
+            keys = None if dropout_rng is None else jax.random.split(dropout_rng, self.cfg.num_layers)
+            x, _ = jax.lax.scan(body, x, (stacked, keys))
             return self.final_norm(x)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             if self.cfg.remat == "none":
-                x, _ = layer(x, positions, segment_ids)
+                x, _ = layer(x, positions, segment_ids, dropout_rng=key)
             else:
-                block = nnx.remat(lambda blk, h, p, s: blk(h, p, s)[0], policy=REMAT_POLICIES[self.cfg.remat])
-                x = block(layer, x, positions, segment_ids)
+                block = nnx.remat(
+                    lambda blk, h, p, s, k: blk(h, p, s, dropout_rng=k)[0], policy=REMAT_POLICIES[self.cfg.remat]
+                )
+                x = block(layer, x, positions, segment_ids, key)
             x = constrain(x, ACTIVATION)
         return self.final_norm(x)
 
@@ -173,8 +184,8 @@ class Decoder(nnx.Module):
         scores = self.scores(self.hidden_states(tokens, positions, segment_ids))
         return jnp.take_along_axis(scores, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
-    def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-        return self.logits(self.hidden_states(tokens, positions, segment_ids))
+    def __call__(self, tokens, positions=None, segment_ids=None, dropout_rng=None) -> jax.Array:
+        return self.logits(self.hidden_states(tokens, positions, segment_ids, dropout_rng))
 
 
 def stack_blocks(blocks: list[DecoderBlock]) -> DecoderBlock:

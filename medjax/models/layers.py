@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from medjax.models.attention import causal_attention
-from medjax.models.config import ModelConfig, RopeScaling
+from medjax.models.config import LORA_TARGETS, ModelConfig, RopeScaling
 from medjax.models.quantized import kernel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -56,19 +56,40 @@ def lora_pair(rngs: nnx.Rngs, cfg: ModelConfig, in_shape, out_shape, in_axes, ou
     return nnx.Param(a, logical_axes=(*in_axes, "lora_rank")), nnx.Param(b, logical_axes=("lora_rank", *out_axes))
 
 
-def lora_delta(module: nnx.Module, name: str, x: jax.Array, n_in: int, scale: float) -> jax.Array | None:
+class AdapterDropout(NamedTuple):
+    """PEFT's lora_dropout in one layer's training forward: each adapter's input is dropped at
+    ``rate`` (and the kept values scaled by 1 / (1 - rate)) with its own mask, drawn from ``key``
+    folded with the target's index. The base projection sees the input whole."""
+
+    rate: float
+    key: jax.Array
+
+    @staticmethod
+    def of(cfg: ModelConfig, key: jax.Array | None) -> "AdapterDropout | None":
+        return AdapterDropout(cfg.lora.dropout, key) if key is not None and cfg.lora.dropout > 0 else None
+
+
+def lora_delta(
+    module: nnx.Module, name: str, x: jax.Array, n_in: int, scale: float, dropout: AdapterDropout | None = None
+) -> jax.Array | None:
     """scale * (x A) B for the adapter ``name`` of ``module`` (contracting x's last ``n_in`` axes),
     or None when the module has none."""
     a = getattr(module, adapter_name(name, "a"), None)
     if a is None:
         return None
     b = getattr(module, adapter_name(name, "b"))
+    if dropout is not None:
+        key = jax.random.fold_in(dropout.key, LORA_TARGETS.index(name))
+        keep = jax.random.bernoulli(key, 1.0 - dropout.rate, x.shape)
+        x = jnp.where(keep, x / jnp.asarray(1.0 - dropout.rate, x.dtype), jnp.zeros((), x.dtype))
     xa = jnp.tensordot(x, a[...].astype(x.dtype), axes=n_in)
     return jnp.tensordot(xa, b[...].astype(x.dtype), axes=1) * jnp.asarray(scale, x.dtype)
 
 
-def add_lora(y: jax.Array, module: nnx.Module, name: str, x: jax.Array, n_in: int, scale: float) -> jax.Array:
-    delta = lora_delta(module, name, x, n_in, scale)
+def add_lora(
+    y: jax.Array, module: nnx.Module, name: str, x: jax.Array, n_in: int, scale: float, dropout=None
+) -> jax.Array:
+    delta = lora_delta(module, name, x, n_in, scale, dropout)
     return y if delta is None else y + delta
 
 
@@ -159,14 +180,16 @@ class Attention(nnx.Module):
         mask: jax.Array | None = None,
         cache: LayerCache | None = None,
         index=None,
+        dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """Causal attention within the documents ``segment_ids`` marks, by ``model.attention``; or,
         with ``cache``, the new keys/values are written at slots index.. and the queries attend
         over the whole cache where ``mask`` [batch, 1, new, cache_len] allows."""
         dt, scale = x.dtype, self.cfg.lora.scale if self.cfg.lora.enabled else 0.0
-        q = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wq, dt)), self, "q", x, 1, scale)
-        k = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wk, dt)), self, "k", x, 1, scale)
-        v = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wv, dt)), self, "v", x, 1, scale)
+        drop = AdapterDropout.of(self.cfg, dropout_rng)
+        q = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wq, dt)), self, "q", x, 1, scale, drop)
+        k = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wk, dt)), self, "k", x, 1, scale, drop)
+        v = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wv, dt)), self, "v", x, 1, scale, drop)
         if self.cfg.attention_bias:
             q = q + self.bq[...].astype(dt)
             k = k + self.bk[...].astype(dt)
@@ -185,7 +208,7 @@ class Attention(nnx.Module):
             out = causal_attention(q, k, v, segment_ids, self.cfg.attention)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
-        return add_lora(jnp.einsum("bshd,hde->bse", out, kernel(self.wo, dt)), self, "o", out, 2, scale), cache
+        return add_lora(jnp.einsum("bshd,hde->bse", out, kernel(self.wo, dt)), self, "o", out, 2, scale, drop), cache
 
 
 # Fewer tokens than this (decode steps) run the gate and up matmuls apart.
@@ -200,6 +223,7 @@ class MLP(nnx.Module):
         self.w_up = param(rngs, (e, m), std, pdt, ("embed", "mlp"))
         self.w_down = param(rngs, (m, e), std, pdt, ("mlp", "embed"))
         self.lora_scale = cfg.lora.scale if cfg.lora.enabled else 0.0
+        self.cfg = cfg
         if cfg.lora.enabled:
             shapes = {
                 "gate": ((e,), (m,), ("embed",), ("mlp",)),
@@ -212,8 +236,8 @@ class MLP(nnx.Module):
                     setattr(self, adapter_name(name, "a"), a)
                     setattr(self, adapter_name(name, "b"), b)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        dt, drop = x.dtype, AdapterDropout.of(self.cfg, dropout_rng)
         # The gate and up projections run as one matmul over the two weights stacked on a new axis
         # (not concatenated: each shard of the stack is the stack of the shards, so a tensor-parallel
         # "mlp" axis needs no resharding). One wide matmul and its backward beat two narrow ones;
@@ -228,10 +252,10 @@ class MLP(nnx.Module):
             w = jnp.stack([kernel(self.w_gate, dt), kernel(self.w_up, dt)], axis=1)  # [embed, 2, mlp]
             gate_up = jnp.einsum("bse,ecm->bscm", x, w)
             gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        gate = add_lora(gate, self, "gate", x, 1, self.lora_scale)
-        up = add_lora(up, self, "up", x, 1, self.lora_scale)
+        gate = add_lora(gate, self, "gate", x, 1, self.lora_scale, drop)
+        up = add_lora(up, self, "up", x, 1, self.lora_scale, drop)
         hidden = jax.nn.silu(gate) * up
-        return add_lora(hidden @ kernel(self.w_down, dt), self, "down", hidden, 1, self.lora_scale)
+        return add_lora(hidden @ kernel(self.w_down, dt), self, "down", hidden, 1, self.lora_scale, drop)
 
 
 class DecoderBlock(nnx.Module):
@@ -242,10 +266,23 @@ class DecoderBlock(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids=None, *, mask=None, cache: LayerCache | None = None, index=None):
-        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, mask=mask, cache=cache, index=index)
+    def __call__(
+        self,
+        x,
+        positions,
+        segment_ids=None,
+        *,
+        mask=None,
+        cache: LayerCache | None = None,
+        index=None,
+        dropout_rng=None,
+    ):
+        """``dropout_rng``: the layer's key for its adapters' dropout (a training forward), or None."""
+        h, cache = self.attn(
+            self.attn_norm(x), positions, segment_ids, mask=mask, cache=cache, index=index, dropout_rng=dropout_rng
+        )
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return x + self.mlp(self.mlp_norm(x), dropout_rng), cache
 
 
 # Block types by the name a family's entry (models/families.py) gives as its block_type.

@@ -24,10 +24,12 @@ from medjax.models.decoder import Decoder
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "old_logprobs", "ref_logprobs", "advantages")
 
 
-def token_logprobs(model: Decoder, batch, entropy: bool = True) -> tuple[jax.Array, jax.Array | None]:
+def token_logprobs(
+    model: Decoder, batch, entropy: bool = True, dropout_rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array | None]:
     """(log p(target) [b, s], entropy of the next-token distribution [b, s] or None) under
     ``model``, in chunks of model.logits_chunk positions."""
-    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_rng)
     return model.token_logprobs(hidden, batch["targets"], entropy=entropy)
 
 
@@ -60,7 +62,7 @@ class PolicyGradientObjective:
         self.cfg = cfg
 
     def loss(self, model: Decoder, batch, rng):
-        logp, entropy = token_logprobs(model, batch)
+        logp, entropy = token_logprobs(model, batch, dropout_rng=rng)
         mask = batch["loss_mask"]
         loss_t, clipped, kl = per_token_loss(
             logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"], self.cfg

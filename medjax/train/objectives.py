@@ -19,8 +19,12 @@ Batch = dict[str, jax.Array]
 class Objective(Protocol):
     name: str
 
-    def loss(self, model: Decoder, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        """Returns (summed loss, number of loss units (tokens or pairs), summed extra metrics)."""
+    def loss(
+        self, model: Decoder, batch: Batch, rng: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """Returns (summed loss, number of loss units (tokens or pairs), summed extra metrics).
+        ``rng``: the micro-batch's key in a train step (the policy's forward gets it as its
+        dropout_rng), None in evaluation."""
         ...
 
     def summarize(self, count, extra: dict) -> dict:
@@ -34,8 +38,8 @@ class NextTokenObjective:
 
     name = "next_token"
 
-    def loss(self, model: Decoder, batch: Batch, rng: jax.Array):
-        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    def loss(self, model: Decoder, batch: Batch, rng: jax.Array | None):
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], rng)
         logp, _ = model.token_logprobs(hidden, batch["targets"])  # in chunks (model.logits_chunk)
         mask = batch["loss_mask"]
         return -(logp * mask).sum(), mask.sum(), {}
@@ -53,9 +57,11 @@ class PairwiseRewardObjective:
     def __init__(self, labels: list[str]):
         self.labels = list(labels)
 
-    def pair_scores(self, model: Decoder, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    def pair_scores(
+        self, model: Decoder, batch: Batch, dropout_rng: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """(chosen score, rejected score, dimension, valid) per pair slot [batch, seq+1]."""
-        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_rng)
         scores = model.scores(hidden)  # [b, s, labels]
         dim = batch["dimension"]
         token_score = jnp.take_along_axis(scores, dim[..., None], axis=-1)[..., 0]
@@ -74,8 +80,8 @@ class PairwiseRewardObjective:
         pair_dim = gather(1, dim.astype(jnp.float32)).astype(jnp.int32)
         return chosen, rejected, pair_dim, valid.at[:, 0].set(False)
 
-    def loss(self, model: Decoder, batch: Batch, rng: jax.Array):
-        chosen, rejected, dim, valid = self.pair_scores(model, batch)
+    def loss(self, model: Decoder, batch: Batch, rng: jax.Array | None):
+        chosen, rejected, dim, valid = self.pair_scores(model, batch, rng)
         valid_f = valid.astype(jnp.float32)
         margin = chosen - rejected
         losses = -jax.nn.log_sigmoid(margin) * valid_f
@@ -119,9 +125,11 @@ class DpoObjective:
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
 
     @staticmethod
-    def side_logps(model: Decoder, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    def side_logps(
+        model: Decoder, batch: Batch, dropout_rng: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """(chosen log-prob, rejected log-prob, chosen tokens, rejected tokens) per pair slot [batch, seq+1]."""
-        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_rng)
         logp, _ = model.token_logprobs(hidden, batch["targets"])
         mask, side, pair = batch["loss_mask"], batch["side"], batch["pair_ids"]
         slots = pair.shape[1] + 1
@@ -132,8 +140,8 @@ class DpoObjective:
 
         return per_pair(1, logp * mask), per_pair(2, logp * mask), per_pair(1, mask), per_pair(2, mask)
 
-    def loss(self, model: Decoder, batch: Batch, rng: jax.Array, reference: Decoder | None = None):
-        chosen, rejected, n_chosen, n_rejected = self.side_logps(model, batch)
+    def loss(self, model: Decoder, batch: Batch, rng: jax.Array | None, reference: Decoder | None = None):
+        chosen, rejected, n_chosen, n_rejected = self.side_logps(model, batch, rng)  # the reference: no dropout
         ref_chosen, ref_rejected, _, _ = jax.lax.stop_gradient(self.side_logps(reference, batch))
         valid = ((n_chosen > 0) & (n_rejected > 0)).at[:, 0].set(False).astype(jnp.float32)
         chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected

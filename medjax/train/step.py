@@ -199,7 +199,7 @@ def make_eval_step(model: ModelDef, objective: Objective, mesh: Mesh, shardings:
 
     def eval_step(params, batch, reference_params=None):
         kwargs = reference_kwargs(model, objective, params, reference_params)
-        return objective.loss(model.bind(params), batch, jax.random.key(0), **kwargs)
+        return objective.loss(model.bind(params), batch, None, **kwargs)  # no rng: no dropout
 
     jitted = jax.jit(
         eval_step,
