@@ -200,6 +200,12 @@ def run_suite(
                 say(f"suite {suite.name}: {b.name}{' + RAG' if with_rag else ''}: done before ({done})")
                 summary = _agreed_json(json.loads(done.read_text()) if writer else None)
             else:
+                if writer and done.is_file():  # say why an earlier output does not stand
+                    try:
+                        earlier = json.loads(done.read_text()).get("suite_key")
+                    except ValueError:
+                        earlier = "unreadable"
+                    say(f"suite {suite.name}: {b.name}: scoring again (earlier run key {earlier}, this run's {key})")
                 if model is None:
                     model = open_model(str(model_path), batch_size=batch_size, mesh=mesh)
                 summary = evaluate(str(model_path), path, out, cfg, model=model, quiet=quiet)
