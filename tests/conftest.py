@@ -101,6 +101,15 @@ def stage_config(world, workdir, stage, *overrides):
     )
 
 
+# LoRA at the tests' scale: rank 4 over the tiny model, a rate at which six steps move the adapters.
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optimizer.learning_rate=0.02", "optimizer.weight_decay=0"]
+
+
+def lora_sft_config(world, base, workdir, *overrides):
+    """LoRA SFT (LORA) over ``base``, a run's directory, for six steps; later overrides win."""
+    return stage_config(world, workdir, "sft", *LORA, f"init_from={base}", "train.max_steps=6", *overrides)
+
+
 def straight_and_resumed(make_cfg, tmp_path, stop_at=3):
     """Trains ``make_cfg(workdir)`` straight through, and again stopped after ``stop_at`` (as a
     preemption does) then re-run; asserts every later step's loss is bit-identical. Returns both."""

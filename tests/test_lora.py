@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import stage_config, straight_and_resumed, tiny_config
+from conftest import LORA, lora_sft_config, stage_config, straight_and_resumed, tiny_config
 from flax import nnx, traverse_util
 
 from medjax.config import ConfigError, OptimizerConfig, load_config
@@ -21,8 +21,6 @@ from medjax.models.layers import is_adapter
 from medjax.train.loop import train
 from medjax.train.optimizer import split_params, trained_patterns
 from medjax.train.step import split_seed
-
-LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optimizer.learning_rate=0.02", "optimizer.weight_decay=0"]
 
 
 def _flat(params):
@@ -192,9 +190,7 @@ def test_peft_and_transformers_match_medjax(world, pretrained_run, tmp_path):
     from medjax.convert.hf_export import export_hf
     from medjax.convert.lora import export_adapter
 
-    cfg = stage_config(
-        world, tmp_path / "run", "sft", *LORA, f"init_from={pretrained}", "train.max_steps=6", "model.scan_layers=true"
-    )
+    cfg = lora_sft_config(world, pretrained, tmp_path / "run", "model.scan_layers=true")
     train(cfg)
     export_hf(pretrained, tmp_path / "base", dtype="float32")
     export_adapter(cfg.workdir, tmp_path / "adapter", base=str(tmp_path / "base"))
@@ -240,13 +236,10 @@ def test_a_peft_adapter_trained_elsewhere_continues_in_medjax(world, pretrained_
         theirs = adapted.eval()(torch.tensor(tokens)).logits.numpy()
 
     def config(workdir, *extra):
-        return stage_config(
+        return lora_sft_config(
             world,
+            pretrained_run,
             workdir,
-            "sft",
-            f"init_from={pretrained_run}",
-            "model.lora.rank=4",
-            "model.lora.alpha=8",
             "model.lora.targets=[q, v, down]",
             f"model.lora.adapter={tmp_path / 'adapter'}",
             "model.scan_layers=true",
@@ -273,10 +266,7 @@ def test_a_lora_run_over_init_from_checkpoints_its_adapters_alone(world, pretrai
 
     shutil.copytree(pretrained_run, tmp_path / "base")  # moved away below
 
-    def config(workdir):
-        return stage_config(world, workdir, "sft", *LORA, f"init_from={tmp_path / 'base'}", "train.max_steps=6")
-
-    straight_and_resumed(config, tmp_path)
+    straight_and_resumed(lambda w: lora_sft_config(world, tmp_path / "base", w), tmp_path)
     start = resolve_checkpoint(tmp_path / "base")
     ref = resolve_checkpoint(tmp_path / "split")
     assert ref.base == str(start.params_dir.parent)
@@ -300,17 +290,7 @@ def test_a_lora_run_over_init_from_checkpoints_its_adapters_alone(world, pretrai
 @pytest.mark.slow  # training runs
 def test_a_run_with_adapter_dropout_resumes_exactly_and_evaluates_undropped(world, pretrained_run, tmp_path):
     def config(workdir, *extra):
-        return stage_config(
-            world,
-            workdir,
-            "sft",
-            *LORA,
-            f"init_from={pretrained_run}",
-            "train.max_steps=6",
-            "train.eval_at_start=true",
-            "train.eval_every=6",
-            *extra,
-        )
+        return lora_sft_config(world, pretrained_run, workdir, "train.eval_at_start=true", "train.eval_every=6", *extra)
 
     dropped, _ = straight_and_resumed(lambda w: config(w, "model.lora.dropout=0.1"), tmp_path)
     plain = train(config(tmp_path / "plain"))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
-from conftest import stage_config, straight_and_resumed
+from conftest import LORA, lora_sft_config, stage_config, straight_and_resumed
 from flax import traverse_util
 from jax.sharding import Mesh
 
@@ -21,8 +21,7 @@ from medjax.parallel.rules import param_shardings
 from medjax.train.loop import train
 from medjax.train.optimizer import trained_patterns
 from medjax.train.quantized_base import quantize_base, quantized_keys
-
-LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optimizer.learning_rate=0.02", "optimizer.weight_decay=0"]
+from medjax.train.step import params_layout
 
 
 def _mesh():
@@ -61,7 +60,8 @@ def test_a_quantized_base_is_close_smaller_and_laid_out_like_the_weights(qtype, 
     kernels = quantized_keys(params, trained)
     assert len(kernels) == 7 * (1 if scan_layers else 2)  # q k v o gate up down, per layer unless stacked
     full_bytes = _nbytes(params)
-    quantized, q_shardings = quantize_base(params, shardings, cfg, trained)
+    q_shardings = params_layout(model, mesh, trained=trained)[1]
+    quantized = quantize_base(params, q_shardings, cfg, trained)
     flat, flat_sh, flat_full = (traverse_util.flatten_dict(t) for t in (quantized, q_shardings, shardings))
     for key in kernels:
         q = flat[key]
@@ -79,14 +79,11 @@ def test_a_quantized_base_is_close_smaller_and_laid_out_like_the_weights(qtype, 
 @pytest.mark.slow  # training runs
 def test_a_qlora_run_trains_its_adapters_over_an_int8_base_and_resumes_exactly(world, pretrained_run, tmp_path):
     def config(workdir, *extra):
-        return stage_config(
+        return lora_sft_config(
             world,
+            pretrained_run,
             workdir,
-            "sft",
-            *LORA,
-            f"init_from={pretrained_run}",
             "model.scan_layers=true",
-            "train.max_steps=6",
             "train.eval_at_start=true",
             "train.eval_every=6",
             *extra,

@@ -33,18 +33,15 @@ from medjax.models.decoder import ModelDef, count_params  # noqa: E402
 from medjax.parallel.mesh import make_mesh  # noqa: E402
 from medjax.train.objectives import NextTokenObjective  # noqa: E402
 from medjax.train.optimizer import make_optimizer  # noqa: E402
-from medjax.train.plan import abstract_train_state  # noqa: E402
-from medjax.train.step import make_train_step, state_shardings  # noqa: E402
+from medjax.train.step import abstract_train_state, make_train_step  # noqa: E402
 
 
 def compile_once(model_cfg, batch: int, seq_len: int) -> dict:
     model = ModelDef(model_cfg)
     mesh = make_mesh(MeshConfig(data=-1))
     tx, schedule = make_optimizer(OptimizerConfig(), max_steps=1000)
-    shardings = state_shardings(model, tx, mesh, trained=[])
+    state, shardings = abstract_train_state(model, tx, mesh, trained=[])
     step = make_train_step(model, NextTokenObjective(), tx, schedule, mesh, shardings)
-
-    state = abstract_train_state(model, tx, shardings)
     tokens = jax.ShapeDtypeStruct((1, batch, seq_len), jnp.int32)
     batch_spec = {
         "tokens": tokens,

@@ -98,9 +98,7 @@ class MedjaxTrainer:
         shardings = state_shardings(model, tx, mesh, trained=trained)
         self.state = init_train_state(model, tx, mesh, seed=args.seed, trained=trained)
         if cfg.lora.base_qtype:  # QLoRA: as train/loop.py does after init_from
-            self.state["params"], shardings["params"] = quantize_base(
-                self.state["params"], shardings["params"], cfg, trained
-            )
+            self.state["params"] = quantize_base(self.state["params"], shardings["params"], cfg, trained)
         self.step = make_train_step(model, NextTokenObjective(), tx, schedule, mesh, shardings, trained)
         self.trained = int(sum(x.size for x in jax.tree.leaves(split_params(self.state["params"], trained)[0])))
         b, s = data.shape[0], data.shape[1] - 1  # batch arrays are [accum=1, batch, seq]

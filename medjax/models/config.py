@@ -51,7 +51,8 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        """alpha / rank: what an adapter's product is multiplied by (0 with no adapters)."""
+        return self.alpha / self.rank if self.rank else 0.0
 
     def validate(self) -> None:
         if self.rank < 0:

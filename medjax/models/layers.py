@@ -185,7 +185,7 @@ class Attention(nnx.Module):
         """Causal attention within the documents ``segment_ids`` marks, by ``model.attention``; or,
         with ``cache``, the new keys/values are written at slots index.. and the queries attend
         over the whole cache where ``mask`` [batch, 1, new, cache_len] allows."""
-        dt, scale = x.dtype, self.cfg.lora.scale if self.cfg.lora.enabled else 0.0
+        dt, scale = x.dtype, self.cfg.lora.scale
         drop = AdapterDropout.of(self.cfg, dropout_rng)
         q = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wq, dt)), self, "q", x, 1, scale, drop)
         k = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wk, dt)), self, "k", x, 1, scale, drop)
@@ -222,7 +222,6 @@ class MLP(nnx.Module):
         self.w_gate = param(rngs, (e, m), std, pdt, ("embed", "mlp"))
         self.w_up = param(rngs, (e, m), std, pdt, ("embed", "mlp"))
         self.w_down = param(rngs, (m, e), std, pdt, ("mlp", "embed"))
-        self.lora_scale = cfg.lora.scale if cfg.lora.enabled else 0.0
         self.cfg = cfg
         if cfg.lora.enabled:
             shapes = {
@@ -252,10 +251,10 @@ class MLP(nnx.Module):
             w = jnp.stack([kernel(self.w_gate, dt), kernel(self.w_up, dt)], axis=1)  # [embed, 2, mlp]
             gate_up = jnp.einsum("bse,ecm->bscm", x, w)
             gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        gate = add_lora(gate, self, "gate", x, 1, self.lora_scale, drop)
-        up = add_lora(up, self, "up", x, 1, self.lora_scale, drop)
+        gate = add_lora(gate, self, "gate", x, 1, self.cfg.lora.scale, drop)
+        up = add_lora(up, self, "up", x, 1, self.cfg.lora.scale, drop)
         hidden = jax.nn.silu(gate) * up
-        return add_lora(hidden @ kernel(self.w_down, dt), self, "down", hidden, 1, self.lora_scale, drop)
+        return add_lora(hidden @ kernel(self.w_down, dt), self, "down", hidden, 1, self.cfg.lora.scale, drop)
 
 
 class DecoderBlock(nnx.Module):

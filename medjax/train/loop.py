@@ -26,7 +26,7 @@ from medjax.data.streams import StreamBatches, saved_stream_count
 from medjax.data.tokenizer import digest_changes, tokenizer_digest
 from medjax.models.decoder import ModelDef
 from medjax.parallel.mesh import check_processes_agree, initialize_distributed, make_mesh
-from medjax.parallel.rules import batch_sharding
+from medjax.parallel.rules import batch_sharding, param_shardings
 from medjax.train import TrainingError, init_from
 from medjax.train.checkpoint import Checkpoints, DamagedCheckpoint, is_damage
 from medjax.train.geometry import BatchGeometry
@@ -173,18 +173,19 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
         why = "optimizer.trainable" if cfg.optimizer.trainable else f"LoRA rank {cfg.model.lora.rank}"
         say(f"training {count:,} of {total:,} parameters ({why}); the rest frozen")
     tx, schedule = make_optimizer(cfg.optimizer, tc.max_steps)
-    shardings = state_shardings(model, tx, mesh, trained=trained)
-    state = init_train_state(model, tx, mesh, tc.seed, trained=trained)
+    shardings = state_shardings(model, tx, mesh, trained=trained)  # the run's layout (a QLoRA base quantized)
+    state = init_train_state(model, tx, mesh, tc.seed, trained=trained)  # full precision, to load into
+    loaded = param_shardings(model.abstract_state, mesh)
     # The frozen starting weights (RL's KL term, a trained-only checkpoint's base): rebuilt on resume as well.
     needs_reference = spec.needs_reference(cfg)
     trained_only = resumes_trained_only
     if source is not None and (not start or needs_reference or trained_only):
-        state["params"], report = init_from.load_params(source, state["params"], shardings["params"], cfg.model)
+        state["params"], report = init_from.load_params(source, state["params"], loaded, cfg.model)
         say(f"initialised from {source.path}: {report.summary()}")
         if not start:
             trained_only = init_from.keeps_trained_only(cfg, trained, state["params"], report)
     if cfg.model.lora.adapter and not start:
-        state["params"] = init_from.load_adapter(state["params"], shardings["params"], cfg.model)
+        state["params"] = init_from.load_adapter(state["params"], loaded, cfg.model)
         say(f"LoRA adapters start from {cfg.model.lora.adapter}")
     if cfg.model.lora.base_qtype:
         if not trained_only:
@@ -192,7 +193,7 @@ def _build(cfg: Config, spec: Stage, objective: Objective | None, mesh, geo, ckp
                 "key 'model.lora.base_qtype': a quantized base is made from init_from's weights (and made "
                 "again on resume, never checkpointed): set init_from, and train the adapters alone"
             )
-        state["params"], shardings["params"] = quantize_base(state["params"], shardings["params"], cfg.model, trained)
+        state["params"] = quantize_base(state["params"], shardings["params"], cfg.model, trained)
         say(f"the frozen base's projections held in {cfg.model.lora.base_qtype}")
     reference = jax.tree.map(jnp.copy, state["params"]) if needs_reference else None
     holder: list[Run] = []  # the sampler reads the params the loop holds now, through this
@@ -420,15 +421,15 @@ def _resolve_init(cfg: Config, resuming: bool) -> tuple[init_from.InitSource | N
     (then the source is the one their meta names)."""
     if not cfg.init_from:
         return None, False
-    source = init_from.open_source(cfg.init_from)
-    arch, trained_only = source.model, False
-    if resuming:  # the run's own checkpoints are the authority on what it trains
+    arch, trained_only, path = None, False, cfg.init_from
+    if resuming:  # the run's own checkpoints are the authority on what it trains and from what
         from medjax.convert.checkpoints import resolve_checkpoint
 
         ref = resolve_checkpoint(cfg.workdir)
         arch, trained_only = ref.model, ref.base is not None
-        if trained_only and str(source.path) != ref.base:
-            source = init_from.open_source(ref.base)
+        path = ref.base if trained_only else path
+    source = init_from.open_source(path)
+    arch = source.model if arch is None else arch
     cfg.model = init_from.stage_model(arch, cfg.model)
     if not cfg.data.tokenizer and source.tokenizer_dir is not None:
         cfg.data.tokenizer = str(source.tokenizer_dir)

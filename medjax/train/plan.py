@@ -29,9 +29,8 @@ from medjax.parallel.topologies import GIB, get_slice, slice_devices
 from medjax.train.geometry import BatchGeometry
 from medjax.train.metrics import generate_flops_per_row, train_flops_per_token
 from medjax.train.optimizer import make_optimizer, split_params, trained_patterns
-from medjax.train.quantized_base import quantized_layout
 from medjax.train.stages import batch_dtypes, checked_stage
-from medjax.train.step import make_train_step, state_shardings
+from medjax.train.step import abstract_train_state, make_train_step, params_layout
 
 MFUS = (0.4, 0.6)
 
@@ -69,22 +68,6 @@ def _per_device_bytes(abstract_tree, shardings) -> int:
         bits = int(np.prod(sharding.shard_shape(leaf.shape), dtype=np.int64)) * jax.dtypes.itemsize_bits(leaf.dtype)
         total += bits // 8  # 4-bit values (a QLoRA base) pack two to a byte
     return total
-
-
-def abstract_train_state(model: ModelDef, tx, shardings, trained: list[str] = ()) -> dict:
-    """The train state as ShapeDtypeStructs carrying their shardings: what a step lowers against.
-    With model.lora.base_qtype the frozen kernels are QArrays, and ``shardings["params"]`` is
-    replaced in place by their layout (train/quantized_base.py), as the run's own would be."""
-    params = model.abstract_params()
-    if model.cfg.lora.base_qtype:
-        params, shardings["params"] = quantized_layout(params, shardings["params"], model.cfg, list(trained))
-    state = {
-        "params": params,
-        "opt_state": jax.eval_shape(tx.init, split_params(params, list(trained))[0]),
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-    }
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
 def abstract_batch(cfg: Config, mesh) -> dict:
@@ -214,10 +197,9 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     model_def = ModelDef(model_cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     trained = trained_patterns(cfg.optimizer, model_cfg)
-    shardings = state_shardings(model_def, tx, mesh, trained=trained)
     spec = checked_stage(cfg)
     objective = spec.objective(cfg)
-    state = abstract_train_state(model_def, tx, shardings, trained)
+    state, shardings = abstract_train_state(model_def, tx, mesh, trained=trained)
     # DPO's frozen reference (a second copy of the weights unless only LoRA adapters train)
     keeps_reference = getattr(objective, "uses_reference", False) and spec.needs_reference(cfg)
     reference = state["params"] if keeps_reference else None
@@ -274,10 +256,9 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
         )
     width = bucket(cfg.data.seq_len + 1 - rl.max_new_tokens)  # the longest prompt the stage admits
     model_def = ModelDef(model_cfg)
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     trained = trained_patterns(cfg.optimizer, model_cfg)
-    shardings = state_shardings(model_def, tx, mesh, trained=trained)
-    params = abstract_train_state(model_def, tx, shardings, trained)["params"]
+    params, param_layout = params_layout(model_def, mesh, trained=trained)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, param_layout)
     rows_sharding = batch_sharding(mesh)
     sampling = SamplingConfig(
         max_new_tokens=rl.max_new_tokens,
@@ -290,7 +271,7 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
     prompts = jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=rows_sharding)
     valid = jax.ShapeDtypeStruct((rows, width), jnp.bool_, sharding=rows_sharding)
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    params_bytes = _per_device_bytes(params, shardings["params"])
+    params_bytes = _per_device_bytes(params, param_layout)
     # The KV cache splits like the rows (data x fsdp) and, where the tensor axis divides them, by kv heads.
     tensor = mesh.shape["tensor"]
     cache_split = split * (tensor if model_cfg.num_kv_heads % tensor == 0 else 1)

@@ -31,8 +31,8 @@ def _scale_sharding(leaf, weight: NamedSharding, shape: tuple[int, ...]) -> Name
 
 
 def quantized_layout(abstract_params: dict, shardings: dict, model: ModelConfig, trained: list[str]):
-    """(abstract params, shardings) with the frozen kernels as QArrays, shapes only: what a quantized
-    run's step lowers against (medjax plan) and what quantize_base lays its output out by."""
+    """(abstract params, shardings) with the frozen kernels as QArrays, shapes only: the layout
+    step.params_layout gives a quantized run, and quantize_base lays its output out by."""
     qtype = model.lora.base_qtype
     flat, flat_shardings = traverse_util.flatten_dict(abstract_params), traverse_util.flatten_dict(shardings)
     for key in quantized_keys(abstract_params, trained):
@@ -44,17 +44,16 @@ def quantized_layout(abstract_params: dict, shardings: dict, model: ModelConfig,
     return traverse_util.unflatten_dict(flat), traverse_util.unflatten_dict(flat_shardings)
 
 
-def quantize_base(params: dict, shardings: dict, model: ModelConfig, trained: list[str]) -> tuple[dict, dict]:
-    """(params, shardings) with the frozen kernels quantized one at a time, each full-precision
-    kernel given up as its quantized form is made, so the run never holds the base twice."""
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    _, q_shardings = quantized_layout(abstract, shardings, model, trained)
-    flat, flat_q = traverse_util.flatten_dict(params), traverse_util.flatten_dict(q_shardings)
+def quantize_base(params: dict, layout: dict, model: ModelConfig, trained: list[str]) -> dict:
+    """``params`` with the frozen kernels quantized one at a time into ``layout`` (the run's, from
+    step.params_layout), each full-precision kernel given up as its quantized form is made, so the
+    run never holds the base twice."""
+    flat, flat_layout = traverse_util.flatten_dict(params), traverse_util.flatten_dict(layout)
     for key in quantized_keys(params, trained):
         quantize = jax.jit(
             lambda w, key=key: quantize_kernel(key, w, model.lora.base_qtype),
-            out_shardings=flat_q[key],
+            out_shardings=flat_layout[key],
             donate_argnums=0,
         )
         flat[key] = quantize(flat[key])
-    return traverse_util.unflatten_dict(flat), q_shardings
+    return traverse_util.unflatten_dict(flat)

@@ -20,18 +20,29 @@ from medjax.models.sharding import activation_layout
 from medjax.parallel.rules import MeshLayout, batch_sharding, param_shardings, replicated
 from medjax.train.objectives import Objective
 from medjax.train.optimizer import join_params, split_params
+from medjax.train.quantized_base import quantized_layout
 
 TrainState = dict[str, Any]
+
+
+def params_layout(model: ModelDef, mesh: Mesh, *, trained: Sequence[str]) -> tuple[dict, dict]:
+    """(abstract params, their shardings) as a run holds them: the rule table's layout, and under
+    model.lora.base_qtype the frozen projection kernels as QArrays (train/quantized_base.py). The
+    one answer the loop, medjax plan and the benchmarks all lay a run out by."""
+    abstract = model.abstract_params()
+    shardings = param_shardings(model.abstract_state, mesh)
+    if model.cfg.lora.base_qtype:
+        abstract, shardings = quantized_layout(abstract, shardings, model.cfg, list(trained))
+    return abstract, shardings
 
 
 def state_shardings(
     model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, *, trained: Sequence[str]
 ) -> TrainState:
-    """Optimizer moments are sharded like the params they track (the ``trained`` ones, see
-    optimizer.split_params; no default, as a forgotten one would silently mean every param);
-    counters are replicated."""
-    p_shard = param_shardings(model.abstract_state, mesh)
-    abstract_params = jax.eval_shape(model.init_params, jax.random.key(0))
+    """The run's layout (params as params_layout holds them). Optimizer moments are sharded like
+    the params they track (the ``trained`` ones, see optimizer.split_params; no default, as a
+    forgotten one would silently mean every param); counters are replicated."""
+    abstract_params, p_shard = params_layout(model, mesh, trained=trained)
     abstract_opt = jax.eval_shape(tx.init, split_params(abstract_params, list(trained))[0])
     opt_shard = optax.tree_map_params(
         tx,
@@ -41,6 +52,22 @@ def state_shardings(
         transform_non_params=lambda _: replicated(mesh),
     )
     return {"params": p_shard, "opt_state": opt_shard, "step": replicated(mesh), "rng": replicated(mesh)}
+
+
+def abstract_train_state(
+    model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, *, trained: Sequence[str]
+) -> tuple[TrainState, TrainState]:
+    """(the train state as ShapeDtypeStructs carrying their shardings, those shardings): what a
+    step lowers against without holding a single weight (medjax plan, bench_compile)."""
+    shardings = state_shardings(model, tx, mesh, trained=trained)
+    params = params_layout(model, mesh, trained=trained)[0]
+    state = {
+        "params": params,
+        "opt_state": jax.eval_shape(tx.init, split_params(params, list(trained))[0]),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+    }
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings), shardings
 
 
 def split_seed(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -53,9 +80,14 @@ def split_seed(seed: int) -> tuple[jax.Array, jax.Array]:
 def init_train_state(
     model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, seed: int, *, trained: Sequence[str]
 ) -> TrainState:
-    """A fresh state: params from ``seed`` and optimizer moments for the ``trained`` params alone
-    (optimizer.trained_patterns)."""
-    shardings = state_shardings(model, tx, mesh, trained=trained)
+    """A fresh state: params from ``seed`` (in their full precision) and optimizer moments for the
+    ``trained`` params alone (optimizer.trained_patterns)."""
+    # Full precision whatever base_qtype says: a quantized base is made from init_from's weights
+    # once they are loaded (quantized_base.quantize_base), never from random ones.
+    shardings = {
+        **state_shardings(model, tx, mesh, trained=trained),
+        "params": param_shardings(model.abstract_state, mesh),
+    }
 
     def init() -> TrainState:
         init_rng, train_rng = split_seed(seed)
