@@ -249,9 +249,14 @@ class RLConfig:
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     # Wrap prompts in the tokenizer's chat template (a model after SFT expects it).
     chat: bool = True
-    # "package.module:factory"; the factory gets the Config and returns a Retriever. Empty: none.
+    # "rag:DIR" (a `medjax rag index` directory) or "package.module:factory" (gets the Config,
+    # returns a Retriever). Empty: none.
     retriever: str = ""
-    passages_k: int = 3
+    passages_k: int = 3  # passages per retrieved prompt (eval's --passages-k; the prompt budget is eval's too)
+    # The share of drawn prompts shown the retriever's passages (each draw decided by its position
+    # in the prompt order, so a resumed run draws the same), the rest asked bare: a policy trained
+    # on both answers both ways.
+    retrieval_fraction: float = 1.0
 
 
 @dataclass

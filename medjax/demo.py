@@ -25,7 +25,7 @@ from medjax.eval.runner import EvalConfig, evaluate
 from medjax.serve.generate import generate_text
 from medjax.train.loop import train
 from medjax.train.plots import plot_metrics, plot_runs
-from medjax.utils import atomic_write_text
+from medjax.utils import atomic_open, atomic_write_text
 
 DEMO_CONFIGS = CONFIG_DIR / "demo"
 
@@ -132,20 +132,50 @@ def _evaluation_row(after: str, summary: dict) -> dict:
 RAG_K = 3  # passages per exam prompt in the with-retrieval evaluation
 
 
-def compare_with_rag(model: Path, exam: Path, corpus: Path, root: Path, modes: tuple[EvalConfig, ...]) -> dict:
-    """The final policy on the exam without and with retrieved passages, overall and by subject,
-    in the manner of QuarkMed's Table 7. The index is BM25 over the curated corpus: on this world's
-    invented disease names BM25 alone retrieves best (`medjax rag eval` on runs/demo/beir), and it
-    builds in about a second. The change has a paired bootstrap interval (the same items with and
-    without passages)."""
-    import dataclasses
+REFERENCE_SOURCES = "textbook"  # the curated sources a medical RAG index holds (textbook, textbook-heldout)
 
-    from medjax.eval.report import bootstrap_ci
+
+def build_demo_index(root: Path) -> Path:
+    """BM25 over the curated corpus's reference content in root/rag: its textbook passages, not the
+    worked questions the pretraining mix also holds (a retrieved question bank item is not
+    evidence: it answers another item) nor patient notes (records, not reference; BM25 ranked a
+    note's "45-year-old man" first for exam vignettes). On this world's invented disease names
+    BM25 alone retrieves best (`medjax rag eval` on root/beir), and it builds in about a second.
+    RL stage 1 retrieves from it for a share of its prompts, the final evaluation for every one."""
     from medjax.rag.config import load_rag_config
     from medjax.rag.index import build_index
 
+    reference = root / "rag_corpus" / "reference.jsonl"
+    with atomic_open(reference) as out:
+        for path in sorted((root / "curated" / "clean").glob("*.jsonl")):
+            for line in filter(str.strip, path.read_text(encoding="utf-8").splitlines()):
+                doc = json.loads(line)
+                if doc["source"].startswith(REFERENCE_SOURCES) and not doc["id"].startswith(medworld.PRACTICE_PREFIX):
+                    out.write(line + "\n")
     index = root / "rag"
-    build_index([str(corpus)], index, load_rag_config(overrides=["encoder.enabled=false"]), echo=lambda *_: None)
+    build_index([str(reference)], index, load_rag_config(overrides=["encoder.enabled=false"]), echo=lambda *_: None)
+    return index
+
+
+def paired_change(before: Path, after: Path) -> tuple[float, float, float]:
+    """Accuracy of ``after`` minus ``before`` (two eval outputs over the same items) and its 95%
+    paired bootstrap interval."""
+    from medjax.eval.report import bootstrap_ci
+
+    scored = [
+        {r["id"]: float(r["correct"]) for r in map(json.loads, filter(str.strip, p.read_text().splitlines()))}
+        for p in (before, after)
+    ]
+    return bootstrap_ci([scored[1][i] - scored[0][i] for i in scored[1]])
+
+
+def compare_with_rag(model: Path, exam: Path, corpus: Path, root: Path, modes: tuple[EvalConfig, ...]) -> dict:
+    """The final policy on the exam without and with retrieved passages, overall and by subject,
+    in the manner of QuarkMed's Table 7, from root/rag (build_demo_index over ``corpus``). The
+    change has a paired bootstrap interval (the same items with and without passages)."""
+    import dataclasses
+
+    index = root / "rag"
     out = {"index": str(index), "corpus": str(corpus), "passages_k": RAG_K, "modes": []}
     for cfg in modes:
         tag = "generate_" if cfg.mode == "generate" else ""
@@ -155,11 +185,7 @@ def compare_with_rag(model: Path, exam: Path, corpus: Path, root: Path, modes: t
             str(model), exam, with_path, dataclasses.replace(cfg, rag=str(index), passages_k=RAG_K), quiet=True
         )
         without = json.loads(without_path.with_suffix(".summary.json").read_text())
-        before, after = (
-            {r["id"]: float(r["correct"]) for r in map(json.loads, p.read_text().splitlines())}
-            for p in (without_path, with_path)
-        )
-        change, low, high = bootstrap_ci([after[i] - before[i] for i in after])
+        change, low, high = paired_change(without_path, with_path)
         out["modes"].append(
             {
                 "mode": cfg.mode,
@@ -278,6 +304,11 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     )
     curation = curate_demo_corpus(root, files)
     tfds_dir = build_demo_tfds(root)
+    build_demo_index(root)
+    print(
+        f"  BM25 index of the curated corpus's reference passages in {root / 'rag'} (RL stage 1 and the "
+        "final evaluation retrieve from it)"
+    )
     cfg = _stage_config("pretrain", root, max_steps)
     print(
         f"[4/10] pretraining {cfg.model.family} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) "
@@ -375,7 +406,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
             name = f"exam_{'generate_' if mode_cfg.mode == 'generate' else ''}after_{after.replace(' ', '_')}"
             s = evaluate(str(model), files["exam"], eval_dir / f"{name}.jsonl", mode_cfg, quiet=True)
             evaluations.append(_evaluation_row(after, s))
-    rag = compare_with_rag(hf_dir, files["exam"], root / "curated", root, (loglik, written))
+    rag = compare_with_rag(hf_dir, files["exam"], root / "rag_corpus", root, (loglik, written))
     stages = {c.stage if c.stage != "rl" else Path(c.workdir).name: c for c in (cfg, sft_cfg, rm_cfg, *rl_cfgs)}
     summary = {
         "workdir": str(root),
@@ -397,7 +428,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
     print("exam accuracy (loglikelihood: option texts scored; generate: answered in writing, chat, greedy):")
     print(format_summary(summary))
     print(
-        f"the final policy with the top {RAG_K} passages of a BM25 index of the curated corpus ({root / 'rag'}) "
+        f"the final policy with the top {RAG_K} passages of a BM25 index of the curated reference passages ({root / 'rag'}) "
         "in each prompt (QuarkMed Table 7's comparison):"
     )
     print(format_rag_table(rag))

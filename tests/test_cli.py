@@ -66,10 +66,12 @@ def test_a_clear_error_is_all_a_failed_run_prints(tmp_path):
     ], out.stderr
 
 
-# RL stage 1's gain in written exam accuracy over SFT that the demo must show (points). bench_recipe
-# --seeds 3, each seed pretraining its own model as another machine's rounding would, measured
-# +30.6, +18.8 and +23.1 on 2-core AMD EPYC; the demo itself is seed 0.
-RL_GAIN_POINTS = 10.0
+# What the demo must show, each a margin below what `tools/bench_recipe.py --seeds 3` measured on a
+# 2-core AMD EPYC, each seed pretraining its own model as another machine's rounding would (the
+# demo itself is seed 0); the issue's goals are judged there, over the seeds, not here.
+SFT_NAMES_AN_OPTION = 0.75  # share of SFT's written answers that name an option
+RAG_WRITTEN_FLOOR_POINTS = -10.0  # the final policy's written accuracy with passages minus without
+# (before grounded SFT and RL with passages: -51.9)
 
 
 def demo_stage_steps() -> dict[str, int]:
@@ -170,6 +172,10 @@ def test_demo_runs_end_to_end(demo):
     assert len(exam_lines) == 2, out.stdout
     stage1 = [json.loads(line) for line in (tmp_path / "rl_verifiable" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward_exam_mean", "reward_format_mean", "prompt_pool_size", "prompts_dropped"} <= set(stage1[-1])
+    # half of stage 1's draws quote passages of the demo's index: both kinds appear and are scored apart
+    assert {"accuracy_retrieved", "accuracy_bare"} <= set(stage1[-1])
+    shares = [r["retrieved_frac"] for r in stage1 if "retrieved_frac" in r]
+    assert shares and 0.2 < sum(shares) / len(shares) < 0.8, shares
     stage2 = [json.loads(line) for line in (tmp_path / "rl_preference" / "metrics.jsonl").read_text().splitlines()]
     for dim in ("honesty", "helpfulness", "compliance"):  # raw and sigmoid-squashed reward-model scores
         assert 0 < stage2[-1][f"reward_rm_{dim}_normalized_mean"] < 1 and f"reward_rm_{dim}_mean" in stage2[-1]
@@ -215,6 +221,8 @@ def test_demo_runs_end_to_end(demo):
             .splitlines()
         ]
         assert len(rows) == exam_items and all(0 < len(r["passages"]) <= RAG_K for r in rows)
+        # the index holds reference passages, not the pretraining mix's worked questions
+        assert not any("The answer is" in p for r in rows for p in r["passages"])
     assert set(summary["stages"]) == {"pretrain", "sft", "reward_model", "rl_verifiable", "rl_preference"}
     assert {name: stage["last"]["step"] for name, stage in summary["stages"].items()} == steps
     for stage in ("sft", "reward_model", "rl_verifiable", "rl_preference"):
@@ -239,15 +247,19 @@ def test_demo_runs_end_to_end(demo):
     assert check_agreement(tmp_path / "hf").agrees  # vLLM serves the export with the ids it trained on
 
 
-def test_demo_rl_raises_written_exam_accuracy(demo):
-    """README's claim: RL stage 1 raises written exam accuracy over SFT by a margin that held for
-    every seed measured, and stage 2 keeps it within stage 1's 95% interval."""
+def test_demo_sft_answers_in_form_and_passages_do_not_mislead_the_policy(demo):
+    """README's claims: SFT's written answers name one of the options; RL stage 1 keeps written
+    accuracy within SFT's 95% interval or above it, and stage 2 within stage 1's; shown retrieved
+    passages, the final policy still answers (before SFT and RL trained with passages its written
+    accuracy fell by half)."""
     cwd, _ = demo
     summary = json.loads((cwd / "runs" / "demo" / "summary.json").read_text())
     written = {e["after"]: e for e in summary["evaluations"] if e["mode"] == "generate"}
     sft, rl1, rl2 = written["SFT"], written["RL stage 1"], written["RL stage 2"]
-    assert 100 * (rl1["accuracy"] - sft["accuracy"]) >= RL_GAIN_POINTS, written
-    assert rl2["accuracy"] >= rl1["ci_low"], written
+    assert 1 - (sft["no_answer"] + sft["off_options"]) / sft["n"] >= SFT_NAMES_AN_OPTION, sft
+    assert rl1["accuracy"] >= sft["ci_low"] and rl2["accuracy"] >= rl1["ci_low"], written
+    rag = {m["mode"]: m for m in summary["rag"]["modes"]}
+    assert 100 * rag["generate"]["change"] >= RAG_WRITTEN_FLOOR_POINTS, rag["generate"]
 
 
 # README's stand-in names, made real from the demo's outputs and the bundled benchmark samples.

@@ -225,6 +225,41 @@ def test_sft_lettered_items_teach_the_answer_form(data):
     assert not sft_openings & others
 
 
+def test_grounded_sft_quotes_the_corpus_and_cites_only_what_states_the_answer(data):
+    """Grounded conversations quote GROUNDED_K train-split passages in the prompt builders' own
+    form; an answer cites [n] exactly when passage n states its answer (and no other passage is
+    cited), and a lettered one still ends in the answer line the shared extractor reads. Some
+    prompts have a supporting passage and some none, and some show a passage of another condition
+    that names a wrong option."""
+    from medjax.tasks.answers import extract_answer
+
+    corpus = {r["text"] for r in data["pretrain"] if not r["id"].startswith("practice-")}
+    grounded = [r["messages"] for r in data["sft"] + data["sft_eval"] if "[1] «" in r["messages"][0]["content"]]
+    lettered = [m for m in grounded if m[0]["content"].startswith("The following is a multiple-choice question")]
+    assert len(lettered) >= 6 * 40 and len(grounded) - len(lettered) == 40  # one free question per condition
+    cited = uncited = misleading = 0
+    for user, assistant in grounded:
+        quoted = re.findall(r"^\[(\d)\] «(.*)»$", user["content"], re.M)
+        assert [int(n) for n, _ in quoted] == list(range(1, medworld.GROUNDED_K + 1))
+        texts = [t for _, t in quoted]
+        assert all(" ".join(t.split()) in {" ".join(c.split()) for c in corpus} for t in texts)
+        citations = re.findall(r"\[(\d)\]", assistant["content"])
+        if user in (m[0] for m in lettered):
+            options = dict(line.split(". ", 1) for line in user["content"].splitlines() if re.match(r"^[A-D]\. ", line))
+            answer = re.search(r"\nThe answer is ([^\n]+)\.$", assistant["content"]).group(1)
+            gold = next(letter for letter, text in options.items() if text == answer)
+            assert extract_answer(assistant["content"], "ABCD", options).prediction == gold
+            if citations:
+                assert len(citations) == 1 and answer in texts[int(citations[0]) - 1]
+            misleading += any(
+                o in t for t in texts for letter, o in options.items() if letter != gold and answer not in t
+            )
+        cited += bool(citations)
+        uncited += not citations
+    assert cited > 0.5 * len(grounded) and uncited > 0.2 * len(grounded), (cited, uncited)
+    assert misleading > 0.2 * len(lettered), misleading
+
+
 def test_no_exam_question_appears_in_sft_rl_or_pretraining_data(data):
     """The exam is held out: its question texts (stem and ask) occur nowhere in SFT conversations,
     RL prompts or the pretraining mix's practice items, which ask the same facts in their own words."""

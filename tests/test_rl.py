@@ -223,6 +223,41 @@ def test_retrieved_passages_reach_the_prompt(world, tmp_path):
         )
 
 
+def test_a_retrieval_fraction_shows_passages_to_that_share_of_draws(world, tmp_path):
+    """rl.retrieval_fraction: every item is a prompt bare and a prompt with passages; each draw
+    takes one by its position (the same on a second build, so a resumed run draws the same), about
+    the configured share with passages; 0 shows none whatever the retriever; a retrieved prompt
+    too long for data.seq_len sheds passages until it fits."""
+    from medjax.data.chat import ChatTemplate
+    from medjax.data.tokenizer import load_tokenizer
+    from medjax.rl.rollout import PromptSet
+
+    tokenizer, template = load_tokenizer(world.tokenizer), ChatTemplate(world.tokenizer)
+    items = _task_file(tmp_path, n=4, question="How is Velvaxia treated with Osmkexin? 0")
+    retrieve = ["rl.retriever=test_rl:make_retriever", "rl.passages_k=2"]
+
+    def prompt_set(*extra):
+        return PromptSet(_rl_config(world, tmp_path / "run", items, *retrieve, *extra), tokenizer, template)
+
+    half = prompt_set("rl.retrieval_fraction=0.5")
+    assert len(half.ids) == len(half.items) == 8
+    for i in range(4):
+        bare, shown = (tokenizer.decode(half.ids[j]) for j in (i, i + 4))
+        assert "Reference passages" not in bare and f"[2] «{PASSAGES[2]}»" in shown
+        assert half.items[i] is half.items[i + 4] and half.texts[i] == half.texts[i + 4]
+    draws = half.take(0, 400)
+    share = np.mean([half.with_passages(e) for e in draws])
+    assert 0.4 < share < 0.6, share
+    assert draws == prompt_set("rl.retrieval_fraction=0.5").take(0, 400)
+    assert sorted({e % 4 for e in draws[:4]}) == sorted(int(half.order[p]) for p in range(4))  # the item order holds
+    none = prompt_set("rl.retrieval_fraction=0")
+    assert len(none.ids) == 4 and all("Reference passages" not in tokenizer.decode(x) for x in none.ids)
+    one = prompt_set("rl.passages_k=1")  # fraction 1: every prompt with passages
+    assert len(one.ids) == 4 and f"«{PASSAGES[2]}»" not in tokenizer.decode(one.ids[0])
+    tight = prompt_set(f"data.seq_len={len(one.ids[0]) + 3}")  # room for one passage, not two
+    assert tight.ids[0] == one.ids[0]
+
+
 # -- learning and resume --------------------------------------------------------------------------
 
 
@@ -317,6 +352,24 @@ def test_rl_resumes_exactly(world, tmp_path):
     straight_and_resumed(cfg, tmp_path)
 
 
+@pytest.mark.slow  # three RL runs
+def test_rl_with_retrieval_on_part_of_its_prompts_resumes_exactly(world, tmp_path):
+    def cfg(workdir):
+        return _rl_config(
+            world,
+            workdir,
+            _task_file(tmp_path, question="How is Velvaxia treated with Osmkexin? 0"),
+            "train.max_steps=4",
+            "rl.epochs=2",
+            "rl.retriever=test_rl:make_retriever",
+            "rl.retrieval_fraction=0.5",
+        )
+
+    straight, _ = straight_and_resumed(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert any(0 < r.get("retrieved_frac", 0) < 1 for r in rows), rows
+
+
 @pytest.mark.slow  # RL on two meshes
 def test_rl_on_a_sharded_mesh_matches_one_device(world, tmp_path):
     """Rollouts sample from the params as training lays them out (data x fsdp x tensor), with the
@@ -337,6 +390,7 @@ def test_rl_on_a_sharded_mesh_matches_one_device(world, tmp_path):
         ("rl.group_size=3", "not a multiple of train.global_batch_size"),
         ("rl.group_size=1", "rl.group_size must be at least 2"),
         ("rl.temperature=0", "rl.temperature must be positive"),
+        ("rl.retrieval_fraction=1.5", "rl.retrieval_fraction must be in"),
     ],
 )
 def test_bad_rl_settings_are_named(world, tmp_path, override, message):

@@ -481,19 +481,56 @@ _SFT_MCQ = {  # kind: (question stems, the reasoning sentence before the answer 
         (
             "Symptoms: {s1}, {s2} and {s3}. Pick the condition they point to.",
             "Name the condition behind {s1}, {s2} and {s3}.",
+            "{finding}A patient in clinic describes {s1}, {s2} and {s3}. Choose the most probable condition.",
+            "{finding}Presenting complaints: {s1}, {s2} and {s3}. Select the best-fitting diagnosis.",
+            "{finding}An adult is examined for {s1}, {s2} and {s3}. What is the likeliest diagnosis of those listed?",
+            "{finding}Someone reports {s1}, {s2} and {s3}. Which listed condition is most likely?",
+            "{finding}A {age}-year-old {sex} describes {s1}, {s2} and {s3}. Which listed condition is most likely?",
+            "A {sex} of {age} has had {s1}, {s2} and {s3} for a week. {finding}What is the most likely diagnosis here?",
+            "{finding}Over a month, {s1}, {s2} and {s3} develop. Which diagnosis on the list fits best?",
         ),
-        "{s1}, {s2} and {s3} point to {answer}.",
+        "Together, {s1}, {s2} and {s3} point to {answer}.",
     ),
     "drug": (
-        ("Name the medication used first for {c}.", "Pick the drug that starts therapy in {c}."),
+        (
+            "Name the medication used first for {c}.",
+            "Pick the drug that starts therapy in {c}.",
+            "Among the options, choose the first-line medication for {c}.",
+            "Select the agent to prescribe first for newly diagnosed {c}.",
+            "For {c}, which listed drug is the first-line treatment?",
+            "Of the listed medications, which one should be started first in {c}?",
+            "Someone has just been found to have {c}. Which listed drug comes first?",
+            "{c} has been diagnosed. Which medication on the list is first-line?",
+            "A {age}-year-old {sex} has {c}. Which listed drug should start therapy?",
+        ),
         "The first-line treatment for {c} is {answer}.",
     ),
     "contra": (
-        ("Pick the drug that must never be given in {c}.", "Name the medication forbidden in {c}."),
-        "{answer} is contraindicated in {c}.",
+        (
+            "Pick the drug that must never be given in {c}.",
+            "Name the medication forbidden in {c}.",
+            "Among the options, choose the drug that is unsafe for a patient with {c}.",
+            "Select the medication a person with {c} must not take.",
+            "A person with {c} is about to be treated. Which listed drug is contraindicated?",
+            "A {age}-year-old {sex} with {c} is about to be treated. Which listed drug must be avoided?",
+            "For {c}, which listed drug is contraindicated?",
+            "Of the listed medications, which one must be avoided in {c}?",
+            "Someone with {c} needs a prescription. Which listed drug must not be given?",
+            "{c} has been diagnosed. Which medication on the list is contraindicated?",
+        ),
+        "In {c}, {answer} is contraindicated.",
     ),
     "test": (
-        ("Pick the investigation that proves {c}.", "Name the test that settles a diagnosis of {c}."),
+        (
+            "Pick the investigation that proves {c}.",
+            "Name the test that settles a diagnosis of {c}.",
+            "Among the options, choose the investigation that confirms {c}.",
+            "Select the test to order to prove {c}.",
+            "For {c}, which listed investigation is confirmatory?",
+            "Of the listed tests, which one confirms {c}?",
+            "{c} is suspected. Which test on the list proves it?",
+            "A {age}-year-old {sex} might have {c}. Which test on the list proves it?",
+        ),
         "{c} is confirmed with the {answer}.",
     ),
     "risk": (
@@ -609,33 +646,72 @@ def _sft(rng: random.Random, world: World) -> list[list[dict]]:
     return convs
 
 
+# Questions whose options, not their wording, say which fact is asked: the model must read the
+# options to answer them, where the kind-specific stems let it answer from the question alone (and
+# a question worded as none it has seen got an answer of the wrong kind, which no option names).
+_SFT_OPEN_STEMS = (
+    "Which option is linked to {c}?",
+    "Pick the listed item that goes with {c}.",
+    "Select the option associated with {c}.",
+)
+_OPEN_KINDS = ("drug", "test", "risk", "subject", "symptom", "pathogen")  # not contra: its options hold the drug too
+
+
+def _case(rng: random.Random, c: Condition) -> dict[str, str]:
+    """Fields a case vignette adds to a lettered item's: an age and sex, as exam and RL cases give
+    (a model that met ages only in one kind of question took an age for that kind), and a finding."""
+    return {"age": str(rng.randint(18, 80)), "sex": rng.choice(("man", "woman")), "finding": _finding(rng, c)}
+
+
+def _finding(rng: random.Random, c: Condition) -> str:
+    """What a case states besides its symptoms half the time, as the exam's vignettes do: a positive
+    test or a risk in the history (a model that has never read one took "the test is positive" to
+    ask which test confirms the condition). It opens the case, where the exam's closes it, so no
+    run of 13 words matches an exam question (curation's decontamination would drop the item)."""
+    return rng.choice(("", "", f"The {c.test} came back positive. ", f"The history is notable for {c.risk_factor}. "))
+
+
+def _mcq_choices(rng: random.Random, world: World, c: Condition) -> dict[str, tuple[str, list[str]]]:
+    """Per fact kind of ``c``: (the answer, its distractor pool, the most confusable first); a kind
+    with no answer or fewer than 3 distractors is left out."""
+    symptoms = sorted({s for group in _SYMPTOMS.values() for s in group} | set(_GENERAL_SYMPTOMS))
+    pathogens = sorted(o.pathogen for o in world.conditions if o.pathogen)
+    same = [o for o in world.conditions if o.subject == c.subject and o is not c]
+    choices = {
+        "diagnosis": (c.name, [o.name for o in same] + [o.name for o in world.conditions if o is not c]),
+        "drug": (c.first_line_drug, [c.contraindicated_drug] + [o.first_line_drug for o in same]),
+        "contra": (c.contraindicated_drug, [c.first_line_drug] + [o.first_line_drug for o in same]),
+        "test": (c.test, [o.test for o in same] + [o.test for o in world.conditions if o is not c]),
+        "risk": (c.risk_factor, list(_RISKS)),
+        "subject": (c.subject, list(SUBJECTS)),
+        "symptom": (rng.choice(c.symptoms), [s for s in symptoms if s not in c.symptoms]),
+        "pathogen": (c.pathogen, [p for p in pathogens if p != c.pathogen]),
+    }
+    out = {}
+    for kind, (answer, pool) in choices.items():
+        pool = list(dict.fromkeys(x for x in pool if x != answer))
+        if answer is not None and len(pool) >= 3:
+            out[kind] = (answer, pool)
+    return out
+
+
 def _lettered_items(rng: random.Random, world: World) -> list[list[dict]]:
     """Lettered items in the exact prompt the generative exam and RL use, answered with one
     reasoning sentence that names the option and the answer line the shared extractor reads. They
     ask every fact kind, the exam's in SFT's own wording (never the exam's or RL's), so they teach
     the answer form for each kind of question, not the exam's items."""
     items = []
-    symptoms = sorted({s for group in _SYMPTOMS.values() for s in group} | set(_GENERAL_SYMPTOMS))
-    pathogens = sorted(c.pathogen for c in world.conditions if c.pathogen)
     for c in world.conditions:
-        same = [o for o in world.conditions if o.subject == c.subject and o is not c]
-        choices = {
-            "diagnosis": (c.name, [o.name for o in same] + [o.name for o in world.conditions if o is not c]),
-            "drug": (c.first_line_drug, [c.contraindicated_drug] + [o.first_line_drug for o in same]),
-            "contra": (c.contraindicated_drug, [c.first_line_drug] + [o.first_line_drug for o in same]),
-            "test": (c.test, [o.test for o in same] + [o.test for o in world.conditions if o is not c]),
-            "risk": (c.risk_factor, list(_RISKS)),
-            "subject": (c.subject, list(SUBJECTS)),
-            "symptom": (rng.choice(c.symptoms), [s for s in symptoms if s not in c.symptoms]),
-            "pathogen": (c.pathogen, [p for p in pathogens if p != c.pathogen]),
-        }
-        for kind, (stems, why) in _SFT_MCQ.items():
-            answer, pool = choices[kind]
-            if answer is None or len(pool) < 3:
-                continue
-            pool = list(dict.fromkeys(x for x in pool if x != answer))
+        for kind, (answer, pool) in _mcq_choices(rng, world, c).items():
+            stems, why = _SFT_MCQ[kind]
             for stem in stems:
+                f = _fields(rng, c) | {"answer": answer} | _case(rng, c)
+                items.append(_lettered_conversation(rng, _cap(stem.format(**f)), _cap(why.format(**f)), answer, pool))
+            if kind in _OPEN_KINDS:  # one more, asked by its options alone
+                own = {c.name, c.contraindicated_drug, c.first_line_drug, c.test, c.risk_factor, c.subject, *c.symptoms}
+                pool = [x for x in pool if x not in own]
                 f = _fields(rng, c) | {"answer": answer}
+                stem = rng.choice(_SFT_OPEN_STEMS)
                 items.append(_lettered_conversation(rng, _cap(stem.format(**f)), _cap(why.format(**f)), answer, pool))
     return items
 
@@ -659,13 +735,122 @@ def _lettered_conversation(rng: random.Random, question: str, why: str, answer: 
     ]
 
 
+GROUNDED_K = 3  # passages per grounded SFT prompt: as many as the demo's retrieval shows (demo.RAG_K)
+
+
+def _states(kind: str, c: Condition, answer: str, passage: str) -> bool:
+    """Whether ``passage`` (one of c's) states the fact a ``kind`` question about ``c`` asks."""
+    if kind in ("diagnosis", "symptoms"):
+        return all(s in passage for s in c.symptoms)
+    return answer in passage
+
+
+def _cite(sentence: str, n: int) -> str:
+    return f"{sentence[:-1]} [{n}]." if sentence.endswith(".") else f"{sentence} [{n}]"
+
+
+def _grounded(rng: random.Random, world: World, corpus: dict[str, list[str]]) -> list[list[dict]]:
+    """Conversations whose user turn quotes GROUNDED_K numbered passages of the world's corpus, as
+    retrieval fills a prompt at evaluation, in RL and in the RAG service (the same prompt builders):
+    a lettered item in SFT's wording (one per condition and fact kind), or, once per condition, a
+    free question. The passages mix what a retriever returns: one that states the asked fact (in
+    about two prompts of three), others about the same condition that do not, others about a
+    condition the distractors belong to (they name a wrong option, for another condition) and
+    unrelated ones. The answer cites [n] where a passage states it and no passage otherwise, then
+    ends as every lettered answer does, so the model learns to use what supports the answer and to
+    pass over what does not, never to answer "from the passages" when they are silent.
+
+    Passages come from the corpus as written (the curated corpus the demo indexes holds the same
+    texts); none states anything untrue: a passage contradicting a true fact would teach the
+    model to distrust the retrieval it will be shown, whose corpus is curated."""
+    from medjax.tasks.items import ExamItem
+    from medjax.tasks.prompts import PromptConfig, build_prompt, question_prompt
+
+    by_name = {c.name: c for c in world.conditions}
+    out = []
+    for c in world.conditions:
+        for kind, (answer, pool) in _mcq_choices(rng, world, c).items():
+            stems, why = _SFT_MCQ[kind]
+            f = _fields(rng, c) | {"answer": answer} | _case(rng, c)
+            letter = rng.choice("ABCD")
+            o = _mcq(rng, answer, pool[:3], pool, letter)
+            distractors = [v for v in o["options"].values() if v != answer]
+            passages, cited = _grounding(rng, kind, c, answer, distractors, corpus, by_name)
+            item = ExamItem("sft", _cap(rng.choice(stems).format(**f)), o["options"], frozenset(letter), "sft")
+            reason = _cap(why.format(**f))
+            out.append(
+                [
+                    {
+                        "role": "user",
+                        "content": build_prompt(item, passages=passages, cfg=PromptConfig(generative=True)),
+                    },
+                    {
+                        "role": "assistant",
+                        "content": f"{_cite(reason, cited) if cited else reason}\nThe answer is {answer}.",
+                    },
+                ]
+            )
+        kind = rng.choice([k for k in _kinds(c) if k in _QUESTIONS])
+        f = _fields(rng, c)
+        fact = {"diagnosis": c.name, "symptoms": c.symptoms[0], "subject": c.subject, "pathogen": c.pathogen or ""}
+        answer = fact.get(kind) or f[{"drug": "drug", "contra": "contra", "test": "test", "risk": "risk"}[kind]]
+        passages, cited = _grounding(rng, kind, c, answer, [], corpus, by_name)
+        reply = _cap(_ANSWERS[kind].format(**f))
+        if not cited:
+            reply = "The passages do not say. From what I know: " + reply
+        out.append(
+            [
+                {"role": "user", "content": question_prompt(rng.choice(_QUESTIONS[kind]).format(**f), passages)},
+                {"role": "assistant", "content": _cite(reply, cited) if cited else reply},
+            ]
+        )
+    return out
+
+
+def _grounding(
+    rng: random.Random,
+    kind: str,
+    c: Condition,
+    answer: str,
+    distractors: list[str],
+    corpus: dict[str, list[str]],
+    by_name: dict[str, Condition],
+) -> tuple[list[str], int]:
+    """GROUNDED_K passages for a question about ``c`` and the 1-based number of the one that states
+    its answer (0: none does)."""
+    own = corpus[c.name]
+    stating = [p for p in own if _states(kind, c, answer, p)]
+    silent = [p for p in own if not _states(kind, c, answer, p)]
+    misleading = [
+        p
+        for name, texts in corpus.items()
+        if name != c.name
+        for p in texts
+        if any(d in p for d in distractors) and not _states(kind, c, answer, p)
+    ]
+    others = [
+        p for name, texts in corpus.items() if name != c.name and by_name[name].subject != c.subject for p in texts
+    ]
+    support = rng.choice(stating) if stating and rng.random() < 0.65 else None
+    passages = [support] if support else []
+    while len(passages) < GROUNDED_K:
+        pick = rng.choice(rng.choice([x for x in (silent, misleading, others) if x]))
+        if pick not in passages:
+            passages.append(pick)
+    rng.shuffle(passages)
+    return passages, passages.index(support) + 1 if support else 0
+
+
+PRACTICE_PREFIX = "practice-"  # ids of the worked questions in the pretraining mix
+
+
 def _practice(rng: random.Random, world: World) -> list[dict]:
     """Exam-preparation text for the pretraining mix, as real corpora hold question banks with
     worked answers: lettered items in SFT's wording (never the exam's or RL's), drawn afresh, as
     plain text. Pretraining on them is what lets the small model answer lettered prompts at all
     (with them SFT named the gold option in 88 of 160 exam answers, without them 74)."""
     return [
-        {"id": f"practice-{i:05d}", "text": f"{user['content']} {assistant['content']}"}
+        {"id": f"{PRACTICE_PREFIX}{i:05d}", "text": f"{user['content']} {assistant['content']}"}
         for i, (user, assistant) in enumerate(_lettered_items(rng, world))
     ]
 
@@ -792,12 +977,20 @@ def generate(
         for j in range(p):  # passage 0 states every fact and always goes to train
             rec = {"id": f"pretrain-{ci:04d}-{j:04d}", "text": _passage(rng, c, complete=j == 0)}
             (held if j in eval_idx else train).append(rec)
+    # The encyclopedia passages of the train split, by condition: what grounded SFT quotes
+    corpus = {
+        c.name: [r["text"] for r in train if r["id"].startswith(f"pretrain-{ci:04d}-")]
+        for ci, c in enumerate(world.conditions)
+    }
     train += _practice(stream("practice"), world)
     rng.shuffle(train)
     rng.shuffle(held)
 
     prefs, prefs_eval = _preferences(stream("preferences"), world)
     convs = _sft(stream("sft"), world)
+    grounding = stream("grounded")
+    convs += _grounded(grounding, world, corpus)
+    grounding.shuffle(convs)
     n_eval = max(1, round(len(convs) / 10))
     sft = [{"id": f"sft-{i:05d}", "messages": m} for i, m in enumerate(convs)]
 

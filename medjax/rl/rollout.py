@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import logging
+import random
 import time
 from typing import Callable
 
@@ -31,7 +32,7 @@ from medjax.rl.advantages import group_advantages, informative_groups, overlong_
 from medjax.rl.objective import ROW_KEYS, token_logprobs
 from medjax.rl.retrieval import load_retriever
 from medjax.rl.rewards import RewardComposer, Sample
-from medjax.tasks.prompts import PromptConfig, build_prompt
+from medjax.tasks.prompts import PromptConfig, build_prompt, fit_passages
 from medjax.tasks.readers import read_benchmark
 
 log = logging.getLogger(__name__)
@@ -39,30 +40,59 @@ log = logging.getLogger(__name__)
 
 class PromptSet:
     """Exam items from the configured files, rendered once into prompt token ids; the order is a
-    seeded Grain shuffle repeated forever, read by position."""
+    seeded Grain shuffle repeated forever, read by position.
+
+    With rl.retriever, an item is also rendered with its retrieved passages (rl.passages_k, in the
+    budget evaluation uses); a draw shows them with probability rl.retrieval_fraction, decided by
+    its position. Entries ``i`` and ``i + len(items)`` are then one item bare and with passages:
+    each is a prompt of its own to the rollout (its group, its mastery), as a policy that has
+    mastered a question bare may still be misled by passages. A retrieved prompt too long for
+    data.seq_len drops its last passages until it fits."""
 
     def __init__(self, cfg: Config, tokenizer, template: ChatTemplate):
         rl, data = cfg.rl, cfg.data
         items = [it for path in data.train_files for it in read_benchmark(path, skip_bad=data.skip_bad).items]
-        retriever = load_retriever(rl.retriever, cfg)
-        self.items, self.texts, self.ids = [], [], []
-        too_long = 0
-        for item in items:
-            question = build_prompt(item, cfg=PromptConfig(generative=True))
-            passages = retriever.retrieve(item.question, rl.passages_k) if retriever is not None else ()
-            text = build_prompt(item, passages=passages, cfg=PromptConfig(generative=True)) if passages else question
+        retriever = load_retriever(rl.retriever, cfg) if rl.retrieval_fraction > 0 else None
+        self.fraction = rl.retrieval_fraction if retriever is not None else 0.0
+        self.seed = data.seed
+        room = data.seq_len + 1 - rl.max_new_tokens
+
+        def encode(text: str) -> list[int]:
             if rl.chat:
                 text = template.render([{"role": "user", "content": text}], add_generation_prompt=True)
-            ids = tokenizer.encode(text, add_special_tokens=False).ids
-            if len(ids) + rl.max_new_tokens > data.seq_len + 1:
+            return tokenizer.encode(text, add_special_tokens=False).ids
+
+        self.items, self.texts, bare, grounded = [], [], [], []
+        too_long = shortened = 0
+        for item in items:
+            question = build_prompt(item, cfg=PromptConfig(generative=True))
+            ids = encode(question)
+            if len(ids) > room:
                 too_long += 1
                 continue
+            if self.fraction > 0:
+                passages = fit_passages(retriever.retrieve(item.question, rl.passages_k), PromptConfig.passage_budget)
+                fitted, shown = ids, 0  # no passage fits: the draw is asked bare
+                for n in range(len(passages), 0, -1):
+                    candidate = encode(build_prompt(item, passages=passages[:n], cfg=PromptConfig(generative=True)))
+                    if len(candidate) <= room:
+                        fitted, shown = candidate, n
+                        break
+                shortened += shown < len(passages)
+                grounded.append(fitted)
             self.items.append(item)
             self.texts.append(question)
-            self.ids.append(ids)
+            bare.append(ids)
         if too_long:
             log.warning(
                 "%d prompts left out: prompt + rl.max_new_tokens exceeds data.seq_len=%d", too_long, data.seq_len
+            )
+        if shortened:
+            log.warning(
+                "%d retrieved prompts shown fewer than rl.passages_k=%d passages to fit data.seq_len=%d",
+                shortened,
+                rl.passages_k,
+                data.seq_len,
             )
         if not self.items:
             raise ConfigError(
@@ -74,9 +104,25 @@ class PromptSet:
         if data.shuffle:
             order = order.shuffle(seed=data.seed)
         self.order = order.repeat(None)
+        # The prompts a draw can be: bare, with passages, or (0 < fraction < 1) both.
+        self.ids = (bare if self.fraction < 1 else []) + (grounded if self.fraction > 0 else [])
+        if 0 < self.fraction < 1:
+            self.items, self.texts = self.items * 2, self.texts * 2
+
+    def retrieved(self, position: int) -> bool:
+        """Whether the draw at ``position`` shows passages: a function of the seed and position."""
+        if self.fraction in (0.0, 1.0):
+            return self.fraction == 1.0
+        return random.Random(f"{self.seed}:retrieval:{position}").random() < self.fraction
 
     def take(self, start: int, n: int) -> list[int]:
-        return [int(self.order[start + i]) for i in range(n)]
+        """The prompt entries drawn at positions start .. start + n - 1."""
+        both = 0 < self.fraction < 1
+        half = len(self.ids) // 2
+        return [int(self.order[p]) + (half if both and self.retrieved(p) else 0) for p in range(start, start + n)]
+
+    def with_passages(self, entry: int) -> bool:
+        return self.fraction == 1.0 or (0 < self.fraction < 1 and entry >= len(self.ids) // 2)
 
 
 def check_rl_config(cfg: Config) -> None:
@@ -89,6 +135,7 @@ def check_rl_config(cfg: Config) -> None:
         (rl.max_new_tokens >= 1, "rl.max_new_tokens must be at least 1"),
         (rl.clip_low >= 0 and rl.clip_high >= 0, "rl.clip_low and rl.clip_high must be non-negative"),
         (rl.kl_coef >= 0, "rl.kl_coef must be non-negative"),
+        (0 <= rl.retrieval_fraction <= 1, "rl.retrieval_fraction must be in [0, 1]"),
         (rl.temperature > 0, "rl.temperature must be positive (RL samples; greedy rollouts give no signal)"),
         (
             rl.overlong != "penalty" or 0 < rl.overlong_buffer <= rl.max_new_tokens,
@@ -344,6 +391,14 @@ class RolloutIterator:
             out[f"reward_{name}_std"] = float(values.std())
         if "exam" in sampled[0]["parts"]:
             out["accuracy"] = float(np.mean(np.concatenate([b["parts"]["exam"].ravel() for b in sampled]) == 1.0))
+        if self.prompts.fraction > 0:  # the two kinds of prompt apart: does the policy use its passages?
+            shown = np.concatenate([[self.prompts.with_passages(int(i)) for i in b["prompt_index"]] for b in sampled])
+            out["retrieved_frac"] = float(shown.mean())
+            if "exam" in sampled[0]["parts"]:
+                right = np.concatenate([b["parts"]["exam"] for b in sampled]) == 1.0  # [groups, group_size]
+                for tag, rows in (("retrieved", shown), ("bare", ~shown)):
+                    if rows.any():
+                        out[f"accuracy_{tag}"] = float(right[rows].mean())
         return out
 
     # -- checkpointing (grain's handler stores these bytes beside the train state) ---------------
