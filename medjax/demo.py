@@ -169,18 +169,18 @@ def paired_change(before: Path, after: Path) -> tuple[float, float, float]:
     return bootstrap_ci([scored[1][i] - scored[0][i] for i in scored[1]])
 
 
-def compare_with_rag(model: Path, exam: Path, corpus: Path, root: Path, modes: tuple[EvalConfig, ...]) -> dict:
-    """The final policy on the exam without and with retrieved passages, overall and by subject,
-    in the manner of QuarkMed's Table 7, from root/rag (build_demo_index over ``corpus``). The
-    change has a paired bootstrap interval (the same items with and without passages)."""
+def compare_with_rag(model: Path, exam: Path, index: Path, eval_dir: Path, modes: tuple[EvalConfig, ...]) -> dict:
+    """The final policy on the exam without and with passages from ``index`` (build_demo_index's;
+    its manifest names the corpus), overall and by subject, in the manner of QuarkMed's Table 7.
+    Reads the runs without passages from ``eval_dir``, where it writes its own. The change has a
+    paired bootstrap interval (the same items with and without passages)."""
     import dataclasses
 
-    index = root / "rag"
-    out = {"index": str(index), "corpus": str(corpus), "passages_k": RAG_K, "modes": []}
+    out = {"index": str(index), "passages_k": RAG_K, "modes": []}
     for cfg in modes:
         tag = "generate_" if cfg.mode == "generate" else ""
-        without_path = root / "eval" / f"exam_{tag}after_RL_stage_2.jsonl"
-        with_path = root / "eval" / f"exam_{tag}after_RL_stage_2_with_rag.jsonl"
+        without_path = eval_dir / f"exam_{tag}after_RL_stage_2.jsonl"
+        with_path = eval_dir / f"exam_{tag}after_RL_stage_2_with_rag.jsonl"
         with_rag = evaluate(
             str(model), exam, with_path, dataclasses.replace(cfg, rag=str(index), passages_k=RAG_K), quiet=True
         )
@@ -406,7 +406,7 @@ def run_demo(workdir: str, max_steps: int | None = None, rl_steps: int | None = 
             name = f"exam_{'generate_' if mode_cfg.mode == 'generate' else ''}after_{after.replace(' ', '_')}"
             s = evaluate(str(model), files["exam"], eval_dir / f"{name}.jsonl", mode_cfg, quiet=True)
             evaluations.append(_evaluation_row(after, s))
-    rag = compare_with_rag(hf_dir, files["exam"], root / "rag_corpus", root, (loglik, written))
+    rag = compare_with_rag(hf_dir, files["exam"], root / "rag", eval_dir, (loglik, written))
     stages = {c.stage if c.stage != "rl" else Path(c.workdir).name: c for c in (cfg, sft_cfg, rm_cfg, *rl_cfgs)}
     summary = {
         "workdir": str(root),

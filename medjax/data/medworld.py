@@ -16,6 +16,7 @@ import math
 import os
 import pathlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from medjax.utils import atomic_open
@@ -717,21 +718,35 @@ def _lettered_items(rng: random.Random, world: World) -> list[list[dict]]:
 
 
 def _lettered_conversation(rng: random.Random, question: str, why: str, answer: str, pool: list[str]) -> list[dict]:
-    """One lettered item rendered by the prompt builder evaluation and RL use, then its answer: a
-    reasoning sentence that names the option, and an answer line naming the option's text, which
-    the shared extractor maps to its letter. Text, not the letter: the demo's small model recalls
-    the right option's text but cannot learn, in the demo's budget, the in-context lookup from that
+    """One lettered item with a fresh letter and distractors from ``pool``, answered by ``why``."""
+    letter = rng.choice("ABCD")
+    o = _mcq(rng, answer, pool[:3], pool, letter)
+    return _lettered_turns(question, o["options"], letter, why, answer)
+
+
+def _lettered_turns(
+    question: str,
+    options: dict[str, str],
+    letter: str,
+    reason: str,
+    answer: str,
+    passages: Sequence[str] = (),
+    cited: int = 0,
+) -> list[dict]:
+    """A lettered item rendered by the prompt builder evaluation and RL use (quoting ``passages``
+    as retrieval does), then its answer: a reasoning sentence that names the option (citing
+    passage ``cited`` when one states it), and an answer line naming the option's text, which the
+    shared extractor maps to its letter. Text, not the letter: the demo's small model recalls the
+    right option's text but cannot learn, in the demo's budget, the in-context lookup from that
     text to the letter printed before it (its letters matched the option it had named no more
     often than chance, with 2 or 4 layers, with or without lookup drills; DESIGN.md)."""
     from medjax.tasks.items import ExamItem
     from medjax.tasks.prompts import PromptConfig, build_prompt
 
-    letter = rng.choice("ABCD")
-    o = _mcq(rng, answer, pool[:3], pool, letter)
-    item = ExamItem("sft", question, o["options"], frozenset(letter), "sft")
+    item = ExamItem("sft", question, options, frozenset(letter), "sft")
     return [
-        {"role": "user", "content": build_prompt(item, cfg=PromptConfig(generative=True))},
-        {"role": "assistant", "content": f"{why}\nThe answer is {answer}."},
+        {"role": "user", "content": build_prompt(item, passages=list(passages), cfg=PromptConfig(generative=True))},
+        {"role": "assistant", "content": f"{_cite(reason, cited) if cited else reason}\nThe answer is {answer}."},
     ]
 
 
@@ -749,7 +764,7 @@ def _cite(sentence: str, n: int) -> str:
     return f"{sentence[:-1]} [{n}]." if sentence.endswith(".") else f"{sentence} [{n}]"
 
 
-def _grounded(rng: random.Random, world: World, corpus: dict[str, list[str]]) -> list[list[dict]]:
+def _grounded(rng: random.Random, world: World, shelf: _Shelf) -> list[list[dict]]:
     """Conversations whose user turn quotes GROUNDED_K numbered passages of the world's corpus, as
     retrieval fills a prompt at evaluation, in RL and in the RAG service (the same prompt builders):
     a lettered item in SFT's wording (one per condition and fact kind), or, once per condition, a
@@ -763,38 +778,24 @@ def _grounded(rng: random.Random, world: World, corpus: dict[str, list[str]]) ->
     Passages come from the corpus as written (the curated corpus the demo indexes holds the same
     texts); none states anything untrue: a passage contradicting a true fact would teach the
     model to distrust the retrieval it will be shown, whose corpus is curated."""
-    from medjax.tasks.items import ExamItem
-    from medjax.tasks.prompts import PromptConfig, build_prompt, question_prompt
+    from medjax.tasks.prompts import question_prompt
 
-    by_name = {c.name: c for c in world.conditions}
     out = []
     for c in world.conditions:
         for kind, (answer, pool) in _mcq_choices(rng, world, c).items():
             stems, why = _SFT_MCQ[kind]
             f = _fields(rng, c) | {"answer": answer} | _case(rng, c)
             letter = rng.choice("ABCD")
-            o = _mcq(rng, answer, pool[:3], pool, letter)
-            distractors = [v for v in o["options"].values() if v != answer]
-            passages, cited = _grounding(rng, kind, c, answer, distractors, corpus, by_name)
-            item = ExamItem("sft", _cap(rng.choice(stems).format(**f)), o["options"], frozenset(letter), "sft")
-            reason = _cap(why.format(**f))
-            out.append(
-                [
-                    {
-                        "role": "user",
-                        "content": build_prompt(item, passages=passages, cfg=PromptConfig(generative=True)),
-                    },
-                    {
-                        "role": "assistant",
-                        "content": f"{_cite(reason, cited) if cited else reason}\nThe answer is {answer}.",
-                    },
-                ]
-            )
+            options = _mcq(rng, answer, pool[:3], pool, letter)["options"]
+            distractors = [v for v in options.values() if v != answer]
+            passages, cited = _grounding(rng, kind, c, answer, distractors, shelf)
+            question = _cap(rng.choice(stems).format(**f))
+            out.append(_lettered_turns(question, options, letter, _cap(why.format(**f)), answer, passages, cited))
         kind = rng.choice([k for k in _kinds(c) if k in _QUESTIONS])
         f = _fields(rng, c)
         fact = {"diagnosis": c.name, "symptoms": c.symptoms[0], "subject": c.subject, "pathogen": c.pathogen or ""}
         answer = fact.get(kind) or f[{"drug": "drug", "contra": "contra", "test": "test", "risk": "risk"}[kind]]
-        passages, cited = _grounding(rng, kind, c, answer, [], corpus, by_name)
+        passages, cited = _grounding(rng, kind, c, answer, [], shelf)
         reply = _cap(_ANSWERS[kind].format(**f))
         if not cited:
             reply = "The passages do not say. From what I know: " + reply
@@ -807,30 +808,39 @@ def _grounded(rng: random.Random, world: World, corpus: dict[str, list[str]]) ->
     return out
 
 
+@dataclass(frozen=True)
+class _Shelf:
+    """The corpus's train-split passages grounded SFT quotes, arranged once for ``_grounding``:
+    each condition's own, every passage with the condition it is about (in corpus order), and per
+    subject the passages about conditions of other subjects (the unrelated ones)."""
+
+    own: dict[str, list[str]]
+    about: list[tuple[str, str]]
+    unrelated: dict[str, list[str]]
+
+    @classmethod
+    def of(cls, world: World, own: dict[str, list[str]]) -> _Shelf:
+        subject = {c.name: c.subject for c in world.conditions}
+        about = [(name, p) for name, texts in own.items() for p in texts]
+        unrelated = {s: [p for name, p in about if subject[name] != s] for s in set(subject.values())}
+        return cls(own, about, unrelated)
+
+
 def _grounding(
-    rng: random.Random,
-    kind: str,
-    c: Condition,
-    answer: str,
-    distractors: list[str],
-    corpus: dict[str, list[str]],
-    by_name: dict[str, Condition],
+    rng: random.Random, kind: str, c: Condition, answer: str, distractors: list[str], shelf: _Shelf
 ) -> tuple[list[str], int]:
     """GROUNDED_K passages for a question about ``c`` and the 1-based number of the one that states
     its answer (0: none does)."""
-    own = corpus[c.name]
-    stating = [p for p in own if _states(kind, c, answer, p)]
-    silent = [p for p in own if not _states(kind, c, answer, p)]
+    own = shelf.own[c.name]
+    states = [_states(kind, c, answer, p) for p in own]
+    stating = [p for p, yes in zip(own, states) if yes]
+    silent = [p for p, yes in zip(own, states) if not yes]
     misleading = [
         p
-        for name, texts in corpus.items()
-        if name != c.name
-        for p in texts
-        if any(d in p for d in distractors) and not _states(kind, c, answer, p)
+        for name, p in shelf.about
+        if name != c.name and any(d in p for d in distractors) and not _states(kind, c, answer, p)
     ]
-    others = [
-        p for name, texts in corpus.items() if name != c.name and by_name[name].subject != c.subject for p in texts
-    ]
+    others = shelf.unrelated[c.subject]
     support = rng.choice(stating) if stating and rng.random() < 0.65 else None
     passages = [support] if support else []
     while len(passages) < GROUNDED_K:
@@ -971,17 +981,15 @@ def generate(
 
     rng = stream("pretrain")
     train, held = [], []
+    own: dict[str, list[str]] = {}  # the train split's passages by condition: what grounded SFT quotes
     p = passages_per_condition
     for ci, c in enumerate(world.conditions):
         eval_idx = set(rng.sample(range(1, p), max(1, round(p / 10)))) if p >= 2 else set()
         for j in range(p):  # passage 0 states every fact and always goes to train
             rec = {"id": f"pretrain-{ci:04d}-{j:04d}", "text": _passage(rng, c, complete=j == 0)}
             (held if j in eval_idx else train).append(rec)
-    # The encyclopedia passages of the train split, by condition: what grounded SFT quotes
-    corpus = {
-        c.name: [r["text"] for r in train if r["id"].startswith(f"pretrain-{ci:04d}-")]
-        for ci, c in enumerate(world.conditions)
-    }
+            if j not in eval_idx:
+                own.setdefault(c.name, []).append(rec["text"])
     train += _practice(stream("practice"), world)
     rng.shuffle(train)
     rng.shuffle(held)
@@ -989,7 +997,7 @@ def generate(
     prefs, prefs_eval = _preferences(stream("preferences"), world)
     convs = _sft(stream("sft"), world)
     grounding = stream("grounded")
-    convs += _grounded(grounding, world, corpus)
+    convs += _grounded(grounding, world, _Shelf.of(world, own))
     grounding.shuffle(convs)
     n_eval = max(1, round(len(convs) / 10))
     sft = [{"id": f"sft-{i:05d}", "messages": m} for i, m in enumerate(convs)]

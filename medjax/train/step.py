@@ -37,12 +37,18 @@ def params_layout(model: ModelDef, mesh: Mesh, *, trained: Sequence[str]) -> tup
 
 
 def state_shardings(
-    model: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, *, trained: Sequence[str]
+    model: ModelDef,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    trained: Sequence[str],
+    layout: tuple[dict, dict] | None = None,
 ) -> TrainState:
-    """The run's layout (params as params_layout holds them). Optimizer moments are sharded like
-    the params they track (the ``trained`` ones, see optimizer.split_params; no default, as a
-    forgotten one would silently mean every param); counters are replicated."""
-    abstract_params, p_shard = params_layout(model, mesh, trained=trained)
+    """The run's layout (params as ``layout`` holds them, params_layout's by default). Optimizer
+    moments are sharded like the params they track (the ``trained`` ones, see
+    optimizer.split_params; no default, as a forgotten one would silently mean every param);
+    counters are replicated."""
+    abstract_params, p_shard = layout or params_layout(model, mesh, trained=trained)
     abstract_opt = jax.eval_shape(tx.init, split_params(abstract_params, list(trained))[0])
     opt_shard = optax.tree_map_params(
         tx,
@@ -59,8 +65,9 @@ def abstract_train_state(
 ) -> tuple[TrainState, TrainState]:
     """(the train state as ShapeDtypeStructs carrying their shardings, those shardings): what a
     step lowers against without holding a single weight (medjax plan, bench_compile)."""
-    shardings = state_shardings(model, tx, mesh, trained=trained)
-    params = params_layout(model, mesh, trained=trained)[0]
+    layout = params_layout(model, mesh, trained=trained)
+    shardings = state_shardings(model, tx, mesh, trained=trained, layout=layout)
+    params = layout[0]
     state = {
         "params": params,
         "opt_state": jax.eval_shape(tx.init, split_params(params, list(trained))[0]),
@@ -84,10 +91,8 @@ def init_train_state(
     ``trained`` params alone (optimizer.trained_patterns)."""
     # Full precision whatever base_qtype says: a quantized base is made from init_from's weights
     # once they are loaded (quantized_base.quantize_base), never from random ones.
-    shardings = {
-        **state_shardings(model, tx, mesh, trained=trained),
-        "params": param_shardings(model.abstract_state, mesh),
-    }
+    full_precision = (model.abstract_params(), param_shardings(model.abstract_state, mesh))
+    shardings = state_shardings(model, tx, mesh, trained=trained, layout=full_precision)
 
     def init() -> TrainState:
         init_rng, train_rng = split_seed(seed)
