@@ -28,13 +28,25 @@ class Generation:
     peak_bf16_flops: float  # per chip
     chip_config: str  # libtpu chip_config_name
     device_kinds: tuple[str, ...]  # jax's Device.device_kind prefixes for this generation
+    # Bandwidths in bytes/s, for the planner's estimates (parallel/costs.py), never measured here:
+    # HBM per chip and DCN per chip as Cloud TPU's pages state them; ICI one way per link as the
+    # JAX scaling book ("How to Scale Your Model", its TPU chapter) tabulates them.
+    hbm_bandwidth: float
+    ici_link_bandwidth: float
+    dcn_bandwidth: float
 
 
 GENERATIONS = {
-    "v4": Generation("v4", "v4", 2, int(30.75 * GIB), 275e12, "megacore", ("TPU v4",)),
-    "v5p": Generation("v5p", "v5", 2, int(95.74 * GIB), 459e12, "megacore", ("TPU v5p", "TPU v5")),
-    "v5e": Generation("v5e", "v5e", 1, int(15.75 * GIB), 197e12, "default", ("TPU v5 lite", "TPU v5e")),
-    "v6e": Generation("v6e", "v6e", 1, int(31.25 * GIB), 918e12, "default", ("TPU v6 lite", "TPU v6e")),
+    "v4": Generation("v4", "v4", 2, int(30.75 * GIB), 275e12, "megacore", ("TPU v4",), 1.2e12, 4.5e10, 6.25e9),
+    "v5p": Generation(
+        "v5p", "v5", 2, int(95.74 * GIB), 459e12, "megacore", ("TPU v5p", "TPU v5"), 2.765e12, 9e10, 6.25e9
+    ),
+    "v5e": Generation(
+        "v5e", "v5e", 1, int(15.75 * GIB), 197e12, "default", ("TPU v5 lite", "TPU v5e"), 8.19e11, 4.5e10, 3.125e9
+    ),
+    "v6e": Generation(
+        "v6e", "v6e", 1, int(31.25 * GIB), 918e12, "default", ("TPU v6 lite", "TPU v6e"), 1.64e12, 9e10, 1.25e10
+    ),
 }
 
 # The slice shapes Cloud TPU offers (chips per dimension). 3-D tori for v4/v5p, 2-D for v5e/v6e.

@@ -67,7 +67,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     model = planned_model(cfg)
-    result = plan(cfg, args.topology, args.slices, model)
+    result = plan(cfg, args.topology, args.slices, model, cost=not args.no_cost)
     name = Path(args.config).stem
     rows = [(name, result)]
     if checked_stage(cfg).rollout is not None:  # the rollout sampler is a second program on the same slice
@@ -125,13 +125,20 @@ def add_plan(sub) -> None:
     p = sub.add_parser(
         "plan",
         help="compile CONFIG's train step (and an RL stage's rollout sampler) for a TPU "
-        "slice here; print per-device memory and whether it fits (exit 1 if not)",
+        "slice here; print per-device memory, whether it fits (exit 1 if not) and what the compiler "
+        "estimates a step costs",
     )
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=256")
     p.add_argument("--topology", required=True, help="Cloud TPU slice, e.g. v5p-128, v5e-256, v6e-64, v4-8")
     p.add_argument("--slices", type=int, default=1, help="number of such slices (multi-slice over DCN)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--no-cost",
+        action="store_true",
+        help="skip the compiler's cost estimate (FLOPs, bytes, collectives, estimated MFU), which compiles "
+        "1- and 2-layer variants of the step beside it",
+    )
     p.set_defaults(func=_cmd_plan)
 
 

@@ -23,6 +23,7 @@ from medjax.models.config import ModelConfig
 from medjax.models.decoder import ModelDef, count_params
 from medjax.models.layers import DTYPES
 from medjax.models.sharding import activation_layout
+from medjax.parallel.costs import ProgramCost, extrapolate, program_cost
 from medjax.parallel.mesh import make_mesh
 from medjax.parallel.rules import MeshLayout, batch_sharding
 from medjax.parallel.topologies import GIB, get_slice, slice_devices
@@ -56,6 +57,7 @@ class Plan:
     compile_seconds: float
     attention: str = "xla"  # the implementation model.attention resolved to on this slice
     error: str | None = None
+    cost: dict | None = None  # per device, compiler estimates (plan.estimate); None unless asked
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,7 +126,7 @@ def _slice_mesh(cfg: Config, topology: str, num_slices: int, model_cfg: ModelCon
     return slc, mesh
 
 
-def _compile_peak(lowered) -> tuple[int | None, str | None]:
+def compile_peak(lowered) -> tuple[int | None, str | None]:
     """(peak bytes per device, None) or (None, XLA's RESOURCE_EXHAUSTED line)."""
     try:
         mem = lowered.compile().memory_analysis()
@@ -164,7 +166,7 @@ def _finish(
 ) -> Plan:
     """Compiles ``lowered`` and fills the Plan both programs report: fits against the chip's HBM, and
     the step time the analytic FLOPs imply at each MFU."""
-    peak, error = _compile_peak(lowered)
+    peak, error = compile_peak(lowered)
     n = mesh.devices.size
     peak_chip = slc.generation.peak_bf16_flops
     return Plan(
@@ -190,10 +192,18 @@ def _finish(
     )
 
 
-def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None) -> Plan:
-    """Compiles the stage's train step for ``num_slices`` x ``topology`` and reports its memory."""
-    model_cfg = model or cfg.model
-    slc, mesh = _slice_mesh(cfg, topology, num_slices, model_cfg)
+@dataclasses.dataclass
+class _Step:
+    """A stage's train step lowered for a mesh, with what the plan reports of its state."""
+
+    lowered: object
+    params_bytes: int
+    opt_bytes: int
+    grad_bytes: int
+
+
+def _lower_step(cfg: Config, model_cfg: ModelConfig, mesh) -> _Step:
+    """The stage's real train step (make_train_step, the run's layout) lowered from abstract shapes."""
     model_def = ModelDef(model_cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     trained = trained_patterns(cfg.optimizer, model_cfg)
@@ -204,19 +214,101 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
     keeps_reference = getattr(objective, "uses_reference", False) and spec.needs_reference(cfg)
     reference = state["params"] if keeps_reference else None
     step = make_train_step(model_def, objective, tx, schedule, mesh, shardings, trained, reference)
-    params_bytes = _per_device_bytes(state["params"], shardings["params"]) * (2 if keeps_reference else 1)
-    opt_bytes = _per_device_bytes(state["opt_state"], shardings["opt_state"])
     # Gradients (of the trained params alone) are float32 whatever the params' dtype.
     grads = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), split_params(state["params"], trained)[0]
     )
-    grad_bytes = _per_device_bytes(grads, split_params(shardings["params"], trained)[0])
+    return _Step(
+        lowered=step.lower(state, abstract_batch(cfg, mesh)),
+        params_bytes=_per_device_bytes(state["params"], shardings["params"]) * (2 if keeps_reference else 1),
+        opt_bytes=_per_device_bytes(state["opt_state"], shardings["opt_state"]),
+        grad_bytes=_per_device_bytes(grads, split_params(shardings["params"], trained)[0]),
+    )
+
+
+def step_cost(cfg: Config, model_cfg: ModelConfig, mesh, slc) -> ProgramCost:
+    """What one train step costs per device, by the compiler: unrolled 1- and 2-layer variants of
+    the step (same widths, remat, dtypes and layout) compiled and extrapolated to the model's depth,
+    as XLA counts a scanned body once. Gradient accumulation's micro-batch loop is a while loop too:
+    a micro-batch's step is costed and multiplied, which counts the optimizer update once per
+    micro-batch (small against the forward and backward)."""
+    accum = cfg.train.grad_accum_steps
+    micro = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(
+            cfg.train, global_batch_size=cfg.train.global_batch_size // accum, grad_accum_steps=1
+        ),
+    )
+    one, two = (
+        program_cost(
+            _lower_step(micro, dataclasses.replace(model_cfg, num_layers=n, scan_layers=False), mesh).lowered.compile(),
+            mesh,
+            slc,
+        )
+        for n in (1, 2)
+    )
+    return extrapolate(one, two, model_cfg.num_layers).scaled(accum)
+
+
+def estimate(cost: ProgramCost, model_flops: float, kernel_flops: float, slc) -> dict:
+    """The plan's time estimates from a step's compiled cost (per device): libtpu's corrected time
+    plus the Pallas kernels' FLOPs at peak, the collectives over the slice's links, the roofline
+    bound, and the MFU they imply (compute and collectives taken as overlapped). Compiler
+    estimates, never measurements."""
+    gen = slc.generation
+    peak = gen.peak_bf16_flops
+    collectives = [c.to_json(slc) for c in cost.collectives]
+    flops = cost.flops + kernel_flops
+    compute = cost.optimal_seconds + kernel_flops / peak
+    comms = sum(c["seconds"] for c in collectives)
+    bounds = {"compute": flops / peak, "memory": cost.bytes_accessed / gen.hbm_bandwidth, "collectives": comms}
+    seconds = max(compute, comms)
+    return {
+        "source": "compiler estimate: libtpu cost analysis of unrolled 1- and 2-layer compiles, "
+        "extrapolated; collectives from the HLO at public bandwidths; not a measurement",
+        "flops": flops,
+        "model_flops": model_flops,
+        "flops_overhead": flops / model_flops if model_flops else None,
+        "kernel_flops": kernel_flops,
+        "bytes_accessed": cost.bytes_accessed,
+        "optimal_seconds": cost.optimal_seconds,
+        "concat_bitcasts": cost.concat_bitcasts,
+        "kernels": cost.kernels,
+        "compute_seconds": compute,
+        "collectives": collectives,
+        "collective_seconds": comms,
+        "roofline_seconds": max(bounds.values()),
+        "bound": max(bounds, key=bounds.get),
+        "seconds": seconds,
+        "mfu": model_flops / (peak * seconds) if seconds > 0 else None,
+    }
+
+
+def kernel_flops(model_cfg: ModelConfig, seq_len: int, rows: int, attention: str) -> float:
+    """FLOPs of the Pallas attention kernels in one train step (all devices), which libtpu costs at
+    zero: causal scores and values forward and backward (train_flops_per_token's attention term),
+    and one more forward where remat recomputes the layer (a kernel is never saved)."""
+    if attention != "splash":
+        return 0.0
+    per_token = 6.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.resolved_head_dim * seq_len
+    recompute = 8.0 / 6.0 if model_cfg.remat != "none" else 1.0
+    return per_token * recompute * rows * seq_len
+
+
+def plan(
+    cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None, *, cost: bool = False
+) -> Plan:
+    """Compiles the stage's train step for ``num_slices`` x ``topology`` and reports its memory;
+    with ``cost``, also what the compiler estimates a step costs (step_cost, estimate)."""
+    model_cfg = model or cfg.model
+    slc, mesh = _slice_mesh(cfg, topology, num_slices, model_cfg)
+    step = _lower_step(cfg, model_cfg, mesh)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
     with activation_layout(MeshLayout(mesh)):  # as the step traces: auto resolves for the slice
         attention = resolve_attention(model_cfg.attention, cfg.data.seq_len, DTYPES[model_cfg.dtype])
     started = time.perf_counter()
-    return _finish(
+    result = _finish(
         cfg.stage,
         topology,
         num_slices,
@@ -225,14 +317,20 @@ def plan(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | N
         model_cfg,
         rows=cfg.train.global_batch_size,
         seq_len=cfg.data.seq_len,
-        params_bytes=params_bytes,
-        opt_bytes=opt_bytes,
-        analytic_bytes=params_bytes + opt_bytes + grad_bytes,
+        params_bytes=step.params_bytes,
+        opt_bytes=step.opt_bytes,
+        analytic_bytes=step.params_bytes + step.opt_bytes + step.grad_bytes,
         flops=flops,
         attention=attention,
-        lowered=step.lower(state, abstract_batch(cfg, mesh)),
+        lowered=step.lowered,
         started=started,
     )
+    if cost and result.fits:
+        n = mesh.devices.size
+        kernels = kernel_flops(model_cfg, cfg.data.seq_len, cfg.train.global_batch_size, attention)
+        result.cost = estimate(step_cost(cfg, model_cfg, mesh, slc), flops / n, kernels / n, slc)
+        result.compile_seconds = round(time.perf_counter() - started, 1)
+    return result
 
 
 def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelConfig | None = None) -> Plan:
@@ -284,8 +382,13 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
         * model_cfg.resolved_head_dim
         * np.dtype(DTYPES[model_cfg.dtype]).itemsize
     ) // cache_split
+    # Every decoded token reads, on each device, one replica's weights (split only by the tensor
+    # axis: the rows split over data x fsdp all need every weight) and its share of the KV cache,
+    # half full on average: HBM bandwidth bounds the step from below.
+    weights = count_params(model_cfg) * np.dtype(DTYPES[model_cfg.dtype]).itemsize / tensor
+    decode_bytes = weights + cache_bytes * (width + rl.max_new_tokens / 2) / (width + rl.max_new_tokens)
     started = time.perf_counter()
-    return _finish(
+    result = _finish(
         "rl rollout",
         topology,
         num_slices,
@@ -302,14 +405,24 @@ def plan_rollout(cfg: Config, topology: str, num_slices: int = 1, model: ModelCo
         lowered=run.lower(params, prompts, valid, rng),
         started=started,
     )
+    result.cost = {
+        "source": "analytic lower bound: one replica's weights over the tensor axis and the device's KV "
+        "cache half full, read per decoded token at the chip's HBM bandwidth; not a measurement",
+        "decode_bytes_per_token": decode_bytes,
+        "decode_seconds_per_token": decode_bytes / slc.generation.hbm_bandwidth,
+    }
+    return result
 
 
 def format_plans(plans: list[tuple[str, Plan]]) -> str:
-    """One row per (config name, plan): per-device GiB against the chip's capacity."""
+    """One row per (config name, plan): per-device GiB against the chip's capacity, step time at
+    assumed MFUs, and where the plan has them the compiler's estimates (marked *), with a line per
+    plan for its collectives."""
     width = max([6] + [len(name) for name, _ in plans])
     head = (
         f"{'config':<{width}} {'slice':<12} {'params':>7} {'mesh d/f/t':>11} {'state GiB':>9} {'peak GiB':>9} "
-        f"{'HBM GiB':>8} {'fits':>5} {'attention':>9} {'PFLOP/step':>10} {'s@40%':>7} {'s@60%':>7}"
+        f"{'HBM GiB':>8} {'fits':>5} {'attention':>9} {'PFLOP/step':>10} {'s@40%':>7} {'s@60%':>7} "
+        f"{'FLOPx*':>7} {'est s*':>8} {'bound*':>11} {'MFU*':>6}"
     )
     lines = [head]
     for name, p in plans:
@@ -320,8 +433,32 @@ def format_plans(plans: list[tuple[str, Plan]]) -> str:
         lines.append(
             f"{name:<{width}} {slc:<12} {size} {mesh:>11} {p.analytic_bytes / GIB:9.2f} {peak} "
             f"{p.hbm_bytes / GIB:8.2f} {'yes' if p.fits else 'NO':>5} {p.attention:>9} {p.flops_per_step / 1e15:10.2f} "
-            f"{p.step_seconds['40%']:7.2f} {p.step_seconds['60%']:7.2f}"
+            f"{p.step_seconds['40%']:7.2f} {p.step_seconds['60%']:7.2f} {_estimates(p.cost)}"
         )
         if p.error:
             lines.append(f"  {p.error}")
+        if p.cost and p.cost.get("collectives"):
+            parts = [
+                f"{c['kind']} {'+'.join(c['axes'])}{' (DCN)' if c['dcn'] else ''} {c['bytes'] / GIB:.2f} GiB "
+                f"{c['seconds'] * 1e3:.1f} ms"
+                for c in p.cost["collectives"]
+            ]
+            lines.append(f"  collectives per device*: {'; '.join(parts)}")
+        if p.cost and "decode_seconds_per_token" in p.cost:
+            lines.append(
+                f"  decode*: {p.cost['decode_bytes_per_token'] / GIB:.2f} GiB read per token per device, "
+                f">= {p.cost['decode_seconds_per_token'] * 1e3:.2f} ms per token at HBM bandwidth"
+            )
+    if any(p.cost for _, p in plans):
+        lines.append(
+            "* compiler estimates (libtpu's cost analysis, corrected; collectives at public ICI/DCN "
+            "bandwidths; decode an analytic bound), not measurements"
+        )
     return "\n".join(lines)
+
+
+def _estimates(cost: dict | None) -> str:
+    if not cost or "seconds" not in cost:
+        return f"{'-':>7} {'-':>8} {'-':>11} {'-':>6}"
+    mfu = f"{cost['mfu'] * 100:5.1f}%" if cost["mfu"] is not None else f"{'-':>6}"
+    return f"{cost['flops_overhead']:6.2f}x {cost['seconds']:8.3f} {cost['bound']:>11} {mfu}"

@@ -1,0 +1,234 @@
+"""medjax's and tunix's train steps compiled for the same Cloud TPU slice, side by side, here.
+
+Why: no TPU is lent to this project, so the evidence of efficiency at real shape is what libtpu
+makes of each stack's program for compile-only devices of one slice. medjax's step is the one
+`medjax plan` compiles (its config, rule table and remat); tunix's is its own Qwen2 model, its
+ShardingConfig and the update its PeftTrainer runs (tunix.sft.peft_trainer: nnx.value_and_grad of
+its default loss, optax.global_norm, nnx.Optimizer.update), with the same optax chain. Both are
+costed the same way (medjax.parallel.costs: unrolled 1- and 2-layer compiles extrapolated, libtpu's
+time corrected, Pallas kernels and collectives added), and each peak is the full model's compile.
+Compiler estimates, never measurements.
+
+Run in tunix's environment (tools/setup_tunix.sh makes .venv-tunix, medjax installed beside it):
+    .venv-tunix/bin/python tools/bench_aot.py                  # every case (about 25 min on 2 cores)
+    .venv-tunix/bin/python tools/bench_aot.py --case 0.5b-v5e-4 --json /tmp/aot.json
+
+Differences that remain, listed in the output: medjax computes the loss over logits in chunks
+(model.logits_chunk) where tunix materialises every row's logits in float32; tunix has no
+selective remat (RematConfig.DECODER is medjax's remat: full); tunix's flash path is the same
+splash kernel with one block size for every block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own device; the slice is compile-only
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (medjax model preset, tunix ModelConfig classmethod, slice, rows, sequence length)
+CASES = {
+    "0.5b-v5e-4": ("qwen2.5-0.5b", "qwen2p5_0p5b", "v5e-4", 4, 2048),
+    "7b-v5e-64": ("qwen2.5-7b", "qwen2p5_7b", "v5e-64", 64, 2048),
+}
+GIB = 1024**3
+
+
+def medjax_config(preset: str, rows: int, seq: int, attention: str):
+    """The 7B CPT config with the case's model, shape and attention (fp32 params, bf16 compute,
+    full remat, fsdp over the slice): the settings tunix is given too."""
+    from medjax.config import REPO_ROOT, load_config
+
+    return load_config(
+        REPO_ROOT / "configs" / "quarkmed" / "cpt_qwen2.5-7b_v5e-64.yaml",
+        [
+            f"model.preset={preset}",
+            f"model.attention={attention}",
+            f"train.global_batch_size={rows}",
+            f"data.seq_len={seq}",
+            "init_from=",
+        ],
+    )
+
+
+def run_medjax(preset: str, topology: str, rows: int, seq: int, attention: str) -> dict:
+    from medjax.train.plan import plan
+
+    cfg = medjax_config(preset, rows, seq, attention)
+    started = time.perf_counter()
+    p = plan(cfg, topology, cost=True)
+    return _row("medjax", p.attention, p.peak_bytes, p.cost, time.perf_counter() - started)
+
+
+def _patch_tunix_shard() -> None:
+    """tunix's shard() returns its input unconstrained when the first JAX device is a CPU, which
+    is every compile-only run: it is made to constrain as it does on a TPU host."""
+    import jax
+    import tunix.models.qwen2.model as qwen2
+    from jax.interpreters import pxla
+
+    def shard(x, s):
+        mesh = pxla.thread_resources.env.physical_mesh
+        if mesh.empty:
+            return x
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s)))
+
+    qwen2.shard = shard
+
+
+def _tunix_lowered(tcfg, mesh, tx, rows: int, seq: int):
+    """tunix's update for ``tcfg`` lowered for ``mesh`` from abstract shapes."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import tunix.models.qwen2.model as qwen2
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+    from tunix.sft.peft_trainer import _default_loss_fn
+    from tunix.sft.utils import build_positions_from_mask, make_causal_attn_mask
+
+    def build():
+        model = qwen2.Qwen2(tcfg, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    with mesh:
+        graphdef, state = nnx.split(nnx.eval_shape(build))
+        specs = nnx.get_partition_spec(state)
+    shardings = jax.tree.map(
+        lambda s: NamedSharding(mesh, s if isinstance(s, PartitionSpec) else PartitionSpec()),
+        specs,
+        is_leaf=lambda s: isinstance(s, PartitionSpec) or s is None,
+    )
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+    def step(state, input_tokens, input_mask):
+        model, optimizer = nnx.merge(graphdef, state)
+        inputs = {
+            "input_tokens": input_tokens,
+            "input_mask": input_mask,
+            "positions": build_positions_from_mask(input_mask),
+            "attention_mask": make_causal_attn_mask(input_mask),
+        }
+        loss, grads = nnx.value_and_grad(_default_loss_fn)(model, **inputs)
+        grad_norm = optax.global_norm(grads)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss, grad_norm
+
+    rows_sharding = NamedSharding(mesh, PartitionSpec("fsdp"))
+    tokens = jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=rows_sharding)
+    mask = jax.ShapeDtypeStruct((rows, seq), jnp.bool_, sharding=rows_sharding)
+    with mesh:
+        return jax.jit(step, out_shardings=(shardings, None, None), donate_argnums=0).lower(state, tokens, mask)
+
+
+def run_tunix(preset: str, tunix_name: str, topology: str, rows: int, seq: int, attention: str) -> dict:
+    import jax.numpy as jnp
+    import numpy as np
+    import tunix.models.qwen2.model as qwen2
+    from jax.sharding import Mesh
+
+    from medjax.models.decoder import ModelDef
+    from medjax.parallel.costs import extrapolate, program_cost
+    from medjax.parallel.topologies import get_slice, slice_devices
+    from medjax.train.metrics import train_flops_per_token
+    from medjax.train.optimizer import make_optimizer
+    from medjax.train.plan import compile_peak, estimate, kernel_flops
+
+    _patch_tunix_shard()
+    cfg = medjax_config(preset, rows, seq, attention)
+    model_cfg = ModelDef(cfg.model).cfg
+    slc = get_slice(topology)
+    devices = slice_devices(slc)
+    mesh = Mesh(np.array(devices).reshape(len(devices), 1), ("fsdp", "tp"))
+    tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)  # the same optax chain as medjax's
+    base = getattr(qwen2.ModelConfig, tunix_name)()
+    tcfg = dataclasses.replace(
+        base,
+        remat_config=qwen2.RematConfig.DECODER,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
+        use_flash_attention=attention == "splash",
+        flash_attention_block_size=min(512, seq),
+    )
+    started = time.perf_counter()
+    peak, error = compile_peak(_tunix_lowered(tcfg, mesh, tx, rows, seq))
+    one, two = (
+        program_cost(_tunix_lowered(dataclasses.replace(tcfg, num_layers=n), mesh, tx, rows, seq).compile(), mesh, slc)
+        for n in (1, 2)
+    )
+    n = len(devices)
+    flops = train_flops_per_token(model_cfg, seq) * rows * seq
+    kernels = kernel_flops(model_cfg, seq, rows, attention)
+    cost = estimate(extrapolate(one, two, base.num_layers), flops / n, kernels / n, slc)
+    row = _row("tunix", attention, peak, cost, time.perf_counter() - started)
+    row["error"] = error
+    return row
+
+
+def _row(stack: str, attention: str, peak: int | None, cost: dict | None, seconds: float) -> dict:
+    return {"stack": stack, "attention": attention, "peak_bytes": peak, "cost": cost, "seconds": round(seconds, 1)}
+
+
+def format_table(results: list[dict]) -> str:
+    head = (
+        f"{'case':<12} {'stack':<7} {'attention':<9} {'peak GiB':>9} {'TFLOP':>8} {'FLOPx':>6} {'GB acc.':>8} "
+        f"{'coll. GB':>8} {'coll. ms':>8} {'est s':>7} {'bound':>11} {'MFU':>6} {'compile s':>9}"
+    )
+    lines = [head]
+    for r in results:
+        c = r["cost"] or {}
+        peak = f"{r['peak_bytes'] / GIB:9.2f}" if r["peak_bytes"] else f"{'OOM':>9}"
+        coll = sum(x["bytes"] for x in c.get("collectives", []))
+        lines.append(
+            f"{r['case']:<12} {r['stack']:<7} {r['attention']:<9} {peak} {c.get('flops', 0) / 1e12:8.2f} "
+            f"{c.get('flops_overhead') or 0:6.2f} {c.get('bytes_accessed', 0) / 1e9:8.1f} {coll / 1e9:8.2f} "
+            f"{c.get('collective_seconds', 0) * 1e3:8.1f} {c.get('seconds', 0):7.3f} {c.get('bound', '-'):>11} "
+            f"{(c.get('mfu') or 0) * 100:5.1f}% {r['seconds']:9.1f}"
+        )
+    lines.append(
+        "per chip; compiler estimates (libtpu cost analysis corrected, kernels and collectives added), not measurements"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", action="append", choices=sorted(CASES), help="a case (default: all)")
+    ap.add_argument("--attention", action="append", choices=("xla", "splash"), help="default: both")
+    ap.add_argument("--json", type=Path, help="write the rows here too")
+    args = ap.parse_args(argv)
+    try:
+        import tunix  # noqa: F401
+    except ImportError:
+        print("tunix is not installed here: run tools/setup_tunix.sh, then .venv-tunix/bin/python", file=sys.stderr)
+        return 2
+    results = []
+    for case in args.case or list(CASES):
+        preset, tunix_name, topology, rows, seq = CASES[case]
+        for attention in args.attention or ("xla", "splash"):
+            for stack in ("medjax", "tunix"):
+                print(f"compiling {stack} {case} {attention} ...", file=sys.stderr, flush=True)
+                if stack == "medjax":
+                    row = run_medjax(preset, topology, rows, seq, attention)
+                else:
+                    row = run_tunix(preset, tunix_name, topology, rows, seq, attention)
+                results.append({"case": case, "rows": rows, "seq_len": seq, **row})
+                print(format_table(results[-1:]).splitlines()[1], file=sys.stderr, flush=True)
+    print(format_table(results))
+    if args.json:
+        from medjax.utils import atomic_open
+
+        with atomic_open(args.json) as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
