@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medjax.models.attention import causal_attention
+from medjax.models.attention import causal_attention, grouped_attention
 from medjax.models.config import LORA_TARGETS, ModelConfig, RopeScaling
 from medjax.models.quantized import kernel
 
@@ -207,7 +207,7 @@ class Attention(nnx.Module):
         if cache is None:
             out = causal_attention(q, k, v, segment_ids, self.cfg.attention)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+            out = grouped_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
         return add_lora(jnp.einsum("bshd,hde->bse", out, kernel(self.wo, dt)), self, "o", out, 2, scale, drop), cache
 
 
