@@ -9,6 +9,7 @@ Run (from the repository root):
 
     .venv/bin/python tools/plan_all.py                   # every config, its slice from the table below
     .venv/bin/python tools/plan_all.py --json /tmp/plans.json
+    .venv/bin/python tools/plan_all.py --no-cost         # fit only: one compile per program
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ CONFIGS = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="also write every plan as JSON")
+    ap.add_argument(
+        "--no-cost", action="store_true", help="skip the compiler's cost estimates (two more compiles each)"
+    )
     args = ap.parse_args(argv)
     rows = []
     for name, topology in CONFIGS.items():
         cfg = load_config(REPO_ROOT / "configs" / "quarkmed" / name)
         model = planned_model(cfg)
-        result = plan(cfg, topology, model=model)
+        result = plan(cfg, topology, model=model, cost=not args.no_cost)
         rows.append((name.removesuffix(".yaml"), result))
         print(f"compiled {name} for {topology} in {result.compile_seconds:.0f} s", file=sys.stderr)
         if cfg.stage == "rl":  # and its rollout sampler, the other program the stage runs
