@@ -65,6 +65,9 @@ def test_tpu_lines_are_summed_by_kind_and_axes(mesh):
         "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}, use_global_device_ids=true",
         "  %all-reduce.9 = (f32[]{:T(128)}, f32[4,64]{1,0:T(4,128)S(1)}) all-reduce(%a, %b), channel_id=7, "
         "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, to_apply=%add",
+        # the same collective printed again in its async done fusion: one channel, counted once
+        "  %all-gather.4 = bf16[256,2,64]{2,0,1:T(8,128)(2,1)S(1)} all-gather(%p.7), channel_id=26, "
+        "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}, use_global_device_ids=true",
         "  ROOT %custom-call.3 = (bf16[64,2,64]{2,0,1}, u32[]) custom-call(%all-gather.2), "
         'custom_call_target="AsyncCollectiveStart"',
     ]

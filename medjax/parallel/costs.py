@@ -137,37 +137,53 @@ def program_cost(compiled, mesh: Mesh, slc: Slice) -> ProgramCost:
 
 
 def collectives_of(lines: Iterable[str], mesh: Mesh, slc: Slice) -> list[Collective]:
-    """The collective ops of an HLO module's text, summed by kind and the mesh axes they span."""
+    """The collective ops of an HLO module's text, summed by kind and the mesh axes they span.
+    libtpu prints one collective in several computations (its async start and done fusions), all
+    with its channel id: each channel counts once."""
     keyed: dict[tuple, list[int]] = {}
+    seen: set[tuple[str, str]] = set()
     for line in lines:
-        m = _OP.match(line)
-        if not m:
-            dcn = _DCN_SEND.match(line)
-            sizes = [_bytes(dtype, dims) for dtype, dims in _ARRAY.findall(dcn["type"])] if dcn else []
-            if sizes:  # (payload, context, token)
-                acc = keyed.setdefault((dcn["kind"].lower().replace("_", "-"), *_across_slices(mesh)), [0, 0])
-                acc[0] += 1
-                acc[1] += sizes[0]
+        op, dcn = _OP.match(line), _DCN_SEND.match(line)
+        if not (op or dcn):
             continue
-        kind, rest = m["op"], m["rest"]
-        sizes = [_bytes(dtype, dims) for dtype, dims in _ARRAY.findall(m["type"])]
-        if not sizes:
-            continue
-        if m["start"] and kind == "all-gather":
-            size = max(sizes)  # (operand, result) tuple
-        elif m["start"] and kind == "collective-permute":
-            size = sizes[0]
-        else:
-            size = sum(sizes)  # a tuple all-reduce moves every element
-        ids = _first_group(rest, mesh.devices.size)
-        key = _span(ids, mesh, slc) if ids is not None else (("?",), 1, False, 1.0)
-        acc = keyed.setdefault((kind, *key), [0, 0])
-        acc[0] += 1
-        acc[1] += size
+        channel = re.search(r"channel_id=(\d+)", line)
+        if channel:
+            if (op["op"] if op else "send", channel[1]) in seen:
+                continue
+            seen.add((op["op"] if op else "send", channel[1]))
+        found = _collective(op, mesh, slc) if op else _cross_slice(dcn, mesh)
+        if found:
+            acc = keyed.setdefault(found[0], [0, 0])
+            acc[0] += 1
+            acc[1] += found[1]
     return [
         Collective(kind, axes, group, dcn, links, count, size)
         for (kind, axes, group, dcn, links), (count, size) in sorted(keyed.items())
     ]
+
+
+def _collective(m: re.Match, mesh: Mesh, slc: Slice) -> tuple[tuple, int] | None:
+    """((kind, axes, group, dcn, links), bytes) of one collective op's line."""
+    kind = m["op"]
+    sizes = [_bytes(dtype, dims) for dtype, dims in _ARRAY.findall(m["type"])]
+    if not sizes:
+        return None
+    if m["start"] and kind == "all-gather":
+        size = max(sizes)  # (operand, result) tuple
+    elif m["start"] and kind == "collective-permute":
+        size = sizes[0]
+    else:
+        size = sum(sizes)  # a tuple all-reduce moves every element
+    ids = _first_group(m["rest"], mesh.devices.size)
+    return (kind, *(_span(ids, mesh, slc) if ids is not None else (("?",), 1, False, 1.0))), size
+
+
+def _cross_slice(m: re.Match, mesh: Mesh) -> tuple[tuple, int] | None:
+    """The same for a DCN send: its payload is the first of (payload, context, token)."""
+    sizes = [_bytes(dtype, dims) for dtype, dims in _ARRAY.findall(m["type"])]
+    if not sizes:
+        return None
+    return (m["kind"].lower().replace("_", "-"), *_across_slices(mesh)), sizes[0]
 
 
 def _bytes(dtype: str, dims: str) -> int:
