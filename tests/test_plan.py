@@ -154,7 +154,8 @@ def test_step_cost_extrapolated_from_two_layers_matches_an_unrolled_compile():
     model = dataclasses.replace(cfg.model, scan_layers=False)
     slc, mesh = _slice_mesh(cfg, "v5e-4", 1, model)
     direct = program_cost(_lower_step(cfg, model, mesh).lowered.compile(), mesh, slc)
-    est = step_cost(cfg, cfg.model, mesh, slc)
+    est, layer, outside = step_cost(cfg, cfg.model, mesh, slc)
+    assert est.flops == pytest.approx(outside.flops + 4 * layer.flops) and layer.flops > 0 and outside.flops > 0
     assert est.flops == pytest.approx(direct.flops, rel=1e-3)
     assert est.bytes_accessed == pytest.approx(direct.bytes_accessed, rel=0.02)
     assert direct.optimal_seconds > 0 and direct.concat_bitcasts > 0  # negative before the correction
@@ -164,7 +165,7 @@ def test_step_cost_extrapolated_from_two_layers_matches_an_unrolled_compile():
         return sum(c.bytes for c in cost.collectives if c.kind == "all-gather" and c.axes == ("fsdp",))
 
     assert gathered(est) == pytest.approx(gathered(direct), rel=0.05) and gathered(direct) > 0
-    accumulated = step_cost(
+    accumulated, _, _ = step_cost(
         _demo("mesh.data=1", "mesh.fsdp=4", "model.num_layers=4", "train.grad_accum_steps=2"), cfg.model, mesh, slc
     )
     assert accumulated.flops == pytest.approx(est.flops, rel=0.02)  # the same tokens, the update twice
@@ -188,6 +189,7 @@ def test_plan_reports_what_the_compiler_estimates_a_step_costs():
         x["axes"] == ["fsdp"] for x in c["collectives"]
     )
     assert c["collective_seconds"] == pytest.approx(sum(x["seconds"] for x in c["collectives"]))
+    assert c["flops"] == pytest.approx(2 * c["per_layer"]["flops"] + c["outside_layers"]["flops"] + c["kernel_flops"])
     table = format_plans([("demo", p)])
     assert "compiler estimates" in table and "all-gather fsdp" in table
     assert plan(cfg, "v5e-4").cost is None

@@ -135,11 +135,11 @@ def run_tunix(preset: str, tunix_name: str, topology: str, rows: int, seq: int, 
     from jax.sharding import Mesh
 
     from medjax.models.decoder import ModelDef
-    from medjax.parallel.costs import extrapolate, program_cost
+    from medjax.parallel.costs import program_cost
     from medjax.parallel.topologies import get_slice, slice_devices
     from medjax.train.metrics import train_flops_per_token
     from medjax.train.optimizer import make_optimizer
-    from medjax.train.plan import compile_peak, estimate, kernel_flops
+    from medjax.train.plan import compile_peak, estimate, kernel_flops, split_by_depth
 
     _patch_tunix_shard()
     cfg = medjax_config(preset, rows, seq, attention)
@@ -166,7 +166,7 @@ def run_tunix(preset: str, tunix_name: str, topology: str, rows: int, seq: int, 
     n = len(devices)
     flops = train_flops_per_token(model_cfg, seq) * rows * seq
     kernels = kernel_flops(model_cfg, seq, rows, attention)
-    cost = estimate(extrapolate(one, two, base.num_layers), flops / n, kernels / n, slc)
+    cost = estimate(split_by_depth(one, two, base.num_layers), flops / n, kernels / n, slc)
     row = _row("tunix", attention, peak, cost, time.perf_counter() - started)
     row["error"] = error
     return row
@@ -179,7 +179,8 @@ def _row(stack: str, attention: str, peak: int | None, cost: dict | None, second
 def format_table(results: list[dict]) -> str:
     head = (
         f"{'case':<12} {'stack':<7} {'attention':<9} {'peak GiB':>9} {'TFLOP':>8} {'FLOPx':>6} {'GB acc.':>8} "
-        f"{'coll. GB':>8} {'coll. ms':>8} {'est s':>7} {'bound':>11} {'MFU':>6} {'compile s':>9}"
+        f"{'coll. GB':>8} {'coll. ms':>8} {'est s':>7} {'bound':>11} {'MFU':>6} {'compile s':>9} "
+        f"{'layer ms':>8} {'layer GB':>8} {'rest ms':>7} {'rest GB':>7}"
     )
     lines = [head]
     for r in results:
@@ -190,7 +191,8 @@ def format_table(results: list[dict]) -> str:
             f"{r['case']:<12} {r['stack']:<7} {r['attention']:<9} {peak} {c.get('flops', 0) / 1e12:8.2f} "
             f"{c.get('flops_overhead') or 0:6.2f} {c.get('bytes_accessed', 0) / 1e9:8.1f} {coll / 1e9:8.2f} "
             f"{c.get('collective_seconds', 0) * 1e3:8.1f} {c.get('seconds', 0):7.3f} {c.get('bound', '-'):>11} "
-            f"{(c.get('mfu') or 0) * 100:5.1f}% {r['seconds']:9.1f}"
+            f"{(c.get('mfu') or 0) * 100:5.1f}% {r['seconds']:9.1f} {_share(c.get('per_layer'))} "
+            f"{_share(c.get('outside_layers'), 7)}"
         )
     lines.append(
         "per chip; compiler estimates (libtpu cost analysis corrected, kernels and collectives added), not measurements"
@@ -198,10 +200,18 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _share(part: dict | None, width: int = 8) -> str:
+    """libtpu's time (ms) and bytes accessed (GB) of one layer, or of all outside the layers."""
+    if not part:
+        return f"{'-':>{width}} {'-':>{width}}"
+    return f"{part['optimal_seconds'] * 1e3:{width}.1f} {part['bytes_accessed'] / 1e9:{width}.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="a case (default: all)")
     ap.add_argument("--attention", action="append", choices=("xla", "splash"), help="default: both")
+    ap.add_argument("--stack", action="append", choices=("medjax", "tunix"), help="default: both")
     ap.add_argument("--json", type=Path, help="write the rows here too")
     args = ap.parse_args(argv)
     try:
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.case or list(CASES):
         preset, tunix_name, topology, rows, seq = CASES[case]
         for attention in args.attention or ("xla", "splash"):
-            for stack in ("medjax", "tunix"):
+            for stack in args.stack or ("medjax", "tunix"):
                 print(f"compiling {stack} {case} {attention} ...", file=sys.stderr, flush=True)
                 if stack == "medjax":
                     row = run_medjax(preset, topology, rows, seq, attention)

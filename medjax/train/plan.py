@@ -226,12 +226,13 @@ def _lower_step(cfg: Config, model_cfg: ModelConfig, mesh) -> _Step:
     )
 
 
-def step_cost(cfg: Config, model_cfg: ModelConfig, mesh, slc) -> ProgramCost:
-    """What one train step costs per device, by the compiler: unrolled 1- and 2-layer variants of
-    the step (same widths, remat, dtypes and layout) compiled and extrapolated to the model's depth,
-    as XLA counts a scanned body once. Gradient accumulation's micro-batch loop is a while loop too:
-    a micro-batch's step is costed and multiplied, which counts the optimizer update once per
-    micro-batch (small against the forward and backward)."""
+def step_cost(cfg: Config, model_cfg: ModelConfig, mesh, slc) -> tuple[ProgramCost, ProgramCost, ProgramCost]:
+    """What one train step costs per device, by the compiler, as (the whole step, one layer, all
+    outside the layers: embedding, head, loss, optimizer update). Unrolled 1- and 2-layer variants
+    of the step (same widths, remat, dtypes and layout) are compiled and extrapolated to the model's
+    depth, as XLA counts a scanned body once. Gradient accumulation's micro-batch loop is a while
+    loop too: a micro-batch's step is costed and multiplied, which counts the optimizer update once
+    per micro-batch (small against the forward and backward)."""
     accum = cfg.train.grad_accum_steps
     micro = dataclasses.replace(
         cfg,
@@ -247,14 +248,27 @@ def step_cost(cfg: Config, model_cfg: ModelConfig, mesh, slc) -> ProgramCost:
         )
         for n in (1, 2)
     )
-    return extrapolate(one, two, model_cfg.num_layers).scaled(accum)
+    return split_by_depth(one, two, model_cfg.num_layers, accum)
 
 
-def estimate(cost: ProgramCost, model_flops: float, kernel_flops: float, slc) -> dict:
-    """The plan's time estimates from a step's compiled cost (per device): libtpu's corrected time
-    plus the Pallas kernels' FLOPs at peak, the collectives over the slice's links, the roofline
-    bound, and the MFU they imply (compute and collectives taken as overlapped). Compiler
-    estimates, never measurements."""
+def split_by_depth(
+    one: ProgramCost, two: ProgramCost, layers: int, accum: int = 1
+) -> tuple[ProgramCost, ProgramCost, ProgramCost]:
+    """(the whole step, one layer, all outside the layers) from the 1- and 2-layer costs."""
+    return (
+        extrapolate(one, two, layers).scaled(accum),
+        one.combine(two, -1.0, 1.0).scaled(accum),
+        one.combine(two, 2.0, -1.0).scaled(accum),
+    )
+
+
+def estimate(costs: tuple[ProgramCost, ProgramCost, ProgramCost], model_flops: float, kernel_flops: float, slc) -> dict:
+    """The plan's time estimates from a step's compiled costs (per device; step_cost's whole, one
+    layer, outside the layers): libtpu's corrected time plus the Pallas kernels' FLOPs at peak, the
+    collectives over the slice's links, the roofline bound, the MFU they imply (compute and
+    collectives taken as overlapped), and where the FLOPs, bytes and time go. Compiler estimates,
+    never measurements."""
+    cost, layer, outside = costs
     gen = slc.generation
     peak = gen.peak_bf16_flops
     collectives = [c.to_json(slc) for c in cost.collectives]
@@ -281,6 +295,19 @@ def estimate(cost: ProgramCost, model_flops: float, kernel_flops: float, slc) ->
         "bound": max(bounds, key=bounds.get),
         "seconds": seconds,
         "mfu": model_flops / (peak * seconds) if seconds > 0 else None,
+        "per_layer": _share(layer, slc),
+        "outside_layers": _share(outside, slc),
+    }
+
+
+def _share(cost: ProgramCost, slc) -> dict:
+    """A part of the step by the compiler (Pallas kernels not added)."""
+    return {
+        "flops": cost.flops,
+        "bytes_accessed": cost.bytes_accessed,
+        "optimal_seconds": cost.optimal_seconds,
+        "collective_bytes": sum(c.bytes for c in cost.collectives),
+        "collective_seconds": sum(c.seconds(slc) for c in cost.collectives),
     }
 
 
