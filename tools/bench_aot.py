@@ -137,9 +137,8 @@ def run_tunix(preset: str, tunix_name: str, topology: str, rows: int, seq: int, 
     from medjax.models.decoder import ModelDef
     from medjax.parallel.costs import program_cost
     from medjax.parallel.topologies import get_slice, slice_devices
-    from medjax.train.metrics import train_flops_per_token
     from medjax.train.optimizer import make_optimizer
-    from medjax.train.plan import compile_peak, estimate, kernel_flops, split_by_depth
+    from medjax.train.plan import compile_peak, split_by_depth, step_estimate
 
     _patch_tunix_shard()
     cfg = medjax_config(preset, rows, seq, attention)
@@ -163,10 +162,8 @@ def run_tunix(preset: str, tunix_name: str, topology: str, rows: int, seq: int, 
         program_cost(_tunix_lowered(dataclasses.replace(tcfg, num_layers=n), mesh, tx, rows, seq).compile(), mesh, slc)
         for n in (1, 2)
     )
-    n = len(devices)
-    flops = train_flops_per_token(model_cfg, seq) * rows * seq
-    kernels = kernel_flops(model_cfg, seq, rows, attention)
-    cost = estimate(split_by_depth(one, two, base.num_layers), flops / n, kernels / n, slc)
+    costs = split_by_depth(one, two, base.num_layers)
+    cost = step_estimate(costs, model_cfg, rows, seq, attention, slc, len(devices))
     row = _row("tunix", attention, peak, cost, time.perf_counter() - started)
     row["error"] = error
     return row

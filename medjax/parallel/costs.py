@@ -148,9 +148,10 @@ def collectives_of(lines: Iterable[str], mesh: Mesh, slc: Slice) -> list[Collect
             continue
         channel = re.search(r"channel_id=(\d+)", line)
         if channel:
-            if (op["op"] if op else "send", channel[1]) in seen:
+            key = (op["op"] if op else "send", channel[1])
+            if key in seen:
                 continue
-            seen.add((op["op"] if op else "send", channel[1]))
+            seen.add(key)
         found = _collective(op, mesh, slc) if op else _cross_slice(dcn, mesh)
         if found:
             acc = keyed.setdefault(found[0], [0, 0])

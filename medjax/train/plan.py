@@ -262,6 +262,22 @@ def split_by_depth(
     )
 
 
+def step_estimate(
+    costs: tuple[ProgramCost, ProgramCost, ProgramCost],
+    model_cfg: ModelConfig,
+    rows: int,
+    seq_len: int,
+    attention: str,
+    slc,
+    devices: int,
+) -> dict:
+    """estimate() for a train step of ``rows`` x ``seq_len`` tokens over ``devices``: the model's
+    FLOPs and the Pallas kernels' (kernel_flops) per device, from the step's shape."""
+    model_flops = train_flops_per_token(model_cfg, seq_len) * rows * seq_len
+    kernels = kernel_flops(model_cfg, seq_len, rows, attention)
+    return estimate(costs, model_flops / devices, kernels / devices, slc)
+
+
 def estimate(costs: tuple[ProgramCost, ProgramCost, ProgramCost], model_flops: float, kernel_flops: float, slc) -> dict:
     """The plan's time estimates from a step's compiled costs (per device; step_cost's whole, one
     layer, outside the layers): libtpu's corrected time plus the Pallas kernels' FLOPs at peak, the
@@ -353,9 +369,9 @@ def plan(
         started=started,
     )
     if cost and result.fits:
-        n = mesh.devices.size
-        kernels = kernel_flops(model_cfg, cfg.data.seq_len, cfg.train.global_batch_size, attention)
-        result.cost = estimate(step_cost(cfg, model_cfg, mesh, slc), flops / n, kernels / n, slc)
+        costs = step_cost(cfg, model_cfg, mesh, slc)
+        rows = cfg.train.global_batch_size
+        result.cost = step_estimate(costs, model_cfg, rows, cfg.data.seq_len, attention, slc, mesh.devices.size)
         result.compile_seconds = round(time.perf_counter() - started, 1)
     return result
 
