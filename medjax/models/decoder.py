@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -9,7 +11,8 @@ from flax import nnx
 from medjax.models.config import ModelConfig
 from medjax.models.families import family_spec
 from medjax.models.layers import BLOCK_TYPES, DTYPES, DecoderBlock, LayerCache, RMSNorm, param
-from medjax.models.sharding import constrain
+from medjax.models.loops import chunk_map
+from medjax.models.sharding import constrain, shards, sum_copies
 
 ACTIVATION = ("batch", None, None)  # [batch, seq, hidden]: the batch stays split, like the data
 
@@ -131,13 +134,17 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits; the matmul accumulates in float32 even with bf16 activations."""
+        w, spec, _ = self._head()
+        return jnp.einsum(f"bse,{spec}->bsv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+    def _head(self) -> tuple[jax.Array, str, tuple[str, str]]:
+        """(the language-model head's weight, its einsum letters, its logical axes): the
+        embedding [vocab, embed] when tied, else lm_head [embed, vocab]."""
         if self.cfg.score_labels:
             raise ValueError("a reward model (model.score_labels set) has no language-model head")
         if self.cfg.tie_word_embeddings:
-            w = self.embed[...].astype(hidden.dtype)
-            return jnp.einsum("bse,ve->bsv", hidden, w, preferred_element_type=jnp.float32)
-        w = self.lm_head[...].astype(hidden.dtype)
-        return jnp.einsum("bse,ev->bsv", hidden, w, preferred_element_type=jnp.float32)
+            return self.embed[...], "ve", ("vocab", "embed")
+        return self.lm_head[...], "ev", ("embed", "vocab")
 
     def token_logprobs(
         self, hidden: jax.Array, targets: jax.Array, entropy: bool = False
@@ -145,10 +152,16 @@ class Decoder(nnx.Module):
         """log p(target) [batch, seq] in float32, and with ``entropy`` the entropy of each next-token
         distribution, computed ``cfg.logits_chunk`` positions at a time: float32 logits of the
         whole [batch, seq, vocab] never exist at once (152k vocab x 8k tokens is 5 GB a sequence),
-        and the backward pass recomputes each chunk's logits instead of keeping them."""
+        and the backward pass recomputes each chunk's logits instead of keeping them.
 
-        def one(h, t):
-            logits = constrain(self.logits(constrain(h, ACTIVATION)), ("batch", None, "vocab"))
+        In chunks, each of the layout's batch shards holds one whole copy of the head, gathered
+        once before the loop. The head's gradient then sums in that copy chunk after chunk, on
+        the device, and is reduced over the batch shards once, after the loop (a reduce-scatter
+        into the weight's own layout). Used in place, as the weight laid out by the rule table,
+        it would be gathered again in each chunk's forward and recompute, and its whole gradient
+        all-reduced once per chunk."""
+
+        def lse_and_entropy(logits, t):
             lse = jax.nn.logsumexp(logits, axis=-1)
             logp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
             ent = lse - (jax.nn.softmax(logits, axis=-1) * logits).sum(-1) if entropy else jnp.zeros_like(lse)
@@ -157,16 +170,30 @@ class Decoder(nnx.Module):
         batch, seq, width = hidden.shape
         chunk = self.cfg.logits_chunk
         if not chunk or chunk >= seq:
-            logp, ent = one(hidden, targets)
+            logits = constrain(self.logits(constrain(hidden, ACTIVATION)), ("batch", None, "vocab"))
+            logp, ent = lse_and_entropy(logits, targets)
             return logp, ent if entropy else None
+        groups = shards("batch")
+        w, spec, axes = self._head()
+        w = copy_per_shard(w, hidden.dtype, groups if batch % groups == 0 else 1, axes)
         pad = -seq % chunk
         n = (seq + pad) // chunk
-        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(batch, n, chunk, width).swapaxes(0, 1)
-        t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, n, chunk).swapaxes(0, 1)
-        logp, ent = jax.lax.map(jax.checkpoint(lambda xs: one(*xs)), (h, t))
 
-        def unchunk(x):
-            return x.swapaxes(0, 1).reshape(batch, n * chunk)[:, :seq]
+        def chunked(x):  # [batch, seq, ...] -> [n, groups, batch / groups, chunk, ...]
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+            x = x.reshape(groups, batch // groups, n, chunk, *x.shape[2:])
+            return jnp.moveaxis(x, 2, 0)
+
+        def one(xs):
+            h, t = xs
+            h = constrain(h, ("batch", None, None, None))
+            logits = jnp.einsum(f"gbce,g{spec}->gbcv", h, w, preferred_element_type=jnp.float32)
+            return lse_and_entropy(constrain(logits, ("batch", None, None, "vocab")), t)
+
+        logp, ent = chunk_map(jax.checkpoint(one), (chunked(hidden), chunked(targets)))
+
+        def unchunk(x):  # [n, groups, batch / groups, chunk] -> [batch, seq]
+            return jnp.moveaxis(x, 0, 2).reshape(batch, n * chunk)[:, :seq]
 
         return unchunk(logp), unchunk(ent) if entropy else None
 
@@ -186,6 +213,27 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens, positions=None, segment_ids=None, dropout_rng=None) -> jax.Array:
         return self.logits(self.hidden_states(tokens, positions, segment_ids, dropout_rng))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def copy_per_shard(w: jax.Array, dtype, groups: int, axes: tuple[str, ...]) -> jax.Array:
+    """[groups, *w.shape] in ``dtype``: one whole copy of ``w`` (its embed dimension gathered) on
+    each of the ``groups`` batch shards. The copies' gradients are summed straight into ``w``'s
+    own layout (sum_copies: a reduce-scatter), where a plain broadcast's gradient would be
+    all-reduced whole and then sliced."""
+    per_shard = ("batch", *(None if a == "embed" else a for a in axes))
+    return constrain(jnp.broadcast_to(w.astype(dtype), (groups, *w.shape)), per_shard)
+
+
+def _copy_per_shard_fwd(w, dtype, groups, axes):
+    return copy_per_shard(w, dtype, groups, axes), jnp.zeros((0,), w.dtype)
+
+
+def _copy_per_shard_bwd(dtype, groups, axes, w_kind, grad):
+    return (sum_copies(grad, axes).astype(w_kind.dtype),)
+
+
+copy_per_shard.defvjp(_copy_per_shard_fwd, _copy_per_shard_bwd)
 
 
 def stack_blocks(blocks: list[DecoderBlock]) -> DecoderBlock:

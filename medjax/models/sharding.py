@@ -7,10 +7,11 @@ the whole global batch (40 GB for 64 x 1024 positions of a 152k vocabulary). Con
 activations (batch stays split) forces the cheap choice, as MaxText's logical activation axes do.
 Likewise a Pallas kernel (splash attention) has no partitioning rule: it must run per shard.
 
-The model calls ``constrain(x, ("batch", None, "vocab"))`` and ``local_map(fn, in_axes, out_axes)``;
+The model calls ``constrain(x, ("batch", None, "vocab"))``, ``local_map(fn, in_axes, out_axes)`` and
+``shards("batch")`` and ``sum_copies(copies, axes)``;
 the trainer decides what the names mean for its mesh by installing a layout
 (medjax.parallel.rules.MeshLayout) while it traces. With none installed (tests, single-device
-generation) ``constrain`` returns x unchanged and ``local_map`` returns fn.
+generation) ``constrain`` returns x unchanged, ``local_map`` returns fn, ``shards`` 1 and ``sum_copies`` a plain sum.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class ActivationLayout(Protocol):
 
     def local_map(self, fn: Callable, in_axes: tuple[Axes, ...], out_axes: Axes) -> Callable: ...
 
+    def shards(self, axis: str) -> int: ...
+
+    def sum_copies(self, copies: jax.Array, axes: Axes) -> jax.Array: ...
+
 
 _ACTIVE: contextvars.ContextVar[ActivationLayout | None] = contextvars.ContextVar("medjax_layout", default=None)
 
@@ -45,6 +50,20 @@ def local_map(fn: Callable, in_axes: tuple[Axes, ...], out_axes: Axes) -> Callab
     when no layout is installed."""
     layout = _ACTIVE.get()
     return fn if layout is None else layout.local_map(fn, in_axes, out_axes)
+
+
+def shards(axis: str) -> int:
+    """Into how many pieces the layout splits logical ``axis`` (1 with none installed)."""
+    layout = _ACTIVE.get()
+    return 1 if layout is None else layout.shards(axis)
+
+
+def sum_copies(copies: jax.Array, axes: Axes) -> jax.Array:
+    """The sum over the leading axis of ``copies`` (one per batch shard, that axis laid out as
+    "batch"), laid out by ``axes``: with a layout, one reduce-scatter over the batch's mesh axes
+    that ``axes`` also split and a sum over the rest."""
+    layout = _ACTIVE.get()
+    return copies.sum(0) if layout is None else layout.sum_copies(copies, axes)
 
 
 def target_platform() -> tuple[str, bool]:

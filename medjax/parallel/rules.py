@@ -11,6 +11,7 @@ import logging
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -50,6 +51,10 @@ def _with_family_rules(base: Mapping[str, MeshAxes]) -> dict[str, MeshAxes]:
 
 
 LOGICAL_AXIS_RULES: Mapping[str, MeshAxes] = _with_family_rules(_DENSE_AXIS_RULES)
+
+
+def _names(axes: MeshAxes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:
@@ -121,6 +126,32 @@ class MeshLayout:
 
     def constrain(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(axes, x.shape)))
+
+    def shards(self, axis: str) -> int:
+        return _axis_size(self.mesh, self.rules[axis])
+
+    def sum_copies(self, copies: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        """Per-batch-shard copies [shards, ...] summed into ``axes``'s layout, in their own dtype
+        (as the layers' gradients are): a psum_scatter over the batch's mesh axes that ``axes``
+        split, a psum over the rest."""
+        batch = _names(self.spec(("batch",), copies.shape[:1])[0])
+        out_spec = self.spec(axes, copies.shape[1:])
+        copy_spec = P(batch or None, *(tuple(a for a in _names(e) if a not in batch) or None for e in out_spec))
+
+        def local(block):
+            y = block[0]
+            scattered: list[str] = []
+            for dim, entry in enumerate(out_spec):
+                over = tuple(a for a in _names(entry) if a in batch)
+                if over:
+                    # scattered along the leading dimension: TPUs do a minor one as an all-reduce
+                    y = jax.lax.psum_scatter(jnp.moveaxis(y, dim, 0), over, scatter_dimension=0, tiled=True)
+                    y = jnp.moveaxis(y, 0, dim)
+                    scattered += over
+            rest = tuple(a for a in batch if a not in scattered)
+            return jax.lax.psum(y, rest) if rest else y
+
+        return jax.shard_map(local, mesh=self.mesh, in_specs=copy_spec, out_specs=out_spec, check_vma=False)(copies)
 
     def local_map(self, fn, in_axes, out_axes):
         def run(*args):

@@ -22,6 +22,7 @@ from medjax.models.attention import resolve as resolve_attention
 from medjax.models.config import ModelConfig
 from medjax.models.decoder import ModelDef, count_params
 from medjax.models.layers import DTYPES
+from medjax.models.loops import unrolled_loops
 from medjax.models.sharding import activation_layout
 from medjax.parallel.costs import ProgramCost, extrapolate, program_cost
 from medjax.parallel.mesh import make_mesh
@@ -229,8 +230,8 @@ def _lower_step(cfg: Config, model_cfg: ModelConfig, mesh) -> _Step:
 def step_cost(cfg: Config, model_cfg: ModelConfig, mesh, slc) -> tuple[ProgramCost, ProgramCost, ProgramCost]:
     """What one train step costs per device, by the compiler, as (the whole step, one layer, all
     outside the layers: embedding, head, loss, optimizer update). Unrolled 1- and 2-layer variants
-    of the step (same widths, remat, dtypes and layout) are compiled and extrapolated to the model's
-    depth, as XLA counts a scanned body once. Gradient accumulation's micro-batch loop is a while
+    of the step (same widths, remat, dtypes and layout; the logits' chunks unrolled too) are compiled
+    and extrapolated to the model's depth, as XLA counts a loop's body once. Gradient accumulation's micro-batch loop is a while
     loop too: a micro-batch's step is costed and multiplied, which counts the optimizer update once
     per micro-batch (small against the forward and backward)."""
     accum = cfg.train.grad_accum_steps
@@ -240,14 +241,13 @@ def step_cost(cfg: Config, model_cfg: ModelConfig, mesh, slc) -> tuple[ProgramCo
             cfg.train, global_batch_size=cfg.train.global_batch_size // accum, grad_accum_steps=1
         ),
     )
-    one, two = (
-        program_cost(
-            _lower_step(micro, dataclasses.replace(model_cfg, num_layers=n, scan_layers=False), mesh).lowered.compile(),
-            mesh,
-            slc,
-        )
-        for n in (1, 2)
-    )
+
+    def cost_of(layers: int) -> ProgramCost:
+        with unrolled_loops():  # the logits' chunk loop too: XLA would count its body once
+            lowered = _lower_step(micro, dataclasses.replace(model_cfg, num_layers=layers, scan_layers=False), mesh)
+        return program_cost(lowered.lowered.compile(), mesh, slc)
+
+    one, two = cost_of(1), cost_of(2)
     return split_by_depth(one, two, model_cfg.num_layers, accum)
 
 
