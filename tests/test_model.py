@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +137,7 @@ def test_remat_and_bf16_compute():
         return jax.value_and_grad(loss)(state)
 
     base_loss, base_grad = loss_and_grad(small())
-    for policy in ("full", "dots"):
+    for policy in ("full", "dots", "save_attention"):
         loss, g = loss_and_grad(small(remat=policy))
         assert float(loss) == pytest.approx(float(base_loss), abs=1e-6)
         for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(base_grad)):
@@ -146,6 +147,28 @@ def test_remat_and_bf16_compute():
     model = Decoder(small(dtype="bfloat16", param_dtype="float32"), rngs=nnx.Rngs(0))
     assert model.embed[...].dtype == jnp.float32
     assert model(tokens).dtype == jnp.float32  # logits stay float32
+
+
+def test_save_attention_keeps_the_attention_and_recomputes_the_mlp(capsys):
+    """remat=save_attention: what the backward keeps of each layer is the named attention values
+    (and the block's input), never an [.., intermediate_size] MLP activation; full keeps none."""
+    from medjax.models.decoder import ModelDef
+    from medjax.models.layers import ATTENTION_SAVED
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 10)))
+
+    def saved(remat):
+        model = ModelDef(small(remat=remat))
+        params = model.init_params(jax.random.key(0))
+        jax.ad_checkpoint.print_saved_residuals(lambda p: model.bind(p)(tokens).mean(), params)
+        return [line for line in capsys.readouterr().out.splitlines() if "from the argument" not in line]
+
+    kept = saved("save_attention")
+    named = [re.search(r"named '(\w+)'", line)[1] for line in kept if "named '" in line]
+    assert named == list(ATTENTION_SAVED) * 2  # each of the two layers
+    assert not any("[2,10,96]" in line for line in kept)  # no MLP activation (intermediate_size 96)
+    assert not any("named '" in line for line in saved("full"))
+    assert any("[2,10,96]" in line for line in saved("none"))
 
 
 def test_invalid_head_config_is_rejected():

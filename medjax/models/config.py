@@ -100,8 +100,11 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     # Compute dtype of activations and matmuls; logits and softmax stay in float32.
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # none: keep all activations; full: recompute each block; dots: save matmul outputs only.
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # none: keep all activations; full: recompute each block; dots: save matmul outputs only;
+    # save_attention: save the attention's projections and output (q, k, v, attention, wo's
+    # output; 2 x hidden + 2 x kv width a token a layer) and recompute the MLP, where most FLOPs
+    # and bytes are (models/decoder.REMAT_POLICIES).
+    remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention"] = "none"
     # Stack the blocks' params on a leading "layers" axis and run them with lax.scan (remat inside
     # the scanned body): compile time and program size independent of depth. Checkpoints keep the
     # layout they were trained in; conversion to and from HF, init_from and export handle both.

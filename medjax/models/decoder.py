@@ -10,7 +10,7 @@ from flax import nnx
 
 from medjax.models.config import ModelConfig
 from medjax.models.families import family_spec
-from medjax.models.layers import BLOCK_TYPES, DTYPES, DecoderBlock, LayerCache, RMSNorm, param
+from medjax.models.layers import ATTENTION_SAVED, BLOCK_TYPES, DTYPES, DecoderBlock, LayerCache, RMSNorm, param
 from medjax.models.loops import chunk_map
 from medjax.models.sharding import constrain, shards, sum_copies
 
@@ -20,6 +20,8 @@ REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # the values layers.Attention names: the backward recomputes only the norms and the MLP
+    "save_attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_SAVED),
 }
 
 

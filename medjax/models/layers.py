@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from medjax.models.attention import causal_attention, grouped_attention
 from medjax.models.config import LORA_TARGETS, ModelConfig, RopeScaling
@@ -141,6 +142,10 @@ class LayerCache(NamedTuple):
     v: jax.Array
 
 
+# What Attention names for model.remat=save_attention to keep (jax.ad_checkpoint.checkpoint_name).
+ATTENTION_SAVED = ("query", "key", "value", "attention", "attention_out")
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pdt = DTYPES[cfg.param_dtype]
@@ -197,8 +202,9 @@ class Attention(nnx.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(q.shape[-1], self.cfg.rope_theta, self.cfg.rope_scaling)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = checkpoint_name(apply_rope(q, positions, inv_freq), "query")
+        k = checkpoint_name(apply_rope(k, positions, inv_freq), "key")
+        v = checkpoint_name(v, "value")
         if cache is not None:
             k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, index, 0, 0))
@@ -208,7 +214,9 @@ class Attention(nnx.Module):
             out = causal_attention(q, k, v, segment_ids, self.cfg.attention)
         else:
             out = grouped_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
-        return add_lora(jnp.einsum("bshd,hde->bse", out, kernel(self.wo, dt)), self, "o", out, 2, scale, drop), cache
+        out = checkpoint_name(out, "attention")
+        projected = add_lora(jnp.einsum("bshd,hde->bse", out, kernel(self.wo, dt)), self, "o", out, 2, scale, drop)
+        return checkpoint_name(projected, "attention_out"), cache
 
 
 # Fewer tokens than this (decode steps) run the gate and up matmuls apart.

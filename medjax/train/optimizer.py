@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
@@ -107,8 +108,46 @@ def join_params(trained: dict, frozen: dict) -> dict:
 
 def make_optimizer(cfg: OptimizerConfig, max_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(cfg, max_steps)
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.moments_dtype != "float32":
+        _check_resolvable(cfg)
+        adamw = state_stored_in(jnp.dtype(cfg.moments_dtype), adamw)
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity(),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
+        adamw,
     )
     return tx, schedule
+
+
+# bfloat16 keeps 8 significant bits: a value multiplied by b changes only where 1 - b is at least
+# about 2**-8 of it. Twice that margin is asked for, since a moment that decays by less than its
+# rounding never decays (deterministic rounding, no stochastic rounding here).
+_BF16_SMALLEST_DECAY = 2.0**-7
+
+
+def _check_resolvable(cfg: OptimizerConfig) -> None:
+    for key, beta in (("b1", cfg.b1), ("b2", cfg.b2)):
+        if 1.0 - beta < _BF16_SMALLEST_DECAY:
+            raise ConfigError(
+                f"key 'optimizer.{key}': {beta} with optimizer.moments_dtype={cfg.moments_dtype}: the moment's "
+                f"per-step decay ({1.0 - beta:.4f}) is below what {cfg.moments_dtype} resolves "
+                f"(needs 1 - {key} >= {_BF16_SMALLEST_DECAY:.4f}); use a smaller {key} or float32 moments"
+            )
+
+
+def state_stored_in(dtype, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` with its floating-point state kept in ``dtype`` between steps and computed in
+    float32 within one (counters stay integers)."""
+
+    def cast(tree, to):  # leaves without a dtype: optax.tree_map_params's placeholders
+        floating = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
+        return jax.tree.map(lambda x: x.astype(to) if floating(x) else x, tree)
+
+    def init(params):
+        return cast(inner.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
