@@ -55,6 +55,43 @@ def test_a_mesh_layout_changes_placement_not_tokens(setup):
     np.testing.assert_allclose(sharded.logprobs, plain.logprobs, atol=1e-5)
 
 
+def test_a_sharded_prefill_gathers_weights_not_every_rows_activations():
+    """A prefill over fsdp-sharded weights keeps its rows split, as a training forward does: the
+    partitioner gathers each layer's weights. Left alone it contracted over the sharded embed
+    dimension and all-reduced every row's activations (at 7B, 64 x 512 prompt tokens on v5e-64:
+    78 GB a device against the weights' 14 GB, by libtpu's compile)."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from medjax.models.sharding import activation_layout
+    from medjax.parallel.costs import collectives_of
+    from medjax.parallel.rules import MeshLayout, param_shardings
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+    model = ModelDef(
+        ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
+    )
+    params = jax.jit(model.init_params, out_shardings=param_shardings(model.abstract_state, mesh))(jax.random.key(0))
+    rows, width = 8, 64
+    tokens = jax.random.randint(jax.random.key(1), (rows, width), 0, 256)
+
+    def prefill(p, tokens):
+        m = model.bind(p)
+        positions = jnp.broadcast_to(jnp.arange(width), (rows, width))
+        kv_mask = jnp.zeros((rows, width + 8), bool).at[:, :width].set(True)
+        return m.decode(tokens, positions, kv_mask, m.init_cache(rows, width + 8), 0, last_only=True)[0]
+
+    def laid_out(p, tokens):
+        with activation_layout(MeshLayout(mesh)):
+            return prefill(p, tokens)
+
+    split = jax.device_put(tokens, NamedSharding(mesh, P(("data", "fsdp"))))
+    compiled = jax.jit(laid_out).lower(params, split).compile()
+    kinds = {c.kind for c in collectives_of(compiled.as_text().splitlines(), mesh, None)}
+    assert "all-gather" in kinds and "all-reduce" not in kinds, kinds
+    np.testing.assert_allclose(compiled(params, split), jax.jit(prefill)(params, tokens), atol=1e-5)
+
+
 def test_stop_tokens_end_rows_and_pad_the_rest(setup):
     sampler, params = setup
     free = sampler.generate(params, [[3, 4, 5]], SamplingConfig(max_new_tokens=12)).tokens[0]

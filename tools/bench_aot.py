@@ -13,8 +13,9 @@ Run in tunix's environment (tools/setup_tunix.sh makes .venv-tunix, medjax insta
     .venv-tunix/bin/python tools/bench_aot.py                  # every case (about 25 min on 2 cores)
     .venv-tunix/bin/python tools/bench_aot.py --case 0.5b-v5e-4 --json /tmp/aot.json
 
-Differences that remain, listed in the output: medjax computes the loss over logits in chunks
-(model.logits_chunk) where tunix materialises every row's logits in float32; tunix has no
+Differences that remain: medjax computes the loss over logits in chunks (model.logits_chunk, as
+the CPT config does; --logits-chunk 0 for whole logits, row "medjax/0") where tunix materialises
+every row's logits in float32; tunix has no
 selective remat (RematConfig.DECODER is medjax's remat: full); tunix's flash path is the same
 splash kernel with one block size for every block.
 """
@@ -41,11 +42,13 @@ CASES = {
 GIB = 1024**3
 
 
-def medjax_config(preset: str, rows: int, seq: int, attention: str):
+def medjax_config(preset: str, rows: int, seq: int, attention: str, logits_chunk: int | None = None):
     """The 7B CPT config with the case's model, shape and attention (fp32 params, bf16 compute,
-    full remat, fsdp over the slice): the settings tunix is given too."""
+    full remat, fsdp over the slice): the settings tunix is given too. Its loss runs in chunks of
+    1,024 positions unless ``logits_chunk`` says otherwise (0: whole logits, as tunix)."""
     from medjax.config import REPO_ROOT, load_config
 
+    chunk = [] if logits_chunk is None else [f"model.logits_chunk={logits_chunk}"]
     return load_config(
         REPO_ROOT / "configs" / "quarkmed" / "cpt_qwen2.5-7b_v5e-64.yaml",
         [
@@ -54,17 +57,19 @@ def medjax_config(preset: str, rows: int, seq: int, attention: str):
             f"train.global_batch_size={rows}",
             f"data.seq_len={seq}",
             "init_from=",
+            *chunk,
         ],
     )
 
 
-def run_medjax(preset: str, topology: str, rows: int, seq: int, attention: str) -> dict:
+def run_medjax(preset: str, topology: str, rows: int, seq: int, attention: str, logits_chunk: int | None) -> dict:
     from medjax.train.plan import plan
 
-    cfg = medjax_config(preset, rows, seq, attention)
+    cfg = medjax_config(preset, rows, seq, attention, logits_chunk)
     started = time.perf_counter()
     p = plan(cfg, topology, cost=True)
-    return _row("medjax", p.attention, p.peak_bytes, p.cost, time.perf_counter() - started)
+    stack = "medjax" if cfg.model.logits_chunk else "medjax/0"  # /0: whole logits, no chunks
+    return _row(stack, p.attention, p.peak_bytes, p.cost, time.perf_counter() - started)
 
 
 def _patch_tunix_shard() -> None:
@@ -175,7 +180,7 @@ def _row(stack: str, attention: str, peak: int | None, cost: dict | None, second
 
 def format_table(results: list[dict]) -> str:
     head = (
-        f"{'case':<12} {'stack':<7} {'attention':<9} {'peak GiB':>9} {'TFLOP':>8} {'FLOPx':>6} {'GB acc.':>8} "
+        f"{'case':<12} {'stack':<8} {'attention':<9} {'peak GiB':>9} {'TFLOP':>8} {'FLOPx':>6} {'GB acc.':>8} "
         f"{'coll. GB':>8} {'coll. ms':>8} {'est s':>7} {'bound':>11} {'MFU':>6} {'compile s':>9} "
         f"{'layer ms':>8} {'layer GB':>8} {'rest ms':>7} {'rest GB':>7}"
     )
@@ -185,7 +190,7 @@ def format_table(results: list[dict]) -> str:
         peak = f"{r['peak_bytes'] / GIB:9.2f}" if r["peak_bytes"] else f"{'OOM':>9}"
         coll = sum(x["bytes"] for x in c.get("collectives", []))
         lines.append(
-            f"{r['case']:<12} {r['stack']:<7} {r['attention']:<9} {peak} {c.get('flops', 0) / 1e12:8.2f} "
+            f"{r['case']:<12} {r['stack']:<8} {r['attention']:<9} {peak} {c.get('flops', 0) / 1e12:8.2f} "
             f"{c.get('flops_overhead') or 0:6.2f} {c.get('bytes_accessed', 0) / 1e9:8.1f} {coll / 1e9:8.2f} "
             f"{c.get('collective_seconds', 0) * 1e3:8.1f} {c.get('seconds', 0):7.3f} {c.get('bound', '-'):>11} "
             f"{(c.get('mfu') or 0) * 100:5.1f}% {r['seconds']:9.1f} {_share(c.get('per_layer'))} "
@@ -209,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="a case (default: all)")
     ap.add_argument("--attention", action="append", choices=("xla", "splash"), help="default: both")
     ap.add_argument("--stack", action="append", choices=("medjax", "tunix"), help="default: both")
+    ap.add_argument(
+        "--logits-chunk", type=int, help="medjax's model.logits_chunk (default: the CPT config's 1024; 0: whole logits)"
+    )
     ap.add_argument("--json", type=Path, help="write the rows here too")
     args = ap.parse_args(argv)
     try:
@@ -223,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             for stack in args.stack or ("medjax", "tunix"):
                 print(f"compiling {stack} {case} {attention} ...", file=sys.stderr, flush=True)
                 if stack == "medjax":
-                    row = run_medjax(preset, topology, rows, seq, attention)
+                    row = run_medjax(preset, topology, rows, seq, attention, args.logits_chunk)
                 else:
                     row = run_tunix(preset, tunix_name, topology, rows, seq, attention)
                 results.append({"case": case, "rows": rows, "seq_len": seq, **row})

@@ -116,19 +116,28 @@ class Decoder(nnx.Module):
         q_slots = index + jnp.arange(new)
         causal = jnp.arange(length)[None, :] <= q_slots[:, None]
         mask = (causal[None] & kv_mask[:, None, :])[:, None]
-        x = self.embed[...].astype(DTYPES[self.cfg.dtype])[tokens]
+        # A prefill is a forward over many tokens: its rows stay split as a training batch's, so
+        # the partitioner gathers each layer's weights, not every row's activations (at 7B, 64 x
+        # 512 prompt tokens on v5e-64 it gathered all rows' queries in each layer). A decode
+        # step's few tokens are left to the partitioner, which gathers them instead of weights.
+        split = constrain if new > 1 else (lambda h, _: h)
+        x = split(self.embed[...].astype(DTYPES[self.cfg.dtype])[tokens], ACTIVATION)
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
             def body(h, layer):
                 layer_params, layer_cache = layer
-                return nnx.merge(graphdef, layer_params)(h, positions, mask=mask, cache=layer_cache, index=index)
+                h, layer_cache = nnx.merge(graphdef, layer_params)(
+                    h, positions, mask=mask, cache=layer_cache, index=index
+                )
+                return split(h, ACTIVATION), layer_cache
 
             x, out_cache = jax.lax.scan(body, x, (stacked, cache))
         else:
             out_cache = []
             for layer, layer_cache in zip(self.layers, cache):
                 x, layer_cache = layer(x, positions, mask=mask, cache=layer_cache, index=index)
+                x = split(x, ACTIVATION)
                 out_cache.append(layer_cache)
         if last_only:
             x = x[:, -1:]
