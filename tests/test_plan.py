@@ -288,3 +288,29 @@ def test_quarkmed_configs_fit_their_slices(name, topology, hbm_gib):
     assert p.analytic_bytes < p.peak_bytes < p.hbm_bytes
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     assert p.flops_per_step == train_flops_per_token(model, cfg.data.seq_len) * tokens
+
+
+@needs_libtpu
+def test_plan_search_compiles_each_candidate_and_marks_the_fastest_that_fits(monkeypatch):
+    from medjax.train import plan_search
+    from medjax.train.plan_search import Candidate
+
+    monkeypatch.setattr(plan_search, "REMATS", ("full", "none"))
+    monkeypatch.setattr(plan_search, "TENSOR_SIZES", (1, 3))  # 3 divides no slice of 4: never tried
+    lines = []
+    config = str(REPO_ROOT / "configs" / "demo" / "pretrain.yaml")
+    tried = plan_search.search(config, ["vars.demo=/nonexistent"], "v5e-4", progress=lines.append)
+    assert [t.candidate for t in tried] == [
+        Candidate(4, 1, "full", 1),
+        Candidate(4, 1, "none", 1),
+        Candidate(4, 1, "full", 2),
+        Candidate(4, 1, "none", 2),
+    ]
+    assert len(lines) == 4 and lines[0].startswith("[1/4] fsdp=4 tensor=1 remat=full accum=1: ")
+    assert all(t.plan.fits and t.plan.mesh == {"data": 1, "fsdp": 4, "tensor": 1} for t in tried)
+    cost = {(t.candidate.remat, t.candidate.accum): t.plan.cost for t in tried}
+    assert cost[("none", 1)]["flops_overhead"] < cost[("full", 1)]["flops_overhead"]  # no recompute
+    top = plan_search.best(tried)
+    assert top.seconds == min(t.seconds for t in tried)
+    table = plan_search.format_search(tried).splitlines()
+    assert sum(line.startswith("*") for line in table[1:-2]) == 1 and table[-2] == f"best: {top.candidate.label()}"

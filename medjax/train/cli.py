@@ -4,6 +4,7 @@ on medjax's parser. jax is imported inside the commands, after the CLI has chose
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -65,6 +66,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from medjax.train.plan import format_plans, plan, plan_rollout, planned_model
     from medjax.train.stages import checked_stage
 
+    if args.search:
+        return _cmd_plan_search(args)
     cfg = load_config(args.config, args.overrides)
     model = planned_model(cfg)
     result = plan(cfg, args.topology, args.slices, model, cost=not args.no_cost)
@@ -80,6 +83,27 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(format_plans(rows))
     return 0 if all(p.fits for _, p in rows) else 1
+
+
+def _cmd_plan_search(args: argparse.Namespace) -> int:
+    from medjax.train.plan_search import best, format_search, search
+
+    tried = search(args.config, args.overrides, args.topology, args.slices)
+    if args.json:
+        top = best(tried)
+        out = [
+            {
+                **dataclasses.asdict(t.candidate),
+                "best": t is top,
+                "error": t.error,
+                "plan": t.plan.to_json() if t.plan else None,
+            }
+            for t in tried
+        ]
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_search(tried))
+    return 0 if best(tried) else 1
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -138,6 +162,12 @@ def add_plan(sub) -> None:
         action="store_true",
         help="skip the compiler's cost estimate (FLOPs, bytes, collectives, estimated MFU), which compiles "
         "1- and 2-layer variants of the step beside it",
+    )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="compile and cost each mesh (fsdp x tensor within the slice), remat policy (full, save_attention) "
+        "and micro-batch count (1, 2) the config can take; print what was tried and the fastest that fits",
     )
     p.set_defaults(func=_cmd_plan)
 
