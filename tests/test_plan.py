@@ -314,3 +314,14 @@ def test_plan_search_compiles_each_candidate_and_marks_the_fastest_that_fits(mon
     assert top.seconds == min(t.seconds for t in tried)
     table = plan_search.format_search(tried).splitlines()
     assert sum(line.startswith("*") for line in table[1:-2]) == 1 and table[-2] == f"best: {top.candidate.label()}"
+
+
+@needs_libtpu
+def test_plan_max_batch_doubles_while_the_step_fits():
+    from medjax.train.plan_search import largest_batch
+
+    config = str(REPO_ROOT / "configs" / "demo" / "pretrain.yaml")
+    lines = []
+    rows, found = largest_batch(config, ["vars.demo=/nonexistent"], "v5e-4", limit=64, progress=lines.append)
+    assert rows == 64 and found.fits and found.global_batch == 64  # the tiny model fits far beyond
+    assert [line.split(":")[0] for line in lines] == ["batch 32", "batch 64"]

@@ -68,6 +68,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     if args.search:
         return _cmd_plan_search(args)
+    if args.max_batch:
+        return _cmd_plan_max_batch(args)
     cfg = load_config(args.config, args.overrides)
     model = planned_model(cfg)
     result = plan(cfg, args.topology, args.slices, model, cost=not args.no_cost)
@@ -104,6 +106,23 @@ def _cmd_plan_search(args: argparse.Namespace) -> int:
     else:
         print(format_search(tried))
     return 0 if best(tried) else 1
+
+
+def _cmd_plan_max_batch(args: argparse.Namespace) -> int:
+    from medjax.parallel.topologies import GIB
+    from medjax.train.plan_search import largest_batch
+
+    rows, found = largest_batch(args.config, args.overrides, args.topology, args.slices)
+    if found is None:
+        print("no batch fits: not even one row per data x fsdp shard")
+        return 1
+    per_chip = rows / found.devices
+    print(
+        f"largest global batch that fits: {rows} x {found.seq_len} ({per_chip:g} rows, "
+        f"{per_chip * found.seq_len:,.0f} tokens a chip), peak {found.peak_bytes / GIB:.2f} of "
+        f"{found.hbm_bytes / GIB:.2f} GiB (within an eighth, by XLA's compiled peak)"
+    )
+    return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -168,6 +187,12 @@ def add_plan(sub) -> None:
         action="store_true",
         help="compile and cost each mesh (fsdp x tensor within the slice), remat policy (full, save_attention) "
         "and micro-batch count (1, 2) the config can take; print what was tried and the fastest that fits",
+    )
+    p.add_argument(
+        "--max-batch",
+        action="store_true",
+        help="find the largest train.global_batch_size whose step fits (doubling, then bisecting; "
+        "one compile per probe) and print it with its rows and tokens a chip",
     )
     p.set_defaults(func=_cmd_plan)
 

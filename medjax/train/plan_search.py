@@ -132,3 +132,62 @@ def format_search(tried: list[Tried]) -> str:
         "* compiler estimates (libtpu cost analysis corrected, kernels and collectives added), not measurements"
     )
     return "\n".join(lines)
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, unit: int, limit: int) -> int:
+    """The largest multiple of ``unit`` up to ``limit`` for which ``fits`` holds (0 if none), by
+    doubling or halving from ``start`` and then bisecting, to within an eighth of the answer:
+    each probe is a compile of minutes at real shape."""
+    rows = max(unit, start // unit * unit)
+    lo, hi = 0, None
+    if fits(rows):
+        lo = rows
+        while rows * 2 <= limit and fits(rows * 2):
+            rows *= 2
+            lo = rows
+        hi = rows * 2 if rows * 2 <= limit else None
+    else:
+        hi = rows
+        while rows > unit:
+            rows = max(unit, rows // 2 // unit * unit)
+            if fits(rows):
+                lo = rows
+                break
+            hi = rows
+    while hi is not None and lo and hi - lo > max(unit, lo // 8):
+        mid = lo + (hi - lo) // unit // 2 * unit
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def largest_batch(
+    config: str,
+    overrides: list[str],
+    topology: str,
+    num_slices: int = 1,
+    limit: int = 1 << 16,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[int, Plan | None]:
+    """The largest global batch (rows of data.seq_len) whose step fits the slice, in steps of one
+    row per data x fsdp shard and micro-batch, with its plan (memory only, no cost)."""
+    progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    cfg = load_config(config, overrides)
+    planned: dict[int, Plan] = {}
+
+    def fits(rows: int) -> bool:
+        c = load_config(config, [*overrides, f"train.global_batch_size={rows}"])
+        p = planned[rows] = plan(c, topology, num_slices, planned_model(c))
+        peak = f"{p.peak_bytes / GIB:.2f} GiB" if p.peak_bytes else "out of memory"
+        progress(f"batch {rows}: {peak} of {p.hbm_bytes / GIB:.2f}, {'fits' if p.fits else 'does not fit'}")
+        return p.fits
+
+    first = plan(cfg, topology, num_slices, planned_model(cfg))
+    planned[cfg.train.global_batch_size] = first
+    unit = first.mesh["data"] * first.mesh["fsdp"] * cfg.train.grad_accum_steps
+    rows = largest_fitting(
+        lambda r: planned[r].fits if r in planned else fits(r), cfg.train.global_batch_size, unit, limit
+    )
+    return rows, planned.get(rows)
