@@ -186,7 +186,7 @@ class Decoder(nnx.Module):
             return logp, ent if entropy else None
         groups = shards("batch")
         w, spec, axes = self._head()
-        w = copy_per_shard(w, hidden.dtype, groups if batch % groups == 0 else 1, axes)
+        w = copy_per_shard(w.astype(hidden.dtype), groups if batch % groups == 0 else 1, axes)
         pad = -seq % chunk
         n = (seq + pad) // chunk
 
@@ -226,22 +226,22 @@ class Decoder(nnx.Module):
         return self.logits(self.hidden_states(tokens, positions, segment_ids, dropout_rng))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def copy_per_shard(w: jax.Array, dtype, groups: int, axes: tuple[str, ...]) -> jax.Array:
-    """[groups, *w.shape] in ``dtype``: one whole copy of ``w`` (its embed dimension gathered) on
-    each of the ``groups`` batch shards. The copies' gradients are summed straight into ``w``'s
-    own layout (sum_copies: a reduce-scatter), where a plain broadcast's gradient would be
-    all-reduced whole and then sliced."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def copy_per_shard(w: jax.Array, groups: int, axes: tuple[str, ...]) -> jax.Array:
+    """[groups, *w.shape]: one whole copy of ``w`` (its embed dimension gathered) on each of the
+    ``groups`` batch shards. The copies' gradients are summed straight into ``w``'s own layout
+    (sum_copies: a reduce-scatter), where a plain broadcast's gradient would be all-reduced whole
+    and then sliced."""
     per_shard = ("batch", *(None if a == "embed" else a for a in axes))
-    return constrain(jnp.broadcast_to(w.astype(dtype), (groups, *w.shape)), per_shard)
+    return constrain(jnp.broadcast_to(w, (groups, *w.shape)), per_shard)
 
 
-def _copy_per_shard_fwd(w, dtype, groups, axes):
-    return copy_per_shard(w, dtype, groups, axes), jnp.zeros((0,), w.dtype)
+def _copy_per_shard_fwd(w, groups, axes):
+    return copy_per_shard(w, groups, axes), None
 
 
-def _copy_per_shard_bwd(dtype, groups, axes, w_kind, grad):
-    return (sum_copies(grad, axes).astype(w_kind.dtype),)
+def _copy_per_shard_bwd(groups, axes, _, grad):
+    return (sum_copies(grad, axes),)
 
 
 copy_per_shard.defvjp(_copy_per_shard_fwd, _copy_per_shard_bwd)

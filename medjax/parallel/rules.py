@@ -58,11 +58,8 @@ def _names(axes: MeshAxes) -> tuple[str, ...]:
 
 
 def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:
-    if axes is None:
-        return 1
-    names = (axes,) if isinstance(axes, str) else axes
     size = 1
-    for name in names:
+    for name in _names(axes):
         size *= mesh.shape[name]
     return size
 
@@ -81,8 +78,7 @@ def logical_to_spec(
         if name is not None and name not in rules:
             raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
         axes = rules.get(name) if name is not None else None
-        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-        names = tuple(a for a in names if a not in used and mesh.shape[a] > 1)
+        names = tuple(a for a in _names(axes) if a not in used and mesh.shape[a] > 1)
         if names and dim % _axis_size(mesh, names) != 0:
             log.warning("dimension %s=%d not divisible by mesh axes %s; replicated", name, dim, names)
             names = ()

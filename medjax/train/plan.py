@@ -230,10 +230,11 @@ def _lower_step(cfg: Config, model_cfg: ModelConfig, mesh) -> _Step:
 def step_cost(cfg: Config, model_cfg: ModelConfig, mesh, slc) -> tuple[ProgramCost, ProgramCost, ProgramCost]:
     """What one train step costs per device, by the compiler, as (the whole step, one layer, all
     outside the layers: embedding, head, loss, optimizer update). Unrolled 1- and 2-layer variants
-    of the step (same widths, remat, dtypes and layout; the logits' chunks unrolled too) are compiled
-    and extrapolated to the model's depth, as XLA counts a loop's body once. Gradient accumulation's micro-batch loop is a while
-    loop too: a micro-batch's step is costed and multiplied, which counts the optimizer update once
-    per micro-batch (small against the forward and backward)."""
+    of the step (same widths, remat, dtypes and layout; the logits' chunks unrolled too) are
+    compiled and extrapolated to the model's depth, as XLA counts a loop's body once. Gradient
+    accumulation's micro-batch loop is a while loop too: a micro-batch's step is costed and
+    multiplied, which counts the optimizer update once per micro-batch (small against the forward
+    and backward)."""
     accum = cfg.train.grad_accum_steps
     micro = dataclasses.replace(
         cfg,
