@@ -375,32 +375,31 @@ def test_sharded_model_evaluates_as_one_device_does(world, trained, tmp_path):
         one.generate(prompts[:1], GenerationSettings(max_new_tokens=context))
 
 
-def test_batch_widths_merge_rare_widths_upward():
-    """A width whose rows fill fewer than MIN_BATCHES_PER_WIDTH batches rides up to the next wider
-    one (one compile instead of several on a small benchmark), but not to one more than
-    MAX_MERGE_RATIO times and MERGE_SLACK tokens wider (long rows are not padded to double: scoring
-    padding costs more than a compile); well-used widths stay tight; the model's context caps
-    every width."""
-    from medjax.eval.backends import MAX_MERGE_RATIO, MERGE_SLACK, MIN_BATCHES_PER_WIDTH, batch_widths, width_bucket
+def test_plan_batches_pads_to_a_compiled_width_only_when_cheaper_than_a_compile():
+    """Longest rows first; a batch's width is its longest row's rounded up to the multiple, or a
+    wider one already compiled when padding its rows there costs fewer tokens than a compile; the
+    model's context caps every width; every row is scored exactly once."""
+    from medjax.eval.backends import plan_batches
 
-    assert (MIN_BATCHES_PER_WIDTH, MAX_MERGE_RATIO, MERGE_SLACK) == (4, 1.5, 128)
-    assert [width_bucket(n) for n in (1, 64, 65, 512, 513, 1000, 1025, 3000)] == [
-        64,
-        64,
-        128,
-        512,
-        640,
-        1024,
-        1280,
-        3072,
-    ]
-    assert batch_widths([100, 150], 512) == [192, 192]
-    assert batch_widths([60] * 10 + [100] + [150] * 5, 512) == [64] * 10 + [192] * 6
-    assert batch_widths([60] * 10 + [100] + [150], 512) == [64] * 10 + [192] * 2  # the widest always stands
-    assert batch_widths([300, 600], 1024) == [320, 640]  # 2x: each at its own width
-    assert batch_widths([300, 600], 512) == [320, 512]
-    assert batch_widths([300, 420, 600], 1024) == [448, 448, 640]  # 320 rides to 448; 640 is too far for 320
-    assert batch_widths([60, 250], 512) == [64, 256]  # 4x, though only 192 tokens wider
-    # Rows per batch count: 8 rows of 60 tokens fill 4 batches of 2 (a width of their own), 1 of 8.
-    assert batch_widths([60] * 8 + [100], 512, rows_for=lambda w: 2) == [64] * 8 + [128]
-    assert batch_widths([60] * 8 + [100], 512, rows_for=lambda w: 8) == [128] * 9
+    lengths = [100, 30, 250, 90, 240, 35]
+    rows = lambda width: 2  # noqa: E731
+
+    def widths(compile_tokens, multiple=16, limit=4096):
+        plan = plan_batches(lengths, limit, rows, compile_tokens, multiple)
+        assert sorted(i for batch, _ in plan for i in batch) == list(range(len(lengths)))
+        assert all(min(max(lengths[i] for i in batch), limit) <= width for batch, width in plan)
+        return [([lengths[i] for i in batch], width) for batch, width in plan]
+
+    # A compile dearer than any padding (a small model): one program for the whole benchmark.
+    assert widths(1e9) == [([250, 240], 256), ([100, 90], 256), ([35, 30], 256)]
+    # A compile cheaper than any padding (a large model): each batch at its own rounded width.
+    assert widths(0) == [([250, 240], 256), ([100, 90], 112), ([35, 30], 48)]
+    # In between: 2 rows x (112 - 48) = 128 padded tokens beat a compile worth 200, not one worth 100.
+    assert widths(200) == [([250, 240], 256), ([100, 90], 112), ([35, 30], 112)]
+    assert widths(100) == [([250, 240], 256), ([100, 90], 112), ([35, 30], 48)]
+    # The context caps the width; the multiple sets the rounding.
+    assert widths(0, limit=200)[0][1] == 200
+    assert widths(0, multiple=128) == [([250, 240], 256), ([100, 90], 128), ([35, 30], 128)]
+    # Rows per batch follow the width (max_batch_tokens): wide batches hold fewer rows.
+    plan = plan_batches([300, 290, 280, 20, 10], 4096, lambda w: 1 if w > 256 else 4, 0)
+    assert [len(batch) for batch, _ in plan] == [1, 1, 1, 2]

@@ -42,57 +42,56 @@ class LoglikelihoodRequest:
     templated: bool = False  # the context was rendered by a chat template (see GenerationSettings)
 
 
-# A batch width (a compiled program) is worth its compile only when this many batches use it;
-# fewer ride up to the next wider width, unless that pads their rows to more than MAX_MERGE_RATIO
-# times their width (and more than MERGE_SLACK tokens wider): a compile costs seconds, while
-# scoring long rows at twice their width can cost minutes on a CPU.
-MIN_BATCHES_PER_WIDTH = 4
-MAX_MERGE_RATIO = 1.5
-MERGE_SLACK = 128
+# A scoring program is compiled per (rows, width) shape. A row's natural width is its length rounded
+# up to WIDTH_MULTIPLE (vector-friendly on a CPU, the MXU's tile elsewhere); a batch rides up to a
+# width already compiled when the padding that adds costs less than one more compile. What a compile
+# costs is reckoned in FLOPs of the device's own scoring work: the seconds it takes (with the layers
+# scanned, about 0.5 s for SmolLM2-135M on a 2-core CPU, whatever the width) times the rate the
+# device scores at (about 1.5e11 FLOP/s there). Accelerators compile no faster but score hundreds
+# of times faster, so there a compile is worth far more padding. Only the batching depends on this
+# estimate, never a score.
+WIDTH_MULTIPLE = {"cpu": 16}
+DEFAULT_WIDTH_MULTIPLE = 128
+COMPILE_FLOPS = {"cpu": 7.5e10}
+DEFAULT_COMPILE_FLOPS = 2e14
 
 
-def width_bucket(length: int, multiple: int = 64) -> int:
-    """A row's padded width: the next multiple of ``multiple`` up to 8 of them, then of a step that
-    doubles with each doubling of length (128 up to 1024, 256 up to 2048, ...), so padding stays
-    under an eighth or so of a long row while the widths a long benchmark compiles stay few."""
-    step = multiple
-    while length > 8 * step:
-        step *= 2
-    return bucket(length, step)
-
-
-def batch_widths(lengths: Sequence[int], limit: int, rows_for=lambda width: 1) -> list[int]:
-    """Each row's padded width (``lengths``: its tokens), capped by ``limit`` (the model's context).
-    A width whose rows would fill fewer than MIN_BATCHES_PER_WIDTH batches (``rows_for(width)`` rows
-    each) is merged into the next wider one, so a small benchmark compiles one or two programs, not
-    one per bucket; but never into one more than MAX_MERGE_RATIO times and MERGE_SLACK tokens wider
-    (such rows stand at their own width, with any narrower ones that rode up to it)."""
-    widths = [min(width_bucket(n), limit) for n in lengths]
-    counts: dict[int, int] = {}
-    for w in widths:
-        counts[w] = counts.get(w, 0) + 1
-    target, pending = {}, []
-    ordered = sorted(counts)
-    for i, w in enumerate(ordered):  # narrowest first: small groups ride up to a wider width
-        if pending and w > max(MAX_MERGE_RATIO * pending[0], pending[0] + MERGE_SLACK):  # too much padding
-            target.update({p: pending[-1] for p in pending})
-            pending = []
-        pending.append(w)
-        rows = sum(counts[p] for p in pending)
-        if -(-rows // rows_for(w)) >= MIN_BATCHES_PER_WIDTH or i == len(ordered) - 1:
-            target.update({p: w for p in pending})
-            pending = []
-    return [target[w] for w in widths]
+def plan_batches(
+    lengths: Sequence[int], limit: int, rows_for, compile_tokens: float, multiple: int = 16
+) -> list[tuple[list[int], int]]:
+    """Scoring batches as (indices into ``lengths``, padded width), longest rows first (a batch
+    that does not fit fails at once, as lm-eval's does). Each batch holds ``rows_for(width)`` rows;
+    its width is its longest row's, rounded up to ``multiple`` and capped by ``limit`` (the model's
+    context), unless a width already used is wider by so little that padding its rows there costs
+    fewer than ``compile_tokens`` tokens of scoring work: then it reuses that program. A small model
+    thus scores a benchmark through one or two programs, and a large one pads hardly at all."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    used: list[int] = []
+    batches, start = [], 0
+    while start < len(order):
+        width = min(bucket(lengths[order[start]], multiple), limit)
+        wider = [w for w in used if w >= width]
+        if wider and rows_for(min(wider)) * (min(wider) - width) <= compile_tokens:
+            width = min(wider)
+        if width not in used:
+            used.append(width)
+        size = rows_for(width)
+        batches.append((order[start : start + size], width))
+        start += size
+    return batches
 
 
 class LocalModel:
     """A medjax checkpoint (model dir or training run) or an HF directory, scored in JAX.
 
-    Log-likelihoods are computed in fixed-shape batches: rows sorted by length, right-padded to a
-    width bucket (batch_widths), and at most ``max_batch_tokens`` padded tokens per batch (per data
-    shard), so long prompts are scored a few rows at a time and short ones ``batch_size`` at a time:
-    XLA's attention holds [rows, heads, width, width] scores, which a fixed row count would let grow
-    with the square of the longest prompt. A benchmark compiles one program per width.
+    Log-likelihoods are computed in fixed-shape batches: rows sorted longest first, right-padded to
+    a width (plan_batches: near each batch's longest row, or a wider program already compiled where
+    that costs less than a compile), and at most ``max_batch_tokens`` padded tokens per batch (per
+    data shard), so long prompts are scored a few rows at a time and short ones ``batch_size`` at a
+    time: XLA's attention holds [rows, heads, width, width] scores, which a fixed row count would
+    let grow with the square of the longest prompt. The layers run scanned whatever the weights'
+    own layout (one compiled layer body: a new width compiles in a third of the time, and runs
+    no slower).
     When every continuation of a context is a single token (option letters), one row scores them all
     from the context's last position. Otherwise logits are formed only at the continuation's
     positions (a window ending at the row's last token, ``logits_chunk`` positions at a time: the
@@ -118,13 +117,14 @@ class LocalModel:
         from medjax.models.sampler import Sampler
 
         source = open_weights(path)
-        self.model_cfg, self.tokenizer_dir = source.model, source.tokenizer_dir
+        self.model_cfg = dataclasses.replace(source.model, scan_layers=True)
+        self.tokenizer_dir = source.tokenizer_dir
         if self.tokenizer_dir is None:
             raise FileNotFoundError(f"{path}: no tokenizer found beside the weights")
         self.tok = load_tokenizer(self.tokenizer_dir)
         self.model_def = ModelDef(self.model_cfg)
         # read tensor by tensor onto the device(s) (medjax.convert.loading)
-        self.placement = load_placed(self.model_def.abstract_state, source, mesh)
+        self.placement = load_placed(self.model_def.abstract_state, source, mesh, model=self.model_cfg)
         self.params, self.mesh, self.batch_sharding = (
             self.placement.params,
             self.placement.mesh,
@@ -132,6 +132,15 @@ class LocalModel:
         )
         self.batch_size = self.placement.batch_size(batch_size)
         self.max_batch_tokens = max_batch_tokens or self.MAX_BATCH_TOKENS
+        platform = jax.devices()[0].platform
+        self.width_multiple = WIDTH_MULTIPLE.get(platform, DEFAULT_WIDTH_MULTIPLE)
+        # a scored token's work: two FLOPs per weight it passes (the head runs at one position)
+        weights = sum(
+            int(np.prod(x.shape))
+            for path, x in jax.tree_util.tree_leaves_with_path(self.model_def.abstract_params())
+            if getattr(path[0], "key", None) not in ("embed", "lm_head")
+        )
+        self.compile_tokens = COMPILE_FLOPS.get(platform, DEFAULT_COMPILE_FLOPS) / max(2 * weights, 1)
         self.sampler = Sampler(self.model_def)
         self.stop_ids = stop_token_ids(self.tok, self.model_cfg, self.tokenizer_dir)
         scoring = ModelDef(
@@ -193,16 +202,10 @@ class LocalModel:
                 scored = min(len(cont), len(ids) - 1)
                 rows.append((r, [c], ids[:-1], tuple(ids[len(ids) - scored :])))
         out = [[0.0] * len(req.continuations) for req in requests]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][2]))  # similar lengths batch together
-        widths = batch_widths([len(rows[i][2]) for i in order], max(limit, 1), self._rows_for)
-        batches, start = [], 0
-        while start < len(order):  # each width's rows (contiguous in ``order``) in batches of _rows_for
-            width = widths[start]
-            end = start
-            while end < len(order) and widths[end] == width and end - start < self._rows_for(width):
-                end += 1
-            batches.append(([rows[i] for i in order[start:end]], width))
-            start = end
+        plan = plan_batches(
+            [len(row[2]) for row in rows], max(limit, 1), self._rows_for, self.compile_tokens, self.width_multiple
+        )
+        batches = [([rows[i] for i in indices], width) for indices, width in plan]
         for chunk, width in batches:
             size = self._rows_for(width)
             conts = [len(row[3]) for row in chunk if isinstance(row[3], tuple)]

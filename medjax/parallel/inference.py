@@ -80,12 +80,14 @@ def place(abstract_state, params: dict, spec: str = "") -> Placement:
     return p
 
 
-def load_placed(abstract_state, source, spec: str = "") -> Placement:
+def load_placed(abstract_state, source, spec: str = "", model=None) -> Placement:
     """The weights of ``source`` (medjax.convert.loading.WeightSource) read tensor by tensor
     straight into the placement ``spec`` gives them: host memory holds about one tensor beyond
-    what the devices keep, never the whole model twice."""
+    what the devices keep, never the whole model twice. ``model`` (a ModelConfig; default the
+    source's) is the layout ``abstract_state`` has, where it differs from the stored one (layers
+    scanned or not)."""
     from medjax.convert.loading import load_params_streaming
 
     p = placement(abstract_state, spec)
-    p.params, _ = load_params_streaming(source, p.shardings, abstract=nnx.to_pure_dict(abstract_state))
+    p.params, _ = load_params_streaming(source, p.shardings, model=model, abstract=nnx.to_pure_dict(abstract_state))
     return p
