@@ -368,6 +368,9 @@ def main() -> None:
             "medjax": {k: v for k, v in ours.items() if k != "lls"},
             "lm_eval": {k: v for k, v in theirs.items() if k != "lls"},
             **parity,
+            # throughput ratios, medjax over lm-eval: the first pass (medjax's compiles included)
+            "speedup_first_pass": theirs["score_s"] / ours["score_s"],
+            **({"speedup_second_pass": theirs["warm_s"] / ours["warm_s"]} if args.warm else {}),
         },
     }
     print("log-likelihood of the option letters, each side in its own process")
@@ -382,6 +385,9 @@ def main() -> None:
     print(f"  {'scoring items/s':<30}{n / ours['score_s']:10.2f}{n / theirs['score_s']:10.2f}")
     if args.warm:
         print(f"  {'scoring items/s, second pass':<30}{n / ours['warm_s']:10.2f}{n / theirs['warm_s']:10.2f}")
+    speedups = result["loglikelihood"]
+    print(f"  scoring speed, medjax / lm-eval: {speedups['speedup_first_pass']:.2f}x first pass", end="")
+    print(f", {speedups['speedup_second_pass']:.2f}x second pass" if args.warm else "")
     print(f"  {'end to end s':<30}{ours['end_to_end_s']:10.1f}{theirs['end_to_end_s']:10.1f}")
     print(f"  {'end to end items/s':<30}{n / ours['end_to_end_s']:10.2f}{n / theirs['end_to_end_s']:10.2f}")
     print(f"  {'peak RSS GB':<30}{ours['peak_rss_gb']:10.2f}{theirs['peak_rss_gb']:10.2f}")
