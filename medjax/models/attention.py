@@ -87,13 +87,16 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     attention, tunix and MaxText's default, and the softmax runs in float32. Why not
     jax.nn.dot_product_attention: it forms float32 scores, which libtpu costs at 5.0 ms for one
     v5e chip's attention forward and backward at Qwen2.5-7B shape (2,048 tokens) against 3.1 ms
-    for this (tools/bench_aot.py); in float32 models the two are the same computation."""
+    for this (tools/bench_aot.py); in float32 models the two are the same computation. The scores
+    keep the order a batched matmul produces ([batch, kv_heads, q, group, k]): asked for as
+    [batch, kv_heads, group, q, k], every layer transposed the whole square on a CPU (7% of the
+    tiny model's train step), and libtpu's figures are the same either way."""
     b, t, n, h = q.shape
     kv = k.shape[2]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv, n // kv, h), k) * scale
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(scores.dtype).min)
+    scores = jnp.einsum("btkgh,bskh->bktgs", q.reshape(b, t, kv, n // kv, h), k) * scale
+    scores = jnp.where(mask[:, :, :, None], scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+    return jnp.einsum("bktgs,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, impl: str) -> jax.Array:
