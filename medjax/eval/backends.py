@@ -70,9 +70,9 @@ def plan_batches(
     batches, start = [], 0
     while start < len(order):
         width = min(bucket(lengths[order[start]], multiple), limit)
-        wider = [w for w in used if w >= width]
-        if wider and rows_for(min(wider)) * (min(wider) - width) <= compile_tokens:
-            width = min(wider)
+        compiled = min((w for w in used if w >= width), default=None)
+        if compiled is not None and rows_for(compiled) * (compiled - width) <= compile_tokens:
+            width = compiled
         if width not in used:
             used.append(width)
         size = rows_for(width)
@@ -114,6 +114,7 @@ class LocalModel:
         from medjax.data.chat import stop_token_ids
         from medjax.data.tokenizer import load_tokenizer
         from medjax.models.decoder import ModelDef
+        from medjax.models.families import family_spec
         from medjax.models.sampler import Sampler
 
         source = open_weights(path)
@@ -134,12 +135,8 @@ class LocalModel:
         self.max_batch_tokens = max_batch_tokens or self.MAX_BATCH_TOKENS
         platform = jax.devices()[0].platform
         self.width_multiple = WIDTH_MULTIPLE.get(platform, DEFAULT_WIDTH_MULTIPLE)
-        # a scored token's work: two FLOPs per weight it passes (the head runs at one position)
-        weights = sum(
-            int(np.prod(x.shape))
-            for path, x in jax.tree_util.tree_leaves_with_path(self.model_def.abstract_params())
-            if getattr(path[0], "key", None) not in ("embed", "lm_head")
-        )
+        # a scored token's work: two FLOPs per block weight it passes (the head runs at one position)
+        weights = self.model_cfg.num_layers * family_spec(self.model_cfg.family).layer_matmul_params(self.model_cfg)
         self.compile_tokens = COMPILE_FLOPS.get(platform, DEFAULT_COMPILE_FLOPS) / max(2 * weights, 1)
         self.sampler = Sampler(self.model_def)
         self.stop_ids = stop_token_ids(self.tok, self.model_cfg, self.tokenizer_dir)
