@@ -77,16 +77,34 @@ def test_checkpoint_export_and_transformers_agree(world, trained, tmp_path, choi
         assert rows_a[0]["logprobs"][letter] == pytest.approx(ref, abs=1e-4)
 
 
-def test_single_token_and_per_continuation_paths_agree(trained):
-    """Letters take the shared-context shortcut (one row, read at the last position); forcing the
-    general path (one row per continuation) must give the same numbers."""
+def test_options_packed_after_one_context_score_as_each_alone(trained):
+    """One row holds the context once and every option after it, each in its own attention segment
+    (positions restarting after the context): each option's log-likelihood equals transformers'
+    for context + that option alone, for option letters (no tokens added), options of different
+    lengths and an empty one; and equals the one-row-per-option path taken when the packed row
+    passes the model's context."""
+    import dataclasses
+
     from medjax.eval.backends import LoglikelihoodRequest
 
     model = LocalModel(trained / "run", batch_size=4)
-    req = LoglikelihoodRequest("The first-line drug for the condition is", [" A", " B", " C"])
-    fast = model.loglikelihood([req])[0]
-    slow = [model.loglikelihood([LoglikelihoodRequest(req.context, [c, c + " and"])])[0][0] for c in req.continuations]
-    np.testing.assert_allclose(fast, slow, atol=1e-4)
+    context = "The first-line drug for the condition is"
+    requests = [
+        LoglikelihoodRequest(context, [" A", " B", " C"]),
+        LoglikelihoodRequest(context, [" Velvaxia", " a drug given twice daily with food", "", " B and more"]),
+    ]
+    rows = model._rows(1, requests[1], model.model_cfg.max_position_embeddings)
+    assert len(rows) == 1 and max(rows[0].segments) == 4 and rows[0].spans[2][3] == 0
+    packed = model.loglikelihood(requests)
+    for req, scores in zip(requests, packed):
+        for cont, ours in zip(req.continuations, scores):
+            ref = transformers_logprob(trained / "hf", context, cont) if cont else 0.0
+            assert ours == pytest.approx(ref, abs=1e-4), cont
+    # a context that holds the longest option alone, not all four packed
+    limit = len(model.tok.encode(context).ids) + max(len(model.tok.encode(c).ids) for c in requests[1].continuations)
+    model.model_cfg = dataclasses.replace(model.model_cfg, max_position_embeddings=limit)
+    assert len(model._rows(1, requests[1], limit)) == 4
+    np.testing.assert_allclose(np.concatenate(model.loglikelihood(requests)), np.concatenate(packed), atol=1e-4)
 
 
 def test_templated_prompts_get_one_bos(trained, tmp_path):
@@ -121,34 +139,35 @@ def test_templated_prompts_get_one_bos(trained, tmp_path):
 
 
 def test_loglikelihood_in_logit_chunks_equals_whole_logits(trained, monkeypatch):
-    """Chunks of 24 positions over 64-token rows (the last one padded) give what whole float32
-    logits give."""
+    """Chunks of 24 read slots over rows that read 32 (the last chunk padded) give what whole
+    float32 logits give, for packed options and for option letters."""
     from medjax.eval.backends import LoglikelihoodRequest
 
     monkeypatch.setattr(LocalModel, "LOGITS_CHUNK", 24)
     model = LocalModel(trained / "run", batch_size=4)
     req = [
-        LoglikelihoodRequest("The first-line drug for the condition is", [" A", " B and more words " * 3]),
+        LoglikelihoodRequest("The first-line drug for the condition is", [" A", " B and more words " * 6]),
         LoglikelihoodRequest("Velvaxia " * 20, [" presents with fever", " C"]),
+        LoglikelihoodRequest("Velvaxia is", [" A", " B", " C"]),
     ]
     import jax
     import jax.numpy as jnp
 
+    from medjax.models.attention import shared_prefix_mask
+
     whole = model.model_def
 
-    @functools.partial(jax.jit, static_argnames="window")
-    def reference(params, tokens, targets, last, window):
-        logp = jax.nn.log_softmax(whole.bind(params)(tokens), axis=-1)
-        at_last = jnp.take_along_axis(logp, last[:, None, None], axis=1)[:, 0]
-        if not window:
-            return None, at_last
-        positions = jnp.maximum(last[:, None] - (window - 1) + jnp.arange(window), 0)
-        at_window = jnp.take_along_axis(logp, positions[..., None], axis=1)
-        return jnp.take_along_axis(at_window, targets[..., None], axis=-1)[..., 0], at_last
+    @functools.partial(jax.jit, static_argnames="shared")
+    def reference(params, tokens, positions, segments, where, targets, shared):
+        net = whole.bind(params)
+        hidden = net.hidden_states(tokens, positions, mask=shared_prefix_mask(segments) if shared else None)
+        logp = jax.nn.log_softmax(net.logits(hidden), axis=-1)
+        at = jnp.take_along_axis(logp, where[..., None], axis=1)
+        return jnp.take_along_axis(at, targets[..., None], axis=-1)[..., 0]
 
-    ours = model.loglikelihood(req)
+    ours = np.concatenate(model.loglikelihood(req))
     model._score = reference
-    np.testing.assert_allclose(ours, model.loglikelihood(req), atol=1e-4)
+    np.testing.assert_allclose(ours, np.concatenate(model.loglikelihood(req)), atol=1e-4)
     assert model.model_cfg.logits_chunk == 0  # the loaded model keeps its own setting
 
 

@@ -119,6 +119,7 @@ def test_rl_rollout_sampler_is_planned_beside_the_update():
             "--topology",
             "v5e-4",
             "--json",
+            "--no-cost",  # the update's compiled cost: test_plan_reports_what_the_compiler_estimates_a_step_costs
         ],
         capture_output=True,
         text=True,
@@ -134,7 +135,6 @@ def test_rl_rollout_sampler_is_planned_beside_the_update():
     # params + KV cache (analytic), then XLA's peak, within the chip
     assert p["params_bytes"] < p["analytic_bytes"] <= p["peak_bytes"] <= p["hbm_bytes"]
     assert p["flops_per_step"] == rows * generate_flops_per_row(cfg.model, width, cfg.rl.max_new_tokens)
-    assert update["cost"]["mfu"] > 0 and "collectives" in update["cost"]  # the update's compiled cost
     # the sampler's decode bound: at least one replica's weights per token, at v5e's HBM bandwidth
     assert p["cost"]["decode_bytes_per_token"] >= p["params_bytes"]
     assert p["cost"]["decode_seconds_per_token"] == pytest.approx(p["cost"]["decode_bytes_per_token"] / 8.19e11)
@@ -265,29 +265,6 @@ def test_bad_settings_are_named_before_compiling(overrides, message):
 
     with pytest.raises(ValueError, match=message):
         plan(_demo(*overrides), "v5e-4")
-
-
-@needs_libtpu
-@pytest.mark.parametrize(
-    "name,topology,hbm_gib", [("cpt_qwen2.5-32b_v5p-128", "v5p-128", 95.74), ("cpt_qwen2.5-7b_v5e-64", "v5e-64", 15.75)]
-)
-def test_quarkmed_configs_fit_their_slices(name, topology, hbm_gib):
-    """The real shapes compiled for the real slices: Qwen2.5-32B continued pretraining on v5p-128 and
-    Qwen2.5-7B on v5e-64, each at its config's batch, sequence, remat and mesh (a minute and a half
-    each on 2 cores; tools/plan_all.py plans every config in configs/quarkmed/)."""
-    from medjax.train.metrics import train_flops_per_token
-    from medjax.train.plan import plan, planned_model
-
-    cfg = load_config(REPO_ROOT / "configs" / "quarkmed" / f"{name}.yaml")
-    model = planned_model(cfg)
-    p = plan(cfg, topology, model=model)
-    assert p.fits and p.error is None, p.error
-    assert p.devices == 64 and p.mesh == {"data": 1, "fsdp": 64, "tensor": 1} and p.attention == "splash"
-    assert round(p.hbm_bytes / 2**30, 2) == hbm_gib
-    # params + optimizer state + gradients per chip, then the compiled peak, under the chip's HBM
-    assert p.analytic_bytes < p.peak_bytes < p.hbm_bytes
-    tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    assert p.flops_per_step == train_flops_per_token(model, cfg.data.seq_len) * tokens
 
 
 @needs_libtpu

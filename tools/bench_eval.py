@@ -1,8 +1,9 @@
 """Evaluation speed and agreement beside the peers, on one model and one set of items, in one run:
 
-  1. log-likelihood of the option letters: `medjax eval` (LocalModel, JAX) against
+  1. log-likelihood of the option letters (or, with --choices texts, of the option texts after a
+     prompt that does not list them): `medjax eval` (LocalModel, JAX) against
      lm-evaluation-harness's hf backend (torch, float32, CPU) on the same rendered prompts and
-     letter continuations. Each side runs in its own subprocess, one after the other, the way its
+     continuations. Each side runs in its own subprocess, one after the other, the way its
      command runs it (medjax: medjax.eval.runner.evaluate, which `medjax eval` calls; lm-eval:
      simple_evaluate over a task file, which `lm_eval` calls), so each side's peak RSS is its own.
      Per side: model load, the scoring phase (model loaded; medjax's includes its compiles, as a
@@ -13,6 +14,7 @@
      how many extracted answers agree.
 
     python tools/bench_eval.py --model runs/demo/hf --benchmark runs/demo/data/exam.jsonl [--generate]
+    python tools/bench_eval.py --model runs/demo/hf --benchmark runs/demo/data/exam.jsonl --choices texts --warm
     python tools/bench_eval.py --model /tmp/real/hf --benchmark ../shared/benchmarks/cpqexam/cpqexam.jsonl --limit 200
 
 lm-eval's hf backend forms float32 logits and their log-softmax for every position of a batch
@@ -67,16 +69,27 @@ metric_list:
 """
 
 
-def requests_for(items):
+def requests_for(items, choices: str = "letters"):
+    """The (context, continuations) pairs `medjax eval --choices CHOICES` scores."""
     from medjax.eval.backends import LoglikelihoodRequest
-    from medjax.tasks.prompts import answer_continuation, build_prompt
+    from medjax.tasks.prompts import PromptConfig, answer_continuation, build_prompt
 
-    return [LoglikelihoodRequest(build_prompt(i), [answer_continuation(i, k) for k in i.letters]) for i in items]
+    if choices == "letters":
+        return [LoglikelihoodRequest(build_prompt(i), [answer_continuation(i, k) for k in i.letters]) for i in items]
+    cloze = PromptConfig(list_options=False)
+    return [
+        LoglikelihoodRequest(build_prompt(i, cfg=cloze), [answer_continuation(i, text=v) for v in i.options.values()])
+        for i in items
+    ]
 
 
-def write_lm_eval_task(items, requests, work: Path) -> None:
-    """The items as an lm-eval multiple_choice task: the prompt medjax renders, the option letters as
-    choices after the template's separator, the gold letters as target. A multi-answer item's gold
+def option_names(item, choices: str) -> list[str]:
+    return list(item.letters) if choices == "letters" else list(item.options.values())
+
+
+def write_lm_eval_task(items, requests, work: Path, choices: str = "letters") -> None:
+    """The items as an lm-eval multiple_choice task: the prompt medjax renders, the option letters
+    (or texts) as choices after the template's separator, the gold option as target. A multi-answer item's gold
     ("ACD") is no single choice, so lm-eval scores it wrong (with a warning), as medjax's
     log-likelihood mode does: one letter is chosen."""
     from medjax.tasks.prompts import TEMPLATES
@@ -86,7 +99,12 @@ def write_lm_eval_task(items, requests, work: Path) -> None:
         for item, r in zip(items, requests):
             f.write(
                 json.dumps(
-                    {"id": item.id, "query": r.context, "choices": list(item.letters), "gold": item.gold},
+                    {
+                        "id": item.id,
+                        "query": r.context,
+                        "choices": option_names(item, choices),
+                        "gold": item.letters.index(item.gold) if item.gold in item.letters else item.gold,
+                    },
                     ensure_ascii=False,
                 )
                 + "\n"
@@ -122,7 +140,7 @@ def worker_medjax(spec: dict) -> dict:
     model = LocalModel(spec["model"], batch_size=spec["batch_size"])
     loaded = time.perf_counter() - t0
     out = Path(spec["work"]) / "medjax.jsonl"
-    cfg = EvalConfig(limit=spec["limit"], batch_size=spec["batch_size"])
+    cfg = EvalConfig(limit=spec["limit"], batch_size=spec["batch_size"], choices=spec["choices"], text_norm="none")
     summary = evaluate(spec["model"], spec["benchmark"], out, cfg, model=model, quiet=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     result = {
@@ -134,7 +152,7 @@ def worker_medjax(spec: dict) -> dict:
         "max_batch_tokens": model.max_batch_tokens,
     }
     if spec["warm"]:
-        requests = requests_for(read_benchmark(spec["benchmark"], limit=spec["limit"]).items)
+        requests = requests_for(read_benchmark(spec["benchmark"], limit=spec["limit"]).items, spec["choices"])
         t0 = time.perf_counter()
         model.loglikelihood(requests)
         result["warm_s"] = time.perf_counter() - t0
@@ -290,6 +308,13 @@ def main() -> None:
     parser.add_argument("--benchmark", help="a benchmark file medjax reads (medjax.tasks.readers), e.g. cpqexam.jsonl")
     parser.add_argument("--limit", type=int, default=None, help="score the first N items")
     parser.add_argument(
+        "--choices",
+        choices=("letters", "texts"),
+        default="letters",
+        help="score the option letters after a prompt listing the options (default), or the option "
+        "texts after one that does not (as `medjax eval --choices`)",
+    )
+    parser.add_argument(
         "--batch-size",
         type=int,
         default=8,
@@ -326,7 +351,7 @@ def main() -> None:
 
     bench = read_benchmark(args.benchmark, limit=args.limit)
     items = bench.items
-    requests = requests_for(items)
+    requests = requests_for(items, args.choices)
     n = len(items)
     if args.lm_eval_batch_size:
         lm_batch, longest, per_row = args.lm_eval_batch_size, *lm_eval_batch(args.model, requests, 1, 1)[1:]
@@ -337,10 +362,16 @@ def main() -> None:
         f"{lm_batch} (its logits and log-softmax: {per_row * lm_batch:.1f} GB)",
         flush=True,
     )
-    spec = {"model": str(args.model), "benchmark": str(args.benchmark), "limit": args.limit, "warm": args.warm}
+    spec = {
+        "model": str(args.model),
+        "benchmark": str(args.benchmark),
+        "limit": args.limit,
+        "warm": args.warm,
+        "choices": args.choices,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        write_lm_eval_task(items, requests, work)
+        write_lm_eval_task(items, requests, work, args.choices)
         ours = run_side("medjax", {**spec, "batch_size": args.batch_size, "work": tmp}, work)
         print(f"  medjax done: {ours['end_to_end_s']:.0f} s", flush=True)
         theirs = run_side("lm_eval", {**spec, "batch_size": lm_batch, "work": tmp}, work)
@@ -354,7 +385,8 @@ def main() -> None:
 
     def acc_norm(side):  # lm-eval's acc_norm: log-likelihood over the choice's length in characters
         picks = [
-            int(np.argmax(np.asarray(lls) / [len(k) for k in item.letters])) for item, lls in zip(items, side["lls"])
+            int(np.argmax(np.asarray(lls) / [len(k) for k in option_names(item, args.choices)]))
+            for item, lls in zip(items, side["lls"])
         ]
         return float(np.mean([item.letters[i] == item.gold for item, i in zip(items, picks)]))
 
@@ -363,6 +395,7 @@ def main() -> None:
         "model": args.model,
         "benchmark": args.benchmark,
         "items": n,
+        "choices": args.choices,
         "longest_row_tokens": longest,
         "loglikelihood": {
             "medjax": {k: v for k, v in ours.items() if k != "lls"},
@@ -373,7 +406,7 @@ def main() -> None:
             **({"speedup_second_pass": theirs["warm_s"] / ours["warm_s"]} if args.warm else {}),
         },
     }
-    print("log-likelihood of the option letters, each side in its own process")
+    print(f"log-likelihood of the option {args.choices}, each side in its own process")
     print(f"  {'':<30}{'medjax':>10}{'lm-eval':>10}")
     rows = [
         ("batch (rows)", "batch_size", "{:10d}"),

@@ -3,7 +3,11 @@
 Why: the configs in configs/quarkmed/ promise to fit their slices (the RL ones with their rollout
 sampler too); this checks all of them in one
 run on a CPU-only machine (libtpu's compile-only devices; needs the tpu extra). A 32B config takes
-one to two minutes to compile on 2 cores; CI compiles two of them (tests/test_plan.py).
+one to two minutes to compile on 2 cores, so CI compiles only the demo's configs for small slices
+(tests/test_plan.py) and the real shapes are checked here. Beyond fitting, each train step must
+hold what the plan promises: every chip's share of params, optimizer state and gradients under
+XLA's compiled peak, that peak under the chip's HBM, and the step's FLOPs the model's own count;
+a config that breaks any of these exits 1.
 
 Run (from the repository root):
 
@@ -26,6 +30,7 @@ from medjax.parallel.topologies import keep_jax_off_absent_tpus  # noqa: E402
 keep_jax_off_absent_tpus()
 
 from medjax.config import REPO_ROOT, load_config  # noqa: E402
+from medjax.train.metrics import train_flops_per_token  # noqa: E402
 from medjax.train.plan import format_plans, plan, plan_rollout, planned_model  # noqa: E402
 
 # config file -> the slice it is sized for (the name ends in it too)
@@ -38,6 +43,22 @@ CONFIGS = {
 }
 
 
+def broken_promises(cfg, model, result) -> list[str]:
+    """What a train step's plan promises and this compile did not hold (empty when all hold)."""
+    if not result.fits:
+        return [f"does not fit: {result.error or 'peak over HBM'}"]
+    wrong = []
+    if not result.analytic_bytes < result.peak_bytes < result.hbm_bytes:
+        wrong.append(
+            f"params+optimizer+grads {result.analytic_bytes} B, compiled peak {result.peak_bytes} B, "
+            f"HBM {result.hbm_bytes} B are not in that order"
+        )
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    if cfg.stage != "rl" and result.flops_per_step != train_flops_per_token(model, cfg.data.seq_len) * tokens:
+        wrong.append(f"step FLOPs {result.flops_per_step:.4g} are not the model's 6N + attention count")
+    return wrong
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="also write every plan as JSON")
@@ -45,13 +66,14 @@ def main(argv=None) -> int:
         "--no-cost", action="store_true", help="skip the compiler's cost estimates (two more compiles each)"
     )
     args = ap.parse_args(argv)
-    rows = []
+    rows, failures = [], []
     for name, topology in CONFIGS.items():
         cfg = load_config(REPO_ROOT / "configs" / "quarkmed" / name)
         model = planned_model(cfg)
         result = plan(cfg, topology, model=model, cost=not args.no_cost)
         rows.append((name.removesuffix(".yaml"), result))
         print(f"compiled {name} for {topology} in {result.compile_seconds:.0f} s", file=sys.stderr)
+        failures += [f"{name}: {why}" for why in broken_promises(cfg, model, result)]
         if cfg.stage == "rl":  # and its rollout sampler, the other program the stage runs
             result = plan_rollout(cfg, topology, model=model)
             rows.append((name.removesuffix(".yaml") + " rollout", result))
@@ -59,7 +81,10 @@ def main(argv=None) -> int:
     print(format_plans(rows))
     if args.json:
         args.json.write_text(json.dumps({n: p.to_json() for n, p in rows}, indent=2) + "\n")
-    return 0 if all(p.fits for _, p in rows) else 1
+    failures += [f"{n}: does not fit" for n, p in rows if n.endswith(" rollout") and not p.fits]
+    for line in failures:
+        print(f"FAILED {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.config import ConfigError
+from medjax.models.attention import shared_prefix_mask
 from medjax.models.sampler import bucket
 from medjax.models.sharding import activation_layout
 from medjax.parallel.inference import load_placed
@@ -81,6 +82,25 @@ def plan_batches(
     return batches
 
 
+@dataclasses.dataclass
+class ScoringRow:
+    """One row of a scoring batch: its tokens with their RoPE positions and attention segments, and
+    the entries it scores: target token ``targets[i]`` read at slot ``where[i]``; ``spans`` says
+    which (request, continuation) owns which entries (first entry, count)."""
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]
+    where: list[int] = dataclasses.field(default_factory=list)
+    targets: list[int] = dataclasses.field(default_factory=list)
+    spans: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+
+    def add(self, request: int, continuation: int, where: list[int], targets: list[int]) -> None:
+        self.spans.append((request, continuation, len(self.where), len(targets)))
+        self.where += where
+        self.targets += targets
+
+
 class LocalModel:
     """A medjax checkpoint (model dir or training run) or an HF directory, scored in JAX.
 
@@ -92,12 +112,17 @@ class LocalModel:
     let grow with the square of the longest prompt. The layers run scanned whatever the weights'
     own layout (one compiled layer body: a new width compiles in a third of the time, and runs
     no slower).
-    When every continuation of a context is a single token (option letters), one row scores them all
-    from the context's last position. Otherwise logits are formed only at the continuation's
-    positions (a window ending at the row's last token, ``logits_chunk`` positions at a time: the
-    model's, else LOGITS_CHUNK); the last position's distribution alone is formed whole. Float32
-    logits of a whole [rows, width, vocab] batch never exist, so a 152k vocabulary scores long
-    contexts in bounded memory and no time goes to the logits of context positions."""
+    A request is one row: its context once, then each continuation's tokens but its last, each
+    continuation in its own attention segment with positions restarting after the context
+    (attention.shared_prefix_mask), so four options cost the context once and their own tokens,
+    where lm-eval runs context + option four times; option letters add no tokens (each is read at
+    the context's last slot). A request too long to pack falls back to a row per continuation.
+    Logits are formed only at the slots a continuation's tokens are read from (``logits_chunk``
+    slots at a time: the model's, else LOGITS_CHUNK), so float32 logits of a whole
+    [rows, width, vocab] batch never exist, a 152k vocabulary scores long contexts in bounded
+    memory, and no time goes to the logits of context positions. Packed rows run XLA's attention
+    (the mask is not a segment mask the kernels take); unpacked ones the model's own.
+    Docs: docs/evaluation.md."""
 
     LOGITS_CHUNK = 512
     MAX_BATCH_TOKENS = 8192  # padded tokens a scoring batch holds per data shard
@@ -150,34 +175,30 @@ class LocalModel:
 
             layout = MeshLayout(self.mesh)
 
-        @functools.partial(jax.jit, static_argnames="window", **self.placement.jit_kwargs())
-        def score(params, tokens, targets, last, window: int):
-            """The last position's log-distribution [rows, vocab], and with ``window`` > 0 the
-            log-probs [rows, window] of ``targets`` at the ``window`` positions ending at ``last``
-            (a continuation's; logits of no other position are formed). A batch of option letters
-            needs only the former: a smaller program, faster to compile."""
+        @functools.partial(jax.jit, static_argnames="shared", **self.placement.jit_kwargs())
+        def score(params, tokens, positions, segments, where, targets, shared: bool):
+            """log p(targets) [rows, entries]: each entry's target token scored from the hidden state
+            at slot ``where`` (logits of no other slot are formed). ``shared``: rows hold a context
+            and its continuations after it (segments 0 and 1.., positions restarting after the
+            context; attention.shared_prefix_mask), so a context runs once for all its options;
+            otherwise rows are causal, padding at the right."""
             with activation_layout(layout):
                 model = scoring.bind(params)
-                hidden = model.hidden_states(tokens)
-                at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
-                last_lp = jax.nn.log_softmax(model.logits(at_last)[:, 0], axis=-1)
-                if not window:
-                    return None, last_lp
-                positions = jnp.maximum(last[:, None] - (window - 1) + jnp.arange(window), 0)
-                at_window = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-                return model.token_logprobs(at_window, targets)[0], last_lp
+                mask = shared_prefix_mask(segments) if shared else None
+                hidden = model.hidden_states(tokens, positions, mask=mask)
+                at = jnp.take_along_axis(hidden, where[..., None], axis=1)
+                return model.token_logprobs(at, targets)[0]
 
         self._score = score
 
-    def _split(self, context: str, continuation: str, templated: bool = False) -> tuple[list[int], list[int]]:
-        """Context and continuation ids such that context + continuation tokenises as the
-        whole text does (BPE merges across the boundary would otherwise score a different string).
-        The tokenizer's own special tokens (a bos) go before the context only."""
-        ctx = self.tok.encode(context, add_special_tokens=not templated).ids
+    def _split(self, context: str, continuation: str, templated: bool, ctx: list[int]) -> list[int]:
+        """The continuation's ids after the context's ``ctx``, such that context + continuation
+        tokenises as the whole text does (BPE merges across the boundary would otherwise score a
+        different string). The tokenizer's own special tokens (a bos) go before the context only."""
         whole = self.tok.encode(context + continuation, add_special_tokens=not templated).ids
         if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-            return ctx, whole[len(ctx) :]
-        return ctx, self.tok.encode(continuation, add_special_tokens=False).ids
+            return whole[len(ctx) :]
+        return self.tok.encode(continuation, add_special_tokens=False).ids
 
     def _rows_for(self, width: int) -> int:
         """Rows of a scoring batch of this width: ``batch_size``, fewer where they would pass
@@ -185,44 +206,60 @@ class LocalModel:
         shards = self.placement.rows
         return min(self.batch_size, shards * max(1, self.max_batch_tokens // width))
 
+    def _rows(self, r: int, req: LoglikelihoodRequest, limit: int) -> list[ScoringRow]:
+        """A request's scoring rows. Its context is encoded once; every continuation's tokens after
+        it (``_split``) but the last are packed into one row behind the context, each continuation
+        its own segment (option letters add no tokens at all: each is read at the context's last
+        slot). Where the packed row passes the model's context, one row per continuation instead,
+        keeping the continuation and the newest context that fits."""
+        ctx = self.tok.encode(req.context, add_special_tokens=not req.templated).ids
+        conts = [self._split(req.context, c, req.templated, ctx) for c in req.continuations]
+        if ctx and len(ctx) + sum(max(len(c) - 1, 0) for c in conts) <= limit:
+            row = ScoringRow(list(ctx), list(range(len(ctx))), [0] * len(ctx))
+            for c, cont in enumerate(conts):
+                start = len(row.tokens)
+                row.tokens += cont[:-1]
+                row.positions += range(len(ctx), len(ctx) + len(cont) - 1)
+                row.segments += [c + 1] * (len(cont) - 1)
+                reads = [len(ctx) - 1] + list(range(start, start + len(cont) - 1))
+                row.add(r, c, reads[: len(cont)], cont)
+            return [row]
+        rows = []
+        for c, cont in enumerate(conts):
+            ids = (ctx + cont)[-(limit + 1) :]  # keep the continuation, drop the oldest context
+            scored = max(min(len(cont), len(ids) - 1), 0)
+            row = ScoringRow(ids[:-1], list(range(len(ids) - 1)), [0] * (len(ids) - 1))
+            row.add(r, c, list(range(len(ids) - 1 - scored, len(ids) - 1)), ids[len(ids) - scored :])
+            rows.append(row)
+        return rows
+
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[list[float]]:
-        limit = self.model_cfg.max_position_embeddings
-        rows = []  # (request index, continuation indices, input ids, targets: letters' tokens or the continuation's)
-        for r, req in enumerate(requests):
-            pairs = [self._split(req.context, c, req.templated) for c in req.continuations]
-            if all(len(cont) == 1 for _, cont in pairs) and len({tuple(ctx) for ctx, _ in pairs}) == 1:
-                ctx = pairs[0][0][-limit:]
-                rows.append((r, list(range(len(pairs))), ctx, [cont[0] for _, cont in pairs]))
-                continue
-            for c, (ctx, cont) in enumerate(pairs):
-                ids = (ctx + cont)[-(limit + 1) :]  # keep the continuation, drop the oldest context
-                scored = min(len(cont), len(ids) - 1)
-                rows.append((r, [c], ids[:-1], tuple(ids[len(ids) - scored :])))
+        limit = max(self.model_cfg.max_position_embeddings, 1)
+        rows = [row for r, req in enumerate(requests) for row in self._rows(r, req, limit)]
         out = [[0.0] * len(req.continuations) for req in requests]
         plan = plan_batches(
-            [len(row[2]) for row in rows], max(limit, 1), self._rows_for, self.compile_tokens, self.width_multiple
+            [max(len(row.tokens), 1) for row in rows], limit, self._rows_for, self.compile_tokens, self.width_multiple
         )
-        batches = [([rows[i] for i in indices], width) for indices, width in plan]
-        for chunk, width in batches:
+        # one entry count for the whole call: a batch's program is then new only where its width is
+        entries = bucket(max(len(row.where) for row in rows), 8) if rows else 0
+        shared = any(max(row.segments, default=0) > 0 for row in rows)  # one mask kind per call, too
+        for indices, width in plan:
+            chunk = [rows[i] for i in indices]
             size = self._rows_for(width)
-            conts = [len(row[3]) for row in chunk if isinstance(row[3], tuple)]
-            window = min(width, bucket(max(conts), 16)) if conts else 0
             tokens = np.zeros((size, width), np.int32)
-            targets = np.zeros((size, max(window, 1)), np.int32)
-            last = np.zeros((size,), np.int32)
-            for b, (_, _, ids, tgt) in enumerate(chunk):
-                tokens[b, : len(ids)] = ids
-                last[b] = len(ids) - 1
-                if isinstance(tgt, tuple):
-                    targets[b, window - len(tgt) :] = tgt
-            tokens, targets, last = self.placement.put(tokens, targets, last)
-            token_lp, last_lp = jax.device_get(self._score(self.params, tokens, targets, last, window=window))
-            for b, (r, conts, ids, tgt) in enumerate(chunk):
-                if isinstance(tgt, tuple):
-                    out[r][conts[0]] = float(token_lp[b, window - len(tgt) :].sum())
-                else:
-                    for c, token in zip(conts, tgt):
-                        out[r][c] = float(last_lp[b, token])
+            positions = np.zeros((size, width), np.int32)
+            segments = np.full((size, width), -1, np.int32)  # padding: a segment of its own
+            where = np.zeros((size, entries), np.int32)
+            targets = np.zeros((size, entries), np.int32)
+            for b, row in enumerate(chunk):
+                n = len(row.tokens)
+                tokens[b, :n], positions[b, :n], segments[b, :n] = row.tokens, row.positions, row.segments
+                where[b, : len(row.where)], targets[b, : len(row.targets)] = row.where, row.targets
+            arrays = self.placement.put(tokens, positions, segments, where, targets)
+            token_lp = jax.device_get(self._score(self.params, *arrays, shared=shared))
+            for b, row in enumerate(chunk):
+                for r, c, first, count in row.spans:
+                    out[r][c] = float(token_lp[b, first : first + count].sum())
         return out
 
     def generate(self, prompts: Sequence[str], settings: GenerationSettings) -> list[str]:

@@ -40,6 +40,18 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
     return jnp.tril(jnp.ones((seq, seq), dtype=bool)) & same_document(segment_ids)
 
 
+def shared_prefix_mask(segment_ids: jax.Array) -> jax.Array:
+    """[batch, 1, seq, seq] mask of rows that hold one context and several continuations of it
+    after each other: segment 0 is the context, segment k > 0 the k-th continuation (positions
+    restart after the context for each). A token attends causally to the context and to its own
+    segment, so each continuation is scored as if it alone followed the context, and the context
+    runs once for all of them (a multiple-choice item's options cost their own tokens, not
+    options x context). Padding takes an id of its own and reads only the context and itself."""
+    seq = segment_ids.shape[-1]
+    visible = same_document(segment_ids) | (segment_ids == 0)[:, None, None, :]
+    return jnp.tril(jnp.ones((seq, seq), dtype=bool)) & visible
+
+
 def splash_block(seq_len: int) -> int | None:
     """The largest multiple of 128 up to SPLASH_BLOCK dividing seq_len (None: none does)."""
     for block in range(SPLASH_BLOCK, _TPU_TILE - 1, -_TPU_TILE):

@@ -55,10 +55,13 @@ class Decoder(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
+        mask: jax.Array | None = None,
     ) -> jax.Array:
         """Final-norm hidden states [batch, seq, hidden] (the reward model's head reads these).
         ``dropout_rng`` makes it a training forward: the LoRA adapters' inputs are dropped at
-        model.lora.dropout, each layer with its own key (evaluation and sampling pass none)."""
+        model.lora.dropout, each layer with its own key (evaluation and sampling pass none).
+        ``mask`` [batch, 1, seq, seq] replaces the causal mask of ``segment_ids`` (attention.
+        shared_prefix_mask: options scored after one context), through XLA's attention."""
         if not (self.cfg.lora.enabled and self.cfg.lora.dropout > 0):
             dropout_rng = None
         if positions is None:
@@ -71,7 +74,7 @@ class Decoder(nnx.Module):
 
             def body(h, xs):
                 layer_params, key = xs
-                out = nnx.merge(graphdef, layer_params)(h, positions, segment_ids, dropout_rng=key)[0]
+                out = nnx.merge(graphdef, layer_params)(h, positions, segment_ids, mask=mask, dropout_rng=key)[0]
                 return constrain(out, ACTIVATION), None
 
             if self.cfg.remat != "none":
@@ -82,12 +85,13 @@ class Decoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             if self.cfg.remat == "none":
-                x, _ = layer(x, positions, segment_ids, dropout_rng=key)
+                x, _ = layer(x, positions, segment_ids, mask=mask, dropout_rng=key)
             else:
                 block = nnx.remat(
-                    lambda blk, h, p, s, k: blk(h, p, s, dropout_rng=k)[0], policy=REMAT_POLICIES[self.cfg.remat]
+                    lambda blk, h, p, s, m, k: blk(h, p, s, mask=m, dropout_rng=k)[0],
+                    policy=REMAT_POLICIES[self.cfg.remat],
                 )
-                x = block(layer, x, positions, segment_ids, key)
+                x = block(layer, x, positions, segment_ids, mask, key)
             x = constrain(x, ACTIVATION)
         return self.final_norm(x)
 

@@ -189,7 +189,8 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         """Causal attention within the documents ``segment_ids`` marks, by ``model.attention``; or,
         with ``cache``, the new keys/values are written at slots index.. and the queries attend
-        over the whole cache where ``mask`` [batch, 1, new, cache_len] allows."""
+        over the whole cache where ``mask`` [batch, 1, new, cache_len] allows; or, with ``mask``
+        alone ([batch, 1, seq, seq]), XLA's attention where it allows (shared-prefix scoring)."""
         dt, scale = x.dtype, self.cfg.lora.scale
         drop = AdapterDropout.of(self.cfg, dropout_rng)
         q = add_lora(jnp.einsum("bse,ehd->bshd", x, kernel(self.wq, dt)), self, "q", x, 1, scale, drop)
@@ -210,7 +211,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, index, 0, 0))
             cache = LayerCache(k, v)
             k, v = k.astype(dt), v.astype(dt)
-        if cache is None:
+        if cache is None and mask is None:
             out = causal_attention(q, k, v, segment_ids, self.cfg.attention)
         else:
             out = grouped_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
