@@ -93,7 +93,7 @@ def test_options_packed_after_one_context_score_as_each_alone(trained):
         LoglikelihoodRequest(context, [" A", " B", " C"]),
         LoglikelihoodRequest(context, [" Velvaxia", " a drug given twice daily with food", "", " B and more"]),
     ]
-    rows = model._rows(1, requests[1], model.model_cfg.max_position_embeddings)
+    rows = model._rows(1, *model._encoded(requests)[1], model.model_cfg.max_position_embeddings)
     assert len(rows) == 1 and max(rows[0].segments) == 4 and rows[0].spans[2][3] == 0
     packed = model.loglikelihood(requests)
     for req, scores in zip(requests, packed):
@@ -103,7 +103,7 @@ def test_options_packed_after_one_context_score_as_each_alone(trained):
     # a context that holds the longest option alone, not all four packed
     limit = len(model.tok.encode(context).ids) + max(len(model.tok.encode(c).ids) for c in requests[1].continuations)
     model.model_cfg = dataclasses.replace(model.model_cfg, max_position_embeddings=limit)
-    assert len(model._rows(1, requests[1], limit)) == 4
+    assert len(model._rows(1, *model._encoded(requests)[1], limit)) == 4
     np.testing.assert_allclose(np.concatenate(model.loglikelihood(requests)), np.concatenate(packed), atol=1e-4)
 
 

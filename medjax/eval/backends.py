@@ -191,14 +191,35 @@ class LocalModel:
 
         self._score = score
 
-    def _split(self, context: str, continuation: str, templated: bool, ctx: list[int]) -> list[int]:
-        """The continuation's ids after the context's ``ctx``, such that context + continuation
-        tokenises as the whole text does (BPE merges across the boundary would otherwise score a
-        different string). The tokenizer's own special tokens (a bos) go before the context only."""
-        whole = self.tok.encode(context + continuation, add_special_tokens=not templated).ids
-        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-            return whole[len(ctx) :]
-        return self.tok.encode(continuation, add_special_tokens=False).ids
+    def _encoded(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[list[int], list[list[int]]]]:
+        """Each request's context ids, and each continuation's ids after them such that context +
+        continuation tokenises as the whole text does (BPE merges across the boundary would
+        otherwise score a different string); where the whole text does not begin with the
+        context's ids, the continuation alone. The tokenizer's own special tokens (a bos) go
+        before the context only. Encoded in batches (the tokenizer's own loop, not Python's)."""
+        out: list = [None] * len(requests)
+        for templated in (False, True):
+            picked = [r for r, req in enumerate(requests) if req.templated == templated]
+            if not picked:
+                continue
+            special = not templated
+            contexts = self.tok.encode_batch([requests[r].context for r in picked], add_special_tokens=special)
+            wholes = iter(
+                self.tok.encode_batch(
+                    [requests[r].context + c for r in picked for c in requests[r].continuations],
+                    add_special_tokens=special,
+                )
+            )
+            for r, context in zip(picked, contexts):
+                ctx, conts = context.ids, []
+                for c in requests[r].continuations:
+                    whole = next(wholes).ids
+                    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+                        conts.append(whole[len(ctx) :])
+                    else:
+                        conts.append(self.tok.encode(c, add_special_tokens=False).ids)
+                out[r] = (ctx, conts)
+        return out
 
     def _rows_for(self, width: int) -> int:
         """Rows of a scoring batch of this width: ``batch_size``, fewer where they would pass
@@ -206,14 +227,13 @@ class LocalModel:
         shards = self.placement.rows
         return min(self.batch_size, shards * max(1, self.max_batch_tokens // width))
 
-    def _rows(self, r: int, req: LoglikelihoodRequest, limit: int) -> list[ScoringRow]:
-        """A request's scoring rows. Its context is encoded once; every continuation's tokens after
-        it (``_split``) but the last are packed into one row behind the context, each continuation
-        its own segment (option letters add no tokens at all: each is read at the context's last
-        slot). Where the packed row passes the model's context, one row per continuation instead,
-        keeping the continuation and the newest context that fits."""
-        ctx = self.tok.encode(req.context, add_special_tokens=not req.templated).ids
-        conts = [self._split(req.context, c, req.templated, ctx) for c in req.continuations]
+    @staticmethod
+    def _rows(r: int, ctx: list[int], conts: list[list[int]], limit: int) -> list[ScoringRow]:
+        """Request ``r``'s scoring rows from its context's ids and its continuations' (``_encoded``):
+        every continuation's tokens but the last packed into one row behind the context, each
+        continuation its own segment (option letters add no tokens at all: each is read at the
+        context's last slot). Where the packed row passes the model's context, one row per
+        continuation instead, keeping the continuation and the newest context that fits."""
         if ctx and len(ctx) + sum(max(len(c) - 1, 0) for c in conts) <= limit:
             row = ScoringRow(list(ctx), list(range(len(ctx))), [0] * len(ctx))
             for c, cont in enumerate(conts):
@@ -235,7 +255,9 @@ class LocalModel:
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[list[float]]:
         limit = max(self.model_cfg.max_position_embeddings, 1)
-        rows = [row for r, req in enumerate(requests) for row in self._rows(r, req, limit)]
+        rows = [
+            row for r, (ctx, conts) in enumerate(self._encoded(requests)) for row in self._rows(r, ctx, conts, limit)
+        ]
         out = [[0.0] * len(req.continuations) for req in requests]
         plan = plan_batches(
             [max(len(row.tokens), 1) for row in rows], limit, self._rows_for, self.compile_tokens, self.width_multiple
