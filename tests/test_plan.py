@@ -99,7 +99,7 @@ def test_rl_rollout_sampler_is_planned_beside_the_update():
     """An RL stage runs two programs on its slice: the update and the KV-cache sampler. `medjax plan`
     compiles both; the sampler at the rollout's shape (rows, longest prompt, max_new_tokens)."""
     from medjax.models.sampler import bucket
-    from medjax.train.metrics import generate_flops_per_row
+    from medjax.train.metrics import generate_flops_per_row, train_flops_per_token
     from medjax.train.plan import plan_rollout
 
     config = REPO_ROOT / "configs" / "demo" / "rl_verifiable.yaml"
@@ -130,6 +130,12 @@ def test_rl_rollout_sampler_is_planned_beside_the_update():
     p = update["rollout"]
     rows, width = cfg.rl.prompts_per_rollout * cfg.rl.group_size, bucket(cfg.data.seq_len + 1 - cfg.rl.max_new_tokens)
     assert update["stage"] == "rl" and update["fits"]
+    # the update forms logits over each row's completion window alone (rl.max_new_tokens positions)
+    head = cfg.model.hidden_size * cfg.model.vocab_size * cfg.train.global_batch_size
+    every_position = train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_size * cfg.data.seq_len
+    assert update["flops_per_step"] == pytest.approx(
+        every_position - 6.0 * head * (cfg.data.seq_len - cfg.rl.max_new_tokens)
+    )
     assert p["fits"] and p["stage"] == "rl rollout" and p["global_batch"] == rows
     assert p["seq_len"] == width + cfg.rl.max_new_tokens and p["opt_state_bytes"] == 0
     # params + KV cache (analytic), then XLA's peak, within the chip

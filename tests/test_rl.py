@@ -4,14 +4,17 @@ plugin path; the retrieval hook; a synthetic verifiable task learned from chance
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import straight_and_resumed, tiny_config
 
 from medjax.config import ConfigError, RewardSpec, RLConfig
+from medjax.models.config import ModelConfig
+from medjax.models.decoder import ModelDef
 from medjax.rl.advantages import group_advantages, informative_groups, overlong_penalty
-from medjax.rl.objective import aggregate, per_token_loss
+from medjax.rl.objective import PolicyGradientObjective, aggregate, per_token_loss, token_logprobs
 from medjax.rl.retrieval import InMemoryRetriever
 from medjax.rl.rewards import RewardComposer, Sample, exam_reward, format_reward, length_reward
 from medjax.tasks.items import ExamItem
@@ -69,6 +72,106 @@ def test_aggregation_by_hand():
     assert (float(total), float(count)) == (6.0, 2.0)  # GRPO: (6/3 + 4/1) / 2 sequences
     total, count = aggregate(loss, mask, RLConfig(aggregation="constant", max_new_tokens=8))
     assert float(total) == pytest.approx(10 / 8) and float(count) == 2.0  # Dr.GRPO: 10 / (2 x 8)
+
+
+def _rl_rows(prompt_and_completion, seq, vocab, seed=0):
+    """RL update rows as RolloutIterator._rows lays them out: prompt + completion from position 0,
+    loss on the completion's targets, padding after."""
+    rng = np.random.default_rng(seed)
+    n = len(prompt_and_completion)
+    rows = {k: np.zeros((n, seq), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
+    rows |= {k: np.zeros((n, seq), np.float32) for k in ("loss_mask", "old_logprobs", "ref_logprobs", "advantages")}
+    for r, (prompt, completion) in enumerate(prompt_and_completion):
+        full = rng.integers(1, vocab, prompt + completion)
+        length, start = len(full) - 1, prompt - 1
+        rows["tokens"][r, :length], rows["targets"][r, :length] = full[:-1], full[1:]
+        rows["positions"][r, :length], rows["segment_ids"][r, :length] = np.arange(length), 1
+        rows["loss_mask"][r, start:length] = 1.0
+        rows["old_logprobs"][r, start:length] = -rng.random(completion) * 3
+        rows["ref_logprobs"][r, start:length] = -rng.random(completion) * 3
+        rows["advantages"][r, start:length] = rng.normal()
+    return {k: jnp.asarray(v) for k, v in rows.items()}
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_head_over_the_completion_window_equals_every_position(aggregation, chunk):
+    """The objective forms logits only over each row's last max_new_tokens positions: its loss,
+    metrics and gradients equal those of the loss computed at every position. Rows: a completion
+    shorter than the window, a row shorter than the window, one ending at the row's end."""
+    cfg = RLConfig(max_new_tokens=4, aggregation=aggregation, kl_coef=0.1, kl_estimator="k3")
+    model = ModelDef(
+        ModelConfig(
+            vocab_size=61,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            logits_chunk=chunk,
+        )
+    )
+    params = jax.jit(model.init_params)(jax.random.key(0))
+    batch = _rl_rows([(6, 3), (2, 2), (12, 4), (13, 4)], seq=16, vocab=61)
+    objective = PolicyGradientObjective(cfg)
+
+    def windowed(p):
+        return objective.loss(model.bind(p), batch, None)
+
+    def every_position(p):
+        logp, entropy = token_logprobs(model.bind(p), batch)
+        mask = batch["loss_mask"]
+        loss_t, clipped, kl = per_token_loss(
+            logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"], cfg
+        )
+        total, count = aggregate(loss_t, mask, cfg)
+        ratio = jnp.exp(logp - batch["old_logprobs"])
+        extra = {
+            "tokens": mask.sum(),
+            "clipped": (clipped * mask).sum(),
+            "kl": (kl * mask).sum(),
+            "entropy": (entropy * mask).sum(),
+            "ratio": (ratio * mask).sum(),
+        }
+        return total, count, extra
+
+    got, want = jax.jit(windowed)(params), jax.jit(every_position)(params)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert float(got[1]) == float(want[1])
+    for k in want[2]:
+        np.testing.assert_allclose(got[2][k], want[2][k], rtol=1e-5, atol=1e-5, err_msg=k)
+    g_got = jax.jit(jax.grad(lambda p: windowed(p)[0]))(params)
+    g_want = jax.jit(jax.grad(lambda p: every_position(p)[0]))(params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_reference_logprobs_at_the_window_are_those_at_every_position():
+    from medjax.rl.rollout import RolloutIterator
+
+    model = ModelDef(
+        ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    )
+    params = jax.jit(model.init_params)(jax.random.key(0))
+    batch = _rl_rows([(6, 3), (2, 2), (12, 4)], seq=16, vocab=61)
+    got = jax.jit(RolloutIterator._window_logprobs(model, 4))(params, batch) * batch["loss_mask"]
+    want = token_logprobs(model.bind(params), batch, entropy=False)[0] * batch["loss_mask"]
+    assert got.shape == (3, 16)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_window_narrower_than_a_completion_would_lose_its_first_tokens():
+    """The window is a row's last max_new_tokens positions, so it must not be narrower than a
+    completion: with max_new_tokens=2 for a 4-token completion, the loss differs (the test above
+    is not vacuous)."""
+    model = ModelDef(
+        ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    )
+    params = jax.jit(model.init_params)(jax.random.key(0))
+    batch = _rl_rows([(6, 4)], seq=12, vocab=61)
+    narrow = PolicyGradientObjective(RLConfig(max_new_tokens=2)).loss(model.bind(params), batch, None)
+    wide = PolicyGradientObjective(RLConfig(max_new_tokens=4)).loss(model.bind(params), batch, None)
+    assert float(narrow[2]["tokens"]) == 2.0 and float(wide[2]["tokens"]) == 4.0
 
 
 # -- rewards --------------------------------------------------------------------------------------

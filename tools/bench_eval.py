@@ -70,17 +70,13 @@ metric_list:
 
 
 def requests_for(items, choices: str = "letters"):
-    """The (context, continuations) pairs `medjax eval --choices CHOICES` scores."""
-    from medjax.eval.backends import LoglikelihoodRequest
-    from medjax.tasks.prompts import PromptConfig, answer_continuation, build_prompt
+    """The (context, continuation) pairs `medjax eval --choices CHOICES` scores, built by its own code."""
+    from medjax.eval.runner import EvalConfig, loglikelihood_requests, prompt_config
+    from medjax.tasks.prompts import build_prompt
 
-    if choices == "letters":
-        return [LoglikelihoodRequest(build_prompt(i), [answer_continuation(i, k) for k in i.letters]) for i in items]
-    cloze = PromptConfig(list_options=False)
-    return [
-        LoglikelihoodRequest(build_prompt(i, cfg=cloze), [answer_continuation(i, text=v) for v in i.options.values()])
-        for i in items
-    ]
+    cfg = EvalConfig(choices=choices).validate()
+    pcfg = prompt_config(cfg)
+    return loglikelihood_requests(items, [build_prompt(i, cfg=pcfg) for i in items], cfg)
 
 
 def option_names(item, choices: str) -> list[str]:

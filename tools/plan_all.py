@@ -32,6 +32,7 @@ keep_jax_off_absent_tpus()
 from medjax.config import REPO_ROOT, load_config  # noqa: E402
 from medjax.train.metrics import train_flops_per_token  # noqa: E402
 from medjax.train.plan import format_plans, plan, plan_rollout, planned_model  # noqa: E402
+from medjax.train.stages import checked_stage  # noqa: E402
 
 # config file -> the slice it is sized for (the name ends in it too)
 CONFIGS = {
@@ -54,7 +55,8 @@ def broken_promises(cfg, model, result) -> list[str]:
             f"HBM {result.hbm_bytes} B are not in that order"
         )
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    if cfg.stage != "rl" and result.flops_per_step != train_flops_per_token(model, cfg.data.seq_len) * tokens:
+    head = checked_stage(cfg).head_positions(cfg)
+    if result.flops_per_step != train_flops_per_token(model, cfg.data.seq_len, head) * tokens:
         wrong.append(f"step FLOPs {result.flops_per_step:.4g} are not the model's 6N + attention count")
     return wrong
 
@@ -75,13 +77,13 @@ def main(argv=None) -> int:
         print(f"compiled {name} for {topology} in {result.compile_seconds:.0f} s", file=sys.stderr)
         failures += [f"{name}: {why}" for why in broken_promises(cfg, model, result)]
         if cfg.stage == "rl":  # and its rollout sampler, the other program the stage runs
-            result = plan_rollout(cfg, topology, model=model)
-            rows.append((name.removesuffix(".yaml") + " rollout", result))
-            print(f"compiled {name}'s rollout sampler in {result.compile_seconds:.0f} s", file=sys.stderr)
+            rollout = plan_rollout(cfg, topology, model=model)
+            rows.append((name.removesuffix(".yaml") + " rollout", rollout))
+            print(f"compiled {name}'s rollout sampler in {rollout.compile_seconds:.0f} s", file=sys.stderr)
+            failures += [] if rollout.fits else [f"{name}'s rollout sampler: does not fit"]
     print(format_plans(rows))
     if args.json:
         args.json.write_text(json.dumps({n: p.to_json() for n, p in rows}, indent=2) + "\n")
-    failures += [f"{n}: does not fit" for n, p in rows if n.endswith(" rollout") and not p.fits]
     for line in failures:
         print(f"FAILED {line}", file=sys.stderr)
     return 1 if failures else 0

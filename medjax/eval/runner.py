@@ -124,11 +124,7 @@ def evaluate(
     # A served model is asked through its chat API, which applies the server's own template.
     chat_api = cfg.chat and cfg.mode == "generate" and hasattr(model, "generate_chat")
     chat = ChatFormatter(getattr(model, "tokenizer_dir", None)) if cfg.chat and not chat_api else None
-    pcfg = PromptConfig(
-        generative=cfg.mode == "generate",
-        list_options=not (cfg.mode == "loglikelihood" and cfg.choices == "texts"),
-        template=cfg.template,
-    )
+    pcfg = prompt_config(cfg)
 
     def prompt_for(item: ExamItem) -> tuple[str, list[str]]:
         passages = (
@@ -232,7 +228,19 @@ def _row(item: ExamItem, prediction: str, correct: bool, **extra) -> dict:
     return row
 
 
-def _score_loglikelihood(model, items, prompts, cfg: EvalConfig) -> list[dict]:
+def prompt_config(cfg: EvalConfig) -> PromptConfig:
+    """How ``cfg`` renders an item's prompt: option texts are scored after a prompt that does not
+    list them (a cloze), option letters after one that does."""
+    return PromptConfig(
+        generative=cfg.mode == "generate",
+        list_options=not (cfg.mode == "loglikelihood" and cfg.choices == "texts"),
+        template=cfg.template,
+    )
+
+
+def loglikelihood_requests(items, prompts, cfg: EvalConfig) -> list[LoglikelihoodRequest]:
+    """What log-likelihood mode scores for each item after its rendered prompt: every option's letter
+    or text as a continuation. tools/bench_eval.py hands lm-eval these same pairs."""
     requests = []
     for item, prompt in zip(items, prompts):
         if cfg.choices == "letters":
@@ -240,6 +248,11 @@ def _score_loglikelihood(model, items, prompts, cfg: EvalConfig) -> list[dict]:
         else:
             conts = [answer_continuation(item, text=v, chat=cfg.chat) for v in item.options.values()]
         requests.append(LoglikelihoodRequest(prompt, conts, templated=cfg.chat))
+    return requests
+
+
+def _score_loglikelihood(model, items, prompts, cfg: EvalConfig) -> list[dict]:
+    requests = loglikelihood_requests(items, prompts, cfg)
     scores = model.loglikelihood(requests)
     rows = []
     for item, req, lps in zip(items, requests, scores):

@@ -11,6 +11,10 @@ accumulation over micro-batches equals the whole batch, as for every stage:
   token:    sum_t loss_t / #tokens                        (DAPO)
   sequence: sum_s (sum_t loss_t / |s|) / #sequences       (GRPO)
   constant: sum_t loss_t / (#sequences x max_new_tokens)  (Dr.GRPO)
+
+Only completion tokens carry loss, and a row's completion is among its last rl.max_new_tokens
+tokens, so the head (the [tokens, vocab] matmul, log-softmax and entropy) runs over that window
+alone: the prompt's positions need hidden states for attention but never their logits.
 """
 
 from __future__ import annotations
@@ -24,13 +28,36 @@ from medjax.models.decoder import Decoder
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "old_logprobs", "ref_logprobs", "advantages")
 
 
+def completion_window(segment_ids: jax.Array, width: int) -> jax.Array:
+    """[b, width] indices of each row's last ``width`` tokens (its first ``width`` when shorter):
+    a superset of the row's completion when the completion has at most ``width`` tokens. A row
+    holds one prompt + completion from position 0 (segment id 1), padding after it."""
+    seq = segment_ids.shape[-1]
+    width = min(width, seq)
+    length = (segment_ids > 0).sum(-1)
+    start = jnp.clip(length - width, 0, seq - width)
+    return start[:, None] + jnp.arange(width)
+
+
+def at_window(x: jax.Array, window: jax.Array | None) -> jax.Array:
+    """``x`` [b, s, ...] at the window's positions: [b, width, ...]."""
+    if window is None:
+        return x
+    return jnp.take_along_axis(x, window.reshape(window.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def token_logprobs(
-    model: Decoder, batch, entropy: bool = True, dropout_rng: jax.Array | None = None
+    model: Decoder,
+    batch,
+    entropy: bool = True,
+    dropout_rng: jax.Array | None = None,
+    window: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """(log p(target) [b, s], entropy of the next-token distribution [b, s] or None) under
-    ``model``, in chunks of model.logits_chunk positions."""
+    """(log p(target), entropy of the next-token distribution or None) under ``model`` at every
+    position [b, s] or, given a ``window`` (completion_window), at its positions alone [b, width];
+    in chunks of model.logits_chunk positions."""
     hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_rng)
-    return model.token_logprobs(hidden, batch["targets"], entropy=entropy)
+    return model.token_logprobs(at_window(hidden, window), at_window(batch["targets"], window), entropy=entropy)
 
 
 def per_token_loss(logp, old_logp, ref_logp, advantages, cfg: RLConfig):
@@ -62,10 +89,12 @@ class PolicyGradientObjective:
         self.cfg = cfg
 
     def loss(self, model: Decoder, batch, rng):
-        logp, entropy = token_logprobs(model, batch, dropout_rng=rng)
-        mask = batch["loss_mask"]
+        window = completion_window(batch["segment_ids"], self.cfg.max_new_tokens)
+        logp, entropy = token_logprobs(model, batch, dropout_rng=rng, window=window)
+        rows = {k: at_window(batch[k], window) for k in ("loss_mask", "old_logprobs", "ref_logprobs", "advantages")}
+        mask = rows["loss_mask"]
         loss_t, clipped, kl = per_token_loss(
-            logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"], self.cfg
+            logp, rows["old_logprobs"], rows["ref_logprobs"], rows["advantages"], self.cfg
         )
         total, count = aggregate(loss_t, mask, self.cfg)
         extra = {
@@ -73,7 +102,7 @@ class PolicyGradientObjective:
             "clipped": (clipped * mask).sum(),
             "kl": (kl * mask).sum(),
             "entropy": (entropy * mask).sum(),
-            "ratio": (jnp.exp(logp - batch["old_logprobs"]) * mask).sum(),
+            "ratio": (jnp.exp(logp - rows["old_logprobs"]) * mask).sum(),
         }
         return total, count, extra
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from medjax.config import Config, ConfigError
@@ -29,7 +30,7 @@ from medjax.models.decoder import ModelDef
 from medjax.models.sampler import Sampler, SamplingConfig, host_arrays
 from medjax.parallel.rules import MeshLayout
 from medjax.rl.advantages import group_advantages, informative_groups, overlong_penalty
-from medjax.rl.objective import ROW_KEYS, token_logprobs
+from medjax.rl.objective import ROW_KEYS, completion_window, token_logprobs
 from medjax.rl.retrieval import load_retriever
 from medjax.rl.rewards import RewardComposer, Sample
 from medjax.tasks.prompts import PromptConfig, build_prompt, fit_passages
@@ -195,7 +196,7 @@ class RolloutIterator:
         layout = None if batch_sharding is None else MeshLayout(batch_sharding.mesh)
         self.sampler = Sampler(model, layout=layout)
         self.rewards = RewardComposer(self.rl.rewards)
-        self._ref_logprobs = jax.jit(lambda p, b: token_logprobs(model.bind(p), b, entropy=False)[0])
+        self._ref_logprobs = jax.jit(self._window_logprobs(model, self.rl.max_new_tokens))
         self.prompts_used = 0  # positions read from the repeated, shuffled prompt order
         self.mastered: set[int] = set()  # prompts out of the pool (rl.drop_mastered)
         self.rollouts = 0
@@ -205,6 +206,18 @@ class RolloutIterator:
         self._metrics: dict[str, float] = {}
         self._rollout_time = 0.0
         self._last_pop = time.perf_counter()
+
+    @staticmethod
+    def _window_logprobs(model: ModelDef, width: int):
+        """The reference's log p(target) at each row's completion window, put back at their
+        positions of the [rows, seq] arrays (zero elsewhere)."""
+
+        def logprobs(params, rows):
+            window = completion_window(rows["segment_ids"], width)
+            lp = token_logprobs(model.bind(params), rows, entropy=False, window=window)[0]
+            return jnp.zeros(rows["targets"].shape, lp.dtype).at[jnp.arange(lp.shape[0])[:, None], window].set(lp)
+
+        return logprobs
 
     # -- iteration -------------------------------------------------------------------------------
 

@@ -290,7 +290,7 @@ def _train(
     peak = peak_flops_per_device(tc.peak_flops_per_device)
     step_log = StepLog(
         tokens_per_step=geo.global_batch * geo.seq_len,
-        flops_per_token=train_flops_per_token(cfg.model, geo.seq_len),
+        flops_per_token=train_flops_per_token(cfg.model, geo.seq_len, spec.head_positions(cfg)),
         peak_flops=peak * jax.device_count() if peak else None,
     )
     bar = tqdm(

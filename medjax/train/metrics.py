@@ -43,11 +43,17 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * per_layer + cfg.hidden_size * head
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6 x matmul params (forward + backward) plus causal attention scores and values."""
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, head_positions: int | None = None) -> float:
+    """6 x matmul params (forward + backward) plus causal attention scores and values. With
+    ``head_positions``, a row forms logits at that many of its seq_len positions alone (the RL
+    update's completion window), so the head counts there, averaged over the row's tokens."""
     # QK^T and AV are 4*seq*h*d FLOPs per token forward; causality halves them.
     attention = cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
-    return 6.0 * matmul_params(cfg) + 6.0 * attention
+    flops = 6.0 * matmul_params(cfg) + 6.0 * attention
+    if head_positions is not None and head_positions < seq_len:
+        head = matmul_params(cfg) - cfg.num_layers * family_spec(cfg.family).layer_matmul_params(cfg)
+        flops -= 6.0 * head * (seq_len - head_positions) / seq_len
+    return flops
 
 
 def generate_flops_per_row(cfg: ModelConfig, prompt: int, new: int) -> float:

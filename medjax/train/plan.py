@@ -271,10 +271,12 @@ def step_estimate(
     attention: str,
     slc,
     devices: int,
+    head_positions: int | None = None,
 ) -> dict:
     """estimate() for a train step of ``rows`` x ``seq_len`` tokens over ``devices``: the model's
-    FLOPs and the Pallas kernels' (kernel_flops) per device, from the step's shape."""
-    model_flops = train_flops_per_token(model_cfg, seq_len) * rows * seq_len
+    FLOPs (logits at ``head_positions`` of each row, all when None) and the Pallas kernels'
+    (kernel_flops) per device, from the step's shape."""
+    model_flops = train_flops_per_token(model_cfg, seq_len, head_positions) * rows * seq_len
     kernels = kernel_flops(model_cfg, seq_len, rows, attention)
     return estimate(costs, model_flops / devices, kernels / devices, slc)
 
@@ -348,7 +350,8 @@ def plan(
     slc, mesh = _slice_mesh(cfg, topology, num_slices, model_cfg)
     step = _lower_step(cfg, model_cfg, mesh)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    flops = train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens
+    head_positions = checked_stage(cfg).head_positions(cfg)
+    flops = train_flops_per_token(model_cfg, cfg.data.seq_len, head_positions) * tokens
     with activation_layout(MeshLayout(mesh)):  # as the step traces: auto resolves for the slice
         attention = resolve_attention(model_cfg.attention, cfg.data.seq_len, DTYPES[model_cfg.dtype])
     started = time.perf_counter()
@@ -372,7 +375,9 @@ def plan(
     if cost and result.fits:
         costs = step_cost(cfg, model_cfg, mesh, slc)
         rows = cfg.train.global_batch_size
-        result.cost = step_estimate(costs, model_cfg, rows, cfg.data.seq_len, attention, slc, mesh.devices.size)
+        result.cost = step_estimate(
+            costs, model_cfg, rows, cfg.data.seq_len, attention, slc, mesh.devices.size, head_positions
+        )
         result.compile_seconds = round(time.perf_counter() - started, 1)
     return result
 

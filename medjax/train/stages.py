@@ -44,6 +44,9 @@ class Stage:
     needs_reference: Callable[[Config], bool] = lambda cfg: False
     # Whether data.source may name TFDS or seqio (a stream of plain text) instead of files.
     text_sources: bool = False
+    # How many positions of each row the objective forms logits at (None: every one); the model
+    # FLOPs that MFU and the planner count.
+    head_positions: Callable[[Config], int | None] = lambda cfg: None
 
 
 def _pretrain_data(cfg: Config, files, batch_size, train, process_index, process_count):
@@ -142,6 +145,7 @@ STAGES: dict[str, Stage] = {
         ROW_KEYS,
         rollout=_rl_rollout,
         needs_reference=lambda cfg: cfg.rl.kl_coef > 0 and not reference_is_base(cfg),
+        head_positions=lambda cfg: cfg.rl.max_new_tokens,  # each row's completion window
     ),
 }
 
