@@ -20,6 +20,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry:UserWarning"),
 ]
 
+# The larger compiles, left out of CI's run (which keeps the small ones): python -m pytest -m aot tests
+beyond_ci = pytest.mark.aot
+
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e '.[tpu]')"
 )
@@ -94,6 +97,7 @@ def test_plan_compiles_the_real_step_and_reports_memory_and_flops():
     assert p.step_seconds["40%"] == pytest.approx(p.flops_per_step / (4 * 197e12 * 0.4))
 
 
+@beyond_ci
 @needs_libtpu
 def test_rl_rollout_sampler_is_planned_beside_the_update():
     """An RL stage runs two programs on its slice: the update and the KV-cache sampler. `medjax plan`
@@ -146,11 +150,16 @@ def test_rl_rollout_sampler_is_planned_beside_the_update():
     assert p["cost"]["decode_seconds_per_token"] == pytest.approx(p["cost"]["decode_bytes_per_token"] / 8.19e11)
 
 
+def gathered(cost) -> int:
+    """Bytes a step's all-gathers over the fsdp axis move (the weights gathered for compute)."""
+    return sum(c.bytes for c in cost.collectives if c.kind == "all-gather" and c.axes == ("fsdp",))
+
+
 @needs_libtpu
 def test_step_cost_extrapolated_from_two_layers_matches_an_unrolled_compile():
     """XLA counts a scanned body once, so the plan costs a step from unrolled 1- and 2-layer
     compiles. Against the 4-layer step compiled unrolled (fsdp over v5e-4): FLOPs, bytes, libtpu's
-    corrected time and the gathered bytes agree; micro-batches multiply it."""
+    corrected time and the gathered bytes agree."""
     import dataclasses
 
     from medjax.parallel.costs import program_cost
@@ -167,10 +176,17 @@ def test_step_cost_extrapolated_from_two_layers_matches_an_unrolled_compile():
     assert direct.optimal_seconds > 0 and direct.concat_bitcasts > 0  # negative before the correction
     assert est.optimal_seconds == pytest.approx(direct.optimal_seconds, rel=0.05)
 
-    def gathered(cost):
-        return sum(c.bytes for c in cost.collectives if c.kind == "all-gather" and c.axes == ("fsdp",))
-
     assert gathered(est) == pytest.approx(gathered(direct), rel=0.05) and gathered(direct) > 0
+
+
+@beyond_ci
+@needs_libtpu
+def test_step_cost_multiplies_over_micro_batches():
+    from medjax.train.plan import _slice_mesh, step_cost
+
+    cfg = _demo("mesh.data=1", "mesh.fsdp=4", "model.num_layers=4")
+    slc, mesh = _slice_mesh(cfg, "v5e-4", 1, cfg.model)
+    est, _, _ = step_cost(cfg, cfg.model, mesh, slc)
     accumulated, _, _ = step_cost(
         _demo("mesh.data=1", "mesh.fsdp=4", "model.num_layers=4", "train.grad_accum_steps=2"), cfg.model, mesh, slc
     )
@@ -178,6 +194,7 @@ def test_step_cost_extrapolated_from_two_layers_matches_an_unrolled_compile():
     assert gathered(accumulated) == pytest.approx(2 * gathered(est), rel=0.05)  # weights gathered per micro-batch
 
 
+@beyond_ci
 @needs_libtpu
 def test_plan_reports_what_the_compiler_estimates_a_step_costs():
     from medjax.train.metrics import train_flops_per_token
@@ -201,6 +218,7 @@ def test_plan_reports_what_the_compiler_estimates_a_step_costs():
     assert plan(cfg, "v5e-4").cost is None
 
 
+@beyond_ci
 @needs_libtpu
 def test_plan_lays_the_data_axis_across_slices():
     """mesh.dcn_data=2 on 2 x v5e-4: each slice holds a contiguous half of the data axis."""
@@ -221,6 +239,7 @@ def test_plan_lays_the_data_axis_across_slices():
     assert across["seconds"] == pytest.approx(across["bytes"] * 2 * (1 / 2) / 3.125e9)
 
 
+@beyond_ci
 @needs_libtpu
 def test_a_qlora_plan_holds_the_base_quantized():
     """model.lora.base_qtype: the step lowers against the frozen kernels as QArrays, laid out over
@@ -273,6 +292,7 @@ def test_bad_settings_are_named_before_compiling(overrides, message):
         plan(_demo(*overrides), "v5e-4")
 
 
+@beyond_ci
 @needs_libtpu
 def test_plan_search_compiles_each_candidate_and_marks_the_fastest_that_fits(monkeypatch):
     from medjax.train import plan_search
@@ -295,6 +315,7 @@ def test_plan_search_compiles_each_candidate_and_marks_the_fastest_that_fits(mon
     assert sum(line.startswith("*") for line in table[1:-2]) == 1 and table[-2] == f"best: {top.candidate.label()}"
 
 
+@beyond_ci
 @needs_libtpu
 def test_plan_max_batch_doubles_while_the_step_fits():
     from medjax.train.plan_search import largest_batch
