@@ -160,6 +160,17 @@ def test_reference_logprobs_at_the_window_are_those_at_every_position():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_the_update_counts_its_head_over_the_window_alone():
+    """MFU and the planner count the update's model FLOPs: the layers at every position, the head
+    (6 x hidden x vocab a token) at rl.max_new_tokens positions of each row."""
+    from medjax.train.metrics import train_flops_per_token
+
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    every = train_flops_per_token(cfg, 16)
+    assert train_flops_per_token(cfg, 16, 16) == train_flops_per_token(cfg, 16, 99) == every
+    assert train_flops_per_token(cfg, 16, 4) == pytest.approx(every - 6 * 32 * 61 * 12 / 16)
+
+
 def test_a_window_narrower_than_a_completion_would_lose_its_first_tokens():
     """The window is a row's last max_new_tokens positions, so it must not be narrower than a
     completion: with max_new_tokens=2 for a 4-token completion, the loss differs (the test above

@@ -38,9 +38,12 @@ def peak_flops_per_device(override: float = 0.0) -> float | None:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights a token multiplies by (projections, MLP, head; not the embedding lookup)."""
-    per_layer = family_spec(cfg.family).layer_matmul_params(cfg)
-    head = len(cfg.score_labels) if cfg.score_labels else cfg.vocab_size
-    return cfg.num_layers * per_layer + cfg.hidden_size * head
+    return cfg.num_layers * family_spec(cfg.family).layer_matmul_params(cfg) + head_params(cfg)
+
+
+def head_params(cfg: ModelConfig) -> int:
+    """The output head's weights: the LM head, or a reward model's score heads."""
+    return cfg.hidden_size * (len(cfg.score_labels) if cfg.score_labels else cfg.vocab_size)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, head_positions: int | None = None) -> float:
@@ -51,8 +54,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, head_positions: int | 
     attention = cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
     flops = 6.0 * matmul_params(cfg) + 6.0 * attention
     if head_positions is not None and head_positions < seq_len:
-        head = matmul_params(cfg) - cfg.num_layers * family_spec(cfg.family).layer_matmul_params(cfg)
-        flops -= 6.0 * head * (seq_len - head_positions) / seq_len
+        flops -= 6.0 * head_params(cfg) * (seq_len - head_positions) / seq_len
     return flops
 
 
