@@ -1,6 +1,7 @@
 """RL stage: advantage, loss and aggregation math against hand computation; rewards and the
 plugin path; the retrieval hook; a synthetic verifiable task learned from chance; exact resume."""
 
+import dataclasses
 import json
 import math
 
@@ -74,6 +75,10 @@ def test_aggregation_by_hand():
     assert float(total) == pytest.approx(10 / 8) and float(count) == 2.0  # Dr.GRPO: 10 / (2 x 8)
 
 
+# The model the objective's tests score rows with (vocab 61, width 32: hand-checkable FLOPs).
+SMALL = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
 def _rl_rows(prompt_and_completion, seq, vocab, seed=0):
     """RL update rows as RolloutIterator._rows lays them out: prompt + completion from position 0,
     loss on the completion's targets, padding after."""
@@ -100,17 +105,7 @@ def test_head_over_the_completion_window_equals_every_position(aggregation, chun
     metrics and gradients equal those of the loss computed at every position. Rows: a completion
     shorter than the window, a row shorter than the window, one ending at the row's end."""
     cfg = RLConfig(max_new_tokens=4, aggregation=aggregation, kl_coef=0.1, kl_estimator="k3")
-    model = ModelDef(
-        ModelConfig(
-            vocab_size=61,
-            hidden_size=32,
-            intermediate_size=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            logits_chunk=chunk,
-        )
-    )
+    model = ModelDef(dataclasses.replace(SMALL, logits_chunk=chunk))
     params = jax.jit(model.init_params)(jax.random.key(0))
     batch = _rl_rows([(6, 3), (2, 2), (12, 4), (13, 4)], seq=16, vocab=61)
     objective = PolicyGradientObjective(cfg)
@@ -149,9 +144,7 @@ def test_head_over_the_completion_window_equals_every_position(aggregation, chun
 def test_reference_logprobs_at_the_window_are_those_at_every_position():
     from medjax.rl.rollout import RolloutIterator
 
-    model = ModelDef(
-        ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
-    )
+    model = ModelDef(dataclasses.replace(SMALL, num_layers=1))
     params = jax.jit(model.init_params)(jax.random.key(0))
     batch = _rl_rows([(6, 3), (2, 2), (12, 4)], seq=16, vocab=61)
     got = jax.jit(RolloutIterator._window_logprobs(model, 4))(params, batch) * batch["loss_mask"]
@@ -165,19 +158,16 @@ def test_the_update_counts_its_head_over_the_window_alone():
     (6 x hidden x vocab a token) at rl.max_new_tokens positions of each row."""
     from medjax.train.metrics import train_flops_per_token
 
-    cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
-    every = train_flops_per_token(cfg, 16)
-    assert train_flops_per_token(cfg, 16, 16) == train_flops_per_token(cfg, 16, 99) == every
-    assert train_flops_per_token(cfg, 16, 4) == pytest.approx(every - 6 * 32 * 61 * 12 / 16)
+    every = train_flops_per_token(SMALL, 16)
+    assert train_flops_per_token(SMALL, 16, 16) == train_flops_per_token(SMALL, 16, 99) == every
+    assert train_flops_per_token(SMALL, 16, 4) == pytest.approx(every - 6 * 32 * 61 * 12 / 16)
 
 
 def test_a_window_narrower_than_a_completion_would_lose_its_first_tokens():
     """The window is a row's last max_new_tokens positions, so it must not be narrower than a
     completion: with max_new_tokens=2 for a 4-token completion, the loss differs (the test above
     is not vacuous)."""
-    model = ModelDef(
-        ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
-    )
+    model = ModelDef(dataclasses.replace(SMALL, num_layers=1))
     params = jax.jit(model.init_params)(jax.random.key(0))
     batch = _rl_rows([(6, 4)], seq=12, vocab=61)
     narrow = PolicyGradientObjective(RLConfig(max_new_tokens=2)).loss(model.bind(params), batch, None)
