@@ -224,6 +224,11 @@ class RLConfig:
     group_size: int = 4
     epochs: int = 1
     max_new_tokens: int = 64
+    # Update rows hold up to this many prompt + completion sequences, packed longest first into
+    # data.seq_len tokens, each its own attention segment: the update computes tokens instead of
+    # padding (rl/packing.py). Each logits window is max_new_tokens wide, so sequences_per_row x
+    # max_new_tokens may not pass data.seq_len. 1: one sequence a row, unpacked.
+    sequences_per_row: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

@@ -158,8 +158,8 @@ def test_two_processes_train_like_one_and_resume_in_each_other(world, tmp_path):
         ("sft", [], ["mesh.dcn_data=2"]),
         ("reward_model", [], []),
         # Rollouts: every process samples the same groups (rows split over all 8 devices and gathered),
-        # with a KL reference and two micro-batches per step.
-        ("rl", ["rl.kl_coef=0.05", "train.grad_accum_steps=2"], []),
+        # with a KL reference and two micro-batches per step, packed four sequences a row.
+        ("rl", ["rl.kl_coef=0.05", "train.grad_accum_steps=2", "rl.sequences_per_row=4"], []),
     ],
 )
 def test_every_stage_trains_on_two_processes_as_on_one(world, tmp_path, stage, overrides, two_only):

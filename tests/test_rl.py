@@ -15,7 +15,14 @@ from medjax.config import ConfigError, RewardSpec, RLConfig
 from medjax.models.config import ModelConfig
 from medjax.models.decoder import ModelDef
 from medjax.rl.advantages import group_advantages, informative_groups, overlong_penalty
-from medjax.rl.objective import PolicyGradientObjective, aggregate, per_token_loss, token_logprobs
+from medjax.rl.objective import (
+    PolicyGradientObjective,
+    aggregate,
+    completion_window,
+    per_token_loss,
+    token_logprobs,
+)
+from medjax.rl.packing import first_fit, pack_micro_batches, row_step
 from medjax.rl.retrieval import InMemoryRetriever
 from medjax.rl.rewards import RewardComposer, Sample, exam_reward, format_reward, length_reward
 from medjax.tasks.items import ExamItem
@@ -173,6 +180,93 @@ def test_a_window_narrower_than_a_completion_would_lose_its_first_tokens():
     narrow = PolicyGradientObjective(RLConfig(max_new_tokens=2)).loss(model.bind(params), batch, None)
     wide = PolicyGradientObjective(RLConfig(max_new_tokens=4)).loss(model.bind(params), batch, None)
     assert float(narrow[2]["tokens"]) == 2.0 and float(wide[2]["tokens"]) == 4.0
+
+
+def test_first_fit_places_every_sequence_once_within_capacity_and_count():
+    lengths = [16, 3, 15, 8, 3, 8, 1, 1, 1]
+    rows = first_fit(lengths, capacity=16, max_per_row=3)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 16 and len(row) <= 3 for row in rows)
+    assert rows == [[0], [2, 6], [3, 5], [1, 4, 7], [8]]  # longest first, each into the first row with room
+    assert first_fit(lengths, 16, 1) == [[i] for i in sorted(range(9), key=lambda i: (-lengths[i], i))]
+    with pytest.raises(ValueError, match="17 tokens does not fit a row of 16"):
+        first_fit([17], 16, 2)
+
+
+def test_micro_batches_pack_to_one_row_count_rounded_for_their_devices():
+    """Every micro-batch of a step gets the row count the fullest needs, rounded up to the devices'
+    multiple but never past the unpacked count; each sequence's tokens move whole, segment by
+    segment, positions kept."""
+    lengths = [9, 9, 9, 2, 2, 2]
+    buffer = {k: np.zeros((6, 10), np.int32) for k in ("tokens", "positions", "segment_ids")}
+    for i, n in enumerate(lengths):
+        buffer["tokens"][i, :n], buffer["positions"][i, :n], buffer["segment_ids"][i, :n] = i + 1, np.arange(n), 1
+    packed = pack_micro_batches(buffer, np.array([[0, 1, 2], [3, 4, 5]]), max_per_row=3, row_multiple=2)
+    assert packed["tokens"].shape == (2, 4, 10)  # 3 rows for [0, 1, 2], 1 for [3, 4, 5]: 4
+    np.testing.assert_array_equal(packed["segment_ids"][1, 0], [1, 1, 2, 2, 3, 3, 0, 0, 0, 0])
+    np.testing.assert_array_equal(packed["tokens"][1, 0], [4, 4, 5, 5, 6, 6, 0, 0, 0, 0])
+    np.testing.assert_array_equal(packed["positions"][1, 0], [0, 1, 0, 1, 0, 1, 0, 0, 0, 0])
+    assert not packed["segment_ids"][1, 1:].any()
+    capped = pack_micro_batches(buffer, np.array([[0, 1, 2]]), max_per_row=3, row_multiple=2, most=3)
+    assert capped["tokens"].shape == (1, 3, 10)
+
+
+def test_packed_row_counts_split_over_the_devices_in_at_most_eight_steps():
+    for micro, split in [(32, 1), (16, 4), (8, 8), (24, 8), (20, 1), (12, 2), (64, 8), (96, 12)]:
+        step = row_step(micro, split)
+        assert step % split == 0 and step >= micro / 8 and step - split < micro / 8, (micro, split, step)
+        assert len({min(step * math.ceil(r / step), micro) for r in range(1, micro + 1)}) <= 8
+    assert row_step(24, 8) == 8  # not lcm(8, 3) = 24: that would leave one row count, the unpacked one
+
+
+def test_completion_windows_of_packed_segments():
+    """Segments 1..3 end to end, padding after: each window is its segment's last 4 positions
+    (from the row's start when the segment is shorter), valid only where the segment is; segment
+    4 is absent, all invalid."""
+    segments = jnp.asarray([[1, 1, 2, 2, 2, 2, 2, 3, 0, 0]])
+    window, valid = completion_window(segments, 4, segments=4)
+    np.testing.assert_array_equal(window[0].reshape(4, 4), [[0, 1, 2, 3], [3, 4, 5, 6], [4, 5, 6, 7], [4, 5, 6, 7]])
+    np.testing.assert_array_equal(valid[0].reshape(4, 4), [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
+
+
+def _packed(rows: dict, per_row: int, row_multiple: int = 1) -> dict:
+    host = {k: np.asarray(v) for k, v in rows.items()}
+    packed = pack_micro_batches(host, np.arange(len(host["tokens"]))[None], per_row, row_multiple)
+    return {k: jnp.asarray(v[0]) for k, v in packed.items()}
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_packed_update_rows_equal_one_sequence_a_row(aggregation, chunk):
+    """Six sequences packed three a row into four rows (plus two empty rows to a multiple of 3):
+    loss, count, every metric sum and every gradient equal the unpacked rows'. Two sequences
+    shorter than the window share a row, so a window reaching into its neighbour's completion
+    must be masked to its own segment."""
+    cfg = RLConfig(max_new_tokens=4, aggregation=aggregation, kl_coef=0.1, kl_estimator="k3")
+    model = ModelDef(dataclasses.replace(SMALL, logits_chunk=chunk))
+    params = jax.jit(model.init_params)(jax.random.key(0))
+    rows = _rl_rows([(6, 3), (2, 2), (12, 4), (13, 4), (2, 2), (5, 4)], seq=16, vocab=61)
+    packed = _packed(rows, 3, row_multiple=3)
+    assert packed["tokens"].shape == (6, 16) and int(packed["segment_ids"].max()) == 2
+    assert int((packed["segment_ids"] > 0).sum()) == int((rows["segment_ids"] > 0).sum())
+    one = PolicyGradientObjective(cfg)
+    three = PolicyGradientObjective(dataclasses.replace(cfg, sequences_per_row=3))
+
+    def loss(objective, batch):
+        return lambda p: objective.loss(model.bind(p), batch, None)
+
+    got, want = jax.jit(loss(three, packed))(params), jax.jit(loss(one, rows))(params)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert float(got[1]) == float(want[1])
+    for k in want[2]:
+        np.testing.assert_allclose(got[2][k], want[2][k], rtol=1e-5, atol=1e-5, err_msg=k)
+    g_got = jax.jit(jax.grad(lambda p: loss(three, packed)(p)[0]))(params)
+    g_want = jax.jit(jax.grad(lambda p: loss(one, rows)(p)[0]))(params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    # Without the segments (as one sequence a row would read them), the neighbours' tokens leak in.
+    leaky = jax.jit(loss(one, packed))(params)
+    assert float(leaky[2]["tokens"]) != float(want[2]["tokens"])
 
 
 # -- rewards --------------------------------------------------------------------------------------
@@ -439,8 +533,9 @@ def test_rl_learns_a_verifiable_task_from_chance(world, tmp_path):
     assert result.step == 40
 
 
-@pytest.mark.slow  # three RL runs
-def test_rl_resumes_exactly(world, tmp_path):
+@pytest.mark.slow  # three RL runs each
+@pytest.mark.parametrize("per_row", [1, 4])
+def test_rl_resumes_exactly(world, tmp_path, per_row):
     def cfg(workdir):  # 2 epochs of 2 minibatches per rollout: a stop at step 3 falls inside a rollout
         return _rl_config(
             world,
@@ -451,6 +546,7 @@ def test_rl_resumes_exactly(world, tmp_path):
             "rl.kl_coef=0.05",
             "rl.dynamic_sampling=true",
             "rl.max_refills=1",
+            f"rl.sequences_per_row={per_row}",
         )
 
     straight_and_resumed(cfg, tmp_path)
@@ -486,6 +582,29 @@ def test_rl_on_a_sharded_mesh_matches_one_device(world, tmp_path):
     for a, b in zip(runs["one"], runs["mesh"]):
         assert a["reward_mean"] == b["reward_mean"] and a["response_length_mean"] == b["response_length_mean"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+@pytest.mark.slow  # RL with packed and unpacked update rows
+def test_packed_update_rows_train_as_one_sequence_a_row(world, tmp_path):
+    """Four sequences a row, on a mesh whose batch splits over 4 devices (the packed rows are
+    rounded up to a multiple of 4): the same rollouts and the same losses as one sequence a row on
+    one device, computed over fewer rows that hold more tokens."""
+    items = _task_file(tmp_path)
+    runs = {}
+    for name, extra in (
+        ("unpacked", ["mesh.data=1"]),
+        ("packed", ["mesh.data=2", "mesh.fsdp=2", "rl.sequences_per_row=4"]),
+    ):
+        train(_rl_config(world, tmp_path / name, items, "train.max_steps=2", "train.log_every=1", *extra))
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs["unpacked"], runs["packed"], strict=True):
+        assert a["reward_mean"] == b["reward_mean"] and a["response_length_mean"] == b["response_length_mean"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        # 16 sequences of about 84 tokens, three to a row of 256: 6 rows, rounded up to 8.
+        assert (a["update_rows"], b["update_rows"]) == (16, 8)
+        assert b["update_fill"] == pytest.approx(2 * a["update_fill"])
+    with pytest.raises(ConfigError, match=r"rl.sequences_per_row x rl.max_new_tokens = 260 passes data.seq_len=256"):
+        train(_rl_config(world, tmp_path / "bad", items, "rl.sequences_per_row=65"))
 
 
 @pytest.mark.parametrize(

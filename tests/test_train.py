@@ -297,3 +297,20 @@ def test_a_hook_sees_every_step_and_the_stop_and_runs_after_the_built_in_ones(ma
     assert result.preempted and result.step == 3
     assert seen == [(1, False, False, 1), (2, False, False, 2), (3, True, False, 3)]
     assert ends == [("saved", 3), (3, True, True)]
+
+
+def test_throughput_counts_the_positions_each_step_computed():
+    """Packed RL updates give fewer rows than the geometry's batch: throughput and MFU count the
+    rows each step was given, and the first (compiling) step's are left out with its time."""
+    from medjax.train.metrics import StepLog
+
+    log = StepLog(flops_per_token=10.0, peak_flops=1e6)
+    metrics = {"loss": jnp.float32(1.0), "finite": jnp.bool_(True)}
+    for positions in (4096, 1024, 2048, 1024):
+        log.add(metrics, positions)
+    record = log.record()
+    assert record["tokens_per_sec"] * record["step_time_s"] == pytest.approx((1024 + 2048 + 1024) / 3)
+    assert record["mfu"] == pytest.approx(record["tokens_per_sec"] * 10.0 / 1e6)
+    log.add(metrics, 512)  # the window restarts at the last record: this step alone is timed
+    record = log.record()
+    assert record["tokens_per_sec"] * record["step_time_s"] == pytest.approx(512)

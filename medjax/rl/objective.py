@@ -12,9 +12,12 @@ accumulation over micro-batches equals the whole batch, as for every stage:
   sequence: sum_s (sum_t loss_t / |s|) / #sequences       (GRPO)
   constant: sum_t loss_t / (#sequences x max_new_tokens)  (Dr.GRPO)
 
-Only completion tokens carry loss, and a row's completion is among its last rl.max_new_tokens
-tokens, so the head (the [tokens, vocab] matmul, log-softmax and entropy) runs over that window
-alone: the prompt's positions need hidden states for attention but never their logits.
+Only completion tokens carry loss, and a sequence's completion is among its last
+rl.max_new_tokens tokens, so the head (the [tokens, vocab] matmul, log-softmax and entropy) runs
+over that window alone: the prompt's positions need hidden states for attention but never their
+logits. A packed row (rl.sequences_per_row > 1, rl/packing.py) holds several sequences as
+segments 1, 2, ... laid end to end from position 0; each has its own window, and the loss reads
+the windows as one row per sequence, so every aggregation sees sequences as it does unpacked.
 """
 
 from __future__ import annotations
@@ -28,15 +31,20 @@ from medjax.models.decoder import Decoder
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "old_logprobs", "ref_logprobs", "advantages")
 
 
-def completion_window(segment_ids: jax.Array, width: int) -> jax.Array:
-    """[b, width] indices of each row's last ``width`` tokens (its first ``width`` when shorter):
-    a superset of the row's completion when the completion has at most ``width`` tokens. A row
-    holds one prompt + completion from position 0 (segment id 1), padding after it."""
+def completion_window(segment_ids: jax.Array, width: int, segments: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(positions [b, segments x width], valid [b, segments x width]): for each of a row's first
+    ``segments`` segments, the positions of its last ``width`` tokens (from the row's start when
+    they reach before it), and whether each position belongs to that segment. A superset of each
+    completion of at most ``width`` tokens. Rows hold segments 1, 2, ... end to end from position
+    0, padding (0) after them; an absent segment's positions are all invalid."""
     seq = segment_ids.shape[-1]
     width = min(width, seq)
-    length = (segment_ids > 0).sum(-1)
-    start = jnp.clip(length - width, 0, seq - width)
-    return start[:, None] + jnp.arange(width)
+    ids = jnp.arange(1, segments + 1, dtype=segment_ids.dtype)
+    ends = jnp.cumsum((segment_ids[:, :, None] == ids).sum(1), axis=-1)  # [b, segments]
+    start = jnp.clip(ends - width, 0, seq - width)
+    window = (start[..., None] + jnp.arange(width)).reshape(segment_ids.shape[0], -1)
+    owner = jnp.repeat(ids, width)
+    return window, jnp.take_along_axis(segment_ids, window, axis=1) == owner
 
 
 def at_window(x: jax.Array, window: jax.Array | None) -> jax.Array:
@@ -89,9 +97,15 @@ class PolicyGradientObjective:
         self.cfg = cfg
 
     def loss(self, model: Decoder, batch, rng):
-        window = completion_window(batch["segment_ids"], self.cfg.max_new_tokens)
+        width, segments = self.cfg.max_new_tokens, self.cfg.sequences_per_row
+        window, valid = completion_window(batch["segment_ids"], width, segments)
         logp, entropy = token_logprobs(model, batch, dropout_rng=rng, window=window)
         rows = {k: at_window(batch[k], window) for k in ("loss_mask", "old_logprobs", "ref_logprobs", "advantages")}
+        rows["loss_mask"] = rows["loss_mask"] * valid
+        # One row per sequence ([b x segments, width]): what the aggregation counts as a sequence.
+        per_sequence = lambda x: x.reshape(-1, window.shape[-1] // segments)  # noqa: E731
+        rows = {k: per_sequence(v) for k, v in rows.items()}
+        logp, entropy = per_sequence(logp), per_sequence(entropy)
         mask = rows["loss_mask"]
         loss_t, clipped, kl = per_token_loss(
             logp, rows["old_logprobs"], rows["ref_logprobs"], rows["advantages"], self.cfg

@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import logging
+import math
 import random
 import time
 from typing import Callable
@@ -31,6 +32,7 @@ from medjax.models.sampler import Sampler, SamplingConfig, host_arrays
 from medjax.parallel.rules import MeshLayout
 from medjax.rl.advantages import group_advantages, informative_groups, overlong_penalty
 from medjax.rl.objective import ROW_KEYS, completion_window, token_logprobs
+from medjax.rl.packing import pack_micro_batches, row_step
 from medjax.rl.retrieval import load_retriever
 from medjax.rl.rewards import RewardComposer, Sample
 from medjax.tasks.prompts import PromptConfig, build_prompt, fit_passages
@@ -138,6 +140,12 @@ def check_rl_config(cfg: Config) -> None:
         (rl.kl_coef >= 0, "rl.kl_coef must be non-negative"),
         (0 <= rl.retrieval_fraction <= 1, "rl.retrieval_fraction must be in [0, 1]"),
         (rl.temperature > 0, "rl.temperature must be positive (RL samples; greedy rollouts give no signal)"),
+        (rl.sequences_per_row >= 1, "rl.sequences_per_row must be at least 1"),
+        (
+            rl.sequences_per_row * rl.max_new_tokens <= cfg.data.seq_len,
+            f"rl.sequences_per_row x rl.max_new_tokens = {rl.sequences_per_row * rl.max_new_tokens} passes "
+            f"data.seq_len={cfg.data.seq_len}: each packed sequence's logits window is rl.max_new_tokens wide",
+        ),
         (
             rl.overlong != "penalty" or 0 < rl.overlong_buffer <= rl.max_new_tokens,
             "rl.overlong_buffer must be in 1..rl.max_new_tokens",
@@ -181,7 +189,10 @@ class RolloutIterator:
         # gathered back), keeps the same prompt pool and statistics, and hands the loop its block of
         # each micro-batch: the job trains on what one process would.
         self.accum = cfg.train.grad_accum_steps
-        self.block = (global_batch // self.accum) // jax.process_count()
+        # Packed rows split as the unpacked ones would, over the batch's devices and the processes.
+        self.micro = global_batch // self.accum
+        shards = 1 if batch_sharding is None else self.micro // batch_sharding.shard_shape((self.micro, 1))[0]
+        self.row_multiple = row_step(self.micro, math.lcm(shards, jax.process_count()))
         self.batch_sharding = batch_sharding  # rollout rows over (data, fsdp), as training splits batches
         tok_dir = tokenizer_file(cfg.data.tokenizer).parent
         self.tokenizer = load_tokenizer(tok_dir)
@@ -205,6 +216,7 @@ class RolloutIterator:
         self.position = 0
         self._metrics: dict[str, float] = {}
         self._rollout_time = 0.0
+        self._update_rows = self._update_tokens = self._update_steps = 0  # since the last pop_metrics
         self._last_pop = time.perf_counter()
 
     @staticmethod
@@ -213,7 +225,7 @@ class RolloutIterator:
         positions of the [rows, seq] arrays (zero elsewhere)."""
 
         def logprobs(params, rows):
-            window = completion_window(rows["segment_ids"], width)
+            window, _ = completion_window(rows["segment_ids"], width)
             lp = token_logprobs(model.bind(params), rows, entropy=False, window=window)[0]
             return jnp.zeros(rows["targets"].shape, lp.dtype).at[jnp.arange(lp.shape[0])[:, None], window].set(lp)
 
@@ -227,11 +239,20 @@ class RolloutIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self.buffer is None or self.position >= len(self.schedule):
             self._rollout()
-        rows = self.schedule[self.position]
+        micro_batches = self.schedule[self.position].reshape(self.accum, -1)
         self.position += 1
         p = jax.process_index()
-        rows = rows.reshape(self.accum, -1)[:, p * self.block : (p + 1) * self.block].ravel()
-        return {k: v[rows] for k, v in self.buffer.items()}
+        if self.rl.sequences_per_row == 1:
+            rows = {k: v[micro_batches] for k, v in self.buffer.items()}
+        else:
+            rows = pack_micro_batches(
+                self.buffer, micro_batches, self.rl.sequences_per_row, self.row_multiple, most=self.micro
+            )
+        self._update_rows += rows["tokens"].shape[0] * rows["tokens"].shape[1]
+        self._update_tokens += int((rows["segment_ids"] > 0).sum())
+        self._update_steps += 1
+        block = rows["tokens"].shape[1] // jax.process_count()  # this process's rows of each micro-batch
+        return {k: v[:, p * block : (p + 1) * block].reshape(-1, v.shape[-1]) for k, v in rows.items()}
 
     def pop_metrics(self) -> dict[str, float]:
         """The latest rollout's metrics plus the time split since the last call."""
@@ -240,7 +261,11 @@ class RolloutIterator:
         wall = now - self._last_pop
         out["rollout_time_s"] = self._rollout_time
         out["update_time_s"] = max(wall - self._rollout_time, 0.0)
+        if self._update_steps:  # what the updates computed: rows a step, and the share holding tokens
+            out["update_rows"] = self._update_rows / self._update_steps
+            out["update_fill"] = self._update_tokens / (self._update_rows * self.cfg.data.seq_len)
         self._rollout_time, self._last_pop = 0.0, now
+        self._update_rows = self._update_tokens = self._update_steps = 0
         return out
 
     # -- one rollout batch -----------------------------------------------------------------------

@@ -41,7 +41,8 @@ class TrainResult:
 @dataclasses.dataclass
 class StepContext:
     """What a hook sees after step ``step``: the step's metrics (device arrays), the state after
-    it, whether the run stops here (preemption, a supervisor, max_steps), and the result so far."""
+    it, whether the run stops here (preemption, a supervisor, max_steps), the result so far, and
+    the positions the step computed (its batch's rows x sequence length over all processes)."""
 
     step: int
     metrics: dict[str, Any]
@@ -49,6 +50,7 @@ class StepContext:
     stopping: bool
     last: bool
     result: TrainResult
+    positions: int = 0
 
 
 class Hook:
@@ -79,7 +81,7 @@ class LogHook(Hook):
 
     def after_step(self, ctx: StepContext) -> None:
         self.bar.update(1)
-        self.step_log.add(ctx.metrics)
+        self.step_log.add(ctx.metrics, ctx.positions)
         if ctx.step % self.every and not ctx.last:
             return
         record = self.step_log.record()
@@ -143,9 +145,10 @@ class GoodputHook(Hook):
     building the iterators), compilation (the first step's time beyond a typical step's), steps
     trained again after a restore (they were logged by a run that died before its next
     checkpoint), productive steps, and the rest (checkpoint saves, evals, logging). A step's time
-    is the median interval between steps, so saves and evals stay out of it. The record goes to
-    the last step's record in metrics.jsonl for a run that did not fail and to goodput.jsonl (one line per invocation, never
-    truncated), so a job's goodput over its restarts is the sum over that file."""
+    is the median interval between steps (the mean where that is less), so saves and evals stay
+    out of it. The record goes to the last step's record in metrics.jsonl for a run that did not
+    fail and to goodput.jsonl (one line per invocation, never truncated), so a job's goodput over
+    its restarts is the sum over that file."""
 
     def __init__(self, started: float, lost_until: int, first_step: int, workdir, writer: MetricsWriter, say, enabled):
         self.started, self.lost_until, self.first_step = started, lost_until, first_step
@@ -170,8 +173,15 @@ class GoodputHook(Hook):
         loop_started = self.loop_started or now
         wall = now - self.started
         intervals = np.diff([loop_started, *self.times])
+        # The median keeps saves and evals out of a step's time; where step times alternate (RL:
+        # a step that samples a rollout, then updates alone) it may be the long kind, and the mean
+        # bounds it so the productive time never passes the time the steps took.
         step_s = (
-            float(np.median(intervals[1:])) if len(intervals) > 1 else float(intervals[0]) if len(intervals) else 0.0
+            float(min(np.median(intervals[1:]), np.mean(intervals[1:])))
+            if len(intervals) > 1
+            else float(intervals[0])
+            if len(intervals)
+            else 0.0
         )
         steps = len(self.times)
         again = max(0, min(self.lost_until, last_step) - self.first_step)

@@ -71,13 +71,16 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _global_batch(local: dict[str, np.ndarray], shape: tuple[int, ...], sharding) -> dict[str, jax.Array]:
-    """Assembles each process's rows (its block of every micro-batch) into one global array laid out
-    as ``shape``."""
-    local_shape = (*shape[:-2], shape[-2] // jax.process_count(), shape[-1])
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v.reshape(local_shape), shape) for k, v in local.items()
-    }
+def _global_batch(local: dict[str, np.ndarray], accum: int, sharding) -> dict[str, jax.Array]:
+    """Assembles each process's rows (its block of every micro-batch) into global [accum, rows, seq]
+    arrays. Rows come as the data gives them: the geometry's micro-batch, or fewer where RL packs
+    several sequences a row (the step compiles once per row count)."""
+    out = {}
+    for k, v in local.items():
+        block = v.reshape(accum, -1, v.shape[-1])
+        shape = (accum, block.shape[1] * jax.process_count(), v.shape[-1])
+        out[k] = jax.make_array_from_process_local_data(sharding, block, shape)
+    return out
 
 
 def _write_run_config(cfg: Config) -> None:
@@ -289,7 +292,6 @@ def _train(
     )
     peak = peak_flops_per_device(tc.peak_flops_per_device)
     step_log = StepLog(
-        tokens_per_step=geo.global_batch * geo.seq_len,
         flops_per_token=train_flops_per_token(cfg.model, geo.seq_len, spec.head_positions(cfg)),
         peak_flops=peak * jax.device_count() if peak else None,
     )
@@ -324,7 +326,6 @@ def _loop(cfg, spec, run: Run, hooks: list[Hook], result: TrainResult, geo, mesh
     """Batches in, a step, the hooks, until max_steps, the end of the data or a stop request."""
     tc = cfg.train
     step_sharding = batch_sharding(mesh, leading_dims=1)
-    batch_shape = (geo.accum, geo.micro, geo.seq_len)
     step, metrics, completed = run.start, {}, False
     try:
         with _StopSignal() as stop:
@@ -341,10 +342,12 @@ def _loop(cfg, spec, run: Run, hooks: list[Hook], result: TrainResult, geo, mesh
                 if ended:
                     say(f"training data exhausted after step {step}")
                     break
-                run.state, metrics = run.train_step(run.state, _global_batch(local, batch_shape, step_sharding))
+                batch = _global_batch(local, geo.accum, step_sharding)
+                run.state, metrics = run.train_step(run.state, batch)
                 step += 1
                 stopping = stop.requested or ckpts.reached_preemption(step) or bool(should_stop and should_stop(step))
-                ctx = StepContext(step, metrics, run.state, stopping, step == tc.max_steps, result)
+                positions = math.prod(batch["tokens"].shape)
+                ctx = StepContext(step, metrics, run.state, stopping, step == tc.max_steps, result, positions)
                 for hook in hooks:
                     hook.after_step(ctx)
                 if stopping:

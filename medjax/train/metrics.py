@@ -163,12 +163,13 @@ class StepLog:
     """Collects each step's device metrics without a host sync and turns a window of them into
     one record at log time: last loss, learning rate and grad norm, throughput and MFU over the
     window, and the count of skipped (non-finite) steps. The first step compiles, so throughput
-    is timed from its end."""
+    is timed from its end. Throughput counts the positions each step computed (rows x seq_len of
+    the batch it was given), so RL's packed updates, which give fewer rows than the geometry's
+    batch, are not credited with the padding they no longer compute."""
 
     HIDDEN = ("finite", "loss_tokens")
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
-        self.tokens_per_step = tokens_per_step
+    def __init__(self, flops_per_token: float, peak_flops: float | None):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.consecutive_nonfinite = 0
@@ -176,14 +177,17 @@ class StepLog:
         self._pending: list[dict] = []
         self._t0: float | None = None
         self._timed_steps = 0
+        self._timed_positions = 0
 
-    def add(self, metrics: dict) -> None:
+    def add(self, metrics: dict, positions: int) -> None:
+        """One step's metrics and the positions (rows x sequence length, all processes) it computed."""
         self._pending.append(metrics)
         if self._t0 is None:
             jax.block_until_ready(metrics)
             self._t0 = time.perf_counter()
         else:
             self._timed_steps += 1
+            self._timed_positions += positions
 
     def record(self) -> dict[str, float]:
         fetched = jax.device_get(self._pending)
@@ -198,10 +202,10 @@ class StepLog:
         out["skipped_steps"] = self.skipped_steps
         now = time.perf_counter()
         if self._timed_steps and self._t0 is not None and now > self._t0:
-            tokens_per_sec = self.tokens_per_step * self._timed_steps / (now - self._t0)
+            tokens_per_sec = self._timed_positions / (now - self._t0)
             out["tokens_per_sec"] = tokens_per_sec
             out["step_time_s"] = (now - self._t0) / self._timed_steps
             if self.peak_flops:
                 out["mfu"] = tokens_per_sec * self.flops_per_token / self.peak_flops
-        self._t0, self._timed_steps = now, 0
+        self._t0, self._timed_steps, self._timed_positions = now, 0, 0
         return out

@@ -145,7 +145,8 @@ STAGES: dict[str, Stage] = {
         ROW_KEYS,
         rollout=_rl_rollout,
         needs_reference=lambda cfg: cfg.rl.kl_coef > 0 and not reference_is_base(cfg),
-        head_positions=lambda cfg: cfg.rl.max_new_tokens,  # each row's completion window
+        # Each packed sequence's completion window (rl.sequences_per_row of them a row).
+        head_positions=lambda cfg: cfg.rl.max_new_tokens * cfg.rl.sequences_per_row,
     ),
 }
 
