@@ -9,9 +9,19 @@ costed the same way (medjax.parallel.costs: unrolled 1- and 2-layer compiles ext
 time corrected, Pallas kernels and collectives added), and each peak is the full model's compile.
 Compiler estimates, never measurements.
 
+The rollout's two programs are compiled the same way (--program prefill / decode): a prefill of
+every row's prompt into a fresh KV cache, and one decode step with the cache half full, each in
+the training layout (fp32 params sharded as the train step holds them, rows split over the
+slice). medjax's are its sampler's model calls (models/sampler.py: decode over the prompt with
+last_only, then one token); tunix's are its Qwen2 called as tunix.generate.Sampler calls it
+(_prefill_fn, _sample_step: tunix's own cache and masks), without the token sampling after it.
+Their MFU counts the useful work: the layers over every token, the head where a token is drawn,
+attention over the filled cache.
+
 Run in tunix's environment (tools/setup_tunix.sh makes .venv-tunix, medjax installed beside it):
     .venv-tunix/bin/python tools/bench_aot.py                  # every case (about 25 min on 2 cores)
     .venv-tunix/bin/python tools/bench_aot.py --case 0.5b-v5e-4 --json /tmp/aot.json
+    .venv-tunix/bin/python tools/bench_aot.py --program prefill --program decode
 
 Differences that remain: medjax computes the loss over logits in chunks (model.logits_chunk, as
 the CPT config does; --logits-chunk 0 for whole logits, row "medjax/0") where tunix materialises
@@ -39,6 +49,8 @@ CASES = {
     "0.5b-v5e-4": ("qwen2.5-0.5b", "qwen2p5_0p5b", "v5e-4", 4, 2048),
     "7b-v5e-64": ("qwen2.5-7b", "qwen2p5_7b", "v5e-64", 64, 2048),
 }
+# name -> (rows, prompt tokens, new tokens) of the rollout programs (--program prefill / decode)
+ROLLOUTS = {"0.5b-v5e-4": (16, 512, 512), "7b-v5e-64": (64, 512, 512)}
 GIB = 1024**3
 
 
@@ -88,6 +100,24 @@ def _patch_tunix_shard() -> None:
     qwen2.shard = shard
 
 
+def _tunix_abstract(build, mesh):
+    """(graphdef, state as ShapeDtypeStructs laid out by tunix's own partition specs) of the nnx
+    objects ``build`` makes, without materialising a weight."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    with mesh:
+        graphdef, state = nnx.split(nnx.eval_shape(build))
+        specs = nnx.get_partition_spec(state)
+    shardings = jax.tree.map(
+        lambda s: NamedSharding(mesh, s if isinstance(s, PartitionSpec) else PartitionSpec()),
+        specs,
+        is_leaf=lambda s: isinstance(s, PartitionSpec) or s is None,
+    )
+    return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
 def _tunix_lowered(tcfg, mesh, tx, rows: int, seq: int):
     """tunix's update for ``tcfg`` lowered for ``mesh`` from abstract shapes."""
     import jax
@@ -103,15 +133,7 @@ def _tunix_lowered(tcfg, mesh, tx, rows: int, seq: int):
         model = qwen2.Qwen2(tcfg, rngs=nnx.Rngs(0))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    with mesh:
-        graphdef, state = nnx.split(nnx.eval_shape(build))
-        specs = nnx.get_partition_spec(state)
-    shardings = jax.tree.map(
-        lambda s: NamedSharding(mesh, s if isinstance(s, PartitionSpec) else PartitionSpec()),
-        specs,
-        is_leaf=lambda s: isinstance(s, PartitionSpec) or s is None,
-    )
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    graphdef, state = _tunix_abstract(build, mesh)
 
     def step(state, input_tokens, input_mask):
         model, optimizer = nnx.merge(graphdef, state)
@@ -130,6 +152,7 @@ def _tunix_lowered(tcfg, mesh, tx, rows: int, seq: int):
     tokens = jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=rows_sharding)
     mask = jax.ShapeDtypeStruct((rows, seq), jnp.bool_, sharding=rows_sharding)
     with mesh:
+        shardings = jax.tree.map(lambda x: x.sharding, state)
         return jax.jit(step, out_shardings=(shardings, None, None), donate_argnums=0).lower(state, tokens, mask)
 
 
@@ -170,6 +193,182 @@ def run_tunix(preset: str, tunix_name: str, topology: str, rows: int, seq: int, 
     costs = split_by_depth(one, two, base.num_layers)
     cost = step_estimate(costs, model_cfg, rows, seq, attention, slc, len(devices))
     row = _row("tunix", attention, peak, cost, time.perf_counter() - started)
+    row["error"] = error
+    return row
+
+
+def rollout_flops(model_cfg, rows: int, prompt: int, new: int, program: str) -> float:
+    """The useful FLOPs of a rollout program: every prompt token through the layers and the head at
+    the last one (prefill), or one token a row (decode), plus attention over the filled cache."""
+    from medjax.train.metrics import head_params, matmul_params
+
+    attention = 4.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.resolved_head_dim
+    if program == "prefill":
+        layers = 2.0 * (matmul_params(model_cfg) - head_params(model_cfg)) * prompt
+        return rows * (layers + 2.0 * head_params(model_cfg) + attention * prompt * (prompt + 1) / 2)
+    return rows * (2.0 * matmul_params(model_cfg) + attention * (prompt + new // 2))
+
+
+def _medjax_rollout_lowered(cfg, model_cfg, mesh, program: str, rows: int, prompt: int, new: int):
+    """medjax's prefill or decode step for ``model_cfg`` lowered for ``mesh``, as its sampler runs
+    them, with the params in the training layout and the rows (and their KV cache) split."""
+    import jax
+    import jax.numpy as jnp
+
+    from medjax.models.decoder import ModelDef
+    from medjax.models.sharding import activation_layout
+    from medjax.parallel.rules import MeshLayout, batch_sharding, replicated
+    from medjax.train.optimizer import trained_patterns
+    from medjax.train.step import params_layout
+
+    model_def, length, layout = ModelDef(model_cfg), prompt + new, MeshLayout(mesh)
+    params, shardings = params_layout(model_def, mesh, trained=trained_patterns(cfg.optimizer, model_cfg))
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+    rows_split = batch_sharding(mesh)
+    cache_split = batch_sharding(mesh, leading_dims=1 if model_cfg.scan_layers else 0)
+    cache = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache_split),
+        jax.eval_shape(lambda p: model_def.bind(p).init_cache(rows, length), params),
+    )
+    cache_shardings = jax.tree.map(lambda x: x.sharding, cache)
+
+    def arg(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=rows_split)
+
+    if program == "prefill":
+
+        def prefill(params, tokens, valid):
+            with activation_layout(layout):
+                model = model_def.bind(params)
+                positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+                kv_mask = jnp.zeros((rows, length), bool).at[:, :prompt].set(valid)
+                fresh = model.init_cache(rows, length)
+                logits, filled = model.decode(tokens, positions, kv_mask, fresh, 0, last_only=True)
+                return logits[:, -1], filled
+
+        jitted = jax.jit(prefill, out_shardings=(rows_split, cache_shardings))
+        return jitted.lower(params, arg((rows, prompt), jnp.int32), arg((rows, prompt), jnp.bool_))
+
+    def decode(params, token, position, kv_mask, cache, slot):
+        with activation_layout(layout):
+            logits, cache = model_def.bind(params).decode(token[:, None], position[:, None], kv_mask, cache, slot)
+            return logits[:, 0], cache
+
+    jitted = jax.jit(decode, out_shardings=(rows_split, cache_shardings), donate_argnums=(4,))
+    slot = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    return jitted.lower(
+        params, arg((rows,), jnp.int32), arg((rows,), jnp.int32), arg((rows, length), jnp.bool_), cache, slot
+    )
+
+
+def run_medjax_rollout(preset: str, topology: str, program: str, rows: int, prompt: int, new: int) -> dict:
+    from medjax.models.decoder import ModelDef
+    from medjax.models.loops import unrolled_loops
+    from medjax.parallel.costs import program_cost
+    from medjax.train.plan import _slice_mesh, compile_peak, estimate, split_by_depth
+
+    cfg = medjax_config(preset, rows, prompt + new, "xla")
+    model_cfg = ModelDef(cfg.model).cfg
+    slc, mesh = _slice_mesh(cfg, topology, 1, model_cfg)
+    started = time.perf_counter()
+    peak, error = compile_peak(_medjax_rollout_lowered(cfg, model_cfg, mesh, program, rows, prompt, new))
+
+    def cost_of(layers: int):
+        layered = dataclasses.replace(model_cfg, num_layers=layers, scan_layers=False)
+        with unrolled_loops():
+            lowered = _medjax_rollout_lowered(cfg, layered, mesh, program, rows, prompt, new)
+        return program_cost(lowered.compile(), mesh, slc)
+
+    costs = split_by_depth(cost_of(1), cost_of(2), model_cfg.num_layers)
+    flops = rollout_flops(model_cfg, rows, prompt, new, program) / mesh.devices.size
+    row = _row("medjax", program, peak, estimate(costs, flops, 0.0, slc), time.perf_counter() - started)
+    row["error"] = error
+    return row
+
+
+def _tunix_rollout_lowered(tcfg, mesh, program: str, rows: int, prompt: int, new: int):
+    """tunix's Qwen2 called as its Sampler's prefill (_prefill_fn) or decode step (_sample_step)
+    calls it, lowered for ``mesh`` with its params as training holds them and the rows split."""
+    import jax
+    import jax.numpy as jnp
+    import tunix.models.qwen2.model as qwen2
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+    from tunix.generate.sampler import _init_cache
+    from tunix.generate.utils import compute_attention_masks, make_causal_attn_mask
+    from tunix.sft.utils import build_positions_from_mask
+
+    length = prompt + new
+    graphdef, state = _tunix_abstract(lambda: qwen2.Qwen2(tcfg, rngs=nnx.Rngs(0)), mesh)
+    rows_split = NamedSharding(mesh, PartitionSpec("fsdp"))
+
+    def arg(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=rows_split)
+
+    def fresh_cache():
+        return _init_cache(tcfg.num_layers, length, rows, tcfg.num_kv_heads, tcfg.head_dim, tcfg.dtype)
+
+    cache = jax.tree.map(lambda x: arg(x.shape, x.dtype), jax.eval_shape(fresh_cache))
+    cache_shardings = jax.tree.map(lambda x: x.sharding, cache)
+
+    if program == "prefill":
+
+        def prefill(state, tokens, input_mask):
+            model = nnx.merge(graphdef, state)
+            positions = build_positions_from_mask(input_mask)
+            mask = make_causal_attn_mask(input_mask, length)
+            logits, filled = model(tokens, positions, fresh_cache(), mask)
+            return logits[:, -1], filled
+
+        with mesh:
+            jitted = jax.jit(prefill, out_shardings=(rows_split, cache_shardings))
+            return jitted.lower(state, arg((rows, prompt), jnp.int32), arg((rows, prompt), jnp.bool_))
+
+    def decode(state, token, position, padding, cache, step):
+        model = nnx.merge(graphdef, state)
+        mask = compute_attention_masks(step, length, padding)
+        logits, cache = model(token[:, None], position[:, None], cache, mask)
+        return logits[:, 0], cache
+
+    with mesh:
+        jitted = jax.jit(decode, out_shardings=(rows_split, cache_shardings), donate_argnums=(4,))
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+        return jitted.lower(
+            state, arg((rows,), jnp.int32), arg((rows,), jnp.int32), arg((rows, length), jnp.bool_), cache, step
+        )
+
+
+def run_tunix_rollout(preset: str, tunix_name: str, topology: str, program: str, rows: int, prompt: int, new: int):
+    import jax.numpy as jnp
+    import numpy as np
+    import tunix.models.qwen2.model as qwen2
+    from jax.sharding import Mesh
+
+    from medjax.models.decoder import ModelDef
+    from medjax.parallel.costs import program_cost
+    from medjax.parallel.topologies import get_slice, slice_devices
+    from medjax.train.plan import compile_peak, estimate, split_by_depth
+
+    _patch_tunix_shard()
+    model_cfg = ModelDef(medjax_config(preset, rows, prompt + new, "xla").model).cfg
+    slc = get_slice(topology)
+    devices = slice_devices(slc)
+    mesh = Mesh(np.array(devices).reshape(len(devices), 1), ("fsdp", "tp"))
+    base = getattr(qwen2.ModelConfig, tunix_name)()
+    tcfg = dataclasses.replace(base, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    started = time.perf_counter()
+    peak, error = compile_peak(_tunix_rollout_lowered(tcfg, mesh, program, rows, prompt, new))
+    one, two = (
+        program_cost(
+            _tunix_rollout_lowered(dataclasses.replace(tcfg, num_layers=n), mesh, program, rows, prompt, new).compile(),
+            mesh,
+            slc,
+        )
+        for n in (1, 2)
+    )
+    costs = split_by_depth(one, two, base.num_layers)
+    flops = rollout_flops(model_cfg, rows, prompt, new, program) / len(devices)
+    row = _row("tunix", program, peak, estimate(costs, flops, 0.0, slc), time.perf_counter() - started)
     row["error"] = error
     return row
 
@@ -215,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", action="append", choices=("xla", "splash"), help="default: both")
     ap.add_argument("--stack", action="append", choices=("medjax", "tunix"), help="default: both")
     ap.add_argument(
+        "--program",
+        action="append",
+        choices=("train", "prefill", "decode"),
+        help="the train step (default), or the rollout's prefill or decode step",
+    )
+    ap.add_argument(
         "--logits-chunk", type=int, help="medjax's model.logits_chunk (default: the CPT config's 1024; 0: whole logits)"
     )
     ap.add_argument("--json", type=Path, help="write the rows here too")
@@ -227,15 +432,24 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in args.case or list(CASES):
         preset, tunix_name, topology, rows, seq = CASES[case]
-        for attention in args.attention or ("xla", "splash"):
-            for stack in args.stack or ("medjax", "tunix"):
-                print(f"compiling {stack} {case} {attention} ...", file=sys.stderr, flush=True)
-                if stack == "medjax":
-                    row = run_medjax(preset, topology, rows, seq, attention, args.logits_chunk)
-                else:
-                    row = run_tunix(preset, tunix_name, topology, rows, seq, attention)
-                results.append({"case": case, "rows": rows, "seq_len": seq, **row})
-                print(format_table(results[-1:]).splitlines()[1], file=sys.stderr, flush=True)
+        for program in args.program or ("train",):
+            for attention in (args.attention or ("xla", "splash")) if program == "train" else (program,):
+                for stack in args.stack or ("medjax", "tunix"):
+                    print(f"compiling {stack} {case} {attention} ...", file=sys.stderr, flush=True)
+                    if program != "train":
+                        r_rows, prompt, new = ROLLOUTS[case]
+                        if stack == "medjax":
+                            row = run_medjax_rollout(preset, topology, program, r_rows, prompt, new)
+                        else:
+                            row = run_tunix_rollout(preset, tunix_name, topology, program, r_rows, prompt, new)
+                        results.append({"case": case, "rows": r_rows, "prompt": prompt, "new_tokens": new, **row})
+                    else:
+                        if stack == "medjax":
+                            row = run_medjax(preset, topology, rows, seq, attention, args.logits_chunk)
+                        else:
+                            row = run_tunix(preset, tunix_name, topology, rows, seq, attention)
+                        results.append({"case": case, "rows": rows, "seq_len": seq, **row})
+                    print(format_table(results[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     print(format_table(results))
     if args.json:
         from medjax.utils import atomic_open
