@@ -38,6 +38,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own device; the slice is compile-only
@@ -52,6 +53,13 @@ CASES = {
 # name -> (rows, prompt tokens, new tokens) of the rollout programs (--program prefill / decode)
 ROLLOUTS = {"0.5b-v5e-4": (16, 512, 512), "7b-v5e-64": (64, 512, 512)}
 GIB = 1024**3
+
+
+# tunix 0.1.7 finds its mesh through JAX's legacy mesh context (`with mesh:` and
+# pxla.thread_resources, which its shard() reads and the patch below keeps reading), deprecated
+# since JAX 0.8.2: the compiled programs are the same, so the notices are kept off the table.
+warnings.filterwarnings("ignore", r"`with mesh:` context manager has been deprecated", DeprecationWarning)
+warnings.filterwarnings("ignore", r"jax\.interpreters\.pxla\.thread_resources is deprecated", DeprecationWarning)
 
 
 def medjax_config(preset: str, rows: int, seq: int, attention: str, logits_chunk: int | None = None):

@@ -43,16 +43,26 @@ class RecordError(ValueError):
 
 
 def machine() -> str:
-    """This host in words: CPU model and cores (and accelerator, where JAX is told of one)."""
+    """This host in words: CPU model and cores, with the CPU generation (family/model) and its
+    widest vector ISA, since one model name ("AMD EPYC") covers generations whose matmul and
+    elementwise speeds differ by more than the ratios recorded (and accelerator, where JAX is
+    told of one)."""
     model = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    text = f"{os.cpu_count()}-core {model}"
+    model = fields.get("model name", model)
+    generation = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+    flags = set(fields.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    detail = ", ".join(generation + ([isa] if isa else []))
+    text = f"{os.cpu_count()}-core {model}" + (f" ({detail})" if detail else "")
     if os.environ.get("JAX_PLATFORMS", "cpu") not in ("", "cpu"):
         text += f", JAX_PLATFORMS={os.environ['JAX_PLATFORMS']}"
     return text
