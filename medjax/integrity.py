@@ -70,7 +70,8 @@ def _replicated_on(tree):
     return None
 
 
-def _name(path) -> str:
+def array_name(path) -> str:
+    """A pytree path as the "a/b/0/c" name checksums, restores and fit checks report."""
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
@@ -79,8 +80,8 @@ def summarize(state) -> tuple[dict[str, int], list[str]]:
     replicated = _replicated_on(state)
     fn = jax.jit(_summaries, out_shardings=replicated) if replicated is not None else jax.jit(_summaries)
     sums, finite = jax.device_get(fn(state))
-    checksums = {_name(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
-    nonfinite = [_name(p) for p, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not bool(ok)]
+    checksums = {array_name(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+    nonfinite = [array_name(p) for p, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not bool(ok)]
     return checksums, nonfinite
 
 

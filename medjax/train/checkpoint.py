@@ -21,9 +21,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from medjax.config import ConfigError
 from medjax.data import DataError
 from medjax.data.streams import read_state_file
-from medjax.integrity import mismatches, summarize
+from medjax.integrity import array_name, mismatches, summarize
 from medjax.train import TrainingError
 from medjax.utils import error_chain
 
@@ -83,6 +84,8 @@ def is_damage(error: BaseException) -> bool:
 
 
 def _is_damage_one(error: BaseException) -> bool:
+    if isinstance(error, ConfigError):
+        return False
     if (
         isinstance(error, (DataError, FileNotFoundError, UnicodeDecodeError))
         or type(error).__name__ == "JSONDecodeError"
@@ -146,6 +149,7 @@ class Checkpoints:
         problems = self._missing_or_unreadable(step)
         if problems:
             raise DamagedCheckpoint(step, problems)
+        self.check_fits(step, target_state)
         try:
             state, meta = self.restore(step, target_state, data_iterator)
         except Exception as e:
@@ -162,6 +166,34 @@ class Checkpoints:
         if problems:
             raise DamagedCheckpoint(step, problems)
         return state, meta
+
+    def check_fits(self, step: int, target_state: Any) -> None:
+        """Raises ConfigError naming each array whose saved shape (or presence) differs from the
+        run's state: another model config than the one that wrote the step. Checked from the
+        step's metadata before any array is read, so the error names the arrays (Orbax's own says
+        only that one read failed) and no half-started reads are left behind for the collector."""
+        saved = self._saved_state(step)
+        have = {array_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        want = {array_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target_state)[0]}
+        problems = [
+            f"{name}: {'absent' if name not in have else f'shape {list(have[name])}'} in the checkpoint, "
+            f"{'absent' if name not in want else f'shape {list(want[name])}'} in this run"
+            for name in sorted(set(have) | set(want))
+            if have.get(name) != want.get(name)
+        ]
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ConfigError(
+                f"checkpoint step {step} in {self.directory} was written by another model or optimizer config: "
+                + "; ".join(problems[:5])
+                + more
+                + ". Run with the config that wrote it, or start in a new workdir"
+            )
+
+    def _saved_state(self, step: int):
+        """The state's tree of array metadata (shapes, dtypes), read from the step's own files: the
+        manager answers None for an item it has not yet saved or restored in this process."""
+        return ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
 
     def _missing_or_unreadable(self, step: int) -> list[str]:
         """The files every step has, each present and (the JSON ones) parseable: without them
@@ -206,7 +238,7 @@ class Checkpoints:
         if problems:
             return problems, 0
         try:
-            saved = self.manager.item_metadata(step)["state"]
+            saved = self._saved_state(step)
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
             state, _ = self.restore_verified(step, target)
