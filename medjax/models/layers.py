@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from medjax.models.attention import causal_attention, grouped_attention
+from medjax.models.attention import causal_attention, cpu_query_block, grouped_attention
 from medjax.models.config import LORA_TARGETS, ModelConfig, RopeScaling
 from medjax.models.quantized import kernel
 
@@ -213,8 +213,9 @@ class Attention(nnx.Module):
             k, v = k.astype(dt), v.astype(dt)
         if cache is None and mask is None:
             out = causal_attention(q, k, v, segment_ids, self.cfg.attention)
-        else:
-            out = grouped_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
+        else:  # a shared-prefix mask is causal too; a cache's keys are not the queries' own sequence
+            block = cpu_query_block() if cache is None else None
+            out = grouped_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]), query_block=block)
         out = checkpoint_name(out, "attention")
         projected = add_lora(jnp.einsum("bshd,hde->bse", out, kernel(self.wo, dt)), self, "o", out, 2, scale, drop)
         return checkpoint_name(projected, "attention_out"), cache
