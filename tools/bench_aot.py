@@ -164,26 +164,46 @@ def _tunix_lowered(tcfg, mesh, tx, rows: int, seq: int):
         return jax.jit(step, out_shardings=(shardings, None, None), donate_argnums=0).lower(state, tokens, mask)
 
 
-def run_tunix(preset: str, tunix_name: str, topology: str, rows: int, seq: int, attention: str) -> dict:
-    import jax.numpy as jnp
+def _tunix_case(preset: str, tunix_name: str, topology: str, rows: int, seq: int, attention: str):
+    """(medjax config, its model config, the slice, the (fsdp, tp) mesh over its compile-only
+    devices, tunix's own ModelConfig of the model) of one case; tunix's shard() patched first."""
     import numpy as np
     import tunix.models.qwen2.model as qwen2
     from jax.sharding import Mesh
 
     from medjax.models.decoder import ModelDef
-    from medjax.parallel.costs import program_cost
     from medjax.parallel.topologies import get_slice, slice_devices
-    from medjax.train.optimizer import make_optimizer
-    from medjax.train.plan import compile_peak, split_by_depth, step_estimate
 
     _patch_tunix_shard()
     cfg = medjax_config(preset, rows, seq, attention)
-    model_cfg = ModelDef(cfg.model).cfg
     slc = get_slice(topology)
     devices = slice_devices(slc)
     mesh = Mesh(np.array(devices).reshape(len(devices), 1), ("fsdp", "tp"))
+    return cfg, ModelDef(cfg.model).cfg, slc, mesh, getattr(qwen2.ModelConfig, tunix_name)()
+
+
+def _costed(lowered_at, num_layers: int, mesh, slc):
+    """(peak bytes, the error where the full model does not compile, per-layer and outside-layer
+    costs at ``num_layers``) of the program ``lowered_at(layers)`` lowers (None: the full depth):
+    the peak from the full model's compile, the costs extrapolated from 1- and 2-layer compiles
+    (medjax.parallel.costs: a scanned body is counted once)."""
+    from medjax.parallel.costs import program_cost
+    from medjax.train.plan import compile_peak, split_by_depth
+
+    peak, error = compile_peak(lowered_at(None))
+    one, two = (program_cost(lowered_at(n).compile(), mesh, slc) for n in (1, 2))
+    return peak, error, split_by_depth(one, two, num_layers)
+
+
+def run_tunix(preset: str, tunix_name: str, topology: str, rows: int, seq: int, attention: str) -> dict:
+    import jax.numpy as jnp
+    import tunix.models.qwen2.model as qwen2
+
+    from medjax.train.optimizer import make_optimizer
+    from medjax.train.plan import step_estimate
+
+    cfg, model_cfg, slc, mesh, base = _tunix_case(preset, tunix_name, topology, rows, seq, attention)
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.max_steps)  # the same optax chain as medjax's
-    base = getattr(qwen2.ModelConfig, tunix_name)()
     tcfg = dataclasses.replace(
         base,
         remat_config=qwen2.RematConfig.DECODER,
@@ -193,16 +213,14 @@ def run_tunix(preset: str, tunix_name: str, topology: str, rows: int, seq: int, 
         flash_attention_block_size=min(512, seq),
     )
     started = time.perf_counter()
-    peak, error = compile_peak(_tunix_lowered(tcfg, mesh, tx, rows, seq))
-    one, two = (
-        program_cost(_tunix_lowered(dataclasses.replace(tcfg, num_layers=n), mesh, tx, rows, seq).compile(), mesh, slc)
-        for n in (1, 2)
-    )
-    costs = split_by_depth(one, two, base.num_layers)
-    cost = step_estimate(costs, model_cfg, rows, seq, attention, slc, len(devices))
-    row = _row("tunix", attention, peak, cost, time.perf_counter() - started)
-    row["error"] = error
-    return row
+
+    def lowered_at(layers):
+        layered = tcfg if layers is None else dataclasses.replace(tcfg, num_layers=layers)
+        return _tunix_lowered(layered, mesh, tx, rows, seq)
+
+    peak, error, costs = _costed(lowered_at, base.num_layers, mesh, slc)
+    cost = step_estimate(costs, model_cfg, rows, seq, attention, slc, mesh.devices.size)
+    return _row("tunix", attention, peak, cost, time.perf_counter() - started, error)
 
 
 def rollout_flops(model_cfg, rows: int, prompt: int, new: int, program: str) -> float:
@@ -272,26 +290,23 @@ def _medjax_rollout_lowered(cfg, model_cfg, mesh, program: str, rows: int, promp
 def run_medjax_rollout(preset: str, topology: str, program: str, rows: int, prompt: int, new: int) -> dict:
     from medjax.models.decoder import ModelDef
     from medjax.models.loops import unrolled_loops
-    from medjax.parallel.costs import program_cost
-    from medjax.train.plan import _slice_mesh, compile_peak, estimate, split_by_depth
+    from medjax.train.plan import _slice_mesh, estimate
 
     cfg = medjax_config(preset, rows, prompt + new, "xla")
     model_cfg = ModelDef(cfg.model).cfg
     slc, mesh = _slice_mesh(cfg, topology, 1, model_cfg)
     started = time.perf_counter()
-    peak, error = compile_peak(_medjax_rollout_lowered(cfg, model_cfg, mesh, program, rows, prompt, new))
 
-    def cost_of(layers: int):
+    def lowered_at(layers):
+        if layers is None:
+            return _medjax_rollout_lowered(cfg, model_cfg, mesh, program, rows, prompt, new)
         layered = dataclasses.replace(model_cfg, num_layers=layers, scan_layers=False)
         with unrolled_loops():
-            lowered = _medjax_rollout_lowered(cfg, layered, mesh, program, rows, prompt, new)
-        return program_cost(lowered.compile(), mesh, slc)
+            return _medjax_rollout_lowered(cfg, layered, mesh, program, rows, prompt, new)
 
-    costs = split_by_depth(cost_of(1), cost_of(2), model_cfg.num_layers)
+    peak, error, costs = _costed(lowered_at, model_cfg.num_layers, mesh, slc)
     flops = rollout_flops(model_cfg, rows, prompt, new, program) / mesh.devices.size
-    row = _row("medjax", program, peak, estimate(costs, flops, 0.0, slc), time.perf_counter() - started)
-    row["error"] = error
-    return row
+    return _row("medjax", program, peak, estimate(costs, flops, 0.0, slc), time.perf_counter() - started, error)
 
 
 def _tunix_rollout_lowered(tcfg, mesh, program: str, rows: int, prompt: int, new: int):
@@ -348,41 +363,25 @@ def _tunix_rollout_lowered(tcfg, mesh, program: str, rows: int, prompt: int, new
 
 def run_tunix_rollout(preset: str, tunix_name: str, topology: str, program: str, rows: int, prompt: int, new: int):
     import jax.numpy as jnp
-    import numpy as np
-    import tunix.models.qwen2.model as qwen2
-    from jax.sharding import Mesh
 
-    from medjax.models.decoder import ModelDef
-    from medjax.parallel.costs import program_cost
-    from medjax.parallel.topologies import get_slice, slice_devices
-    from medjax.train.plan import compile_peak, estimate, split_by_depth
+    from medjax.train.plan import estimate
 
-    _patch_tunix_shard()
-    model_cfg = ModelDef(medjax_config(preset, rows, prompt + new, "xla").model).cfg
-    slc = get_slice(topology)
-    devices = slice_devices(slc)
-    mesh = Mesh(np.array(devices).reshape(len(devices), 1), ("fsdp", "tp"))
-    base = getattr(qwen2.ModelConfig, tunix_name)()
+    _, model_cfg, slc, mesh, base = _tunix_case(preset, tunix_name, topology, rows, prompt + new, "xla")
     tcfg = dataclasses.replace(base, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     started = time.perf_counter()
-    peak, error = compile_peak(_tunix_rollout_lowered(tcfg, mesh, program, rows, prompt, new))
-    one, two = (
-        program_cost(
-            _tunix_rollout_lowered(dataclasses.replace(tcfg, num_layers=n), mesh, program, rows, prompt, new).compile(),
-            mesh,
-            slc,
-        )
-        for n in (1, 2)
-    )
-    costs = split_by_depth(one, two, base.num_layers)
-    flops = rollout_flops(model_cfg, rows, prompt, new, program) / len(devices)
-    row = _row("tunix", program, peak, estimate(costs, flops, 0.0, slc), time.perf_counter() - started)
-    row["error"] = error
-    return row
+
+    def lowered_at(layers):
+        layered = tcfg if layers is None else dataclasses.replace(tcfg, num_layers=layers)
+        return _tunix_rollout_lowered(layered, mesh, program, rows, prompt, new)
+
+    peak, error, costs = _costed(lowered_at, base.num_layers, mesh, slc)
+    flops = rollout_flops(model_cfg, rows, prompt, new, program) / mesh.devices.size
+    return _row("tunix", program, peak, estimate(costs, flops, 0.0, slc), time.perf_counter() - started, error)
 
 
-def _row(stack: str, attention: str, peak: int | None, cost: dict | None, seconds: float) -> dict:
-    return {"stack": stack, "attention": attention, "peak_bytes": peak, "cost": cost, "seconds": round(seconds, 1)}
+def _row(stack: str, attention: str, peak: int | None, cost: dict | None, seconds: float, error=None) -> dict:
+    row = {"stack": stack, "attention": attention, "peak_bytes": peak, "cost": cost, "seconds": round(seconds, 1)}
+    return row if error is None else {**row, "error": error}
 
 
 def format_table(results: list[dict]) -> str:
@@ -416,6 +415,36 @@ def _share(part: dict | None, width: int = 8) -> str:
     return f"{part['optimal_seconds'] * 1e3:{width}.1f} {part['bytes_accessed'] / 1e9:{width}.2f}"
 
 
+def _runs(args):
+    """(case, program, attention, stack) of each compile asked for: a train step per attention
+    implementation, a rollout program under its own name."""
+    for case in args.case or list(CASES):
+        for program in args.program or ("train",):
+            attentions = (args.attention or ("xla", "splash")) if program == "train" else (program,)
+            for attention in attentions:
+                for stack in args.stack or ("medjax", "tunix"):
+                    yield case, program, attention, stack
+
+
+def _train_row(case: str, attention: str, stack: str, args) -> dict:
+    preset, tunix_name, topology, rows, seq = CASES[case]
+    if stack == "medjax":
+        row = run_medjax(preset, topology, rows, seq, attention, args.logits_chunk)
+    else:
+        row = run_tunix(preset, tunix_name, topology, rows, seq, attention)
+    return {"case": case, "rows": rows, "seq_len": seq, **row}
+
+
+def _rollout_row(case: str, program: str, stack: str, args) -> dict:
+    preset, tunix_name, topology, _, _ = CASES[case]
+    rows, prompt, new = ROLLOUTS[case]
+    if stack == "medjax":
+        row = run_medjax_rollout(preset, topology, program, rows, prompt, new)
+    else:
+        row = run_tunix_rollout(preset, tunix_name, topology, program, rows, prompt, new)
+    return {"case": case, "rows": rows, "prompt": prompt, "new_tokens": new, **row}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="a case (default: all)")
@@ -438,26 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         print("tunix is not installed here: run tools/setup_tunix.sh, then .venv-tunix/bin/python", file=sys.stderr)
         return 2
     results = []
-    for case in args.case or list(CASES):
-        preset, tunix_name, topology, rows, seq = CASES[case]
-        for program in args.program or ("train",):
-            for attention in (args.attention or ("xla", "splash")) if program == "train" else (program,):
-                for stack in args.stack or ("medjax", "tunix"):
-                    print(f"compiling {stack} {case} {attention} ...", file=sys.stderr, flush=True)
-                    if program != "train":
-                        r_rows, prompt, new = ROLLOUTS[case]
-                        if stack == "medjax":
-                            row = run_medjax_rollout(preset, topology, program, r_rows, prompt, new)
-                        else:
-                            row = run_tunix_rollout(preset, tunix_name, topology, program, r_rows, prompt, new)
-                        results.append({"case": case, "rows": r_rows, "prompt": prompt, "new_tokens": new, **row})
-                    else:
-                        if stack == "medjax":
-                            row = run_medjax(preset, topology, rows, seq, attention, args.logits_chunk)
-                        else:
-                            row = run_tunix(preset, tunix_name, topology, rows, seq, attention)
-                        results.append({"case": case, "rows": rows, "seq_len": seq, **row})
-                    print(format_table(results[-1:]).splitlines()[1], file=sys.stderr, flush=True)
+    for case, program, attention, stack in _runs(args):
+        print(f"compiling {stack} {case} {attention} ...", file=sys.stderr, flush=True)
+        run_row = _train_row if program == "train" else _rollout_row
+        results.append(run_row(case, attention, stack, args))
+        print(format_table(results[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     print(format_table(results))
     if args.json:
         from medjax.utils import atomic_open
