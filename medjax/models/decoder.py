@@ -61,7 +61,8 @@ class Decoder(nnx.Module):
         ``dropout_rng`` makes it a training forward: the LoRA adapters' inputs are dropped at
         model.lora.dropout, each layer with its own key (evaluation and sampling pass none).
         ``mask`` [batch, 1, seq, seq] replaces the causal mask of ``segment_ids`` (attention.
-        shared_prefix_mask: options scored after one context), through XLA's attention."""
+        shared_prefix_mask: options scored after one context), through XLA's attention; it must be
+        causal (no position sees a later one), since CPUs read each query block's prefix of keys only."""
         if not (self.cfg.lora.enabled and self.cfg.lora.dropout > 0):
             dropout_rng = None
         if positions is None:
